@@ -1,0 +1,112 @@
+"""QuantLinear: a linear layer whose weight comes from a checkpoint format and runs on a platform kernel.
+
+A QuantLinear may fuse several checkpoint linears along N (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+Each shard is converted by the format on its own; shards are then merged into one canonical weight
+when the scheme allows (quantrt.quant.merge), otherwise each shard keeps its own kernel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantrt.errors import CheckpointError
+from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel
+from quantrt.quant.merge import concat_n
+from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+    from quantrt.quant.format import QuantFormat
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W = concat of `shards` along N.
+
+    prefix: module path of the first shard's parent, e.g. "model.layers.0.self_attn".
+    shards: [(checkpoint name, out_features)], e.g. [("q_proj", 576), ("k_proj", 192), ("v_proj", 192)].
+    """
+
+    def __init__(self, prefix: str, shards: list[tuple[str, int]], in_features: int, bias: bool = False):
+        super().__init__()
+        self.parent = prefix
+        self.shards = shards
+        self.in_features = in_features
+        self.out_features = sum(n for _, n in shards)
+        self.has_bias = bias
+        self.weight: torch.Tensor | None = None       # dense path: [N, K] compute dtype
+        self.bias: torch.Tensor | None = None          # [N]
+        self.kernels: list[LinearKernel] = []          # quantized path (one, or one per shard)
+        self.kernel_desc: str = "unloaded"
+
+    def shard_prefix(self, i: int) -> str:
+        return f"{self.parent}.{self.shards[i][0]}" if self.parent else self.shards[i][0]
+
+    def shard_prefixes(self) -> list[str]:
+        return [self.shard_prefix(i) for i in range(len(self.shards))]
+
+    def expected_tensors(self, fmt: QuantFormat | None, i: int) -> tuple[frozenset[str], frozenset[str]]:
+        """(required, optional) tensor suffixes of shard i."""
+        prefix = self.shard_prefix(i)
+        if fmt is None or not fmt.is_quantized(prefix):
+            req, opt = frozenset({"weight"}), frozenset()
+        else:
+            req, opt = fmt.tensor_names(prefix)
+        if self.has_bias:
+            req = req | {"bias"}
+        return req, opt
+
+    def load(self, shard_tensors: list[dict[str, torch.Tensor]], fmt: QuantFormat | None,
+             platform: Platform, compute_dtype: torch.dtype) -> None:
+        """Build the weight(s) from each shard's tensors, then choose and prepare kernels."""
+        weights: list[QuantizedWeight] = []
+        acts = []
+        biases = []
+        for i, tensors in enumerate(shard_tensors):
+            prefix = self.shard_prefix(i)
+            n = self.shards[i][1]
+            if self.has_bias:
+                b = tensors.pop("bias")
+                if tuple(b.shape) != (n,):
+                    raise CheckpointError(f"{prefix}.bias has shape {tuple(b.shape)}, expected {(n,)}")
+                biases.append(b)
+            if fmt is None or not fmt.is_quantized(prefix):
+                w = tensors["weight"]
+                if tuple(w.shape) != (n, self.in_features):
+                    raise CheckpointError(f"{prefix}.weight has shape {tuple(w.shape)}, "
+                                          f"expected {(n, self.in_features)}")
+                weights.append(DenseWeight(w))
+                acts.append(WEIGHT_ONLY)
+            else:
+                qw = fmt.make_weight(prefix, tensors, (n, self.in_features))
+                if tuple(qw.shape) != (n, self.in_features):
+                    raise CheckpointError(f"{prefix}: quantized weight has shape {tuple(qw.shape)}, "
+                                          f"expected {(n, self.in_features)}")
+                weights.append(qw)
+                acts.append(fmt.act_scheme(prefix))
+        if biases:
+            self.bias = torch.cat(biases).to(compute_dtype)
+        if all(isinstance(w, DenseWeight) for w in weights):
+            self.weight = torch.cat([w.data for w in weights]).to(compute_dtype).contiguous()
+            self.kernel_desc = "dense"
+            return
+        merged = concat_n(weights) if len({str(a) for a in acts}) == 1 else None
+        groups = [(merged, acts[0])] if merged is not None else list(zip(weights, acts))
+        descs = []
+        for w, act in groups:
+            spec = LinearSpec(w, act, compute_dtype)
+            choice = select_linear_kernel(spec, platform)
+            self.kernels.append(choice.kernel.prepare(spec, platform))
+            descs.append(choice.explain())
+        self.kernel_desc = descs[0] if len(set(descs)) == 1 else " | ".join(descs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        if len(self.kernels) == 1:
+            return self.kernels[0].apply(x, self.bias)
+        y = torch.cat([k.apply(x, None) for k in self.kernels], dim=-1)
+        return y + self.bias if self.bias is not None else y

@@ -1,0 +1,101 @@
+"""The Platform interface: everything the runtime may ask about the device it runs on.
+
+The runtime never touches torch.cuda or a vendor SDK; it asks the active Platform. Each device package
+(quantrt.platforms.<name>) subclasses Platform. Keep it small: device, count, memory, capability,
+synchronize, dist backend, dtypes, kernels, attention backends, graph runner, config checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from quantrt.quant.kernel import LinearKernel
+    from quantrt.server_args import ServerArgs
+
+
+@dataclass(frozen=True)
+class DeviceCapability:
+    """Compute capability as major.minor (CUDA SM, ROCm gfx major.minor, None elsewhere)."""
+
+    major: int
+    minor: int
+
+    def to_int(self) -> int:
+        return self.major * 10 + self.minor
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+class Platform:
+    """Base class. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str] = "base"            # cuda | rocm | npu | xpu | cpu | <plugin>
+    device_type: ClassVar[str] = "cpu"      # torch device type
+    dist_backend: ClassVar[str] = "gloo"    # nccl | hccl | xccl | gloo
+    # Quantization methods this platform allows; None = every registered method.
+    allowed_quantization: ClassVar[frozenset[str] | None] = None
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def device_count(self) -> int:
+        return 1
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of device memory."""
+        raise NotImplementedError
+
+    def capability(self) -> DeviceCapability | None:
+        return None
+
+    def device_name(self) -> str:
+        return self.name
+
+    def synchronize(self) -> None:
+        return None
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def linear_kernels(self) -> list[type[LinearKernel]]:
+        """Linear kernels in preference order (the portable reference kernel is always appended)."""
+        return []
+
+    def moe_kernels(self) -> list[type]:
+        return []
+
+    def attention_backends(self) -> list[str]:
+        return ["torch_sdpa"]
+
+    def graph_runner(self) -> Any | None:
+        """A decode graph runner (CUDA graphs) or None."""
+        return None
+
+    def check_config(self, args: ServerArgs) -> None:
+        """Raise PlatformError/ConfigError when args ask for something this platform cannot do."""
+        from quantrt.platform.checks import check_quantization_allowed
+
+        check_quantization_allowed(self, args)
+
+    def describe(self) -> dict[str, Any]:
+        """What `quantrt env` prints for this platform."""
+        cap = self.capability()
+        free, total = self.memory_info()
+        return {
+            "platform": self.name,
+            "device": self.device_name(),
+            "device_count": self.device_count(),
+            "capability": str(cap) if cap else None,
+            "memory_free_gib": round(free / 2**30, 2),
+            "memory_total_gib": round(total / 2**30, 2),
+            "dist_backend": self.dist_backend,
+            "dtypes": [str(d).removeprefix("torch.") for d in self.supported_dtypes()],
+            "linear_kernels": [k.name for k in self.linear_kernels()] + ["reference"],
+            "attention_backends": self.attention_backends(),
+            "graph_runner": self.graph_runner() is not None,
+        }

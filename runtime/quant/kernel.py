@@ -1,0 +1,91 @@
+"""Linear kernels: how to multiply a canonical quantized weight on this platform.
+
+A kernel class says whether it can serve a weight (`can_implement -> (ok, reason)`), repacks it once
+(`prepare`) and multiplies (`apply`). Platforms list their kernels in preference order; selection takes
+the first that can. If none can, the portable reference kernel runs (with a one-time warning).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from quantrt.quant.weights import ActScheme, QuantizedWeight
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """What a kernel needs to know to decide whether it can serve a layer."""
+
+    weight: QuantizedWeight
+    act: ActScheme
+    compute_dtype: torch.dtype  # dtype of activations entering and leaving the layer
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+class LinearKernel(ABC):
+    """One prepared layer: holds the repacked tensors and computes y = x @ W^T + b."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        """(True, "") when this kernel serves `spec` on `platform`, else (False, why not)."""
+
+    @classmethod
+    @abstractmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> LinearKernel:
+        """Repack the weight once after loading and return the ready kernel."""
+
+    @abstractmethod
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: [..., K] compute_dtype -> [..., N] compute_dtype."""
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    kernel: type[LinearKernel]
+    rejected: tuple[tuple[str, str], ...]  # (kernel name, reason) of every kernel tried before
+
+    def explain(self) -> str:
+        why = "; ".join(f"{n}: {r}" for n, r in self.rejected)
+        return f"{self.kernel.name}" + (f" (skipped {why})" if why else "")
+
+
+_warned: set[str] = set()
+
+
+def select_linear_kernel(spec: LinearSpec, platform: Platform) -> KernelChoice:
+    """First kernel of the platform that can implement `spec`; the reference kernel otherwise."""
+    from quantrt.quant.kernels.reference import ReferenceLinearKernel
+
+    rejected: list[tuple[str, str]] = []
+    for k in platform.linear_kernels():
+        ok, reason = k.can_implement(spec, platform)
+        if ok:
+            return KernelChoice(k, tuple(rejected))
+        rejected.append((k.name, reason))
+    key = f"{type(spec.weight).__name__}/{spec.act}"
+    if key not in _warned:
+        _warned.add(key)
+        why = "; ".join(f"{n}: {r}" for n, r in rejected) or "the platform lists no kernel for it"
+        log.warning("no fast %s kernel for %s on %s (%s): using the reference kernel (slow)",
+                    type(spec.weight).__name__, spec.act, platform.name, why)
+    return KernelChoice(ReferenceLinearKernel, tuple(rejected))
