@@ -1,0 +1,1 @@
+"""Portable kernels (the reference kernel); platform kernels live under quantrt.platforms.<name>."""
