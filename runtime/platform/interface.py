@@ -7,6 +7,8 @@ synchronize, dist backend, dtypes, kernels, attention backends, graph runner, co
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,6 +41,12 @@ class Platform:
     dist_backend: ClassVar[str] = "gloo"    # nccl | hccl | xccl | gloo
     # Quantization methods this platform allows; None = every registered method.
     allowed_quantization: ClassVar[frozenset[str] | None] = None
+    # "module:ATTR" of this platform's ordered linear kernels; a module not written yet means none.
+    linear_kernels_ref: ClassVar[str | None] = None
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
 
     def device(self, index: int = 0) -> torch.device:
         return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
@@ -62,9 +70,22 @@ class Platform:
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 
+    def fp8_dtype(self) -> torch.dtype:
+        """The fp8 e4m3 flavour this device computes in (ROCm MI300 uses e4m3fnuz)."""
+        return torch.float8_e4m3fn
+
+    def default_mem_fraction(self) -> float:
+        """Default --mem-fraction-static: share of device memory for weights + KV cache."""
+        return 0.85
+
     def linear_kernels(self) -> list[type[LinearKernel]]:
         """Linear kernels in preference order (the portable reference kernel is always appended)."""
-        return []
+        if self.linear_kernels_ref is None:
+            return []
+        module, _, attr = self.linear_kernels_ref.partition(":")
+        if importlib.util.find_spec(module) is None:
+            return []
+        return list(getattr(importlib.import_module(module), attr))
 
     def moe_kernels(self) -> list[type]:
         return []
