@@ -1,0 +1,168 @@
+"""Which quantization method a checkpoint plus `--quantization` select (FORMATS.md §1.3, SGLang 0.5.9).
+
+Steps: (1) a `*.gguf` model path is gguf; (2) find the checkpoint's quant config in the first source
+that has one (`CHECKPOINT_SOURCES`; `PRECEDENCE_SOURCES` win over them, for msModelSlim later);
+(3) method = its `quant_method`; (4) override hooks (`OVERRIDES`) may rename it; (5) reconcile with the
+CLI value (`ALLOWED_CLI_OVERRIDES`, else SGLang's mismatch error). `build_format` then turns the method
+into a QuantFormat, or says the method is recognised but not built yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantrt.errors import ConfigError, NotSupportedYet, choices_error
+
+if TYPE_CHECKING:
+    from quantrt.quant.format import QuantFormat
+    from quantrt.server_args import ServerArgs
+
+# SGLang 0.5.9 QUANTIZATION_METHODS (insertion order), mxfp4 included.
+KNOWN_METHODS: tuple[str, ...] = (
+    "fp8", "mxfp8", "blockwise_int8", "modelopt", "modelopt_fp8", "modelopt_fp4", "w8a8_int8", "w8a8_fp8",
+    "awq", "awq_marlin", "bitsandbytes", "gguf", "gptq", "gptq_marlin", "moe_wna16", "compressed-tensors",
+    "qoq", "w4afp8", "petit_nvfp4", "fbgemm_fp8", "quark", "auto-round", "modelslim",
+    "quark_int4fp8_moe", "mxfp4",
+)
+# Methods that quantize a float checkpoint at load time (valid on an unquantized checkpoint).
+ONLINE_METHODS = frozenset({"fp8", "mxfp8", "quark_int4fp8_moe"})
+# (cli, checkpoint) pairs where the CLI value wins (FORMATS.md §1.3 step 5).
+ALLOWED_CLI_OVERRIDES = frozenset({
+    ("modelopt_fp8", "modelopt"), ("modelopt_fp4", "modelopt"), ("petit_nvfp4", "modelopt"),
+    ("w8a8_int8", "compressed-tensors"), ("w8a8_fp8", "compressed-tensors"),
+})
+
+QuantConfig = dict[str, Any]
+# A source: (model path or None, config.json dict) -> (quant config, where it was found) or None.
+QuantSource = Callable[[Path | None, dict[str, Any]], "tuple[QuantConfig, str] | None"]
+# An override hook: (checkpoint method, quant config, cli method) -> new method name or None.
+Override = Callable[[str, QuantConfig, "str | None"], "str | None"]
+
+
+def _modelopt_algo_method(algo: str) -> str | None:
+    """ModelOpt `quant_algo` -> method (flat configs and hf_quant_config.json)."""
+    a = algo.upper()
+    if a == "MIXED_PRECISION":
+        return "w4afp8"
+    if "FP4" in a:
+        return "modelopt_fp4"
+    if "FP8" in a:
+        return "modelopt_fp8"
+    return None
+
+
+def _from_hf_quantization_config(_path: Path | None, hf: dict[str, Any]) -> tuple[QuantConfig, str] | None:
+    """config.json `quantization_config` (or `text_config.quantization_config`, multimodal models)."""
+    candidates = [("config.json quantization_config", hf.get("quantization_config"))]
+    text = hf.get("text_config")
+    if isinstance(text, dict):
+        candidates.append(("config.json text_config.quantization_config", text.get("quantization_config")))
+    for where, cfg in candidates:
+        if isinstance(cfg, dict) and cfg:
+            cfg = dict(cfg)
+            if "quant_method" not in cfg and "quant_algo" in cfg:  # flat ModelOpt config
+                method = _modelopt_algo_method(str(cfg["quant_algo"]))
+                if method is not None:
+                    cfg["quant_method"] = method
+            return cfg, where
+    return None
+
+
+def _from_compression_config(_path: Path | None, hf: dict[str, Any]) -> tuple[QuantConfig, str] | None:
+    """Legacy compressed-tensors key."""
+    cfg = hf.get("compression_config")
+    if isinstance(cfg, dict) and cfg:
+        cfg = dict(cfg)
+        cfg.setdefault("quant_method", "compressed-tensors")
+        return cfg, "config.json compression_config"
+    return None
+
+
+# First match wins. Later: hf_quant_config.json (ModelOpt) appends here.
+CHECKPOINT_SOURCES: list[QuantSource] = [_from_hf_quantization_config, _from_compression_config]
+# Checked before CHECKPOINT_SOURCES and win over them. Later: quant_model_description.json (modelslim).
+PRECEDENCE_SOURCES: list[QuantSource] = []
+
+
+def _modelopt_override(method: str, qcfg: QuantConfig, cli: str | None) -> str | None:
+    """Checkpoint modelopt_fp8/fp4 always wins; `--quantization modelopt` resolves by quant_algo."""
+    if method in ("modelopt_fp8", "modelopt_fp4"):
+        return method
+    if cli == "modelopt":
+        return _modelopt_algo_method(str(qcfg.get("quant_algo", "")))
+    return None
+
+
+OVERRIDES: list[Override] = [_modelopt_override]
+
+
+def find_checkpoint_quant_config(model_path: str, hf_config: dict[str, Any]) -> tuple[QuantConfig, str] | None:
+    """(quant config, where) from the first source that has one, or None for a float checkpoint."""
+    p = Path(model_path) if model_path else None
+    for source in PRECEDENCE_SOURCES + CHECKPOINT_SOURCES:
+        found = source(p, hf_config or {})
+        if found is not None:
+            return found
+    return None
+
+
+def mismatch_error(ckpt_method: str, cli_method: str) -> ConfigError:
+    """SGLang's wording for a checkpoint/CLI disagreement."""
+    return ConfigError(f"Quantization method specified in the model config ({ckpt_method}) does not match "
+                       f"the quantization method specified in the `quantization` argument ({cli_method}).")
+
+
+def detect_quantization(model_dir_or_file: str, hf_config: dict[str, Any],
+                        cli_method: str | None) -> tuple[str | None, QuantConfig]:
+    """(method or None for unquantized, quant config: {} for online methods and gguf)."""
+    cli = cli_method.lower() if cli_method else None
+    if cli is not None and cli not in KNOWN_METHODS:
+        raise choices_error("--quantization", cli_method, KNOWN_METHODS)
+    if str(model_dir_or_file).endswith(".gguf"):
+        if cli not in (None, "gguf"):
+            raise mismatch_error("gguf", cli)
+        return "gguf", {}
+    found = find_checkpoint_quant_config(model_dir_or_file, hf_config)
+    if found is None:
+        if cli is None:
+            return None, {}
+        if cli in ONLINE_METHODS:
+            return cli, {}
+        raise ConfigError(f"--quantization {cli} needs a checkpoint quantized with {cli}, but "
+                          f"{model_dir_or_file} has no quantization config (config.json quantization_config); "
+                          f"online quantization of a float checkpoint supports: {', '.join(sorted(ONLINE_METHODS))}")
+    qcfg, where = found
+    method = str(qcfg.get("quant_method", "")).lower()
+    if not method:
+        raise ConfigError(f"{where} in {model_dir_or_file} has no quant_method")
+    for hook in OVERRIDES:
+        new = hook(method, qcfg, cli)
+        if new is not None:
+            method = cli = new
+            break
+    if cli is None or cli == method:
+        return method, qcfg
+    if (cli, method) in ALLOWED_CLI_OVERRIDES:
+        return cli, qcfg
+    if cli in ONLINE_METHODS:
+        raise ConfigError(f"{mismatch_error(method, cli)} --quantization {cli} quantizes a float checkpoint "
+                          f"at load time, but this checkpoint is already quantized with {method} ({where}); "
+                          f"drop --quantization or pass --quantization {method}.")
+    raise mismatch_error(method, cli)
+
+
+def build_format(method: str | None, qcfg: QuantConfig, args: ServerArgs | None = None) -> QuantFormat | None:
+    """The format object for `method` (None for an unquantized model)."""
+    if method is None:
+        return None
+    from quantrt.quant.format import get_format, registered_formats
+
+    supported = registered_formats()
+    if method in supported:
+        return get_format(method).from_config(qcfg, args)
+    if method in KNOWN_METHODS:
+        raise NotSupportedYet(f"quantization method {method!r} is recognised but not supported yet "
+                              f"(supported: {', '.join(supported)})")
+    raise choices_error("quantization method", method, KNOWN_METHODS)
