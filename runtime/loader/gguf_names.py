@@ -1,0 +1,100 @@
+"""GGUF ↔ Hugging Face naming and the per-architecture tensor fix-ups of llama.cpp's converter.
+
+Facts (FORMATS.md §2.9; llama.cpp `convert_hf_to_gguf.py`, transformers `modeling_gguf_pytorch_utils.py`):
+- Names come from `gguf.get_tensor_name_map(arch, n_blocks)`: HF module prefix -> GGUF name
+  (`model.layers.0.self_attn.q_proj` -> `blk.0.attn_q`); the `.weight`/`.bias` suffix is kept.
+- llama-arch files have the rows of `attn_q` / `attn_k` (weight and bias) permuted per head:
+  GGUF row `h*hd + 2*i + j` holds HF row `h*hd + j*(hd/2) + i` (hd = rows / n_heads; k uses n_kv_heads).
+  qwen2, qwen3 and gemma3 are written unpermuted.
+- gemma3 files store every `*norm.weight` as `w + 1` (Gemma RMSNorm scales by `1 + w`, llama.cpp's by `w`).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+from quantrt.errors import CheckpointError
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+#: GGUF `general.architecture` values we load.
+SUPPORTED_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")
+#: Architectures whose converter permutes the q/k rows (rotary interleave layout).
+PERMUTED_QK_ARCHS: frozenset[str] = frozenset({"llama"})
+#: Architectures whose converter stores norm weights with a +1 offset.
+NORM_OFFSET_ARCHS: dict[str, float] = {"gemma3": 1.0}
+
+
+def check_arch(arch: str, path: str) -> gguf.MODEL_ARCH:
+    """The `gguf.MODEL_ARCH` of a supported architecture; CheckpointError listing the supported ones."""
+    if arch not in SUPPORTED_ARCHS:
+        raise CheckpointError(
+            f"GGUF file {path} has architecture {arch!r}, which quantrt does not load; "
+            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+
+
+def hf_param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Every persistent HF tensor name of the causal-LM for `config` with its shape (built on meta)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def build_name_map(
+    arch: gguf.MODEL_ARCH,
+    n_blocks: int,
+    hf_shapes: dict[str, tuple[int, ...]],
+    gguf_names: list[str],
+    tied: bool,
+    path: str,
+) -> dict[str, str]:
+    """`{hf_name: gguf_name}` for every HF tensor; strict: a missing or unused tensor is an error naming it.
+
+    The tied `lm_head.weight` is left out when the embeddings are tied (it has no GGUF tensor).
+    """
+    name_map = gguf.get_tensor_name_map(arch, n_blocks)
+    present = set(gguf_names)
+    hf_to_gguf: dict[str, str] = {}
+    missing: list[str] = []
+    for hf_name in hf_shapes:
+        if tied and hf_name == "lm_head.weight":
+            continue
+        prefix, _, suffix = hf_name.rpartition(".")
+        base = name_map.get_name(prefix)
+        gguf_name = f"{base}.{suffix}" if base is not None else None
+        if gguf_name is None or gguf_name not in present:
+            missing.append(f"{hf_name} (GGUF {gguf_name or 'unmapped'})")
+            continue
+        hf_to_gguf[hf_name] = gguf_name
+    if missing:
+        raise CheckpointError(f"GGUF file {path} lacks tensors the model needs: {', '.join(missing)}")
+    unused = sorted(present - set(hf_to_gguf.values()))
+    if unused:
+        raise CheckpointError(f"GGUF file {path} has tensors the model does not use: {', '.join(unused)}")
+    return hf_to_gguf
+
+
+def qk_row_order(gguf_name: str, arch: str, config: PretrainedConfig, rows: int) -> np.ndarray | None:
+    """Index array `idx` with `hf_rows = gguf_rows[idx]` for a permuted q/k tensor, else None.
+
+    # gguf rows viewed [n, hd/2, 2] -> hf rows [n, 2, hd/2]
+    """
+    if arch not in PERMUTED_QK_ARCHS:
+        return None
+    if ".attn_q." in gguf_name:
+        n_heads = config.num_attention_heads
+    elif ".attn_k." in gguf_name:
+        n_heads = config.num_key_value_heads
+    else:
+        return None
+    head_dim = rows // n_heads
+    return np.arange(rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def norm_offset(gguf_name: str, arch: str) -> float:
+    """The value llama.cpp added to this tensor (gemma3 `*norm.weight`: 1.0), else 0.0."""
+    if gguf_name.endswith("norm.weight"):
+        return NORM_OFFSET_ARCHS.get(arch, 0.0)
+    return 0.0
