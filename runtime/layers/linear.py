@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from quantrt.errors import CheckpointError
 from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel
 from quantrt.quant.merge import concat_n
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
+from torch import nn
 
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform

@@ -1,0 +1,64 @@
+"""A generation request and its progress through the scheduler."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from quantrt.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class LogprobOptions:
+    enabled: bool = False
+    start_len: int = -1          # input logprobs from this prompt position (-1: none, SGLang's default)
+    top_n: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    logprob: LogprobOptions
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0          # tokens whose K/V are in the cache
+    cached_tokens: int = 0         # prompt tokens served from the prefix cache
+    finish_reason: dict | None = None
+    stop_trimmed: bool = False     # text already cut at a stop string
+    text: str = ""
+    created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    # logprobs, SGLang's shape: (logprob, token_id, None)
+    input_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def meta_info(self) -> dict:
+        m = {
+            "id": self.rid,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "finish_reason": self.finish_reason,
+            "e2e_latency": time.perf_counter() - self.created,
+        }
+        if self.logprob.enabled:
+            m["input_token_logprobs"] = self.input_logprobs
+            m["output_token_logprobs"] = self.output_logprobs
+            if self.logprob.top_n > 0:
+                m["input_top_logprobs"] = self.input_top_logprobs
+                m["output_top_logprobs"] = self.output_top_logprobs
+        return m

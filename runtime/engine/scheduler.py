@@ -1,0 +1,167 @@
+"""Continuous batching with chunked prefill.
+
+Each step either prefills (new requests and the next chunk of partly prefilled ones, up to
+`chunk_size` tokens) or decodes one token for every running request. When the KV pool runs out
+during decode, the newest request is preempted and recomputed later (its prefix pages stay cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from quantrt.engine.model_runner import ModelRunner, Work
+from quantrt.engine.page_allocator import PageAllocator
+from quantrt.engine.request import Request
+from quantrt.engine.sampler import sample, token_logprobs
+from quantrt.engine.stop import StopChecker
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, allocator: PageAllocator, stop: StopChecker,
+                 max_running: int, chunk_size: int, context_len: int):
+        self.runner, self.alloc, self.stop = runner, allocator, stop
+        self.max_running, self.chunk_size, self.context_len = max_running, chunk_size, context_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.ps = allocator.page_size
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: str) -> None:
+        for q in (self.waiting, self.running):
+            for r in list(q):
+                if r.rid == rid:
+                    q.remove(r)
+                    self._finish(r, {"type": "abort", "message": "aborted by the client"})
+
+    # -- scheduling ----------------------------------------------------------------------
+    def _ensure_pages(self, req: Request, upto: int) -> bool:
+        need = -(-upto // self.ps) - len(req.pages)
+        if need <= 0:
+            return True
+        got = self.alloc.alloc(need)
+        if got is None:
+            return False
+        req.pages.extend(got)
+        return True
+
+    def _first_schedule(self, req: Request) -> None:
+        limit = len(req.all_ids) - 1                  # at least one token must run to get logits
+        if req.logprob.enabled and req.logprob.start_len >= 0 and not req.output_ids:
+            limit = min(limit, req.logprob.start_len)  # logprobs need the logits of those positions
+        req.pages = self.alloc.match_prefix(req.all_ids, limit)
+        req.num_computed = len(req.pages) * self.ps
+        if not req.output_ids:
+            req.cached_tokens = req.num_computed
+
+    def _logit_rows(self, req: Request, start: int, n: int) -> list[int]:
+        rows = []
+        plen = len(req.prompt_ids)
+        if req.logprob.enabled and req.logprob.start_len >= 0 and not req.output_ids:
+            first = max(req.logprob.start_len, 1) - 1
+            rows = [p for p in range(max(start, first), min(start + n, plen - 1))]
+        if start + n == len(req.all_ids):
+            rows.append(start + n - 1)
+        return rows
+
+    def _schedule_prefill(self) -> list[Work]:
+        works, budget = [], self.chunk_size
+        while self.waiting and budget > 0 and len(self.running) + len(works) < self.max_running:
+            req = self.waiting[0]
+            if not req.pages:
+                self._first_schedule(req)
+            n = min(len(req.all_ids) - req.num_computed, budget)
+            if not self._ensure_pages(req, req.num_computed + n):
+                if not works and not self.running:
+                    self.waiting.popleft()
+                    self._release(req)
+                    self._finish(req, {"type": "abort", "message": "the request does not fit in the KV cache "
+                                       f"({self.alloc.num_pages * self.ps} tokens)"})
+                    continue
+                break
+            works.append(Work(req, req.num_computed, n, self._logit_rows(req, req.num_computed, n)))
+            budget -= n
+            if req.num_computed + n == len(req.all_ids):
+                self.waiting.popleft()
+            else:
+                break  # a partly prefilled request stays at the head; its next chunk runs next step
+        return works
+
+    def _schedule_decode(self) -> list[Work]:
+        for req in list(self.running):
+            while req in self.running and not self._ensure_pages(req, req.num_computed + 1):
+                self._preempt(self.running[-1])  # the newest request gives its pages back
+        return [Work(r, r.num_computed, 1, [r.num_computed]) for r in self.running]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed = 0
+        self.waiting.appendleft(req)
+
+    # -- stepping ------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one forward; return the requests that gained a token or finished."""
+        works = self._schedule_prefill() or self._schedule_decode()
+        if not works:
+            return []
+        logits = self.runner.run(works)
+        updated = []
+        for w, lg in zip(works, logits):
+            req = w.req
+            req.num_computed = w.start + w.n
+            if req.logprob.enabled and not req.output_ids:
+                self._input_logprobs(req, w, lg)
+            if req.num_computed < len(req.all_ids):
+                continue  # chunk of a longer prompt
+            if req not in self.running:
+                self.running.append(req)
+            if req.params.max_new_tokens == 0:
+                self._complete(req, {"type": "length", "length": 0})
+            else:
+                self._append(req, lg[-1:])
+            updated.append(req)
+        return updated
+
+    def _input_logprobs(self, req: Request, w: Work, lg) -> None:
+        rows = [r for r in w.rows if r < len(req.prompt_ids) - 1]
+        if req.logprob.start_len == 0 and w.start == 0 and not req.input_logprobs:
+            req.input_logprobs.append((None, req.prompt_ids[0], None))
+            if req.logprob.top_n:
+                req.input_top_logprobs.append(None)
+        if rows:
+            chosen, tops = token_logprobs(lg[: len(rows)], [req.prompt_ids[r + 1] for r in rows],
+                                          req.logprob.top_n)
+            req.input_logprobs.extend(chosen)
+            req.input_top_logprobs.extend(tops)
+
+    def _append(self, req: Request, lg) -> None:
+        tok = sample(lg, [req])[0]
+        if req.logprob.enabled:
+            chosen, tops = token_logprobs(lg, [tok], req.logprob.top_n)
+            req.output_logprobs.extend(chosen)
+            req.output_top_logprobs.extend(tops)
+        req.output_ids.append(tok)
+        reason = self.stop.check(req)
+        if reason is None and len(req.all_ids) >= self.context_len:
+            reason = {"type": "length", "length": len(req.output_ids)}
+        if reason is not None:
+            self._complete(req, reason)
+
+    def _complete(self, req: Request, reason: dict) -> None:
+        self.running.remove(req)
+        self._release(req)
+        self._finish(req, reason)
+
+    def _release(self, req: Request) -> None:
+        if req.pages:
+            self.alloc.release(req.pages, req.all_ids, req.num_computed)
+            req.pages = []
+
+    def _finish(self, req: Request, reason: dict) -> None:
+        req.finish_reason = reason
+        self.stop.finalize_text(req)

@@ -1,0 +1,1 @@
+"""Shared model layers: QuantLinear, norms, rotary embedding, paged attention."""

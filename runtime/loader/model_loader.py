@@ -1,0 +1,95 @@
+"""Load a model for serving: config, tokenizer, quantization format, weights, in that order."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from quantrt.errors import CheckpointError, ConfigError
+from quantrt.loader.weight_router import load_weights
+from quantrt.models.registry import get_model_class
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: PretrainedConfig
+    tokenizer: Any
+    dtype: torch.dtype
+    quant_method: str | None
+    fmt: Any
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+def compute_dtype(args, config: PretrainedConfig, platform) -> torch.dtype:
+    """--dtype resolved by SGLang's rule; on CPU `auto` means fp32 (fp16/bf16 matmuls are slow there
+    without AVX512-FP16/BF16, and batch>1 decode is compute-bound)."""
+    from quantrt.server_args import resolve_dtype
+
+    if args.dtype == "auto" and platform.name == "cpu":
+        return torch.float32
+    dtype = resolve_dtype(args.dtype, _config_dtype(config), getattr(config, "model_type", ""))
+    if dtype not in platform.supported_dtypes():
+        raise ConfigError(f"--dtype {args.dtype} resolves to {dtype}, which {platform.name} does not support; "
+                          f"supported: {', '.join(str(d) for d in platform.supported_dtypes())}")
+    return dtype
+
+
+def _open_checkpoint(args):
+    """(config, tokenizer, tensor iterator factory, tensor count, quant config source path)."""
+    from quantrt.loader.gguf_reader import GgufCheckpoint, find_gguf_file
+
+    path = args.model_path
+    if not os.path.exists(path):
+        raise CheckpointError(f"--model-path {path} does not exist (quantrt cannot download from a hub: "
+                              "pass a local directory or a .gguf file)")
+    gguf = find_gguf_file(path) if args.load_format in ("auto", "gguf") else None
+    if gguf is not None:
+        ck = GgufCheckpoint(gguf)
+        tok = AutoTokenizer.from_pretrained(args.tokenizer_path) if args.tokenizer_path else ck.tokenizer()
+        return ck.hf_config(), tok, ck.iter_tensors, len(ck.tensor_names()), gguf
+    if args.load_format == "gguf":
+        raise CheckpointError(f"--load-format gguf but no .gguf file at {path}")
+    from quantrt.loader.safetensors_source import open_source
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer_path or path, trust_remote_code=args.trust_remote_code)
+    src = open_source(path, args.load_format)
+    return config, tok, src.iter_tensors, len(src.names()), path
+
+
+def load_model(args, platform, progress: bool = False) -> LoadedModel:
+    from quantrt.quant.detect import build_format, detect_quantization
+
+    config, tokenizer, tensors, total, qpath = _open_checkpoint(args)
+    model_cls = get_model_class(getattr(config, "architectures", None))
+    method, qcfg = detect_quantization(qpath, config.to_dict(), args.quantization)
+    fmt = build_format(method, qcfg, args)
+    dtype = compute_dtype(args, config, platform)
+    max_pos = args.context_length or getattr(config, "max_position_embeddings", 4096)
+    device = platform.device()
+    model = model_cls(config, max_pos)
+    model.fp32_lm_head = bool(args.enable_fp32_lm_head)
+    load_weights(model, _skip_tied_head(tensors(), model), total, fmt, platform, dtype, progress)
+    model.finish_loading(dtype, device)
+    model.eval()
+    return LoadedModel(model, config, tokenizer, dtype, method, fmt)
+
+
+def _skip_tied_head(tensors, model):
+    for name, t in tensors:
+        if name == "lm_head.weight" and model.lm_head is None:
+            continue  # tied embeddings: some checkpoints still store the (identical) head
+        yield name, t

@@ -1,0 +1,93 @@
+"""Route checkpoint tensors into a model, strictly: every expected tensor must arrive, none may be left.
+
+Plain parameters (norms, embeddings) are copied by name. QuantLinear shards collect the tensors their
+format expects; a layer is built (format -> canonical weight -> kernel) as soon as its last tensor
+arrives, so memory stays near one layer above the final model size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from quantrt.errors import CheckpointError
+from quantrt.layers.linear import QuantLinear
+from torch import nn
+from tqdm import tqdm
+
+# Tensors some checkpoints carry that no runtime needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class WeightRouter:
+    def __init__(self, model: nn.Module, fmt, platform, dtype: torch.dtype):
+        self.fmt, self.platform, self.dtype = fmt, platform, dtype
+        self.params = dict(model.named_parameters())
+        self.linears: dict[str, tuple[QuantLinear, int]] = {}
+        self.pending: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self.needed: dict[tuple[int, int], tuple[frozenset[str], frozenset[str]]] = {}
+        self.layers: dict[int, QuantLinear] = {}
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                self.layers[id(m)] = m
+                self.pending[id(m)] = [{} for _ in m.shards]
+                for i, prefix in enumerate(m.shard_prefixes()):
+                    self.linears[prefix] = (m, i)
+                    self.needed[(id(m), i)] = m.expected_tensors(fmt, i)
+        self.seen_params: set[str] = set()
+
+    def _route_linear(self, name: str) -> tuple[QuantLinear, int, str] | None:
+        parts = name.split(".")
+        for cut in range(1, min(4, len(parts))):
+            prefix = ".".join(parts[:-cut])
+            if prefix in self.linears:
+                m, i = self.linears[prefix]
+                return m, i, ".".join(parts[-cut:])
+        return None
+
+    def _complete(self, m: QuantLinear) -> bool:
+        return all(self.needed[(id(m), i)][0] <= d.keys() for i, d in enumerate(self.pending[id(m)]))
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.params:
+            p = self.params[name]
+            if tuple(p.shape) != tuple(t.shape):
+                raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            p.data = t.to(torch.float32) if not t.dtype.is_floating_point else t
+            self.seen_params.add(name)
+            return
+        routed = self._route_linear(name)
+        if routed is None:
+            if name.endswith(_IGNORED_SUFFIXES):
+                return
+            raise CheckpointError(f"unexpected tensor {name} in the checkpoint (the model has no such weight)")
+        m, i, suffix = routed
+        req, opt = self.needed[(id(m), i)]
+        if suffix not in req and suffix not in opt:
+            raise CheckpointError(f"unexpected tensor {name}: {m.shard_prefix(i)} expects "
+                                  f"{', '.join(sorted(req | opt))}")
+        shard = self.pending[id(m)][i]
+        if suffix in shard:
+            raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
+        shard[suffix] = t
+        if self._complete(m):
+            m.load(self.pending.pop(id(m)), self.fmt, self.platform, self.dtype)
+            del self.layers[id(m)]
+
+    def finish(self) -> None:
+        missing = [n for n in self.params if n not in self.seen_params]
+        for m in self.layers.values():
+            for i, d in enumerate(self.pending[id(m)]):
+                missing += [f"{m.shard_prefix(i)}.{s}" for s in sorted(self.needed[(id(m), i)][0] - d.keys())]
+        if missing:
+            more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+            raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:8])}{more}")
+
+
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], total: int,
+                 fmt, platform, dtype: torch.dtype, progress: bool = False) -> None:
+    router = WeightRouter(model, fmt, platform, dtype)
+    for name, t in tqdm(tensors, total=total, desc="Loading weights", unit="tensor",
+                        disable=not progress, leave=False):
+        router.add(name, t)
+    router.finish()

@@ -1,0 +1,176 @@
+"""A decoder-only transformer assembled from shared layers; each architecture file picks its options.
+
+Module names mirror the Hugging Face layout (model.layers.N.self_attn.q_proj ...) so checkpoint tensors
+route by name; q/k/v and gate/up are fused QuantLinears whose shards keep the checkpoint names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from quantrt.engine.forward_batch import ForwardBatch
+from quantrt.layers.attention import PagedAttention
+from quantrt.layers.linear import QuantLinear
+from quantrt.layers.norm import RMSNorm
+from quantrt.layers.rotary import RotaryEmbedding
+from torch import nn
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What differs between the families we run."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False          # Qwen3, Gemma3: RMSNorm over head_dim on q and k before rotary
+    gemma: bool = False            # (1 + w) norms, sandwich norms, scaled embeddings, gelu-tanh MLP
+
+
+def _head_dim(c: PretrainedConfig) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _window(c: PretrainedConfig, i: int) -> int | None:
+    types = getattr(c, "layer_types", None)
+    if types is not None:
+        return c.sliding_window if types[i] == "sliding_attention" else None
+    return getattr(c, "sliding_window", None)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: PretrainedConfig, spec: DecoderSpec, i: int, rotary: RotaryEmbedding):
+        super().__init__()
+        p = f"model.layers.{i}.self_attn"
+        self.h, self.hkv, self.d = c.num_attention_heads, c.num_key_value_heads, _head_dim(c)
+        bias = spec.qkv_bias or getattr(c, "attention_bias", False)
+        self.qkv_proj = QuantLinear(p, [("q_proj", self.h * self.d), ("k_proj", self.hkv * self.d),
+                                        ("v_proj", self.hkv * self.d)], c.hidden_size, bias=bias)
+        self.o_proj = QuantLinear(p, [("o_proj", c.hidden_size)], self.h * self.d,
+                                  bias=spec.o_bias or getattr(c, "attention_bias", False))
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(self.d, c.rms_norm_eps, offset=spec.gemma)
+            self.k_norm = RMSNorm(self.d, c.rms_norm_eps, offset=spec.gemma)
+        self.qk_norm = spec.qk_norm
+        scale = c.query_pre_attn_scalar ** -0.5 if spec.gemma else self.d ** -0.5
+        self.attn = PagedAttention(i, self.h, self.hkv, self.d, scale, _window(c, i))
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)                                  # [T, (H + 2Hkv) * D]
+        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(fb.positions, q, k)
+        return self.o_proj(self.attn(q, k, v, fb))
+
+
+class Mlp(nn.Module):
+    def __init__(self, c: PretrainedConfig, spec: DecoderSpec, i: int):
+        super().__init__()
+        p = f"model.layers.{i}.mlp"
+        n = c.intermediate_size
+        bias = getattr(c, "mlp_bias", False)
+        self.gate_up_proj = QuantLinear(p, [("gate_proj", n), ("up_proj", n)], c.hidden_size, bias=bias)
+        self.down_proj = QuantLinear(p, [("down_proj", c.hidden_size)], n, bias=bias)
+        self.n = n
+        self.gelu = spec.gemma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up_proj(x)                               # [T, 2I]
+        g, u = gu[..., : self.n], gu[..., self.n:]
+        a = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(a * u)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: PretrainedConfig, spec: DecoderSpec, i: int, rotary: RotaryEmbedding):
+        super().__init__()
+        eps, off = c.rms_norm_eps, spec.gemma
+        self.self_attn = Attention(c, spec, i, rotary)
+        self.mlp = Mlp(c, spec, i)
+        self.input_layernorm = RMSNorm(c.hidden_size, eps, off)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps, off)
+        self.sandwich = spec.gemma
+        if spec.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, eps, off)
+
+    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), fb))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), fb)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """The `model.` subtree: embeddings, layers, final norm."""
+
+    def __init__(self, c: PretrainedConfig, spec: DecoderSpec, max_positions: int):
+        super().__init__()
+        # filled from the checkpoint; empty storage avoids a random init of vocab x hidden
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size,
+                                         _weight=torch.empty(c.vocab_size, c.hidden_size))
+        self.embed_tokens.weight.requires_grad_(False)
+        d = _head_dim(c)
+        types = getattr(c, "layer_types", None) if spec.gemma else None
+        ropes = {t: RotaryEmbedding(c, d, max_positions, t) for t in set(types)} if types else None
+        shared = None if ropes else RotaryEmbedding(c, d, max_positions)
+        self.rotaries = list(ropes.values()) if ropes else [shared]
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, spec, i, ropes[types[i]] if ropes else shared) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, spec.gemma)
+        self.embed_scale = c.hidden_size ** 0.5 if spec.gemma else None
+
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(fb.input_ids)                     # [T, D]
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(x, fb)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """model + lm_head. forward returns fp32 logits for the rows fb.logits_rows: [S, V]."""
+
+    spec = DecoderSpec()
+
+    def __init__(self, config: PretrainedConfig, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.spec, max_positions)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tied else QuantLinear("", [("lm_head", config.vocab_size)], config.hidden_size)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.fp32_lm_head = False
+
+    def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Cast plain parameters and precompute rotary tables once every tensor has arrived."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.finish_loading(dtype)
+        self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to(device=device, dtype=dtype)
+        for r in self.model.rotaries:
+            r.to(dtype, device)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [S, D] -> [S, V] fp32
+        if self.lm_head is None:
+            w = self.model.embed_tokens.weight
+            logits = F.linear(h.float(), w.float()) if self.fp32_lm_head else F.linear(h, w)
+        else:
+            logits = self.lm_head(h.float() if self.fp32_lm_head else h)
+        logits = logits.float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        h = self.model(fb)
+        return self.compute_logits(h[fb.logits_rows])

@@ -1,0 +1,28 @@
+"""Architectures by Hugging Face `architectures` name, imported lazily on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+from quantrt.errors import ConfigError
+
+_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "quantrt.models.llama",
+    "MistralForCausalLM": "quantrt.models.llama",
+    "Qwen2ForCausalLM": "quantrt.models.qwen",
+    "Qwen3ForCausalLM": "quantrt.models.qwen",
+    "Gemma3ForCausalLM": "quantrt.models.gemma3",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def get_model_class(architectures: list[str] | None) -> type:
+    """The first architecture of the checkpoint that we implement; otherwise a clear error."""
+    for name in architectures or []:
+        if name in _ARCHITECTURES:
+            return getattr(importlib.import_module(_ARCHITECTURES[name]), name)
+    raise ConfigError(f"unsupported model architecture {architectures!r}; supported architectures: "
+                      f"{', '.join(supported_architectures())}")

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny checkpoints are built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers_models import ARCHS, build_model, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """arch -> (model dir, the transformers model object)."""
+    out = {}
+    for arch in ARCHS:
+        d = tmp_path_factory.mktemp(f"tiny_{arch}")
+        out[arch] = (d, build_model(arch, d, tokenizer_dir))
+    return out
