@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.platform.interface import Platform
 from quantrt.platforms.xpu.cpu_kernels import CpuFp8EmulatedKernel
@@ -21,6 +19,7 @@ from quantrt.quant.quantize import (
     quantize_fp8,
 )
 from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, ScaleGranularity
+from safetensors.torch import load_file, save_file
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 Fp8 = get_format("fp8")
@@ -219,3 +218,28 @@ def test_cpu_kernel_matches_reference(case: int, dtype: torch.dtype) -> None:
     # and both are close to the float matmul (quantization error only)
     exact = torch.nn.functional.linear(x.float(), fw.dequantize(), bias.float())
     assert sqnr_db(exact, y.float()) >= 20
+
+
+def test_quant_linear_end_to_end_online_and_static() -> None:
+    from quantrt.layers.linear import QuantLinear
+    from quantrt.platforms.xpu.cpu_kernels import CPU_LINEAR_KERNELS
+
+    class CpuLike(Platform):
+        def linear_kernels(self):  # type: ignore[no-untyped-def]
+            return list(CPU_LINEAR_KERNELS)
+
+    torch.manual_seed(6)
+    shards = [("q_proj", 64), ("k_proj", 16), ("v_proj", 16)]
+    ws = [torch.randn(n, 32) * 0.1 for _, n in shards]
+    x = torch.randn(3, 32)
+    lin = QuantLinear(P, shards, 32)
+    lin.load([{"weight": w.bfloat16()} for w in ws], Fp8.from_config({}), CpuLike(), torch.float32)
+    assert lin.kernel_desc == "cpu_fp8_emulated" and len(lin.kernels) == 1
+    assert sqnr_db(x @ torch.cat(ws).bfloat16().float().t(), lin(x)) >= 25
+    # static per-tensor with equal input scales merges into one kernel
+    fmt = Fp8.from_config({"quant_method": "fp8", "activation_scheme": "static"})
+    qs = [quantize_fp8(w, "tensor") for w in ws]
+    tensors = [{"weight": q.data, "weight_scale": q.scale, "input_scale": torch.tensor(0.01)} for q in qs]
+    lin = QuantLinear(P, shards, 32)
+    lin.load(tensors, fmt, CpuLike(), torch.float32)
+    assert len(lin.kernels) == 1 and lin.kernels[0].spec.weight.granularity is ScaleGranularity.CHANNEL

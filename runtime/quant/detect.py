@@ -13,19 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quantrt.choices import QUANTIZATION_CHOICES
 from quantrt.errors import ConfigError, NotSupportedYet, choices_error
 
 if TYPE_CHECKING:
     from quantrt.quant.format import QuantFormat
     from quantrt.server_args import ServerArgs
 
-# SGLang 0.5.9 QUANTIZATION_METHODS (insertion order), mxfp4 included.
-KNOWN_METHODS: tuple[str, ...] = (
-    "fp8", "mxfp8", "blockwise_int8", "modelopt", "modelopt_fp8", "modelopt_fp4", "w8a8_int8", "w8a8_fp8",
-    "awq", "awq_marlin", "bitsandbytes", "gguf", "gptq", "gptq_marlin", "moe_wna16", "compressed-tensors",
-    "qoq", "w4afp8", "petit_nvfp4", "fbgemm_fp8", "quark", "auto-round", "modelslim",
-    "quark_int4fp8_moe", "mxfp4",
-)
+# Every method name we recognise: the CLI choices (quantrt.choices, SGLang 0.5.9 spellings) plus the
+# methods SGLang registers that only a checkpoint config can select.
+CHECKPOINT_ONLY_METHODS: tuple[str, ...] = ("blockwise_int8", "fbgemm_fp8")
+KNOWN_METHODS: tuple[str, ...] = QUANTIZATION_CHOICES + CHECKPOINT_ONLY_METHODS
 # Methods that quantize a float checkpoint at load time (valid on an unquantized checkpoint).
 ONLINE_METHODS = frozenset({"fp8", "mxfp8", "quark_int4fp8_moe"})
 # (cli, checkpoint) pairs where the CLI value wins (FORMATS.md §1.3 step 5).
@@ -118,8 +116,8 @@ def detect_quantization(model_dir_or_file: str, hf_config: dict[str, Any],
                         cli_method: str | None) -> tuple[str | None, QuantConfig]:
     """(method or None for unquantized, quant config: {} for online methods and gguf)."""
     cli = cli_method.lower() if cli_method else None
-    if cli is not None and cli not in KNOWN_METHODS:
-        raise choices_error("--quantization", cli_method, KNOWN_METHODS)
+    if cli is not None and cli not in QUANTIZATION_CHOICES:
+        raise choices_error("--quantization", cli_method, QUANTIZATION_CHOICES)
     if str(model_dir_or_file).endswith(".gguf"):
         if cli not in (None, "gguf"):
             raise mismatch_error("gguf", cli)
