@@ -67,8 +67,10 @@ def quantize_act_per_token_group(x: torch.Tensor, dtype: torch.dtype,
     x32 = x.to(torch.float32)
     mm, k = x32.shape
     g = -(-k // group)
-    padded = torch.zeros(mm, g * group, dtype=torch.float32, device=x32.device)
-    padded[:, :k] = x32
+    padded = x32
+    if g * group != k:  # zero-pad the last partial group (zeros never raise an amax)
+        padded = torch.zeros(mm, g * group, dtype=torch.float32, device=x32.device)
+        padded[:, :k] = x32
     scale = padded.abs().reshape(mm, g, group).amax(dim=-1).clamp(min=_MIN_AMAX) / qmax(dtype)
     full = scale.repeat_interleave(group, dim=1)[:, :k]                          # [M, K]
     return _to_codes(x32, full, dtype), scale
