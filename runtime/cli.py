@@ -145,16 +145,13 @@ def sampling_params(ns: argparse.Namespace) -> dict[str, Any]:
 
 def _default_engine_factory(**kwargs: Any) -> Any:
     """`quantrt.Engine(**kwargs)`; NotSupportedYet while the engine is not built."""
-    import quantrt
-
-    engine_cls = getattr(quantrt, "Engine", None)
+    engine_cls = (
+        _optional_attr("quantrt", "Engine")
+        or _optional_attr("quantrt.engine", "Engine")
+        or _optional_attr("quantrt.engine.engine", "Engine")
+    )
     if engine_cls is None:
-        try:
-            from quantrt.engine import Engine as engine_cls  # type: ignore[attr-defined, no-redef]
-        except ImportError as e:
-            if e.name not in ("quantrt.engine", "quantrt"):
-                raise
-            raise NotSupportedYet("quantrt.Engine is not supported yet: the engine is not built") from e
+        raise NotSupportedYet("quantrt.Engine is not supported yet: the engine is not built")
     return engine_cls(**kwargs)
 
 
