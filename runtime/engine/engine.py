@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
 from quantrt.engine.kv_pool import KVPool
 from quantrt.engine.model_runner import ModelRunner
 from quantrt.engine.page_allocator import PageAllocator

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from quantrt.engine.kv_pool import KVPool
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from quantrt.engine.forward_batch import ForwardBatch
 from quantrt.engine.kv_pool import KVPool
 from quantrt.engine.request import Request

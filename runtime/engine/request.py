@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
 from quantrt.engine.sampling_params import SamplingParams
 
 

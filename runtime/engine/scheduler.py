@@ -76,13 +76,14 @@ class Scheduler:
                 self._first_schedule(req)
             n = min(len(req.all_ids) - req.num_computed, budget)
             if not self._ensure_pages(req, req.num_computed + n):
-                if not works and not self.running:
+                if works or self.running:
+                    break  # pages come back as running requests finish
+                if not self._reclaim_waiting_pages() or not self._ensure_pages(req, req.num_computed + n):
                     self.waiting.popleft()
                     self._release(req)
                     self._finish(req, {"type": "abort", "message": "the request does not fit in the KV cache "
                                        f"({self.alloc.num_pages * self.ps} tokens)"})
                     continue
-                break
             works.append(Work(req, req.num_computed, n, self._logit_rows(req, req.num_computed, n)))
             budget -= n
             if req.num_computed + n == len(req.all_ids):
@@ -90,6 +91,16 @@ class Scheduler:
             else:
                 break  # a partly prefilled request stays at the head; its next chunk runs next step
         return works
+
+    def _reclaim_waiting_pages(self) -> bool:
+        """Nothing runs and the head cannot get pages: take them back from queued requests."""
+        freed = False
+        for other in list(self.waiting)[1:]:
+            if other.pages:
+                self._release(other)
+                other.num_computed = 0
+                freed = True
+        return freed
 
     def _schedule_decode(self) -> list[Work]:
         for req in list(self.running):

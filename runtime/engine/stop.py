@@ -36,8 +36,12 @@ class StopChecker:
         return None
 
     def update_text(self, req: Request) -> None:
+        """Streaming text: hold back a trailing partial UTF-8 character so text only ever grows."""
         if not req.stop_trimmed:
-            req.text = self.decode(req)
+            text = self.decode(req)
+            if not text.endswith("\ufffd"):
+                req.text = text
 
     def finalize_text(self, req: Request) -> None:
-        self.update_text(req)
+        if not req.stop_trimmed:
+            req.text = self.decode(req)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from quantrt.engine.forward_batch import ForwardBatch
 from torch import nn
+
+from quantrt.engine.forward_batch import ForwardBatch
 
 
 class PagedAttention(nn.Module):

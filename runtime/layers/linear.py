@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from quantrt.errors import CheckpointError
 from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel
-from quantrt.quant.merge import concat_n
+from quantrt.quant.merge import concat_n, merge_act_schemes
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
-from torch import nn
 
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
@@ -92,8 +93,9 @@ class QuantLinear(nn.Module):
             self.weight = torch.cat([w.data for w in weights]).to(compute_dtype).contiguous()
             self.kernel_desc = "dense"
             return
-        merged = concat_n(weights) if len({str(a) for a in acts}) == 1 else None
-        groups = [(merged, acts[0])] if merged is not None else list(zip(weights, acts))
+        act = merge_act_schemes(acts)  # static fp8 input scales merge to their max (SGLang's rule)
+        merged = concat_n(weights) if act is not None else None
+        groups = [(merged, act)] if merged is not None else list(zip(weights, acts))
         descs = []
         for w, act in groups:
             spec = LinearSpec(w, act, compute_dtype)

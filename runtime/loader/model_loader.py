@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.loader.weight_router import load_weights
 from quantrt.models.registry import get_model_class
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
     config, tokenizer, tensors, total, qpath = _open_checkpoint(args)
     model_cls = get_model_class(getattr(config, "architectures", None))
     method, qcfg = detect_quantization(qpath, config.to_dict(), args.quantization)
-    fmt = build_format(method, qcfg, args)
+    # GGUF tensors are dequantized by the reader for now; native GGUF kernels come with the 4-bit family
+    fmt = None if method == "gguf" else build_format(method, qcfg, args)
     dtype = compute_dtype(args, config, platform)
     max_pos = args.context_length or getattr(config, "max_position_embeddings", 4096)
     device = platform.device()
