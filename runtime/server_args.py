@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from quantrt.choices import (
     DTYPES,
     FP4_GEMM_BACKENDS,

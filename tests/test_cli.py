@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from quantrt.cli import main
 from quantrt.demo_model import DEMO_FILE
 

@@ -1,6 +1,7 @@
 """detect_quantization: sources, CLI reconciliation (FORMATS.md §1.3) and every error message."""
 
 import pytest
+
 from quantrt.errors import ConfigError, NotSupportedYet
 from quantrt.quant.detect import build_format, detect_quantization
 from quantrt.quant.formats.fp8 import Fp8Format

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.platform.interface import Platform
 from quantrt.platforms.xpu.cpu_kernels import CpuFp8EmulatedKernel
@@ -19,7 +21,6 @@ from quantrt.quant.quantize import (
     quantize_fp8,
 )
 from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, ScaleGranularity
-from safetensors.torch import load_file, save_file
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 Fp8 = get_format("fp8")

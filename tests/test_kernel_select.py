@@ -3,6 +3,7 @@
 import logging
 
 import torch
+
 from quantrt.platform.interface import Platform
 from quantrt.platforms.xpu.cpu_kernels import CPU_LINEAR_KERNELS, CpuFp8EmulatedKernel
 from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel

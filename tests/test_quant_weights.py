@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from quantrt.errors import CheckpointError
 from quantrt.quant.merge import concat_n, merge_act_schemes
 from quantrt.quant.quantize import quantize_fp8

@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from quantrt import choices
 from quantrt.demo_model import DEMO_FILE, default_model_path
 from quantrt.errors import ConfigError, NotSupportedYet, QuantrtError

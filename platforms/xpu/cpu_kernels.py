@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
 from quantrt.quant.weights import ActKind, FloatWeight

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+
 from quantrt.errors import CheckpointError
 
 

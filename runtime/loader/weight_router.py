@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from quantrt.errors import CheckpointError
-from quantrt.layers.linear import QuantLinear
 from torch import nn
 from tqdm import tqdm
+
+from quantrt.errors import CheckpointError
+from quantrt.layers.linear import QuantLinear
 
 # Tensors some checkpoints carry that no runtime needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

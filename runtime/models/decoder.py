@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
 from quantrt.engine.forward_batch import ForwardBatch
 from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
-from torch import nn
-from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ bit for bit, except `merge_act_schemes` for static activation scales (see there)
 from __future__ import annotations
 
 import torch
+
 from quantrt.quant.weights import (
     ActKind,
     ActScheme,

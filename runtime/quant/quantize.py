@@ -6,6 +6,7 @@ activations exactly like `fake_quantize_act`.
 from __future__ import annotations
 
 import torch
+
 from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, ScaleGranularity
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)

@@ -9,6 +9,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.quant.format import QuantFormat, register_format
 from quantrt.quant.quantize import quantize_fp8

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.quantize import fake_quantize_act
 
