@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from quantrt.choices import QUANTIZATION_CHOICES
 from quantrt.errors import ConfigError, PlatformError
 from quantrt.platform import DeviceCapability, Platform, current_platform, resolve_platform

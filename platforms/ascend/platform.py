@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+
 from quantrt.platform.interface import DeviceCapability, Platform
 from quantrt.platforms.ascend import import_torch_npu
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+
 from quantrt.platform.checks import ROCM_ALLOWED_QUANTIZATION
 from quantrt.platform.interface import DeviceCapability
 from quantrt.platforms.cuda.platform import CudaPlatform

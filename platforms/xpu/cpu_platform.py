@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+
 from quantrt.platform.interface import Platform
 
 

@@ -36,9 +36,9 @@ class DeviceCapability:
 class Platform:
     """Base class. Subclasses set the class attributes and override what differs."""
 
-    name: ClassVar[str] = "base"            # cuda | rocm | npu | xpu | cpu | <plugin>
-    device_type: ClassVar[str] = "cpu"      # torch device type
-    dist_backend: ClassVar[str] = "gloo"    # nccl | hccl | xccl | gloo
+    name: ClassVar[str] = "base"  # cuda | rocm | npu | xpu | cpu | <plugin>
+    device_type: ClassVar[str] = "cpu"  # torch device type
+    dist_backend: ClassVar[str] = "gloo"  # nccl | hccl | xccl | gloo
     # Quantization methods this platform allows; None = every registered method.
     allowed_quantization: ClassVar[frozenset[str] | None] = None
     # "module:ATTR" of this platform's ordered linear kernels; a module not written yet means none.
