@@ -14,8 +14,9 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import torch
-from quantrt.errors import CheckpointError
 from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from quantrt.errors import CheckpointError
 
 #: GGUF `general.architecture` values we load.
 SUPPORTED_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")

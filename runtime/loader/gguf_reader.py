@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import gguf
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
 from quantrt.errors import CheckpointError, NotSupportedYet
 from quantrt.loader.gguf_names import (
     build_name_map,
@@ -27,7 +29,6 @@ from quantrt.loader.gguf_names import (
     norm_offset,
     qk_row_order,
 )
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 _FLOAT_TYPES = {
     gguf.GGMLQuantizationType.F32,
@@ -92,11 +93,15 @@ class GgufCheckpoint:
             config = AutoConfig.from_pretrained(folder, gguf_file=name)
             if "output.weight" not in self._tensors:
                 config.tie_word_embeddings = True
-            # transformers maps `attention.key_length` -> head_dim for gemma3 but not qwen3 (whose
-            # default 128 only fits the released sizes); llama.cpp writes it whenever HF had head_dim.
+            # transformers maps `attention.key_length` -> head_dim for gemma3 only (qwen3's default 128
+            # fits just the released sizes); llama.cpp writes it whenever the HF config had head_dim.
             key_length = self.field(f"{self.architecture}.attention.key_length")
-            if key_length is not None and hasattr(config, "head_dim"):
+            if key_length is not None:
                 config.head_dim = int(key_length)
+            # GGUF stores floats as float32 (1e-6 reads back as 9.99999997e-07): keep the shortest
+            # decimal that rounds to the same float32, which is what the HF config said.
+            if isinstance(getattr(config, "rms_norm_eps", None), float):
+                config.rms_norm_eps = float(str(np.float32(config.rms_norm_eps)))
             self._config = config
         return self._config
 
