@@ -100,7 +100,7 @@ def test_fp8_checkpoints_load_and_match_their_dequantized_weights(tiny_models, t
     assert eng.quant_method == "fp8"
     layers = {p: m for m in eng.model.modules() if isinstance(m, QuantLinear) for p in m.shard_prefixes()}
     torch.manual_seed(0)
-    for name, w in deq.items():
+    for name in deq:
         layer = layers[name[: -len(".weight")]]
         full = torch.cat([deq[f"{p}.weight"] for p in layer.shard_prefixes()])
         x = torch.randn(4, layer.in_features) * 0.5
