@@ -76,7 +76,7 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
     from quantrt.quant.detect import build_format, detect_quantization
 
     config, tokenizer, tensors, total, qpath = _open_checkpoint(args)
-    model_cls = get_model_class(getattr(config, "architectures", None))
+    model_cls = get_model_class(getattr(config, "architectures", None), getattr(config, "model_type", None))
     method, qcfg = detect_quantization(qpath, config.to_dict(), args.quantization)
     if method is not None:
         check_method_allowed(platform, method)  # the checkpoint's method may differ from the flag

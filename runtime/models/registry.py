@@ -15,12 +15,19 @@ _ARCHITECTURES: dict[str, str] = {
 }
 
 
+# Configs without `architectures` (GGUF metadata) fall back to their model_type.
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
 def supported_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def get_model_class(architectures: list[str] | None) -> type:
+def get_model_class(architectures: list[str] | None, model_type: str | None = None) -> type:
     """The first architecture of the checkpoint that we implement; otherwise a clear error."""
+    if not architectures and model_type in _BY_MODEL_TYPE:
+        architectures = [_BY_MODEL_TYPE[model_type]]
     for name in architectures or []:
         if name in _ARCHITECTURES:
             return getattr(importlib.import_module(_ARCHITECTURES[name]), name)
