@@ -235,7 +235,7 @@ def test_quant_linear_end_to_end_online_and_static() -> None:
     x = torch.randn(3, 32)
     lin = QuantLinear(P, shards, 32)
     lin.load([{"weight": w.bfloat16()} for w in ws], Fp8.from_config({}), CpuLike(), torch.float32)
-    assert lin.kernel_desc == "cpu_fp8_emulated" and len(lin.kernels) == 1
+    assert lin.kernel_desc.startswith("cpu_fp8_emulated") and len(lin.kernels) == 1
     assert sqnr_db(x @ torch.cat(ws).bfloat16().float().t(), lin(x)) >= 25
     # static per-tensor with equal input scales merges into one kernel
     fmt = Fp8.from_config({"quant_method": "fp8", "activation_scheme": "static"})

@@ -37,9 +37,9 @@ def test_online_fp8_every_linear_runs_fp8_with_sqnr_over_25db(fp8_online, tiny_m
     torch.manual_seed(0)
     for layer in layers:
         if layer.shards[0][0] == "lm_head":
-            assert layer.weight is not None, "lm_head stays unquantized"
+            assert not layer.is_quantized, "lm_head stays unquantized"
             continue
-        assert layer.weight is None and "fp8" in layer.kernel_desc, layer.kernel_desc
+        assert layer.is_quantized and "fp8" in layer.kernel_desc, layer.kernel_desc
         x = torch.randn(16, layer.in_features)
         ref = x.double() @ _hf_weight(hf, layer).double().T
         assert sqnr_db(ref, layer(x)) >= 25.0, layer.shard_prefixes()

@@ -22,12 +22,68 @@ import torch.nn.functional as F
 
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
-from quantrt.quant.weights import ActKind, FloatWeight
+from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight
 
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
 
 _COMPUTE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedGemm:
+    """fp32 y = x @ W^T + b through oneDNN with W reordered once into its blocked layout.
+
+    On this AVX2 box oneDNN's packed sgemm is 1.3-2.8x faster than F.linear (MKL) at M=1..300 for
+    SmolLM2 shapes (576x3072: 0.51 vs 1.10 ms at M=16; 576x49152: 13 vs 31 ms). Falls back to
+    F.linear where oneDNN is unavailable.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        # weight: [N, K] fp32
+        self.n = weight.shape[0]
+        self.packed = None
+        if onednn_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            except RuntimeError:
+                self.packed = None
+        self.weight = None if self.packed is not None else weight
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [..., K] fp32 -> [..., N] fp32
+        if self.packed is None:
+            return F.linear(x, self.weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+class CpuDenseKernel(LinearKernel):
+    """Unquantized fp32 weights through the packed oneDNN GEMM."""
+
+    name = "cpu_dense_onednn"
+
+    def __init__(self, gemm: PackedGemm):
+        self.gemm = gemm
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        if not isinstance(spec.weight, DenseWeight):
+            return False, f"weight is {type(spec.weight).__name__}, not DenseWeight"
+        if spec.compute_dtype is not torch.float32:
+            return False, f"compute dtype {spec.compute_dtype}: oneDNN packing here serves float32 only"
+        if not onednn_available():
+            return False, "torch was built without oneDNN (mkldnn)"
+        return True, ""
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> CpuDenseKernel:
+        return cls(PackedGemm(spec.weight.data.to(torch.float32).contiguous()))
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.gemm(x, bias)
 
 
 class CpuFp8EmulatedKernel(LinearKernel):
@@ -37,7 +93,8 @@ class CpuFp8EmulatedKernel(LinearKernel):
 
     def __init__(self, spec: LinearSpec, weight: torch.Tensor):
         self.spec = spec
-        self.weight = weight  # [N, K] fp32 = codes * scale
+        self.n = weight.shape[0]
+        self.gemm = PackedGemm(weight)  # [N, K] fp32 = codes * scale
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -60,12 +117,12 @@ class CpuFp8EmulatedKernel(LinearKernel):
         return cls(spec, spec.weight.dequantize(torch.float32).contiguous())
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        n, k = self.weight.shape
+        n, k = self.n, x.shape[-1]
         lead = x.shape[:-1]
         xq = fake_quantize_act(x.reshape(-1, k), self.spec.act)               # [M, K] fp32
         b = bias.to(torch.float32) if bias is not None else None
-        y = F.linear(xq, self.weight, b)                                      # [M, N] fp32
+        y = self.gemm(xq, b)                                                  # [M, N] fp32
         return y.to(self.spec.compute_dtype).reshape(*lead, n)
 
 
-CPU_LINEAR_KERNELS: list[type[LinearKernel]] = [CpuFp8EmulatedKernel]
+CPU_LINEAR_KERNELS: list[type[LinearKernel]] = [CpuDenseKernel, CpuFp8EmulatedKernel]

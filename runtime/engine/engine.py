@@ -180,9 +180,13 @@ def _pick(v, i: int, default):
 
 
 def _model_tensors(model: torch.nn.Module):
+    """Every tensor the model holds: parameters plus what kernels prepared."""
     from quantrt.layers.linear import QuantLinear
 
-    yield from (p for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.weight is not None:
-            yield m.weight
+    yield from model.parameters()
+    kernels = [k for m in model.modules() if isinstance(m, QuantLinear) for k in m.kernels]
+    kernels += [model.tied_head] if getattr(model, "tied_head", None) is not None else []
+    for k in kernels:
+        for v in vars(k).values():
+            inner = vars(v).values() if hasattr(v, "__dict__") else [v]
+            yield from (t for t in inner if isinstance(t, torch.Tensor) and not t.is_mkldnn)

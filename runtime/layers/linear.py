@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantrt.errors import CheckpointError
@@ -37,10 +36,10 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = sum(n for _, n in shards)
         self.has_bias = bias
-        self.weight: torch.Tensor | None = None       # dense path: [N, K] compute dtype
         self.bias: torch.Tensor | None = None          # [N]
         self.kernels: list[LinearKernel] = []          # quantized path (one, or one per shard)
         self.kernel_desc: str = "unloaded"
+        self.is_quantized = False
 
     def shard_prefix(self, i: int) -> str:
         return f"{self.parent}.{self.shards[i][0]}" if self.parent else self.shards[i][0]
@@ -89,10 +88,9 @@ class QuantLinear(nn.Module):
                 acts.append(fmt.act_scheme(prefix))
         if biases:
             self.bias = torch.cat(biases).to(compute_dtype)
-        if all(isinstance(w, DenseWeight) for w in weights):
-            self.weight = torch.cat([w.data for w in weights]).to(compute_dtype).contiguous()
-            self.kernel_desc = "dense"
-            return
+        self.is_quantized = not all(isinstance(w, DenseWeight) for w in weights)
+        if not self.is_quantized:
+            weights = [DenseWeight(torch.cat([w.data for w in weights]))]
         act = merge_act_schemes(acts)  # static fp8 input scales merge to their max (SGLang's rule)
         merged = concat_n(weights) if act is not None else None
         groups = [(merged, act)] if merged is not None else list(zip(weights, acts))
@@ -105,8 +103,6 @@ class QuantLinear(nn.Module):
         self.kernel_desc = descs[0] if len(set(descs)) == 1 else " | ".join(descs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
         if len(self.kernels) == 1:
             return self.kernels[0].apply(x, self.bias)
         y = torch.cat([k.apply(x, None) for k in self.kernels], dim=-1)

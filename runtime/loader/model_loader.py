@@ -84,11 +84,10 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
     fmt = None if method == "gguf" else build_format(method, qcfg, args)
     dtype = compute_dtype(args, config, platform)
     max_pos = args.context_length or getattr(config, "max_position_embeddings", 4096)
-    device = platform.device()
     model = model_cls(config, max_pos)
     model.fp32_lm_head = bool(args.enable_fp32_lm_head)
     load_weights(model, _skip_tied_head(tensors(), model), total, fmt, platform, dtype, progress)
-    model.finish_loading(dtype, device)
+    model.finish_loading(dtype, platform)
     model.eval()
     return LoadedModel(model, config, tokenizer, dtype, method, fmt)
 

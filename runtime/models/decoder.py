@@ -18,6 +18,8 @@ from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
+from quantrt.quant.kernel import LinearSpec, select_linear_kernel
+from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight
 
 
 @dataclass(frozen=True)
@@ -151,22 +153,26 @@ class CausalLM(nn.Module):
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.fp32_lm_head = False
 
-    def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Cast plain parameters and precompute rotary tables once every tensor has arrived."""
+    def finish_loading(self, dtype: torch.dtype, platform) -> None:
+        """Cast plain parameters, precompute rotary tables and prepare the tied head once every tensor
+        has arrived."""
+        device = platform.device()
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.finish_loading(dtype)
         self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
             r.to(dtype, device)
+        if self.lm_head is None:  # tied: the embedding matrix, prepared by the platform's dense kernel
+            head_dtype = torch.float32 if self.fp32_lm_head else dtype
+            spec = LinearSpec(DenseWeight(self.model.embed_tokens.weight.data), WEIGHT_ONLY, head_dtype)
+            self.tied_head = select_linear_kernel(spec, platform).kernel.prepare(spec, platform)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [S, D] -> [S, V] fp32
-        if self.lm_head is None:
-            w = self.model.embed_tokens.weight
-            logits = F.linear(h.float(), w.float()) if self.fp32_lm_head else F.linear(h, w)
-        else:
-            logits = self.lm_head(h.float() if self.fp32_lm_head else h)
+        if self.fp32_lm_head:
+            h = h.float()
+        logits = self.tied_head.apply(h, None) if self.lm_head is None else self.lm_head(h)
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -74,7 +74,9 @@ _warned: set[str] = set()
 
 def select_linear_kernel(spec: LinearSpec, platform: Platform) -> KernelChoice:
     """First kernel of the platform that can implement `spec`; the reference kernel otherwise."""
+    from quantrt.quant.kernels.dense import DenseLinearKernel
     from quantrt.quant.kernels.reference import ReferenceLinearKernel
+    from quantrt.quant.weights import DenseWeight
 
     rejected: list[tuple[str, str]] = []
     for k in platform.linear_kernels():
@@ -82,6 +84,8 @@ def select_linear_kernel(spec: LinearSpec, platform: Platform) -> KernelChoice:
         if ok:
             return KernelChoice(k, tuple(rejected))
         rejected.append((k.name, reason))
+    if isinstance(spec.weight, DenseWeight):  # unquantized: F.linear is the portable path, no warning
+        return KernelChoice(DenseLinearKernel, tuple(rejected))
     key = f"{type(spec.weight).__name__}/{spec.act}"
     if key not in _warned:
         _warned.add(key)
