@@ -144,15 +144,10 @@ def sampling_params(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _default_engine_factory(**kwargs: Any) -> Any:
-    """`quantrt.Engine(**kwargs)`; NotSupportedYet while the engine is not built."""
-    engine_cls = (
-        _optional_attr("quantrt", "Engine")
-        or _optional_attr("quantrt.engine", "Engine")
-        or _optional_attr("quantrt.engine.engine", "Engine")
-    )
-    if engine_cls is None:
-        raise NotSupportedYet("quantrt.Engine is not supported yet: the engine is not built")
-    return engine_cls(**kwargs)
+    """`quantrt.Engine(**kwargs)` with a progress bar while the weights load."""
+    from quantrt.engine.engine import Engine
+
+    return Engine(progress=True, **kwargs)
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -278,16 +273,16 @@ def collect_env(device: str | None = None) -> dict[str, Any]:
     """Platform description, allowed quantization methods and versions."""
     import torch
 
-    info: dict[str, Any] = {}
-    platform = None
-    current_platform = _optional_attr("quantrt.platform", "current_platform")
-    if current_platform is None:
-        info["platform"] = {"error": "quantrt.platform.current_platform is not available"}
-    else:
-        platform = current_platform(device)
-        info["platform"] = platform.describe()
-    allowed = _optional_attr("quantrt.platform.checks", "allowed_methods")
-    info["allowed_quantization"] = allowed(platform) if allowed and platform is not None else None
+    from quantrt.platform import current_platform
+    from quantrt.platform.checks import allowed_methods
+    from quantrt.quant.detect import built_methods
+
+    platform = current_platform(device)
+    allowed = allowed_methods(platform)
+    built = set(built_methods())
+    info: dict[str, Any] = {"platform": platform.describe()}
+    info["quantization"] = [m for m in allowed if m in built]
+    info["quantization_not_built_yet"] = [m for m in allowed if m not in built]
     info["torch"] = torch.__version__
     info["quantrt"] = _quantrt_version()
     info["python"] = pyplatform.python_version()
@@ -304,25 +299,11 @@ def run_env(device: str | None, as_json: bool, out: TextIO) -> int:
     out.write(f"platform: {plat.pop('platform', plat.pop('name', '?'))}\n")
     for key, value in plat.items():
         out.write(f"  {key}: {value}\n")
-    allowed = info["allowed_quantization"]
-    out.write(f"allowed quantization: {', '.join(allowed) if allowed is not None else 'unknown'}\n")
+    out.write(f"quantization (runs here): {', '.join(info['quantization'])}\n")
+    out.write(f"quantization (recognised, not built yet): {', '.join(info['quantization_not_built_yet'])}\n")
     for key in ("torch", "quantrt", "python"):
         out.write(f"{key}: {info[key]}\n")
     return 0
-
-
-def _optional_attr(module: str, attr: str) -> Any | None:
-    """`module.attr`, or None when exactly that module or attribute does not exist yet.
-
-    Any other import failure (a broken dependency inside the module) is raised, not hidden.
-    """
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        if e.name is not None and module.startswith(e.name):
-            return None
-        raise
-    return getattr(mod, attr, None)
 
 
 def _quantrt_version() -> str:

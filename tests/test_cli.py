@@ -150,7 +150,9 @@ def test_env_json_in_process() -> None:
     out = io.StringIO()
     assert main(["env", "--json", "--device", "cpu"], stdout=out, stderr=io.StringIO()) == 0
     info = json.loads(out.getvalue())
-    assert {"platform", "allowed_quantization", "torch", "quantrt", "python"} <= set(info)
+    assert {"platform", "quantization", "quantization_not_built_yet", "torch", "quantrt", "python"} <= set(info)
+    assert "fp8" in info["quantization"] and "awq" in info["quantization_not_built_yet"]
+    assert info["platform"]["platform"] == "cpu" and "reference" in info["platform"]["linear_kernels"]
 
 
 def test_env_subprocess_prints_platform() -> None:

@@ -151,6 +151,17 @@ def detect_quantization(model_dir_or_file: str, hf_config: dict[str, Any],
     raise mismatch_error(method, cli)
 
 
+# Methods that load without a registered format: GGUF tensors are dequantized by the reader for now.
+LOADER_METHODS = ("gguf",)
+
+
+def built_methods() -> list[str]:
+    """Quantization methods quantrt can load today."""
+    from quantrt.quant.format import registered_formats
+
+    return sorted(set(registered_formats()) | set(LOADER_METHODS))
+
+
 def build_format(method: str | None, qcfg: QuantConfig, args: ServerArgs | None = None) -> QuantFormat | None:
     """The format object for `method` (None for an unquantized model)."""
     if method is None:
