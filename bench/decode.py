@@ -1,0 +1,188 @@
+"""Decode throughput on CPU, SmolLM2-135M-Instruct: quantrt vs transformers `generate`, same run.
+
+    python bench/decode.py [--quick] [--json out.json] [--profile] [--skip-bf16]
+
+Every row: greedy decoding of `--new` tokens (ignore EOS) after an 8-token prompt, batch 1 and 16,
+one warm-up per (config, batch). `tok/s` = batch*new / time, prefill included. `steady` is the
+prefill-free step time, (time(new) - time(short)) / (new - short). `ratio` compares tok/s with
+HF fp32 at the same batch; `same` is the share of rows whose tokens equal HF fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _smollm2_export import export_smollm2  # noqa: E402
+
+from quantrt.demo_model import default_model_path  # noqa: E402
+
+PROMPT_LEN = 8
+TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on a warm windowsill and the "
+        "birds sing in the old oak tree near the river that flows quietly toward the distant sea.")
+Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, new tokens) -> new ids
+
+
+def prompts(tokenizer, batch: int) -> list[list[int]]:
+    """`batch` distinct 8-token windows of one text (no shared prefix for a prefix cache to reuse)."""
+    ids = tokenizer(TEXT)["input_ids"]
+    return [ids[i:i + PROMPT_LEN] for i in range(batch)]
+
+
+def quantrt_generate(model_path: str, **kw) -> tuple[Generate, object, Callable[[], None]]:
+    from quantrt import Engine
+
+    engine = Engine(model_path=model_path, max_total_tokens=4096, **kw)
+
+    def gen(ids: list[list[int]], n: int) -> list[list[int]]:
+        params = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
+        return [o["output_ids"] for o in engine.generate(input_ids=ids, sampling_params=params)]
+
+    return gen, engine.tokenizer, lambda: getattr(engine, "shutdown", lambda: None)()
+
+
+def hf_generate(model) -> Generate:
+    @torch.inference_mode()
+    def gen(ids: list[list[int]], n: int) -> list[list[int]]:
+        x = torch.tensor(ids)
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=2)
+        return out[:, x.shape[1]:].tolist()
+
+    return gen
+
+
+def timed(gen: Generate, ids: list[list[int]], n: int, repeats: int) -> tuple[float, list[list[int]]]:
+    best, out = float("inf"), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = gen(ids, n)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_config(name: str, gen: Generate, tok, args, rows: list[dict], ref: dict) -> None:
+    for bs in args.batches:
+        ids = prompts(tok, bs)
+        gen(ids, args.short)  # warm-up
+        t_long, out = timed(gen, ids, args.new, args.repeats)
+        t_short, _ = timed(gen, ids, args.short, args.repeats)
+        assert all(len(o) == args.new for o in out), f"{name}: wrong output length"
+        if name == "hf fp32":
+            ref[bs] = out
+        row = {"config": name, "batch": bs, "seconds": t_long, "tok_s": bs * args.new / t_long,
+               "ms_per_step": 1e3 * t_long / args.new,
+               "steady_ms_per_step": 1e3 * (t_long - t_short) / (args.new - args.short),
+               "same_as_hf_fp32": (sum(a == b for a, b in zip(out, ref[bs])) / bs) if bs in ref else None}
+        row["steady_tok_s"] = bs * 1e3 / row["steady_ms_per_step"]
+        rows.append(row)
+        print(f"  {name:22s} bs={bs:<3d} {row['tok_s']:8.1f} tok/s  {row['ms_per_step']:7.1f} ms/step  "
+              f"steady {row['steady_ms_per_step']:7.1f} ms", flush=True)
+
+
+def run_all(args) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_model_path()
+    export = export_smollm2(gguf)
+    rows: list[dict] = []
+    ref: dict[int, list[list[int]]] = {}
+    folder, fname = str(Path(gguf).parent), Path(gguf).name
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
+    gen, tok, close = quantrt_generate(gguf)  # its tokenizer serves every config
+    bench_config("hf fp32", hf_generate(hf), tok, args, rows, ref)
+    bench_config("quantrt fp32 (gguf)", gen, tok, args, rows, ref)
+    close()
+    configs: list[tuple[str, dict]] = [("quantrt fp32 (export)", {}), ("quantrt fp8 (export)", {"quantization": "fp8"})]
+    if not args.skip_bf16:
+        configs.append(("quantrt bf16 (gguf)", {"dtype": "bfloat16", "path": gguf}))
+    for name, kw in configs:
+        gen, _, close = quantrt_generate(kw.pop("path", export), **kw)
+        bench_config(name, gen, tok, args, rows, ref)
+        close()
+        gc.collect()
+    if not args.skip_bf16:
+        bench_config("hf bf16", hf_generate(hf.to(torch.bfloat16)), tok, args, rows, ref)
+    return rows
+
+
+def profile_split(batches: list[int], n: int) -> list[dict]:
+    """Share of quantrt fp32 decode time in GEMMs (self CPU time of matmul ops) vs the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen, tok, _ = quantrt_generate(default_model_path())
+    gemm_ops = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")
+    out = []
+    for bs in batches:
+        ids = prompts(tok, bs)
+        gen(ids, 8)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            gen(ids, n)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in gemm_ops) / 1e6
+        attn = sum(e.self_cpu_time_total for e in events if "attention" in e.key) / 1e6
+        out.append({"batch": bs, "wall_s": wall, "gemm_s": gemm, "sdpa_s": attn,
+                    "gemm_share": gemm / wall, "top": [(e.key, e.self_cpu_time_total / 1e6) for e in
+                                                       sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]]})
+        print(f"  profile bs={bs}: wall {wall:.2f}s under profiler, GEMM {gemm:.2f}s ({100 * gemm / wall:.0f}%), "
+              f"attention {attn:.2f}s", flush=True)
+    a = torch.empty(64 * 2**20)  # 256 MiB fp32
+    b = torch.empty_like(a)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        copy_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        a.sum()
+        sum_s = time.perf_counter() - t0
+    bw = {"copy_gb_s": 2 * a.nbytes / copy_s / 1e9, "read_gb_s": a.nbytes / sum_s / 1e9}
+    print(f"  bandwidth: copy {bw['copy_gb_s']:.1f} GB/s (read+write), sum {bw['read_gb_s']:.1f} GB/s (read)")
+    return out + [bw]
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {r["batch"]: r["tok_s"] for r in rows if r["config"] == "hf fp32"}
+    print("\n| engine / method | batch | tok/s | ms/step | steady ms/step | steady tok/s | vs HF fp32 | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["batch"]):
+        same = "-" if r["same_as_hf_fp32"] is None else f"{100 * r['same_as_hf_fp32']:.0f}%"
+        print(f"| {r['config']} | {r['batch']} | {r['tok_s']:.1f} | {r['ms_per_step']:.1f} | "
+              f"{r['steady_ms_per_step']:.1f} | {r['steady_tok_s']:.1f} | {r['tok_s'] / base[r['batch']]:.2f}x | {same} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat")
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--short", type=int, default=8, help="new tokens of the run subtracted for 'steady'")
+    p.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also split quantrt fp32 step time (torch.profiler)")
+    p.add_argument("--json", type=Path, help="write rows (and profile) here")
+    args = p.parse_args()
+    if args.quick:
+        args.new, args.short, args.repeats = 16, 4, 1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"prompt {PROMPT_LEN} tokens, {args.new} new (steady: minus {args.short}), best of {args.repeats}")
+    rows = run_all(args)
+    print_table(rows)
+    prof = profile_split(args.batches, args.new) if args.profile else None
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows, "profile": prof}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
