@@ -27,20 +27,20 @@ class ForwardBatch:
     kv_pool: KVPool
     is_decode: bool
     kv_slots: torch.Tensor | None = None          # decode only: [B, Lmax] padded slot table
-    _masks: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)     # per-batch values shared by layers (masks, rope)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, Lmax] bool: True where a decode query may attend."""
         key = ("d", window)
-        if key not in self._masks:
+        if key not in self.cache:
             lmax = self.kv_slots.shape[1]
             kv = torch.tensor(self.kv_lens)[:, None]
             j = torch.arange(lmax)[None, :]
             m = j < kv
             if window is not None:
                 m &= j > kv - 1 - window
-            self._masks[key] = m[:, None, None, :]
-        return self._masks[key]
+            self.cache[key] = m[:, None, None, :]
+        return self.cache[key]
 
     def extend_mask(self, i: int, window: int | None) -> torch.Tensor | None:
         """[n, L] bool for sequence i, or None when a plain causal mask is exact."""
@@ -49,11 +49,11 @@ class ForwardBatch:
         if prefix == 0 and (window is None or window >= total):
             return None
         key = ("e", i, window)
-        if key not in self._masks:
+        if key not in self.cache:
             qpos = torch.arange(prefix, total)[:, None]
             kpos = torch.arange(total)[None, :]
             m = kpos <= qpos
             if window is not None:
                 m &= kpos > qpos - window
-            self._masks[key] = m
-        return self._masks[key]
+            self.cache[key] = m
+        return self.cache[key]

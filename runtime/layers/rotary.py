@@ -41,11 +41,14 @@ class RotaryEmbedding:
         self.sin = self.sin.to(device=device, dtype=dtype)
         return self
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin gathered for `positions`: [T, 1, D] each (computed once per forward batch)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def __call__(self, tables: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T]; q: [T, H, D]; k: [T, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
+        # q: [T, H, D]; k: [T, Hkv, D]
+        cos, sin = tables
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -68,7 +68,10 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(fb.positions, q, k)
+        key = ("rope", id(self.rotary))
+        if key not in fb.cache:
+            fb.cache[key] = self.rotary.tables(fb.positions)
+        q, k = self.rotary(fb.cache[key], q, k)
         return self.o_proj(self.attn(q, k, v, fb))
 
 
