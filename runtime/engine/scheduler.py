@@ -36,6 +36,7 @@ class Scheduler:
             for r in list(q):
                 if r.rid == rid:
                     q.remove(r)
+                    self._release(r)
                     self._finish(r, {"type": "abort", "message": "aborted by the client"})
 
     # -- scheduling ----------------------------------------------------------------------
