@@ -77,6 +77,8 @@ class ServerArgs:
     api_key: str | None = None
     skip_server_warmup: bool = False
     log_level: str = "info"
+    served_model_name: str | None = None       # None = model_path (the OpenAI `model` name)
+    max_queued_requests: int | None = None     # None = 256 in the server; over it: HTTP 503
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -131,6 +133,8 @@ class ServerArgs:
             _at_least("chunked_prefill_size", self.chunked_prefill_size, 1, note=" (or -1 to disable)")
         if self.random_seed is not None:
             _at_least("random_seed", self.random_seed, 0)
+        if self.max_queued_requests is not None:
+            _at_least("max_queued_requests", self.max_queued_requests, 1)
         if not self.host:
             raise ConfigError("--host must not be empty")
 
@@ -440,3 +444,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-server-warmup", action="store_true", help="Skip the warmup request.")
     g.add_argument("--log-level", default=_default("log_level"), choices=LOG_LEVELS,
                    help="Logging level.")
+    g.add_argument("--served-model-name", default=None,
+                   help="Model name the OpenAI API reports and accepts (default: the model path).")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="Requests in flight before the server answers 503 (default: 256).")

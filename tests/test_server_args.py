@@ -65,7 +65,8 @@ def test_every_flag_parses_with_sglang_spelling() -> None:
         "--random-seed", "7", "--trust-remote-code", "--download-dir", "/d", "--skip-server-warmup",
         "--host", "0.0.0.0", "--port", "8000", "--chunked-prefill-size", "-1",
         "--max-running-requests", "8", "--page-size", "32", "--max-total-tokens", "1000",
-        "--log-level", "debug", "--api-key", "k",
+        "--log-level", "debug", "--api-key", "k", "--served-model-name", "m1",
+        "--max-queued-requests", "9",
     ])
     assert args.to_kwargs() == {
         **ServerArgs(model_path="/m").to_kwargs(),
@@ -76,6 +77,7 @@ def test_every_flag_parses_with_sglang_spelling() -> None:
         "trust_remote_code": True, "download_dir": "/d", "skip_server_warmup": True, "host": "0.0.0.0",
         "port": 8000, "chunked_prefill_size": -1, "max_running_requests": 8, "page_size": 32,
         "max_total_tokens": 1000, "log_level": "debug", "api_key": "k",
+        "served_model_name": "m1", "max_queued_requests": 9,
     }
 
 
@@ -146,6 +148,7 @@ def test_bad_kwarg_value_lists_options(field: str, options: tuple[str, ...]) -> 
     ({"page_size": 0}, "--page-size must be >= 1"),
     ({"chunked_prefill_size": 0}, "--chunked-prefill-size must be >= 1 (or -1 to disable)"),
     ({"context_length": 0}, "--context-length must be >= 1"),
+    ({"max_queued_requests": 0}, "--max-queued-requests must be >= 1"),
     ({"tp_size": "2"}, "--tp-size expects int, got '2'"),
     ({"trust_remote_code": 1}, "--trust-remote-code expects bool"),
     ({"model_path": ""}, "--model-path is required"),
