@@ -225,7 +225,6 @@ class Unsupported:
 
 
 SUPPORTED_QUANTIZATION: frozenset[str | None] = frozenset({None, "fp8", "gguf"})
-SUPPORTED_KV_CACHE_DTYPES: frozenset[str] = frozenset({"auto", "bf16", "bfloat16"})
 SUPPORTED_LOAD_FORMATS: frozenset[str] = frozenset({"auto", "safetensors", "gguf"})
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
@@ -237,8 +236,6 @@ NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
                 "only fp8 (online or pre-quantized) and gguf checkpoints are built so far"),
     Unsupported("torchao_config", lambda a: a.torchao_config is not None,
                 "torchao online quantization comes in a later issue"),
-    Unsupported("kv_cache_dtype", lambda a: a.kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES,
-                "fp8/fp4 KV caches come in a later issue; use auto, bf16 or bfloat16"),
     Unsupported("fp8_gemm_backend", lambda a: a.fp8_gemm_backend != "auto",
                 "only auto (the platform picks the kernel) is built so far"),
     Unsupported("fp4_gemm_backend", lambda a: a.fp4_gemm_backend != "auto",

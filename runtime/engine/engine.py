@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from quantrt.engine.kv_info import kv_cache_info
 from quantrt.engine.kv_pool import KVPool
+from quantrt.engine.kv_quant import resolve_kv_cache_dtype
 from quantrt.engine.model_runner import ModelRunner
 from quantrt.engine.page_allocator import PageAllocator
 from quantrt.engine.request import LogprobOptions, Request
@@ -18,6 +20,7 @@ from quantrt.engine.sampling_params import SamplingParams
 from quantrt.engine.scheduler import Scheduler
 from quantrt.engine.stop import StopChecker
 from quantrt.errors import ConfigError
+from quantrt.layers.attention import PagedAttention
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +55,22 @@ class Engine:
         self.context_len = args.context_length or getattr(self.config, "max_position_embeddings", 4096)
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_dtype = self.dtype  # quantized KV dtypes arrive with the KV-cache issue
+        qcfg = getattr(c, "quantization_config", None)
+        self.kv_spec = kv_spec = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype, self.platform,
+                                                        qcfg if isinstance(qcfg, dict) else None)
+        kv_spec.check_shape(c.num_key_value_heads, head_dim)
+        if kv_spec.dtype == torch.float8_e4m3fnuz:  # same bits decode to half the value (FORMATS.md §7.7)
+            for m in self.model.modules():
+                if isinstance(m, PagedAttention):
+                    m.k_scale, m.v_scale = 2 * m.k_scale, 2 * m.v_scale
         self.kv_bytes_per_token = KVPool.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads,
-                                                         head_dim, kv_dtype)
+                                                         head_dim, kv_spec)
         ps = args.page_size
         self.max_total_tokens = self._kv_capacity()
         num_pages = max(1, self.max_total_tokens // ps)
-        pool = KVPool(c.num_hidden_layers, num_pages * ps, c.num_key_value_heads, head_dim, kv_dtype,
+        pool = KVPool(c.num_hidden_layers, num_pages * ps, c.num_key_value_heads, head_dim, kv_spec,
                       self.platform.device())
+        self.kv_pool = pool
         self.allocator = PageAllocator(num_pages, ps)
         runner = ModelRunner(self.model, pool, ps, self.platform.device())
         self.scheduler = Scheduler(runner, self.allocator, StopChecker(self.tokenizer, _eos_ids(self.tokenizer, c)),
@@ -67,8 +78,14 @@ class Engine:
                                    or 8192, self.context_len)
         self._rng = torch.Generator().manual_seed(args.random_seed if args.random_seed is not None
                                                   else random.randrange(2**31))
-        log.info("KV cache: %d tokens (%d pages of %d), %d bytes/token, dtype %s", num_pages * ps,
-                 num_pages, ps, self.kv_bytes_per_token, kv_dtype)
+        info = self.kv_info()
+        log.info("KV cache: %d tokens (%d pages of %d), %d bytes/token, %s (%s), %.0f tokens/GiB "
+                 "(%.2fx bf16)", info["max_total_tokens"], num_pages, ps, info["bytes_per_token"],
+                 info["kv_cache_dtype"], info["storage"], info["tokens_per_gib"], info["capacity_vs_bf16"])
+
+    def kv_info(self) -> dict[str, Any]:
+        """The KV cache as /get_server_info and `quantrt env` show it (see engine/kv_info.py)."""
+        return kv_cache_info(self)
 
     def _kv_capacity(self) -> int:
         args = self.server_args

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from quantrt.errors import CheckpointError
 from quantrt.layers.linear import QuantLinear
+from quantrt.loader.kv_scales import KVScaleRouter
 
 # Tensors some checkpoints carry that no runtime needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -36,6 +37,7 @@ class WeightRouter:
                     self.linears[prefix] = (m, i)
                     self.needed[(id(m), i)] = m.expected_tensors(fmt, i)
         self.seen_params: set[str] = set()
+        self.kv_scales = KVScaleRouter(model)
 
     def _route_linear(self, name: str) -> tuple[QuantLinear, int, str] | None:
         parts = name.split(".")
@@ -56,6 +58,8 @@ class WeightRouter:
                 raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.data = t.to(torch.float32) if not t.dtype.is_floating_point else t
             self.seen_params.add(name)
+            return
+        if self.kv_scales.add(name, t):
             return
         routed = self._route_linear(name)
         if routed is None:
