@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -175,9 +176,10 @@ def main() -> None:
     if args.quick:
         args.new, args.short, args.repeats = 16, 4, 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"prompt {PROMPT_LEN} tokens, {args.new} new (steady: minus {args.short}), best of {args.repeats}")
+          f"load {os.getloadavg()[0]:.2f}; prompt {PROMPT_LEN} tokens, {args.new} new (steady: minus {args.short}), best of {args.repeats}")
     rows = run_all(args)
     print_table(rows)
+    print(f"load average at the end: {os.getloadavg()} (other processes skew CPU timings)")
     prof = profile_split(args.batches, args.new) if args.profile else None
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
