@@ -12,7 +12,7 @@ import torch
 from quantrt import choices
 from quantrt.demo_model import DEMO_FILE, default_model_path
 from quantrt.errors import ConfigError, NotSupportedYet, QuantrtError
-from quantrt.server_args import NOT_SUPPORTED_YET, ServerArgs, resolve_dtype
+from quantrt.server_args import NOT_SUPPORTED_YET, SUPPORTED_QUANTIZATION, ServerArgs, resolve_dtype
 
 GGUF = "/models/tiny.gguf"
 
@@ -191,7 +191,6 @@ def test_gguf_needs_a_gguf_file() -> None:
     ({"load_format": "bitsandbytes"}, "--load-format 'bitsandbytes'"),
     ({"load_format": "dummy"}, "--load-format 'dummy'"),
     ({"quantization": "awq"}, "--quantization 'awq'"),
-    ({"quantization": "modelslim"}, "--quantization 'modelslim'"),
 ])
 def test_not_supported_yet(kwargs: dict, flag: str) -> None:
     with pytest.raises(NotSupportedYet) as exc:
@@ -204,7 +203,7 @@ def test_quantize_and_serve_mentions_sglang() -> None:
         parse("--quantize-and-serve")
 
 
-@pytest.mark.parametrize("quant", [q for q in choices.QUANTIZATION_CHOICES if q not in ("fp8", "gguf")])
+@pytest.mark.parametrize("quant", [q for q in choices.QUANTIZATION_CHOICES if q not in SUPPORTED_QUANTIZATION])
 def test_every_unbuilt_quantization_refused(quant: str) -> None:
     with pytest.raises(NotSupportedYet, match=f"--quantization '{quant}' is not supported yet"):
         ServerArgs(model_path="/m", quantization=quant)

@@ -64,6 +64,7 @@ class QuantLinear(nn.Module):
         weights: list[QuantizedWeight] = []
         acts = []
         biases = []
+        extra: list[torch.Tensor | None] = []  # format-folded output biases (msModelSlim quant_bias)
         for i, tensors in enumerate(shard_tensors):
             prefix = self.shard_prefix(i)
             n = self.shards[i][1]
@@ -86,6 +87,12 @@ class QuantLinear(nn.Module):
                                           f"expected {(n, self.in_features)}")
                 weights.append(qw)
                 acts.append(fmt.act_scheme(prefix))
+            extra.append(fmt.output_bias(prefix) if fmt is not None and fmt.is_quantized(prefix) else None)
+        if any(e is not None for e in extra):
+            own = torch.cat(biases).to(torch.float32) if biases else torch.zeros(self.out_features)
+            folded = torch.cat([e.to(torch.float32) if e is not None else torch.zeros(n)
+                                for e, (_, n) in zip(extra, self.shards)])
+            biases = [own + folded]
         if biases:
             self.bias = torch.cat(biases).to(compute_dtype)
         self.is_quantized = not all(isinstance(w, DenseWeight) for w in weights)

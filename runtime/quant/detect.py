@@ -80,8 +80,15 @@ def _from_compression_config(_path: Path | None, hf: dict[str, Any]) -> tuple[Qu
 
 # First match wins. Later: hf_quant_config.json (ModelOpt) appends here.
 CHECKPOINT_SOURCES: list[QuantSource] = [_from_hf_quantization_config, _from_compression_config]
-# Checked before CHECKPOINT_SOURCES and win over them. Later: quant_model_description.json (modelslim).
-PRECEDENCE_SOURCES: list[QuantSource] = []
+def _from_modelslim_description(path: Path | None, hf: dict[str, Any]) -> tuple[QuantConfig, str] | None:
+    """msModelSlim `quant_model_description.json` (FORMATS.md §1.3 step 2.4: wins over config.json)."""
+    from quantrt.quant.formats.modelslim import find_modelslim_config
+
+    return find_modelslim_config(path, hf)
+
+
+# Checked before CHECKPOINT_SOURCES and win over them.
+PRECEDENCE_SOURCES: list[QuantSource] = [_from_modelslim_description]
 
 
 def _modelopt_override(method: str, qcfg: QuantConfig, cli: str | None) -> str | None:

@@ -47,6 +47,11 @@ class QuantFormat(ABC):
     def act_scheme(self, prefix: str) -> ActScheme:
         """How activations entering this linear are quantized."""
 
+    def output_bias(self, prefix: str) -> torch.Tensor | None:
+        """A float bias [N] the format folds into this linear's output (msModelSlim W8A8 `quant_bias`), added
+        to the layer's own bias; None for most formats. Valid after make_weight(prefix, ...)."""
+        return None
+
     def describe(self) -> str:
         return self.name
 

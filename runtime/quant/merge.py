@@ -123,5 +123,9 @@ def merge_act_schemes(acts: list[ActScheme]) -> ActScheme | None:
         return None
     if a0.kind is not ActKind.STATIC_TENSOR or len(acts) == 1:
         return a0
+    if any(a.zero is not None for a in acts):  # asymmetric (zero point): share only identical quantizers
+        same = all(a.zero is not None and torch.equal(a.zero, a0.zero) and torch.equal(a.scale, a0.scale)
+                   for a in acts[1:])
+        return a0 if same else None
     scales = [a.scale.to(torch.float32).reshape(()) for a in acts]  # type: ignore[union-attr]
     return ActScheme(ActKind.STATIC_TENSOR, a0.dtype, scale=torch.stack(scales).max())

@@ -14,19 +14,24 @@ _MIN_AMAX = 1e-12  # an all-zero row/group gets a tiny positive scale instead of
 
 
 def qmax(dtype: torch.dtype) -> float:
-    """Largest finite magnitude of a quantized dtype (e4m3fn 448, e5m2 57344, int8 127)."""
+    """Largest finite magnitude of a quantized dtype (e4m3fn 448, e5m2 57344, int8 127, int4 7)."""
     if dtype == torch.int8:
         return 127.0
+    if dtype == torch.int4:
+        return 7.0
     if dtype not in FP8_DTYPES:
         raise ValueError(f"{dtype} is not an fp8 or int8 dtype")
     return float(torch.finfo(dtype).max)
 
 
 def _to_codes(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x / scale clamped to the dtype's range and cast (round-to-nearest for int8)."""
+    """x / scale clamped to the dtype's range and cast (round-to-nearest for int8; int4 codes are held
+    in int8)."""
     m = qmax(dtype)
     y = (x / scale).clamp(-m, m)
-    return y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)
+    if dtype in (torch.int8, torch.int4):
+        return y.round().to(torch.int8)
+    return y.to(dtype)
 
 
 def quantize_fp8(w: torch.Tensor, granularity: ScaleGranularity | str,
@@ -77,9 +82,14 @@ def quantize_act_per_token_group(x: torch.Tensor, dtype: torch.dtype,
     return _to_codes(x32, full, dtype), scale
 
 
-def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x: [M, K] with a checkpoint scalar scale -> codes [M, K]."""
-    return _to_codes(x.to(torch.float32), scale.to(torch.float32).reshape(()), dtype)
+def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                        zero: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] with a checkpoint scalar scale (and int8 zero point) -> codes [M, K].
+    With a zero point: q = clamp(round(x / scale) + zero, -128, 127) (asymmetric int8)."""
+    if zero is None:
+        return _to_codes(x.to(torch.float32), scale.to(torch.float32).reshape(()), dtype)
+    y = (x.to(torch.float32) / scale.to(torch.float32).reshape(())).round() + zero.to(torch.float32).reshape(())
+    return y.clamp(-128, 127).to(torch.int8)
 
 
 def fake_quantize_act(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
@@ -95,4 +105,7 @@ def fake_quantize_act(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
         return q.to(torch.float32) * s.repeat_interleave(act.group, dim=1)[:, : x.shape[-1]]
     assert act.scale is not None
     s = act.scale.to(torch.float32).reshape(())
-    return quantize_act_static(x, s, act.dtype).to(torch.float32) * s
+    q = quantize_act_static(x, s, act.dtype, act.zero).to(torch.float32)
+    if act.zero is not None:
+        q = q - act.zero.to(torch.float32).reshape(())
+    return q * s

@@ -30,21 +30,27 @@ class ActKind(str, enum.Enum):
 @dataclass(frozen=True, eq=False)
 class ActScheme:
     kind: ActKind = ActKind.NONE
-    dtype: torch.dtype | None = None      # torch.int8 / torch.float8_e4m3fn / ...
+    dtype: torch.dtype | None = None      # torch.int8 / torch.int4 (codes held in int8) / torch.float8_e4m3fn
     group: int = 0                        # DYNAMIC_GROUP only
     scale: torch.Tensor | None = None     # STATIC_TENSOR only: scalar fp32
+    # STATIC_TENSOR int8 only: scalar zero point (msModelSlim input_offset): q = clamp(round(x/scale) + zero),
+    # x ~ (q - zero) * scale. None = symmetric.
+    zero: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind is ActKind.NONE:
             if self.dtype is not None:
                 raise ValueError("ActScheme(kind=none) takes no dtype")
             return
-        if self.dtype not in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
-            raise ValueError(f"activation dtype {self.dtype} is not int8/float8_e4m3fn/float8_e5m2")
+        if self.dtype not in (torch.int8, torch.int4, torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ValueError(f"activation dtype {self.dtype} is not int8/int4/float8_e4m3fn/float8_e5m2")
         if self.kind is ActKind.DYNAMIC_GROUP and self.group <= 0:
             raise ValueError("dynamic_group activations need group > 0")
         if self.kind is ActKind.STATIC_TENSOR and (self.scale is None or self.scale.numel() != 1):
             raise ValueError("static_tensor activations need one scalar scale")
+        if self.zero is not None and (self.kind is not ActKind.STATIC_TENSOR or self.dtype != torch.int8
+                                      or self.zero.numel() != 1):
+            raise ValueError("an activation zero point is a scalar for static_tensor int8 activations only")
 
     def __str__(self) -> str:
         if self.kind is ActKind.NONE:
