@@ -52,3 +52,9 @@ class AscendPlatform(Platform):
 
     def default_mem_fraction(self) -> float:
         return 0.8
+
+    def npu_ops(self) -> Any:
+        """The torch_npu ops the NPU kernels call (quantrt.platforms.ascend.npu_adapter)."""
+        from quantrt.platforms.ascend.npu_adapter import TorchNpuOps
+
+        return TorchNpuOps()

@@ -38,13 +38,14 @@ def _eos_ids(tokenizer, config) -> set[int]:
 class Engine:
     """Load a model once, then generate for prompts. Every ServerArgs field is a keyword argument."""
 
-    def __init__(self, progress: bool = False, **kwargs: Any):
+    def __init__(self, progress: bool = False, platform: Any = None, **kwargs: Any):
+        """`platform`: a Platform instance to run on instead of the resolved one (emulated platforms in tests)."""
         from quantrt.loader.model_loader import load_model
         from quantrt.platform import current_platform
         from quantrt.server_args import ServerArgs
 
         self.server_args = args = ServerArgs.from_kwargs(**kwargs)
-        self.platform = current_platform(args.device)
+        self.platform = platform if platform is not None else current_platform(args.device)
         self.platform.check_config(args)
         if args.random_seed is not None:
             torch.manual_seed(args.random_seed)

@@ -1,0 +1,144 @@
+"""Ascend NPU kernels through the NpuOps adapter, run on the CPU emulation of torch_npu's documented ops
+(EMULATED: no NPU here). Per op against hand-written formulas, per kernel against the reference kernel, and
+end to end: msModelSlim W8A8 on the emulated NPU gives the same greedy tokens as the reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantrt.engine.engine import Engine
+from quantrt.layers.linear import QuantLinear
+from quantrt.platforms.ascend.emulation import EmulatedAscendPlatform, EmulatedNpuOps, pack_int4, unpack_int4
+from quantrt.platforms.ascend.kernels import (
+    NPU_LINEAR_KERNELS,
+    NpuW4A4DynamicKernel,
+    NpuW8A8DynamicKernel,
+    NpuW8A8StaticKernel,
+    NpuW8A16Kernel,
+)
+from quantrt.platforms.ascend.npu_adapter import TorchNpuOps, npu_ops_of
+from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+from quantrt.quant.kernel import LinearSpec, select_linear_kernel
+from quantrt.quant.kernels.reference import ReferenceLinearKernel
+from quantrt.quant.weights import WEIGHT_ONLY, ActKind, ActScheme, IntWeight
+from tests.test_modelslim import PROMPT, write_modelslim
+
+OPS = EmulatedNpuOps()
+NPU = EmulatedAscendPlatform()
+BF16 = torch.bfloat16
+
+
+def test_int4_pack_roundtrip_and_nibble_order():
+    q = torch.tensor([[1, -2, 3, -4, 5, -6, 7, -8]], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (1, 1)
+    assert int(packed) & 0xF == 1 and (int(packed) >> 4) & 0xF == 0xE  # element j in bits 4j..4j+3
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_dynamic_quant_is_symmetric_per_token():
+    x = torch.randn(4, 32).to(BF16)
+    q, s = OPS.npu_dynamic_quant(x)
+    assert q.dtype == torch.int8 and s.shape == (4,) and s.dtype == torch.float32
+    torch.testing.assert_close(s, x.float().abs().amax(-1) / 127)
+    assert q.abs().amax(-1).eq(127).all()
+    q4, s4 = OPS.npu_dynamic_quant(x, dst_type=torch.quint4x2)
+    assert q4.dtype == torch.int32 and q4.shape == (4, 4)
+    assert unpack_int4(q4).abs().amax(-1).eq(7).all()
+    with pytest.raises(RuntimeError, match="float16/bfloat16"):
+        OPS.npu_dynamic_quant(x.float())
+
+
+def test_quant_matmul_bias_and_pertoken_conventions():
+    a = torch.randint(-128, 128, (3, 16), dtype=torch.int8)
+    b = torch.randint(-128, 128, (16, 5), dtype=torch.int8)
+    scale, tok = torch.rand(5) + 0.1, torch.rand(3) + 0.1
+    acc = a.long() @ b.long()
+    ib = torch.randint(-1000, 1000, (5,), dtype=torch.int32)
+    got = OPS.npu_quant_matmul(a, b, scale, bias=ib, output_dtype=torch.float16)       # (acc + bias) * scale
+    torch.testing.assert_close(got, ((acc + ib).float() * scale).half())
+    fb = torch.randn(5)
+    got = OPS.npu_quant_matmul(a, b, scale, pertoken_scale=tok, bias=fb, output_dtype=BF16)  # acc*s*t + b
+    torch.testing.assert_close(got, (acc.float() * scale * tok[:, None] + fb).to(BF16))
+
+
+def test_quantize_and_weight_quant_batchmatmul_and_grouped_matmul():
+    x = torch.randn(2, 8)
+    q = OPS.npu_quantize(x, torch.tensor([4.0]), torch.tensor([3.0]), torch.qint8, -1, False)
+    assert torch.equal(q, (x * 4 + 3).round().clamp(-128, 127).to(torch.int8))
+    w = torch.randint(-128, 128, (8, 6), dtype=torch.int8)
+    s, off = (torch.rand(6) * 0.01).to(BF16), torch.randint(-3, 3, (6,)).to(BF16)
+    xb = x.to(BF16)
+    want = xb.float() @ ((w.float() + off.float()) * s.float()).to(BF16).float()
+    torch.testing.assert_close(OPS.npu_weight_quant_batchmatmul(xb, w, s, off).float(), want, rtol=1e-2, atol=1e-2)
+    ws = [torch.randn(8, 3) for _ in range(3)]
+    y = OPS.npu_grouped_matmul([x.repeat(2, 1)], ws, group_list=[1, 3, 4], split_item=2, group_type=0)[0]
+    xs = x.repeat(2, 1)
+    torch.testing.assert_close(y, torch.cat([xs[:1] @ ws[0], xs[1:3] @ ws[1], xs[3:4] @ ws[2]]))
+
+
+def _int_weight(n: int, k: int, bits: int, zero: bool = False) -> IntWeight:
+    m = 2 ** (bits - 1)
+    codes = torch.randint(-m, m, (n, k), dtype=torch.int8)
+    z = torch.randint(-3, 3, (n, 1), dtype=torch.int32) if zero else None
+    return IntWeight(codes, torch.rand(n, 1) * 0.02 + 0.001, bits, k, zero=z)
+
+
+CASES = [
+    (NpuW8A8StaticKernel, 8, ActScheme(ActKind.STATIC_TENSOR, torch.int8, scale=torch.tensor(0.03),
+                                       zero=torch.tensor(5.0)), False),
+    (NpuW8A8DynamicKernel, 8, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), False),
+    (NpuW4A4DynamicKernel, 4, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int4), False),
+    (NpuW8A16Kernel, 8, WEIGHT_ONLY, True),
+]
+
+
+@pytest.mark.parametrize("kernel,bits,act,zero", CASES, ids=[c[0].name for c in CASES])
+def test_each_kernel_is_selected_and_matches_the_reference(kernel, bits, act, zero):
+    torch.manual_seed(0)
+    spec = LinearSpec(_int_weight(48, 64, bits, zero), act, BF16)
+    assert select_linear_kernel(spec, NPU).kernel is kernel
+    x, bias = torch.randn(7, 64).to(BF16), torch.randn(48).to(BF16)
+    got = kernel.prepare(spec, NPU).apply(x, bias).float()
+    want = ReferenceLinearKernel(spec).apply(x, bias).float()
+    tol = 2e-2 if kernel is NpuW8A16Kernel else 1e-2  # W8A16: antiquant scales are bf16 on the NPU
+    assert ((got - want).abs().max() / want.abs().max()) < tol
+
+
+def test_kernels_refuse_what_the_npu_cannot_run():
+    w = _int_weight(48, 64, 8, zero=True)
+    spec = LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), BF16)
+    choice = select_linear_kernel(spec, NPU)
+    assert choice.kernel is ReferenceLinearKernel
+    assert "npu_w8a8_dynamic: npu_quant_matmul has no weight offset" in choice.explain()
+    fp32 = LinearSpec(_int_weight(48, 64, 8), ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), torch.float32)
+    assert "float16/bfloat16" in dict(select_linear_kernel(fp32, NPU).rejected)["npu_w8a8_dynamic"]
+    ok, why = NpuW8A8DynamicKernel.can_implement(LinearSpec(_int_weight(48, 64, 8), WEIGHT_ONLY, BF16), CpuPlatform())
+    assert not ok and "no torch_npu ops" in why
+    assert len(NPU_LINEAR_KERNELS) == 4 and npu_ops_of(CpuPlatform()) is None
+
+
+def test_torch_npu_adapter_is_lazy_and_forwards():
+    class FakeTorchNpu:
+        def npu_dynamic_quant(self, x, **kw):
+            return "called", kw
+
+    ops = TorchNpuOps(FakeTorchNpu())
+    assert ops.npu_dynamic_quant(1, dst_type=None) == ("called", {"dst_type": None})
+    with pytest.raises(AttributeError):
+        ops.npu_rms_norm  # noqa: B018  (not an op quantrt calls)
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W8A8_DYNAMIC"])
+def test_modelslim_on_emulated_npu_gives_the_reference_tokens(tiny_models, tmp_path, kind):
+    d = tmp_path / kind
+    write_modelslim(tiny_models["llama"][0], d, tiny_models["llama"][1], kind)
+    params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
+    npu = Engine(model_path=str(d), dtype="bfloat16", max_total_tokens=512, platform=NPU)
+    ref = Engine(model_path=str(d), dtype="bfloat16", max_total_tokens=512, platform=CpuPlatform())
+    kinds = {type(k).__name__ for m in npu.model.modules() if isinstance(m, QuantLinear) and m.is_quantized
+             for k in m.kernels}
+    assert kinds == {"NpuW8A8StaticKernel" if kind == "W8A8" else "NpuW8A8DynamicKernel"}
+    assert npu.generate(input_ids=PROMPT, sampling_params=params)["output_ids"] == \
+        ref.generate(input_ids=PROMPT, sampling_params=params)["output_ids"]
