@@ -1,0 +1,56 @@
+"""Helpers shared by the Triton linear kernels: availability checks and small launch utilities.
+
+Triton is imported lazily so that `import quantrt` (and `can_implement` on a machine without Triton)
+never pays for it. Under `TRITON_INTERPRET=1` the kernels run on CPU tensors (tests in CI).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+_COMPUTE = (torch.float16, torch.bfloat16)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_runtime(t: torch.Tensor, compute_dtype: torch.dtype) -> tuple[bool, str]:
+    """Common `can_implement` checks: Triton importable, tensor on a GPU (or the interpreter), dtype."""
+    if not triton_available():
+        return False, "triton is not installed (pip install triton)"
+    if t.device.type != "cuda" and not (interpret_mode() and t.device.type == "cpu"):
+        return False, f"weight is on {t.device.type}, not a CUDA/ROCm device"
+    if compute_dtype not in _COMPUTE:
+        return False, f"compute dtype {compute_dtype} is not float16/bfloat16"
+    return True, ""
+
+
+@functools.cache
+def num_sms(device_index: int = 0) -> int:
+    """Streaming multiprocessors of the GPU (132 on an H100 SXM); 8 under the interpreter."""
+    if not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pick_split_k(tiles: int, k_steps: int, sms: int) -> int:
+    """Split K so that about two programs per SM run, keeping at least 4 K steps per split."""
+    if tiles >= sms:
+        return 1
+    split = max(1, (2 * sms) // max(tiles, 1))
+    return max(1, min(split, k_steps // 4 if k_steps >= 8 else 1, 16))

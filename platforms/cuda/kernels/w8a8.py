@@ -1,0 +1,118 @@
+"""`TritonW8A8Kernel`: FP8 W8A8 (per-tensor, per-channel x per-token, 128x128 block x per-token-group),
+FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantization fused in.
+
+Large batches of per-tensor/per-channel FP8 go to cuBLASLt through `torch._scaled_mm` (activations
+quantized by the reference quantizer first); below `SCALED_MM_MIN_M` rows the Triton kernel wins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantrt.platforms.cuda.kernels._common import check_runtime, interpret_mode
+from quantrt.quant.kernel import LinearKernel, LinearSpec
+from quantrt.quant.quantize import FP8_DTYPES, qmax, quantize_act_per_token
+from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+
+SCALED_MM_MIN_M = 64
+_ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
+_WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
+
+
+def _why_not(spec: LinearSpec) -> str:
+    """'' when the weight/activation pair is one this kernel computes, else the reason."""
+    w, act = spec.weight, spec.act
+    if isinstance(w, IntWeight):
+        if w.bits != 8 or w.codes.dtype != torch.int8 or w.zero is not None or w.offset is not None:
+            return "int weights must be symmetric signed int8 for W8A8"
+        if w.group_size != w.shape[1] or w.g_idx is not None:
+            return "int8 W8A8 needs per-channel weight scales"
+        if act.kind not in (ActKind.DYNAMIC_TOKEN, ActKind.STATIC_TENSOR) or act.dtype != torch.int8:
+            return f"int8 weights need int8 per-token or static activations, not {act}"
+        return ""
+    if not isinstance(w, FloatWeight):
+        return f"weight is {type(w).__name__}, not FloatWeight/IntWeight"
+    if w.data.dtype not in FP8_DTYPES:
+        return f"weight dtype {w.data.dtype} is not fp8"
+    if act.kind is not ActKind.NONE and act.dtype != w.data.dtype:
+        return f"activation dtype {act.dtype} differs from weight dtype {w.data.dtype}"
+    block = w.granularity is ScaleGranularity.BLOCK
+    if block and w.block != (128, 128):
+        return f"block scales {w.block}: only 128x128 is supported"
+    if act.kind is ActKind.DYNAMIC_GROUP and (not block or act.group != 128):
+        return "per-token-group activations need 128x128 block weights and group 128"
+    if block and act.kind in (ActKind.DYNAMIC_TOKEN, ActKind.STATIC_TENSOR):
+        return f"block-scaled weights with {act} activations are not supported"
+    return ""
+
+
+class TritonW8A8Kernel(LinearKernel):
+    """W8A8 through Triton (small M) or `torch._scaled_mm` (fp8 tensor/channel, M >= 64)."""
+
+    name = "triton_w8a8"
+
+    def __init__(self, spec: LinearSpec, data: torch.Tensor, w_scale: torch.Tensor) -> None:
+        self.spec = spec
+        self.data = data            # [N, K] fp8/int8, K contiguous
+        self.w_scale = w_scale      # fp32: [1] tensor, [N] channel, [N/128, K/128] block
+        w = spec.weight
+        self.wscale = 1 if isinstance(w, IntWeight) else _WSCALE[w.granularity]
+        self.act = _ACT[spec.act.kind]
+        self.qmax = qmax(data.dtype) if spec.act.kind is not ActKind.NONE else 1.0
+        self.act_scale = (spec.act.scale.to(data.device, torch.float32).reshape(1)
+                          if spec.act.scale is not None else None)
+        self.use_scaled_mm = (data.dtype in FP8_DTYPES and self.wscale in (0, 1) and self.act in (0, 2)
+                              and data.device.type == "cuda" and not interpret_mode()
+                              and hasattr(torch, "_scaled_mm"))
+        if self.use_scaled_mm:  # rowwise cuBLASLt needs [1, N] weight scales
+            self._sb = w_scale.reshape(1, -1).expand(1, data.shape[0]).contiguous()
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        why = _why_not(spec)
+        if why:
+            return False, why
+        w = spec.weight
+        t = w.codes if isinstance(w, IntWeight) else w.data
+        cap = platform.capability()
+        if t.device.type == "cuda" and cap is not None and platform.name == "cuda" and cap.to_int() < 89 \
+                and t.dtype != torch.int8 and spec.act.kind is not ActKind.NONE:
+            return False, f"fp8 tensor cores need sm_89+, this GPU is sm_{cap.to_int()}"
+        return check_runtime(t, spec.compute_dtype)
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> TritonW8A8Kernel:
+        w = spec.weight
+        if isinstance(w, IntWeight):
+            return cls(spec, w.codes.contiguous(), w.scale.to(torch.float32).reshape(-1).contiguous())
+        assert isinstance(w, FloatWeight)
+        return cls(spec, w.data.contiguous(), w.scale.to(torch.float32).reshape(-1 if w.scale.dim() < 2
+                                                                               else w.scale.shape).contiguous())
+
+    def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.act == 0:
+            xq, sa = quantize_act_per_token(x2, self.data.dtype)              # [M, K] fp8, [M, 1]
+        else:
+            sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            xq = (x2.float() / sa).clamp(-self.qmax, self.qmax).to(self.data.dtype)
+        return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
+                                out_dtype=self.spec.compute_dtype)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
+
+        n, k = self.data.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                      # [M, K]
+        if self.use_scaled_mm and x2.shape[0] >= SCALED_MM_MIN_M:
+            y = self._scaled_mm(x2)
+        else:
+            y = w8a8_matmul(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*lead, n)

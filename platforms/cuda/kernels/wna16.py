@@ -1,0 +1,110 @@
+"""`TritonWNA16Kernel`: weight-only grouped-int GEMM (W4A16 / W8A16) for CUDA and ROCm.
+
+Serves every format that becomes an `IntWeight` with bits 2..8 and no float offset: AWQ, GPTQ
+(act-order too), compressed-tensors W4A16/W8A16, auto-round, torchao int4wo, GGUF Q4_0/Q8_0.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantrt.platforms.cuda.kernels._common import check_runtime
+from quantrt.quant.kernel import LinearKernel, LinearSpec
+from quantrt.quant.weights import ActKind, IntWeight
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+
+_MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
+
+
+def _sorted_groups(w: IntWeight) -> tuple[torch.Tensor | None, bool]:
+    """Act-order: (permutation sorting K by g_idx, whether the sorted groups are uniform)."""
+    if w.g_idx is None:
+        return None, True
+    k = w.shape[1]
+    g_idx = w.g_idx.long()
+    perm = torch.argsort(g_idx, stable=True)
+    want = torch.arange(k, device=g_idx.device) // w.group_size
+    return perm, bool(torch.equal(g_idx[perm], want))
+
+
+def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IntWeight -> (packed [K/PACK, N] int32, scale [G, N] fp32, zero [G, N] fp32 + 2**23).
+
+    Signed codes (int8 dtype) are shifted by 2**(bits-1) into 0..2**bits-1 with the same shift added
+    to the zero point, so the kernel always computes (u - zero) * scale.
+    """
+    n, k = w.shape
+    pack = 32 // container
+    codes = w.codes.to(torch.int64)                                   # [N, K]
+    bias = 1 << (w.bits - 1) if w.codes.dtype.is_signed else 0
+    u = codes + bias
+    if int(u.min()) < 0 or int(u.max()) >= (1 << w.bits):
+        raise ValueError(f"codes out of range for {w.bits}-bit weights")
+    if perm is not None:
+        u = u[:, perm]
+    shifts = torch.arange(pack, device=u.device, dtype=torch.int64) * container
+    words = (u.reshape(n, k // pack, pack) << shifts).sum(-1)         # [N, K/PACK] in 0..2**32-1
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    packed = words.to(torch.int32).t().contiguous()                   # [K/PACK, N]
+    scale = w.scale.to(torch.float32).t().contiguous()                # [G, N]
+    zero = torch.full_like(scale, float(bias)) if w.zero is None else w.zero.to(torch.float32).t() + bias
+    return packed, scale, (zero + _MAGIC).contiguous()
+
+
+class TritonWNA16Kernel(LinearKernel):
+    """W4A16/W8A16: int codes dequantized in registers, fp16/bf16 activations, fp32 accumulation."""
+
+    name = "triton_wna16"
+
+    def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 container: int, perm: torch.Tensor | None) -> None:
+        self.spec = spec
+        self.packed, self.scale, self.zero = packed, scale, zero
+        self.container = container
+        self.perm = perm
+        self.group = spec.weight.group_size
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        w = spec.weight
+        if not isinstance(w, IntWeight):
+            return False, f"weight is {type(w).__name__}, not IntWeight"
+        if spec.act.kind is not ActKind.NONE:
+            return False, f"activations are quantized ({spec.act}); this kernel is weight-only"
+        if w.offset is not None:
+            return False, "float offset (GGUF K-quant min) is not supported"
+        n, k = w.shape
+        pack = 32 // (4 if w.bits <= 4 else 8)
+        if k % pack or w.group_size % pack:
+            return False, f"K={k} and group size {w.group_size} must be multiples of {pack}"
+        _, uniform = _sorted_groups(w)
+        if not uniform:
+            return False, "g_idx groups are not of uniform size after sorting"
+        return check_runtime(w.codes, spec.compute_dtype)
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> TritonWNA16Kernel:
+        w = spec.weight
+        assert isinstance(w, IntWeight)
+        container = 4 if w.bits <= 4 else 8
+        perm, _ = _sorted_groups(w)
+        packed, scale, zero = pack_int_weight(w, container, perm)
+        return cls(spec, packed, scale, zero, container, perm)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from quantrt.platforms.cuda.kernels.wna16_triton import wna16_matmul
+
+        n, k = self.spec.weight.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                    # [M, K]
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
+        y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*lead, n)

@@ -1,0 +1,132 @@
+"""Triton W4A16/W8A16 grouped-int GEMM (imported lazily: needs triton).
+
+Layout made by `pack_int_weight` (in `wna16.py`): codes, made unsigned, are packed PACK per int32
+along K — packed: [K/PACK, N] int32, value of k = PACK*j + i in bits [BITS*i, BITS*i + BITS) of row j.
+scale: [G, N] fp32; zero: [G, N] fp32 holding 2**23 + zero (the float trick below folds it in).
+
+Dequantization avoids int->float conversion instructions: (q | 0x4B000000) reinterpreted as fp32 is
+exactly 2**23 + q, so w = (bits_as_f32 - (2**23 + zero)) * scale is two float ops per element.
+Each program handles BLOCK_N outputs over a K slice (split-K when there are too few tiles); the PACK
+sub-rows of a packed tile are handled one at a time so no reshape/interleave is needed:
+  M == 1 (USE_DOT False): fp32 FMA into a [BLOCK_K/PACK, BLOCK_N] accumulator, reduced once at the end;
+  M > 1  (USE_DOT True):  PACK tl.dot calls of [BLOCK_M, BLOCK_K/PACK] x [BLOCK_K/PACK, BLOCK_N].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, pick_split_k
+
+
+@dataclass(frozen=True)
+class WNA16Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 0          # 0 = choose from the grid size
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_cm, G,
+                  K_PER_SPLIT: tl.constexpr,                  BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    RK: tl.constexpr = BLOCK_K // PACK                        # packed rows per K tile
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BN]
+    mask_n = offs_n < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # [BM]
+    mask_m = offs_m < M
+    offs_j = tl.arange(0, RK)                                 # [RK]
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc2 = tl.zeros([RK, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for kt in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = k_start + kt
+        kj = k0 + offs_j * PACK                               # [RK] first k of each packed row
+        mask_w = (kj < k_end)[:, None] & mask_n[None, :]
+        p = tl.load(p_ptr + (kj // PACK)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        g = (kj // G)[:, None] * N + offs_n[None, :]          # group row of each packed row
+        s = tl.load(s_ptr + g, mask=mask_w, other=0.0)
+        z = tl.load(z_ptr + g, mask=mask_w, other=8388608.0)
+        for i in tl.static_range(PACK):
+            q = ((p >> (BITS * i)) & MASK) | 0x4B000000
+            w = (q.to(tl.float32, bitcast=True) - z) * s      # [RK, BN] fp32
+            kk = kj + i
+            if USE_DOT:
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                            mask=mask_m[:, None] & (kk < k_end)[None, :], other=0.0)  # [BM, RK]
+                if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
+                    acc += tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32))
+                else:
+                    acc += tl.dot(a, w.to(a.dtype))
+            else:
+                a1 = tl.load(x_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)  # [RK]
+                acc2 += w * a1[:, None]
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc2, axis=0)[None, :]                   # [1, BN] (M == 1, BLOCK_M == 1)
+    c_off = offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(c_ptr + c_off, out, mask=c_mask)
+    else:
+        tl.store(c_ptr + c_off, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def default_config(m: int, n: int, k: int, bits: int) -> WNA16Config:
+    """Tile shapes by batch size (tuned on the H100, see docs/PERFORMANCE.md)."""
+    if m == 1:
+        return WNA16Config(1, 64, 256 if bits == 4 else 128, 0, 4, 3)
+    if m <= 16:
+        return WNA16Config(16, 64, 256 if bits == 4 else 128, 0, 4, 3)
+    if m <= 32:
+        return WNA16Config(32, 64, 256 if bits == 4 else 128, 0, 4, 3)
+    if m <= 64:
+        return WNA16Config(64, 128, 128 if bits == 4 else 64, 0, 4, 3)
+    return WNA16Config(128, 128, 128 if bits == 4 else 64, 1, 8, 3)
+
+
+def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group: int, bits: int, cfg: WNA16Config | None = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16; packed: [K/PACK, N] int32; scale/zero: [G, N] fp32 -> [M, N] x.dtype.
+
+    bits is the container width (4 or 8).
+    """
+    m, k = x.shape
+    pack = 32 // bits
+    n = packed.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = cfg or default_config(m, n, k, bits)
+    use_dot = m > 1
+    bm = cfg.block_m if use_dot else 1
+    tiles = cdiv(n, cfg.block_n) * cdiv(m, bm)
+    k_steps = cdiv(k, cfg.block_k)
+    split = cfg.split_k or pick_split_k(tiles, k_steps, num_sms(x.device.index or 0))
+    k_per_split = cdiv(k_steps, split) * cfg.block_k
+    split = cdiv(k, k_per_split)
+    atomic = split > 1
+    out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic
+           else torch.empty((m, n), device=x.device, dtype=x.dtype))
+    grid = (cdiv(n, cfg.block_n), split, cdiv(m, bm))
+    _wna16_kernel[grid](x, packed, scale, zero, out, m, n, k, x.stride(0), out.stride(0), group,
+                        k_per_split, BITS=bits, PACK=pack, BLOCK_M=bm, BLOCK_N=cfg.block_n,
+                        BLOCK_K=cfg.block_k, USE_DOT=use_dot, ATOMIC=atomic,
+                        DOT_F32=interpret_mode(),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.to(x.dtype) if atomic else out
