@@ -1,0 +1,234 @@
+"""Linear-kernel microbenchmark on a CUDA GPU: quantrt's Triton kernels vs torch peers.
+
+Llama-3.1-8B layer shapes (K, N) and batch 1..256. Every entry is timed as a CUDA graph replay
+(`triton.testing.do_bench_cudagraph`, median) over several weight copies in turn so that small
+weights are not served from the 50 MB L2. Prints µs, achieved GB/s (weight + activation + output
+bytes), % of the copy ceiling and speed-up over bf16 cuBLAS (F.linear).
+
+    python bench/kernels.py [--quick] [--json out.json] [--tune out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from quantrt.platform.interface import DeviceCapability
+from quantrt.platforms.cuda.kernels import TritonW8A8Kernel, TritonWNA16Kernel
+from quantrt.platforms.cuda.platform import CudaPlatform
+from quantrt.quant.kernel import LinearSpec
+from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192)]
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+COPY_CEILING = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (read + write)
+L2_BYTES = 50 * 2**20
+PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0))
+FP8 = torch.float8_e4m3fn
+REP_MS = 40
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies to cycle through so the working set is at least 4x the L2."""
+    return max(1, min(16, math.ceil(4 * L2_BYTES / nbytes)))
+
+
+def time_us(fns: list[Callable[[], object]]) -> float:
+    """Median µs of one call, over a graph that calls every fn (one per weight copy) once."""
+    import triton.testing
+
+    def run() -> None:
+        for f in fns:
+            f()
+
+    return triton.testing.do_bench_cudagraph(run, rep=REP_MS, return_mode="median") * 1e3 / len(fns)
+
+
+def int_weight(n: int, k: int, bits: int, group: int) -> IntWeight:
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), device="cuda", dtype=torch.int8)
+    scale = torch.rand(n, k // group, device="cuda") * 0.01 + 0.001
+    return IntWeight(codes, scale, bits, group)
+
+
+def fp8_weight(n: int, k: int, gran: str) -> FloatWeight:
+    data = (torch.randn(n, k, device="cuda") * 100).to(FP8)
+    if gran == "block":
+        return FloatWeight(data, torch.rand(n // 128, k // 128, device="cuda") * 0.01, ScaleGranularity.BLOCK,
+                           (128, 128))
+    return FloatWeight(data, torch.rand(n, device="cuda") * 0.01, ScaleGranularity.CHANNEL)
+
+
+def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], int]:
+    """One callable per weight copy for `name`, and the weight bytes one call reads."""
+    if name == "bf16":
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        nbytes = w.numel() * 2
+        ws = [w] + [w.clone() for _ in range(copies_for(nbytes) - 1)]
+        return [lambda x, w=w: F.linear(x, w) for w in ws], nbytes
+    if name == "tinygemm":
+        nbytes = n * k // 2 + n * (k // 128) * 4
+        fns = []
+        for _ in range(copies_for(nbytes)):
+            u8 = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+            packed = torch._convert_weight_to_int4pack(u8, 8)
+            sz = torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
+            fns.append(lambda x, p=packed, s=sz: torch._weight_int4pack_mm(x, p, 128, s))
+        return fns, nbytes
+    if name == "scaled_mm":  # cuBLASLt fp8 rowwise, activations already quantized (kernel only)
+        nbytes = n * k + n * 4
+        fns = []
+        for _ in range(copies_for(nbytes)):
+            w = (torch.randn(n, k, device="cuda") * 100).to(FP8)
+            sb = torch.rand(1, n, device="cuda")
+            fns.append(lambda x, w=w, sb=sb: torch._scaled_mm(
+                x.to(FP8), w.t(), scale_a=torch.ones(x.shape[0], 1, device="cuda"), scale_b=sb,
+                out_dtype=torch.bfloat16))
+        return fns, nbytes
+    if name in ("w4a16_g128", "w8a16_ch"):
+        bits, group = (4, 128) if name == "w4a16_g128" else (8, k)
+        nbytes = n * k * bits // 8 + n * (k // group) * 8
+        kerns = [TritonWNA16Kernel.prepare(LinearSpec(int_weight(n, k, bits, group), ActScheme(),
+                                                      torch.bfloat16), PLATFORM)
+                 for _ in range(copies_for(nbytes))]
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+    if name in ("fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
+        gran = "block" if name == "fp8_blk_grp" else "channel"
+        act = {"fp8_ch_tok": ActScheme(ActKind.DYNAMIC_TOKEN, FP8),
+               "fp8_blk_grp": ActScheme(ActKind.DYNAMIC_GROUP, FP8, group=128), "fp8_wonly": ActScheme()}[name]
+        nbytes = n * k
+        kerns = [TritonW8A8Kernel.prepare(LinearSpec(fp8_weight(n, k, gran), act, torch.bfloat16), PLATFORM)
+                 for _ in range(copies_for(nbytes))]
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+    if name == "int8_ch_tok":
+        nbytes = n * k
+        kerns = []
+        for _ in range(copies_for(nbytes)):
+            w = IntWeight(torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+                          torch.rand(n, 1, device="cuda") * 0.01, 8, k)
+            kerns.append(TritonW8A8Kernel.prepare(LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8),
+                                                             torch.bfloat16), PLATFORM))
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+    raise ValueError(name)
+
+
+KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp",
+           "fp8_wonly", "int8_ch_tok"]
+
+
+def bench(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str]) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        for name in kernels:
+            try:
+                fns, wbytes = build(name, k, n)
+            except Exception as e:  # a peer missing on this torch build
+                print(f"# {name} {k}x{n}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            for m in batches:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                try:
+                    us = time_us([lambda f=f, x=x: f(x) for f in fns])
+                except Exception as e:
+                    print(f"# {name} {k}x{n} m={m}: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                gbs = (wbytes + 2 * m * (k + n)) / (us * 1e-6) / 1e9
+                rows.append(dict(k=k, n=n, m=m, kernel=name, us=us, gbs=gbs))
+            del fns
+            torch.cuda.empty_cache()
+    base = {(r["k"], r["n"], r["m"]): r["us"] for r in rows if r["kernel"] == "bf16"}
+    for r in rows:
+        b = base.get((r["k"], r["n"], r["m"]))
+        r["x_bf16"] = b / r["us"] if b else float("nan")
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| K | N | kernel | " + " | ".join(f"bs{m}" for m in sorted({r['m'] for r in rows})) + " |")
+    for (k, n, name), grp in itertools.groupby(rows, key=lambda r: (r["k"], r["n"], r["kernel"])):
+        cells = [f"{r['us']:.1f}us {r['x_bf16']:.2f}x {100 * r['gbs'] * 1e9 / COPY_CEILING:.0f}%" for r in grp]
+        print(f"| {k} | {n} | {name} | " + " | ".join(cells) + " |")
+
+
+def tune(out: str) -> None:
+    """Sweep tile configs of the W4A16 and FP8 kernels at the shapes that set the targets."""
+    import time
+
+    from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
+    from quantrt.platforms.cuda.kernels.wna16_triton import WNA16Config, wna16_matmul
+
+    res: list[dict] = []
+    deadline = time.time() + 330
+    space = {1: ([1], [32, 64, 128], [256, 512, 1024], [4, 8], [0, 1], [1]),
+             16: ([16], [32, 64, 128], [128, 256], [4], [0, 1], [2, 4]),
+             64: ([64], [64, 128], [128, 256], [4, 8], [0, 1], [3])}
+    for k, n in [(8192, 8192), (14336, 4096)]:
+        kerns = [TritonWNA16Kernel.prepare(LinearSpec(int_weight(n, k, 4, 128), ActScheme(), torch.bfloat16),
+                                           PLATFORM) for _ in range(copies_for(n * k // 2))]
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for bm, bn, bk, warps, split, stages in itertools.product(*space[m]):
+                if time.time() > deadline:
+                    break
+                cfg = WNA16Config(bm, bn, bk, split, warps, stages)
+                try:
+                    us = time_us([lambda kk=kk, c=cfg, x=x: wna16_matmul(x, kk.packed, kk.scale, kk.zero, 128, 4, c)
+                                  for kk in kerns])
+                except Exception as e:
+                    print(f"# tune {cfg}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+                    continue
+                res.append(dict(kernel="w4a16", k=k, n=n, m=m, cfg=list(cfg.__dict__.values()), us=us))
+            best = min((r for r in res if r["kernel"] == "w4a16" and (r["k"], r["n"], r["m"]) == (k, n, m)),
+                       key=lambda r: r["us"], default=None)
+            print(f"w4a16 {k}x{n} m={m}: best {best}", flush=True)
+        del kerns
+        wk = [fp8_weight(n, k, "channel") for _ in range(copies_for(n * k))]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for bn, bk, warps, split in itertools.product([32, 64, 128], [128, 256], [4, 8], [0, 1]):
+                if time.time() > deadline + 90:
+                    break
+                blk = (16, bn, bk, warps, split)
+                try:
+                    us = time_us([lambda w=w, b=blk, x=x: w8a8_matmul(x, w.data, w.scale, 0, 1, 448.0, None, b)
+                                  for w in wk])
+                except Exception as e:
+                    print(f"# tune fp8 {blk}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+                    continue
+                res.append(dict(kernel="fp8", k=k, n=n, m=m, cfg=list(blk), us=us))
+            best = min((r for r in res if r["kernel"] == "fp8" and (r["k"], r["n"], r["m"]) == (k, n, m)),
+                       key=lambda r: r["us"], default=None)
+            print(f"fp8 {k}x{n} m={m}: best {best}", flush=True)
+        del wk
+        torch.cuda.empty_cache()
+        with open(out, "w") as f:
+            json.dump(res, f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="8192x8192 only, batches 1/16/64")
+    ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
+    a = ap.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if a.tune:
+        tune(a.tune)
+        return
+    shapes, batches = ([(8192, 8192)], [1, 16, 64]) if a.quick else (SHAPES, BATCHES)
+    rows = bench(shapes, batches, a.kernels.split(","))
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
