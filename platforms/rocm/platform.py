@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,6 +34,21 @@ class RocmPlatform(CudaPlatform):
     def __init__(self, arch: str | None = None, device_name: str | None = None) -> None:
         super().__init__(device_name=device_name)
         self._arch = arch
+        self._aiter: Any = None
+
+    def aiter_ops(self) -> Any:
+        """aiter's ops when SGLANG_USE_AITER=1 / QUANTRT_USE_AITER=1, else None (absent aiter = PlatformError)."""
+        from quantrt.platforms.rocm.aiter_adapter import RealAiterOps, aiter_requested
+
+        if not aiter_requested():
+            return None
+        if self._aiter is None:
+            self._aiter = RealAiterOps()
+        return self._aiter
+
+    def check_config(self, args: Any) -> None:
+        super().check_config(args)
+        self.aiter_ops()  # fail at start-up, not at the first layer, when aiter is asked for but absent
 
     def arch(self) -> str:
         """The gfx architecture without feature suffixes (MI300 = gfx942, MI350 = gfx950)."""

@@ -1,0 +1,90 @@
+"""The one thin adapter between quantrt and AMD's aiter (PyPI `amd-aiter`, imported as `aiter`).
+
+Switched on by `SGLANG_USE_AITER=1` (SGLang's spelling, honoured) or `QUANTRT_USE_AITER=1`, on ROCm only
+(FORMATS.md §4.4). Asking for aiter where it is absent is an error, never a silent fallback. The ops:
+- pertoken_quant(x, quant_dtype) -> (q, scale [M, 1]): symmetric per-token, scale = rowmax(|x|) / dtype max.
+- shuffle_weight(w [N, K], layout=(16, 16)): the preshuffled weight layout of the bpreshuffle GEMMs:
+  view [N/16, 16, K/32, 32/P, P] (P = 16 bytes / element size) -> order (N/16, K/32, 32/P, 16, P).
+- gemm_a8w8(XQ [M, K], WQ [N, K], x_scale [M, 1], w_scale [1, N], bias, dtype): (XQ @ WQ^T) * x_scale *
+  w_scale (+ bias), int8 or fp8 operands; gemm_a8w8_bpreshuffle: the same with WQ shuffled.
+- rmsnorm2d_fwd(x, weight, eps) / rmsnorm2d_fwd_with_add(out, x, residual, residual_out, weight, eps).
+`quantrt.platforms.rocm.emulation.EmulatedAiterOps` implements them on CPU (EMULATED, tested in CI).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from quantrt.errors import PlatformError
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+
+ENV_VARS = ("SGLANG_USE_AITER", "QUANTRT_USE_AITER")
+_OPS = ("pertoken_quant", "shuffle_weight", "gemm_a8w8", "gemm_a8w8_bpreshuffle", "rmsnorm2d_fwd",
+        "rmsnorm2d_fwd_with_add")
+
+
+class AiterOps(Protocol):
+    """The aiter operators quantrt calls."""
+
+    def pertoken_quant(self, x: torch.Tensor, quant_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def shuffle_weight(self, x: torch.Tensor, layout: tuple[int, int] = (16, 16)) -> torch.Tensor: ...
+
+    def gemm_a8w8(self, XQ: torch.Tensor, WQ: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor: ...
+
+    def gemm_a8w8_bpreshuffle(self, XQ: torch.Tensor, WQ: torch.Tensor, x_scale: torch.Tensor,
+                              w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor: ...
+
+    def rmsnorm2d_fwd(self, x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor: ...
+
+
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def aiter_requested(environ: dict[str, str] | None = None) -> bool:
+    """True when SGLANG_USE_AITER or QUANTRT_USE_AITER is set to 1/true/yes/on."""
+    env = os.environ if environ is None else environ
+    return any(_truthy(env.get(v)) for v in ENV_VARS)
+
+
+def load_aiter(find_spec: Any = importlib.util.find_spec, import_module: Any = importlib.import_module) -> Any:
+    """Import AMD's aiter or raise a PlatformError that says what to install (tests inject the finders)."""
+    if find_spec("aiter") is None:
+        raise PlatformError("SGLANG_USE_AITER=1 (or QUANTRT_USE_AITER=1) asks for AMD aiter, but no `aiter` "
+                            "module is installed; install amd-aiter for your ROCm (or unset the variable)")
+    try:
+        mod = import_module("aiter")
+    except Exception as e:  # aiter without ROCm raises at import ("ROCm version file not found")
+        raise PlatformError(f"SGLANG_USE_AITER=1 but importing aiter failed ({type(e).__name__}: {e})") from None
+    missing = [op for op in ("gemm_a8w8", "shuffle_weight") if not hasattr(mod, op)]
+    if missing:
+        raise PlatformError(f"the installed `aiter` module lacks {', '.join(missing)}: it is not AMD's aiter "
+                            "(PyPI `aiter` is an unrelated async library; install amd-aiter)")
+    return mod
+
+
+class RealAiterOps:
+    """Forwards every AiterOps call to the aiter module (loaded on construction)."""
+
+    def __init__(self, module: Any = None) -> None:
+        self._mod = module if module is not None else load_aiter()
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _OPS:
+            raise AttributeError(name)
+        return getattr(self._mod, name)
+
+
+def aiter_ops_of(platform: Platform) -> AiterOps | None:
+    """The platform's aiter ops when aiter is switched on for it, else None."""
+    get = getattr(platform, "aiter_ops", None)
+    return get() if callable(get) else None

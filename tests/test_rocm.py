@@ -1,0 +1,167 @@
+"""ROCm: e4m3fn -> e4m3fnuz conversion, the SGLANG_USE_AITER switch and its availability errors, and the aiter
+kernels on the CPU emulation of aiter (EMULATED: no AMD GPU here), per op and end to end (online fp8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantrt.engine.engine import Engine
+from quantrt.errors import PlatformError
+from quantrt.layers.linear import QuantLinear
+from quantrt.layers.norm import RMSNorm
+from quantrt.platforms.rocm.aiter_adapter import RealAiterOps, aiter_requested, load_aiter
+from quantrt.platforms.rocm.emulation import EmulatedAiterOps, EmulatedRocmPlatform, unshuffle_weight
+from quantrt.platforms.rocm.fnuz import e4m3fn_to_fnuz, weight_to_fnuz
+from quantrt.platforms.rocm.kernels import AiterFp8Kernel, AiterInt8Kernel
+from quantrt.platforms.rocm.platform import RocmPlatform
+from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+from quantrt.quant.kernel import LinearSpec, select_linear_kernel
+from quantrt.quant.kernels.reference import ReferenceLinearKernel
+from quantrt.quant.quantize import quantize_fp8
+from quantrt.quant.weights import ActKind, ActScheme, IntWeight, ScaleGranularity
+
+OPS = EmulatedAiterOps()
+MI300 = EmulatedRocmPlatform()
+BF16 = torch.bfloat16
+
+
+def test_fnuz_keeps_values_doubles_scales_and_clears_negative_zero():
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).view(torch.float8_e4m3fn)
+    finite = codes.float().isfinite()
+    data, scale = e4m3fn_to_fnuz(codes, torch.tensor(0.5))
+    assert data.dtype == torch.float8_e4m3fnuz and scale.item() == 1.0
+    assert torch.equal((data.float() * scale)[finite], (codes.float() * 0.5)[finite])
+    assert not data.float()[finite].isnan().any()            # 0x80 (-0) would be NaN in fnuz
+    w = quantize_fp8(torch.randn(32, 64), ScaleGranularity.CHANNEL)
+    torch.testing.assert_close(weight_to_fnuz(w).dequantize(), w.dequantize(), rtol=0, atol=0)
+
+
+def test_shuffle_weight_layout_and_inverse():
+    w = torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64).to(torch.int8)
+    s = OPS.shuffle_weight(w)
+    assert torch.equal(unshuffle_weight(s), w)
+    # (16, 16) layout, 1-byte elements: the first 16 bytes are row 0's first 16 columns, then row 1's.
+    assert torch.equal(s.reshape(-1)[:16], w[0, :16]) and torch.equal(s.reshape(-1)[16:32], w[1, :16])
+    with pytest.raises(RuntimeError, match="shuffle needs"):
+        OPS.shuffle_weight(torch.zeros(20, 64, dtype=torch.int8))
+
+
+def test_aiter_switch_spellings():
+    assert aiter_requested({"SGLANG_USE_AITER": "1"}) and aiter_requested({"QUANTRT_USE_AITER": "true"})
+    assert not aiter_requested({"SGLANG_USE_AITER": "0"}) and not aiter_requested({})
+
+
+def test_aiter_requested_but_absent_is_a_clear_error(monkeypatch):
+    with pytest.raises(PlatformError, match="no `aiter` module is installed; install amd-aiter"):
+        load_aiter(find_spec=lambda name: None)
+
+    def broken(name):
+        raise OSError("ROCm version file not found")
+
+    with pytest.raises(PlatformError, match="importing aiter failed .*ROCm version file not found"):
+        load_aiter(find_spec=lambda name: object(), import_module=broken)
+    with pytest.raises(PlatformError, match="not AMD's aiter"):
+        load_aiter(find_spec=lambda name: object(), import_module=lambda name: object())
+    monkeypatch.delenv("SGLANG_USE_AITER", raising=False)
+    monkeypatch.delenv("QUANTRT_USE_AITER", raising=False)
+    rocm = RocmPlatform(arch="gfx942")
+    assert rocm.aiter_ops() is None
+    monkeypatch.setenv("SGLANG_USE_AITER", "1")
+    if not _amd_aiter_installed():
+        with pytest.raises(PlatformError, match="aiter"):
+            rocm.aiter_ops()
+
+
+def _amd_aiter_installed() -> bool:
+    try:
+        load_aiter()
+    except PlatformError:
+        return False
+    return True
+
+
+def test_real_adapter_forwards_only_known_ops():
+    class FakeAiter:
+        def gemm_a8w8(self, *a, **k):
+            return "gemm"
+
+        def shuffle_weight(self, *a, **k):
+            return "shuffled"
+
+    ops = RealAiterOps(FakeAiter())
+    assert ops.gemm_a8w8() == "gemm"
+    with pytest.raises(AttributeError):
+        ops.fused_moe  # noqa: B018
+
+
+@pytest.mark.parametrize("kind", ["fp8_channel", "fp8_tensor", "int8", "fp8_unshuffled"])
+def test_aiter_kernels_match_the_reference(kind):
+    torch.manual_seed(0)
+    n = 40 if kind == "fp8_unshuffled" else 48
+    w = torch.randn(n, 64) * 0.05
+    if kind == "int8":
+        s = w.abs().amax(1, keepdim=True) / 127
+        weight = IntWeight((w / s).round().to(torch.int8), s, 8, 64)
+        act, kernel = ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), AiterInt8Kernel
+    else:
+        gran = ScaleGranularity.TENSOR if kind == "fp8_tensor" else ScaleGranularity.CHANNEL
+        weight = quantize_fp8(w, gran)
+        act, kernel = ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn), AiterFp8Kernel
+    spec = LinearSpec(weight, act, BF16)
+    assert select_linear_kernel(spec, MI300).kernel is kernel
+    prepared = kernel.prepare(spec, MI300)
+    assert prepared.preshuffled == (kind != "fp8_unshuffled")
+    if kind.startswith("fp8"):
+        assert prepared.weight.dtype == torch.float8_e4m3fnuz
+    x, bias = torch.randn(5, 64).to(BF16), torch.randn(n).to(BF16)
+    got = prepared.apply(x, bias).float()
+    want = ReferenceLinearKernel(spec).apply(x, bias).float()
+    # fnuz activations quantize on a grid with max 240 instead of 448: same precision, different codes
+    tol = 0.05 if kind.startswith("fp8") else 1e-2
+    assert ((got - want).abs().max() / want.abs().max()) < tol
+
+
+def test_aiter_kernels_decline_without_the_switch(monkeypatch):
+    monkeypatch.delenv("SGLANG_USE_AITER", raising=False)
+    monkeypatch.delenv("QUANTRT_USE_AITER", raising=False)
+    spec = LinearSpec(quantize_fp8(torch.randn(48, 64), ScaleGranularity.CHANNEL),
+                      ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn), BF16)
+    ok, why = AiterFp8Kernel.can_implement(spec, RocmPlatform(arch="gfx942"))
+    assert not ok and "aiter is off" in why
+    assert AiterFp8Kernel.can_implement(spec, CpuPlatform())[1].startswith("aiter is off")
+
+
+def test_rmsnorm_emulation_matches_ours():
+    x, w = torch.randn(3, 64).to(BF16), torch.rand(64)
+    ours = RMSNorm(64, 1e-6)
+    ours.weight.data = w
+    ours.finish_loading(torch.float32)
+    torch.testing.assert_close(OPS.rmsnorm2d_fwd(x.float(), w, 1e-6), ours(x.float()))
+    out, res_out = torch.empty(3, 64), torch.empty(3, 64)
+    OPS.rmsnorm2d_fwd_with_add(out, x.float(), x.float(), res_out, w, 1e-6)
+    torch.testing.assert_close(out, ours(2 * x.float()))
+
+
+def test_online_fp8_on_emulated_mi300_with_aiter(tiny_models):
+    """The whole model on the emulated MI300 (aiter fp8 GEMMs on fnuz weights and fnuz per-token activations)
+    is as close to the float model as the reference fp8 path is (its activations use e4m3fn's grid)."""
+    src = str(tiny_models["llama"][0])
+    prompt = list(range(5, 37))
+    common = {"model_path": src, "dtype": "bfloat16", "max_total_tokens": 512}
+    mi300 = Engine(quantization="fp8", platform=MI300, **common)
+    ref = Engine(quantization="fp8", platform=CpuPlatform(), **common)
+    flt = Engine(platform=CpuPlatform(), **common)
+    kinds = {type(k).__name__ for m in mi300.model.modules() if isinstance(m, QuantLinear) and m.is_quantized
+             for k in m.kernels}
+    assert kinds == {"AiterFp8Kernel"}
+    kw = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True,
+          "logprob_start_len": 0}
+
+    def logprobs(eng: Engine) -> torch.Tensor:
+        got = eng.generate(input_ids=prompt, **kw)["meta_info"]["input_token_logprobs"][1:]
+        return torch.tensor([lp for lp, _, _ in got])
+
+    base = logprobs(flt)
+    err_mi300, err_ref = (logprobs(mi300) - base).abs().mean(), (logprobs(ref) - base).abs().mean()
+    assert err_mi300 < 2 * err_ref + 0.01, (float(err_mi300), float(err_ref))
