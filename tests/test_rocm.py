@@ -165,3 +165,16 @@ def test_online_fp8_on_emulated_mi300_with_aiter(tiny_models):
     base = logprobs(flt)
     err_mi300, err_ref = (logprobs(mi300) - base).abs().mean(), (logprobs(ref) - base).abs().mean()
     assert err_mi300 < 2 * err_ref + 0.01, (float(err_mi300), float(err_ref))
+
+
+def test_quark_int4fp8_moe_linears_run_as_online_fp8_everywhere(tiny_models):
+    """The linear half of quark_int4fp8_moe is online fp8 (SGLang's Fp8LinearMethod): same tokens on CPU."""
+    src = str(tiny_models["llama"][0])
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    quark = Engine(model_path=src, quantization="quark_int4fp8_moe", max_total_tokens=512)
+    fp8 = Engine(model_path=src, quantization="fp8", max_total_tokens=512)
+    assert quark.quant_method == "quark_int4fp8_moe"
+    prompt = list(range(5, 21))
+    assert quark.generate(input_ids=prompt, sampling_params=params)["output_ids"] == \
+        fp8.generate(input_ids=prompt, sampling_params=params)["output_ids"]
+    MI300.check_config(quark.server_args)  # on the ROCm allow-list

@@ -1,3 +1,3 @@
 """Built-in checkpoint formats. Importing this package registers them (one module per method)."""
 
-from quantrt.quant.formats import fp8, modelslim  # noqa: F401
+from quantrt.quant.formats import fp8, modelslim, quark_int4fp8_moe  # noqa: F401
