@@ -224,7 +224,8 @@ class Unsupported:
         return f"{shown} is not supported yet: {self.detail}"
 
 
-SUPPORTED_QUANTIZATION: frozenset[str | None] = frozenset({None, "fp8", "gguf", "modelslim", "quark_int4fp8_moe"})
+SUPPORTED_QUANTIZATION: frozenset[str | None] = frozenset({None, "fp8", "gguf", "modelslim", "quark_int4fp8_moe", "w8a8_int8",
+                                                          "w8a8_fp8", "compressed-tensors"})
 SUPPORTED_LOAD_FORMATS: frozenset[str] = frozenset({"auto", "safetensors", "gguf"})
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (

@@ -30,12 +30,13 @@ def test_fp8_selects_cpu_kernel() -> None:
 
 def test_int_weight_falls_back_with_reason(caplog) -> None:
     iw = IntWeight(torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 1), 8, 16)
-    spec = LinearSpec(iw, ActScheme(), torch.bfloat16)
+    spec = LinearSpec(iw, ActScheme(), torch.float64)  # no CPU integer kernel computes in float64
     with caplog.at_level(logging.WARNING):
         choice = select_linear_kernel(spec, _CpuLike())
     assert choice.kernel is ReferenceLinearKernel
-    assert choice.explain() == ("reference (skipped cpu_dense_onednn: weight is IntWeight, not DenseWeight; "
-                                "cpu_fp8_emulated: weight is IntWeight, not FloatWeight)")
+    assert choice.explain().startswith("reference (skipped cpu_dense_onednn: weight is IntWeight, not DenseWeight; "
+                                       "cpu_fp8_emulated: weight is IntWeight, not FloatWeight; ")
+    assert "cpu_int_emulated: compute dtype torch.float64 is not float32/bfloat16/float16" in choice.explain()
     assert "using the reference kernel" in caplog.text
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
-from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight
+from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight, IntWeight
 
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
@@ -126,3 +126,109 @@ class CpuFp8EmulatedKernel(LinearKernel):
 
 
 CPU_LINEAR_KERNELS: list[type[LinearKernel]] = [CpuDenseKernel, CpuFp8EmulatedKernel]
+
+
+# ---- integer weights (w8a8_int8, torchao int8wo/int8dq/int4wo, compressed-tensors int) ---------------
+# Measured on the 2-core AVX2 box (reference/CPU.md, torch 2.13): bf16 `aten._weight_int8pack_mm` is the
+# fastest weight-only int8 path at small M (1.4 ms vs 4.3 ms fp32 F.linear at M=1, 4096²) but no faster
+# than fp32 at M=32; for W8A8 int8, fake-quantized activations through the packed fp32 GEMM beat
+# `torch._int_mm` (exact int32 accumulation) by 2-12x at every M (column-major B: 9.7 / 247 ms at M=1 / 32
+# against 4.3 / 20 ms fp32), so the emulated path is the fast one here and it equals the reference kernel
+# up to fp32 summation order.
+INT8PACK_MAX_M = 16  # rows up to which bf16 _weight_int8pack_mm is used; above it the packed fp32 GEMM
+
+
+def _int_weight_problem(spec: LinearSpec) -> str:
+    w = spec.weight
+    if not isinstance(w, IntWeight):
+        return f"weight is {type(w).__name__}, not IntWeight"
+    if w.codes.device.type != "cpu":
+        return f"weight is on {w.codes.device.type}, not cpu"
+    if spec.compute_dtype not in _COMPUTE:
+        return f"compute dtype {spec.compute_dtype} is not float32/bfloat16/float16"
+    return ""
+
+
+class CpuInt8WeightOnlyKernel(LinearKernel):
+    """Symmetric per-channel int8 weights, float activations: bf16 `aten._weight_int8pack_mm` for
+    M <= INT8PACK_MAX_M (relative error ~3e-3 from rounding activations to bf16), the packed fp32 GEMM
+    over the dequantized weight above it (kept only when the compute dtype is float32)."""
+
+    name = "cpu_int8_weight_only"
+
+    def __init__(self, spec: LinearSpec, codes: torch.Tensor, scale: torch.Tensor, gemm: PackedGemm | None):
+        self.spec = spec
+        self.codes = codes   # [N, K] int8
+        self.scale = scale   # [N] bf16
+        self.gemm = gemm     # fp32 packed dequantized weight, or None
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        why = _int_weight_problem(spec)
+        if why:
+            return False, why
+        w = spec.weight
+        if w.bits != 8 or w.codes.dtype != torch.int8 or w.group_size != w.shape[1]:
+            return False, f"needs per-channel signed int8 codes (got {w.bits}-bit {w.codes.dtype}, group {w.group_size})"
+        if w.zero is not None or w.offset is not None or w.g_idx is not None:
+            return False, "needs symmetric weights without zero point or act-order"
+        if spec.act.kind is not ActKind.NONE:
+            return False, f"activations are quantized ({spec.act}); this kernel is weight-only"
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            return False, "torch lacks aten._weight_int8pack_mm"
+        return True, ""
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> CpuInt8WeightOnlyKernel:
+        w = spec.weight
+        gemm = PackedGemm(w.dequantize(torch.float32).contiguous()) if spec.compute_dtype is torch.float32 else None
+        return cls(spec, w.codes.contiguous(), w.scale.reshape(-1).to(torch.bfloat16).contiguous(), gemm)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, k = self.codes.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)                                                  # [M, K]
+        if self.gemm is not None and x2.shape[0] > INT8PACK_MAX_M:
+            y = self.gemm(x2.to(torch.float32), None if bias is None else bias.to(torch.float32))
+            return y.to(self.spec.compute_dtype).reshape(*lead, n)
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.codes, self.scale)
+        y = y.to(self.spec.compute_dtype)                                      # [M, N]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*lead, n)
+
+
+class CpuIntEmulatedKernel(LinearKernel):
+    """Any IntWeight (bits 2-8, groups, zero/offset, act-order) with weight-only or int8 activations:
+    the weight is dequantized once to fp32 (the reference kernel's own product), activations are
+    fake-quantized per call, one packed fp32 GEMM. Matches the reference up to summation order."""
+
+    name = "cpu_int_emulated"
+
+    def __init__(self, spec: LinearSpec, weight: torch.Tensor):
+        self.spec = spec
+        self.n = weight.shape[0]
+        self.gemm = PackedGemm(weight)  # [N, K] fp32
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        why = _int_weight_problem(spec)
+        if why:
+            return False, why
+        if spec.act.kind is not ActKind.NONE and spec.act.dtype != torch.int8:
+            return False, f"activations are {spec.act.dtype}, not int8"
+        return True, ""
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> CpuIntEmulatedKernel:
+        return cls(spec, spec.weight.dequantize(torch.float32).contiguous())
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        k = x.shape[-1]
+        lead = x.shape[:-1]
+        xq = fake_quantize_act(x.reshape(-1, k), self.spec.act)               # [M, K] fp32
+        y = self.gemm(xq, None if bias is None else bias.to(torch.float32))   # [M, N] fp32
+        return y.to(self.spec.compute_dtype).reshape(*lead, self.n)
+
+
+CPU_LINEAR_KERNELS += [CpuInt8WeightOnlyKernel, CpuIntEmulatedKernel]

@@ -103,6 +103,9 @@ def fake_quantize_act(x: torch.Tensor, act: ActScheme) -> torch.Tensor:
     if act.kind is ActKind.DYNAMIC_GROUP:
         q, s = quantize_act_per_token_group(x, act.dtype, act.group)
         return q.to(torch.float32) * s.repeat_interleave(act.group, dim=1)[:, : x.shape[-1]]
+    if act.kind is ActKind.DYNAMIC_TENSOR:
+        s = x.to(torch.float32).abs().amax().clamp(min=_MIN_AMAX) / qmax(act.dtype)
+        return quantize_act_static(x, s, act.dtype).to(torch.float32) * s
     assert act.scale is not None
     s = act.scale.to(torch.float32).reshape(())
     q = quantize_act_static(x, s, act.dtype, act.zero).to(torch.float32)

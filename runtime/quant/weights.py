@@ -21,6 +21,7 @@ class ActKind(str, enum.Enum):
     NONE = "none"                    # weight-only: activations stay in compute dtype
     DYNAMIC_TOKEN = "dynamic_token"  # one scale per token (row), computed at run time
     DYNAMIC_GROUP = "dynamic_group"  # one scale per token per `group` channels (block fp8)
+    DYNAMIC_TENSOR = "dynamic_tensor"  # one scale for the whole activation, computed at run time
     STATIC_TENSOR = "static_tensor"  # one scale from the checkpoint
 
     def __str__(self) -> str:
