@@ -103,6 +103,30 @@ def test_errors_raise_the_right_exceptions(client, live):
     assert httpx.get(live[0] + "/health").status_code == 200
 
 
+def _readme_blocks(lang: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Server"):text.index("## What works today")]
+    return [b.split("\n", 1)[1] for b in section.split("```")[1::2] if b.startswith(lang + "\n")]
+
+
+def test_readme_examples_run(live, capsys):
+    """The README's curl and openai-client examples, pointed at the live server."""
+    url, _ = live
+
+    def fix(s: str) -> str:
+        return s.replace("http://127.0.0.1:30000", url).replace("sk-local", KEY).replace("smollm2", "tiny")
+
+    curls = [line for b in _readme_blocks("bash") for line in b.splitlines() if line.startswith("curl ")]
+    assert len(curls) == 3
+    for line in curls:
+        out = subprocess.run(["bash", "-c", fix(line) + " -w '\\n%{http_code}'"], capture_output=True, text=True,
+                             timeout=60).stdout
+        assert out.rsplit("\n", 1)[-1] == "200", out
+    (code,) = _readme_blocks("python")
+    exec(compile(fix(code), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
+
+
 # --------------------------------------------------------------------- SIGTERM on a real process
 def _free_port() -> int:
     with socket.socket() as s:
