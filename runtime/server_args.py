@@ -235,8 +235,6 @@ NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
                 "multi-node serving comes in a later issue"),
     Unsupported("quantization", lambda a: a.quantization not in SUPPORTED_QUANTIZATION,
                 "only fp8 (online or pre-quantized) and gguf checkpoints are built so far"),
-    Unsupported("torchao_config", lambda a: a.torchao_config is not None,
-                "torchao online quantization comes in a later issue"),
     Unsupported("fp8_gemm_backend", lambda a: a.fp8_gemm_backend != "auto",
                 "only auto (the platform picks the kernel) is built so far"),
     Unsupported("fp4_gemm_backend", lambda a: a.fp4_gemm_backend != "auto",

@@ -185,7 +185,6 @@ def test_gguf_needs_a_gguf_file() -> None:
     ({"modelopt_export_path": "/e"}, "--modelopt-export-path '/e'"),
     ({"quantize_and_serve": True}, "--quantize-and-serve"),
     ({"quantization_config_path": "rules.yaml"}, "--quantization-config-path 'rules.yaml'"),
-    ({"torchao_config": "int8wo"}, "--torchao-config 'int8wo'"),
     ({"fp8_gemm_backend": "triton"}, "--fp8-gemm-backend 'triton'"),
     ({"fp4_gemm_backend": "flashinfer_cutlass"}, "--fp4-gemm-backend 'flashinfer_cutlass'"),
     ({"load_format": "bitsandbytes"}, "--load-format 'bitsandbytes'"),

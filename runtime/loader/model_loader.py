@@ -73,12 +73,12 @@ def _open_checkpoint(args):
 
 def load_model(args, platform, progress: bool = False) -> LoadedModel:
     from quantrt.platform.checks import check_method_allowed
-    from quantrt.quant.detect import build_format, detect_quantization
+    from quantrt.quant.detect import FLAG_METHODS, build_format, detect_for_args
 
     config, tokenizer, tensors, total, qpath = _open_checkpoint(args)
     model_cls = get_model_class(getattr(config, "architectures", None), getattr(config, "model_type", None))
-    method, qcfg = detect_quantization(qpath, config.to_dict(), args.quantization)
-    if method is not None:
+    method, qcfg = detect_for_args(qpath, config.to_dict(), args)
+    if method is not None and method not in FLAG_METHODS:
         check_method_allowed(platform, method)  # the checkpoint's method may differ from the flag
     # GGUF tensors are dequantized by the reader for now; native GGUF kernels come with the 4-bit family
     fmt = None if method == "gguf" else build_format(method, qcfg, args)

@@ -158,8 +158,8 @@ def detect_quantization(model_dir_or_file: str, hf_config: dict[str, Any],
     raise mismatch_error(method, cli)
 
 
-# Methods that load without a registered format: GGUF tensors are dequantized by the reader for now.
-LOADER_METHODS = ("gguf",)
+# Methods that load without a registered format (GGUF now has one: quantrt.quant.formats.gguf).
+LOADER_METHODS: tuple[str, ...] = ()
 
 
 def built_methods() -> list[str]:
@@ -182,3 +182,34 @@ def build_format(method: str | None, qcfg: QuantConfig, args: ServerArgs | None 
         raise NotSupportedYet(f"quantization method {method!r} is recognised but not supported yet "
                               f"(supported: {', '.join(supported)})")
     raise choices_error("quantization method", method, KNOWN_METHODS)
+
+
+# Online methods selected by their own flags rather than --quantization (not in KNOWN_METHODS).
+FLAG_METHODS: dict[str, str] = {"torchao": "--torchao-config", "yaml_rules": "--quantization-config-path"}
+
+
+def detect_for_args(model_dir_or_file: str, hf_config: dict[str, Any], args: Any) -> tuple[str | None, QuantConfig]:
+    """detect_quantization plus the flag-selected online methods: `--torchao-config S` -> ("torchao",
+    {"torchao_config": S}); `--quantization-config-path P` -> ("yaml_rules", {"path": P}). Both quantize
+    float checkpoints only; on a quantized checkpoint the error names the flag and the checkpoint's method."""
+    torchao = getattr(args, "torchao_config", None)
+    rules = getattr(args, "quantization_config_path", None)
+    cli = getattr(args, "quantization", None)
+    chosen = [(f"--torchao-config {torchao}", "torchao", {"torchao_config": torchao})] if torchao else []
+    if rules:
+        chosen.append((f"--quantization-config-path {rules}", "yaml_rules", {"path": rules}))
+    if not chosen:
+        return detect_quantization(model_dir_or_file, hf_config, cli)
+    if len(chosen) > 1 or cli:
+        flags = [c[0] for c in chosen] + ([f"--quantization {cli}"] if cli else [])
+        raise ConfigError(f"{' and '.join(flags)} both choose the quantization; pass only one")
+    flag, method, qcfg = chosen[0]
+    if str(model_dir_or_file).endswith(".gguf"):
+        raise ConfigError(f"{flag} quantizes a float checkpoint at load time, but {model_dir_or_file} is a "
+                          f"GGUF file (already quantized with gguf)")
+    found = find_checkpoint_quant_config(model_dir_or_file, hf_config)
+    if found is not None:
+        ckpt, where = found
+        raise ConfigError(f"{flag} quantizes a float checkpoint at load time, but {model_dir_or_file} is already "
+                          f"quantized with {str(ckpt.get('quant_method', '?')).lower()} ({where}); drop {flag.split()[0]}")
+    return method, qcfg

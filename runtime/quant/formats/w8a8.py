@@ -41,13 +41,18 @@ def quantize_int8_channel(w: torch.Tensor) -> IntWeight:
     return IntWeight(codes, scale, bits=8, group_size=w32.shape[1])
 
 
-def quantize_online(prefix: str, w: torch.Tensor, shape: tuple[int, int], kind: str) -> QuantizedWeight:
-    """Check a float checkpoint weight and quantize it per channel: kind "int8" or "fp8"."""
+def check_float_weight(prefix: str, w: torch.Tensor, shape: tuple[int, int]) -> None:
+    """A float checkpoint weight of the expected [N, K] shape, or a CheckpointError naming it."""
     if tuple(w.shape) != tuple(shape):
         raise CheckpointError(f"{prefix}.weight has shape {tuple(w.shape)}, expected {tuple(shape)}")
     if w.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{prefix}.weight has dtype {w.dtype}; online quantization reads "
                               f"float32/bfloat16/float16 checkpoints")
+
+
+def quantize_online(prefix: str, w: torch.Tensor, shape: tuple[int, int], kind: str) -> QuantizedWeight:
+    """Check a float checkpoint weight and quantize it per channel: kind "int8" or "fp8"."""
+    check_float_weight(prefix, w, shape)
     if kind == "int8":
         return quantize_int8_channel(w)
     return quantize_fp8(w, ScaleGranularity.CHANNEL)
