@@ -180,3 +180,21 @@ def test_bad_prompts_are_rejected(engine):
         engine.generate(input_ids=[5] * 600)
     with pytest.raises(ConfigError, match="is empty"):
         engine.generate(input_ids=[[]])
+
+
+def test_streaming_holds_back_a_possible_stop_string_prefix():
+    from quantrt.engine.stop import _stop_prefix_len
+
+    assert _stop_prefix_len("hello wor", ["world"]) == 3
+    assert _stop_prefix_len("hello", ["world"]) == 0
+    assert _stop_prefix_len("abc</", ["</s>", "<|end|>"]) == 2
+
+
+def test_sampler_survives_degenerate_logits():
+    from quantrt.engine.request import LogprobOptions, Request
+    from quantrt.engine.sampler import sample
+    from quantrt.engine.sampling_params import SamplingParams
+
+    logits = torch.tensor([[float("nan"), 1.0, float("inf"), 0.0]])
+    req = Request("r", [0], SamplingParams(temperature=0.5), LogprobOptions(), torch.Generator().manual_seed(0))
+    assert sample(logits.clone(), [req])[0] in (0, 1, 2, 3)

@@ -49,7 +49,10 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         if req.params.greedy:
             out.append(int(row.argmax()))
             continue
-        probs = _filter(row, req).softmax(-1)
+        probs = torch.nan_to_num(_filter(row, req).softmax(-1), nan=0.0, posinf=0.0, neginf=0.0)
+        if not float(probs.sum()) > 0.0:  # degenerate distribution (inf/nan logits): fall back to greedy
+            out.append(int(torch.nan_to_num(row, nan=float("-inf")).argmax()))
+            continue
         out.append(int(torch.multinomial(probs, 1, generator=req.generator)))
     return out
 

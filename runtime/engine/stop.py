@@ -39,9 +39,22 @@ class StopChecker:
         """Streaming text: hold back a trailing partial UTF-8 character so text only ever grows."""
         if not req.stop_trimmed:
             text = self.decode(req)
-            if not text.endswith("\ufffd"):
-                req.text = text
+            if text.endswith("\ufffd"):
+                return
+            hold = _stop_prefix_len(text, req.params.stop)
+            req.text = text[: len(text) - hold] if hold else text
 
     def finalize_text(self, req: Request) -> None:
         if not req.stop_trimmed:
             req.text = self.decode(req)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string (held back)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
