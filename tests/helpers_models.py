@@ -56,13 +56,25 @@ def tiny_config(arch: str, vocab: int):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    moe = dict(common, intermediate_size=96, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        return Qwen3MoeConfig(**moe, head_dim=16, num_experts=8, moe_intermediate_size=32, norm_topk_prob=True,
+                              mlp_only_layers=[1], tie_word_embeddings=False)
+    if arch == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+        return Qwen2MoeConfig(**moe, num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                              norm_topk_prob=False, tie_word_embeddings=True)
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+        return MixtralConfig(**dict(moe, intermediate_size=32), num_local_experts=4, tie_word_embeddings=False)
     if arch == "gemma3":
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                 layer_types=["sliding_attention", "full_attention"])
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "qwen2_moe", "mixtral"]
 
 
 def build_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from quantrt.errors import CheckpointError
 from quantrt.layers.linear import QuantLinear
+from quantrt.layers.moe.layer import FusedMoE
 from quantrt.loader.kv_scales import KVScaleRouter
 
 # Tensors some checkpoints carry that no runtime needs.
@@ -38,6 +39,7 @@ class WeightRouter:
                     self.needed[(id(m), i)] = m.expected_tensors(fmt, i)
         self.seen_params: set[str] = set()
         self.kv_scales = KVScaleRouter(model)
+        self.moe = {m.prefix: m for m in model.modules() if isinstance(m, FusedMoE)}
 
     def _route_linear(self, name: str) -> tuple[QuantLinear, int, str] | None:
         parts = name.split(".")
@@ -47,6 +49,16 @@ class WeightRouter:
                 m, i = self.linears[prefix]
                 return m, i, ".".join(parts[-cut:])
         return None
+
+    def _claim_moe(self, name: str, t: torch.Tensor) -> bool:
+        if not self.moe:
+            return False
+        parts = name.split(".")
+        for cut in range(1, len(parts)):
+            m = self.moe.get(".".join(parts[:cut]))
+            if m is not None:
+                return m.claim(name, t, self.fmt)
+        return False
 
     def _complete(self, m: QuantLinear) -> bool:
         return all(self.needed[(id(m), i)][0] <= d.keys() for i, d in enumerate(self.pending[id(m)]))
@@ -59,7 +71,7 @@ class WeightRouter:
             p.data = t.to(torch.float32) if not t.dtype.is_floating_point else t
             self.seen_params.add(name)
             return
-        if self.kv_scales.add(name, t):
+        if self.kv_scales.add(name, t) or self._claim_moe(name, t):
             return
         routed = self._route_linear(name)
         if routed is None:
@@ -81,6 +93,7 @@ class WeightRouter:
 
     def finish(self) -> None:
         missing = [n for n in self.params if n not in self.seen_params]
+        missing += [n for m in self.moe.values() for n in m.missing()]
         for m in self.layers.values():
             for i, d in enumerate(self.pending[id(m)]):
                 missing += [f"{m.shard_prefix(i)}.{s}" for s in sorted(self.needed[(id(m), i)][0] - d.keys())]

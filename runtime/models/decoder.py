@@ -6,6 +6,7 @@ route by name; q/k/v and gate/up are fused QuantLinears whose shards keep the ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from transformers import PretrainedConfig
 from quantrt.engine.forward_batch import ForwardBatch
 from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
+from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
 from quantrt.quant.kernel import LinearSpec, select_linear_kernel
@@ -30,6 +32,7 @@ class DecoderSpec:
     o_bias: bool = False
     qk_norm: bool = False          # Qwen3, Gemma3: RMSNorm over head_dim on q and k before rotary
     gemma: bool = False            # (1 + w) norms, sandwich norms, scaled embeddings, gelu-tanh MLP
+    moe: Callable[[PretrainedConfig, int], nn.Module | None] | None = None  # layer i's MoE block (None: dense)
 
 
 def _head_dim(c: PretrainedConfig) -> int:
@@ -98,7 +101,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps, off = c.rms_norm_eps, spec.gemma
         self.self_attn = Attention(c, spec, i, rotary)
-        self.mlp = Mlp(c, spec, i)
+        block = spec.moe(c, i) if spec.moe is not None else None
+        self.mlp = block if block is not None else Mlp(c, spec, i)
         self.input_layernorm = RMSNorm(c.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps, off)
         self.sandwich = spec.gemma
@@ -163,6 +167,8 @@ class CausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.finish_loading(dtype)
+            elif isinstance(m, FusedMoE):
+                m.finish_loading(dtype, device)
         self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
             r.to(dtype, device)

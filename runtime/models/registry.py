@@ -12,12 +12,17 @@ _ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "quantrt.models.qwen",
     "Qwen3ForCausalLM": "quantrt.models.qwen",
     "Gemma3ForCausalLM": "quantrt.models.gemma3",
+    "Qwen3MoeForCausalLM": "quantrt.models.moe",
+    "Qwen2MoeForCausalLM": "quantrt.models.moe",
+    "MixtralForCausalLM": "quantrt.models.moe",
 }
 
 
 # Configs without `architectures` (GGUF metadata) fall back to their model_type.
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
