@@ -74,7 +74,7 @@ WNA16_CASES = [  # bits, group (0 = per-channel), asym, act_order
 
 
 @pytest.mark.parametrize("bits,group,asym,act_order", WNA16_CASES)
-@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("m", [1, 5, 40, 130])
 def test_wna16_matches_reference(bits, group, asym, act_order, m):
     gen = torch.Generator().manual_seed(bits * 100 + group + m)
     k = 256

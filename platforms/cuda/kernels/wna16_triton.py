@@ -130,3 +130,32 @@ def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
                         DOT_F32=interpret_mode(),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype) if atomic else out
+
+
+@triton.jit
+def _wna16_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, G, BITS: tl.constexpr, PACK: tl.constexpr,
+                          BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)     # packed rows
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_j < K // PACK)[:, None] & (offs_n < N)[None, :]
+    p = tl.load(p_ptr + offs_j[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    g = (offs_j * PACK // G)[:, None] * N + offs_n[None, :]
+    s = tl.load(s_ptr + g, mask=mask, other=0.0)
+    z = tl.load(z_ptr + g, mask=mask, other=8388608.0)
+    for i in tl.static_range(PACK):
+        q = ((p >> (BITS * i)) & ((1 << BITS) - 1)) | 0x4B000000
+        w = (q.to(tl.float32, bitcast=True) - z) * s
+        kk = offs_j * PACK + i
+        tl.store(w_ptr + kk[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def wna16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """packed [K/PACK, N] int32 -> w [K, N] dtype (row-major; use as F.linear(x, w.t()))."""
+    pack = 32 // bits
+    kp, n = packed.shape
+    w = torch.empty((kp * pack, n), device=packed.device, dtype=dtype)
+    grid = (cdiv(kp, 16), cdiv(n, 128))
+    _wna16_dequant_kernel[grid](packed, scale, zero, w, n, kp * pack, group, BITS=bits, PACK=pack,
+                                BLOCK_J=16, BLOCK_N=128, num_warps=4)
+    return w
