@@ -253,8 +253,6 @@ NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
     Unsupported("quantize_and_serve", lambda a: a.quantize_and_serve,
                 "SGLang 0.5.9 itself raises NotImplementedError for it; quantize and export first, "
                 "then serve the exported checkpoint"),
-    Unsupported("quantization_config_path", lambda a: a.quantization_config_path is not None,
-                "per-layer quantization rules (YAML) come in a later issue"),
 )
 
 

@@ -87,6 +87,8 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
     model = model_cls(config, max_pos)
     model.fp32_lm_head = bool(args.enable_fp32_lm_head)
     load_weights(model, _skip_tied_head(tensors(), model), total, fmt, platform, dtype, progress)
+    if fmt is not None:
+        fmt.finish_loading()
     model.finish_loading(dtype, platform)
     model.eval()
     return LoadedModel(model, config, tokenizer, dtype, method, fmt)

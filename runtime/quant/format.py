@@ -55,6 +55,10 @@ class QuantFormat(ABC):
     def describe(self) -> str:
         return self.name
 
+    def finish_loading(self) -> None:
+        """Called once after every layer is loaded: a format may check what it saw (unused YAML rules)."""
+        return None
+
 
 _FORMATS: dict[str, type[QuantFormat]] = {}
 

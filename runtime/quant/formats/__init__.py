@@ -7,4 +7,5 @@ from quantrt.quant.formats import (  # noqa: F401
     quark_int4fp8_moe,
     torchao,
     w8a8,
+    yaml_rules,
 )
