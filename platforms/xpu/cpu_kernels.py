@@ -232,3 +232,8 @@ class CpuIntEmulatedKernel(LinearKernel):
 
 
 CPU_LINEAR_KERNELS += [CpuInt8WeightOnlyKernel, CpuIntEmulatedKernel]
+
+# ---- sub-8-bit integer and codebook weights (AWQ, GPTQ, auto-round, GGUF, bitsandbytes) -------------
+from quantrt.platforms.xpu.cpu_int_kernels import CPU_INT_KERNELS  # noqa: E402
+
+CPU_LINEAR_KERNELS[1:1] = CPU_INT_KERNELS  # packed int4 before the generic int/fp8 kernels

@@ -80,12 +80,15 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
     method, qcfg = detect_for_args(qpath, config.to_dict(), args)
     if method is not None and method not in FLAG_METHODS:
         check_method_allowed(platform, method)  # the checkpoint's method may differ from the flag
-    # GGUF tensors are dequantized by the reader for now; native GGUF kernels come with the 4-bit family
-    fmt = None if method == "gguf" else build_format(method, qcfg, args)
+    fmt = build_format(method, qcfg, args)
     dtype = compute_dtype(args, config, platform)
     max_pos = args.context_length or getattr(config, "max_position_embeddings", 4096)
     model = model_cls(config, max_pos)
     model.fp32_lm_head = bool(args.enable_fp32_lm_head)
+    if method == "gguf":  # linears keep their GGML blocks (quantrt.quant.formats.gguf); the rest dequantized
+        from quantrt.quant.formats.gguf import native_tensors
+
+        tensors = lambda ck=tensors.__self__: native_tensors(ck, model)  # noqa: E731
     load_weights(model, _skip_tied_head(tensors(), model), total, fmt, platform, dtype, progress)
     if fmt is not None:
         fmt.finish_loading()

@@ -3,6 +3,7 @@
 from quantrt.quant.formats import (  # noqa: F401
     compressed_tensors,
     fp8,
+    gguf,
     modelslim,
     quark_int4fp8_moe,
     torchao,
