@@ -78,8 +78,29 @@ def _from_compression_config(_path: Path | None, hf: dict[str, Any]) -> tuple[Qu
     return None
 
 
-# First match wins. Later: hf_quant_config.json (ModelOpt) appends here.
-CHECKPOINT_SOURCES: list[QuantSource] = [_from_hf_quantization_config, _from_compression_config]
+def _from_hf_quant_config_json(path: Path | None, _hf: dict[str, Any]) -> tuple[QuantConfig, str] | None:
+    """ModelOpt `hf_quant_config.json` beside config.json: `quantization.quant_algo` mapped to a method;
+    like SGLang the result is only {"quant_method": ...} (plus the algo, for the modelopt override)."""
+    if path is None or not path.is_dir() or not (path / "hf_quant_config.json").is_file():
+        return None
+    import json
+
+    f = path / "hf_quant_config.json"
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{f} is not valid JSON ({e})") from None
+    algo = (doc.get("quantization") or {}).get("quant_algo") if isinstance(doc, dict) else None
+    method = _modelopt_algo_method(str(algo)) if algo else None
+    if method is None:
+        raise ConfigError(f"{f}: quantization.quant_algo {algo!r} is not a ModelOpt algorithm quantrt knows "
+                          f"(FP8, NVFP4/FP4, MIXED_PRECISION)")
+    return {"quant_method": method, "quant_algo": str(algo)}, "hf_quant_config.json"
+
+
+# First match wins.
+CHECKPOINT_SOURCES: list[QuantSource] = [_from_hf_quantization_config, _from_compression_config,
+                                         _from_hf_quant_config_json]
 def _from_modelslim_description(path: Path | None, hf: dict[str, Any]) -> tuple[QuantConfig, str] | None:
     """msModelSlim `quant_model_description.json` (FORMATS.md §1.3 step 2.4: wins over config.json)."""
     from quantrt.quant.formats.modelslim import find_modelslim_config
