@@ -1,9 +1,11 @@
 """Built-in checkpoint formats. Importing this package registers them (one module per method)."""
 
 from quantrt.quant.formats import (  # noqa: F401
+    awq,
     compressed_tensors,
     fp8,
     gguf,
+    gptq,
     modelslim,
     quark_int4fp8_moe,
     torchao,

@@ -1,0 +1,118 @@
+"""GPTQ (AutoGPTQ / GPTQModel, FORMATS.md §2.3): bits 2/3/4/8, group size (−1 = per channel), sym and
+asym, desc_act (g_idx), the v1 zero offset (stored z − 1) vs `checkpoint_format: gptq_v2`.
+`gptq_marlin` / `marlin` are SGLang's fast-kernel spellings of the same checkpoint: here kernels are
+chosen by the platform, so they load identically. Marlin-repacked checkpoints are refused clearly.
+
+Activations: SGLang's plain `gptq` kernel wants fp16; quantrt runs any float compute dtype (fp32 or
+bf16 models need no `--dtype half`): CPU bf16 uses the packed int4 op, fp32 the exact dequantized path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from quantrt.errors import CheckpointError, ConfigError, NotSupportedYet
+from quantrt.quant.format import QuantFormat, register_format
+from quantrt.quant.formats.packing import GPTQ_BITS, unpack_lsb
+from quantrt.quant.weights import WEIGHT_ONLY, ActScheme, IntWeight
+
+if TYPE_CHECKING:
+    from quantrt.server_args import ServerArgs
+
+
+def symmetric_or_zero(codes: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(codes, zero) -> (signed int8 codes, None) when every zero is 2^(bits−1) (exact), else unchanged."""
+    mid = 1 << (bits - 1)
+    if bool((zero == mid).all()):
+        return (codes.to(torch.int16) - mid).to(torch.int8), None
+    return codes, zero
+
+
+def skip_layer(prefix: str, ignored: tuple[str, ...], lm_head: bool) -> bool:
+    """lm_head stays float unless quantized; ignore lists match as substrings (AWQ/GPTQ convention)."""
+    if prefix.rsplit(".", 1)[-1] == "lm_head" and not lm_head:
+        return True
+    return any(ign and ign in prefix for ign in ignored)
+
+
+class _GptqBase(QuantFormat):
+    def __init__(self, bits: int, group_size: int, sym: bool, desc_act: bool, v2: bool,
+                 ignored: tuple[str, ...] = (), lm_head: bool = False):
+        self.bits, self.group_size, self.sym, self.desc_act, self.v2 = bits, group_size, sym, desc_act, v2
+        self.ignored, self.lm_head = ignored, lm_head
+
+    @classmethod
+    def from_config(cls, qcfg: dict[str, Any], args: ServerArgs | None = None) -> _GptqBase:
+        if not qcfg:
+            raise ConfigError(f"{cls.name} needs a GPTQ checkpoint (quantization_config with bits/group_size)")
+        bits = int(qcfg.get("bits", 4))
+        if bits not in GPTQ_BITS:
+            raise ConfigError(f"GPTQ bits={bits} is not supported; supported bits: {GPTQ_BITS}")
+        fmt = str(qcfg.get("checkpoint_format", "gptq")).lower()
+        if fmt == "marlin" or qcfg.get("is_marlin_format"):
+            raise NotSupportedYet("Marlin-repacked GPTQ checkpoints (checkpoint_format: marlin) are not "
+                                  "loadable yet; use the original GPTQ checkpoint (quantrt repacks at load)")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ConfigError(f"GPTQ checkpoint_format {fmt!r} is not one of gptq, gptq_v2, marlin")
+        ignored = tuple(qcfg.get("modules_to_not_convert") or ())
+        return cls(bits, int(qcfg.get("group_size", 128)), bool(qcfg.get("sym", True)),
+                   bool(qcfg.get("desc_act", False)), fmt == "gptq_v2", ignored, bool(qcfg.get("lm_head")))
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return (f"{self.name} (w{self.bits}a16 {g}, {'sym' if self.sym else 'asym'}"
+                f"{', desc_act' if self.desc_act else ''}, {'v2' if self.v2 else 'v1'} zeros)")
+
+    def is_quantized(self, prefix: str) -> bool:
+        return not skip_layer(prefix, self.ignored, self.lm_head)
+
+    def tensor_names(self, prefix: str) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset({"qweight", "qzeros", "scales"}), frozenset({"g_idx"})
+
+    def make_weight(self, prefix: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> IntWeight:
+        """qweight [K*b/32, N] int32, qzeros [G, N*b/32], scales [G, N], g_idx [K] -> IntWeight [N, K]."""
+        n, k = shape
+        b = self.bits
+        g = k if self.group_size == -1 else self.group_size
+        if k % g:
+            raise CheckpointError(f"{prefix}: group size {g} does not divide K={k}")
+        ng = k // g
+        want = {"qweight": (-(-k * b // 32), n), "qzeros": (ng, -(-n * b // 32)), "scales": (ng, n)}
+        for name, shp in want.items():
+            if tuple(tensors[name].shape) != shp:
+                raise CheckpointError(f"{prefix}.{name} has shape {tuple(tensors[name].shape)}, expected {shp}")
+        codes = unpack_lsb(tensors["qweight"], b, dim=0)[:k].t().contiguous()      # [N, K] uint8
+        zero = unpack_lsb(tensors["qzeros"], b, dim=1)[:, :n].t().to(torch.int16)  # [N, G]
+        if not self.v2:
+            zero = zero + 1                                                          # v1 stores z − 1
+        scale = tensors["scales"].t().to(torch.float32).contiguous()                 # [N, G]
+        g_idx = tensors.get("g_idx")
+        if g_idx is not None:
+            if tuple(g_idx.shape) != (k,):
+                raise CheckpointError(f"{prefix}.g_idx has shape {tuple(g_idx.shape)}, expected {(k,)}")
+            if bool((g_idx.long() >= ng).any()) or bool((g_idx < 0).any()):
+                raise CheckpointError(f"{prefix}.g_idx holds groups outside 0..{ng - 1}")
+            if torch.equal(g_idx.long(), torch.arange(k) // g):
+                g_idx = None                                                         # trivial order
+        codes, zero_opt = symmetric_or_zero(codes, zero, b)
+        return IntWeight(codes, scale, b, g, zero=zero_opt, g_idx=None if g_idx is None else g_idx.to(torch.int32))
+
+    def act_scheme(self, prefix: str) -> ActScheme:
+        return WEIGHT_ONLY
+
+
+@register_format
+class GptqFormat(_GptqBase):
+    name = "gptq"
+
+
+@register_format
+class GptqMarlinFormat(_GptqBase):
+    name = "gptq_marlin"
+
+
+@register_format
+class MarlinFormat(_GptqBase):
+    name = "marlin"
