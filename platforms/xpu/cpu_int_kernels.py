@@ -97,8 +97,8 @@ class CpuInt4PackedKernel(LinearKernel):
             return False, f"{w.bits}-bit codes do not fit the int4 grid"
         if _int4_group(w) is None:
             return False, f"group size {w.group_size} is not a multiple of 32 (op supports {INT4_GROUPS})"
-        if w.shape[1] % 2 or w.shape[0] % 8:
-            return False, f"shape {w.shape}: the int4 pack needs even K and N divisible by 8"
+        if w.shape[1] % 2 or w.shape[0] % 16:
+            return False, f"shape {w.shape}: the int4 pack needs even K and N divisible by 16"
         try:
             _act_order(w)
         except ValueError as e:
