@@ -236,4 +236,4 @@ CPU_LINEAR_KERNELS += [CpuInt8WeightOnlyKernel, CpuIntEmulatedKernel]
 # ---- sub-8-bit integer and codebook weights (AWQ, GPTQ, auto-round, GGUF, bitsandbytes) -------------
 from quantrt.platforms.xpu.cpu_int_kernels import CPU_INT_KERNELS  # noqa: E402
 
-CPU_LINEAR_KERNELS[1:1] = CPU_INT_KERNELS  # packed int4 before the generic int/fp8 kernels
+CPU_LINEAR_KERNELS[2:2] = CPU_INT_KERNELS  # after dense and fp8, before the generic int kernels
