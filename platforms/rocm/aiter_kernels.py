@@ -1,0 +1,110 @@
+"""aiter linear kernels for ROCm (issue 8): with SGLANG_USE_AITER=1 / QUANTRT_USE_AITER=1, per-channel fp8 (converted to
+e4m3fnuz on MI300, scales x2) and int8 W8A8 linears run aiter's gemm_a8w8 on preshuffled weights with
+per-token dynamic activations. Without the variable these kernels decline and the next ones (Triton
+kernels shared with CUDA, when present) or the reference kernel serve the layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantrt.platforms.rocm.aiter_adapter import AiterOps, aiter_ops_of
+from quantrt.platforms.rocm.fnuz import weight_to_fnuz
+from quantrt.quant.kernel import LinearKernel, LinearSpec
+from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _AiterW8A8Kernel(LinearKernel):
+    """Shared apply: per-token quant -> (bpreshuffle) gemm_a8w8 -> + bias."""
+
+    def __init__(self, ops: AiterOps, data: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype,
+                 out_dtype: torch.dtype, device: torch.device):
+        n, k = data.shape                                                       # [N, K] int8 / fp8
+        self.ops, self.act_dtype, self.out_dtype, self.n = ops, act_dtype, out_dtype, n
+        self.preshuffled = n % 16 == 0 and k % 32 == 0
+        data = data.to(device)
+        self.weight = ops.shuffle_weight(data, (16, 16)) if self.preshuffled else data
+        self.w_scale = scale.to(torch.float32).reshape(1, n).to(device)         # [1, N]
+
+    @staticmethod
+    def _ok(spec: LinearSpec, platform: Platform, act_dtype: torch.dtype) -> tuple[bool, str]:
+        if aiter_ops_of(platform) is None:
+            return False, "aiter is off (set SGLANG_USE_AITER=1 on ROCm)"
+        if spec.act.kind is not ActKind.DYNAMIC_TOKEN or spec.act.dtype != act_dtype:
+            return False, f"activation scheme {spec.act} is not {act_dtype} dynamic per-token"
+        if spec.compute_dtype not in _HALF:
+            return False, f"compute dtype {spec.compute_dtype}: aiter GEMMs output float16/bfloat16"
+        return True, ""
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, xs = self.ops.pertoken_quant(x.reshape(-1, x.shape[-1]), quant_dtype=self.act_dtype)
+        if self.preshuffled:
+            y = self.ops.gemm_a8w8_bpreshuffle(xq, self.weight, xs, self.w_scale, dtype=self.out_dtype)
+            y = y if bias is None else y + bias.to(y.dtype)
+        else:
+            y = self.ops.gemm_a8w8(xq, self.weight, xs, self.w_scale, bias, dtype=self.out_dtype)
+        return y.reshape(*lead, self.n)
+
+
+class AiterFp8Kernel(_AiterW8A8Kernel):
+    """fp8 per-tensor/per-channel weights; e4m3fn checkpoints become e4m3fnuz on MI300 (FORMATS.md fact 7)."""
+
+    name = "aiter_fp8_w8a8"
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        w = spec.weight
+        if not isinstance(w, FloatWeight) or w.granularity is ScaleGranularity.BLOCK:
+            return False, f"needs a per-tensor/per-channel FloatWeight, got {type(w).__name__}"
+        if w.data.dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+            return False, f"weight dtype {w.data.dtype} is not e4m3"
+        return cls._ok(spec, platform, torch.float8_e4m3fn)
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> AiterFp8Kernel:
+        w: FloatWeight = spec.weight  # type: ignore[assignment]
+        fnuz = getattr(platform, "is_fp8_fnuz", lambda: False)()
+        if fnuz:
+            w = weight_to_fnuz(w)
+        n = w.shape[0]
+        scale = w.scale.reshape(-1).expand(n) if w.granularity is ScaleGranularity.TENSOR else w.scale
+        act = torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn
+        return cls(aiter_ops_of(platform), w.data, scale, act, spec.compute_dtype,  # type: ignore[arg-type]
+                   platform.device())
+
+
+class AiterInt8Kernel(_AiterW8A8Kernel):
+    """Symmetric per-channel int8 weights with per-token int8 activations (w8a8_int8, msModelSlim dynamic)."""
+
+    name = "aiter_int8_w8a8"
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        w = spec.weight
+        if not isinstance(w, IntWeight) or w.bits != 8 or w.codes.dtype != torch.int8:
+            return False, "needs an 8-bit IntWeight with int8 codes"
+        if w.group_size != w.shape[1] or w.zero is not None or w.offset is not None or w.g_idx is not None:
+            return False, "needs symmetric per-channel scales"
+        return cls._ok(spec, platform, torch.int8)
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> AiterInt8Kernel:
+        w: IntWeight = spec.weight  # type: ignore[assignment]
+        return cls(aiter_ops_of(platform), w.codes, w.scale.reshape(-1), torch.int8,  # type: ignore[arg-type]
+                   spec.compute_dtype, platform.device())
+
+
+AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel]
+
+# --- aiter section above (issue 8); Triton kernels shared with CUDA are appended here (issue 6) ---
+
+
+AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel]
