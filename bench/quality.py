@@ -33,7 +33,21 @@ from tests.helpers_smollm2 import (  # noqa: E402
     windows,
 )
 
-METHODS: dict[str, str | None] = {"fp32": None, "fp8 (online W8A8)": "fp8"}
+# name -> Engine keyword arguments selecting the method
+METHODS: dict[str, dict[str, str]] = {
+    "fp32": {},
+    "fp8 (online W8A8)": {"quantization": "fp8"},
+    "w8a8_fp8": {"quantization": "w8a8_fp8"},
+    "w8a8_int8": {"quantization": "w8a8_int8"},
+    "torchao int8wo": {"torchao_config": "int8wo"},
+    "torchao int8dq": {"torchao_config": "int8dq"},
+    "torchao fp8wo": {"torchao_config": "fp8wo"},
+    "torchao fp8dq-per_row": {"torchao_config": "fp8dq-per_row"},
+    "torchao fp8dq-per_tensor": {"torchao_config": "fp8dq-per_tensor"},
+    "torchao int4wo-64": {"torchao_config": "int4wo-64"},
+    "torchao int4wo-32": {"torchao_config": "int4wo-32"},
+    "yaml int8_w8a8.yaml": {"quantization_config_path": "int8_w8a8"},
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,38 +55,43 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--windows", type=int, default=16, help="number of windows (default 16: 8192 tokens)")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per window (context length)")
     ap.add_argument("--export-dir", default=str(DEFAULT_EXPORT_DIR))
+    ap.add_argument("--methods", default="", help="comma-separated subset of the method names (fp32 always runs)")
     args = ap.parse_args(argv)
+    chosen = {m: kw for m, kw in METHODS.items()
+              if m == "fp32" or not args.methods or m in args.methods.split(",")}
 
     path = export_hf_checkpoint(args.export_dir)
     ref_weights = load_file(str(Path(path) / "model.safetensors"))
-    engines = {m: Engine(model_path=path, quantization=q, max_total_tokens=args.ctx + 64, random_seed=0)
-               for m, q in METHODS.items()}
-    wins = windows(botchan_ids(engines["fp32"].tokenizer), args.windows, args.ctx)
-    stats = {m: {"nll": 0.0, "kl": 0.0, "top1": 0.0} for m in METHODS}
+    refs: list[torch.Tensor] = []
+    rows = []
     count = 0
     t0 = time.perf_counter()
-    for w in wins:
-        ref = None
-        for m, e in engines.items():
+    for m, kw in chosen.items():  # one engine at a time; fp32 first, its log-probs are the reference
+        e = Engine(model_path=path, max_total_tokens=args.ctx + 64, random_seed=0, **kw)
+        wins = windows(botchan_ids(e.tokenizer), args.windows, args.ctx)
+        s = {"nll": 0.0, "kl": 0.0, "top1": 0.0}
+        count = 0
+        for i, w in enumerate(wins):
             full = torch.log_softmax(full_logits(e, w), -1)
-            stats[m]["nll"] += nll_sum(full, w)
+            s["nll"] += nll_sum(full, w)
             lp = full[:-1]  # the predictions of tokens 1..L-1
-            ref = lp if ref is None else ref
-            stats[m]["kl"] += float(kl_rows(ref, lp).sum())
-            stats[m]["top1"] += float((ref.argmax(-1) == lp.argmax(-1)).sum())
-        count += len(w) - 1
-    secs = time.perf_counter() - t0
-
-    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32), botchan.txt: {len(wins)} windows x {args.ctx} tokens "
-          f"= {len(wins) * args.ctx} tokens, {count} predictions ({secs:.0f} s)")
-    print("| method | perplexity | mean KL vs fp32 (nats) | top-1 agreement | linear SQNR min / median (dB) |")
-    print("|---|---|---|---|---|")
-    for m, e in engines.items():
-        s = stats[m]
+            if m == "fp32":
+                refs.append(lp)
+            s["kl"] += float(kl_rows(refs[i], lp).sum())
+            s["top1"] += float((refs[i].argmax(-1) == lp.argmax(-1)).sum())
+            count += len(w) - 1
         sq = linear_sqnrs(e, ref_weights)
         sq_txt = f"{min(sq.values()):.1f} / {statistics.median(sq.values()):.1f}" if sq else "- (reference)"
-        print(f"| {m} | {ppl(s['nll'], count):.3f} | {s['kl'] / count:.5f} | {s['top1'] / count:.4f} | {sq_txt} |")
+        rows.append(f"| {m} | {ppl(s['nll'], count):.3f} | {s['kl'] / count:.5f} | {s['top1'] / count:.4f} "
+                    f"| {sq_txt} |")
+        del e
+    secs = time.perf_counter() - t0
 
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32), botchan.txt: {args.windows} windows x {args.ctx} tokens "
+          f"= {args.windows * args.ctx} tokens, {count} predictions ({secs:.0f} s)")
+    print("| method | perplexity | mean KL vs fp32 (nats) | top-1 agreement | linear SQNR min / median (dB) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
 
 if __name__ == "__main__":
     main()

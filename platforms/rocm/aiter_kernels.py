@@ -104,7 +104,6 @@ class AiterInt8Kernel(_AiterW8A8Kernel):
 
 AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel]
 
-# --- aiter section above (issue 8); Triton kernels shared with CUDA are appended here (issue 6) ---
 
 
 AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel]
