@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
 
 SCALED_MM_MIN_M = 64
+SKINNY_MAX_M = 4  # up to here fp8 weights go to the GEMV in skinny_fp8 (fp32 FMA, no tensor cores)
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
@@ -111,6 +112,10 @@ class TritonW8A8Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                      # [M, K]
         if self.use_scaled_mm and x2.shape[0] >= SCALED_MM_MIN_M:
             y = self._scaled_mm(x2)
+        elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES:
+            from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
+
+            y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
         else:
             y = w8a8_matmul(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
         if bias is not None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here: Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
+SKINNY_MAX_M = 4    # up to here: the GEMV in skinny_wna16 (fp32 FMA, no tensor cores)
 
 
 
@@ -58,6 +59,14 @@ def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None
     return packed, scale, (zero + _MAGIC).contiguous()
 
 
+def _skinny_why(w: IntWeight, container: int) -> str:
+    """'' when M <= SKINNY_MAX_M goes to the skinny GEMV, else why it stays on the tiled kernel."""
+    pack = 32 // container
+    if w.group_size < 2 * pack:
+        return f"group size {w.group_size} is smaller than {2 * pack}"
+    return 
+
+
 class TritonWNA16Kernel(LinearKernel):
     """W4A16/W8A16: int codes dequantized in registers, fp16/bf16 activations, fp32 accumulation."""
 
@@ -70,6 +79,11 @@ class TritonWNA16Kernel(LinearKernel):
         self.container = container
         self.perm = perm
         self.group = spec.weight.group_size
+        w = spec.weight
+        # zero points: a [G, N] array only when the checkpoint has them; else one constant (the sign bias)
+        self.skinny_zero = zero if w.zero is not None else None
+        self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
+        self.skinny_why = _skinny_why(w, container)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -106,7 +120,12 @@ class TritonWNA16Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                    # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        if x2.shape[0] >= DEQUANT_MIN_M:
+        if x2.shape[0] <= SKINNY_MAX_M and not self.skinny_why:
+            from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
+
+            y = skinny_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, self.container,
+                             zero_const=self.zero_const)
+        elif x2.shape[0] >= DEQUANT_MIN_M:
             w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype)
             y = torch.nn.functional.linear(x2, w.t())                          # w: [K, N] -> [M, N]
         else:
