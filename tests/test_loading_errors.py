@@ -83,7 +83,7 @@ def test_missing_model_path_says_no_hub(tmp_path):
 
 def test_unbuilt_quantization_is_refused(ckpt):
     with pytest.raises(NotSupportedYet, match="is not supported yet"):
-        Engine(model_path=str(ckpt), quantization="awq")
+        Engine(model_path=str(ckpt), quantization="qoq")
 
 
 def test_unknown_quantization_lists_options(ckpt):
@@ -104,7 +104,7 @@ def test_gguf_flag_on_a_safetensors_directory(ckpt):
 
 def test_checkpoint_with_an_unbuilt_method_is_recognised_and_refused(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}
+    cfg["quantization_config"] = {"quant_method": "qoq", "wbits": 4, "group_size": 128}
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NotSupportedYet, match="'awq' is recognised but not supported yet"):
+    with pytest.raises(NotSupportedYet, match="'qoq' is recognised but not supported yet"):
         Engine(model_path=str(ckpt), max_total_tokens=256)
