@@ -1,6 +1,7 @@
 """Built-in checkpoint formats. Importing this package registers them (one module per method)."""
 
 from quantrt.quant.formats import (  # noqa: F401
+    auto_round,
     awq,
     compressed_tensors,
     fp8,
