@@ -70,8 +70,8 @@ def test_build_format() -> None:
     online = build_format("fp8", {})
     assert isinstance(online, Fp8Format) and not online.serialized
     assert build_format("fp8", FP8).serialized
-    with pytest.raises(NotSupportedYet, match=r"^quantization method 'bitsandbytes' is recognised but not supported yet "
+    with pytest.raises(NotSupportedYet, match=r"^quantization method 'qoq' is recognised but not supported yet "
                                               r"\(supported: .*fp8.*\)$"):
-        build_format("bitsandbytes", {"quant_method": "bitsandbytes"})
+        build_format("qoq", {"quant_method": "qoq"})
     with pytest.raises(ConfigError, match="invalid quantization method 'nope'"):
         build_format("nope", {})

@@ -188,7 +188,6 @@ def test_gguf_needs_a_gguf_file() -> None:
     ({"fp4_gemm_backend": "flashinfer_cutlass"}, "--fp4-gemm-backend 'flashinfer_cutlass'"),
     ({"load_format": "bitsandbytes"}, "--load-format 'bitsandbytes'"),
     ({"load_format": "dummy"}, "--load-format 'dummy'"),
-    ({"quantization": "bitsandbytes"}, "--quantization 'bitsandbytes'"),
 ])
 def test_not_supported_yet(kwargs: dict, flag: str) -> None:
     with pytest.raises(NotSupportedYet) as exc:

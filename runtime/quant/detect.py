@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 CHECKPOINT_ONLY_METHODS: tuple[str, ...] = ("blockwise_int8", "fbgemm_fp8")
 KNOWN_METHODS: tuple[str, ...] = QUANTIZATION_CHOICES + CHECKPOINT_ONLY_METHODS
 # Methods that quantize a float checkpoint at load time (valid on an unquantized checkpoint).
-ONLINE_METHODS = frozenset({"fp8", "mxfp8", "quark_int4fp8_moe", "w8a8_int8", "w8a8_fp8"})
+ONLINE_METHODS = frozenset({"bitsandbytes", "fp8", "mxfp8", "quark_int4fp8_moe", "w8a8_int8", "w8a8_fp8"})
 # (cli, checkpoint) pairs where the CLI value wins (FORMATS.md §1.3 step 5).
 ALLOWED_CLI_OVERRIDES = frozenset({
     ("modelopt_fp8", "modelopt"), ("modelopt_fp4", "modelopt"), ("petit_nvfp4", "modelopt"),

@@ -3,6 +3,7 @@
 from quantrt.quant.formats import (  # noqa: F401
     auto_round,
     awq,
+    bitsandbytes,
     compressed_tensors,
     fp8,
     gguf,
