@@ -151,7 +151,7 @@ def test_env_json_in_process() -> None:
     assert main(["env", "--json", "--device", "cpu"], stdout=out, stderr=io.StringIO()) == 0
     info = json.loads(out.getvalue())
     assert {"platform", "quantization", "quantization_not_built_yet", "torch", "quantrt", "python"} <= set(info)
-    assert "fp8" in info["quantization"] and "awq" in info["quantization_not_built_yet"]
+    assert "fp8" in info["quantization"] and "qoq" in info["quantization_not_built_yet"]
     assert info["platform"]["platform"] == "cpu" and "reference" in info["platform"]["linear_kernels"]
 
 
