@@ -1,4 +1,4 @@
-"""Skinny-M (M <= 4) W4A16/W8A16 GEMV in Triton: streams packed int codes once, no tensor cores.
+"""Skinny-M (M <= 4; dispatched at M == 1) W4A16/W8A16 GEMV in Triton: streams packed int codes once, no tensor cores.
 
 Imported lazily (needs triton). Same weight layout as `wna16_triton` (made by `pack_int_weight`):
 packed [K/PACK, N] int32 with k = PACK*j + i in bits [BITS*i, BITS*i + BITS) of row j, scale [G, N]
@@ -108,7 +108,6 @@ def _skinny_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
         kmask = prow * PACK < K
         p = tl.load(p_ptr + prow[:, :, None] * N + n2[None, :, :],
                     mask=kmask[:, :, None] & mask_n[None, None, :], other=0)  # [NG, GR, BN]
-        ps = p >> 16
         gofs = ((k0 + offs_g * GT) // G)[:, None] * N + n2     # [NG, BN]
         gmask = ((k0 + offs_g * GT) < K)[:, None] & mask_n[None, :]
         s = tl.load(s_ptr + gofs, mask=gmask, other=0.0)
@@ -120,13 +119,13 @@ def _skinny_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
         t1 = tl.zeros([NG, GR, BN], dtype=tl.float32)
         t2 = tl.zeros([NG, GR, BN], dtype=tl.float32)
         t3 = tl.zeros([NG, GR, BN], dtype=tl.float32)
-        for j in tl.static_range(HALF):
-            cj = (8388608.0 + zc * (1 << (BITS * j)))[:, None, :]
-            for h in tl.static_range(2):
-                if h == 0:
-                    v = _dq(p, cj, j, BITS)
-                else:
-                    v = _dq(ps, cj, j, BITS)
+        for h in tl.static_range(2):                           # low, then high 16 bits of each word
+            if h == 0:
+                src = p
+            else:
+                src = p >> 16
+            for j in tl.static_range(HALF):
+                v = _dq(src, (8388608.0 + zc * (1 << (BITS * j)))[:, None, :], j, BITS)
                 kx = prow * PACK + (h * HALF + j)                # [NG, GR] k of this code
                 t0 += v * _xrow(x_ptr, kx, kmask, j, BITS)
                 if M > 1:
@@ -154,8 +153,9 @@ def _skinny_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
 
 
 def default_config(m: int, n: int, k: int, bits: int) -> SkinnyConfig:
-    """Tiles for the H100 (see docs/PERFORMANCE.md)."""
-    return SkinnyConfig(128, 512 if bits == 4 else 256, 0, 4, 1, 2)
+    """Tiles from the H100 sweep (`bench/kernels.py --skinny-sweep`, docs/PERFORMANCE.md): BN 128, BK 256,
+    4 warps, split-K for ~8 programs per SM (8192² 25.2 us, 4096x28672 38.5 us, 14336x4096 22.4 us)."""
+    return SkinnyConfig(128, 256, 0, 4, 1, 2)
 
 
 def _tile_group(group: int, block_k: int) -> tuple[int, int]:
@@ -194,8 +194,8 @@ def skinny_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     n_tiles = cdiv(n, cfg.block_n)
     k_steps = cdiv(k, bk)
     split = cfg.split_k
-    if split == 0:  # about four programs per SM
-        split = max(1, min(k_steps, cdiv(4 * num_sms(x.device.index or 0), n_tiles)))
+    if split == 0:  # about eight programs per SM
+        split = max(1, min(k_steps, cdiv(8 * num_sms(x.device.index or 0), n_tiles)))
     k_per_split = cdiv(k_steps, split) * bk
     split = cdiv(k, k_per_split)
     reduce = 0 if split == 1 else cfg.reduce

@@ -113,7 +113,10 @@ def w8a8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: in
     if block is None:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
         bn = 64 if m <= 64 else 128
-        block = (bm, bn, 256 if m <= 16 else 128, 4 if m <= 64 else 8, 0 if m <= 64 else 1)
+        if m <= 16 and act == 3:  # weight-only: 28.2 vs 32.8 us at 8192², M=16 (H100 sweep)
+            bn = 32
+        bk = 512 if m <= 16 and act == 3 else 256 if m <= 16 else 128
+        block = (bm, bn, bk, 4 if m <= 64 else 8, 0 if m <= 64 else 1)
     bm, bn, bk, warps, split = block
     if act == 1 or wscale == 2:
         bk = 128
