@@ -104,3 +104,39 @@ def test_recognised_methods_not_built_are_refused_not_misloaded():
     assert {"fp8", "w8a8_int8", "w8a8_fp8", "compressed-tensors", "torchao", "yaml_rules"} <= built
     with pytest.raises(NotSupportedYet, match="'qoq' is recognised but not supported yet"):
         build_format("qoq", {"quant_method": "qoq"})
+
+
+class _FakeCuda:
+    name = "cuda"
+
+    def __init__(self, cap: int):
+        from quantrt.platform.interface import DeviceCapability
+
+        self.cap = DeviceCapability(cap // 10, cap % 10)
+
+    def capability(self):
+        return self.cap
+
+
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
+
+
+def test_awq_and_gptq_marlin_overrides():
+    from quantrt.quant.detect import _awq_marlin_override, _gptq_marlin_override
+
+    h100, t4 = _FakeCuda(90), _FakeCuda(75)
+    assert _awq_marlin_override("awq", AWQ, None, h100) == "awq_marlin"
+    assert _awq_marlin_override("awq", AWQ, "marlin", h100) == "awq_marlin"
+    assert _awq_marlin_override("awq", AWQ, "awq", h100) is None             # explicit awq keeps awq
+    assert _awq_marlin_override("awq", AWQ, None, t4) is None                # SM < 80
+    assert _awq_marlin_override("awq", {**AWQ, "zero_point": False}, None, h100) is None
+    assert _awq_marlin_override("awq", {**AWQ, "group_size": 256}, None, h100) is None
+    assert _gptq_marlin_override("gptq", GPTQ, None, h100) == "gptq_marlin"
+    assert _gptq_marlin_override("gptq", GPTQ, "gptq", h100) is None
+    assert _gptq_marlin_override("gptq", {**GPTQ, "sym": False}, None, h100) is None  # asymmetric never
+    assert _gptq_marlin_override("gptq", {**GPTQ, "checkpoint_format": "marlin"}, None, h100) is None
+    assert _gptq_marlin_override("gptq", {**GPTQ, "bits": 3}, None, h100) is None
+    # on this CPU-only machine detection keeps the plain methods
+    assert detect_quantization("m", {"quantization_config": AWQ}, None)[0] == "awq"
+    assert detect_quantization("m", {"quantization_config": GPTQ}, None)[0] == "gptq"

@@ -121,7 +121,51 @@ def _modelopt_override(method: str, qcfg: QuantConfig, cli: str | None) -> str |
     return None
 
 
-OVERRIDES: list[Override] = [_modelopt_override]
+MARLIN_GROUPS = (-1, 32, 64, 128)
+
+
+def _marlin_platform(platform: Any = None) -> bool:
+    """True on CUDA with SM >= 80 (where SGLang's Marlin kernels run). Asks the platform, never the device."""
+    if platform is None:
+        try:
+            from quantrt.platform import current_platform
+
+            platform = current_platform()
+        except Exception:  # noqa: BLE001  (no platform resolvable: no override)
+            return False
+    if getattr(platform, "name", None) != "cuda":
+        return False
+    cap = platform.capability()
+    return cap is None or cap.to_int() >= 80
+
+
+def _awq_marlin_override(method: str, qcfg: QuantConfig, cli: str | None, platform: Any = None) -> str | None:
+    """awq -> awq_marlin on CUDA for 4-bit checkpoints with zero points and Marlin group sizes, unless the
+    CLI asks for plain `awq` (FORMATS.md §1.3 override table)."""
+    if method != "awq" or cli not in (None, "marlin", "awq_marlin"):
+        return None
+    if not all(k in qcfg for k in ("bits", "group_size", "zero_point")):
+        return None
+    if qcfg["bits"] != 4 or not qcfg["zero_point"] or qcfg["group_size"] not in MARLIN_GROUPS:
+        return None
+    return "awq_marlin" if _marlin_platform(platform) else None
+
+
+def _gptq_marlin_override(method: str, qcfg: QuantConfig, cli: str | None, platform: Any = None) -> str | None:
+    """gptq -> gptq_marlin on CUDA for symmetric 4/8-bit checkpoints not already in Marlin format;
+    an explicit `--quantization gptq` keeps gptq; asymmetric GPTQ never converts."""
+    if method != "gptq" or cli not in (None, "marlin", "gptq_marlin"):
+        return None
+    if qcfg.get("checkpoint_format") == "marlin" or qcfg.get("is_marlin_format"):
+        return None
+    if (qcfg.get("bits"), qcfg.get("sym")) not in ((4, True), (8, True)):
+        return None
+    if qcfg.get("group_size", -1) not in MARLIN_GROUPS:
+        return None
+    return "gptq_marlin" if _marlin_platform(platform) else None
+
+
+OVERRIDES: list[Override] = [_modelopt_override, _awq_marlin_override, _gptq_marlin_override]
 
 
 def find_checkpoint_quant_config(model_path: str, hf_config: dict[str, Any]) -> tuple[QuantConfig, str] | None:
