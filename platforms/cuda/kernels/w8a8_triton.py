@@ -113,9 +113,10 @@ def w8a8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: in
     if block is None:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
         bn = 64 if m <= 64 else 128
-        if m <= 16 and act == 3:  # weight-only: 28.2 vs 32.8 us at 8192², M=16 (H100 sweep)
+        narrow = m <= 16 and act == 3 and n <= 16384  # weight-only: 27.9 vs 32.5 us at 8192², M=16 (H100);
+        if narrow:                                    # at N=28672, M=2-8 it was 61.5 vs 49.5 us: kept 64x256
             bn = 32
-        bk = 512 if m <= 16 and act == 3 else 256 if m <= 16 else 128
+        bk = 512 if narrow else 256 if m <= 16 else 128
         block = (bm, bn, bk, 4 if m <= 64 else 8, 0 if m <= 64 else 1)
     bm, bn, bk, warps, split = block
     if act == 1 or wscale == 2:
