@@ -60,8 +60,12 @@ class WeightRouter:
                 return m.claim(name, t, self.fmt)
         return False
 
-    def _complete(self, m: QuantLinear) -> bool:
-        return all(self.needed[(id(m), i)][0] <= d.keys() for i, d in enumerate(self.pending[id(m)]))
+    def _complete(self, m: QuantLinear, with_optional: bool = True) -> bool:
+        """Every required tensor arrived (and, while streaming, every optional one too: an optional
+        tensor may still come later in the file, so such layers are built in finish())."""
+        return all(self.needed[(id(m), i)][0] <= d.keys()
+                   and (not with_optional or self.needed[(id(m), i)][1] <= d.keys())
+                   for i, d in enumerate(self.pending[id(m)]))
 
     def add(self, name: str, t: torch.Tensor) -> None:
         if name in self.params:
@@ -83,6 +87,9 @@ class WeightRouter:
         if suffix not in req and suffix not in opt:
             raise CheckpointError(f"unexpected tensor {name}: {m.shard_prefix(i)} expects "
                                   f"{', '.join(sorted(req | opt))}")
+        if id(m) not in self.pending:
+            raise CheckpointError(f"tensor {name} arrives after {m.shard_prefix(i)} was complete "
+                                  "(it appears twice in the checkpoint)")
         shard = self.pending[id(m)][i]
         if suffix in shard:
             raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
@@ -94,6 +101,9 @@ class WeightRouter:
     def finish(self) -> None:
         missing = [n for n in self.params if n not in self.seen_params]
         missing += [n for m in self.moe.values() for n in m.missing()]
+        for m in [m for m in self.layers.values() if self._complete(m, with_optional=False)]:
+            m.load(self.pending.pop(id(m)), self.fmt, self.platform, self.dtype)
+            del self.layers[id(m)]
         for m in self.layers.values():
             for i, d in enumerate(self.pending[id(m)]):
                 missing += [f"{m.shard_prefix(i)}.{s}" for s in sorted(self.needed[(id(m), i)][0] - d.keys())]
