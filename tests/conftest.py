@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is first decorated, and several libraries (bitsandbytes,
+# our ROCm kernels) import triton while tests are collected: set it before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers_models import ARCHS, build_model, build_tokenizer
 
