@@ -94,3 +94,23 @@ def build_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0):
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return model.eval()
+
+
+def max_prompt_logprob_diff(engine, hf_model, weights: dict[str, torch.Tensor], ids: list[int]) -> float:
+    """Largest |log p| difference over every prompt position and every vocabulary entry between the
+    engine and `hf_model` with `weights` (e.g. a producer's dequantized tensors) swapped in."""
+    sd = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    sd.update(weights)
+    ref_model = type(hf_model)(hf_model.config).eval()
+    ref_model.load_state_dict(sd)
+    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                          logprob_start_len=0, top_logprobs_num=engine.config.vocab_size)
+    with torch.no_grad():
+        ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].double(), -1)
+    worst = 0.0
+    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
+        ours = torch.full_like(ref[pos], float("nan"))
+        for lp, tok, _ in tops:
+            ours[tok] = lp
+        worst = max(worst, float((ours - ref[pos]).abs().max()))
+    return worst

@@ -18,6 +18,7 @@ from quantrt.engine.engine import Engine
 from quantrt.errors import ConfigError, NotSupportedYet
 from quantrt.layers.linear import QuantLinear
 from quantrt.quant.format import get_format
+from tests.helpers_models import max_prompt_logprob_diff
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".cache" / "venvs" / "autoround"
@@ -131,22 +132,7 @@ def test_autoround_checkpoint_matches_autoround(produced, tiny_models, job, sub,
     for p, w in ours.items():
         assert torch.equal(w, qdq[f"{p}.weight"]), p                            # bit-exact
     # logits vs transformers on auto-round's dequantized weights
-    hf = tiny_models["llama"][1]
-    sd = {k: v.clone() for k, v in hf.state_dict().items()}
-    sd.update(qdq)
-    ref_model = type(hf)(hf.config).eval()
-    ref_model.load_state_dict(sd)
-    ids = list(range(5, 37))
-    out = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True,
-                       logprob_start_len=0, top_logprobs_num=eng.config.vocab_size)
-    with torch.no_grad():
-        ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].double(), -1)
-    worst = 0.0
-    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        ours_lp = torch.full_like(ref[pos], float("nan"))
-        for lp, tok, _ in tops:
-            ours_lp[tok] = lp
-        worst = max(worst, float((ours_lp - ref[pos]).abs().max()))
+    worst = max_prompt_logprob_diff(eng, tiny_models["llama"][1], qdq, list(range(5, 37)))
     assert worst < 1e-3, worst
 
 

@@ -16,6 +16,7 @@ from quantrt.layers.linear import QuantLinear
 from quantrt.quant.format import get_format
 from quantrt.quant.formats.bitsandbytes import quantize_nf4
 from quantrt.quant.weights import CodebookWeight
+from tests.helpers_models import max_prompt_logprob_diff
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -83,22 +84,7 @@ def test_bnb_checkpoint_through_engine(produced, tiny_models, name):
     assert eng.quant_method == "bitsandbytes"
     layers = [m for m in eng.model.modules() if isinstance(m, QuantLinear)]
     assert sum(m.is_quantized for m in layers) == 8 and not layers[-1].is_quantized  # lm_head float
-    hf = tiny_models["llama"][1]
-    sd = {k: v.clone() for k, v in hf.state_dict().items()}
-    sd.update(deq)
-    ref_model = type(hf)(hf.config).eval()
-    ref_model.load_state_dict(sd)
-    ids = list(range(5, 37))
-    out = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True,
-                       logprob_start_len=0, top_logprobs_num=eng.config.vocab_size)
-    with torch.no_grad():
-        ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].double(), -1)
-    worst = 0.0
-    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        ours = torch.full_like(ref[pos], float("nan"))
-        for lp, tok, _ in tops:
-            ours[tok] = lp
-        worst = max(worst, float((ours - ref[pos]).abs().max()))
+    worst = max_prompt_logprob_diff(eng, tiny_models["llama"][1], deq, list(range(5, 37)))
     # 4-bit: dequantized once in fp32 (exact); int8: the packed op rounds activations to bf16
     assert worst < (5e-2 if name == "int8" else 1e-3), worst
 
