@@ -8,7 +8,6 @@ import torch
 
 from quantrt.demo_model import default_model_path
 from quantrt.engine.engine import Engine
-from quantrt.errors import QuantrtError
 from tests.helpers_smollm2 import botchan_ids, export_hf_checkpoint, full_logits, kl_rows
 
 pytestmark = pytest.mark.slow
@@ -25,10 +24,7 @@ QUESTION = " What is the secret pass key? The secret pass key is"
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> str:
-    try:
-        gguf = default_model_path()
-    except QuantrtError as e:
-        pytest.skip(str(e))
+    gguf = default_model_path()  # the setup script installs it; a missing model must fail, not skip
     return export_hf_checkpoint(tmp_path_factory.mktemp("smollm2_kv"), gguf)
 
 

@@ -1,7 +1,7 @@
 """The Platform interface: everything the runtime may ask about the device it runs on.
 
-The runtime never touches torch.cuda or a vendor SDK; it asks the active Platform. Each device package
-(quantrt.platforms.<name>) subclasses Platform. Keep it small: device, count, memory, capability,
+The runtime never touches a device runtime or a vendor SDK directly; it asks the active Platform.
+Each device package (quantrt.platforms.<name>) subclasses Platform. Keep it small: device, count, memory, capability,
 synchronize, dist backend, dtypes, kernels, attention backends, graph runner, config checks.
 """
 

@@ -1,6 +1,6 @@
 """msModelSlim (Ascend) checkpoints: `quant_model_description.json` maps each tensor name to a type string
 (FORMATS.md §2.13). Runs on the reference path everywhere, so an Ascend checkpoint validates on CPU;
-the Ascend kernels (quantrt.platforms.ascend.kernels) serve the same canonical weights through torch_npu.
+the Ascend kernels (quantrt.platforms.ascend.kernels) serve the same canonical weights through the NPU adapter.
 
 Linear types and their meaning (what the NPU computes, written as float math):
 - W8A8 (static): x_q = clamp(round(x / input_scale) + input_offset, -128, 127);
@@ -11,6 +11,10 @@ Linear types and their meaning (what the NPU computes, written as float math):
 - W8A8_DYNAMIC / W4A4_DYNAMIC: per-token symmetric int8 / int4 activations (npu_dynamic_quant) and
   per-channel weights w = (W - weight_offset) * weight_scale (int4 values held in int8).
 - W8A16: weight-only per-channel int8 (npu_weight_quant_batchmatmul).  FLOAT: unquantized.
+
+Anti-outlier checkpoints (msModelSlim's outlier suppression) also list `<norm>.bias` (e.g.
+`model.layers.0.input_layernorm.bias`): that RMSNorm computes rmsnorm(x) * w + b. Only the norms the
+description names get a bias, and each of them must then find its tensor (norm_biases()).
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ class ModelSlimFormat(QuantFormat):
     def describe(self) -> str:
         kinds = sorted({v for k, v in self.desc.items() if k.endswith("proj.weight") and isinstance(v, str)})
         return f"modelslim ({self.desc.get('model_quant_type', '/'.join(kinds) or 'FLOAT')})"
+
+    def norm_biases(self) -> frozenset[str]:
+        return frozenset(k[: -len(".bias")] for k in self.desc if k.endswith("norm.bias"))
 
     def layer_type(self, prefix: str) -> str:
         """The description's type string for `prefix.weight` (lm_head absent from it = FLOAT)."""
