@@ -1,11 +1,17 @@
 """Decode throughput on CPU, SmolLM2-135M-Instruct: quantrt vs transformers `generate`, same run.
 
-    python bench/decode.py [--quick] [--json out.json] [--profile] [--skip-bf16]
+    python bench/decode.py [--quick] [--json out.json] [--profile] [--skip-bf16] [--configs NAMES]
+                           [--llamacpp-venv .cache/venvs/llamacpp]
 
 Every row: greedy decoding of `--new` tokens (ignore EOS) after an 8-token prompt, batch 1 and 16,
 one warm-up per (config, batch). `tok/s` = batch*new / time, prefill included. `steady` is the
 prefill-free step time, (time(new) - time(short)) / (new - short). `ratio` compares tok/s with
 HF fp32 at the same batch; `same` is the share of rows whose tokens equal HF fp32's.
+
+Peer row "llama.cpp (gguf)": when the llama-cpp-python venv exists (a benchmark-only dependency,
+built from the PyPI sdist: see docs/PERFORMANCE.md), llama.cpp runs the same GGUF in a subprocess of
+that venv (bench/_llamacpp_peer.py): batch 1 only, same 8 prompt ids, greedy, EOS ignored,
+n_threads = torch's thread count, same warm-up / best-of / steady rules.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +34,8 @@ from _smollm2_export import export_smollm2  # noqa: E402
 
 from quantrt.demo_model import default_model_path  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LLAMACPP_VENV = REPO_ROOT / ".cache" / "venvs" / "llamacpp"
 PROMPT_LEN = 8
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on a warm windowsill and the "
         "birds sing in the old oak tree near the river that flows quietly toward the distant sea.")
@@ -90,6 +99,39 @@ def bench_config(name: str, gen: Generate, tok, args, rows: list[dict], ref: dic
               f"steady {row['steady_ms_per_step']:7.1f} ms", flush=True)
 
 
+def wanted(args, name: str) -> bool:
+    return not args.configs or name in args.configs
+
+
+def bench_llamacpp(gguf: str, tok, args, rows: list[dict], ref: dict) -> None:
+    """Batch-1 llama.cpp row from a subprocess in the llama-cpp-python venv (skipped if it is absent)."""
+    py = Path(args.llamacpp_venv) / "bin" / "python"
+    if 1 not in args.batches:
+        return
+    if not py.is_file():
+        print(f"  llama.cpp: no venv at {args.llamacpp_venv}, row skipped", flush=True)
+        return
+    spec = {"ids": prompts(tok, 1)[0], "new": args.new, "short": args.short, "repeats": args.repeats,
+            "threads": torch.get_num_threads()}
+    res = subprocess.run([str(py), str(Path(__file__).with_name("_llamacpp_peer.py")), gguf, json.dumps(spec)],
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        print(f"  llama.cpp failed (rc {res.returncode}): {res.stderr[-2000:]}", flush=True)
+        return
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"  llama.cpp {out['version']}: {out['system_info']}", flush=True)
+    t_long, t_short = out["t_long"], out["t_short"]
+    row = {"config": "llama.cpp (gguf)", "batch": 1, "seconds": t_long, "tok_s": args.new / t_long,
+           "ms_per_step": 1e3 * t_long / args.new,
+           "steady_ms_per_step": 1e3 * (t_long - t_short) / (args.new - args.short),
+           "same_as_hf_fp32": float(out["tokens"] == ref[1][0]) if 1 in ref else None,
+           "llama_cpp_version": out["version"], "tokens": out["tokens"]}
+    row["steady_tok_s"] = 1e3 / row["steady_ms_per_step"]
+    rows.append(row)
+    print(f"  {'llama.cpp (gguf)':22s} bs=1   {row['tok_s']:8.1f} tok/s  {row['ms_per_step']:7.1f} ms/step  "
+          f"steady {row['steady_ms_per_step']:7.1f} ms", flush=True)
+
+
 def run_all(args) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
@@ -98,20 +140,28 @@ def run_all(args) -> list[dict]:
     rows: list[dict] = []
     ref: dict[int, list[list[int]]] = {}
     folder, fname = str(Path(gguf).parent), Path(gguf).name
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
+    hf = None
+    if wanted(args, "hf fp32") or wanted(args, "hf bf16"):
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
     gen, tok, close = quantrt_generate(gguf)  # its tokenizer serves every config
-    bench_config("hf fp32", hf_generate(hf), tok, args, rows, ref)
-    bench_config("quantrt fp32 (gguf)", gen, tok, args, rows, ref)
+    if wanted(args, "hf fp32"):
+        bench_config("hf fp32", hf_generate(hf), tok, args, rows, ref)
+    if wanted(args, "quantrt fp32 (gguf)"):
+        bench_config("quantrt fp32 (gguf)", gen, tok, args, rows, ref)
     close()
     configs: list[tuple[str, dict]] = [("quantrt fp32 (export)", {}), ("quantrt fp8 (export)", {"quantization": "fp8"})]
     if not args.skip_bf16:
         configs.append(("quantrt bf16 (gguf)", {"dtype": "bfloat16", "path": gguf}))
     for name, kw in configs:
+        if not wanted(args, name):
+            continue
         gen, _, close = quantrt_generate(kw.pop("path", export), **kw)
         bench_config(name, gen, tok, args, rows, ref)
         close()
         gc.collect()
-    if not args.skip_bf16:
+    if wanted(args, "llama.cpp (gguf)"):
+        bench_llamacpp(gguf, tok, args, rows, ref)
+    if not args.skip_bf16 and wanted(args, "hf bf16"):
         bench_config("hf bf16", hf_generate(hf.to(torch.bfloat16)), tok, args, rows, ref)
     return rows
 
@@ -158,8 +208,15 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r["batch"]):
         same = "-" if r["same_as_hf_fp32"] is None else f"{100 * r['same_as_hf_fp32']:.0f}%"
+        ratio = f"{r['tok_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
         print(f"| {r['config']} | {r['batch']} | {r['tok_s']:.1f} | {r['ms_per_step']:.1f} | "
-              f"{r['steady_ms_per_step']:.1f} | {r['steady_tok_s']:.1f} | {r['tok_s'] / base[r['batch']]:.2f}x | {same} |")
+              f"{r['steady_ms_per_step']:.1f} | {r['steady_tok_s']:.1f} | {ratio} | {same} |")
+    peer = {r["batch"]: r for r in rows if r["config"] == "llama.cpp (gguf)"}
+    for r in rows:
+        if r["config"].startswith("quantrt bf16") and r["batch"] in peer:
+            p = peer[r["batch"]]
+            print(f"quantrt bf16 (native Q4_1) vs llama.cpp, batch {r['batch']}: {r['tok_s'] / p['tok_s']:.2f}x tok/s, "
+                  f"{p['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady")
 
 
 def main() -> None:
@@ -170,6 +227,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="best of N timings")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--configs", type=lambda s: [c.strip() for c in s.split(",")], default=None,
+                   help="comma-separated subset of row names, e.g. 'quantrt bf16 (gguf),llama.cpp (gguf)'")
+    p.add_argument("--llamacpp-venv", default=str(LLAMACPP_VENV), help="venv holding llama-cpp-python")
     p.add_argument("--profile", action="store_true", help="also split quantrt fp32 step time (torch.profiler)")
     p.add_argument("--json", type=Path, help="write rows (and profile) here")
     args = p.parse_args()

@@ -4,7 +4,11 @@ For each method: perplexity, mean KL(fp32 || method) of next-token distributions
 fp32, and output SQNR of every quantized linear on random inputs (min / median).
 Windows are non-overlapping, `--ctx` tokens each, starting at token 0; each is one independent context.
 
-    .venv/bin/python bench/quality.py [--windows 16] [--ctx 512]
+    .venv/bin/python bench/quality.py [--windows 16] [--ctx 512] [--dtype float32|bfloat16]
+
+The fp32 reference always runs in float32; `--dtype` sets the compute dtype of the other rows (with
+bfloat16, "none (bfloat16)" is the unquantized bf16 row and 4-bit/8-bit weights run through torch's
+packed int4/int8 CPU ops). After the table, each method's float-kept linears and kernels are listed.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ METHODS: dict[str, dict[str, str]] = {
     "torchao fp8dq-per_tensor": {"torchao_config": "fp8dq-per_tensor"},
     "torchao int4wo-64": {"torchao_config": "int4wo-64"},
     "torchao int4wo-32": {"torchao_config": "int4wo-32"},
+    "torchao int4wo-128": {"torchao_config": "int4wo-128"},
+    "none (bfloat16)": {"dtype": "bfloat16"},
     "yaml int8_w8a8.yaml": {"quantization_config_path": "int8_w8a8"},
 }
 
@@ -56,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=512, help="tokens per window (context length)")
     ap.add_argument("--export-dir", default=str(DEFAULT_EXPORT_DIR))
     ap.add_argument("--methods", default="", help="comma-separated subset of the method names (fp32 always runs)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype of every row except the fp32 reference")
     args = ap.parse_args(argv)
     chosen = {m: kw for m, kw in METHODS.items()
               if m == "fp32" or not args.methods or m in args.methods.split(",")}
@@ -64,10 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     ref_weights = load_file(str(Path(path) / "model.safetensors"))
     refs: list[torch.Tensor] = []
     rows = []
+    notes = []
     count = 0
     t0 = time.perf_counter()
     for m, kw in chosen.items():  # one engine at a time; fp32 first, its log-probs are the reference
+        kw = dict(kw)
+        if m != "fp32":
+            kw.setdefault("dtype", args.dtype)
         e = Engine(model_path=path, max_total_tokens=args.ctx + 64, random_seed=0, **kw)
+        if m != "fp32":
+            notes.append(f"- {m}: {layer_summary(e)}")
         wins = windows(botchan_ids(e.tokenizer), args.windows, args.ctx)
         s = {"nll": 0.0, "kl": 0.0, "top1": 0.0}
         count = 0
@@ -92,6 +106,26 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | perplexity | mean KL vs fp32 (nats) | top-1 agreement | linear SQNR min / median (dB) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    print(f"\nrows other than fp32 run with --dtype {args.dtype}; linears per method:")
+    print("\n".join(notes))
+
+
+def layer_summary(engine) -> str:
+    """Quantized vs float-kept QuantLinears (by shard name and K) and the kernels chosen."""
+    from collections import Counter
+
+    from quantrt.layers.linear import QuantLinear
+
+    quant, dense, kernels = Counter(), Counter(), Counter()
+    for layer in engine.model.modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        name = "+".join(s for s, _ in layer.shards) + f" (K={layer.in_features})"
+        (quant if layer.is_quantized else dense)[name] += 1
+        if layer.is_quantized:
+            kernels[layer.kernel_desc] += 1
+    fmt = lambda c: ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+    return f"quantized: {fmt(quant)}; float: {fmt(dense)}; kernels: {fmt(kernels)}"
 
 if __name__ == "__main__":
     main()
