@@ -263,3 +263,33 @@ def test_skinny_wna16_native(m):
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.bfloat16)
     y = skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, 128, 4, zero_const=kern.zero_const)
     assert rel_err(y, x.float() @ w.dequantize().t()) < 1e-2
+
+
+@pytest.mark.parametrize("m,group,asym,dtype,cfg", [
+    (1, 128, False, torch.float16, (64, 128, 0, 4, 1, 4, True)), (5, 256, True, torch.bfloat16, (64, 128, 2, 4, 1, 4, True)),
+    (16, 64, True, torch.float16, (64, 64, 0, 4, 1, 4, False))])
+def test_tc_wna16(m, group, asym, dtype, cfg):
+    """Tensor-core small-M W4A16 (plain-Triton unpack under the interpreter) vs the dequantized weight."""
+    from quantrt.platforms.cuda.kernels.tc_wna16 import TcConfig, tc_wna16
+
+    gen = torch.Generator().manual_seed(m + group)
+    w = make_int_weight(128, 512, 4, group, asym, False, gen)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
+    x = torch.randn(m, 512, generator=gen).to(DEV, dtype)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(*cfg))
+    # bf16 casts in the interpreter truncate (no round-to-nearest): looser there
+    assert rel_err(y, x.float() @ w.dequantize().float().t()) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [2, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tc_wna16_native(m, dtype):
+    from quantrt.platforms.cuda.kernels.tc_wna16 import tc_wna16
+
+    gen = torch.Generator().manual_seed(m)
+    w = make_int_weight(4096, 4096, 4, 128, True, False, gen)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
+    x = torch.randn(m, 4096, generator=gen).to(DEV, dtype)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128)
+    assert rel_err(y, x.float() @ w.dequantize().float().t()) < 1e-2
