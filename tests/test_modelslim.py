@@ -38,12 +38,14 @@ def _act_ranges(hf, prompt: list[int]) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def write_modelslim(src: Path, dst: Path, hf, kind: str = "W8A8", int64_deq: bool = False) -> None:
+def write_modelslim(src: Path, dst: Path, hf, kind: str = "W8A8", int64_deq: bool = False,
+                    calib: list[int] | None = None) -> None:
     """Quantize the decoder linears of a float checkpoint into msModelSlim's on-disk layout (FORMATS.md §2.13):
-    per-channel symmetric weights (weight_offset 0), and for W8A8 asymmetric static activations."""
+    per-channel symmetric RTN weights (weight_offset 0), and for W8A8 asymmetric static activations
+    calibrated on `calib` (default PROMPT)."""
     shutil.copytree(src, dst)
     sd = load_file(str(dst / "model.safetensors"))
-    ranges = _act_ranges(hf, PROMPT) if kind == "W8A8" else {}
+    ranges = _act_ranges(hf, calib or PROMPT) if kind == "W8A8" else {}
     out: dict[str, torch.Tensor] = {}
     desc: dict[str, str] = {"model_quant_type": kind}
     qmax = 7 if kind == "W4A4_DYNAMIC" else 127
@@ -178,3 +180,95 @@ def test_invalid_description_json(w8a8_dir, tmp_path):
     (d / "quant_model_description.json").write_text("[1, 2")
     with pytest.raises(ConfigError, match="not valid JSON"):
         detect_quantization(str(d), {}, None)
+
+
+# --- anti-outlier RMSNorm bias (`*.norm.bias`) ------------------------------------------------------------
+
+def _norm_bias_names(n_layers: int) -> list[str]:
+    return [f"model.layers.{i}.{n}" for i in range(n_layers)
+            for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
+
+
+def add_norm_biases(d: Path, names: list[str], seed: int = 1) -> dict[str, torch.Tensor]:
+    """What msModelSlim's anti-outlier pass leaves on disk: a `<norm>.bias` tensor and description entry."""
+    gen = torch.Generator().manual_seed(seed)
+    biases: dict[str, torch.Tensor] = {}
+
+    def fn(sd, desc):
+        for n in names:
+            w = sd[f"{n}.weight"]
+            biases[n] = (torch.randn(w.shape, generator=gen) * 0.3).to(w.dtype)
+            sd[f"{n}.bias"], desc[f"{n}.bias"] = biases[n], "FLOAT"
+    _edit(d, fn)
+    return biases
+
+
+def _float_modelslim(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst)
+    desc = {"model_quant_type": "FLOAT"} | {k: "FLOAT" for k in load_file(str(dst / "model.safetensors"))}
+    (dst / "quant_model_description.json").write_text(json.dumps(desc))
+
+
+def test_norm_bias_model_matches_a_float64_reference(tiny_models, tmp_path):
+    """A FLOAT msModelSlim checkpoint with norm biases vs the HF model in float64 with each biased norm's
+    output shifted by its bias: every prompt position's log-probabilities agree."""
+    src, hf = tiny_models["llama"]
+    d = tmp_path / "normbias"
+    _float_modelslim(src, d)
+    biases = add_norm_biases(d, _norm_bias_names(hf.config.num_hidden_layers))
+    eng = Engine(model_path=str(d), max_total_tokens=512)
+    ref = type(hf)(hf.config).eval()
+    ref.load_state_dict(hf.state_dict())
+    ref = ref.double()
+    mods = dict(ref.named_modules())
+    for n, b in {n: b.double() for n, b in biases.items()}.items():
+        mods[n].register_forward_hook(lambda m, i, o, b=b: o + b)
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([PROMPT])).logits[0], -1)
+        plain = torch.log_softmax(hf(torch.tensor([PROMPT])).logits[0].double(), -1)
+    out = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                       logprob_start_len=0, top_logprobs_num=eng.config.vocab_size)
+    got = torch.full_like(want, float("nan"))
+    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
+        for lp, tok, _ in tops:
+            got[pos, tok] = lp
+    got, want, plain = got[:-1], want[:-1], plain[:-1]  # the last row is the sampled token's, not returned
+    assert float((got - want).abs().max()) < 1e-3
+    assert float((plain - want).abs().max()) > 0.1  # the biases matter
+
+
+def test_norm_bias_on_quantized_checkpoint_matches_the_formula(tiny_models, tmp_path):
+    src, hf = tiny_models["llama"]
+    d = tmp_path / "dyn_normbias"
+    write_modelslim(src, d, hf, "W8A8_DYNAMIC")
+    biases = add_norm_biases(d, _norm_bias_names(hf.config.num_hidden_layers))
+    eng = Engine(model_path=str(d), max_total_tokens=512)
+    sd = load_file(str(d / "model.safetensors"))
+    mods = dict(eng.model.named_modules())
+    x = torch.randn(5, hf.config.hidden_size) * 3
+    for n, b in biases.items():
+        xd = x.double()
+        want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + mods[n].eps) * sd[f"{n}.weight"].double() + b.double()
+        assert float((mods[n](x).double() - want).abs().max()) < 1e-5, n
+    out = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert len(out["output_ids"]) == 4
+
+
+N0 = "model.layers.0.input_layernorm"
+
+
+@pytest.mark.parametrize("fn,exc,msg", [
+    (lambda sd, d: sd.__setitem__(f"{N0}.bias", torch.zeros_like(sd[f"{N0}.weight"])), CheckpointError,
+     f"unexpected tensor {N0}.bias"),
+    (lambda sd, d: d.__setitem__(f"{N0}.bias", "FLOAT"), CheckpointError, f"missing tensors: {N0}.bias"),
+    (lambda sd, d: (d.__setitem__("model.embed_norm.bias", "FLOAT")), CheckpointError,
+     "model.embed_norm is not an RMSNorm"),
+    (lambda sd, d: (d.__setitem__(f"{N0}.bias", "FLOAT"), sd.__setitem__(f"{N0}.bias", torch.zeros(3))),
+     CheckpointError, rf"{N0}.bias has shape \(3,\)"),
+])
+def test_norm_bias_is_strict(w8a8_dir, tmp_path, fn, exc, msg):
+    d = tmp_path / "bad"
+    shutil.copytree(w8a8_dir, d)
+    _edit(d, fn)
+    with pytest.raises(exc, match=msg):
+        Engine(model_path=str(d), max_total_tokens=512)

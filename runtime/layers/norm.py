@@ -1,4 +1,5 @@
-"""RMSNorm in the two flavours our architectures use."""
+"""RMSNorm in the two flavours our architectures use, with the optional additive bias of msModelSlim's
+anti-outlier checkpoints (`*.norm.bias`)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,38 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * w  (Llama/Qwen), or  * (1 + w) with `offset=True` (Gemma). Computed in fp32."""
+    """y = x / rms(x) * w  (Llama/Qwen), or  * (1 + w) with `offset=True` (Gemma). Computed in fp32.
+    With `enable_bias()` (a checkpoint that carries `<prefix>.bias`, e.g. msModelSlim anti-outlier):
+    y = x / rms(x) * w + b."""
 
     def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias: nn.Parameter | None = None
         self.eps = eps
         self.offset = offset
         self._scale: torch.Tensor | None = None  # precomputed (1 + w) or w, fp32 (Gemma) / dtype (Llama)
+        self._bias: torch.Tensor | None = None
+
+    def enable_bias(self) -> None:
+        """Give the norm a bias parameter [dim] that the checkpoint must then fill (before loading)."""
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros_like(self.weight), requires_grad=False)
 
     def finish_loading(self, dtype: torch.dtype) -> None:
         if self.offset:
             self._scale = 1.0 + self.weight.data.float()
         else:
             self._scale = self.weight.data.to(dtype)
+        if self.bias is not None:
+            self._bias = self.bias.data.float() if self.offset else self.bias.data.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D] same dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:  # Gemma multiplies in fp32, then casts
-            return (xf * self._scale).to(x.dtype)
-        return self._scale * xf.to(x.dtype)
+            y = xf * self._scale
+            return (y if self._bias is None else y + self._bias).to(x.dtype)
+        y = self._scale * xf.to(x.dtype)
+        return y if self._bias is None else y + self._bias

@@ -89,6 +89,12 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
         from quantrt.quant.formats.gguf import native_tensors
 
         tensors = lambda ck=tensors.__self__: native_tensors(ck, model)  # noqa: E731
+    norm_biases = fmt.norm_biases() if fmt is not None else frozenset()
+    if norm_biases:  # msModelSlim anti-outlier: only the norms the description names get a bias
+        if not hasattr(model, "enable_norm_biases"):
+            raise CheckpointError(f"{type(model).__name__} has no RMSNorm bias support, but the checkpoint "
+                                  f"declares {sorted(norm_biases)[0]}.bias")
+        model.enable_norm_biases(norm_biases)
     load_weights(model, _skip_tied_head(tensors(), model), total, fmt, platform, dtype, progress)
     if fmt is not None:
         fmt.finish_loading()

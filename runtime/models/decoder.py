@@ -6,7 +6,7 @@ route by name; q/k/v and gate/up are fused QuantLinears whose shards keep the ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from quantrt.engine.forward_batch import ForwardBatch
+from quantrt.errors import CheckpointError
 from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
 from quantrt.layers.moe.layer import FusedMoE
@@ -159,6 +160,17 @@ class CausalLM(nn.Module):
         self.lm_head = None if self.tied else QuantLinear("", [("lm_head", config.vocab_size)], config.hidden_size)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.fp32_lm_head = False
+
+    def enable_norm_biases(self, prefixes: Iterable[str]) -> None:
+        """Before loading: give the named RMSNorms a bias the checkpoint must fill (msModelSlim anti-outlier
+        `*.norm.bias`). A name that is not an RMSNorm of this model is a CheckpointError."""
+        mods = dict(self.named_modules())
+        for p in sorted(prefixes):
+            m = mods.get(p)
+            if not isinstance(m, RMSNorm):
+                raise CheckpointError(f"checkpoint declares a norm bias {p}.bias, but {p} is not an RMSNorm "
+                                      f"of {type(self).__name__}")
+            m.enable_bias()
 
     def finish_loading(self, dtype: torch.dtype, platform) -> None:
         """Cast plain parameters, precompute rotary tables and prepare the tied head once every tensor

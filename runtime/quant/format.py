@@ -52,6 +52,11 @@ class QuantFormat(ABC):
         to the layer's own bias; None for most formats. Valid after make_weight(prefix, ...)."""
         return None
 
+    def norm_biases(self) -> frozenset[str]:
+        """Prefixes of the RMSNorms that carry an additive bias `<prefix>.bias` in this checkpoint
+        (msModelSlim anti-outlier); the loader enables exactly these before routing tensors."""
+        return frozenset()
+
     def describe(self) -> str:
         return self.name
 
