@@ -42,7 +42,7 @@ def _int_operand(t: torch.Tensor) -> torch.Tensor:
 
 
 class EmulatedNpuOps:
-    """NpuOps on CPU. Integer products are exact (int64 accumulation); scaling is fp32."""
+    """NpuOps on CPU. Integer products are exact (float64 GEMM below 2^53, else int64); scaling is fp32."""
 
     def npu_quantize(self, x: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                      dtype: torch.dtype, axis: int = -1, div_mode: bool = True) -> torch.Tensor:
@@ -78,7 +78,10 @@ class EmulatedNpuOps:
         _check(scale.dtype in (torch.float32, torch.bfloat16), f"scale dtype {scale.dtype} (int64 not emulated)")
         out_dtype = output_dtype or torch.int8
         _check(out_dtype in _OUT, f"output_dtype {out_dtype} not in int8/float16/bfloat16")
-        acc = (a.to(torch.int64) @ b.to(torch.int64))                           # exact [M, N]
+        if a.shape[-1] <= 2 ** 38:  # |acc| <= K * 128^2 < 2^53: float64 GEMM is exact, and BLAS-fast
+            acc = (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)  # exact [M, N]
+        else:
+            acc = a.to(torch.int64) @ b.to(torch.int64)
         float_bias = bias is not None and bias.dtype != torch.int32
         if bias is not None and not float_bias:
             acc = acc + bias.to(torch.int64)
