@@ -123,7 +123,7 @@ def layer_summary(engine) -> str:
         name = "+".join(s for s, _ in layer.shards) + f" (K={layer.in_features})"
         (quant if layer.is_quantized else dense)[name] += 1
         if layer.is_quantized:
-            kernels[layer.kernel_desc] += 1
+            kernels[layer.kernel_desc.split(" (")[0]] += 1
     fmt = lambda c: ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
     return f"quantized: {fmt(quant)}; float: {fmt(dense)}; kernels: {fmt(kernels)}"
 
