@@ -54,3 +54,33 @@ def pick_split_k(tiles: int, k_steps: int, sms: int) -> int:
         return 1
     split = max(1, (2 * sms) // max(tiles, 1))
     return max(1, min(split, k_steps // 4 if k_steps >= 8 else 1, 16))
+
+
+_SPLIT_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """Per-device int32 arrival counters for in-launch split-K reduction (the last program of a tile
+    sums the partials and resets its counter, so every launch leaves them at zero). Shared by every
+    split-K kernel; launches are stream-ordered."""
+    key = (device.type, device.index or 0)
+    c = _SPLIT_COUNTERS.get(key)
+    if c is None or c.numel() < n_tiles:
+        c = torch.zeros(max(n_tiles, 1024), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[key] = c
+    return c
+
+
+def split_k_buffers(x: torch.Tensor, n: int, split: int, reduce: int, n_tiles: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, workspace, counters) for REDUCE 0 (no split), 1 (fp32 atomics into y) or 2 (partials +
+    last-arriver sum). y: [M, N] x.dtype, or the fp32 workspace itself for REDUCE 1."""
+    m = x.shape[0]
+    cnt = ws = None
+    if reduce == 1:
+        ws = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    elif reduce == 2:
+        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        cnt = split_counters(x.device, n_tiles)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if reduce != 1 else ws
+    return y, ws, cnt

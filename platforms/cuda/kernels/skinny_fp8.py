@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms
-from quantrt.platforms.cuda.kernels.skinny_wna16 import _counters, _finish, _fixup
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_k_buffers
+from quantrt.platforms.cuda.kernels.skinny_wna16 import _finish, _fixup
 
 MAX_M = 4
 
@@ -185,13 +185,7 @@ def skinny_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int
         _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=1024, num_warps=4)
     else:
         sa = act_scale if act_scale is not None else w_scale
-    cnt = ws = None
-    if reduce == 1:
-        ws = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    elif reduce == 2:
-        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-        cnt = _counters(x.device, n_tiles)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if reduce != 1 else ws
+    y, ws, cnt = split_k_buffers(x, n, split, reduce, n_tiles)
     _skinny_fp8_kernel[(n_tiles, split)](
         x, w, w_scale, sa, y, ws if ws is not None else y, cnt if cnt is not None else sa, n, k, x.stride(0),
         cdiv(k, 128), k_per_split, M=m, ACT=act, WSCALE=wscale, QMAX=qmax, BN=cfg.block_n, BK=bk,

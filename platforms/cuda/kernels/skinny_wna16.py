@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_k_buffers
 
 MAX_M = 4
 
@@ -166,19 +166,6 @@ def _tile_group(group: int, block_k: int) -> tuple[int, int]:
     return gt, max(1, block_k // gt)
 
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    """Per-device counters for REDUCE 2; every launch leaves them at zero."""
-    key = (device.type, device.index or 0)
-    c = _COUNTERS.get(key)
-    if c is None or c.numel() < n_tiles:
-        c = torch.zeros(max(n_tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = c
-    return c
-
-
 def skinny_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  group: int, bits: int, cfg: SkinnyConfig | None = None, zero_const: int = 0) -> torch.Tensor:
     """x: [M <= 4, K] fp16/bf16; packed [K/PACK, N] int32; scale [G, N]; zero [G, N] (2**23 + z), or None
@@ -199,13 +186,7 @@ def skinny_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     k_per_split = cdiv(k_steps, split) * bk
     split = cdiv(k, k_per_split)
     reduce = 0 if split == 1 else cfg.reduce
-    cnt = ws = None
-    if reduce == 1:
-        ws = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    elif reduce == 2:
-        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-        cnt = _counters(x.device, n_tiles)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if reduce != 1 else ws
+    y, ws, cnt = split_k_buffers(x, n, split, reduce, n_tiles)
     _skinny_wna16_kernel[(n_tiles, split)](
         x, packed, scale, zero if zero is not None else scale, y, ws if ws is not None else y,
         cnt if cnt is not None else packed, n, k, x.stride(0), group,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
 
 MAX_M = 16
 
@@ -200,18 +200,6 @@ def default_config(m: int, n: int, k: int) -> TcConfig:
     return TcConfig()
 
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    key = (device.type, device.index or 0)
-    c = _COUNTERS.get(key)
-    if c is None or c.numel() < n_tiles:
-        c = torch.zeros(max(n_tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = c
-    return c
-
-
 def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
              cfg: TcConfig | None = None, asm: bool | None = None) -> torch.Tensor:
     """x [M <= 16, K] fp16/bf16; packed [K/8, N] int32; scale, zero (2**23 + z) [G, N] fp32 -> [M, N]."""
@@ -232,7 +220,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     split = cdiv(k, k_per_split)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = _counters(x.device, n_tiles) if split > 1 else packed
+    cnt = split_counters(x.device, n_tiles) if split > 1 else packed
     _tc_wna16_kernel[(n_tiles, split)](
         x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=16, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
