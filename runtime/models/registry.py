@@ -15,6 +15,9 @@ _ARCHITECTURES: dict[str, str] = {
     "Qwen3MoeForCausalLM": "quantrt.models.moe",
     "Qwen2MoeForCausalLM": "quantrt.models.moe",
     "MixtralForCausalLM": "quantrt.models.moe",
+    "DeepseekV2ForCausalLM": "quantrt.models.deepseek",
+    "DeepseekV3ForCausalLM": "quantrt.models.deepseek",
+    "GptOssForCausalLM": "quantrt.models.gpt_oss",
 }
 
 
@@ -22,7 +25,8 @@ _ARCHITECTURES: dict[str, str] = {
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
