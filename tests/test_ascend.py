@@ -193,3 +193,111 @@ def test_smollm2_modelslim_w8a8_dynamic_on_emulated_npu(smollm2, tmp_path):
     print(f"\nSmolLM2 msModelSlim W8A8_DYNAMIC on emulated NPU (fp16): KL(fp32 || npu) mean {kl.mean():.4f} "
           f"max {kl.max():.4f} nats over {kl.numel()} positions")
     assert kl.mean() < SMOLLM2_KL_MEAN_BOUND
+
+
+# -- msModelSlim MoE experts (reference path everywhere) ------------------------------------------------
+MOE_PROMPT = list(range(5, 37))
+
+
+def write_modelslim_moe(src: Path, dst: Path, kind: str, group: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny Qwen3-MoE float checkpoint with its routed experts in msModelSlim's MoE layout (per-expert
+    names, FORMATS.md §2.13; W4A8_DYNAMIC per-group adds *_second tensors); every other tensor FLOAT.
+    Returns the float64 dequantized expert weights (what the NPU computes with)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    out, desc, deq = {}, {"model_quant_type": kind, **({"group_size": group} if group else {})}, {}
+    qmax = 127 if kind == "W8A8_DYNAMIC" else 7
+    for name, t in sd.items():
+        prefix = name[: -len(".weight")]
+        if ".experts." not in name:
+            out[name], desc[name] = t, "FLOAT"
+            continue
+        w = t.double()
+        if group:  # per-group second scale, per-channel first scale: w ~ q * s1[n] * s2[n, g]
+            wg = w.reshape(w.shape[0], -1, group)
+            s_all = wg.abs().amax(-1) / qmax                                   # [N, K/G]
+            s1 = s_all.amax(1, keepdim=True)                                   # [N, 1]
+            s2 = s_all / s1
+            q = (wg / (s1 * s2)[..., None]).round().clamp(-qmax, qmax).reshape(w.shape)
+            ts = {"weight_scale_second": s2.float(), "weight_offset_second": torch.zeros_like(s2).float()}
+            deq[prefix] = q * (s1.float().double() * s2.float().double()).repeat_interleave(group, 1)
+        else:
+            s1 = w.abs().amax(1, keepdim=True) / qmax
+            q = (w / s1).round().clamp(-qmax, qmax)
+            ts = {}
+            deq[prefix] = q * s1.float().double()
+        ts |= {"weight": q.to(torch.int8), "weight_scale": s1.float(), "weight_offset": torch.zeros_like(s1).float()}
+        for suffix, v in ts.items():
+            out[f"{prefix}.{suffix}"], desc[f"{prefix}.{suffix}"] = v, kind
+    save_file(out, str(dst / "model.safetensors"))
+    (dst / "quant_model_description.json").write_text(json.dumps(desc, indent=1))
+    return deq
+
+
+@pytest.mark.parametrize("kind,group", [("W8A8_DYNAMIC", 0), ("W4A8_DYNAMIC", 0), ("W4A8_DYNAMIC", 16),
+                                        ("W4A4_DYNAMIC", 0)])
+def test_modelslim_moe_experts_dequantize_to_the_float64_formula(tiny_models, tmp_path, kind, group):
+    """Every expert weight the engine holds equals the float64 dequantization from the documented layout, and
+    the model stays close to the float model on the reference path."""
+    src = tiny_models["qwen3_moe"][0]
+    deq = write_modelslim_moe(src, tmp_path / "m", kind, group)
+    eng = Engine(model_path=str(tmp_path / "m"), max_total_tokens=512)
+    assert eng.quant_method == "modelslim"
+    moe = eng.model.model.layers[0].mlp
+    assert moe.qexperts is not None
+    for e in (0, 5):
+        for j, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+            w = moe.qexperts[e][j]
+            assert w.bits == (8 if kind == "W8A8_DYNAMIC" else 4)
+            want = deq[f"model.layers.0.mlp.experts.{e}.{proj}"]
+            torch.testing.assert_close(w.dequantize(torch.float64), want, rtol=1e-6, atol=1e-9)
+    act = eng.quant_format.act_scheme("model.layers.0.mlp.experts.3.down_proj")
+    assert act.kind is ActKind.DYNAMIC_TOKEN and act.dtype == (torch.int4 if kind == "W4A4_DYNAMIC" else torch.int8)
+    ref = Engine(model_path=str(src), max_total_tokens=512)
+    p = {"max_new_tokens": 6, "temperature": 0}
+    out = eng.generate(input_ids=MOE_PROMPT, sampling_params=p)["output_ids"]
+    assert len(out) == 6
+    if kind == "W8A8_DYNAMIC":  # int8 experts: the float model's greedy tokens
+        assert out == ref.generate(input_ids=MOE_PROMPT, sampling_params=p)["output_ids"]
+
+
+def test_modelslim_moe_bad_checkpoints(tiny_models, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from quantrt.errors import CheckpointError, NotSupportedYet
+
+    src = tiny_models["qwen3_moe"][0]
+    d = tmp_path / "m"
+    write_modelslim_moe(src, d, "W4A8_DYNAMIC")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.layers.0.mlp.experts.2.up_proj.weight_offset"] = torch.ones(32, 1)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="experts.2.up_proj.weight_offset is non-zero; W4A8_DYNAMIC"):
+        Engine(model_path=str(d), max_total_tokens=256)
+    d2 = tmp_path / "m2"
+    write_modelslim_moe(src, d2, "W4A8_DYNAMIC")
+    sd = load_file(str(d2 / "model.safetensors"))
+    sd["model.layers.0.mlp.experts.1.gate_proj.weight"] = torch.zeros(16, 64, dtype=torch.int8)
+    save_file(sd, str(d2 / "model.safetensors"))
+    with pytest.raises(NotSupportedYet, match="newer layout .*two int4 per int8"):
+        Engine(model_path=str(d2), max_total_tokens=256)
+    d3 = tmp_path / "m3"
+    write_modelslim_moe(src, d3, "W4A8_DYNAMIC")
+    desc = json.loads((d3 / "quant_model_description.json").read_text())
+    desc["model.layers.0.self_attn.q_proj.weight"] = "W4A8_DYNAMIC"
+    (d3 / "quant_model_description.json").write_text(json.dumps(desc))
+    with pytest.raises(NotSupportedYet, match="W4A8_DYNAMIC .*q_proj.weight.* not supported yet for linear"):
+        Engine(model_path=str(d3), max_total_tokens=256)
+    desc["model.layers.0.self_attn.q_proj.weight"] = "FLOAT"
+    desc["model.layers.0.mlp.experts.0.up_proj.weight"] = "W8A8"
+    (d3 / "quant_model_description.json").write_text(json.dumps(desc))
+    with pytest.raises(NotSupportedYet, match="'W8A8' .*experts.0.up_proj.weight.*supported for experts: "
+                                              "W8A8_DYNAMIC, W4A4_DYNAMIC, W4A8_DYNAMIC"):
+        Engine(model_path=str(d3), max_total_tokens=256)

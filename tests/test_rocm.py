@@ -178,3 +178,36 @@ def test_quark_int4fp8_moe_linears_run_as_online_fp8_everywhere(tiny_models):
     assert quark.generate(input_ids=prompt, sampling_params=params)["output_ids"] == \
         fp8.generate(input_ids=prompt, sampling_params=params)["output_ids"]
     MI300.check_config(quark.server_args)  # on the ROCm allow-list
+
+
+def _int4_per_channel_f64(w: torch.Tensor) -> torch.Tensor:
+    """SGLang's quantize_int4_scale_columnwise, written out in float64: scale = rowmax|w| / 7."""
+    w = w.double()
+    s = w.abs().amax(-1, keepdim=True) / 7
+    return (w / s).round().clamp(-7, 7) * s
+
+
+def test_quark_int4fp8_moe_experts_are_int4_per_channel_on_the_reference_path(tiny_models):
+    """The MoE half: every routed expert is int4 per output channel (within float32 rounding of the float64
+    formula), the linears are fp8, and the tiny Qwen3-MoE generates on the reference path (CPU)."""
+    from quantrt.quant.formats.quark_int4fp8_moe import fp8_split_scales
+
+    src, hf = tiny_models["qwen3_moe"]
+    eng = Engine(model_path=str(src), quantization="quark_int4fp8_moe", max_total_tokens=512)
+    moe = eng.model.model.layers[0].mlp
+    experts = hf.model.layers[0].mlp.experts
+    for e in (0, 7):
+        g, u, d = moe.qexperts[e]
+        assert isinstance(g, IntWeight) and g.bits == 4 and g.group_size == 64 and int(g.codes.abs().max()) == 7
+        gu = torch.cat([g.dequantize(torch.float64), u.dequantize(torch.float64)])
+        torch.testing.assert_close(gu, _int4_per_channel_f64(experts.gate_up_proj[e].detach()), rtol=1e-5,
+                                   atol=1e-7)
+        torch.testing.assert_close(d.dequantize(torch.float64), _int4_per_channel_f64(experts.down_proj[e].detach()),
+                                   rtol=1e-5, atol=1e-7)
+        fp8_scale, rel = fp8_split_scales(d)  # the aiter split: int4 scale = rel * per-tensor fp8 scale
+        torch.testing.assert_close(rel * fp8_scale, d.scale.reshape(-1))
+        torch.testing.assert_close(fp8_scale, experts.down_proj[e].detach().abs().max() / 448, rtol=1e-5, atol=0)
+    q = [m for m in eng.model.modules() if isinstance(m, QuantLinear) and m.is_quantized]
+    assert q and all(type(k.spec.weight).__name__ == "FloatWeight" for m in q for k in m.kernels)
+    out = eng.generate(input_ids=list(range(5, 37)), sampling_params={"max_new_tokens": 6, "temperature": 0})
+    assert len(out["output_ids"]) == 6

@@ -12,6 +12,14 @@ Linear types and their meaning (what the NPU computes, written as float math):
   per-channel weights w = (W - weight_offset) * weight_scale (int4 values held in int8).
 - W8A16: weight-only per-channel int8 (npu_weight_quant_batchmatmul).  FLOAT: unquantized.
 
+MoE experts (`<moe>.experts.<e>.<proj>.weight`, vllm-ascend's per-expert names) take the MoE types:
+- W8A8_DYNAMIC / W4A4_DYNAMIC: as for linears (per-channel weight_scale / weight_offset [N, 1]).
+- W4A8_DYNAMIC: int4 values held one per int8 `weight` [N, K], per-channel `weight_scale` [N, 1] and, when the
+  description's `group_size` G > 0, `weight_scale_second` [N, K/G] (and `weight_offset_second`):
+  w = W * weight_scale[n] * weight_scale_second[n, k // G] (vllm-ascend multiplies the two into the grouped
+  matmul's antiquant scale); per-token int8 activations. The offsets must be zero (the NPU kernel is
+  symmetric). The newer layout that packs two int4 per int8 along N with a `scale_bias` is refused.
+
 Anti-outlier checkpoints (msModelSlim's outlier suppression) also list `<norm>.bias` (e.g.
 `model.layers.0.input_layernorm.bias`): that RMSNorm computes rmsnorm(x) * w + b. Only the norms the
 description names get a bias, and each of them must then find its tensor (norm_biases()).
@@ -40,7 +48,15 @@ LINEAR_TYPES: dict[str, frozenset[str]] = {
     "W4A4_DYNAMIC": frozenset({"weight", "weight_scale", "weight_offset"}),
     "W8A16": frozenset({"weight", "weight_scale", "weight_offset"}),
 }
-# Known to vllm-ascend / msModelSlim but not built for linears here (MoE types come with the MoE issue).
+# Types of MoE expert projections (prefix `<moe>.experts.<e>.<proj>`); W4A8_DYNAMIC's per-group tensors
+# are added in tensor_names when the description's group_size is set.
+MOE_TYPES: dict[str, frozenset[str]] = {
+    "W8A8_DYNAMIC": LINEAR_TYPES["W8A8_DYNAMIC"],
+    "W4A4_DYNAMIC": LINEAR_TYPES["W4A4_DYNAMIC"],
+    "W4A8_DYNAMIC": frozenset({"weight", "weight_scale", "weight_offset"}),
+}
+W4A8_GROUP_TENSORS = frozenset({"weight_scale_second", "weight_offset_second"})
+# Known to vllm-ascend / msModelSlim but not built for linears here (W4A8_DYNAMIC is built for MoE experts).
 KNOWN_UNBUILT = ("W4A8_DYNAMIC", "W4A16", "W8A8_MIX", "W4A4_FLATQUANT_DYNAMIC", "W4A8_MXFP", "W8A8_MXFP8",
                  "W4A4_MXFP4", "W8A8FP8_DYNAMIC")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,6 +101,12 @@ def _zero_point(prefix: str, name: str, v: torch.Tensor, lo: int, hi: int) -> to
     return v
 
 
+def _is_expert(prefix: str) -> bool:
+    """`model.layers.3.mlp.experts.7.gate_proj` (a routed expert's projection)."""
+    parts = prefix.split(".")
+    return len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit()
+
+
 @register_format
 class ModelSlimFormat(QuantFormat):
     """Huawei msModelSlim checkpoints (`quant_model_description.json`)."""
@@ -118,6 +140,12 @@ class ModelSlimFormat(QuantFormat):
                 return "FLOAT"
             raise ConfigError(f"{DESCRIPTION_FILE} has no entry for {prefix}.weight")
         t = str(t)
+        if _is_expert(prefix):
+            if t != "FLOAT" and t not in MOE_TYPES:
+                raise (NotSupportedYet if t in LINEAR_TYPES or t in KNOWN_UNBUILT else ConfigError)(
+                    f"msModelSlim type {t!r} ({prefix}.weight) is not a MoE expert type quantrt runs "
+                    f"(supported for experts: {', '.join(MOE_TYPES)}, FLOAT)")
+            return t
         if t != "FLOAT" and t not in LINEAR_TYPES:
             if t in KNOWN_UNBUILT:
                 raise NotSupportedYet(f"msModelSlim type {t} ({prefix}.weight) is not supported yet for linear "
@@ -129,13 +157,28 @@ class ModelSlimFormat(QuantFormat):
     def is_quantized(self, prefix: str) -> bool:
         return self.layer_type(prefix) != "FLOAT"
 
+    def group_size(self) -> int:
+        """The description's `group_size` (W4A8_DYNAMIC per-group experts); 0 = per-channel."""
+        g = self.desc.get("group_size", 0)
+        if not isinstance(g, int) or g < 0:
+            raise ConfigError(f"{DESCRIPTION_FILE}: group_size must be a non-negative integer, got {g!r}")
+        return g
+
     def tensor_names(self, prefix: str) -> tuple[frozenset[str], frozenset[str]]:
-        return LINEAR_TYPES[self.layer_type(prefix)], frozenset()
+        kind = self.layer_type(prefix)
+        if not _is_expert(prefix):
+            return LINEAR_TYPES[kind], frozenset()
+        req = MOE_TYPES[kind]
+        if kind != "W4A8_DYNAMIC":
+            return req, frozenset()
+        return (req | W4A8_GROUP_TENSORS if self.group_size() else req), frozenset({"scale_bias"})
 
     def make_weight(self, prefix: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> IntWeight:
         kind = self.layer_type(prefix)
         n, k = shape
         w = tensors["weight"]                                                   # [N, K] int8
+        if kind == "W4A8_DYNAMIC":
+            return self._w4a8(prefix, tensors, n, k)
         if tuple(w.shape) != (n, k):
             raise CheckpointError(f"{prefix}.weight has shape {tuple(w.shape)}, expected {(n, k)}")
         if w.dtype != torch.int8:
@@ -152,6 +195,39 @@ class ModelSlimFormat(QuantFormat):
         self._acts[prefix] = (WEIGHT_ONLY if kind == "W8A16" else
                               ActScheme(ActKind.DYNAMIC_TOKEN, torch.int4 if bits == 4 else torch.int8))
         return IntWeight(w, scale[:, None], bits, k, zero=zero)
+
+    def _w4a8(self, prefix: str, t: dict[str, torch.Tensor], n: int, k: int) -> IntWeight:
+        """MoE W4A8_DYNAMIC: w = W * weight_scale[n] (* weight_scale_second[n, k // G]); int8 per-token acts."""
+        w = t["weight"]
+        if "scale_bias" in t or tuple(w.shape) == (n // 2, k):
+            raise NotSupportedYet(f"{prefix}: this W4A8_DYNAMIC checkpoint uses msModelSlim's newer layout (two "
+                                  f"int4 per int8 along N, `scale_bias`), which quantrt does not read yet; "
+                                  f"export one int4 value per int8 (weight [{n}, {k}])")
+        if tuple(w.shape) != (n, k) or w.dtype != torch.int8:
+            raise CheckpointError(f"{prefix}.weight is {w.dtype} {tuple(w.shape)}; W4A8_DYNAMIC stores int8 "
+                                  f"[{n}, {k}] holding int4 values")
+        if w.min() < -8 or w.max() > 7:
+            raise CheckpointError(f"{prefix}.weight: W4A8_DYNAMIC weights must hold int4 values in [-8, 7]")
+        scale = _vec(prefix, "weight_scale", t["weight_scale"], n)              # [N]
+        if _vec(prefix, "weight_offset", t["weight_offset"], n).any():
+            raise CheckpointError(f"{prefix}.weight_offset is non-zero; W4A8_DYNAMIC experts are symmetric "
+                                  f"(the NPU grouped matmul takes no weight offset)")
+        g = self.group_size()
+        if not g:
+            self._acts[prefix] = ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8)
+            return IntWeight(w, scale[:, None], 4, k)
+        if k % g:
+            raise CheckpointError(f"{prefix}: group_size {g} does not divide K={k}")
+        second = {}
+        for name in sorted(W4A8_GROUP_TENSORS):
+            v = t[name]
+            if tuple(v.shape) != (n, k // g) or not torch.isfinite(v.to(torch.float32)).all():
+                raise CheckpointError(f"{prefix}.{name} must be finite [{n}, {k // g}], got {tuple(v.shape)}")
+            second[name] = v.to(torch.float32)
+        if second["weight_offset_second"].any():
+            raise CheckpointError(f"{prefix}.weight_offset_second is non-zero; W4A8_DYNAMIC experts are symmetric")
+        self._acts[prefix] = ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8)
+        return IntWeight(w, scale[:, None] * second["weight_scale_second"], 4, g)
 
     def _static(self, prefix: str, t: dict[str, torch.Tensor], w: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor) -> IntWeight:
