@@ -180,7 +180,7 @@ class CausalLM(nn.Module):
             if isinstance(m, RMSNorm):
                 m.finish_loading(dtype)
             elif isinstance(m, FusedMoE):
-                m.finish_loading(dtype, device)
+                m.finish_loading(dtype, device, platform)
         self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
             r.to(dtype, device)

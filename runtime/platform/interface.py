@@ -16,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from quantrt.quant.kernel import LinearKernel
+    from quantrt.quant.moe_kernel import MoEKernel
     from quantrt.server_args import ServerArgs
 
 
@@ -43,6 +44,8 @@ class Platform:
     allowed_quantization: ClassVar[frozenset[str] | None] = None
     # "module:ATTR" of this platform's ordered linear kernels; a module not written yet means none.
     linear_kernels_ref: ClassVar[str | None] = None
+    # "module:ATTR" of this platform's ordered MoE kernels (quantrt.quant.moe_kernel.MoEKernel subclasses).
+    moe_kernels_ref: ClassVar[str | None] = None
 
     @property
     def is_cpu(self) -> bool:
@@ -87,8 +90,14 @@ class Platform:
             return []
         return list(getattr(importlib.import_module(module), attr))
 
-    def moe_kernels(self) -> list[type]:
-        return []
+    def moe_kernels(self) -> list[type[MoEKernel]]:
+        """MoE kernels in preference order (portable `grouped` for dense and `reference` are always appended)."""
+        if self.moe_kernels_ref is None:
+            return []
+        module, _, attr = self.moe_kernels_ref.partition(":")
+        if importlib.util.find_spec(module) is None:
+            return []
+        return list(getattr(importlib.import_module(module), attr))
 
     def attention_backends(self) -> list[str]:
         return ["torch_sdpa"]
@@ -117,6 +126,7 @@ class Platform:
             "dist_backend": self.dist_backend,
             "dtypes": [str(d).removeprefix("torch.") for d in self.supported_dtypes()],
             "linear_kernels": [k.name for k in self.linear_kernels()] + ["reference"],
+            "moe_kernels": [k.name for k in self.moe_kernels()] + ["grouped", "reference"],
             "attention_backends": self.attention_backends(),
             "graph_runner": self.graph_runner() is not None,
         }

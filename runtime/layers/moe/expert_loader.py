@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from quantrt.errors import CheckpointError
-from quantrt.quant.weights import DenseWeight, QuantizedWeight
+from quantrt.quant.weights import WEIGHT_ONLY, ActScheme, DenseWeight, QuantizedWeight
 
 PROJS = ("gate", "up", "down")
 
@@ -26,6 +26,7 @@ class ExpertLoader:
         self.names = dict(zip(names, PROJS))                    # checkpoint name -> gate|up|down
         self.pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self.done: dict[tuple[int, str], QuantizedWeight] = {}
+        self.acts: dict[tuple[int, str], ActScheme] = {}
         self.fused: dict[str, torch.Tensor] = {}
 
     def _shape(self, proj: str) -> tuple[int, int]:
@@ -60,6 +61,7 @@ class ExpertLoader:
         got[suffix] = t
         if req <= got.keys():
             self.done[(e, proj)] = self._make(fmt, lin, proj, self.pending.pop((e, proj)))
+            self.acts[(e, proj)] = fmt.act_scheme(lin) if fmt is not None and fmt.is_quantized(lin) else WEIGHT_ONLY
         return True
 
     def _make(self, fmt, lin: str, proj: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
@@ -90,3 +92,9 @@ class ExpertLoader:
             return [(DenseWeight(gu[e, : self.i]), DenseWeight(gu[e, self.i:]), DenseWeight(d[e]))
                     for e in range(self.e)]
         return [tuple(self.done[(e, p)] for p in PROJS) for e in range(self.e)]  # type: ignore[misc]
+
+    def act_schemes(self) -> list[tuple[ActScheme, ActScheme, ActScheme]]:
+        """Per expert the activation schemes of (gate, up, down) as the format declared them."""
+        if self.fused:
+            return [(WEIGHT_ONLY,) * 3 for _ in range(self.e)]
+        return [tuple(self.acts[(e, p)] for p in PROJS) for e in range(self.e)]  # type: ignore[misc]

@@ -2,9 +2,9 @@
 
 The layer claims the tensors under its checkpoint prefix that the generic router cannot place
 (router weight, correction bias, shared-expert gate, expert tensors in either layout); the shared
-expert is made of ordinary QuantLinears. After loading, dense experts are stacked into
-w13 [E, 2I, H] / w2 [E, H, I] and run grouped; quantized experts keep their canonical weights and run
-the reference (dequantize the active experts, then matmul) with a one-time notice.
+expert is made of ordinary QuantLinears. After loading, the experts' canonical weights and activation
+schemes form an MoESpec and the platform's MoE kernel selection (quantrt.quant.moe_kernel) picks who
+runs them: a platform kernel, else `grouped` (dense, torch._grouped_mm) or `reference`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from torch import nn
 from quantrt.errors import CheckpointError
 from quantrt.layers.linear import QuantLinear
 from quantrt.layers.moe.expert_loader import ExpertLoader
-from quantrt.layers.moe.experts import moe_grouped, moe_reference
 from quantrt.layers.moe.routing import RoutingConfig, select_experts
-from quantrt.quant.weights import DenseWeight
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, select_moe_kernel
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +59,11 @@ class FusedMoE(nn.Module):
         self.small: dict[str, torch.Tensor] = {}
         self.router_key, self.bias_key = f"{router}.weight", f"{router}.e_score_correction_bias"
         self.shared = SharedExpert(f"{prefix}.{shared_name}", hidden, shared_inter) if shared_inter else None
-        self.w13: torch.Tensor | None = None                              # [E, 2I, H] dense experts
-        self.w2: torch.Tensor | None = None                               # [E, H, I]
-        self.qexperts: list | None = None                                 # quantized: per expert (g, u, d)
+        self.spec: MoESpec | None = None
+        self.kernel: MoEKernel | None = None
+        self.kernel_choice = ""                                           # selection, explained
         self.dtype = torch.float32
-        self.impl = "unloaded"
+        self.impl = "unloaded"                                            # the MoE kernel's name
 
     # -- loading ----------------------------------------------------------------------------
     def claim(self, name: str, t: torch.Tensor, fmt) -> bool:
@@ -83,36 +82,32 @@ class FusedMoE(nn.Module):
         out = [f"{self.prefix}.{k}" for k in self.wanted if k not in self.small]
         return out + self.loader.missing()
 
-    def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Stack dense experts (or keep canonical quantized ones); cast router tensors."""
+    def finish_loading(self, dtype: torch.dtype, device: torch.device, platform=None) -> None:
+        """Build the MoESpec from the loaded experts, select and prepare the MoE kernel; cast router tensors."""
+        if platform is None:
+            from quantrt.platform.resolve import current_platform
+
+            platform = current_platform()
         self.dtype = dtype
-        experts = self.loader.weights()
+        self.spec = MoESpec(tuple(self.loader.weights()), tuple(self.loader.act_schemes()), self.hidden,
+                            self.inter, dtype)
         self.loader = None
         self.small = {k: v.to(device=device, dtype=torch.float32 if "bias" in k else dtype)
                       for k, v in self.small.items()}
-        if all(isinstance(w, DenseWeight) for ex in experts for w in ex):
-            self.w13 = torch.stack([torch.cat([g.data, u.data]) for g, u, _ in experts]).to(device, dtype)
-            self.w2 = torch.stack([d.data for _, _, d in experts]).to(device, dtype)
-            self.impl = "grouped" if hasattr(torch, "_grouped_mm") else "reference"
-        else:
-            self.qexperts = experts
-            self.impl = "reference"
-            log.info("%s: %s experts run the reference MoE (dequantize active experts + matmul)",
-                     self.prefix, type(experts[0][0]).__name__)
+        choice = select_moe_kernel(self.spec, platform)
+        self.kernel = choice.kernel.prepare(self.spec, platform)
+        self.impl, self.kernel_choice = choice.kernel.name, choice.explain()
+        log.info("%s: %s -> MoE kernel %s", self.prefix, self.spec.describe(), self.kernel_choice)
+
+    @property
+    def qexperts(self) -> tuple | None:
+        """Per expert (gate, up, down) canonical weights when they are quantized, else None."""
+        return None if self.spec is None or self.spec.schemes() == {"dense"} else self.spec.experts
 
     # -- compute ------------------------------------------------------------------------------
-    def _expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.qexperts is None:
-            return self.w13[e], self.w2[e]
-        g, u, d = self.qexperts[e]
-        return torch.cat([g.dequantize(self.dtype), u.dequantize(self.dtype)]), d.dequantize(self.dtype)
-
-    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str | None = None
-                ) -> torch.Tensor:
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
-        if (impl or self.impl) == "grouped":
-            return moe_grouped(x, weights, ids, self.w13, self.w2)
-        return moe_reference(x, weights, ids, self.routing.num_experts, self._expert)
+        return self.kernel.apply(x, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H]
