@@ -1,0 +1,146 @@
+"""Triton NVFP4/MXFP4 linears, fused MoE and paged decode attention vs float64 / reference computations.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, tiny shapes, CI);
+on the GPU machine `-m accelerator` adds real shapes run natively.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+from quantrt.platform.interface import DeviceCapability  # noqa: E402
+from quantrt.platforms.cuda.kernels.fp4 import (  # noqa: E402
+    SCALE_E4M3,
+    SCALE_E8M0,
+    SCALE_F32,
+    TritonFp4Kernel,
+    pack_micro_weight,
+)
+from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
+from quantrt.quant.kernel import LinearSpec  # noqa: E402
+from quantrt.quant.kernels.reference import ReferenceLinearKernel  # noqa: E402
+from quantrt.quant.weights import ActKind, ActScheme, MicroWeight  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install triton)")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+# -- NVFP4 / MXFP4 ---------------------------------------------------------------------------------
+def make_micro_weight(n: int, k: int, kind: str, gen: torch.Generator) -> MicroWeight:
+    """Random fp4 weight: nvfp4 (e4m3 block-16 scales + global scale, the modelopt layout), nvfp4_folded
+    (compressed-tensors: e4m3 / global folded into fp32 scales), mxfp4 (e8m0 block-32), f32 (arbitrary)."""
+    codes = torch.randint(0, 16, (n, k), generator=gen).to(torch.uint8)
+    if kind == "mxfp4":
+        scale = torch.exp2(torch.randint(-8, 2, (n, k // 32), generator=gen).float())
+        return MicroWeight(codes.to(DEV), scale.to(DEV), 32)
+    e4m3 = (torch.rand(n, k // 16, generator=gen) * 400 + 1).to(torch.float8_e4m3fn).float()
+    if kind == "nvfp4":
+        return MicroWeight(codes.to(DEV), e4m3.to(DEV), 16, torch.tensor(3e-4).to(DEV))
+    if kind == "nvfp4_folded":
+        return MicroWeight(codes.to(DEV), (e4m3 / torch.tensor(2800.0)).to(DEV), 16)
+    return MicroWeight(codes.to(DEV), (torch.rand(n, k // 16, generator=gen) * 0.1 + 1e-3).to(DEV), 16)
+
+
+def test_fp4_packing_picks_exact_scale_bytes():
+    gen = torch.Generator().manual_seed(0)
+    for kind, want in (("mxfp4", SCALE_E8M0), ("nvfp4", SCALE_E4M3), ("nvfp4_folded", SCALE_E4M3),
+                       ("f32", SCALE_F32)):
+        w = make_micro_weight(8, 64, kind, gen)
+        packed, scale, skind, post = pack_micro_weight(w)
+        assert skind == want, kind
+        assert packed.shape == (8, 8) and packed.dtype == torch.int32
+        assert scale.shape == (64 // w.block, 8)
+        # independent decode of the packed form equals the canonical dequantization
+        words = packed.t().to(torch.int64) & 0xFFFFFFFF                 # [N, K/8]
+        codes = torch.stack([(words >> (4 * i)) & 15 for i in range(8)], -1).reshape(8, 64)
+        assert torch.equal(codes.to(torch.uint8), w.codes)
+        if skind == SCALE_E8M0:
+            s = torch.exp2(scale.t().double() - 127)
+        elif skind == SCALE_E4M3:
+            s = scale.t().view(torch.float8_e4m3fn).double()
+        else:
+            s = scale.t().double()
+        ref = w.scale.double() * (float(w.global_scale) if w.global_scale is not None else 1.0)
+        assert torch.allclose(s * post, ref, rtol=1e-6, atol=0)
+
+
+FP4_CASES = ["nvfp4", "nvfp4_folded", "mxfp4", "f32"]
+
+
+@pytest.mark.parametrize("kind", FP4_CASES)
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_fp4_matches_reference(kind, m):
+    gen = torch.Generator().manual_seed(m + len(kind))
+    w = make_micro_weight(48, 256, kind, gen)
+    dtype = torch.float16 if m == 5 else torch.bfloat16
+    spec = LinearSpec(w, ActScheme(), dtype)
+    ok, why = TritonFp4Kernel.can_implement(spec, PLATFORM)
+    assert ok, why
+    kern = TritonFp4Kernel.prepare(spec, PLATFORM)
+    x = torch.randn(m, 256, generator=gen).to(DEV, dtype)
+    b = torch.randn(48, generator=gen).to(DEV, dtype) if m == 5 else None
+    y = kern.apply(x, b)
+    ref = x.double() @ w.dequantize(torch.float64).t() + (b.double() if b is not None else 0)
+    assert y.shape == (m, 48) and y.dtype == dtype
+    assert rel_err(y, ref) < 1e-2
+    assert rel_err(y, ReferenceLinearKernel.prepare(spec, PLATFORM).apply(x, b)) < 1e-2
+
+
+def test_fp4_split_k_counters_reset():
+    from quantrt.platforms.cuda.kernels.fp4_triton import Fp4Config, fp4_matmul
+
+    gen = torch.Generator().manual_seed(3)
+    w = make_micro_weight(32, 512, "nvfp4", gen)
+    packed, scale, skind, post = pack_micro_weight(w)
+    ref = None
+    for m, cfg in ((1, Fp4Config(1, 16, 64, 4)), (3, Fp4Config(16, 16, 64, 2))):
+        x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
+        ref = x.double() @ w.dequantize(torch.float64).t()
+        for _ in range(2):  # the second call reuses the counters the first one reset
+            assert rel_err(fp4_matmul(x, packed, scale, 16, skind, post, cfg), ref) < 2e-3
+
+
+def test_fp4_rejections():
+    gen = torch.Generator().manual_seed(1)
+    w = make_micro_weight(16, 64, "nvfp4", gen)
+    ok, why = TritonFp4Kernel.can_implement(
+        LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn), torch.bfloat16), PLATFORM)
+    assert not ok and "weight-only" in why
+    ok, why = TritonFp4Kernel.can_implement(LinearSpec(w, ActScheme(), torch.float32), PLATFORM)
+    assert not ok and "float32" in why
+
+
+def test_fp4_kernel_registered():
+    from quantrt.platforms.cuda.kernels import CUDA_LINEAR_KERNELS
+
+    assert TritonFp4Kernel in CUDA_LINEAR_KERNELS
+    w = make_micro_weight(16, 64, "mxfp4", torch.Generator().manual_seed(2))
+    from quantrt.quant.kernel import select_linear_kernel
+
+    assert select_linear_kernel(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM).kernel is TritonFp4Kernel
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("kind", FP4_CASES)
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 200])
+def test_fp4_native(kind, m):
+    gen = torch.Generator().manual_seed(m)
+    w = make_micro_weight(4096, 4096, kind, gen)
+    spec = LinearSpec(w, ActScheme(), torch.bfloat16)
+    kern = TritonFp4Kernel.prepare(spec, PLATFORM)
+    x = torch.randn(m, 4096, generator=gen).to(DEV, torch.bfloat16)
+    assert rel_err(kern.apply(x, None), ReferenceLinearKernel.prepare(spec, PLATFORM).apply(x, None)) < 1e-2
