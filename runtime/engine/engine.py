@@ -55,22 +55,21 @@ class Engine:
         self.dtype, self.quant_method, self.quant_format = lm.dtype, lm.quant_method, lm.fmt
         self.context_len = args.context_length or getattr(self.config, "max_position_embeddings", 4096)
         c = self.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.kv_geometry = geo = self.model.kv_geometry()  # per-token KV rows the model declares
         qcfg = getattr(c, "quantization_config", None)
         self.kv_spec = kv_spec = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype, self.platform,
                                                         qcfg if isinstance(qcfg, dict) else None)
-        kv_spec.check_shape(c.num_key_value_heads, head_dim)
+        kv_spec.check_shape(geo.num_kv_heads, geo.head_dim)
         if kv_spec.dtype == torch.float8_e4m3fnuz:  # same bits decode to half the value (FORMATS.md §7.7)
             for m in self.model.modules():
                 if isinstance(m, PagedAttention):
                     m.k_scale, m.v_scale = 2 * m.k_scale, 2 * m.v_scale
-        self.kv_bytes_per_token = KVPool.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads,
-                                                         head_dim, kv_spec)
+        self.kv_bytes_per_token = geo.bytes_per_token(kv_spec)
         ps = args.page_size
         self.max_total_tokens = self._kv_capacity()
         num_pages = max(1, self.max_total_tokens // ps)
-        pool = KVPool(c.num_hidden_layers, num_pages * ps, c.num_key_value_heads, head_dim, kv_spec,
-                      self.platform.device())
+        pool = KVPool(geo.num_layers, num_pages * ps, geo.num_kv_heads, geo.head_dim, kv_spec,
+                      self.platform.device(), has_v=geo.has_v)
         self.kv_pool = pool
         self.allocator = PageAllocator(num_pages, ps)
         runner = ModelRunner(self.model, pool, ps, self.platform.device())

@@ -21,14 +21,13 @@ def _storage(spec: KVCacheSpec) -> str:
 
 def kv_cache_info(engine) -> dict[str, Any]:
     """kv_cache_dtype, storage, bytes_per_token, max_total_tokens, pool_bytes, tokens_per_gib,
-    capacity_vs_bf16 (tokens held per byte relative to a bf16 cache), kv_scales_from_checkpoint."""
+    capacity_vs_bf16 (tokens held per byte relative to a bf16 cache), kv_scales_from_checkpoint,
+    kv_layout (the model's KV geometry: heads x head_dim K+V, or the MLA latent row)."""
     from quantrt.layers.attention import PagedAttention
 
-    c = engine.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    geo = engine.kv_geometry
     spec: KVCacheSpec = engine.kv_spec
-    bf16 = KVCacheSpec("bf16", KVKind.PLAIN, torch.bfloat16).bytes_per_token(
-        c.num_hidden_layers, c.num_key_value_heads, head_dim)
+    bf16 = geo.bytes_per_token(KVCacheSpec("bf16", KVKind.PLAIN, torch.bfloat16))
     bpt = engine.kv_bytes_per_token
     attn = [m for m in engine.model.modules() if isinstance(m, PagedAttention)]
     calibrated = sum((m.k_scale != 1.0) + (m.v_scale != 1.0) for m in attn)
@@ -42,4 +41,6 @@ def kv_cache_info(engine) -> dict[str, Any]:
         "tokens_per_gib": GIB / bpt,
         "capacity_vs_bf16": bf16 / bpt,
         "kv_scales_not_one": int(calibrated),
+        "kv_layout": (f"{geo.num_kv_heads} x {geo.head_dim} K + V per layer" if geo.has_v else
+                      f"MLA latent: {geo.head_dim} (kv_lora_rank + qk_rope_head_dim) per layer, no V"),
     }

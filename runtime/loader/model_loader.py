@@ -104,7 +104,10 @@ def load_model(args, platform, progress: bool = False) -> LoadedModel:
 
 
 def _skip_tied_head(tensors, model):
+    skip = getattr(model, "skip_checkpoint_tensor", None)  # e.g. DeepSeek's multi-token-prediction layers
     for name, t in tensors:
         if name == "lm_head.weight" and model.lm_head is None:
             continue  # tied embeddings: some checkpoints still store the (identical) head
+        if skip is not None and skip(name):
+            continue
         yield name, t

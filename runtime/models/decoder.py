@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from quantrt.engine.forward_batch import ForwardBatch
+from quantrt.engine.kv_pool import KVGeometry
 from quantrt.errors import CheckpointError
 from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
@@ -34,6 +35,8 @@ class DecoderSpec:
     qk_norm: bool = False          # Qwen3, Gemma3: RMSNorm over head_dim on q and k before rotary
     gemma: bool = False            # (1 + w) norms, sandwich norms, scaled embeddings, gelu-tanh MLP
     moe: Callable[[PretrainedConfig, int], nn.Module | None] | None = None  # layer i's MoE block (None: dense)
+    # layer i's self-attention module (None: the standard q/k/v Attention), e.g. DeepSeek's MLA
+    attention: Callable[[PretrainedConfig, int, RotaryEmbedding], nn.Module] | None = None
 
 
 def _head_dim(c: PretrainedConfig) -> int:
@@ -101,7 +104,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: PretrainedConfig, spec: DecoderSpec, i: int, rotary: RotaryEmbedding):
         super().__init__()
         eps, off = c.rms_norm_eps, spec.gemma
-        self.self_attn = Attention(c, spec, i, rotary)
+        self.self_attn = spec.attention(c, i, rotary) if spec.attention else Attention(c, spec, i, rotary)
         block = spec.moe(c, i) if spec.moe is not None else None
         self.mlp = block if block is not None else Mlp(c, spec, i)
         self.input_layernorm = RMSNorm(c.hidden_size, eps, off)
@@ -160,6 +163,12 @@ class CausalLM(nn.Module):
         self.lm_head = None if self.tied else QuantLinear("", [("lm_head", config.vocab_size)], config.hidden_size)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.fp32_lm_head = False
+
+    def kv_geometry(self) -> KVGeometry:
+        """The KV rows one token needs per layer (the engine sizes and builds the pool from it):
+        num_key_value_heads x head_dim for K and for V."""
+        c = self.config
+        return KVGeometry(c.num_hidden_layers, c.num_key_value_heads, _head_dim(c))
 
     def enable_norm_biases(self, prefixes: Iterable[str]) -> None:
         """Before loading: give the named RMSNorms a bias the checkpoint must fill (msModelSlim anti-outlier
