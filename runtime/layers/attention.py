@@ -7,6 +7,11 @@ a causal mask offset by the cached prefix.
 Quantized caches (fp8/fp4) are the reference path: pages are dequantized to fp32 (times k_scale /
 v_scale) and attention runs with fp32 q, k, v, so QK^T, the softmax and P.V all accumulate in fp32
 (the two-level accumulation lesson of ANCHORS.md: never accumulate P.V in the storage precision).
+
+Attention sinks (gpt-oss): `sinks` [H] is one learned logit per head that joins each query's softmax
+denominator and attends to nothing. SDPA has no such input, so it is computed exactly with an extra
+column: a zero key (score 0) and a zero value are appended, and a float mask adds sinks[h] to that
+column's score (and -inf where the boolean mask forbids a key).
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ class PagedAttention(nn.Module):
     def _kv(self, fb: ForwardBatch, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fb.kv_pool.gather(self.layer_id, slots, self.k_scale, self.v_scale)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H*D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D]; sinks: [H] or None -> out: [T, H*D]
         pool = fb.kv_pool
         pool.write(self.layer_id, fb.out_slots, k, v, self.k_scale, self.v_scale)
         gqa = self.num_heads != self.num_kv_heads
@@ -50,8 +56,10 @@ class PagedAttention(nn.Module):
             kk, vv = self._kv(fb, fb.kv_slots)                           # [B, L, Hkv, D]
             qq = q.unsqueeze(2).to(cdt)                                  # [B, H, 1, D]
             mask = fb.decode_mask(self.window)                           # [B, 1, 1, L] bool
-            o = F.scaled_dot_product_attention(qq, kk.transpose(1, 2).to(cdt), vv.transpose(1, 2).to(cdt),
-                                               attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            kk, vv = kk.transpose(1, 2).to(cdt), vv.transpose(1, 2).to(cdt)  # [B, Hkv, L, D]
+            if sinks is not None:
+                kk, vv, mask = with_sink_column(kk, vv, mask, sinks)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             return o.reshape(q.shape[0], -1).to(q.dtype)
         outs = []
         start = 0
@@ -61,8 +69,30 @@ class PagedAttention(nn.Module):
             vv = vv.transpose(0, 1).unsqueeze(0).to(cdt)
             qq = q[start:start + n].transpose(0, 1).unsqueeze(0).to(cdt)  # [1, H, n, D]
             mask = fb.extend_mask(i, self.window)                        # [n, L] bool or None (causal)
+            if sinks is not None:
+                if mask is None:
+                    mask = torch.ones(n, kk.shape[2], dtype=torch.bool, device=kk.device).tril()
+                kk, vv, mask = with_sink_column(kk, vv, mask, sinks)
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None,
                                                scale=self.scale, enable_gqa=gqa)
             outs.append(o.squeeze(0).transpose(0, 1).reshape(n, -1).to(q.dtype))
             start += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def with_sink_column(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact attention sinks for SDPA: softmax over [scores, sinks[h]] with the sink column dropped.
+
+    k, v: [B, Hkv, L, D]; mask: bool, broadcastable to [B, 1, n, L]; sinks: [H]
+    -> k, v: [B, Hkv, L+1, D] (a zero key and value appended); float mask [B, H, n, L+1]:
+    0 where allowed, -inf where not, sinks[h] in the last column (score 0 + sinks[h]).
+    """
+    b, _, length, _ = k.shape
+    pad = k.new_zeros(b, k.shape[1], 1, k.shape[3])
+    k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+    mask = mask.expand(b, 1, *mask.shape[-2:]) if mask.dim() == 4 else mask.expand(b, 1, *mask.shape)
+    n, h = mask.shape[2], sinks.shape[0]
+    bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill(~mask, float("-inf"))
+    col = sinks.to(k.dtype).view(1, h, 1, 1).expand(b, h, n, 1)
+    return k, v, torch.cat([bias.expand(b, h, n, length), col], dim=-1)

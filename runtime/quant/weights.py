@@ -184,11 +184,25 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
+def e8m0_decode(exps: torch.Tensor) -> torch.Tensor:
+    """OCP MX E8M0 scale bytes -> fp32 powers of two 2^(b - 127) (exact, 2^-127 included; fp32 holds it
+    as a subnormal). Byte 0xFF is NaN in E8M0 and is rejected."""
+    if exps.dtype != torch.uint8:
+        raise CheckpointError(f"E8M0 scales must be uint8 bytes, got {exps.dtype}")
+    if bool((exps == 255).any()):
+        raise CheckpointError("E8M0 scales contain 0xFF, which is NaN in the OCP MX spec")
+    return torch.ldexp(torch.ones(exps.shape, dtype=torch.float32, device=exps.device), exps.to(torch.int32) - 127)
+
+
+MICRO_BLOCKS = (16, 32)  # NVFP4, MXFP4
+
+
 @dataclass(frozen=True, eq=False)
 class MicroWeight:
     """fp4 e2m1 with micro-block scales: w = e2m1(codes) * scale[n, k // block] * global_scale.
     codes: [N, K] uint8 0..15 (unpacked); scale: [N, K/block] fp32 (decoded e4m3 or e8m0);
-    block 16 (NVFP4, global_scale set) or 32 (MXFP4, global_scale None).
+    block 16 (NVFP4, global_scale set) or 32 (MXFP4 = OCP MX: e8m0 scales decoded by `e8m0_decode`,
+    global_scale None).
     """
 
     codes: torch.Tensor
@@ -198,6 +212,10 @@ class MicroWeight:
 
     def __post_init__(self) -> None:
         n, k = self.codes.shape
+        if self.block not in MICRO_BLOCKS:
+            raise CheckpointError(f"fp4 micro-block size {self.block}; supported: 16 (NVFP4), 32 (MXFP4)")
+        if self.codes.dtype != torch.uint8:
+            raise CheckpointError(f"fp4 codes must be unpacked uint8 (0..15), got {self.codes.dtype}")
         if k % self.block or tuple(self.scale.shape) != (n, k // self.block):
             raise CheckpointError(f"fp4 scale shape {tuple(self.scale.shape)} != {(n, k // self.block)}")
 

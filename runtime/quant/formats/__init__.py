@@ -9,6 +9,7 @@ from quantrt.quant.formats import (  # noqa: F401
     gguf,
     gptq,
     modelslim,
+    mxfp4,
     quark_int4fp8_moe,
     torchao,
     w8a8,
