@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantrt.errors import CheckpointError, ConfigError, NotSupportedYet
+from quantrt.errors import CheckpointError, ConfigError
 from quantrt.platform.resolve import current_platform
 from quantrt.quant.format import get_format
 from quantrt.quant.formats.packing import pack_awq, pack_lsb
@@ -108,8 +108,8 @@ def test_bad_inputs():
         get_format("gptq").from_config({"quant_method": "gptq", "bits": 5, "group_size": 128})
     with pytest.raises(ConfigError, match="4-bit"):
         get_format("awq").from_config({"quant_method": "awq", "bits": 8, "group_size": 128})
-    with pytest.raises(NotSupportedYet, match="Marlin-repacked"):
-        get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+    with pytest.raises(ConfigError, match="checkpoint_format 'exllama' is not one of gptq, gptq_v2, marlin"):
+        get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "checkpoint_format": "exllama"})
     fmt = get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "group_size": 100})
     with pytest.raises(CheckpointError, match="does not divide K"):
         fmt.make_weight("l", {}, (N, K))
