@@ -70,6 +70,7 @@ class ServerArgs:
     chunked_prefill_size: int = 512            # -1 disables chunked prefill
     page_size: int = 16
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None       # None = min(max_running_requests, 256)
     random_seed: int | None = None
     # Server
     host: str = "127.0.0.1"
@@ -126,7 +127,7 @@ class ServerArgs:
             raise ConfigError(f"--mem-fraction-static {frac} must be between 0 and 1 (exclusive)")
         for name in ("max_running_requests", "max_prefill_tokens", "page_size"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("context_length", "max_total_tokens"):
+        for name in ("context_length", "max_total_tokens", "cuda_graph_max_bs"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
         if self.chunked_prefill_size != -1:
@@ -155,6 +156,15 @@ class ServerArgs:
                 f"--load-format {self.load_format!r} cannot read the .gguf file {self.model_path!r}; "
                 "use --load-format auto or gguf"
             )
+        if self.load_format == "bitsandbytes":  # SGLang's spelling: bnb checkpoint, or online bnb quantization
+            other = [f"{_flag(n)} {getattr(self, n)}" for n in ("torchao_config", "quantization_config_path")
+                     if getattr(self, n) is not None]
+            if self.quantization not in (None, "bitsandbytes"):
+                other.insert(0, f"--quantization {self.quantization}")
+            if other:
+                raise ConfigError(f"--load-format bitsandbytes loads a bitsandbytes checkpoint or quantizes with "
+                                  f"bitsandbytes; it contradicts {' and '.join(other)} (drop one; "
+                                  f"--quantization bitsandbytes is the only quantization it allows)")
 
     def check_supported(self) -> None:
         """Refuse recognised flags whose behaviour is not built yet (rows of `NOT_SUPPORTED_YET`)."""
@@ -227,7 +237,7 @@ class Unsupported:
 SUPPORTED_QUANTIZATION: frozenset[str | None] = frozenset({None, "fp8", "gguf", "modelslim", "quark_int4fp8_moe", "w8a8_int8",
                                                           "awq", "awq_marlin", "gptq", "gptq_marlin", "marlin",
                                                           "w8a8_fp8", "compressed-tensors", "auto-round", "bitsandbytes"})
-SUPPORTED_LOAD_FORMATS: frozenset[str] = frozenset({"auto", "safetensors", "gguf"})
+SUPPORTED_LOAD_FORMATS: frozenset[str] = frozenset({"auto", "safetensors", "gguf", "bitsandbytes"})
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
     Unsupported("tp_size", lambda a: a.tp_size > 1, "tensor parallelism comes in a later issue"),
@@ -236,12 +246,8 @@ NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
                 "multi-node serving comes in a later issue"),
     Unsupported("quantization", lambda a: a.quantization not in SUPPORTED_QUANTIZATION,
                 "only fp8 (online or pre-quantized) and gguf checkpoints are built so far"),
-    Unsupported("fp8_gemm_backend", lambda a: a.fp8_gemm_backend != "auto",
-                "only auto (the platform picks the kernel) is built so far"),
-    Unsupported("fp4_gemm_backend", lambda a: a.fp4_gemm_backend != "auto",
-                "only auto (the platform picks the kernel) is built so far"),
     Unsupported("load_format", lambda a: a.load_format not in SUPPORTED_LOAD_FORMATS,
-                "only auto, safetensors and gguf are built so far"),
+                "only auto, safetensors, gguf and bitsandbytes are built so far"),
     Unsupported("modelopt_quant", lambda a: a.modelopt_quant is not None,
                 "ModelOpt online quantization comes in a later issue"),
     Unsupported("modelopt_checkpoint_save_path", lambda a: a.modelopt_checkpoint_save_path is not None,
@@ -428,6 +434,8 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="Tokens per prefill chunk; -1 disables chunked prefill.")
     g.add_argument("--page-size", type=int, default=_default("page_size"), help="Tokens per KV page.")
     g.add_argument("--disable-cuda-graph", action="store_true", help="Disable decode graphs (CUDA graphs).")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                   help="Largest decode batch run through a graph (default: max running requests, <= 256).")
     g.add_argument("--random-seed", type=int, default=None, help="The random seed.")
 
 

@@ -184,8 +184,6 @@ def test_gguf_needs_a_gguf_file() -> None:
     ({"modelopt_checkpoint_restore_path": "/r"}, "--modelopt-checkpoint-restore-path '/r'"),
     ({"modelopt_export_path": "/e"}, "--modelopt-export-path '/e'"),
     ({"quantize_and_serve": True}, "--quantize-and-serve"),
-    ({"fp8_gemm_backend": "triton"}, "--fp8-gemm-backend 'triton'"),
-    ({"fp4_gemm_backend": "flashinfer_cutlass"}, "--fp4-gemm-backend 'flashinfer_cutlass'"),
     ({"load_format": "bitsandbytes"}, "--load-format 'bitsandbytes'"),
     ({"load_format": "dummy"}, "--load-format 'dummy'"),
 ])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import logging
+from typing import Any, ClassVar
 
 import torch
 
 from quantrt.platform.interface import DeviceCapability, Platform
+
+log = logging.getLogger(__name__)
 
 
 class CudaPlatform(Platform):
@@ -16,10 +19,12 @@ class CudaPlatform(Platform):
     device_type: ClassVar[str] = "cuda"
     dist_backend: ClassVar[str] = "nccl"
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels:CUDA_LINEAR_KERNELS"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels:CUDA_MOE_KERNELS"
 
     def __init__(self, capability: DeviceCapability | None = None, device_name: str | None = None) -> None:
         self._capability = capability
         self._device_name = device_name
+        self.gemm_backends: dict[str, Any] = {}   # "fp8"/"fp4" -> GemmBackendChoice, set by check_config
 
     def device_count(self) -> int:
         return torch.cuda.device_count()
@@ -57,3 +62,36 @@ class CudaPlatform(Platform):
 
     def attention_backends(self) -> list[str]:
         return ["triton", "torch_sdpa"]
+
+    def graph_runner(self) -> Any | None:
+        """CUDA graphs for decode (quantrt.platforms.cuda.graphs.DecodeGraphRunner)."""
+        from quantrt.platforms.cuda.graphs import DecodeGraphRunner
+
+        return DecodeGraphRunner
+
+    def resolve_gemm_backends(self, fp8: str = "auto", fp4: str = "auto") -> dict[str, Any]:
+        """{"fp8": GemmBackendChoice, "fp4": ...} for the flag values on this GPU (ConfigError when a
+        named backend cannot run here)."""
+        from quantrt.platforms.cuda.gemm_backends import (
+            probe_env,
+            resolve_fp4_gemm_backend,
+            resolve_fp8_gemm_backend,
+        )
+
+        env = probe_env(self)
+        return {"fp8": resolve_fp8_gemm_backend(fp8, env), "fp4": resolve_fp4_gemm_backend(fp4, env)}
+
+    def check_gemm_backends(self, args: Any) -> None:
+        self.gemm_backends = self.resolve_gemm_backends(getattr(args, "fp8_gemm_backend", "auto"),
+                                                        getattr(args, "fp4_gemm_backend", "auto"))
+        for choice in self.gemm_backends.values():
+            log.info("%s: %s", choice.flag, choice.describe())
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        try:
+            for key, choice in self.resolve_gemm_backends().items():
+                d[f"{key}_gemm_backend"] = choice.describe()
+        except Exception as e:  # noqa: BLE001 - `quantrt env` reports, it does not fail
+            d["gemm_backends"] = f"unresolved: {e}"
+        return d

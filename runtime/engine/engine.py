@@ -73,6 +73,8 @@ class Engine:
         self.kv_pool = pool
         self.allocator = PageAllocator(num_pages, ps)
         runner = ModelRunner(self.model, pool, ps, self.platform.device())
+        runner.configure_graphs(self.platform, args.disable_cuda_graph, args.cuda_graph_max_bs,
+                                args.max_running_requests, self.context_len)
         self.scheduler = Scheduler(runner, self.allocator, StopChecker(self.tokenizer, _eos_ids(self.tokenizer, c)),
                                    args.max_running_requests, args.chunked_prefill_size or args.max_prefill_tokens
                                    or 8192, self.context_len)

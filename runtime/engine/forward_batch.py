@@ -27,15 +27,16 @@ class ForwardBatch:
     kv_pool: KVPool
     is_decode: bool
     kv_slots: torch.Tensor | None = None          # decode only: [B, Lmax] padded slot table
+    kv_lens_t: torch.Tensor | None = None         # decode only: [B] int64 kv_lens on the device (graphs)
     cache: dict = field(default_factory=dict)     # per-batch values shared by layers (masks, rope)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, Lmax] bool: True where a decode query may attend."""
         key = ("d", window)
         if key not in self.cache:
-            lmax = self.kv_slots.shape[1]
-            kv = torch.tensor(self.kv_lens)[:, None]
-            j = torch.arange(lmax)[None, :]
+            lmax, dev = self.kv_slots.shape[1], self.kv_slots.device
+            kv = (self.kv_lens_t if self.kv_lens_t is not None else torch.tensor(self.kv_lens, device=dev))[:, None]
+            j = torch.arange(lmax, device=dev)[None, :]
             m = j < kv
             if window is not None:
                 m &= j > kv - 1 - window

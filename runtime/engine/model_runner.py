@@ -1,14 +1,24 @@
-"""ModelRunner: turns scheduled (request, token range) pairs into a ForwardBatch and runs the model."""
+"""ModelRunner: turns scheduled (request, token range) pairs into a ForwardBatch and runs the model.
+
+Decode steps (one new token per sequence, logits of that token only) go to the platform's graph
+runner when there is one (CUDA graphs: quantrt.platforms.cuda.graphs); it pads the batch and the KV
+length and calls back `decode_forward` on static device tensors. Everything else (prefill, extend,
+decode steps the runner declines) runs eagerly through the same ForwardBatch.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from quantrt.engine.forward_batch import ForwardBatch
 from quantrt.engine.kv_pool import KVPool
 from quantrt.engine.request import Request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,11 +31,89 @@ class Work:
     rows: list[int]
 
 
+def graph_unsafe_reason(model: torch.nn.Module) -> str | None:
+    """Why decode graphs cannot capture `model`, or None. MoE layers route tokens with host-side
+    expert lists (bincount().tolist()), which a graph cannot hold."""
+    from quantrt.layers.moe.layer import FusedMoE
+
+    if any(isinstance(m, FusedMoE) for m in model.modules()):
+        return "the model has MoE layers, whose token routing synchronises with the host"
+    return None
+
+
+def is_graph_decode(works: list[Work]) -> bool:
+    """A step the graph runner may take: every sequence adds one token and wants only its logits."""
+    return bool(works) and all(w.n == 1 and w.rows == [w.start] for w in works)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_pool: KVPool, page_size: int, device: torch.device):
         self.model, self.kv_pool, self.page_size, self.device = model, kv_pool, page_size, device
         self._offsets = torch.arange(page_size)
+        self.graphs: Any = None            # a decode graph runner (platform-made), or None
+        self.graphs_off: str | None = None  # why decode graphs are off (None while on)
 
+    # -- decode graphs ---------------------------------------------------------------------
+    def configure_graphs(self, platform: Any, disable: bool, max_bs: int | None, max_running: int,
+                         max_len: int) -> None:
+        """Decode graphs from the platform unless `--disable-cuda-graph`; max_bs None = min(max_running, 256)."""
+        factory = None if disable else platform.graph_runner()
+        if factory is not None:
+            self.enable_graphs(factory, max_bs or min(max_running, 256), max_len)
+        else:
+            self.graphs = None
+            self.graphs_off = "--disable-cuda-graph" if disable else f"{platform.name} has no graph runner"
+        log.info("decode graphs: %s", self.graph_status())
+
+    def enable_graphs(self, factory: Any, max_bs: int, max_len: int, **kw: Any) -> bool:
+        """Ask `factory(decode_forward, device, max_bs, max_len, **kw)` for a graph runner (the
+        platform's `graph_runner()`). Returns False (reason in `graphs_off`) when the model cannot."""
+        why = graph_unsafe_reason(self.model)
+        if why is not None:
+            self.graphs, self.graphs_off = None, why
+            log.info("decode graphs off: %s", why)
+            return False
+        self.graphs = factory(self.decode_forward, self.device, max_bs, max_len, **kw)
+        self.graphs_off = None
+        return True
+
+    def graph_status(self) -> str:
+        """'on (...)' or 'off: why' as the startup log and `quantrt env` print it."""
+        if self.graphs is None:
+            return f"off: {self.graphs_off or 'the platform has no graph runner'}"
+        if self.graphs.disabled:
+            return f"off: {self.graphs.disabled}"
+        return f"on (batch sizes {', '.join(map(str, self.graphs.sizes))}; KV length up to {self.graphs.max_len})"
+
+    def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, out_slots: torch.Tensor,
+                       kv_lens: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
+        """One decode step on device tensors: ids/positions/out_slots/kv_lens [B], kv_slots [B, L]
+        -> fp32 logits [B, V]. Nothing here reads a device value on the host (graph-capturable)."""
+        b = ids.shape[0]
+        fb = ForwardBatch(input_ids=ids, positions=positions, out_slots=out_slots, q_lens=[1] * b,
+                          kv_lens=[], seq_slots=[], logits_rows=torch.arange(b, device=ids.device),
+                          kv_pool=self.kv_pool, is_decode=True, kv_slots=kv_slots, kv_lens_t=kv_lens)
+        return self.model(fb)
+
+    def _decode_inputs(self, works: list[Work]):
+        from quantrt.platform.interface import DecodeInputs
+
+        b = len(works)
+        lens = [w.start + 1 for w in works]
+        lmax = max(lens)
+        npages = -(-lmax // self.page_size)
+        table = torch.zeros(b, npages, dtype=torch.long)          # [B, P] page ids (0-padded)
+        for i, w in enumerate(works):
+            p = w.req.pages[: -(-lens[i] // self.page_size)]
+            table[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        slots = (table[:, :, None] * self.page_size + self._offsets).reshape(b, -1)[:, :lmax]  # [B, Lmax]
+        kv_lens = torch.tensor(lens, dtype=torch.long)
+        slots = slots.masked_fill(torch.arange(lmax)[None, :] >= kv_lens[:, None], 0)
+        ids = torch.tensor([w.req.all_ids[w.start] for w in works], dtype=torch.long)
+        pos = torch.tensor([w.start for w in works], dtype=torch.long)
+        return DecodeInputs(ids, pos, slots[torch.arange(b), pos], kv_lens, slots)
+
+    # -- forward ---------------------------------------------------------------------------
     def _slots(self, pages: list[int], length: int) -> torch.Tensor:
         # pages: P page ids -> [length] slot ids (page * page_size + offset)
         p = torch.tensor(pages, dtype=torch.long)
@@ -34,24 +122,36 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[torch.Tensor]:
         """Forward one batch; returns per work the fp32 logits of its rows: [len(rows), V]."""
+        if is_graph_decode(works):
+            d = self._decode_inputs(works)
+            logits = self.graphs.run(d) if self.graphs is not None else None
+            if logits is None:
+                dev = self.device
+                logits = self.decode_forward(d.ids.to(dev), d.positions.to(dev), d.out_slots.to(dev),
+                                             d.kv_lens.to(dev), d.kv_slots.to(dev))
+            return list(logits.split(1))
+        return self._run_eager(works)
+
+    def _run_eager(self, works: list[Work]) -> list[torch.Tensor]:
         ids, pos, out_slots, seq_slots, rows = [], [], [], [], []
         offset = 0
         for w in works:
             total = w.start + w.n
             slots = self._slots(w.req.pages, total)
-            seq_slots.append(slots)
+            seq_slots.append(slots.to(self.device))
             out_slots.append(slots[w.start:total])
             ids.extend(w.req.all_ids[w.start:total])
             pos.append(torch.arange(w.start, total))
             rows.extend(offset + r - w.start for r in w.rows)
             offset += w.n
         is_decode = all(w.n == 1 for w in works)
-        kv_slots = None
+        kv_slots = kv_lens_t = None
         if is_decode:
             lmax = max(s.numel() for s in seq_slots)
-            kv_slots = torch.zeros(len(works), lmax, dtype=torch.long)
+            kv_slots = torch.zeros(len(works), lmax, dtype=torch.long, device=self.device)
             for i, s in enumerate(seq_slots):
                 kv_slots[i, : s.numel()] = s
+            kv_lens_t = torch.tensor([w.start + w.n for w in works], dtype=torch.long, device=self.device)
         fb = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.cat(pos).to(self.device),
@@ -63,6 +163,7 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             is_decode=is_decode,
             kv_slots=kv_slots,
+            kv_lens_t=kv_lens_t,
         )
         logits = self.model(fb)
         return list(logits.split([len(w.rows) for w in works]))

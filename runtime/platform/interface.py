@@ -34,6 +34,23 @@ class DeviceCapability:
         return f"{self.major}.{self.minor}"
 
 
+@dataclass(frozen=True)
+class DecodeInputs:
+    """One decode step on the host, as the model runner hands it to a graph runner.
+    ids, positions, out_slots (KV slot of the new token), kv_lens: [B] int64; kv_slots: [B, L] int64
+    (columns past kv_lens[i] are ignored)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    kv_lens: torch.Tensor
+    kv_slots: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return int(self.ids.shape[0])
+
+
 class Platform:
     """Base class. Subclasses set the class attributes and override what differs."""
 
@@ -99,11 +116,29 @@ class Platform:
             return []
         return list(getattr(importlib.import_module(module), attr))
 
+    # Layer ops a platform may swap in for quantrt's own math (aiter on ROCm); None = ours. Each is a
+    # callable; the layers fall back to their own math for cases an op does not cover (see each layer).
+    def rms_norm_op(self) -> Any | None:
+        """(x [..., D], weight [D] in x.dtype, eps) -> [..., D] x.dtype = x / rms(x) * weight (RMSNorm)."""
+        return None
+
+    def rotary_op(self) -> Any | None:
+        """(q [T, H, D], k [T, Hkv, D], cos [P, D/2], sin [P, D/2], positions [T]) -> (q, k) rotated
+        neox-style (rotate halves) at `positions` (RotaryEmbedding)."""
+        return None
+
+    def topk_op(self) -> Any | None:
+        """(logits [T, E], RoutingConfig, correction_bias [E] | None) -> (weights [T, k] fp32, ids [T, k]
+        int64) with quantrt.layers.moe.routing.select_experts' semantics (MoE routing)."""
+        return None
+
     def attention_backends(self) -> list[str]:
         return ["torch_sdpa"]
 
     def graph_runner(self) -> Any | None:
-        """A decode graph runner (CUDA graphs) or None."""
+        """A decode graph runner factory (CUDA graphs) or None. Called by the model runner as
+        `factory(forward, device, max_bs, max_len)`; the runner's `run(DecodeInputs)` returns logits
+        [B, V] or None (then the step runs eagerly); `sizes`, `max_len` and `disabled` describe it."""
         return None
 
     def check_config(self, args: ServerArgs) -> None:
@@ -111,6 +146,17 @@ class Platform:
         from quantrt.platform.checks import check_quantization_allowed
 
         check_quantization_allowed(self, args)
+        self.check_gemm_backends(args)
+
+    def check_gemm_backends(self, args: ServerArgs) -> None:
+        """`--fp8-gemm-backend` / `--fp4-gemm-backend`: GPU libraries; only `auto` applies elsewhere."""
+        from quantrt.errors import ConfigError
+
+        for flag in ("fp8_gemm_backend", "fp4_gemm_backend"):
+            value = getattr(args, flag, "auto")
+            if value != "auto":
+                raise ConfigError(f"--{flag.replace('_', '-')} {value} selects a CUDA/ROCm GEMM library; "
+                                  f"on {self.name} only auto applies")
 
     def describe(self) -> dict[str, Any]:
         """What `quantrt env` prints for this platform."""
