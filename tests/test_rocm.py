@@ -89,10 +89,17 @@ def test_real_adapter_forwards_only_known_ops():
         def shuffle_weight(self, *a, **k):
             return "shuffled"
 
+        def fused_moe(self, *a, **k):
+            return a, k
+
+        ActivationType = QuantType = staticmethod(lambda v: f"enum{v}")
+
     ops = RealAiterOps(FakeAiter())
     assert ops.gemm_a8w8() == "gemm"
     with pytest.raises(AttributeError):
-        ops.fused_moe  # noqa: B018
+        ops.mla_decode_fwd  # noqa: B018
+    _, kw = ops.fused_moe(1, 2, 3, 4, 5, quant_method=2, w1_scale=6)  # ints become aiter's enums
+    assert kw["activation"] == "enum0" and kw["quant_type"] == "enum2" and kw["w1_scale"] == 6
 
 
 @pytest.mark.parametrize("kind", ["fp8_channel", "fp8_tensor", "int8", "fp8_unshuffled"])
@@ -211,3 +218,138 @@ def test_quark_int4fp8_moe_experts_are_int4_per_channel_on_the_reference_path(ti
     assert q and all(type(k.spec.weight).__name__ == "FloatWeight" for m in q for k in m.kernels)
     out = eng.generate(input_ids=list(range(5, 37)), sampling_params={"max_new_tokens": 6, "temperature": 0})
     assert len(out["output_ids"]) == 6
+
+
+# -- aiter beyond linears: RMSNorm, RoPE, top-k, fused_moe (EMULATED) --------------------------------------
+def test_aiter_rope_matches_our_rotary_and_gptj_style():
+    from transformers import LlamaConfig
+
+    from quantrt.layers.rotary import RotaryEmbedding
+    from quantrt.platforms.rocm.aiter_layers import AiterRotary
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0)
+    ours, theirs = RotaryEmbedding(cfg, 16, 64), RotaryEmbedding(cfg, 16, 64)
+    ours.to(torch.float32, torch.device("cpu"))
+    theirs.to(torch.float32, torch.device("cpu"), MI300)
+    assert isinstance(theirs._op, AiterRotary)
+    q, k, pos = torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.tensor([0, 3, 9, 1, 40, 63, 5])
+    want = ours(ours.tables(pos), q, k)
+    got = theirs(theirs.tables(pos), q, k)
+    torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[1], want[1])
+    # rotate_style 1 (GPT-J) rotates adjacent pairs: the same as NEOX on de-interleaved dims
+    x, y = q[None].clone(), k[None].clone()
+    cos, sin = ours.cos[:, :8].reshape(64, 1, 1, 8), ours.sin[:, :8].reshape(64, 1, 1, 8)
+    OPS.rope_cached_positions_2c_fwd_inplace(x, y, cos, sin, pos[None], 1, True, False)
+    perm = torch.cat([torch.arange(0, 16, 2), torch.arange(1, 16, 2)])
+    neox = ours(ours.tables(pos), q[..., perm], k[..., perm])[0]
+    torch.testing.assert_close(x[0][..., perm], neox)
+
+
+@pytest.mark.parametrize("case", ["softmax", "softmax_norenorm", "v3_biased", "v2_grouped", "sigmoid_plain"])
+def test_aiter_topk_matches_select_experts(case):
+    from quantrt.layers.moe.routing import RoutingConfig, select_experts
+
+    torch.manual_seed(3)
+    cfg = {"softmax": RoutingConfig(16, 4), "softmax_norenorm": RoutingConfig(16, 4, renormalize=False),
+           "v3_biased": RoutingConfig(16, 4, "sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5),
+           "v2_grouped": RoutingConfig(16, 3, n_group=4, topk_group=2, renormalize=False,
+                                       routed_scaling_factor=1.5),
+           "sigmoid_plain": RoutingConfig(16, 2, "sigmoid")}[case]
+    logits = torch.randn(33, 16)
+    bias = torch.randn(16) * 0.1 if case == "v3_biased" else None
+    w, ids = select_experts(logits, cfg, bias)
+    w2, ids2 = select_experts(logits, cfg, bias, MI300.topk_op())
+    assert ids2.dtype == torch.int64
+    assert torch.equal(ids2.sort(-1).values, ids.sort(-1).values)
+    torch.testing.assert_close(w2.gather(1, ids2.argsort(-1)), w.gather(1, ids.argsort(-1)))
+
+
+def _moe_spec(kind: str, e: int, h: int, i: int, dtype=torch.bfloat16):
+    from quantrt.quant.formats.quark_int4fp8_moe import quantize_int4_per_channel
+    from quantrt.quant.moe_kernel import MoESpec
+    from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight
+
+    torch.manual_seed(0)
+    experts, acts = [], []
+    fp8_act = ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn)
+    for _ in range(e):
+        ws = [torch.randn(i, h) * 0.1, torch.randn(i, h) * 0.1, torch.randn(h, i) * 0.1]
+        if kind == "dense":
+            experts.append(tuple(DenseWeight(w.to(dtype)) for w in ws))
+            acts.append((WEIGHT_ONLY,) * 3)
+        elif kind == "fp8":
+            experts.append(tuple(quantize_fp8(w, ScaleGranularity.CHANNEL) for w in ws))
+            acts.append((fp8_act,) * 3)
+        else:
+            experts.append(tuple(quantize_int4_per_channel(w) for w in ws))
+            acts.append((fp8_act,) * 3)
+    return MoESpec(tuple(experts), tuple(acts), h, i, dtype)
+
+
+@pytest.mark.parametrize("kind,h,i", [("dense", 64, 32), ("fp8", 64, 32), ("int4", 256, 256)])
+def test_aiter_fused_moe_matches_the_reference_moe(kind, h, i):
+    """Shuffled (and, for int4, int32-packed) experts through the emulated aiter.fused_moe equal the reference
+    MoE kernel (fnuz per-token activations on MI300 vs e4m3fn in the reference: a few e-2 relative)."""
+    from quantrt.layers.moe.experts import ReferenceMoEKernel
+    from quantrt.layers.moe.routing import RoutingConfig, select_experts
+    from quantrt.platforms.rocm.aiter_moe import AiterFusedMoEKernel
+    from quantrt.quant.moe_kernel import select_moe_kernel
+
+    spec = _moe_spec(kind, 8, h, i)
+    choice = select_moe_kernel(spec, MI300)
+    assert choice.kernel is AiterFusedMoEKernel
+    kern = AiterFusedMoEKernel.prepare(spec, MI300)
+    assert kern.w1.shape == ((8, 2 * i, h // 8) if kind == "int4" else (8, 2 * i, h))
+    assert kern.w1.dtype == {"dense": torch.bfloat16, "fp8": torch.float8_e4m3fnuz, "int4": torch.int32}[kind]
+    x = torch.randn(11, h).to(torch.bfloat16)
+    w, ids = select_experts(torch.randn(11, 8), RoutingConfig(8, 2))
+    got = kern.apply(x, w, ids).float()
+    want = ReferenceMoEKernel.prepare(spec, CpuPlatform()).apply(x, w, ids).float()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < (0.01 if kind == "dense" else 0.06), rel
+    assert not AiterFusedMoEKernel.can_implement(spec, CpuPlatform())[0]
+
+
+def test_aiter_fused_moe_declines_with_reasons():
+    from quantrt.platforms.rocm.aiter_moe import AiterFusedMoEKernel
+
+    ok, why = AiterFusedMoEKernel.can_implement(_moe_spec("int4", 2, 64, 32), MI300)
+    assert not ok and "do not tile the (16, 16) weight shuffle" in why
+    ok, why = AiterFusedMoEKernel.can_implement(_moe_spec("dense", 2, 64, 32, torch.float32), MI300)
+    assert not ok and "float16/bfloat16" in why
+
+
+def test_aiter_layer_ops_follow_the_switch(monkeypatch):
+    monkeypatch.delenv("SGLANG_USE_AITER", raising=False)
+    monkeypatch.delenv("QUANTRT_USE_AITER", raising=False)
+    plat = RocmPlatform(arch="gfx942")
+    assert plat.rms_norm_op() is None and plat.rotary_op() is None and plat.topk_op() is None
+    assert CpuPlatform().rms_norm_op() is None
+    monkeypatch.setenv("SGLANG_USE_AITER", "1")
+    with pytest.raises(PlatformError, match="no `aiter` module is installed"):
+        plat.rms_norm_op()
+
+
+def test_qwen3_moe_on_emulated_mi300_runs_norm_rope_topk_moe_through_aiter(tiny_models):
+    """Every RMSNorm, the rotary, the routing and the MoE experts run the (emulated) aiter ops, and the
+    model's prompt log-probs stay close to the CPU reference path in bf16."""
+    from quantrt.platforms.rocm.aiter_layers import AiterRmsNorm, AiterRotary, AiterTopK
+
+    src = str(tiny_models["qwen3_moe"][0])
+    common = {"model_path": src, "dtype": "bfloat16", "max_total_tokens": 512}
+    mi300, cpu = Engine(platform=MI300, **common), Engine(platform=CpuPlatform(), **common)
+    norms = [m for m in mi300.model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(isinstance(m._op, AiterRmsNorm) for m in norms)
+    assert isinstance(mi300.model.model.rotaries[0]._op, AiterRotary)
+    moe = mi300.model.model.layers[0].mlp
+    assert moe.impl == "aiter_fused_moe" and isinstance(moe.topk_op, AiterTopK)
+    prompt = list(range(5, 37))
+    kw = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True,
+          "logprob_start_len": 0}
+
+    def logprobs(eng: Engine) -> torch.Tensor:
+        return torch.tensor([lp for lp, _, _ in eng.generate(input_ids=prompt, **kw)["meta_info"]
+                             ["input_token_logprobs"][1:]])
+
+    err = (logprobs(mi300) - logprobs(cpu)).abs()
+    assert err.mean() < 0.05 and err.max() < 0.3, (float(err.mean()), float(err.max()))

@@ -8,6 +8,16 @@ Switched on by `SGLANG_USE_AITER=1` (SGLang's spelling, honoured) or `QUANTRT_US
 - gemm_a8w8(XQ [M, K], WQ [N, K], x_scale [M, 1], w_scale [1, N], bias, dtype): (XQ @ WQ^T) * x_scale *
   w_scale (+ bias), int8 or fp8 operands; gemm_a8w8_bpreshuffle: the same with WQ shuffled.
 - rmsnorm2d_fwd(x, weight, eps) / rmsnorm2d_fwd_with_add(out, x, residual, residual_out, weight, eps).
+- rope_cached_positions_2c_fwd_inplace(x, y [S, B, H, D], cos, sin [P, 1, 1, D/2], positions [S, B],
+  rotate_style (0 NEOX, 1 GPT-J), reuse_freqs_front_part, nope_first): q and k rotated in place.
+- topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, renormalize) (outputs in place);
+  grouped_topk(gating, w, ids, num_expert_group, topk_group, need_renorm, scoring_func, routed_scaling_factor);
+  biased_grouped_topk(gating, correction_bias, w, ids, num_expert_group, topk_group, need_renorm,
+  routed_scaling_factor) (DeepSeek-V3). Weights fp32, ids int32.
+- fused_moe(hidden, w1 [E, 2I, H], w2 [E, H, I] (both shuffle_weight(., (16, 16))), topk_weight, topk_ids,
+  activation (Silu), quant_type (No / per_Token), w1_scale [E, 2I, 1], w2_scale [E, H, 1]); int4 experts are
+  int32 words of 8 values (order [0, 2, 4, 6, 1, 3, 5, 7]) that the kernel upcasts to fp8.
+- gemm_a8w8_blockscale(XQ [M, K], WQ [N, K], x_scale [M, K/128], w_scale [N/128, K/128], dtype): block fp8.
 `quantrt.platforms.rocm.emulation.EmulatedAiterOps` implements them on CPU (EMULATED, tested in CI).
 """
 
@@ -27,7 +37,8 @@ if TYPE_CHECKING:
 
 ENV_VARS = ("SGLANG_USE_AITER", "QUANTRT_USE_AITER")
 _OPS = ("pertoken_quant", "shuffle_weight", "gemm_a8w8", "gemm_a8w8_bpreshuffle", "rmsnorm2d_fwd",
-        "rmsnorm2d_fwd_with_add")
+        "rmsnorm2d_fwd_with_add", "rope_cached_positions_2c_fwd_inplace", "topk_softmax", "grouped_topk",
+        "biased_grouped_topk", "gemm_a8w8_blockscale")
 
 
 class AiterOps(Protocol):
@@ -44,6 +55,31 @@ class AiterOps(Protocol):
                               w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor: ...
 
     def rmsnorm2d_fwd(self, x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor: ...
+
+    def rope_cached_positions_2c_fwd_inplace(self, input_x: torch.Tensor, input_y: torch.Tensor,
+                                             cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                                             rotate_style: int, reuse_freqs_front_part: bool,
+                                             nope_first: bool) -> None: ...
+
+    def topk_softmax(self, topk_weights: torch.Tensor, topk_indices: torch.Tensor,
+                     token_expert_indices: torch.Tensor, gating_output: torch.Tensor, renormalize: bool) -> None: ...
+
+    def grouped_topk(self, gating_output: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     num_expert_group: int, topk_group: int, need_renorm: bool, scoring_func: str = "softmax",
+                     routed_scaling_factor: float = 1.0) -> None: ...
+
+    def biased_grouped_topk(self, gating_output: torch.Tensor, correction_bias: torch.Tensor,
+                            topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_expert_group: int,
+                            topk_group: int, need_renorm: bool, routed_scaling_factor: float = 1.0) -> None: ...
+
+    def fused_moe(self, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weight: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_mask: torch.Tensor | None = None, activation_method: int = 0,
+                  quant_method: int = 0, doweight_stage1: bool = False, w1_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
+                  a2_scale: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def gemm_a8w8_blockscale(self, XQ: torch.Tensor, WQ: torch.Tensor, x_scale: torch.Tensor,
+                             w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor: ...
 
 
 def _truthy(v: str | None) -> bool:
@@ -82,6 +118,15 @@ class RealAiterOps:
         if name not in _OPS:
             raise AttributeError(name)
         return getattr(self._mod, name)
+
+    def fused_moe(self, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weight: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_mask: torch.Tensor | None = None, activation_method: int = 0,
+                  quant_method: int = 0, doweight_stage1: bool = False, **scales: Any) -> torch.Tensor:
+        """aiter.fused_moe takes ActivationType / QuantType enums: 0 = Silu / No, 2 = per_Token."""
+        return self._mod.fused_moe(hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=expert_mask,
+                                   activation=self._mod.ActivationType(activation_method),
+                                   quant_type=self._mod.QuantType(quant_method),
+                                   doweight_stage1=doweight_stage1, **scales)
 
 
 def aiter_ops_of(platform: Platform) -> AiterOps | None:

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 
 from quantrt.platform.checks import ROCM_ALLOWED_QUANTIZATION
+from quantrt.platforms.rocm.aiter_layers import AiterLayerOps
 from quantrt.platforms.xpu.cpu_platform import CpuPlatform
 
 _FP8 = (torch.float8_e4m3fnuz, torch.float8_e4m3fn)
@@ -28,6 +29,26 @@ def _shuffle_dims(shape: torch.Size, elem: int, layout: tuple[int, int]) -> tupl
     return n // bn, bn, k // bk, bk // pack, pack
 
 
+def unpack_int4_aiter(w: torch.Tensor) -> torch.Tensor:
+    """int32 [..., K/8] (SGLang's pack_int4_to_int32: nibble i holds element [0, 2, 4, 6, 1, 3, 5, 7][i] of each
+    group of 8) -> signed int4 values as int8 [..., K]."""
+    nib = (w.to(torch.int64)[..., None] >> (4 * torch.arange(8, dtype=torch.int64, device=w.device))) & 0xF
+    nib = torch.where(nib >= 8, nib - 16, nib)                                   # [..., K/8, 8] by nibble
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7], device=w.device)             # element held by nibble i
+    out = torch.empty_like(nib)
+    out[..., order] = nib
+    return out.reshape(*w.shape[:-1], -1).to(torch.int8)
+
+
+def pack_int4_aiter(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of unpack_int4_aiter: int4 values [..., K] -> int32 [..., K/8] (nibble i = element order[i])."""
+    _check(q.shape[-1] % 8 == 0, f"int4 packing needs K % 8 == 0, got {q.shape[-1]}")
+    v = (q.to(torch.int64) & 0xF).reshape(*q.shape[:-1], -1, 8)
+    v = v[..., [0, 2, 4, 6, 1, 3, 5, 7]]
+    word = (v << (4 * torch.arange(8, dtype=torch.int64, device=q.device))).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
 def unshuffle_weight(x: torch.Tensor, layout: tuple[int, int] = (16, 16)) -> torch.Tensor:
     """Inverse of shuffle_weight (what a bpreshuffle GEMM reads back)."""
     nb, bn, kb, kp, p = _shuffle_dims(x.shape, x.element_size(), layout)
@@ -35,8 +56,8 @@ def unshuffle_weight(x: torch.Tensor, layout: tuple[int, int] = (16, 16)) -> tor
     return v.contiguous().reshape(x.shape)
 
 
-class EmulatedAiterOps:
-    """AiterOps on CPU; GEMMs dequantize exactly (fp8/int8 values are exact in fp32) and sum in fp32."""
+class EmulatedAiterLinearOps:
+    """aiter's quant / shuffle / GEMM / RMSNorm ops on CPU; GEMMs dequantize exactly (fp8/int8 values are exact in fp32) and sum in fp32."""
 
     def pertoken_quant(self, x: torch.Tensor, quant_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         _check(quant_dtype in (*_FP8, torch.int8), f"quant_dtype {quant_dtype}")
@@ -77,12 +98,158 @@ class EmulatedAiterOps:
         out.copy_(self.rmsnorm2d_fwd(residual_out, weight, epsilon))
 
 
-class EmulatedRocmPlatform(CpuPlatform):
+class EmulatedAiterOps(EmulatedAiterLinearOps):
+    """Every AiterOps op on CPU (EMULATED): the linear ops above plus rope, routing, fused_moe, block-scale GEMM."""
+
+    def rope_cached_positions_2c_fwd_inplace(self, input_x: torch.Tensor, input_y: torch.Tensor, cos: torch.Tensor,
+                                             sin: torch.Tensor, positions: torch.Tensor, rotate_style: int,
+                                             reuse_freqs_front_part: bool, nope_first: bool) -> None:
+        """x, y: [S, B, H, D] rotated in place; cos/sin: [P, 1, 1, D/2] (reuse_freqs_front_part) or D;
+        positions: [S, B]; rotate_style 0 = NEOX (rotate halves), 1 = GPT-J (interleaved pairs)."""
+        _check(input_x.dim() == 4 and input_y.dim() == 4, "inputs are [s, b, h, d]")
+        _check(rotate_style in (0, 1) and not nope_first, f"rotate_style {rotate_style}, nope_first {nope_first}")
+        d = input_x.shape[-1]
+        c = cos.reshape(cos.shape[0], -1).to(torch.float32)[positions.long()]        # [S, B, D/2 or D]
+        sn = sin.reshape(sin.shape[0], -1).to(torch.float32)[positions.long()]
+        if reuse_freqs_front_part:
+            _check(c.shape[-1] == d // 2, f"cos/sin last dim {c.shape[-1]} != d/2 = {d // 2}")
+        for t in (input_x, input_y):
+            tf = t.to(torch.float32)
+            if rotate_style == 0:
+                x1, x2 = tf[..., : d // 2], tf[..., d // 2:]
+                cc, ss = (c, sn) if reuse_freqs_front_part else (c[..., : d // 2], sn[..., : d // 2])
+                cc, ss = cc[:, :, None, :], ss[:, :, None, :]
+                out = torch.cat([x1 * cc - x2 * ss, x2 * cc + x1 * ss], -1)
+            else:
+                x1, x2 = tf[..., 0::2], tf[..., 1::2]
+                cc, ss = (c, sn) if reuse_freqs_front_part else (c[..., 0::2], sn[..., 0::2])
+                cc, ss = cc[:, :, None, :], ss[:, :, None, :]
+                out = torch.stack([x1 * cc - x2 * ss, x2 * cc + x1 * ss], -1).flatten(-2)
+            t.copy_(out.to(t.dtype))
+
+    @staticmethod
+    def _fill(topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> None:
+        _check(topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int32, "outputs are fp32 / int32")
+        topk_weights.copy_(w)
+        topk_ids.copy_(ids.to(torch.int32))
+
+    def topk_softmax(self, topk_weights: torch.Tensor, topk_indices: torch.Tensor,
+                     token_expert_indices: torch.Tensor, gating_output: torch.Tensor, renormalize: bool) -> None:
+        """Softmax over experts, top-k (outputs filled in place); renormalize: weights sum to 1."""
+        k = topk_weights.shape[-1]
+        p = gating_output.to(torch.float32).softmax(-1)
+        w, ids = p.topk(k, -1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+        self._fill(topk_weights, topk_indices, w, ids)
+        t = gating_output.shape[0]
+        token_expert_indices.copy_((torch.arange(k)[None, :] * t + torch.arange(t)[:, None]).to(torch.int32))
+
+    def _grouped(self, scores: torch.Tensor, choice: torch.Tensor, k: int, groups: int, topk_group: int,
+                 group_score: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t, e = choice.shape
+        g = choice.view(t, groups, e // groups)
+        gs = g.topk(2, -1).values.sum(-1) if group_score == "top2" else g.amax(-1)      # [T, G]
+        keep = torch.zeros_like(gs).scatter_(1, gs.topk(topk_group, -1).indices, 1.0).bool()
+        masked = choice.masked_fill(~keep.repeat_interleave(e // groups, 1), float("-inf"))
+        ids = masked.topk(k, -1).indices
+        return scores.gather(1, ids), ids
+
+    def grouped_topk(self, gating_output: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     num_expert_group: int, topk_group: int, need_renorm: bool, scoring_func: str = "softmax",
+                     routed_scaling_factor: float = 1.0) -> None:
+        """Groups ranked by their best expert's score; top-k inside the kept groups."""
+        _check(scoring_func in ("softmax", "sigmoid"), f"scoring_func {scoring_func}")
+        x = gating_output.to(torch.float32)
+        scores = x.softmax(-1) if scoring_func == "softmax" else x.sigmoid()
+        w, ids = self._grouped(scores, scores, topk_weights.shape[-1], num_expert_group, topk_group, "max")
+        if need_renorm:
+            w = w / w.sum(-1, keepdim=True)
+        self._fill(topk_weights, topk_ids, w * routed_scaling_factor, ids)
+
+    def biased_grouped_topk(self, gating_output: torch.Tensor, correction_bias: torch.Tensor,
+                            topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_expert_group: int,
+                            topk_group: int, need_renorm: bool, routed_scaling_factor: float = 1.0) -> None:
+        """DeepSeek-V3: sigmoid scores + bias choose (groups by their top-2 sum); weights are unbiased scores."""
+        scores = gating_output.to(torch.float32).sigmoid()
+        choice = scores + correction_bias.to(torch.float32)[None, :]
+        w, ids = self._grouped(scores, choice, topk_weights.shape[-1], num_expert_group, topk_group, "top2")
+        if need_renorm:
+            w = w / w.sum(-1, keepdim=True)
+        self._fill(topk_weights, topk_ids, w * routed_scaling_factor, ids)
+
+    def _moe_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """A shuffled fused_moe weight [E, N, K'] -> fp32 values [E, N, K] (int32 = 8 packed int4 along K)."""
+        if w.shape[-2] % 16 == 0 and w.shape[-1] % 32 == 0:
+            w = unshuffle_weight(w)
+        return (unpack_int4_aiter(w) if w.dtype == torch.int32 else w).to(torch.float32)
+
+    def fused_moe(self, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weight: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_mask: torch.Tensor | None = None, activation_method: int = 0,
+                  quant_method: int = 0, doweight_stage1: bool = False, w1_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
+                  a2_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H]; w1 [E, 2I, H] (gate rows first) and w2 [E, H, I], preshuffled with (16, 16), bf16/fp16
+        (QuantType.No = 0) or fp8 / int4-in-int32 (QuantType.per_Token = 2: activations quantized per token to
+        the weight's fp8 dtype, int4 weights upcast exactly to fp8); w*_scale [E, N, 1] multiply each GEMM's
+        output channels; topk_ids int32. Silu (ActivationType 0) only. Output in hidden's dtype."""
+        _check(activation_method == 0 and not doweight_stage1 and expert_mask is None, "Silu, weights after stage 2")
+        _check(quant_method in (0, 2), f"quant_method {quant_method} (emulated: No = 0, per_Token = 2)")
+        _check(topk_ids.dtype == torch.int32, f"topk_ids must be int32, got {topk_ids.dtype}")
+        _check(a1_scale is None and a2_scale is None, "static activation scales are not emulated")
+        x = hidden_states
+        _check(x.dtype in (torch.bfloat16, torch.float16), f"hidden_states dtype {x.dtype}")
+        fp8 = torch.float8_e4m3fnuz if torch.float8_e4m3fnuz in (w1.dtype, w2.dtype) else torch.float8_e4m3fn
+        w1f, w2f = self._moe_weight(w1), self._moe_weight(w2)                       # [E, 2I, H], [E, H, I]
+        if quant_method == 0:
+            _check(w1.dtype == x.dtype and w1_scale is None, "QuantType.No takes weights in hidden's dtype")
+        else:
+            _check(w1_scale is not None and w2_scale is not None, "per_Token needs w1_scale / w2_scale")
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        ids = topk_ids.long()
+
+        def act(v: torch.Tensor) -> torch.Tensor:
+            if quant_method == 0:
+                return v.to(x.dtype).to(torch.float32)
+            q, s = self.pertoken_quant(v, fp8)
+            return q.to(torch.float32) * s
+
+        for e in ids.unique().tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            gu = act(x[tok].to(torch.float32)) @ w1f[e].T                             # [n, 2I]
+            if w1_scale is not None:
+                gu = gu * w1_scale[e].reshape(1, -1).to(torch.float32)
+            g, u = gu.chunk(2, -1)
+            h = torch.nn.functional.silu(g) * u
+            y = act(h) @ w2f[e].T
+            if w2_scale is not None:
+                y = y * w2_scale[e].reshape(1, -1).to(torch.float32)
+            out.index_add_(0, tok, y * topk_weight[tok, slot, None].to(torch.float32))
+        return out.to(x.dtype)
+
+    def gemm_a8w8_blockscale(self, XQ: torch.Tensor, WQ: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                             dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """XQ [M, K] fp8 with x_scale [M, K/128] (per 1x128 token group); WQ [N, K] fp8 with w_scale
+        [N/128, K/128] (per 128x128 block): y = sum over K-blocks of (XQ_b @ WQ_b^T) * x_scale * w_scale."""
+        m, k = XQ.shape
+        n = WQ.shape[0]
+        _check(XQ.dtype == WQ.dtype and XQ.dtype in _FP8, f"operands {XQ.dtype}/{WQ.dtype}")
+        kb, nb = -(-k // 128), -(-n // 128)
+        _check(tuple(x_scale.shape) == (m, kb) and tuple(w_scale.shape) == (nb, kb),
+               f"scales {tuple(x_scale.shape)}/{tuple(w_scale.shape)}, expected {(m, kb)}/{(nb, kb)}")
+        _check(dtype in (torch.bfloat16, torch.float16), f"output dtype {dtype}")
+        xs = x_scale.to(torch.float32).repeat_interleave(128, 1)[:, :k]
+        ws = w_scale.to(torch.float32).repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        return ((XQ.to(torch.float32) * xs) @ (WQ.to(torch.float32) * ws).T).to(dtype)
+
+
+class EmulatedRocmPlatform(AiterLayerOps, CpuPlatform):
     """An MI300X (gfx942, fp8 e4m3fnuz) as quantrt's checks and kernels see it, with aiter on, on CPU."""
 
     name: ClassVar[str] = "rocm"
     allowed_quantization: ClassVar[frozenset[str] | None] = ROCM_ALLOWED_QUANTIZATION
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.kernels:ROCM_LINEAR_KERNELS"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_moe:ROCM_MOE_KERNELS"
 
     def arch(self) -> str:
         return "gfx942"

@@ -9,6 +9,7 @@ import torch
 from quantrt.platform.checks import ROCM_ALLOWED_QUANTIZATION
 from quantrt.platform.interface import DeviceCapability
 from quantrt.platforms.cuda.platform import CudaPlatform
+from quantrt.platforms.rocm.aiter_layers import AiterLayerOps
 
 
 def capability_from_arch(arch: str) -> DeviceCapability:
@@ -23,13 +24,14 @@ def capability_from_arch(arch: str) -> DeviceCapability:
     return DeviceCapability(int(core[3:-2]), int(core[-2], 16))
 
 
-class RocmPlatform(CudaPlatform):
+class RocmPlatform(AiterLayerOps, CudaPlatform):
     """AMD ROCm. `arch` (e.g. "gfx942") may be injected so tests run without a GPU."""
 
     name: ClassVar[str] = "rocm"
     dist_backend: ClassVar[str] = "nccl"
     allowed_quantization: ClassVar[frozenset[str] | None] = ROCM_ALLOWED_QUANTIZATION
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.kernels:ROCM_LINEAR_KERNELS"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_moe:ROCM_MOE_KERNELS"
 
     def __init__(self, arch: str | None = None, device_name: str | None = None) -> None:
         super().__init__(device_name=device_name)

@@ -20,13 +20,16 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self._scale: torch.Tensor | None = None  # precomputed (1 + w) or w, fp32 (Gemma) / dtype (Llama)
         self._bias: torch.Tensor | None = None
+        self._op = None  # the platform's RMSNorm op (Platform.rms_norm_op), for plain norms only
 
     def enable_bias(self) -> None:
         """Give the norm a bias parameter [dim] that the checkpoint must then fill (before loading)."""
         if self.bias is None:
             self.bias = nn.Parameter(torch.zeros_like(self.weight), requires_grad=False)
 
-    def finish_loading(self, dtype: torch.dtype) -> None:
+    def finish_loading(self, dtype: torch.dtype, platform=None) -> None:
+        op = platform.rms_norm_op() if platform is not None else None
+        self._op = op if not self.offset and self.bias is None else None  # ours for (1 + w) and biased norms
         if self.offset:
             self._scale = 1.0 + self.weight.data.float()
         else:
@@ -36,6 +39,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D] same dtype
+        if self._op is not None:
+            return self._op(x, self._scale, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:  # Gemma multiplies in fp32, then casts

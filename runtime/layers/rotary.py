@@ -35,19 +35,27 @@ class RotaryEmbedding:
         self.cos = emb.cos() * scaling
         self.sin = emb.sin() * scaling
         self.max_positions = max_positions
+        self._op = None  # the platform's rotary op (Platform.rotary_op): takes the cached half tables + positions
 
-    def to(self, dtype: torch.dtype, device: torch.device) -> RotaryEmbedding:
+    def to(self, dtype: torch.dtype, device: torch.device, platform=None) -> RotaryEmbedding:
         self.cos = self.cos.to(device=device, dtype=dtype)
         self.sin = self.sin.to(device=device, dtype=dtype)
+        self._op = platform.rotary_op() if platform is not None else None
         return self
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin gathered for `positions`: [T, 1, D] each (computed once per forward batch)."""
+        """cos, sin gathered for `positions`: [T, 1, D] each (computed once per forward batch); with a
+        platform rotary op: (positions, None), the op gathers from the cached tables itself."""
+        if self._op is not None:
+            return positions, None
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def __call__(self, tables: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D]; k: [T, Hkv, D]
+        if self._op is not None:
+            half = self.cos.shape[-1] // 2
+            return self._op(q, k, self.cos[:, :half], self.sin[:, :half], tables[0])
         cos, sin = tables
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

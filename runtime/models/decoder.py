@@ -187,12 +187,12 @@ class CausalLM(nn.Module):
         device = platform.device()
         for m in self.modules():
             if isinstance(m, RMSNorm):
-                m.finish_loading(dtype)
+                m.finish_loading(dtype, platform)
             elif isinstance(m, FusedMoE):
                 m.finish_loading(dtype, device, platform)
         self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
-            r.to(dtype, device)
+            r.to(dtype, device, platform)
         if self.lm_head is None:  # tied: the embedding matrix, prepared by the platform's dense kernel
             head_dtype = torch.float32 if self.fp32_lm_head else dtype
             spec = LinearSpec(DenseWeight(self.model.embed_tokens.weight.data), WEIGHT_ONLY, head_dtype)

@@ -64,6 +64,7 @@ class FusedMoE(nn.Module):
         self.kernel_choice = ""                                           # selection, explained
         self.dtype = torch.float32
         self.impl = "unloaded"                                            # the MoE kernel's name
+        self.topk_op = None                                               # the platform's top-k op, if any
 
     # -- loading ----------------------------------------------------------------------------
     def claim(self, name: str, t: torch.Tensor, fmt) -> bool:
@@ -94,6 +95,7 @@ class FusedMoE(nn.Module):
         self.loader = None
         self.small = {k: v.to(device=device, dtype=torch.float32 if "bias" in k else dtype)
                       for k, v in self.small.items()}
+        self.topk_op = platform.topk_op()                                 # None = select_experts' own code
         choice = select_moe_kernel(self.spec, platform)
         self.kernel = choice.kernel.prepare(self.spec, platform)
         self.impl, self.kernel_choice = choice.kernel.name, choice.explain()
@@ -112,7 +114,7 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H]
         logits = F.linear(x, self.small[self.router_key])                 # [T, E]
-        weights, ids = select_experts(logits, self.routing, self.small.get(self.bias_key))
+        weights, ids = select_experts(logits, self.routing, self.small.get(self.bias_key), self.topk_op)
         y = self.experts(x, weights.to(x.dtype), ids)
         if self.shared is not None:
             s = self.shared(x)

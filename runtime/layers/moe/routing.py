@@ -38,9 +38,12 @@ class RoutingConfig:
                               f"topk_group {self.topk_group}")
 
 
-def select_experts(logits: torch.Tensor, cfg: RoutingConfig, correction_bias: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [T, E] -> (weights [T, k] fp32, ids [T, k] int64)."""
+def select_experts(logits: torch.Tensor, cfg: RoutingConfig, correction_bias: torch.Tensor | None = None,
+                   op=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [T, E] -> (weights [T, k] fp32, ids [T, k] int64). `op`: the platform's top-k op
+    (Platform.topk_op, e.g. aiter's topk_softmax / biased_grouped_topk), same contract; None = the code below."""
+    if op is not None:
+        return op(logits, cfg, correction_bias)
     scores = logits.float().softmax(-1) if cfg.scoring == "softmax" else logits.float().sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()[None, :]
     if cfg.n_group > 1:
