@@ -144,3 +144,143 @@ def test_fp4_native(kind, m):
     kern = TritonFp4Kernel.prepare(spec, PLATFORM)
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.bfloat16)
     assert rel_err(kern.apply(x, None), ReferenceLinearKernel.prepare(spec, PLATFORM).apply(x, None)) < 1e-2
+
+
+# -- fused MoE ---------------------------------------------------------------------------------------
+def _moe_platform():
+    """The interpreter runs on CPU tensors: a CPU platform there, the CUDA platform on the GPU."""
+    from quantrt.platform.interface import Platform
+
+    return Platform() if DEV == "cpu" else CudaPlatform()
+
+
+def make_experts(scheme: str, e: int, h: int, i: int, gen: torch.Generator):
+    """E experts of (gate [I, H], up [I, H], down [H, I]) in one canonical scheme, with their ActSchemes."""
+    from quantrt.quant.quantize import quantize_fp8
+    from quantrt.quant.weights import DenseWeight, IntWeight
+
+    def one(n: int, k: int):
+        w = torch.randn(n, k, generator=gen) * 0.2
+        if scheme == "dense":
+            return DenseWeight(w.to(DEV, torch.bfloat16))
+        if scheme.startswith("fp8"):
+            gran = scheme.split("-")[1]
+            fw = quantize_fp8(w, gran, (32, 32) if gran == "block" else None)
+            return type(fw)(fw.data.to(DEV), fw.scale.to(DEV), fw.granularity, fw.block)
+        bits, group, asym = {"int4-g32-asym": (4, 32, True), "int8-channel": (8, k, False),
+                             "int4-g64": (4, 64, False)}[scheme]
+        g = k // group
+        scale = (torch.rand(n, g, generator=gen) * 0.02 + 0.005).to(DEV)
+        if asym:
+            codes = torch.randint(0, 2**bits, (n, k), generator=gen).to(torch.uint8)
+            zero = torch.randint(0, 2**bits, (n, g), generator=gen).to(torch.int32).to(DEV)
+            return IntWeight(codes.to(DEV), scale, bits, group, zero=zero)
+        codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), generator=gen).to(torch.int8)
+        return IntWeight(codes.to(DEV), scale, bits, group)
+
+    experts = tuple((one(i, h), one(i, h), one(h, i)) for _ in range(e))
+    act = ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn) if scheme == "fp8-channel-w8a8" else ActScheme()
+    return experts, tuple((act, act, act) for _ in range(e))
+
+
+def moe_float64(x, weights, ids, experts):
+    """Independent float64 computation of the routed experts (weight-only schemes)."""
+    import torch.nn.functional as F
+
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            g, u, d = (w.dequantize(torch.float64) for w in experts[int(ids[t, j])])
+            xt = x[t].double()
+            out[t] += float(weights[t, j]) * (d @ (F.silu(g @ xt) * (u @ xt)))
+    return out
+
+
+MOE_SCHEMES = ["dense", "fp8-tensor", "fp8-channel", "fp8-block", "int4-g32-asym", "int8-channel", "int4-g64",
+               "fp8-channel-w8a8"]
+
+
+@pytest.mark.parametrize("scheme", MOE_SCHEMES)
+def test_fused_moe_matches_reference(scheme):
+    from quantrt.layers.moe.experts import ReferenceMoEKernel
+    from quantrt.platforms.cuda.kernels.moe import TritonMoEKernel
+    from quantrt.quant.moe_kernel import MoESpec
+
+    gen = torch.Generator().manual_seed(len(scheme))
+    e, h, i, t, k = 4, 128, 64, 5, 2
+    experts, acts = make_experts(scheme.removesuffix("-w8a8"), e, h, i, gen)
+    if scheme.endswith("w8a8"):
+        acts = make_experts(scheme, 1, h, i, gen)[1] * e
+    spec = MoESpec(experts, acts, h, i, torch.bfloat16)
+    plat = _moe_platform()
+    ok, why = TritonMoEKernel.can_implement(spec, plat)
+    assert ok, why
+    kern = TritonMoEKernel.prepare(spec, plat)
+    x = torch.randn(t, h, generator=gen).to(DEV, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(DEV)
+    ids[0] = torch.tensor([3, 1])  # expert 2 (and maybe others) gets no token: empty groups are skipped
+    weights = torch.rand(t, k, generator=gen).to(DEV)
+    y = kern.apply(x, weights, ids)
+    assert y.shape == (t, h) and y.dtype == torch.bfloat16
+    ref = ReferenceMoEKernel.prepare(spec, plat).apply(x, weights, ids)
+    assert rel_err(y, ref) < 2e-2
+    if not scheme.endswith("w8a8"):
+        assert rel_err(y, moe_float64(x, weights, ids, experts)) < 2e-2
+
+
+def test_moe_align_blocks():
+    from quantrt.platforms.cuda.kernels.moe_triton import moe_align
+
+    ids = torch.tensor([[2, 0], [2, 5], [0, 2]])
+    sorted_ids, expert_ids = moe_align(ids, 6, 4)
+    p = ids.numel()
+    # P = 6 pairs bound the blocks: 3 used, 3 padding blocks (expert -1, skipped)
+    assert expert_ids.tolist() == [0, 2, 5, -1, -1, -1] and sorted_ids.numel() == 24
+    blocks = sorted_ids.view(6, 4).tolist()
+    assert blocks[:3] == [[1, 4, p, p], [0, 2, 5, p], [3, p, p, p]] and blocks[3:] == [[p] * 4] * 3
+
+
+def test_moe_rejections_and_registration():
+    from quantrt.platforms.cuda.kernels.moe import TritonMoEKernel
+    from quantrt.quant.moe_kernel import MoESpec
+    from quantrt.quant.weights import IntWeight
+
+    gen = torch.Generator().manual_seed(0)
+    experts, acts = make_experts("int4-g32-asym", 2, 64, 32, gen)
+    plat = _moe_platform()
+    assert TritonMoEKernel.can_implement(MoESpec(experts, acts, 64, 32, torch.bfloat16, "gelu"), plat) == (
+        False, "activation 'gelu': only silu (SwiGLU) experts")
+    ok, why = TritonMoEKernel.can_implement(MoESpec(experts, acts, 64, 32, torch.float32), plat)
+    assert not ok and "float32" in why
+    g, u, d = experts[0]
+    ao = IntWeight(g.codes, g.scale, 4, 32, zero=g.zero, g_idx=(torch.arange(64) // 32).to(torch.int32).to(DEV))
+    ok, why = TritonMoEKernel.can_implement(MoESpec(((ao, u, d), experts[1]), acts, 64, 32, torch.bfloat16), plat)
+    assert not ok and "mix schemes" in why
+    st = ActScheme(ActKind.STATIC_TENSOR, torch.float8_e4m3fn, scale=torch.tensor(0.1))
+    fp8, _ = make_experts("fp8-tensor", 2, 64, 32, gen)
+    ok, why = TritonMoEKernel.can_implement(MoESpec(fp8, ((st, st, st),) * 2, 64, 32, torch.bfloat16), plat)
+    assert not ok and "per-token" in why
+    assert TritonMoEKernel in PLATFORM.moe_kernels()
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("scheme", MOE_SCHEMES)
+@pytest.mark.parametrize("t", [1, 16, 256])
+def test_fused_moe_native(scheme, t):
+    """Qwen3-30B-A3B-like shapes: 128 experts, top 8, hidden 2048, intermediate 768 (fp8 block 128)."""
+    from quantrt.layers.moe.experts import ReferenceMoEKernel
+    from quantrt.platforms.cuda.kernels.moe import TritonMoEKernel
+    from quantrt.quant.moe_kernel import MoESpec
+
+    gen = torch.Generator().manual_seed(t)
+    e, h, i, k = 32, 2048, 768, 8
+    experts, acts = make_experts(scheme.removesuffix("-w8a8"), e, h, i, gen)
+    if scheme.endswith("w8a8"):
+        acts = make_experts(scheme, 1, h, i, gen)[1] * e
+    spec = MoESpec(experts, acts, h, i, torch.bfloat16)
+    kern = TritonMoEKernel.prepare(spec, CudaPlatform())
+    x = torch.randn(t, h, generator=gen).to(DEV, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(DEV)
+    weights = torch.rand(t, k, generator=gen).to(DEV)
+    ref = ReferenceMoEKernel.prepare(spec, CudaPlatform()).apply(x, weights, ids)
+    assert rel_err(kern.apply(x, weights, ids), ref) < 2e-2

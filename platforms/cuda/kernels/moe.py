@@ -1,0 +1,169 @@
+"""`TritonMoEKernel`: fused MoE on CUDA/ROCm through Triton (`moe_triton`), one launch per projection.
+
+Serves uniform expert layers of dense (bf16/fp16), fp8 (per-tensor, per-channel, block) and grouped int
+(2..8 bits, sym/asym, g >= 8 or per-channel: the moe_wna16 family) weights. Weights are dequantized in
+registers and multiplied in the compute dtype with fp32 accumulation. Row-wise quantized activations
+(fp8/int8 per-token or per-token-group, W8A8 checkpoints) are quantized-dequantized first, as the
+reference does, so the numerics match; the GEMM itself then runs at weight-only speed (no fp8 MMA).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from quantrt.layers.moe.experts import uniform_acts
+from quantrt.platforms.cuda.kernels._common import interpret_mode, triton_available
+from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, weight_scheme
+from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
+from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight, IntWeight, ScaleGranularity
+
+if TYPE_CHECKING:
+    from quantrt.platform.interface import Platform
+
+_ROWWISE = (ActKind.NONE, ActKind.DYNAMIC_TOKEN, ActKind.DYNAMIC_GROUP)
+WKIND_DENSE, WKIND_FP8, WKIND_INT = 0, 1, 2
+
+
+def _proj_why(ws: list, what: str, inter: int) -> str:
+    """'' when the weights of one fused GEMM (gate+up, or down) of every expert share a servable scheme."""
+    schemes = {weight_scheme(w) for w in ws}
+    if len(schemes) != 1:
+        return f"experts' {what} weights mix schemes ({', '.join(sorted(schemes))})"
+    w = ws[0]
+    if isinstance(w, DenseWeight):
+        return ""
+    if isinstance(w, FloatWeight):
+        if w.data.dtype not in FP8_DTYPES:
+            return f"weight dtype {w.data.dtype} is not fp8"
+        if w.granularity is ScaleGranularity.BLOCK and what == "gate/up" and inter % w.block[0]:
+            return f"fp8 block {w.block} does not divide the intermediate size {inter} (gate/up fused)"
+        return ""
+    if isinstance(w, IntWeight):
+        pack = 32 // (4 if w.bits <= 4 else 8)
+        if w.offset is not None:
+            return "float offset (GGUF K-quant min) is not supported"
+        if w.g_idx is not None:
+            return "act-order (g_idx) experts are not supported"
+        if w.group_size % pack or w.shape[1] % pack:
+            return f"group size {w.group_size} and K={w.shape[1]} must be multiples of {pack}"
+        return ""
+    return f"{type(w).__name__} experts are not served (dense, fp8 and int only)"
+
+
+def _why_not(spec: MoESpec) -> str:
+    """'' when the experts are a scheme this kernel computes, else the reason."""
+    if spec.activation != "silu":
+        return f"activation {spec.activation!r}: only silu (SwiGLU) experts"
+    kinds = {type(w) for ex in spec.experts for w in ex}
+    if len(kinds) != 1:
+        return f"experts mix weight types ({', '.join(sorted(k.__name__ for k in kinds))})"
+    why = uniform_acts(spec)
+    if why:
+        return why
+    if not {a.kind for ex in spec.acts for a in ex} <= set(_ROWWISE):
+        return f"activation scheme {'/'.join(sorted(spec.act_schemes()))}: only weight-only or per-token(-group)"
+    return (_proj_why([w for g, u, _ in spec.experts for w in (g, u)], "gate/up", spec.inter)
+            or _proj_why([d for _, _, d in spec.experts], "down", spec.inter))
+
+
+def _container(w: IntWeight) -> int:
+    return 4 if w.bits <= 4 else 8
+
+
+def _stack_int(parts: list[tuple[IntWeight, ...]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per expert the weights of one GEMM ((gate, up) or (down,)) -> packed [E, K/PACK, N], scale and
+    zero (2**23 + z) [E, G, N], each expert's parts concatenated along N (`pack_int_weight` layout)."""
+    out = []
+    for ws in parts:
+        packs = [pack_int_weight(w, _container(w), None) for w in ws]     # (packed, scale, zero) each
+        out.append(tuple(torch.cat(t, dim=1) for t in zip(*packs)))
+    return tuple(torch.stack(t).to(device).contiguous() for t in zip(*out))
+
+
+def _fp8_scale(w: FloatWeight) -> torch.Tensor:
+    """Channel scales [N] (tensor expanded) or block scales [N/bn, K/bk], fp32."""
+    s = w.scale.to(torch.float32)
+    if w.granularity is ScaleGranularity.TENSOR:
+        return s.reshape(1).expand(w.shape[0])
+    return s
+
+
+class TritonMoEKernel(MoEKernel):
+    """Dense / fp8 / grouped-int experts, tokens sorted by expert, one Triton launch per projection."""
+
+    name = "triton_moe"
+
+    def __init__(self, spec: MoESpec, wkind: int, w13: tuple, w2: tuple) -> None:
+        """w13 / w2: (tensors, fp8 block or None, int container bits) of the gate+up and down GEMMs."""
+        self.spec, self.wkind, self.w13, self.w2 = spec, wkind, w13, w2
+        self.act_in, self.act_down = spec.acts[0][0], spec.acts[0][2]
+
+    @classmethod
+    def can_implement(cls, spec: MoESpec, platform: Platform) -> tuple[bool, str]:
+        why = _why_not(spec)
+        if why:
+            return False, why
+        if not triton_available():
+            return False, "triton is not installed (pip install triton)"
+        if platform.device_type != "cuda" and not (interpret_mode() and platform.is_cpu):
+            return False, f"platform {platform.name} is not a CUDA/ROCm device"
+        if spec.compute_dtype not in (torch.float16, torch.bfloat16):
+            return False, f"compute dtype {spec.compute_dtype} is not float16/bfloat16"
+        return True, ""
+
+    @classmethod
+    def prepare(cls, spec: MoESpec, platform: Platform) -> TritonMoEKernel:
+        dt = spec.compute_dtype
+        dev = platform.device()
+        ex = spec.experts
+        w0 = ex[0][0]
+        if isinstance(w0, DenseWeight):
+            w13 = torch.stack([torch.cat([g.data, u.data]) for g, u, _ in ex]).to(dev, dt).contiguous()
+            w2 = torch.stack([d.data for _, _, d in ex]).to(dev, dt).contiguous()
+            return cls(spec, WKIND_DENSE, ((w13,), None, 16), ((w2,), None, 16))
+        if isinstance(w0, FloatWeight):
+            def blk(w: FloatWeight) -> tuple[int, int] | None:
+                return w.block if w.granularity is ScaleGranularity.BLOCK else None
+
+            w13 = (torch.stack([torch.cat([g.data, u.data]) for g, u, _ in ex]).to(dev).contiguous(),
+                   torch.stack([torch.cat([_fp8_scale(g), _fp8_scale(u)]) for g, u, _ in ex]).to(dev).contiguous())
+            w2 = (torch.stack([d.data for _, _, d in ex]).to(dev).contiguous(),
+                  torch.stack([_fp8_scale(d) for _, _, d in ex]).to(dev).contiguous())
+            return cls(spec, WKIND_FP8, (w13, blk(w0), 8), (w2, blk(ex[0][2]), 8))
+        assert isinstance(w0, IntWeight)
+        w13 = _stack_int([(g, u) for g, u, _ in ex], dev)
+        w2 = _stack_int([(d,) for _, _, d in ex], dev)
+        return cls(spec, WKIND_INT, (w13, None, _container(w0)), (w2, None, _container(ex[0][2])))
+
+    def _gemm(self, a: torch.Tensor, proj: tuple, n: int, sorted_ids, expert_ids, p: int, a_div: int,
+              topk_weights: torch.Tensor | None, cfg) -> torch.Tensor:
+        from quantrt.platforms.cuda.kernels.moe_triton import moe_gemm
+
+        w, block, bits = proj
+        scale = w[1] if len(w) > 1 else None
+        zero = w[2] if len(w) > 2 else None
+        return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
+                        topk_weights, torch.float32, cfg)
+
+    def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; weights, ids: [T, k] -> [T, H]
+        from quantrt.platforms.cuda.kernels.moe_triton import MoeConfig, moe_align
+
+        t, k = ids.shape
+        h, i = self.spec.hidden, self.spec.inter
+        p = t * k
+        dt = self.spec.compute_dtype
+        cfg = MoeConfig() if p <= 16 * self.spec.num_experts else MoeConfig(64, 128, 64, 4, 3)
+        sorted_ids, expert_ids = moe_align(ids, self.spec.num_experts, cfg.block_m)
+        xa = x if self.act_in.kind is ActKind.NONE else fake_quantize_act(x, self.act_in)
+        gu = self._gemm(xa.to(dt), self.w13, 2 * i, sorted_ids, expert_ids, p, k, None, cfg)   # [P, 2I] fp32
+        hh = F.silu(gu[:, :i]) * gu[:, i:]                                                       # [P, I] fp32
+        if self.act_down.kind is not ActKind.NONE:
+            hh = fake_quantize_act(hh, self.act_down)
+        y = self._gemm(hh.to(dt), self.w2, h, sorted_ids, expert_ids, p, 1,
+                       weights.reshape(-1).to(torch.float32).contiguous(), cfg)                 # [P, H] fp32
+        return y.view(t, k, h).sum(1).to(dt)

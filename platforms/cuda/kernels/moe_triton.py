@@ -1,0 +1,159 @@
+"""Triton fused-MoE grouped GEMM: one launch per projection over tokens sorted and aligned by expert.
+
+Imported lazily (needs triton). `moe_align` (device-side torch ops, no host sync, graph-capturable)
+sorts the P = T*k (token, slot) pairs by expert and pads each expert's run to a multiple of BM:
+  sorted_ids [NB*BM] pair index (P = padding), expert_ids [NB] expert of each BM-row block (-1 = none);
+NB = min(P, ceil((P + E*(BM-1)) / BM)) bounds the blocks any routing needs, so the grid is fixed.
+Program (block b, column tile n) reads rows A[sorted_ids // A_DIV] (A_DIV = k for the gate/up
+projection reading x [T, K], 1 for down reading h [P, K]) and writes C[pair, n] (times the routing
+weight when MUL_W), fp32 accumulation. Weights per WKIND:
+  0 dense  W [E, N, K] compute dtype;
+  1 fp8    W [E, N, K] fp8 with CHANNEL scales [E, N] (applied to the accumulator) or BLOCK scales
+           [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk);
+  2 int    packed [E, K/PACK, N] int32, scale / zero (2**23 + z) [E, G, N] fp32 (`pack_int_weight`
+           layout): code planes dequantized in registers, PACK tl.dot calls per K step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (sorted_ids [NB*BM] int32, expert_ids [NB] int32) as described above."""
+    flat = ids.flatten().to(torch.int64)                                   # [P]
+    p = flat.numel()
+    nb = max(1, min(p, cdiv(p + num_experts * (bm - 1), bm)))
+    counts = torch.bincount(flat, minlength=num_experts)                   # [E]
+    padded = (counts + bm - 1) // bm * bm
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = flat.argsort(stable=True)                                      # pairs sorted by expert
+    seg = flat[order]
+    rank = torch.arange(p, device=flat.device) - (counts.cumsum(0) - counts)[seg]
+    sorted_ids = torch.full((nb * bm,), p, dtype=torch.int32, device=flat.device)
+    sorted_ids[starts[seg] + rank] = order.to(torch.int32)
+    blk = torch.searchsorted(ends, torch.arange(nb, device=flat.device) * bm, right=True)
+    expert_ids = torch.where(blk < num_experts, blk, -1).to(torch.int32)
+    return sorted_ids, expert_ids
+
+
+@triton.jit
+def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, N, K: tl.constexpr, P, stride_am, G,
+                SN, SK, SBN, SBK, A_DIV: tl.constexpr, WKIND: tl.constexpr, BLOCK_SCALE: tl.constexpr, BITS: tl.constexpr,
+                MUL_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(eid_ptr + pid_b)
+    if EARLY_EXIT:  # padding blocks past the last expert's run (the interpreter lacks early returns)
+        if e < 0:
+            return
+    e64 = e.to(tl.int64)
+    rows = tl.load(sid_ptr + pid_b * BM + tl.arange(0, BM))               # [BM] pair index
+    mask_m = (rows < P) & (e >= 0)
+    e = tl.maximum(e, 0)
+    arow = (rows // A_DIV).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    dt = a_ptr.dtype.element_ty
+    if WKIND == 2:
+        PACK: tl.constexpr = 32 // BITS
+        RK: tl.constexpr = BK // PACK
+        MASK: tl.constexpr = (1 << BITS) - 1
+        offs_j = tl.arange(0, RK)
+        for k0 in range(0, K, BK):
+            kj = k0 + offs_j * PACK                                        # [RK] first k of each packed row
+            mw = (kj < K)[:, None] & mask_n[None, :]
+            p = tl.load(w_ptr + e64 * (K // PACK) * N + (kj // PACK)[:, None] * N + offs_n[None, :],
+                        mask=mw, other=0)
+            g = e64 * G * N + (kj // (K // G))[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + g, mask=mw, other=0.0)
+            z = tl.load(z_ptr + g, mask=mw, other=8388608.0)
+            for i in tl.static_range(PACK):
+                q = ((p >> (BITS * i)) & MASK) | 0x4B000000
+                w = ((q.to(tl.float32, bitcast=True) - z) * s).to(dt)     # [RK, BN]
+                a = tl.load(a_ptr + arow[:, None] * stride_am + (kj + i)[None, :],
+                            mask=mask_m[:, None] & (kj < K)[None, :], other=0.0)   # [BM, RK]
+                if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
+                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+                else:
+                    acc += tl.dot(a, w)
+    else:
+        offs_k = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            kk = k0 + offs_k
+            mk = kk < K
+            a = tl.load(a_ptr + arow[:, None] * stride_am + kk[None, :], mask=mask_m[:, None] & mk[None, :],
+                        other=0.0)                                          # [BM, BK]
+            w = tl.load(w_ptr + e64 * N * K + offs_n[None, :] * K + kk[:, None],
+                        mask=mk[:, None] & mask_n[None, :], other=0.0)      # [BK, BN]
+            if WKIND == 1:
+                wf = w.to(tl.float32)
+                if BLOCK_SCALE:
+                    sb = tl.load(s_ptr + e64 * SN * SK + (offs_n // SBN) * SK + k0 // SBK, mask=mask_n, other=0.0)
+                    wf = wf * sb[None, :]
+                w = wf.to(dt)
+            if DOT_F32:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            else:
+                acc += tl.dot(a, w)
+        if WKIND == 1 and not BLOCK_SCALE:
+            acc = acc * tl.load(s_ptr + e64 * N + offs_n, mask=mask_n, other=0.0)[None, :]
+    if MUL_W:
+        acc = acc * tl.load(tw_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    cptr = c_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(cptr, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor, n: int,
+             num_pairs: int, a_div: int, wkind: int, scale: torch.Tensor | None = None,
+             zero: torch.Tensor | None = None, block: tuple[int, int] | None = None, bits: int = 4,
+             topk_weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+             cfg: MoeConfig | None = None) -> torch.Tensor:
+    """a [rows, K] compute dtype -> C [P, N] (out_dtype, default a.dtype); see the module docstring.
+
+    block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N]."""
+    cfg = cfg or MoeConfig()
+    k = a.shape[1]
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    c = torch.empty((num_pairs, n), device=a.device, dtype=out_dtype or a.dtype)
+    sn = sk = g = 0
+    bn_, bk_ = block or (1, 1)
+    bk = cfg.block_k
+    if wkind == 1 and block is not None:
+        sn, sk = scale.shape[1], scale.shape[2]
+        bk = min(bk, bk_)
+        assert bk_ % bk == 0, "the K step must lie inside one fp8 scale block"
+    if wkind == 2:
+        g = scale.shape[1]
+        bk = max(bk, 32 // bits * 16)                                      # >= 16 rows per plane for tl.dot
+    grid = (expert_ids.numel(), cdiv(n, cfg.block_n))
+    dummy = scale if scale is not None else w
+    _moe_kernel[grid](a, w, dummy, zero if zero is not None else dummy, c, sorted_ids, expert_ids,
+                      topk_weights if topk_weights is not None else dummy, n, k, num_pairs, a.stride(0), g,
+                      sn, sk, bn_, bk_, A_DIV=a_div, WKIND=wkind, BLOCK_SCALE=block is not None, BITS=bits,
+                      MUL_W=topk_weights is not None, BM=sorted_ids.numel() // expert_ids.numel(),
+                      BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
+    return c
+
+
+__all__ = ["MoeConfig", "moe_align", "moe_gemm"]
