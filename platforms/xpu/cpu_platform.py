@@ -20,6 +20,7 @@ class CpuPlatform(Platform):
     dist_backend: ClassVar[str] = "gloo"
     allowed_quantization: ClassVar[frozenset[str] | None] = None  # every method has a reference path
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.xpu.cpu_kernels:CPU_LINEAR_KERNELS"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.xpu.cpu_moe_kernels:CPU_MOE_KERNELS"
 
     def __init__(
         self,

@@ -97,6 +97,8 @@ def uniform_acts(spec: MoESpec) -> str:
             return f"experts' {name} projections use different activation schemes"
         if any(a[p].zero is not None for a in spec.acts):
             return "static int8 activation zero points are not supported in MoE kernels"
+    if any((a[0].kind, a[0].dtype) != (a[1].kind, a[1].dtype) for a in spec.acts):
+        return "gate and up use different activation schemes"
     if any(a[0].kind is ActKind.STATIC_TENSOR and not torch.equal(a[0].scale, a[1].scale) for a in spec.acts):
         return "gate and up have different static input scales"
     return ""
