@@ -232,7 +232,18 @@ def main() -> None:
     p.add_argument("--llamacpp-venv", default=str(LLAMACPP_VENV), help="venv holding llama-cpp-python")
     p.add_argument("--profile", action="store_true", help="also split quantrt fp32 step time (torch.profiler)")
     p.add_argument("--json", type=Path, help="write rows (and profile) here")
+    p.add_argument("--cuda", action="store_true", help="the CUDA benchmark instead (bench/_cuda_decode.py): "
+                   "Llama-3.1-8B-shaped random model, bf16/fp8/int4, graphs on/off, HF transformers peer")
+    p.add_argument("--checkpoint", default="/tmp/llama8b-random", help="--cuda: where the random checkpoint goes")
+    p.add_argument("--layers", type=int, default=32, help="--cuda: decoder layers (32 = Llama-3.1-8B)")
     args = p.parse_args()
+    if args.cuda:
+        from _cuda_decode import run_cuda
+
+        if args.batches == [1, 16]:
+            args.batches = [1, 64]
+        run_cuda(args)
+        return
     if args.quick:
         args.new, args.short, args.repeats = 16, 4, 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "

@@ -59,6 +59,9 @@ class PagedAttention(nn.Module):
             kk, vv = kk.transpose(1, 2).to(cdt), vv.transpose(1, 2).to(cdt)  # [B, Hkv, L, D]
             if sinks is not None:
                 kk, vv, mask = with_sink_column(kk, vv, mask, sinks)
+            elif gqa:  # the G query heads of a KV head as G query rows (head h = kv * G + g): no K/V expansion
+                qq = qq.view(q.shape[0], self.num_kv_heads, -1, self.head_dim)   # [B, Hkv, G, D]
+                gqa = False
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             return o.reshape(q.shape[0], -1).to(q.dtype)
         outs = []

@@ -1,0 +1,238 @@
+"""CUDA decode benchmark (bench/decode.py --cuda): a Llama-3.1-8B-shaped model with random weights.
+
+quantrt bf16, fp8 (online `--quantization fp8`) and int4 (online `--torchao-config int4wo-128`, our
+IntWeight -> Triton W4A16), batch 1 and 64, with and without decode graphs, plus HF transformers bf16
+`generate` on the same GPU and checkpoint. Every row: greedy, EOS ignored, 8-token prompts; `steady`
+= (time(new) - time(short)) / (new - short), prefill excluded. Roofline: bytes one decode step must
+read (every weight the kernels read except the embedding table, plus the KV of the batch) over the
+step time, against a device-to-device copy measured in the same run (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192})
+PROMPT_LEN = 8
+
+
+def write_checkpoint(out: Path, layers: int = 32, seed: int = 0) -> Path:
+    """Random bf16 Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers})
+    cfg.torch_dtype = "bfloat16"
+    v, h, i, kv = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * 128
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).cpu()
+
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def save(tensors: dict[str, torch.Tensor], name: str) -> None:
+        nonlocal total
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+
+    save({"model.embed_tokens.weight": rnd(v, h), "lm_head.weight": rnd(v, h),
+          "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}, "model-head.safetensors")
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        save({p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+              p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
+              p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
+              p + "mlp.down_proj.weight": rnd(h, i, std=0.01),
+              p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+              p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)},
+             f"model-{n:05d}.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    cfg.save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({f"t{k}": k for k in range(v)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t128000", eos_token="t128001",
+                            pad_token="t0").save_pretrained(out)
+    return out
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second (median of 20)."""
+    a = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * 2**30 / sorted(times[5:])[len(times[5:]) // 2]
+
+
+def prompts(bs: int) -> list[list[int]]:
+    return [[(977 * r + 131 * j) % 120000 + 10 for j in range(PROMPT_LEN)] for r in range(bs)]
+
+
+def step_bytes(eng) -> int:
+    """Bytes of every tensor the model's kernels read in a decode step, the embedding table excluded."""
+    from quantrt.engine.engine import _model_tensors
+
+    emb = eng.model.model.embed_tokens.weight.data_ptr()
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in _model_tensors(eng.model) if t.is_cuda}
+    seen.pop(emb, None)
+    return sum(seen.values())
+
+
+def _timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def steady(gen, bs: int, new: int, short: int, repeats: int) -> tuple[float, float, list[list[int]]]:
+    """(seconds for `new` tokens, steady seconds per step, output ids) for `gen(ids, n)`."""
+    ids = prompts(bs)
+    gen(ids, new)   # warm-up: compiles, captures every length bucket the timed runs touch
+    out: list[list[int]] = []
+
+    def long() -> None:
+        nonlocal out
+        out = gen(ids, new)
+
+    t_long = _timed(long, repeats)
+    t_short = _timed(lambda: gen(ids, short), repeats)
+    return t_long, (t_long - t_short) / (new - short), out
+
+
+def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[dict]) -> dict[int, list]:
+    from quantrt import Engine
+
+    t0 = time.perf_counter()
+    eng = Engine(model_path=str(path), dtype="bfloat16", context_length=2048, max_running_requests=64,
+                 max_total_tokens=64 * 256, cuda_graph_max_bs=64, random_seed=0, **kw)
+    load_s = time.perf_counter() - t0
+    kernels = sorted({m.kernel_desc.split(" ")[0] for m in eng.model.modules() if hasattr(m, "kernel_desc")})
+    wbytes = step_bytes(eng)
+    print(f"{name}: loaded in {load_s:.0f} s; kernels {kernels}; {wbytes / 1e9:.2f} GB read per step", flush=True)
+    runner = eng.scheduler.runner
+    plat = eng.platform
+    outs: dict[int, list] = {}
+
+    def gen(ids: list[list[int]], n: int) -> list[list[int]]:
+        p = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
+        return [o["output_ids"] for o in eng.generate(input_ids=ids, sampling_params=p)]
+
+    for graphs in (True, False):
+        runner.configure_graphs(plat, not graphs, 64, 64, 2048)
+        for bs in args.batches:
+            t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
+            if graphs:
+                outs[bs] = out
+            avg_len = PROMPT_LEN + (args.new + args.short) / 2
+            moved = wbytes + bs * avg_len * eng.kv_bytes_per_token
+            row = {"config": name, "graphs": graphs, "batch": bs, "tok_s": bs * args.new / t_long,
+                   "steady_ms": 1e3 * step, "steady_tok_s": bs / step, "bytes_per_step": moved,
+                   "roofline": moved / step / bw, "graph_status": runner.graph_status(), "kernels": kernels}
+            rows.append(row)
+            print(f"  {name:24s} graphs={'on ' if graphs else 'off'} bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
+                  f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
+                  f"{100 * row['roofline']:5.1f}% of copy BW", flush=True)
+    eng.shutdown()
+    del eng, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return outs
+
+
+def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to("cuda").eval()
+    wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+    @torch.inference_mode()
+    def gen(ids: list[list[int]], n: int) -> list[list[int]]:
+        x = torch.tensor(ids, device="cuda")
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0)
+        return out[:, x.shape[1]:].tolist()
+
+    for bs in args.batches:
+        t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
+        same = sum(a == b for a, b in zip(out, ref.get(bs, []))) / bs if bs in ref else None
+        row = {"config": "hf transformers bf16", "graphs": False, "batch": bs, "tok_s": bs * args.new / t_long,
+               "steady_ms": 1e3 * step, "steady_tok_s": bs / step, "bytes_per_step": wbytes,
+               "roofline": wbytes / step / bw, "same_as_quantrt_bf16": same}
+        rows.append(row)
+        print(f"  {'hf transformers bf16':24s} graphs=off bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
+              f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
+              f"{100 * row['roofline']:5.1f}% of copy BW; same tokens as quantrt bf16: {same}", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+CONFIGS = {"quantrt bf16": {}, "quantrt fp8": {"quantization": "fp8"},
+           "quantrt int4 (int4wo-128)": {"torchao_config": "int4wo-128"}}
+
+
+def print_table(rows: list[dict], bw: float) -> None:
+    hf = {r["batch"]: r["steady_tok_s"] for r in rows if r["config"].startswith("hf")}
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    print("| engine / method | graphs | batch | tok/s | steady ms/step | steady tok/s | GB/step | % of copy BW "
+          "| vs HF bf16 (steady) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["batch"], r["config"], not r["graphs"])):
+        ratio = f"{r['steady_tok_s'] / hf[r['batch']]:.2f}x" if r["batch"] in hf else "-"
+        print(f"| {r['config']} | {'on' if r['graphs'] else 'off'} | {r['batch']} | {r['tok_s']:.1f} | "
+              f"{r['steady_ms']:.2f} | {r['steady_tok_s']:.1f} | {r['bytes_per_step'] / 1e9:.2f} | "
+              f"{100 * r['roofline']:.1f}% | {ratio} |")
+
+
+def run_cuda(args) -> list[dict]:
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; prompt {PROMPT_LEN}, "
+          f"{args.new} new (steady: minus {args.short}), best of {args.repeats}", flush=True)
+    bw = copy_bandwidth()
+    t0 = time.perf_counter()
+    path = write_checkpoint(Path(args.checkpoint), args.layers)
+    print(f"checkpoint {path} ready in {time.perf_counter() - t0:.0f} s; copy {bw / 1e12:.2f} TB/s", flush=True)
+    rows: list[dict] = []
+    ref: dict[int, list] = {}
+    for name, kw in CONFIGS.items():
+        if args.configs and name not in args.configs:
+            continue
+        outs = bench_quantrt(path, name, kw, args, bw, rows)
+        if name == "quantrt bf16":
+            ref = outs
+    if not args.configs or "hf transformers bf16" in args.configs:
+        bench_hf(path, args, bw, rows, ref)
+    print_table(rows, bw)
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                         "copy_bytes_per_s": bw, "rows": rows}, indent=1))
+    return rows
