@@ -135,3 +135,42 @@ def test_bad_bnb_inputs(produced):
     t = _tensors_by_prefix(ckpt, prefix)
     with pytest.raises(CheckpointError, match="quant_state shape"):
         fmt.make_weight(prefix, t, (1, 2))
+
+
+def test_load_format_bitsandbytes(produced, tiny_models, tmp_path):
+    """SGLang's `--load-format bitsandbytes`: a bnb checkpoint loads as with auto; a float checkpoint is
+    quantized online with bnb (= --quantization bitsandbytes); contradictions name both flags."""
+    from quantrt.server_args import ServerArgs
+
+    ckpt, deq = produced["nf4_dq"]
+    eng = Engine(model_path=str(ckpt), load_format="bitsandbytes", max_total_tokens=1024, dtype="float32")
+    assert eng.quant_method == "bitsandbytes" and "nf4, double quant" in eng.quant_format.describe()
+    assert max_prompt_logprob_diff(eng, tiny_models["llama"][1], deq, list(range(5, 37))) < 1e-3
+    src = str(tiny_models["llama"][0])
+    online = Engine(model_path=src, load_format="bitsandbytes", max_total_tokens=1024, dtype="float32")
+    same = Engine(model_path=src, quantization="bitsandbytes", max_total_tokens=1024, dtype="float32")
+    assert online.quant_method == "bitsandbytes" and "online nf4" in online.quant_format.describe()
+    x = list(range(5, 21))
+    a = online.generate(input_ids=x, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    b = same.generate(input_ids=x, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert a["output_ids"] == b["output_ids"]
+    ServerArgs(model_path=src, load_format="bitsandbytes", quantization="bitsandbytes")  # consistent: fine
+    with pytest.raises(ConfigError, match="--load-format bitsandbytes .* contradicts --quantization fp8"):
+        ServerArgs(model_path=src, load_format="bitsandbytes", quantization="fp8")
+    with pytest.raises(ConfigError, match="contradicts --torchao-config int8wo"):
+        ServerArgs(model_path=src, load_format="bitsandbytes", torchao_config="int8wo")
+    with pytest.raises(ConfigError, match="--load-format bitsandbytes reads .* is quantized with fp8"):
+        Engine(model_path=str(produced_other(tmp_path, src)), load_format="bitsandbytes", max_total_tokens=1024)
+
+
+def produced_other(tmp_path: Path, src: str) -> Path:
+    """The tiny float checkpoint relabelled as an fp8 checkpoint's config (detection only)."""
+    import json
+    import shutil
+
+    d = tmp_path / "fp8cfg"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

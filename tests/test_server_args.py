@@ -184,7 +184,7 @@ def test_gguf_needs_a_gguf_file() -> None:
     ({"modelopt_checkpoint_restore_path": "/r"}, "--modelopt-checkpoint-restore-path '/r'"),
     ({"modelopt_export_path": "/e"}, "--modelopt-export-path '/e'"),
     ({"quantize_and_serve": True}, "--quantize-and-serve"),
-    ({"load_format": "bitsandbytes"}, "--load-format 'bitsandbytes'"),
+    ({"load_format": "npcache"}, "--load-format 'npcache'"),
     ({"load_format": "dummy"}, "--load-format 'dummy'"),
 ])
 def test_not_supported_yet(kwargs: dict, flag: str) -> None:

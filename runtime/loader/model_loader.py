@@ -67,7 +67,7 @@ def _open_checkpoint(args):
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_path or path, trust_remote_code=args.trust_remote_code)
-    src = open_source(path, args.load_format)
+    src = open_source(path, "auto" if args.load_format == "bitsandbytes" else args.load_format)  # bnb: safetensors
     return config, tok, src.iter_tensors, len(src.names()), path
 
 

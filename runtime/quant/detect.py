@@ -260,6 +260,14 @@ def detect_for_args(model_dir_or_file: str, hf_config: dict[str, Any], args: Any
     torchao = getattr(args, "torchao_config", None)
     rules = getattr(args, "quantization_config_path", None)
     cli = getattr(args, "quantization", None)
+    if getattr(args, "load_format", None) == "bitsandbytes":  # = --quantization bitsandbytes (ServerArgs checks)
+        found = find_checkpoint_quant_config(model_dir_or_file, hf_config)
+        method = str(found[0].get("quant_method", "?")).lower() if found is not None else None
+        if method not in (None, "bitsandbytes"):
+            raise ConfigError(f"--load-format bitsandbytes reads bitsandbytes checkpoints (or quantizes float ones "
+                              f"with bitsandbytes), but {model_dir_or_file} is quantized with {method} "
+                              f"({found[1]}); drop --load-format bitsandbytes")
+        cli = cli or "bitsandbytes"
     chosen = [(f"--torchao-config {torchao}", "torchao", {"torchao_config": torchao})] if torchao else []
     if rules:
         chosen.append((f"--quantization-config-path {rules}", "yaml_rules", {"path": rules}))

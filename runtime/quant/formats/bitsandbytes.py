@@ -13,8 +13,13 @@ writes it) is read and ignored.
 Online (no quantization_config): every decoder linear is quantized to NF4 with blocksize 64, like
 SGLang (which also double-quantizes the absmax, compress_statistics=True). quantrt keeps the fp32 absmax:
 double quant only saves 0.4 bit/weight of storage, and our CPU kernel dequantizes once anyway, so the
-weights equal NF4-without-double-quant exactly. lm_head stays float. (SGLang also wants
-`--load-format bitsandbytes`; quantrt reads bnb checkpoints with the default auto load format.)
+weights equal NF4-without-double-quant exactly. lm_head stays float.
+
+`--load-format bitsandbytes` (SGLang's spelling; SGLang requires it for bnb checkpoints) is accepted and
+means "bitsandbytes": a bnb checkpoint loads as with auto, a float checkpoint is quantized online as with
+`--quantization bitsandbytes`; with another --quantization / --torchao-config / rules file, or on a
+checkpoint quantized by another method, it is a clear error (server_args.py, quant/detect.py). quantrt
+also reads bnb checkpoints with the default auto load format.
 """
 
 from __future__ import annotations
