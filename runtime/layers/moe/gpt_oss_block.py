@@ -12,7 +12,8 @@ Checkpoint tensors under `<prefix>` (E experts, hidden H, intermediate I):
 MXFP4 projections (quantrt.quant.formats.mxfp4) store rows = output features: gate_up [E, 2I, H/32, 16]
 with interleaved rows, down [E, H, I/32, 16]. Both layouts become per expert canonical weights
 gate [I, H], up [I, H], down [H, I] (de-interleaved once at load). Dense experts are stacked and run
-grouped (torch._grouped_mm); quantized ones run the reference (dequantize the active experts, matmul).
+grouped (torch._grouped_mm); quantized ones run a loop over the active experts, each projection through
+the platform's linear kernel for its canonical weight (TritonFp4Kernel on CUDA, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import nn
 from quantrt.errors import CheckpointError
 from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.moe.routing import RoutingConfig
-from quantrt.quant.weights import DenseWeight, MicroWeight, QuantizedWeight
+from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel
+from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, MicroWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,13 @@ def _rows(w: QuantizedWeight, sl: slice) -> QuantizedWeight:
     if isinstance(w, MicroWeight):
         return MicroWeight(w.codes[sl], w.scale[sl], w.block, w.global_scale)
     raise CheckpointError(f"gpt-oss experts: cannot split a {type(w).__name__}")
+
+
+def _cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
+    """[Na, K] and [Nb, K] of one kind -> [Na + Nb, K] (gate rows, then up rows)."""
+    if isinstance(a, MicroWeight) and isinstance(b, MicroWeight):
+        return MicroWeight(torch.cat([a.codes, b.codes]), torch.cat([a.scale, b.scale]), a.block, a.global_scale)
+    return DenseWeight(torch.cat([a.dequantize(torch.float32), b.dequantize(torch.float32)]))
 
 
 def _to(w: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> QuantizedWeight:
@@ -74,6 +83,8 @@ class GptOssMoE(FusedMoE):
         self.w13: torch.Tensor | None = None                              # [E, 2I, H] dense experts
         self.w2: torch.Tensor | None = None                               # [E, H, I]
         self.quant_experts: list | None = None                            # quantized: per expert (g, u, d)
+        self.expert_kernels: list[tuple[LinearKernel, LinearKernel]] | None = None   # per expert (w13, w2)
+        self.kernel_desc = ""
         self.dtype = torch.float32
         self.impl = "unloaded"
         self.alpha, self.limit = alpha, limit
@@ -165,11 +176,25 @@ class GptOssMoE(FusedMoE):
             self.w13 = torch.stack([torch.cat([g.data, u.data]) for g, u, _ in experts])   # [E, 2I, H]
             self.w2 = torch.stack([d.data for _, _, d in experts])                       # [E, H, I]
             self.impl = "grouped" if hasattr(torch, "_grouped_mm") else "reference"
-        else:
-            self.quant_experts = experts
-            self.impl = "reference"
-            log.info("%s: %s experts run the reference MoE (dequantize active experts + matmul)",
-                     self.prefix, type(experts[0][0]).__name__)
+            return
+        if platform is None:
+            from quantrt.platform.resolve import current_platform
+
+            platform = current_platform()
+        self.quant_experts = experts
+        kernels, descs = [], set()
+        for g, u, d in experts:
+            pair = []
+            for w in (_cat_rows(g, u), d):
+                spec = LinearSpec(w, WEIGHT_ONLY, dtype)
+                choice = select_linear_kernel(spec, platform)
+                pair.append(choice.kernel.prepare(spec, platform))
+                descs.add(choice.explain())
+            kernels.append(tuple(pair))
+        self.expert_kernels = kernels
+        self.impl, self.kernel_desc = "per_expert", " | ".join(sorted(descs))
+        log.info("%s: %s experts run one linear kernel per active expert: %s", self.prefix,
+                 type(experts[0][0]).__name__, self.kernel_desc)
 
     @property
     def qexperts(self) -> list | None:
@@ -201,23 +226,23 @@ class GptOssMoE(FusedMoE):
         return torch.zeros_like(x).index_add_(0, tok, y)
 
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A loop over the experts that received tokens (dense matrices, or each expert's linear kernels)."""
         out = torch.zeros_like(x)
         flat = ids.flatten()
         for e in torch.bincount(flat, minlength=self.routing.num_experts).nonzero().flatten().tolist():
             pos = (flat == e).nonzero().flatten()                         # [n] positions in T*k
             tok = pos // ids.shape[1]
-            w13, w2 = self._expert(e)                                     # [2I, H], [H, I]
-            h = clamped_swiglu(F.linear(x[tok], w13, self.b13[e]), self.alpha, self.limit)
-            y = F.linear(h, w2, self.b2[e])                               # [n, H]
+            h = clamped_swiglu(self._project(e, 0, x[tok]), self.alpha, self.limit)   # [n, I]
+            y = self._project(e, 1, h)                                    # [n, H]
             out.index_add_(0, tok, y * weights.flatten()[pos, None].to(y.dtype))
         return out
 
-    def _expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e as dense matrices in the compute dtype: (w13 [2I, H], w2 [H, I])."""
-        if self.quant_experts is None:
-            return self.w13[e], self.w2[e]
-        g, u, d = self.quant_experts[e]
-        return torch.cat([g.dequantize(self.dtype), u.dequantize(self.dtype)]), d.dequantize(self.dtype)
+    def _project(self, e: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's gate_up (which 0: [n, H] -> [n, 2I]) or down (1: [n, I] -> [n, H]), bias included."""
+        bias = self.b13[e] if which == 0 else self.b2[e]
+        if self.expert_kernels is not None:
+            return self.expert_kernels[e][which].apply(x, bias)
+        return F.linear(x, self.w13[e] if which == 0 else self.w2[e], bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H]
