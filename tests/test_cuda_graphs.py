@@ -155,6 +155,7 @@ GPU_CASES = {
     "gptq_w4_g32_sym_v1": "gptq_w4_g32_sym_v1",
     "int8dq": {"torchao_config": "int8dq"},
     "fp8_kv": {"kv_cache_dtype": "fp8_e4m3"},
+    "fp4_kv": {"kv_cache_dtype": "fp4_e2m1"},   # may fall back to eager (its code tables upload during capture)
 }
 
 
@@ -174,7 +175,7 @@ def test_cuda_graph_tokens_equal_eager(tiny_models, tmp_path, case: str) -> None
         outs[graphs] = [eng.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in prompts[:2]]
         outs[graphs] += [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=GREEDY)]
         outs[graphs] += [o["output_ids"] for o in eng.generate(input_ids=prompts[:3], sampling_params=GREEDY)]
-        if graphs:
+        if graphs and case != "fp4_kv":
             assert runner.graphs.disabled is None, runner.graphs.disabled
             assert {1, 4, 8} <= {bs for bs, _ in runner.graphs.graphs}
             assert runner.graphs.replays >= 4 * (GREEDY["max_new_tokens"] - 1)

@@ -7,6 +7,7 @@ when the scheme allows (quantrt.quant.merge), otherwise each shard keeps its own
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,8 +94,9 @@ class QuantLinear(nn.Module):
             folded = torch.cat([e.to(torch.float32) if e is not None else torch.zeros(n)
                                 for e, (_, n) in zip(extra, self.shards)])
             biases = [own + folded]
+        dev = platform.device()
         if biases:
-            self.bias = torch.cat(biases).to(compute_dtype)
+            self.bias = torch.cat(biases).to(device=dev, dtype=compute_dtype)
         self.is_quantized = not all(isinstance(w, DenseWeight) for w in weights)
         if not self.is_quantized:
             weights = [DenseWeight(torch.cat([w.data for w in weights]))]
@@ -103,7 +105,7 @@ class QuantLinear(nn.Module):
         groups = [(merged, act)] if merged is not None else list(zip(weights, acts))
         descs = []
         for w, act in groups:
-            spec = LinearSpec(w, act, compute_dtype)
+            spec = LinearSpec(_on_device(w, dev), act, compute_dtype)   # kernels choose by where it lives
             choice = select_linear_kernel(spec, platform)
             self.kernels.append(choice.kernel.prepare(spec, platform))
             descs.append(choice.explain())
@@ -114,3 +116,10 @@ class QuantLinear(nn.Module):
             return self.kernels[0].apply(x, self.bias)
         y = torch.cat([k.apply(x, None) for k in self.kernels], dim=-1)
         return y + self.bias if self.bias is not None else y
+
+
+def _on_device(w: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    """`w` with every tensor field on `device` (checkpoint tensors arrive on the CPU)."""
+    moved = {f.name: v.to(device) for f in dataclasses.fields(w)
+             if isinstance(v := getattr(w, f.name), torch.Tensor) and v.device != device}
+    return dataclasses.replace(w, **moved) if moved else w

@@ -30,12 +30,13 @@ class RMSNorm(nn.Module):
     def finish_loading(self, dtype: torch.dtype, platform=None) -> None:
         op = platform.rms_norm_op() if platform is not None else None
         self._op = op if not self.offset and self.bias is None else None  # ours for (1 + w) and biased norms
+        dev = platform.device() if platform is not None else self.weight.device
         if self.offset:
-            self._scale = 1.0 + self.weight.data.float()
+            self._scale = 1.0 + self.weight.data.to(dev).float()
         else:
-            self._scale = self.weight.data.to(dtype)
+            self._scale = self.weight.data.to(device=dev, dtype=dtype)
         if self.bias is not None:
-            self._bias = self.bias.data.float() if self.offset else self.bias.data.to(dtype)
+            self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D] same dtype
