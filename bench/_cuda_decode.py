@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -223,16 +224,24 @@ def run_cuda(args) -> list[dict]:
     print(f"checkpoint {path} ready in {time.perf_counter() - t0:.0f} s; copy {bw / 1e12:.2f} TB/s", flush=True)
     rows: list[dict] = []
     ref: dict[int, list] = {}
-    for name, kw in CONFIGS.items():
-        if args.configs and name not in args.configs:
-            continue
-        outs = bench_quantrt(path, name, kw, args, bw, rows)
-        if name == "quantrt bf16":
-            ref = outs
-    if not args.configs or "hf transformers bf16" in args.configs:
-        bench_hf(path, args, bw, rows, ref)
+    def dump() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                             "copy_bytes_per_s": bw, "rows": rows}, indent=1, default=str))
+
+    order = [n for n in (args.configs or [*CONFIGS, "hf transformers bf16"])]
+    for name in order:
+        try:
+            if name == "hf transformers bf16":
+                bench_hf(path, args, bw, rows, ref)
+            else:
+                outs = bench_quantrt(path, name, CONFIGS[name], args, bw, rows)
+                if name == "quantrt bf16":
+                    ref = outs
+        except Exception:  # noqa: BLE001 - report and go on with the next configuration
+            traceback.print_exc()
+            gc.collect()
+            torch.cuda.empty_cache()
+        dump()
     print_table(rows, bw)
-    if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                         "copy_bytes_per_s": bw, "rows": rows}, indent=1))
     return rows

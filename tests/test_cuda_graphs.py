@@ -11,7 +11,13 @@ import torch
 
 from quantrt import Engine
 from quantrt.platform.interface import DecodeInputs, DeviceCapability
-from quantrt.platforms.cuda.graphs import DecodeGraphRunner, capture_sizes, len_bucket, pack_inputs, padded_batch
+from quantrt.platforms.cuda.graphs import (
+    DecodeGraphRunner,
+    capture_sizes,
+    len_bucket,
+    pack_inputs,
+    padded_batch,
+)
 from quantrt.platforms.cuda.platform import CudaPlatform
 
 PROMPTS = [[5, 17, 42, 9, 100, 3, 77], [8, 8, 30], [200, 11, 64, 65, 66, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
