@@ -164,7 +164,7 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
                   f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
                   f"{100 * row['roofline']:5.1f}% of copy BW", flush=True)
     eng.shutdown()
-    del eng, runner
+    eng = runner = None  # noqa: F841 - drop the engine before the next load
     gc.collect()
     torch.cuda.empty_cache()
     return outs
@@ -193,7 +193,7 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
         print(f"  {'hf transformers bf16':24s} graphs=off bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
               f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
               f"{100 * row['roofline']:5.1f}% of copy BW; same tokens as quantrt bf16: {same}", flush=True)
-    del model
+    model = None  # noqa: F841 - free the GPU
     gc.collect()
     torch.cuda.empty_cache()
 
