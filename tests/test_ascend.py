@@ -301,3 +301,68 @@ def test_modelslim_moe_bad_checkpoints(tiny_models, tmp_path):
     with pytest.raises(NotSupportedYet, match="'W8A8' .*experts.0.up_proj.weight.*supported for experts: "
                                               "W8A8_DYNAMIC, W4A4_DYNAMIC, W4A8_DYNAMIC"):
         Engine(model_path=str(d3), max_total_tokens=256)
+
+
+def _npu_moe_spec(kind: str, e: int = 6, h: int = 64, i: int = 32, group: int = 16):
+    from quantrt.quant.moe_kernel import MoESpec
+
+    torch.manual_seed(1)
+    bits, act = {"w8a8": (8, torch.int8), "w4a8": (4, torch.int8), "w4a8_group": (4, torch.int8),
+                 "w4a4": (4, torch.int4)}[kind]
+    m = 2 ** (bits - 1) - 1
+
+    def weight(n: int, k: int) -> IntWeight:
+        g = group if kind == "w4a8_group" else k
+        return IntWeight(torch.randint(-m, m + 1, (n, k), dtype=torch.int8), torch.rand(n, k // g) * 0.02 + 1e-3,
+                         bits, g)
+    experts = tuple((weight(i, h), weight(i, h), weight(h, i)) for _ in range(e))
+    a = ActScheme(ActKind.DYNAMIC_TOKEN, act)
+    return MoESpec(experts, ((a, a, a),) * e, h, i, torch.float16)
+
+
+@pytest.mark.parametrize("kind", ["w8a8", "w4a8", "w4a8_group", "w4a4"])
+def test_npu_grouped_matmul_moe_matches_the_reference_moe(kind):
+    """npu_dynamic_quant + npu_grouped_matmul (emulated) per scheme vs the reference MoE kernel (same per-token
+    quantization; the NPU path rounds the SwiGLU output to fp16 before quantizing it)."""
+    from quantrt.layers.moe.experts import ReferenceMoEKernel
+    from quantrt.layers.moe.routing import RoutingConfig, select_experts
+    from quantrt.platforms.ascend.moe_kernels import NpuGroupedMoEKernel
+    from quantrt.quant.moe_kernel import select_moe_kernel
+
+    spec = _npu_moe_spec(kind)
+    assert select_moe_kernel(spec, NPU).kernel is NpuGroupedMoEKernel
+    kern = NpuGroupedMoEKernel.prepare(spec, NPU)
+    assert kern.w13.shape == ((6, 64, 8) if kind == "w4a4" else (6, 64, 64))   # [E, K, N] (int4: 8 per int32)
+    x = (torch.randn(13, 64) * 2).half()
+    w, ids = select_experts(torch.randn(13, 6), RoutingConfig(6, 2))
+    got = kern.apply(x, w, ids).double()
+    want = ReferenceMoEKernel.prepare(spec, CpuPlatform()).apply(x, w, ids).double()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < (0.02 if kind == "w4a4" else 0.01), rel
+
+
+def test_npu_moe_kernel_declines_with_reasons():
+    from quantrt.platforms.ascend.moe_kernels import NpuGroupedMoEKernel
+    from quantrt.quant.moe_kernel import MoESpec
+
+    spec = _npu_moe_spec("w8a8")
+    assert NpuGroupedMoEKernel.can_implement(spec, CpuPlatform()) == (False, "platform cpu has no torch_npu ops")
+    fp32 = MoESpec(spec.experts, spec.acts, 64, 32, torch.float32)
+    assert "float16/bfloat16" in NpuGroupedMoEKernel.can_implement(fp32, NPU)[1]
+    a16 = MoESpec(spec.experts, ((WEIGHT_ONLY,) * 3,) * 6, 64, 32, torch.float16)
+    assert "per token" in NpuGroupedMoEKernel.can_implement(a16, NPU)[1]
+
+
+def test_modelslim_moe_on_emulated_npu_gives_the_reference_tokens(tiny_models, tmp_path):
+    """A W8A8_DYNAMIC MoE checkpoint (experts and linears) on the emulated NPU: the experts run the grouped
+    matmul kernel and the greedy tokens equal the CPU platform's (fp16)."""
+    d = tmp_path / "m"
+    write_modelslim_moe(tiny_models["qwen3_moe"][0], d, "W8A8_DYNAMIC")
+    common = {"model_path": str(d), "dtype": "float16", "max_total_tokens": 512}
+    npu, ref = Engine(platform=NPU, **common), Engine(platform=CpuPlatform(), **common)
+    assert npu.model.model.layers[0].mlp.impl == "npu_grouped_matmul_moe"
+    assert ref.model.model.layers[0].mlp.impl != "npu_grouped_matmul_moe"
+    p = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    for prompt in (MOE_PROMPT, list(range(40, 60))):
+        assert npu.generate(input_ids=prompt, sampling_params=p)["output_ids"] == \
+            ref.generate(input_ids=prompt, sampling_params=p)["output_ids"]

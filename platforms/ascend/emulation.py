@@ -118,21 +118,56 @@ class EmulatedNpuOps:
         return y.to(x.dtype)
 
     def npu_grouped_matmul(self, x: list[torch.Tensor], weight: list[torch.Tensor], *,
-                           bias: list[torch.Tensor] | None = None, group_list: Any = None,
-                           split_item: int = 0, group_type: int | None = None) -> list[torch.Tensor]:
-        """Single x split along M by `group_list` (cumulative row ends, group_type 0), or lists of x."""
+                           bias: list[torch.Tensor] | None = None, scale: list[torch.Tensor] | None = None,
+                           per_token_scale: list[torch.Tensor] | None = None, group_list: Any = None,
+                           split_item: int = 0, group_type: int | None = None, group_list_type: int = 0,
+                           output_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """x split along M by `group_list` (group_type 0; group_list_type 0: cumulative row ends, 1: counts), or
+        lists of x. weight: a list of [K, N] per group, or one [E, K, N] stacked tensor. Float x: x @ w.
+        Quantized x (int8, or int32 = 8 packed int4) with int weights: exact integer products, then
+        * scale [E, N] (per channel) or per K-group [E, K/G, N] (each K-group's partial product scaled),
+        * per_token_scale [M], + bias, cast to output_dtype (float16/bfloat16)."""
+        if len(weight) == 1 and weight[0].dim() == 3:
+            weight = list(weight[0].unbind(0))
         if len(x) == 1 and len(weight) > 1:
             _check(group_list is not None and group_type == 0, "one x with many weights needs group_list")
-            ends = [int(e) for e in group_list]
+            sizes = [int(v) for v in group_list]
+            ends = sizes if group_list_type == 0 else torch.tensor(sizes).cumsum(0).tolist()
+            _check(group_list_type in (0, 1), f"group_list_type {group_list_type}")
             _check(len(ends) == len(weight) and ends[-1] <= x[0].shape[0], "group_list does not fit x / weight")
-            xs = list(torch.tensor_split(x[0], ends[:-1]))
+            xs = list(torch.tensor_split(x[0], ends[:-1]))[: len(weight)]
+            xs[-1] = xs[-1][: ends[-1] - (ends[-2] if len(ends) > 1 else 0)]
+            pts = (list(torch.tensor_split(per_token_scale[0], ends[:-1]))[: len(weight)]
+                   if per_token_scale is not None else None)
         else:
-            xs = x
+            xs, pts = x, per_token_scale
         _check(len(xs) == len(weight), "x and weight lists differ in length")
-        ys = [xi.to(torch.float32) @ wi.to(torch.float32) for xi, wi in zip(xs, weight)]
+        quant = xs[0].dtype in (torch.int8, torch.int32)
+        if not quant:
+            ys = [xi.to(torch.float32) @ wi.to(torch.float32) for xi, wi in zip(xs, weight)]
+            out_dt = [xi.dtype for xi in xs]
+        else:
+            _check(scale is not None and pts is not None, "quantized x needs scale and per_token_scale")
+            _check(output_dtype in _HALF, f"output_dtype {output_dtype} for quantized grouped matmul")
+            sc = list(scale[0].unbind(0)) if len(scale) == 1 and len(weight) > 1 else scale
+            ys = []
+            for xi, wi, si, ti in zip(xs, weight, sc, pts):
+                a, b = _int_operand(xi).to(torch.float64), _int_operand(wi).to(torch.float64)   # exact
+                _check(a.shape[-1] == b.shape[0], f"K mismatch {tuple(a.shape)} @ {tuple(b.shape)}")
+                si = si.to(torch.float32)
+                if si.dim() == 1:                                                # [N] per channel
+                    y = (a @ b).to(torch.float32) * si
+                else:                                                            # [K/G, N] per K-group
+                    g = b.shape[0] // si.shape[0]
+                    parts = [(a[:, j * g:(j + 1) * g] @ b[j * g:(j + 1) * g]).to(torch.float32) * si[j]
+                             for j in range(si.shape[0])]
+                    y = torch.stack(parts).sum(0) if parts else torch.zeros(a.shape[0], b.shape[1])
+                ys.append(y * ti.to(torch.float32)[:, None])
+            out_dt = [output_dtype] * len(ys)
         if bias is not None:
-            ys = [y + b.to(torch.float32) for y, b in zip(ys, bias)]
-        ys = [y.to(xi.dtype) for y, xi in zip(ys, xs)]
+            bs = list(bias[0].unbind(0)) if len(bias) == 1 and len(weight) > 1 else bias
+            ys = [y + b.to(torch.float32) for y, b in zip(ys, bs)]
+        ys = [y.to(d) for y, d in zip(ys, out_dt)]
         return [torch.cat(ys)] if split_item in (2, 3) else ys
 
     def npu_convert_weight_to_int4pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -146,6 +181,7 @@ class EmulatedAscendPlatform(CpuPlatform):
 
     name: ClassVar[str] = "npu"
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.kernels:NPU_LINEAR_KERNELS"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.moe_kernels:NPU_MOE_KERNELS"
     dist_backend: ClassVar[str] = "gloo"
 
     def npu_ops(self) -> EmulatedNpuOps:

@@ -14,7 +14,9 @@ Documented semantics the kernels rely on (and the emulation follows):
   x1@x2 * scale [* pertoken] + bias.
 - npu_weight_quant_batchmatmul(x, weight [K, N] int8, antiquant_scale, antiquant_offset, bias=):
   y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias.
-- npu_grouped_matmul(x, weight, bias=, group_list=, split_item=, group_type=): one matmul per group of rows.
+- npu_grouped_matmul(x, weight, bias=, scale=, per_token_scale=, group_list=, split_item=, group_type=,
+  group_list_type=, output_dtype=): one matmul per group of rows; int8/int4 operands are dequantized by the
+  per-channel (or per-K-group) `scale` and the per-row `per_token_scale` (the MoE path of vllm-ascend).
 - npu_convert_weight_to_int4pack(w int32 [K, N] holding int4): -> int32 [K, N/8].
 """
 
@@ -51,8 +53,10 @@ class NpuOps(Protocol):
                                      antiquant_group_size: int = 0) -> torch.Tensor: ...
 
     def npu_grouped_matmul(self, x: list[torch.Tensor], weight: list[torch.Tensor], *,
-                           bias: list[torch.Tensor] | None = None, group_list: Any = None,
-                           split_item: int = 0, group_type: int | None = None) -> list[torch.Tensor]: ...
+                           bias: list[torch.Tensor] | None = None, scale: list[torch.Tensor] | None = None,
+                           per_token_scale: list[torch.Tensor] | None = None, group_list: Any = None,
+                           split_item: int = 0, group_type: int | None = None, group_list_type: int = 0,
+                           output_dtype: torch.dtype | None = None) -> list[torch.Tensor]: ...
 
     def npu_convert_weight_to_int4pack(self, weight: torch.Tensor) -> torch.Tensor: ...
 

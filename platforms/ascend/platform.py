@@ -20,6 +20,7 @@ class AscendPlatform(Platform):
     device_type: ClassVar[str] = "npu"
     dist_backend: ClassVar[str] = "hccl"
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.kernels:NPU_LINEAR_KERNELS"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.moe_kernels:NPU_MOE_KERNELS"
 
     def __init__(self) -> None:
         self._npu_mod: Any = None
