@@ -284,3 +284,137 @@ def test_fused_moe_native(scheme, t):
     weights = torch.rand(t, k, generator=gen).to(DEV)
     ref = ReferenceMoEKernel.prepare(spec, CudaPlatform()).apply(x, weights, ids)
     assert rel_err(kern.apply(x, weights, ids), ref) < 2e-2
+
+
+# -- paged decode attention ----------------------------------------------------------------------------
+KV_CASES = ["bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"]
+
+
+def make_kv_pool(kv: str, hkv: int, d: int, num_slots: int):
+    from quantrt.engine.kv_pool import KVPool
+    from quantrt.engine.kv_quant import resolve_kv_cache_dtype
+    from quantrt.platform.interface import Platform
+
+    class _Fp8Platform(Platform):
+        def supported_dtypes(self):
+            return (torch.float32, torch.bfloat16, torch.float16)
+
+    spec = resolve_kv_cache_dtype(kv, torch.bfloat16, _Fp8Platform())
+    return KVPool(1, num_slots, hkv, d, spec, torch.device(DEV))
+
+
+def attention_float64(q, pool, slots_per_seq, scale, window, k_scale, v_scale, sinks):
+    """Independent float64 decode attention over the dequantized pool (GQA head h reads KV head h // G)."""
+    b, h, d = q.shape
+    hkv = pool.k[0].shape[1]
+    out = torch.zeros(b, h, d, dtype=torch.float64)
+    for i, slots in enumerate(slots_per_seq):
+        k, v = pool.gather(0, slots, k_scale, v_scale)                          # [L, Hkv, D]
+        k, v = k.double().cpu(), v.double().cpu()
+        n = len(slots)
+        keep = torch.arange(n) > n - 1 - window if window else torch.ones(n, dtype=torch.bool)
+        for hh in range(h):
+            kvh = hh // (h // hkv)
+            s = (k[keep, kvh] @ q[i, hh].double().cpu()) * scale                 # [L']
+            if sinks is not None:
+                s = torch.cat([s, sinks[hh].double().cpu().reshape(1)])
+            p = torch.softmax(s, 0)[: int(keep.sum())]
+            out[i, hh] = p @ v[keep, kvh]
+    return out
+
+
+@pytest.mark.parametrize("kv", KV_CASES)
+@pytest.mark.parametrize("window,sink,splits", [(None, False, 3), (20, True, 0)])
+def test_paged_decode_attention(kv, window, sink, splits):
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import kv_format, paged_decode_attention
+
+    gen = torch.Generator().manual_seed(len(kv) + (window or 0))
+    b, h, hkv, d, num_slots = 3, 4, 2, 32, 256
+    pool = make_kv_pool(kv, hkv, d, num_slots)
+    lens = [5, 37, 70]
+    perm = torch.randperm(num_slots, generator=gen)
+    seqs = [perm[sum(lens[:i]):sum(lens[:i]) + n].to(DEV) for i, n in enumerate(lens)]
+    k_scale, v_scale = (1.0, 1.0) if kv == "bf16" else (0.5, 2.0)
+    for s in seqs:
+        pool.write(0, s, torch.randn(len(s), hkv, d, generator=gen).to(DEV) * 2,
+                   torch.randn(len(s), hkv, d, generator=gen).to(DEV), k_scale, v_scale)
+    kv_slots = torch.zeros(b, max(lens), dtype=torch.int64, device=DEV)
+    for i, s in enumerate(seqs):
+        kv_slots[i, : len(s)] = s
+    q = torch.randn(b, h, d, generator=gen).to(DEV, torch.bfloat16)
+    sinks = torch.randn(h, generator=gen).to(DEV) if sink else None
+    fmt, why = kv_format(pool)
+    assert fmt >= 0, why
+    k_sc = pool.k_sc[0] if pool.k_sc else None
+    v_sc = pool.v_sc[0] if pool.v_sc else None
+    out = paged_decode_attention(q, pool.k[0], pool.v[0], kv_slots, torch.tensor(lens, device=DEV), d ** -0.5,
+                                 fmt, window, k_scale, v_scale, k_sc, v_sc, sinks, splits=splits, block_l=16)
+    ref = attention_float64(q, pool, seqs, d ** -0.5, window, k_scale, v_scale, sinks)
+    assert out.shape == (b, h, d) and out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp4_e2m1"])
+def test_decode_backend_matches_paged_attention_sdpa(kv):
+    """The hook's callable on a real ForwardBatch equals PagedAttention's SDPA decode path (GQA, window)."""
+    from quantrt.engine.forward_batch import ForwardBatch
+    from quantrt.layers.attention import PagedAttention
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
+
+    gen = torch.Generator().manual_seed(5)
+    hkv, g, d = 2, 3, 16
+    pool = make_kv_pool(kv, hkv, d, 128)
+    layer = PagedAttention(0, hkv * g, hkv, d, d ** -0.5, sliding_window=20)
+    lens = [9, 33]
+    seq_slots = [torch.arange(0, 9, device=DEV), torch.arange(40, 73, device=DEV)]
+    for s in seq_slots:  # cached prefix
+        pool.write(0, s[:-1], torch.randn(len(s) - 1, hkv, d, generator=gen).to(DEV),
+                   torch.randn(len(s) - 1, hkv, d, generator=gen).to(DEV))
+    kv_slots = torch.zeros(2, 33, dtype=torch.int64, device=DEV)
+    for i, s in enumerate(seq_slots):
+        kv_slots[i, : len(s)] = s
+    out_slots = torch.stack([s[-1] for s in seq_slots])
+    fb = ForwardBatch(torch.zeros(2, dtype=torch.long), torch.tensor([8, 32]), out_slots, [1, 1], lens,
+                      seq_slots, torch.arange(2), pool, True, kv_slots)
+    q = torch.randn(2, hkv * g, d, generator=gen).to(DEV, torch.bfloat16)
+    k, v = (torch.randn(2, hkv, d, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+    sdpa = layer(q, k, v, fb)                                                    # writes k, v; [B, H*D]
+    fast = decode_attention(layer, q, fb)
+    assert fast is not None and fast.shape == sdpa.shape
+    assert rel_err(fast.cpu(), sdpa.cpu()) < 1e-2
+
+
+def test_decode_backend_resolution(monkeypatch):
+    """CUDA resolves the Triton decode attention through Platform.decode_attention_ref; CPU resolves none."""
+    import quantrt.layers.attention as attn
+    from quantrt.platform.interface import Platform
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
+
+    assert attn.platform_decode_attention(PLATFORM) is decode_attention
+    assert attn.platform_decode_attention(Platform()) is None
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("kv", KV_CASES)
+@pytest.mark.parametrize("ctx", [4096, 32768])
+def test_paged_decode_attention_native(kv, ctx):
+    """Llama-3.1-8B attention (32 q / 8 kv heads, d 128) at 4k and 32k context, batch 4, vs float64."""
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import kv_format, paged_decode_attention
+
+    gen = torch.Generator().manual_seed(ctx)
+    b, h, hkv, d = 2, 32, 8, 128
+    pool = make_kv_pool(kv, hkv, d, b * ctx)
+    perm = torch.randperm(b * ctx, generator=gen).to(DEV)
+    seqs = [perm[i * ctx:(i + 1) * ctx - 17 * i] for i in range(b)]
+    for s in seqs:
+        pool.write(0, s, torch.randn(len(s), hkv, d, device=DEV), torch.randn(len(s), hkv, d, device=DEV))
+    kv_slots = torch.zeros(b, ctx, dtype=torch.int64, device=DEV)
+    for i, s in enumerate(seqs):
+        kv_slots[i, : len(s)] = s
+    q = torch.randn(b, h, d, generator=gen).to(DEV, torch.bfloat16)
+    fmt, _ = kv_format(pool)
+    out = paged_decode_attention(q, pool.k[0], pool.v[0], kv_slots, torch.tensor([len(s) for s in seqs], device=DEV),
+                                 d ** -0.5, fmt, None, 1.0, 1.0, pool.k_sc[0] if pool.k_sc else None,
+                                 pool.v_sc[0] if pool.v_sc else None)
+    ref = attention_float64(q, pool, seqs, d ** -0.5, None, 1.0, 1.0, None)
+    assert rel_err(out.cpu(), ref) < 1e-2

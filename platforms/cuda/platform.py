@@ -20,6 +20,7 @@ class CudaPlatform(Platform):
     dist_backend: ClassVar[str] = "nccl"
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels:CUDA_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels:CUDA_MOE_KERNELS"
+    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels.paged_attention_triton:decode_attention"
 
     def __init__(self, capability: DeviceCapability | None = None, device_name: str | None = None) -> None:
         self._capability = capability

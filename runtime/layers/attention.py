@@ -12,15 +12,23 @@ Attention sinks (gpt-oss): `sinks` [H] is one learned logit per head that joins 
 denominator and attends to nothing. SDPA has no such input, so it is computed exactly with an extra
 column: a zero key (score 0) and a zero value are appended, and a float mask adds sinks[h] to that
 column's score (and -inf where the boolean mask forbids a key).
+
+Decode on a device may run the platform's own kernel instead (`Platform.decode_attention_ref`, e.g. the
+Triton paged decode attention of platforms/cuda reading bf16/fp8/fp4 pages directly); on CPU, or when that
+kernel declines a pool, the SDPA path below runs.
 """
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantrt.engine.forward_batch import ForwardBatch
+from quantrt.platform.interface import Platform
 
 
 class PagedAttention(nn.Module):
@@ -50,6 +58,10 @@ class PagedAttention(nn.Module):
         # q: [T, H, D]; k, v: [T, Hkv, D]; sinks: [H] or None -> out: [T, H*D]
         pool = fb.kv_pool
         pool.write(self.layer_id, fb.out_slots, k, v, self.k_scale, self.v_scale)
+        if fb.is_decode and q.device.type != "cpu" and (fast := platform_decode_attention()) is not None:
+            o = fast(self, q, fb, sinks)                                 # the platform's kernel, or None
+            if o is not None:
+                return o
         gqa = self.num_heads != self.num_kv_heads
         cdt = torch.float32 if pool.quantized else q.dtype             # fp32 math over quantized pages
         if fb.is_decode:
@@ -81,6 +93,29 @@ class PagedAttention(nn.Module):
             outs.append(o.squeeze(0).transpose(0, 1).reshape(n, -1).to(q.dtype))
             start += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+_DECODE_BACKENDS: dict[type, Callable | None] = {}
+
+
+def platform_decode_attention(platform: Platform | None = None) -> Callable | None:
+    """The platform's paged decode attention (`Platform.decode_attention_ref`), resolved once per platform
+    class; None (SDPA) when it names none or its module cannot be imported (e.g. triton absent)."""
+    if platform is None:
+        from quantrt.platform import current_platform
+
+        platform = current_platform()
+    key = type(platform)
+    if key not in _DECODE_BACKENDS:
+        fn = None
+        if platform.decode_attention_ref:
+            module, _, attr = platform.decode_attention_ref.partition(":")
+            try:
+                fn = getattr(importlib.import_module(module), attr)
+            except ImportError:
+                fn = None
+        _DECODE_BACKENDS[key] = fn
+    return _DECODE_BACKENDS[key]
 
 
 def with_sink_column(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor

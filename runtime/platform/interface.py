@@ -63,6 +63,9 @@ class Platform:
     linear_kernels_ref: ClassVar[str | None] = None
     # "module:ATTR" of this platform's ordered MoE kernels (quantrt.quant.moe_kernel.MoEKernel subclasses).
     moe_kernels_ref: ClassVar[str | None] = None
+    # "module:ATTR" of a paged decode attention callable (layer, q [B, H, D], fb, sinks) -> [B, H*D] or None
+    # (None: not served, PagedAttention runs SDPA); used by quantrt.layers.attention on device tensors.
+    decode_attention_ref: ClassVar[str | None] = None
 
     @property
     def is_cpu(self) -> bool:

@@ -1,0 +1,230 @@
+"""Triton paged decode attention over the slot-indexed KV pool (bf16/fp16, fp8 bits, packed fp4).
+
+One query token per sequence. Grid (B, Hkv, S): a program takes the G = H / Hkv query heads of one KV
+head as the rows of a [GP >= 16, D] tile (GQA without expanding K/V) and one of S contiguous chunks of
+the sequence's slot table; it reads K/V rows by slot, decodes them to the compute dtype in registers,
+and runs an online softmax with fp32 scores, fp32 running max / sum and an fp32 P.V accumulator.
+A second kernel combines the S partials (split-KV, two-level reduction) and adds attention sinks.
+
+KV formats (KV_FMT), all decoded exactly into bf16/fp16 operands of tl.dot:
+  0 plain  pool dtype == compute dtype;
+  1 e4m3fn / 3 e4m3fnuz uint8 bits: sign + 7 bits placed at fp16 bits 7..15 read as value * 2**-8
+    (fnuz: 2**-7); the power of two and the per-tensor k/v scale multiply the fp32 scores / output;
+  2 e5m2   uint8 bits: (b << 8) is the fp16 itself;
+  4 fp4    packed e2m1 [slots, Hkv, D/2] (even element in the low nibble) and one scale byte
+    2**(b-127) per 16 elements of the flattened Hkv*D row (engine/kv_quant.py); e2m1 is decoded with
+    the fp16 trick of fp4_triton (value * 2**-14), the block scale times 2**14 is exact in fp32.
+Masking: keys j < kv_len and, with a sliding window W, j > kv_len - 1 - W (ForwardBatch.decode_mask).
+kv_lens is read on the device, so a CUDA graph replays the launch for any lengths within the bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantrt.engine.kv_quant import KVKind
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
+
+_NEG = -1.0e30
+_FP8_FMT = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2, torch.float8_e4m3fnuz: 3}
+_FMT_FACTOR = {0: 1.0, 1: 256.0, 2: 1.0, 3: 128.0, 4: 1.0}
+
+
+@triton.jit
+def _fp8_bits(b, FMT: tl.constexpr):
+    """uint8 fp8 bits (as int32) -> fp16 value (times 2**-8 for e4m3fn, 2**-7 for e4m3fnuz)."""
+    if FMT == 2:
+        h = b << 8
+    else:
+        h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    return h.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _e2m1(n):
+    h = ((n & 7) << 9) | ((n & 8) << 12)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+             FMT: tl.constexpr, DT: tl.constexpr):
+    """[BL, D] rows of one KV head at `slots`, decoded to DT (scaled by the format's power of two)."""
+    s64 = slots.to(tl.int64)
+    if FMT == 4:
+        DH: tl.constexpr = D // 2
+        NB: tl.constexpr = HKV * D // 16
+        offs_h = tl.arange(0, DH)
+        b = tl.load(buf_ptr + s64[:, None] * (HKV * DH) + kvh * DH + offs_h[None, :], mask=mask_l[:, None],
+                    other=0).to(tl.int32)                                          # [BL, D/2]
+        v = tl.reshape(tl.join(_e2m1(b & 15), _e2m1(b >> 4)), [BL, D // 16, 16])   # even element first
+        offs_b = tl.arange(0, D // 16)
+        sb = tl.load(sc_ptr + s64[:, None] * NB + kvh * (D // 16) + offs_b[None, :], mask=mask_l[:, None],
+                     other=127).to(tl.int32)
+        sc = (sb << 23).to(tl.float32, bitcast=True) * 16384.0                    # 2**(b-127) * 2**14
+        return tl.reshape(v * sc[:, :, None], [BL, D]).to(DT)
+    offs_d = tl.arange(0, D)
+    x = tl.load(buf_ptr + s64[:, None] * (HKV * D) + kvh * D + offs_d[None, :], mask=mask_l[:, None], other=0)
+    if FMT == 0:
+        return x.to(DT)
+    return _fp8_bits(x.to(tl.int32), FMT).to(DT)
+
+
+@triton.jit
+def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale, j0, lo, hi, m_i, l_i, acc,
+          HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
+    """One block of BL keys: online-softmax update of (running max, running sum, P.V accumulator)."""
+    DT = q.dtype
+    offs_l = j0 + tl.arange(0, BL)
+    mask_l = (offs_l >= lo) & (offs_l < hi)
+    slots = tl.load(slot_ptr + b * stride_sb + offs_l, mask=mask_l, other=0)
+    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT, DT)      # [BL, D]
+    if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k))                                           # [GP, BL] fp32
+    s = tl.where(mask_l[None, :], s * qk_scale, _NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.where(mask_l[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT, DT)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_ptr, l_ptr, o_ptr,
+                   stride_sb, qk_scale, CHUNK, WINDOW, NBLK_C: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                   GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    S = tl.num_programs(2)
+    H: tl.constexpr = HKV * G
+    offs_g = tl.arange(0, GP)
+    mask_g = offs_g < G
+    offs_d = tl.arange(0, D)
+    heads = kvh * G + offs_g                                                   # [GP] query heads
+    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    length = tl.load(len_ptr + b).to(tl.int32)
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, length)
+    if WINDOW > 0:
+        lo = tl.maximum(lo, length - WINDOW)
+    m_i = tl.full([GP], _NEG, tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    if NBLK_C > 0:  # the interpreter cannot loop to a run-time bound: the block count as a constant there
+        for it in range(0, NBLK_C):
+            m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
+                                  sp * CHUNK + it * BL, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
+    else:  # only the key blocks this sequence (and window) reaches within the chunk
+        for j0 in range(lo // BL * BL, hi, BL):
+            m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
+                                  j0, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
+    row = (b * H + heads) * S + sp                                             # [GP]
+    tl.store(m_ptr + row, m_i, mask=mask_g)
+    tl.store(l_ptr + row, l_i, mask=mask_g)
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptr, v_factor, H, S: tl.constexpr, SP: tl.constexpr,
+                    D: tl.constexpr, HAS_SINK: tl.constexpr):
+    bh = tl.program_id(0)                                                      # b * H + h
+    offs_s = tl.arange(0, SP)
+    mask_s = offs_s < S
+    m = tl.load(m_ptr + bh * S + offs_s, mask=mask_s, other=_NEG)
+    l = tl.load(l_ptr + bh * S + offs_s, mask=mask_s, other=0.0)
+    offs_d = tl.arange(0, D)
+    o = tl.load(o_ptr + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    mx = tl.max(m, axis=0)
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + bh % H).to(tl.float32)
+        mx = tl.maximum(mx, sink)
+    w = tl.exp(m - mx)                                                         # [SP]
+    den = tl.sum(l * w, axis=0)
+    if HAS_SINK:
+        den += tl.exp(sink - mx)
+    out = tl.sum(o * w[:, None], axis=0) / den * v_factor
+    tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def kv_format(pool) -> tuple[int, str]:
+    """(KV_FMT, '') for a pool this kernel reads, else (-1, why not)."""
+    kind = pool.spec.kind
+    if kind is KVKind.PLAIN:
+        return 0, ""
+    if kind is KVKind.FP4:
+        return 4, ""
+    fmt = _FP8_FMT.get(pool.spec.dtype)
+    return (fmt, "") if fmt else (-1, f"fp8 KV dtype {pool.spec.dtype} is not e4m3fn/e5m2/e4m3fnuz")
+
+
+def default_splits(batch: int, hkv: int, max_len: int, block_l: int) -> int:
+    """Split the KV so that about two programs per SM run, each chunk >= 4 key blocks."""
+    want = cdiv(2 * num_sms(), batch * hkv)
+    return max(1, min(want, cdiv(max_len, 4 * block_l), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kv_slots: torch.Tensor,
+                           kv_lens: torch.Tensor, scale: float, kv_fmt: int, window: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0, k_sc: torch.Tensor | None = None,
+                           v_sc: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                           splits: int = 0, block_l: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """q [B, H, D] fp16/bf16; k_buf/v_buf [slots, Hkv, D] (or [slots, Hkv, D/2] fp4 with k_sc/v_sc
+    [slots, Hkv*D/16]); kv_slots [B, L] slot table (padded); kv_lens [B] on the device -> [B, H, D]."""
+    b, h, d = q.shape
+    hkv = k_buf.shape[1]
+    g = h // hkv
+    assert h % hkv == 0 and d >= 16 and d & (d - 1) == 0, "head_dim must be a power of two >= 16"
+    q = q.contiguous()
+    max_len = kv_slots.shape[1]
+    if kv_slots.stride(1) != 1:
+        kv_slots = kv_slots.contiguous()
+    s = splits or default_splits(b, hkv, max_len, block_l)
+    chunk = cdiv(cdiv(max_len, s), block_l) * block_l
+    s = max(1, cdiv(max_len, chunk))
+    m = torch.empty((b * h * s,), device=q.device, dtype=torch.float32)
+    l_ = torch.empty_like(m)
+    o = torch.empty((b * h * s, d), device=q.device, dtype=torch.float32)
+    factor = _FMT_FACTOR[kv_fmt]
+    k_sc = k_sc if k_sc is not None else k_buf
+    v_sc = v_sc if v_sc is not None else v_buf
+    _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, kv_slots.stride(0),
+                                float(scale * k_scale * factor), chunk, int(window or 0),
+                                NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
+                                GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
+                                DOT_F32=interpret_mode(), num_warps=num_warps, num_stages=2)
+    out = torch.empty_like(q)
+    _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,
+                              S=s, SP=triton.next_power_of_2(s), D=d, HAS_SINK=sinks is not None, num_warps=4)
+    return out
+
+
+def decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The CUDA platform's decode attention for `PagedAttention` (see `Platform.decode_attention_ref`):
+    q [B, H, D] -> [B, H*D], or None when this pool/layer is not served (the layer then runs SDPA)."""
+    pool = fb.kv_pool
+    fmt, _ = kv_format(pool)
+    d = layer.head_dim
+    if fmt < 0 or d < 16 or d & (d - 1) or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    lens = fb.kv_lens_t if getattr(fb, "kv_lens_t", None) is not None else fb.cache.get("kv_lens_dev")
+    if lens is None:
+        lens = fb.cache["kv_lens_dev"] = torch.tensor(fb.kv_lens, dtype=torch.int32, device=q.device)
+    i = layer.layer_id
+    k_sc = pool.k_sc[i] if fmt == 4 else None
+    v_sc = pool.v_sc[i] if fmt == 4 else None
+    o = paged_decode_attention(q, pool.k[i], pool.v[i], fb.kv_slots, lens, layer.scale, fmt, layer.window,
+                               layer.k_scale, layer.v_scale, k_sc, v_sc, sinks)
+    return o.reshape(q.shape[0], -1)
+
+
+__all__ = ["decode_attention", "default_splits", "kv_format", "paged_decode_attention"]
