@@ -304,3 +304,28 @@ def test_mxfp4_format_config_and_module_rules():
     assert keep_down.is_quantized("model.layers.0.mlp.experts.gate_up_proj")
     with pytest.raises(ConfigError, match="modules_to_not_convert must be a list"):
         Mxfp4Format.from_config({"modules_to_not_convert": "lm_head"})
+
+
+# -- on the GPU machine (-m accelerator) ---------------------------------------------------------------------
+@pytest.mark.accelerator
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("which", ["bf16", "mxfp4"])
+def test_cuda_bf16_engine_stays_close_to_transformers(gpt_oss, mxfp4_ckpt, which):
+    """bf16 on the GPU: dense experts run grouped, MXFP4 experts one Triton fp4 kernel per projection;
+    prompt logprobs vs transformers in fp32 on CPU (bf16 rounding only)."""
+    from transformers import AutoModelForCausalLM
+
+    path = gpt_oss[0] if which == "bf16" else mxfp4_ckpt[0]
+    hf = gpt_oss[1] if which == "bf16" else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=512, page_size=4)
+    moe = eng.model.model.layers[0].mlp
+    if which == "bf16":
+        assert moe.impl == "grouped"
+    else:
+        assert moe.impl == "per_expert" and "fp4" in moe.kernel_desc.split(" ")[0], moe.kernel_desc
+    diff = max_prompt_logprob_diff(eng, hf, {}, PROMPT)
+    print(f"gpt-oss {which} on CUDA bf16: max |log p| diff {diff:.3f}")
+    assert diff < 0.25, f"max |log p| difference {diff:.3f}"
+    out = eng.generate(input_ids=PROMPT[:12], sampling_params={"max_new_tokens": 20, "temperature": 0,
+                                                               "ignore_eos": True})
+    assert len(out["output_ids"]) == 20

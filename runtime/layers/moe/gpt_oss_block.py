@@ -65,6 +65,16 @@ def _to(w: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> Quantiz
     return MicroWeight(w.codes.to(device), w.scale.to(device), w.block, w.global_scale)
 
 
+def _grouped_ok(dtype: torch.dtype, platform) -> bool:
+    """torch._grouped_mm runs on CPU in any float dtype, on GPUs in bf16 with capability >= 9.0."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if platform.is_cpu:
+        return True
+    cap = platform.capability()
+    return dtype == torch.bfloat16 and cap is not None and (cap.major, cap.minor) >= (9, 0)
+
+
 class GptOssMoE(FusedMoE):
     """prefix: "model.layers.N.mlp"; alpha/limit: the config's swiglu_alpha / swiglu_limit."""
 
@@ -164,6 +174,10 @@ class GptOssMoE(FusedMoE):
     def finish_loading(self, dtype: torch.dtype, device: torch.device, platform=None) -> None:
         """De-interleave gate/up, move to the device; stack dense experts for the grouped path."""
         self.dtype = dtype
+        if platform is None:
+            from quantrt.platform.resolve import current_platform
+
+            platform = current_platform()
         small = {k: v.to(device=device, dtype=dtype) for k, v in self.small.items()}
         self.small = {k: small[k] for k in ("router.weight", "router.bias")}
         b13 = small["experts.gate_up_proj_bias"]                          # [E, 2I] interleaved
@@ -175,12 +189,8 @@ class GptOssMoE(FusedMoE):
         if all(isinstance(w, DenseWeight) for ex in experts for w in ex):
             self.w13 = torch.stack([torch.cat([g.data, u.data]) for g, u, _ in experts])   # [E, 2I, H]
             self.w2 = torch.stack([d.data for _, _, d in experts])                       # [E, H, I]
-            self.impl = "grouped" if hasattr(torch, "_grouped_mm") else "reference"
+            self.impl = "grouped" if _grouped_ok(dtype, platform) else "reference"
             return
-        if platform is None:
-            from quantrt.platform.resolve import current_platform
-
-            platform = current_platform()
         self.quant_experts = experts
         kernels, descs = [], set()
         for g, u, d in experts:
