@@ -163,6 +163,8 @@ def make_experts(scheme: str, e: int, h: int, i: int, gen: torch.Generator):
         w = torch.randn(n, k, generator=gen) * 0.2
         if scheme == "dense":
             return DenseWeight(w.to(DEV, torch.bfloat16))
+        if scheme in ("nvfp4", "mxfp4"):
+            return make_micro_weight(n, k, scheme, gen)
         if scheme.startswith("fp8"):
             gran = scheme.split("-")[1]
             fw = quantize_fp8(w, gran, (32, 32) if gran == "block" else None)
@@ -197,7 +199,7 @@ def moe_float64(x, weights, ids, experts):
 
 
 MOE_SCHEMES = ["dense", "fp8-tensor", "fp8-channel", "fp8-block", "int4-g32-asym", "int8-channel", "int4-g64",
-               "fp8-channel-w8a8"]
+               "nvfp4", "mxfp4", "fp8-channel-w8a8"]
 
 
 @pytest.mark.parametrize("scheme", MOE_SCHEMES)
@@ -207,7 +209,7 @@ def test_fused_moe_matches_reference(scheme):
     from quantrt.quant.moe_kernel import MoESpec
 
     gen = torch.Generator().manual_seed(len(scheme))
-    e, h, i, t, k = 4, 128, 64, 5, 2
+    e, h, i, t, k = 4, 128, 64, 4, 2
     experts, acts = make_experts(scheme.removesuffix("-w8a8"), e, h, i, gen)
     if scheme.endswith("w8a8"):
         acts = make_experts(scheme, 1, h, i, gen)[1] * e

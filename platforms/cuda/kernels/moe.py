@@ -1,7 +1,7 @@
 """`TritonMoEKernel`: fused MoE on CUDA/ROCm through Triton (`moe_triton`), one launch per projection.
 
-Serves uniform expert layers of dense (bf16/fp16), fp8 (per-tensor, per-channel, block) and grouped int
-(2..8 bits, sym/asym, g >= 8 or per-channel: the moe_wna16 family) weights. Weights are dequantized in
+Serves uniform expert layers of dense (bf16/fp16), fp8 (per-tensor, per-channel, block), grouped int
+(2..8 bits, sym/asym, g >= 8 or per-channel: the moe_wna16 family) and fp4 (NVFP4, MXFP4: gpt-oss) weights. Weights are dequantized in
 registers and multiplied in the compute dtype with fp32 accumulation. Row-wise quantized activations
 (fp8/int8 per-token or per-token-group, W8A8 checkpoints) are quantized-dequantized first, as the
 reference does, so the numerics match; the GEMM itself then runs at weight-only speed (no fp8 MMA).
@@ -16,16 +16,17 @@ import torch.nn.functional as F
 
 from quantrt.layers.moe.experts import uniform_acts
 from quantrt.platforms.cuda.kernels._common import interpret_mode, triton_available
+from quantrt.platforms.cuda.kernels.fp4 import SCALE_F32, pack_micro_weight
 from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
 from quantrt.quant.moe_kernel import MoEKernel, MoESpec, weight_scheme
 from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
-from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight, IntWeight, ScaleGranularity
+from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight, IntWeight, MicroWeight, ScaleGranularity
 
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
 
 _ROWWISE = (ActKind.NONE, ActKind.DYNAMIC_TOKEN, ActKind.DYNAMIC_GROUP)
-WKIND_DENSE, WKIND_FP8, WKIND_INT = 0, 1, 2
+WKIND_DENSE, WKIND_FP8, WKIND_INT, WKIND_FP4 = 0, 1, 2, 3
 
 
 def _proj_why(ws: list, what: str, inter: int) -> str:
@@ -51,7 +52,10 @@ def _proj_why(ws: list, what: str, inter: int) -> str:
         if w.group_size % pack or w.shape[1] % pack:
             return f"group size {w.group_size} and K={w.shape[1]} must be multiples of {pack}"
         return ""
-    return f"{type(w).__name__} experts are not served (dense, fp8 and int only)"
+    if isinstance(w, MicroWeight):
+        blocks = {x.block for x in ws}
+        return "" if len(blocks) == 1 else f"experts' {what} weights mix fp4 blocks {sorted(blocks)}"
+    return f"{type(w).__name__} experts are not served (dense, fp8, int and fp4 only)"
 
 
 def _why_not(spec: MoESpec) -> str:
@@ -82,6 +86,23 @@ def _stack_int(parts: list[tuple[IntWeight, ...]], device: torch.device) -> tupl
         packs = [pack_int_weight(w, _container(w), None) for w in ws]     # (packed, scale, zero) each
         out.append(tuple(torch.cat(t, dim=1) for t in zip(*packs)))
     return tuple(torch.stack(t).to(device).contiguous() for t in zip(*out))
+
+
+def _stack_fp4(parts: list[tuple[MicroWeight, ...]], device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Per expert the fp4 weights of one GEMM -> ((packed [E, K/8, N], scale [E, K/B, N], global [E, N]),
+    scale kind): one-byte scales when every weight packs to the same kind, else fp32 for all."""
+    packs = [[pack_micro_weight(w) for w in ws] for ws in parts]
+    kinds = {pk[2] for ex in packs for pk in ex}
+    if len(kinds) > 1:
+        packs = [[(pk[0], w.scale.to(torch.float32).t().contiguous(), SCALE_F32,
+                   float(w.global_scale) if w.global_scale is not None else 1.0) for pk, w in zip(ex, ws)]
+                 for ex, ws in zip(packs, parts)]
+    out = []
+    for ex in packs:
+        out.append((torch.cat([pk[0] for pk in ex], dim=1), torch.cat([pk[1] for pk in ex], dim=1),
+                    torch.cat([torch.full((pk[0].shape[1],), pk[3], dtype=torch.float32) for pk in ex])))
+    kind = packs[0][0][2]
+    return tuple(torch.stack(t).to(device).contiguous() for t in zip(*out)), kind
 
 
 def _fp8_scale(w: FloatWeight) -> torch.Tensor:
@@ -134,6 +155,10 @@ class TritonMoEKernel(MoEKernel):
             w2 = (torch.stack([d.data for _, _, d in ex]).to(dev).contiguous(),
                   torch.stack([_fp8_scale(d) for _, _, d in ex]).to(dev).contiguous())
             return cls(spec, WKIND_FP8, (w13, blk(w0), 8), (w2, blk(ex[0][2]), 8))
+        if isinstance(w0, MicroWeight):
+            (w13, k13), (w2, k2) = (_stack_fp4([(g, u) for g, u, _ in ex], dev),
+                                    _stack_fp4([(d,) for _, _, d in ex], dev))
+            return cls(spec, WKIND_FP4, (w13, (w0.block, k13), 4), (w2, (ex[0][2].block, k2), 4))
         assert isinstance(w0, IntWeight)
         w13 = _stack_int([(g, u) for g, u, _ in ex], dev)
         w2 = _stack_int([(d,) for _, _, d in ex], dev)
@@ -146,8 +171,11 @@ class TritonMoEKernel(MoEKernel):
         w, block, bits = proj
         scale = w[1] if len(w) > 1 else None
         zero = w[2] if len(w) > 2 else None
+        fp4 = (16, 0)
+        if self.wkind == WKIND_FP4:  # block holds (micro block, scale kind)
+            fp4, block = block, None
         return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
-                        topk_weights, torch.float32, cfg)
+                        topk_weights, torch.float32, cfg, fp4)
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]

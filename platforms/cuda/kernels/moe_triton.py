@@ -11,7 +11,9 @@ weight when MUL_W), fp32 accumulation. Weights per WKIND:
   1 fp8    W [E, N, K] fp8 with CHANNEL scales [E, N] (applied to the accumulator) or BLOCK scales
            [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk);
   2 int    packed [E, K/PACK, N] int32, scale / zero (2**23 + z) [E, G, N] fp32 (`pack_int_weight`
-           layout): code planes dequantized in registers, PACK tl.dot calls per K step.
+           layout): code planes dequantized in registers, PACK tl.dot calls per K step;
+  3 fp4    NVFP4 / MXFP4: packed e2m1 [E, K/8, N] int32 and block scales [E, K/FB, N] (`pack_micro_weight`
+           layout, SCALE_KIND e8m0 / e4m3 / fp32), per-column global scales [E, N] on the accumulator.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode
+from quantrt.platforms.cuda.kernels.fp4_triton import _e2m1
+from quantrt.platforms.cuda.kernels.fp4_triton import _scale as _fp4_scale
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tenso
     flat = ids.flatten().to(torch.int64)                                   # [P]
     p = flat.numel()
     nb = max(1, min(p, cdiv(p + num_experts * (bm - 1), bm)))
-    counts = torch.bincount(flat, minlength=num_experts)                   # [E]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))                                    # [E] (bincount would sync)
     padded = (counts + bm - 1) // bm * bm
     ends = padded.cumsum(0)
     starts = ends - padded
@@ -57,17 +62,17 @@ def moe_align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tenso
 def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, N, K: tl.constexpr, P, stride_am, G,
                 SN, SK, SBN, SBK, A_DIV: tl.constexpr, WKIND: tl.constexpr, BLOCK_SCALE: tl.constexpr, BITS: tl.constexpr,
                 MUL_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr):
+                DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr, FB: tl.constexpr = 16,
+                SCALE_KIND: tl.constexpr = 0):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(eid_ptr + pid_b)
     if EARLY_EXIT:  # padding blocks past the last expert's run (the interpreter lacks early returns)
         if e < 0:
             return
-    e64 = e.to(tl.int64)
     rows = tl.load(sid_ptr + pid_b * BM + tl.arange(0, BM))               # [BM] pair index
     mask_m = (rows < P) & (e >= 0)
-    e = tl.maximum(e, 0)
+    e64 = tl.maximum(e, 0).to(tl.int64)
     arow = (rows // A_DIV).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -95,6 +100,23 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, N, 
                     acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
                 else:
                     acc += tl.dot(a, w)
+    elif WKIND == 3:
+        RK4: tl.constexpr = BK // 8
+        offs_j4 = tl.arange(0, RK4)
+        for k0 in range(0, K, BK):
+            kj = k0 + offs_j4 * 8                                          # [RK] first k of each packed row
+            mw = (kj < K)[:, None] & mask_n[None, :]
+            p = tl.load(w_ptr + e64 * (K // 8) * N + (kj // 8)[:, None] * N + offs_n[None, :], mask=mw, other=0)
+            s = _fp4_scale(s_ptr + e64 * (K // FB) * N, (kj // FB)[:, None] * N + offs_n[None, :], mw, SCALE_KIND)
+            for i in tl.static_range(8):
+                w = (_e2m1(p, i) * s).to(dt)                               # exact for e8m0 / e4m3 scales
+                a = tl.load(a_ptr + arow[:, None] * stride_am + (kj + i)[None, :],
+                            mask=mask_m[:, None] & (kj < K)[None, :], other=0.0)   # [BM, RK]
+                if DOT_F32:
+                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+                else:
+                    acc += tl.dot(a, w)
+        acc = acc * tl.load(z_ptr + e64 * N + offs_n, mask=mask_n, other=0.0)[None, :]   # global scales
     else:
         offs_k = tl.arange(0, BK)
         for k0 in range(0, K, BK):
@@ -126,10 +148,11 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
              num_pairs: int, a_div: int, wkind: int, scale: torch.Tensor | None = None,
              zero: torch.Tensor | None = None, block: tuple[int, int] | None = None, bits: int = 4,
              topk_weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-             cfg: MoeConfig | None = None) -> torch.Tensor:
+             cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0)) -> torch.Tensor:
     """a [rows, K] compute dtype -> C [P, N] (out_dtype, default a.dtype); see the module docstring.
 
-    block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N]."""
+    block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N];
+    fp4: (micro block, scale kind) with scale [E, K/B, N] and zero = the global scales [E, N]."""
     cfg = cfg or MoeConfig()
     k = a.shape[1]
     if a.stride(1) != 1:
@@ -145,13 +168,16 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
     if wkind == 2:
         g = scale.shape[1]
         bk = max(bk, 32 // bits * 16)                                      # >= 16 rows per plane for tl.dot
+    if wkind == 3:
+        bk = max(bk, 128)
     grid = (expert_ids.numel(), cdiv(n, cfg.block_n))
     dummy = scale if scale is not None else w
     _moe_kernel[grid](a, w, dummy, zero if zero is not None else dummy, c, sorted_ids, expert_ids,
                       topk_weights if topk_weights is not None else dummy, n, k, num_pairs, a.stride(0), g,
                       sn, sk, bn_, bk_, A_DIV=a_div, WKIND=wkind, BLOCK_SCALE=block is not None, BITS=bits,
                       MUL_W=topk_weights is not None, BM=sorted_ids.numel() // expert_ids.numel(),
-                      BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), num_warps=cfg.num_warps,
+                      BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), FB=fp4[0], SCALE_KIND=fp4[1],
+                      num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
     return c
 
