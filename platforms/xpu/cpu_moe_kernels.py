@@ -58,8 +58,13 @@ def _same(spec: MoESpec, key) -> bool:
 
 
 def _int_layout(w: IntWeight) -> tuple:
-    group = 0 if w.group_size == w.shape[1] else w.group_size                 # 0: per channel
-    return (w.bits, group, w.codes.dtype, w.zero is not None, w.offset is not None, w.g_idx is not None)
+    return (w.bits, w.codes.dtype, w.zero is not None, w.offset is not None, w.g_idx is not None)
+
+
+def _same_int(spec: MoESpec) -> bool:
+    """One int layout for all experts, one group size for gate/up (K = H) and one for down (K = I)."""
+    return (_same(spec, _int_layout) and len({w.group_size for ex in spec.experts for w in ex[:2]}) == 1
+            and len({ex[2].group_size for ex in spec.experts}) == 1)
 
 
 def _gidx_mismatch(g: IntWeight, u: IntWeight) -> bool:
@@ -119,7 +124,7 @@ class CpuMoEInt4PackedKernel(_SortedMoE):
             ok, r = CpuInt4PackedKernel.can_implement(LinearSpec(w, spec.acts[0][p], spec.compute_dtype), platform)
             if not ok:
                 return False, r
-        if not _same(spec, _int_layout):
+        if not _same_int(spec):
             return False, "experts differ in bits/group/zero layout"
         return True, ""
 
@@ -163,7 +168,8 @@ class CpuMoEInt8PackedKernel(_SortedMoE):
         if why:
             return False, why
         w = spec.experts[0][0]
-        if not _same(spec, _int_layout) or w.bits != 8 or w.codes.dtype != torch.int8 or w.group_size != w.shape[1]:
+        if (not _same_int(spec) or w.bits != 8 or w.codes.dtype != torch.int8
+                or any(x.group_size != x.shape[1] for ex in spec.experts for x in ex)):
             return False, f"needs symmetric per-channel int8 codes (experts are {'/'.join(sorted(spec.schemes()))})"
         if w.zero is not None or w.offset is not None or w.g_idx is not None:
             return False, "needs symmetric int8 without zero point or act-order"
@@ -206,7 +212,8 @@ class CpuMoEInt8PackedKernel(_SortedMoE):
 
 # -- gather the active experts, dequantize in one batched op, grouped GEMM ---------------------------------
 class _IntStack:
-    """E experts' IntWeights stacked as w = u * s + b per group, u unsigned (two per byte when bits <= 4).
+    """E experts' IntWeights [N, K] stacked transposed, as torch._grouped_mm takes B ([E, K, N]):
+    w = u * s + b per group, u unsigned (two codes per byte along K when bits <= 4).
     parts: per expert the IntWeights concatenated along N (gate, up) or one (down); each part keeps its
     own act-order g_idx."""
 
@@ -216,63 +223,65 @@ class _IntStack:
         self.n, self.k = ws[0].shape
         self.gs, self.p = w0.group_size, len(parts[0])
         off = 1 << (w0.bits - 1) if w0.codes.dtype == torch.int8 else 0
-        u = torch.stack([(c.to(torch.int16) + off).to(torch.uint8) for c in ws])              # [E, N, K]
+        u = torch.stack([(c.t().to(torch.int16) + off).to(torch.uint8) for c in ws])          # [E, K, N]
         self.packed = w0.bits <= 4 and self.k % 2 == 0
-        self.codes = (u[..., 0::2] | (u[..., 1::2] << 4)) if self.packed else u                # [E, N, K/2]
+        self.codes = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous() if self.packed else u     # [E, K/2, N]
 
         def stack(attr: str) -> torch.Tensor:
-            return torch.stack([torch.cat([getattr(w, attr).to(torch.float32) for w in p]) for p in parts])
+            return torch.stack([torch.cat([getattr(w, attr).to(torch.float32) for w in p]).t() for p in parts])
 
-        s = stack("scale")                                                                   # [E, N, G]
+        s = stack("scale")                                                                   # [E, G, N]
         b = -off * s
         if w0.zero is not None:
             b = b - stack("zero") * s
         if w0.offset is not None:
             b = b + stack("offset")
-        self.s, self.b = s, b
+        self.s, self.b = s.contiguous(), b.contiguous()
         self.g_idx = (torch.stack([torch.stack([w.g_idx.long() for w in p]) for p in parts])
                       if w0.g_idx is not None else None)                                     # [E, P, K]
 
     def dequant(self, act: torch.Tensor) -> torch.Tensor:
-        """act: [A] expert ids -> [A, N, K] fp32."""
+        """act: [A] expert ids -> [A, K, N] fp32."""
         c = self.codes[act]
+        a = c.shape[0]
         if self.packed:
-            c = torch.stack([c & 15, c >> 4], dim=-1).view(c.shape[0], self.n, self.k)
-        s, b = self.s[act], self.b[act]                                                      # [A, N, G]
+            c = torch.stack([c & 15, c >> 4], dim=2).view(a, self.k, self.n)                # [A, K, N]
+        s, b = self.s[act], self.b[act]                                                      # [A, G, N]
         if self.g_idx is not None:
-            a = act.numel()
-            idx = self.g_idx[act][:, :, None, :].expand(a, self.p, self.n // self.p, self.k)
-            idx = idx.reshape(a, self.n, self.k)                                             # [A, N, K]
-            return torch.addcmul(b.gather(2, idx), c.to(torch.float32), s.gather(2, idx))
-        a, g = c.shape[0], self.k // self.gs
-        c = c.view(a, self.n, g, self.gs).to(torch.float32)
-        return torch.addcmul(b[..., None], c, s[..., None]).view(a, self.n, self.k)
+            idx = self.g_idx[act].transpose(1, 2)[..., None].expand(a, self.k, self.p, self.n // self.p)
+            idx = idx.reshape(a, self.k, self.n)                                             # [A, K, N]
+            return torch.addcmul(b.gather(1, idx), c.to(torch.float32), s.gather(1, idx))
+        g = self.k // self.gs
+        c = c.view(a, g, self.gs, self.n).to(torch.float32)
+        return torch.addcmul(b[:, :, None], c, s[:, :, None]).view(a, self.k, self.n)
 
 
 class _Fp8Stack:
-    """E FloatWeights [N, K] fp8 stacked; scales as rows [E, N] (tensor/channel) or blocks [E, nb, kb]."""
+    """E FloatWeights [N, K] fp8 stacked transposed ([E, K, N]); scales as rows [E, N] (tensor/channel)
+    or blocks [E, kb, nb]."""
 
     def __init__(self, ws: list[FloatWeight]):
         w0 = ws[0]
         self.n, self.k = w0.shape
-        self.data = torch.stack([w.data for w in ws])                                        # [E, N, K] fp8
+        self.data = torch.stack([w.data.t() for w in ws]).contiguous()                        # [E, K, N] fp8
         self.block = w0.block
         if w0.granularity is ScaleGranularity.BLOCK:
-            self.s = torch.stack([w.scale.to(torch.float32) for w in ws])                    # [E, nb, kb]
+            self.s = torch.stack([w.scale.to(torch.float32).t() for w in ws]).contiguous()     # [E, kb, nb]
         else:
             self.s = torch.stack([w.scale.to(torch.float32).expand(self.n) if w.scale.dim() == 0
                                   else w.scale.to(torch.float32) for w in ws])               # [E, N]
 
     def dequant(self, act: torch.Tensor) -> torch.Tensor:
-        w = self.data[act].to(torch.float32)                                                 # [A, N, K]
+        """act: [A] expert ids -> [A, K, N] fp32."""
+        w = self.data[act].to(torch.float32)                                                 # [A, K, N]
         s = self.s[act]
         if self.block is None:
-            return w.mul_(s[..., None])
+            return w.mul_(s[:, None, :])
         bn, bk = self.block
-        a, nb, kb = s.shape
+        a, kb, nb = s.shape
         if self.n == nb * bn and self.k == kb * bk:
-            return w.view(a, nb, bn, kb, bk).mul_(s[:, :, None, :, None]).view(a, self.n, self.k)
-        return w.mul_(s.repeat_interleave(bn, 1)[:, : self.n].repeat_interleave(bk, 2)[:, :, : self.k])
+            return w.view(a, kb, bk, nb, bn).mul_(s[:, :, None, :, None]).view(a, self.k, self.n)
+        return w.mul_(s.repeat_interleave(bk, 1)[:, : self.k].repeat_interleave(bn, 2)[:, :, : self.n])
 
 
 def _cat_float(a: FloatWeight, b: FloatWeight) -> FloatWeight:
@@ -300,7 +309,7 @@ class CpuMoEGatherDequantKernel(_SortedMoE):
         w0 = spec.experts[0][0]
         if isinstance(w0, IntWeight):
             why = _base_checks(spec, IntWeight)
-            if not why and not _same(spec, _int_layout):
+            if not why and not _same_int(spec):
                 why = "experts differ in bits/group/zero layout"
         elif isinstance(w0, FloatWeight):
             why = _base_checks(spec, FloatWeight)
@@ -337,9 +346,9 @@ class CpuMoEGatherDequantKernel(_SortedMoE):
             r1 = r0 + int(c.sum())
             offs = c.cumsum(0).to(torch.int32)                               # [A'] group ends
             x = fake_quant_rows(xs[r0:r1], seg[r0:r1], self.acts13)           # [m, H] fp32
-            g, u = torch._grouped_mm(x, self.w13.dequant(ex).transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            g, u = torch._grouped_mm(x, self.w13.dequant(ex), offs=offs).chunk(2, dim=-1)  # [m, I] each
             h = fake_quant_rows(silu_and_mul(g, u), seg[r0:r1], self.acts2)   # [m, I] fp32
-            out[r0:r1] = torch._grouped_mm(h, self.w2.dequant(ex).transpose(1, 2), offs=offs)
+            out[r0:r1] = torch._grouped_mm(h, self.w2.dequant(ex), offs=offs)               # [m, H]
         return out
 
 

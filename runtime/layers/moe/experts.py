@@ -170,8 +170,13 @@ class GroupedMoEKernel(MoEKernel):
     @classmethod
     def prepare(cls, spec: MoESpec, platform: Platform) -> GroupedMoEKernel:
         dev, dt = platform.device(), spec.compute_dtype
-        w13 = torch.stack([torch.cat([g.data, u.data]) for g, u, _ in spec.experts]).to(dev, dt)  # [E, 2I, H]
-        w2 = torch.stack([d.data for _, _, d in spec.experts]).to(dev, dt)                        # [E, H, I]
+
+        def kn(ws: list[torch.Tensor]) -> torch.Tensor:  # [E, N, K] view over [E, K, N] memory
+            # torch._grouped_mm takes B as [E, K, N]; a transposed view would be copied on every call
+            return torch.stack(ws).to(dev, dt).transpose(1, 2).contiguous().transpose(1, 2)
+
+        w13 = kn([torch.cat([g.data, u.data]) for g, u, _ in spec.experts])                     # [E, 2I, H]
+        w2 = kn([d.data for _, _, d in spec.experts])                                           # [E, H, I]
         return cls(w13, w2)
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

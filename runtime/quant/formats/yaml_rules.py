@@ -8,7 +8,7 @@ aliases of `weight_dtype`/`activation_dtype`):
       weight_block_size: [bn, bk]        # optional; fp8 only (block scales, per-token-group activations)
       ignored_layers: [names]            # dotted module names, equal or a `.name` suffix
       linear: {rules: [{module_path, weight_dtype, activation_dtype, weight_block_size}, ...]}
-      moe: {weight_dtype, activation_dtype}  # kept for the MoE layer
+      moe: {weight_dtype, activation_dtype}  # the routed experts of every MoE layer
 
 Module paths: a linear's checkpoint name with `/` for `.`, e.g. `model/layers/3/self_attn/q_proj`;
 a rule also matches the sglang-jax spelling `model/layers[3]/self_attn/q_proj`. Fused layers are
@@ -16,6 +16,11 @@ matched shard by shard (q_proj, k_proj, v_proj; gate_proj, up_proj); `re.match` 
 start), first matching rule wins, unmatched layers stay float. lm_head is never quantized (in
 sglang-jax it is not a linear layer). Weights get per-channel scales, activations per-token dynamic
 scales. A rule that matches no layer of the model is an error (`finish_loading`).
+
+Routed experts (`...experts.<e>.<proj>`) follow the `moe:` section only, never the linear rules (as in
+sglang-jax, where the MoE layer is not a linear): weight_dtype int8 (per channel) | float8_e4m3fn /
+float8_e5m2 (per channel, or block with the top-level weight_block_size) | null/bfloat16 (float),
+activation_dtype null | the same family, per-token dynamic. Shared experts are ordinary linears.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ DTYPES: dict[str, torch.dtype | None] = {
     "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
     "bfloat16": None, "float32": None,  # no quantization
 }
+_EXPERT = re.compile(r"\.experts\.\d+\.[^.]+$")   # a routed expert's projection: ...experts.3.gate_proj
 _TOP_KEYS = {"is_static_checkpoint", "weight_block_size", "allow_narrow_n_blockwise", "ignored_layers",
              "linear", "dense", "moe", "scale_policy"}
 
@@ -109,9 +115,22 @@ class YamlRulesFormat(QuantFormat):
     name = "yaml_rules"
     online = True
 
-    def __init__(self, rules: list[Rule], ignored: tuple[str, ...], moe: tuple[torch.dtype | None, ...], src: str):
-        self.rules, self.ignored, self.moe, self.src = rules, ignored, moe, src
+    def __init__(self, rules: list[Rule], ignored: tuple[str, ...], moe: tuple[torch.dtype | None, ...], src: str,
+                 block: tuple[int, int] | None = None):
+        self.rules, self.ignored, self.moe, self.src, self.block = rules, ignored, moe, src, block
         self.used: set[int] = set()
+        self.moe_rule = self._moe_rule()
+
+    def _moe_rule(self) -> Rule | None:
+        w, a = self.moe
+        if w is None:
+            if a is not None:
+                raise ConfigError(f"{self.src}: moe activation_dtype {a} needs a quantized moe weight_dtype")
+            return None
+        if a is not None and (w == torch.int8) != (a == torch.int8):
+            raise NotSupportedYet(f"{self.src}: moe weight {w} with activations {a} mixes int8 and fp8; "
+                                  f"use the same family")
+        return Rule("moe", re.compile("moe"), w, a, None if w == torch.int8 else self.block)
 
     @classmethod
     def from_config(cls, qcfg: dict[str, Any], args: ServerArgs | None = None) -> YamlRulesFormat:
@@ -147,16 +166,19 @@ class YamlRulesFormat(QuantFormat):
                  _dtype(moe.get("activation_dtype"), f"{path}: moe activation_dtype", True))
         block = _block(q.get("weight_block_size"), f"{path}")
         ignored = tuple(re.sub(r"\[(\d+)\]", r".\1", str(n)) for n in q.get("ignored_layers") or ())
-        return cls([_rule(i, r, str(path), block) for i, r in enumerate(rules)], ignored, moe_d, str(path))
+        return cls([_rule(i, r, str(path), block) for i, r in enumerate(rules)], ignored, moe_d, str(path), block)
 
     def describe(self) -> str:
         return f"yaml rules {self.src} ({len(self.rules)} rule(s))"
 
     def rule(self, prefix: str) -> Rule | None:
-        """The first rule matching this linear, or None (ignored, lm_head, or no rule)."""
+        """The first rule matching this linear (the `moe:` section for a routed expert), or None
+        (ignored, lm_head, or no rule)."""
         if prefix.rsplit(".", 1)[-1] == "lm_head" or any(
                 prefix == n or prefix.endswith("." + n) for n in self.ignored):
             return None
+        if _EXPERT.search(prefix):
+            return self.moe_rule
         slash = prefix.replace(".", "/")
         jax = re.sub(r"/(\d+)(?=/|$)", r"[\1]", slash)
         for i, r in enumerate(self.rules):
