@@ -95,12 +95,31 @@ def prompts(bs: int) -> list[list[int]]:
 
 
 def step_bytes(eng) -> int:
-    """Bytes of every tensor the model's kernels read in a decode step, the embedding table excluded."""
-    from quantrt.engine.engine import _model_tensors
+    """Bytes of every device tensor the linear kernels, norms and rotary tables hold (what a decode
+    step reads at batch 1; the embedding table, of which a step reads B rows, is excluded)."""
+    from quantrt.layers.linear import QuantLinear
 
-    emb = eng.model.model.embed_tokens.weight.data_ptr()
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in _model_tensors(eng.model) if t.is_cuda}
-    seen.pop(emb, None)
+    seen: dict[int, int] = {}
+
+    def add(v) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.is_cuda:
+                seen[v.data_ptr()] = v.numel() * v.element_size()
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            for w in vars(v).values():
+                if isinstance(w, torch.Tensor) and w.is_cuda:
+                    seen[w.data_ptr()] = w.numel() * w.element_size()
+
+    for m in eng.model.modules():
+        kernels = m.kernels if isinstance(m, QuantLinear) else []
+        for k in kernels:
+            for v in vars(k).values():
+                add(v)
+        for name in ("_scale", "_bias"):
+            add(getattr(m, name, None))
+    if getattr(eng.model, "tied_head", None) is not None:
+        for v in vars(eng.model.tied_head).values():
+            add(v)
     return sum(seen.values())
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from quantrt.engine.kv_quant import KVKind
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
 
-_NEG = -1.0e30
+_NEG = tl.constexpr(-1.0e30)  # a global read inside @triton.jit must be a constexpr
 _FP8_FMT = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2, torch.float8_e4m3fnuz: 3}
 _FMT_FACTOR = {0: 1.0, 1: 256.0, 2: 1.0, 3: 128.0, 4: 1.0}
 
