@@ -30,7 +30,8 @@ def build(e: int, k: int, h: int, i: int, mxfp4: bool, dtype: torch.dtype, platf
             block.claim(f"m.experts.{proj}_blocks", blocks, fmt)
             block.claim(f"m.experts.{proj}_scales", scales, fmt)
         else:
-            dense = torch.stack([w.dequantize() for w in Mxfp4Format().make_experts(proj, blocks, scales, (e, n, kk))])
+            dense = torch.stack([w.dequantize() for w in Mxfp4Format().make_experts(
+                proj, {"blocks": blocks, "scales": scales}, (e, n, kk))])
             block.claim(f"m.experts.{proj}", dense.transpose(1, 2).contiguous(), fmt)   # [E, K, N]
     block.claim("m.router.weight", torch.randn(e, h, generator=g) * 0.02, fmt)
     block.claim("m.router.bias", torch.zeros(e), fmt)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from quantrt.engine.engine import Engine
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.layers.attention import with_sink_column
-from quantrt.quant.formats.mxfp4 import Mxfp4Format
+from quantrt.quant.formats.mxfp4 import Mxfp4Format, quantize_mxfp4
 from tests.helpers_models import build_model, max_prompt_logprob_diff
 
 PROMPT = list(range(5, 45))          # 40 tokens: 5x the sliding window of the tiny config
@@ -94,6 +94,18 @@ def test_independent_quantizer_follows_the_spec():
     got = mx_dequantize(b, s)[0, :8].tolist()
     assert got == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -6.0]
     assert b[0, 0, 0].item() == (0 | (2 << 4))               # element 0 (code 0) low, element 1 (code 2) high
+
+
+def test_runtime_quantizer_equals_the_independent_one_on_ties():
+    """quantize_mxfp4 (online --quantization mxfp4) vs the float64 quantizer, with every element on a
+    multiple of 1/4 of its block scale (all e2m1 ties occur) and on random values."""
+    g = torch.Generator().manual_seed(3)
+    ties = torch.randint(-32, 33, (16, 64), generator=g).float() / 4 * torch.exp2(
+        torch.randint(-6, 6, (16, 2), generator=g).float()).repeat_interleave(32, 1)
+    for w in (ties, torch.randn(16, 64, generator=g) * 3):
+        ours = quantize_mxfp4(w)
+        b, s = mx_quantize(w)
+        assert torch.equal(ours.dequantize(torch.float64), mx_dequantize(b, s))
 
 
 @pytest.fixture(scope="module")
@@ -286,11 +298,36 @@ def test_mxfp4_config_without_mxfp4_tensors_fails_clearly(tokenizer_dir, tmp_pat
         Engine(model_path=str(d), max_total_tokens=256)
 
 
-def test_online_methods_on_gpt_oss_experts_fail_clearly(gpt_oss):
-    with pytest.raises(CheckpointError, match="gpt-oss experts load as bf16/fp32 or MXFP4 checkpoints; fp8"):
+def test_online_mxfp4_quantizes_experts_like_the_independent_quantizer(gpt_oss, mxfp4_ckpt):
+    """`--quantization mxfp4` on the float checkpoint: the experts' codes and scales equal the float64
+    OCP-MX quantizer's (so the model equals the MXFP4 checkpoint's), attention stays dense."""
+    path, hf = gpt_oss
+    deq = mxfp4_ckpt[1]
+    eng = Engine(model_path=str(path), quantization="mxfp4", max_total_tokens=512)
+    assert eng.quant_method == "mxfp4" and "online" in eng.quant_format.describe()
+    for i in range(2):
+        moe = eng.model.model.layers[i].mlp
+        gu = deq[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        for e, (g, u, d) in enumerate(moe.qexperts):
+            assert torch.equal(g.dequantize(torch.float64), gu[e].t()[0::2])
+            assert torch.equal(u.dequantize(torch.float64), gu[e].t()[1::2])
+            assert torch.equal(d.dequantize(torch.float64), deq[f"model.layers.{i}.mlp.experts.down_proj"][e].t())
+    assert not eng.model.model.layers[0].self_attn.qkv_proj.is_quantized
+    weights = {k: v.float() for k, v in deq.items()}
+    diff = max_prompt_logprob_diff(eng, hf, weights, PROMPT)
+    assert diff < 1e-4, f"max |log p| difference {diff:.2e}"
+
+
+def test_online_mxfp4_on_a_model_without_gpt_oss_experts_fails_clearly(tokenizer_dir, tmp_path):
+    d = tmp_path / "llama"
+    build_model("llama", d, tokenizer_dir)
+    with pytest.raises(CheckpointError, match="--quantization mxfp4 quantized no expert"):
+        Engine(model_path=str(d), quantization="mxfp4", max_total_tokens=256)
+
+
+def test_other_online_methods_on_gpt_oss_experts_fail_clearly(gpt_oss):
+    with pytest.raises(CheckpointError, match="gpt-oss experts load as bf16/fp32 or MXFP4 .*; fp8 experts"):
         Engine(model_path=str(gpt_oss[0]), quantization="fp8", max_total_tokens=256)
-    with pytest.raises(ConfigError, match="--quantization mxfp4 needs a checkpoint quantized with mxfp4"):
-        Engine(model_path=str(gpt_oss[0]), quantization="mxfp4", max_total_tokens=256)
 
 
 def test_mxfp4_format_config_and_module_rules():

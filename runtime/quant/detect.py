@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 CHECKPOINT_ONLY_METHODS: tuple[str, ...] = ("blockwise_int8", "fbgemm_fp8")
 KNOWN_METHODS: tuple[str, ...] = QUANTIZATION_CHOICES + CHECKPOINT_ONLY_METHODS
 # Methods that quantize a float checkpoint at load time (valid on an unquantized checkpoint).
-ONLINE_METHODS = frozenset({"bitsandbytes", "fp8", "mxfp8", "quark_int4fp8_moe", "w8a8_int8", "w8a8_fp8"})
+ONLINE_METHODS = frozenset({"bitsandbytes", "fp8", "mxfp4", "mxfp8", "quark_int4fp8_moe", "w8a8_int8", "w8a8_fp8"})
 # (cli, checkpoint) pairs where the CLI value wins (FORMATS.md §1.3 step 5).
 ALLOWED_CLI_OVERRIDES = frozenset({
     ("modelopt_fp8", "modelopt"), ("modelopt_fp4", "modelopt"), ("petit_nvfp4", "modelopt"),
@@ -113,10 +113,14 @@ PRECEDENCE_SOURCES: list[QuantSource] = [_from_modelslim_description]
 
 
 def _modelopt_override(method: str, qcfg: QuantConfig, cli: str | None) -> str | None:
-    """Checkpoint modelopt_fp8/fp4 always wins; `--quantization modelopt` resolves by quant_algo."""
+    """Checkpoint modelopt_fp8/fp4 always wins (but `--quantization petit_nvfp4` on an NVFP4 checkpoint picks
+    petit, SGLang's ROCm path); `--quantization modelopt` or a `modelopt` checkpoint resolves by quant_algo."""
+    algo = _modelopt_algo_method(str(qcfg.get("quant_algo", "")))
+    if cli == "petit_nvfp4" and (method == "modelopt_fp4" or (method == "modelopt" and algo == "modelopt_fp4")):
+        return "petit_nvfp4"
     if method in ("modelopt_fp8", "modelopt_fp4"):
         return method
-    if cli == "modelopt":
+    if cli == "modelopt" or (method == "modelopt" and cli is None):
         return _modelopt_algo_method(str(qcfg.get("quant_algo", "")))
     return None
 

@@ -112,14 +112,14 @@ class GptOssMoE(FusedMoE):
         e, out = self.routing.num_experts, {}
         for proj in PROJS:
             n, k = self._shapes(proj)
+            names = frozenset({"weight"})
             if fmt is not None and fmt.is_quantized(f"{self.prefix}.experts.{proj}"):
                 if not hasattr(fmt, "make_experts"):
                     raise CheckpointError(f"{self.prefix}.experts: gpt-oss experts load as bf16/fp32 or "
-                                          f"MXFP4 checkpoints; {fmt.name} experts are not supported")
-                for s in fmt.tensor_names(f"{self.prefix}.experts.{proj}")[0]:
-                    out[f"{proj}_{s}"] = ()                               # shapes checked by the format
-            else:
-                out[proj] = (e, k, n)                                     # transformers: [E, K, N]
+                                          f"MXFP4 (checkpoint or online); {fmt.name} experts are not supported")
+                names = fmt.tensor_names(f"{self.prefix}.experts.{proj}")[0]
+            for s in names:                                               # shapes of blocks/scales: the format's
+                out.update({proj: (e, k, n)} if s == "weight" else {f"{proj}_{s}": ()})   # dense: [E, K, N]
         return out
 
     def claim(self, name: str, t: torch.Tensor, fmt) -> bool:
@@ -156,11 +156,13 @@ class GptOssMoE(FusedMoE):
                 continue
             parts = {n[len(proj) + 1:] if n != proj else "weight": self.raw.pop(n) for n in names}
             n, k = self._shapes(proj)
-            if "weight" in parts:                                         # dense [E, K, N]
-                self.expert_w[proj] = [DenseWeight(w.t()) for w in parts["weight"]]
+            lin = f"{self.prefix}.experts.{proj}"
+            if "weight" in parts:
+                parts["weight"] = parts["weight"].transpose(1, 2)         # [E, K, N] -> [E, N, K]
+            if fmt is not None and fmt.is_quantized(lin):
+                self.expert_w[proj] = fmt.make_experts(lin, parts, (self.routing.num_experts, n, k))
             else:
-                self.expert_w[proj] = fmt.make_experts(f"{self.prefix}.experts.{proj}", parts["blocks"],
-                                                       parts["scales"], (self.routing.num_experts, n, k))
+                self.expert_w[proj] = [DenseWeight(w) for w in parts["weight"]]
 
     def missing(self) -> list[str]:
         out = [f"{self.prefix}.{k}" for k in self.wanted if k not in self.small]

@@ -14,6 +14,11 @@ Rows are output features (N), blocks of 32 run along the input features (K). A b
 32 e2m1 codes, the even element in the low nibble; its scale byte is E8M0, 2^(b - 127). One expert's
 slice becomes MicroWeight(codes [N, K], scale [N, K/32] fp32, block 32); the model splits rows further
 (gpt-oss interleaves gate/up rows).
+
+Online (`--quantization mxfp4` on a bf16/fp32 checkpoint, SGLang's Mxfp4DynamicQuantMoEMethod): the dense
+experts are quantized at load time by the OCP MX v1.0 rule: per 32 inputs, scale 2^(floor(log2 amax) - 2)
+(emax of e2m1 is 2), elements rounded to the nearest e2m1 value with ties to the even code, |v| > 6
+saturating to 6. Other linears stay dense.
 """
 
 from __future__ import annotations
@@ -36,6 +41,24 @@ def unpack_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
     return torch.stack([blocks & 0xF, blocks >> 4], dim=-1).reshape(*blocks.shape[:-2], -1)
 
 
+# e2m1 rounding boundaries between neighbouring magnitudes (0, .5, 1, 1.5, 2, 3, 4, 6); a value exactly on a
+# boundary goes to the even code: up at 0.75, 1.75, 3.5 (to 1, 2, 4), down at 0.25, 1.25, 2.5, 5.
+_UP_TIES, _DOWN_TIES = (0.75, 1.75, 3.5), (0.25, 1.25, 2.5, 5.0)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> MicroWeight:
+    """Round-to-nearest MXFP4 of w [N, K] (K a multiple of 32) by the OCP MX rule above."""
+    n, k = w.shape
+    v = w.to(torch.float32).reshape(n, k // MX_BLOCK, MX_BLOCK)
+    amax = v.abs().amax(-1)                                                   # [N, G]
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127.0))
+    e = e.clamp(-127, 127)
+    m = (v / torch.exp2(e)[..., None]).abs()                                  # exact: a power-of-two scale
+    idx = sum((m >= b).to(torch.uint8) for b in _UP_TIES) + sum((m > b).to(torch.uint8) for b in _DOWN_TIES)
+    codes = idx + 8 * (v < 0).to(torch.uint8)                                 # bit 3: sign
+    return MicroWeight(codes.reshape(n, k), torch.exp2(e), MX_BLOCK)
+
+
 def _matches(name: str, pattern: str) -> bool:
     """transformers' modules_to_not_convert rule: a regex from the start up to a module boundary, or a suffix."""
     return bool(re.match(rf"(?:{pattern})(?=\.|$)", name)) or name.endswith(pattern)
@@ -47,12 +70,18 @@ class Mxfp4Format(QuantFormat):
 
     name = "mxfp4"
 
-    def __init__(self, not_converted: tuple[str, ...] = ()):
+    online = True
+
+    def __init__(self, not_converted: tuple[str, ...] = (), quantize_dense: bool = False):
         self.not_converted = not_converted
+        self.quantize_dense = quantize_dense  # online: dense experts quantized at load time
         self.loaded = 0  # expert matrices converted
 
     @classmethod
     def from_config(cls, qcfg: dict[str, Any], args=None) -> Mxfp4Format:
+        """{} -> online (quantize a float checkpoint's experts); else the checkpoint's quantization_config."""
+        if not qcfg:
+            return cls(quantize_dense=True)
         skip = qcfg.get("modules_to_not_convert") or []
         if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
             raise ConfigError(f"mxfp4 quantization_config.modules_to_not_convert must be a list of module "
@@ -64,7 +93,8 @@ class Mxfp4Format(QuantFormat):
         return "experts" in prefix.split(".") and not any(_matches(prefix, p) for p in self.not_converted)
 
     def tensor_names(self, prefix: str) -> tuple[frozenset[str], frozenset[str]]:
-        return frozenset(SUFFIXES), frozenset()
+        """`blocks` + `scales` (stored as `<proj>_blocks`, `<proj>_scales`); online: the dense `weight`."""
+        return frozenset({"weight"} if self.quantize_dense else SUFFIXES), frozenset()
 
     def make_weight(self, prefix: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> MicroWeight:
         """One matrix: blocks [N, K/32, 16], scales [N, K/32] -> MicroWeight [N, K]."""
@@ -74,11 +104,19 @@ class Mxfp4Format(QuantFormat):
         self.loaded += 1
         return MicroWeight(unpack_mxfp4(blocks), e8m0_decode(scales), MX_BLOCK)
 
-    def make_experts(self, prefix: str, blocks: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int, int]
+    def make_experts(self, prefix: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int, int]
                      ) -> list[MicroWeight]:
-        """Fused over experts: blocks [E, N, K/32, 16], scales [E, N, K/32] -> E MicroWeights [N, K].
-        prefix: the projection's checkpoint name without suffix (`...experts.gate_up_proj`)."""
+        """Fused over experts -> E MicroWeights [N, K]: blocks [E, N, K/32, 16] + scales [E, N, K/32], or
+        (online) weight [E, N, K] quantized here. prefix: the projection without suffix (`...experts.gate_up_proj`)."""
         e, n, k = shape
+        if self.quantize_dense:
+            w = tensors["weight"]
+            if k % MX_BLOCK or tuple(w.shape) != shape or not w.dtype.is_floating_point:
+                raise CheckpointError(f"{prefix}: online mxfp4 quantizes float [{e}, {n}, {k}] experts with K a "
+                                      f"multiple of {MX_BLOCK}; got {w.dtype} {tuple(w.shape)}")
+            self.loaded += e
+            return [quantize_mxfp4(w[i]) for i in range(e)]
+        blocks, scales = tensors["blocks"], tensors["scales"]
         if blocks.dim() != 4 or blocks.shape[0] != e or scales.dim() != 3 or scales.shape[0] != e:
             raise CheckpointError(f"{prefix}_blocks {tuple(blocks.shape)} / {prefix}_scales {tuple(scales.shape)}: "
                                   f"expected [{e}, {n}, {k // MX_BLOCK}, 16] and [{e}, {n}, {k // MX_BLOCK}] "
@@ -105,9 +143,13 @@ class Mxfp4Format(QuantFormat):
 
     def finish_loading(self) -> None:
         if self.loaded == 0:
+            if self.quantize_dense:
+                raise CheckpointError("--quantization mxfp4 quantized no expert: online MXFP4 covers the "
+                                      "experts of GptOssForCausalLM only")
             raise CheckpointError("the checkpoint says quant_method mxfp4 but no MXFP4 expert tensors "
                                   "(`*_blocks` / `*_scales`) were loaded; quantrt reads MXFP4 experts of "
                                   "GptOssForCausalLM")
 
     def describe(self) -> str:
-        return "mxfp4 (e2m1, e8m0 scales per 32; experts only)"
+        online = "online: experts quantized at load, " if self.quantize_dense else ""
+        return f"mxfp4 ({online}e2m1, e8m0 scales per 32; experts only)"
