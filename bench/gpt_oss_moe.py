@@ -74,8 +74,8 @@ def main() -> None:
     for t in (int(s) for s in a.tokens.split(",")):
         x = (torch.randn(t, a.hidden, generator=torch.Generator().manual_seed(t)) * 0.5).to(platform.device(), dtype)
         hit = int(q.route(x)[1].unique().numel())
-        tq = timed(lambda: q(x), a.iters, sync)
-        td = timed(lambda: d(x), a.iters, sync)
+        tq = timed(lambda x=x: q(x), a.iters, sync)
+        td = timed(lambda x=x: d(x), a.iters, sync)
         diff = float((q(x).float() - d(x).float()).abs().max())
         gbs = hit * expert_bytes * (0.5 + 1 / 32) / (tq * 1e-6) / 1e9       # fp4 codes + e8m0 bytes
         print(f"| {t} | {hit} | {tq:.0f} | {td:.0f} | {tq / td:.2f} | {gbs:.0f} | {diff:.3g} |")
