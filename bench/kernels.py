@@ -6,6 +6,7 @@ weights are not served from the 50 MB L2. Prints µs, achieved GB/s (weight + ac
 bytes), % of the copy ceiling and speed-up over bf16 cuBLAS (F.linear).
 
     python bench/kernels.py [--quick] [--json out.json] [--tune out.json]
+    python bench/kernels.py --fp4-moe-attn   # NVFP4/MXFP4 8192² bs1-16, fused MoE, paged decode attention
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from quantrt.platform.interface import DeviceCapability
-from quantrt.platforms.cuda.kernels import TritonW8A8Kernel, TritonWNA16Kernel
+from quantrt.platforms.cuda.kernels import TritonFp4Kernel, TritonW8A8Kernel, TritonWNA16Kernel
 from quantrt.platforms.cuda.platform import CudaPlatform
 from quantrt.quant.kernel import LinearSpec
-from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
+from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, MicroWeight, ScaleGranularity
 
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -115,7 +116,22 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
             kerns.append(TritonW8A8Kernel.prepare(LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8),
                                                              torch.bfloat16), PLATFORM))
         return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+    if name in ("nvfp4", "mxfp4"):
+        block = 16 if name == "nvfp4" else 32
+        nbytes = n * k // 2 + n * k // block
+        kerns = [TritonFp4Kernel.prepare(LinearSpec(fp4_weight(n, k, name), ActScheme(), torch.bfloat16), PLATFORM)
+                 for _ in range(copies_for(nbytes))]
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
     raise ValueError(name)
+
+
+def fp4_weight(n: int, k: int, kind: str) -> MicroWeight:
+    """Random NVFP4 (e4m3 block-16 scales + global scale) or MXFP4 (e8m0 block-32 scales) weight."""
+    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
+    if kind == "mxfp4":
+        return MicroWeight(codes, torch.exp2(torch.randint(-8, 0, (n, k // 32), device="cuda").float()), 32)
+    sc = (torch.rand(n, k // 16, device="cuda") * 400 + 1).to(FP8).float()
+    return MicroWeight(codes, sc, 16, torch.tensor(1e-4, device="cuda"))
 
 
 KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp",
@@ -385,8 +401,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
     ap.add_argument("--skinny-sweep", default=None, help="check + sweep the M <= 16 kernels into this JSON file")
+    ap.add_argument("--fp4-moe-attn", action="store_true",
+                    help="NVFP4/MXFP4 at 8192² bs1-16 vs bf16, fused MoE vs per-expert loop, decode attention vs SDPA")
     a = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if a.fp4_moe_attn:
+        from _fp4_moe_attn import run_all  # bench/ is sys.path[0] when run as a script
+
+        print_table(bench([(8192, 8192)], [1, 2, 4, 8, 16], ["bf16", "nvfp4", "mxfp4"]))
+        run_all()
+        return
     if a.tune:
         tune(a.tune)
         return

@@ -39,9 +39,9 @@ class Fp4Config:
 
 
 @triton.jit
-def _e2m1(p, I: tl.constexpr):
+def _e2m1(p, IDX: tl.constexpr):
     """Code i (bits [4i, 4i+4)) of int32 words p -> fp32 e2m1 value * 2**-14."""
-    n = p >> (4 * I)
+    n = p >> (4 * IDX)
     h = ((n & 7) << 9) | ((n & 8) << 12)
     return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 

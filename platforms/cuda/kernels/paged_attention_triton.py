@@ -141,7 +141,7 @@ def _combine_kernel(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptr, v_factor, H, S: tl.c
     offs_s = tl.arange(0, SP)
     mask_s = offs_s < S
     m = tl.load(m_ptr + bh * S + offs_s, mask=mask_s, other=_NEG)
-    l = tl.load(l_ptr + bh * S + offs_s, mask=mask_s, other=0.0)
+    lsum = tl.load(l_ptr + bh * S + offs_s, mask=mask_s, other=0.0)
     offs_d = tl.arange(0, D)
     o = tl.load(o_ptr + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
     mx = tl.max(m, axis=0)
@@ -149,7 +149,7 @@ def _combine_kernel(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptr, v_factor, H, S: tl.c
         sink = tl.load(sink_ptr + bh % H).to(tl.float32)
         mx = tl.maximum(mx, sink)
     w = tl.exp(m - mx)                                                         # [SP]
-    den = tl.sum(l * w, axis=0)
+    den = tl.sum(lsum * w, axis=0)
     if HAS_SINK:
         den += tl.exp(sink - mx)
     out = tl.sum(o * w[:, None], axis=0) / den * v_factor
