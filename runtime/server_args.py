@@ -237,7 +237,8 @@ class Unsupported:
 SUPPORTED_QUANTIZATION: frozenset[str | None] = frozenset({None, "fp8", "gguf", "modelslim", "quark_int4fp8_moe", "w8a8_int8",
                                                           "awq", "awq_marlin", "gptq", "gptq_marlin", "marlin",
                                                           "w8a8_fp8", "compressed-tensors", "auto-round", "bitsandbytes",
-                                                          "mxfp4"})
+                                                          "mxfp4", "modelopt", "modelopt_fp8", "modelopt_fp4",
+                                                          "petit_nvfp4"})
 SUPPORTED_LOAD_FORMATS: frozenset[str] = frozenset({"auto", "safetensors", "gguf", "bitsandbytes"})
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (

@@ -243,6 +243,31 @@ class EmulatedAiterOps(EmulatedAiterLinearOps):
         return ((XQ.to(torch.float32) * xs) @ (WQ.to(torch.float32) * ws).T).to(dtype)
 
 
+class EmulatedPetitOps:
+    """Petit's NVFP4 W4A16 ops on CPU (EMULATED; the repack keeps the checkpoint layout, Petit's is internal)."""
+
+    def repack_nvfp4(self, qweight: torch.Tensor, size_n: int, size_k: int) -> torch.Tensor:
+        _check(qweight.dtype == torch.int32 and tuple(qweight.shape) == (size_n, size_k // 8),
+               f"qweight must be int32 [{size_n}, {size_k // 8}], got {qweight.dtype} {tuple(qweight.shape)}")
+        return qweight.clone()
+
+    def process_nvfp4_scales(self, scales: torch.Tensor, size_k: int, size_n: int) -> torch.Tensor:
+        _check(scales.dtype == torch.float8_e4m3fn and tuple(scales.shape) == (size_n, size_k // 16),
+               f"scales must be float8_e4m3fn [{size_n}, {size_k // 16}], got {scales.dtype} {tuple(scales.shape)}")
+        return scales.clone()
+
+    def mul_nvfp4_a16(self, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, global_scale: torch.Tensor,
+                      size_m: int, size_n: int, size_k: int, solution_id: int = -1) -> torch.Tensor:
+        """a [M, K] fp16/bf16 @ dequant(b)^T: b bytes hold element 2j in the low nibble; w = e2m1 * s * global."""
+        from quantrt.quant.weights import e2m1_decode
+
+        _check(a.dtype in (torch.float16, torch.bfloat16) and tuple(a.shape) == (size_m, size_k), "a shape/dtype")
+        by = b.contiguous().view(torch.uint8)                                       # [N, K/2]
+        codes = torch.stack([by & 0xF, by >> 4], -1).reshape(size_n, size_k)
+        w = e2m1_decode(codes) * s.to(torch.float32).repeat_interleave(16, 1) * global_scale.to(torch.float32)
+        return (a.to(torch.float32) @ w.T).to(a.dtype)
+
+
 class EmulatedRocmPlatform(AiterLayerOps, CpuPlatform):
     """An MI300X (gfx942, fp8 e4m3fnuz) as quantrt's checks and kernels see it, with aiter on, on CPU."""
 
@@ -262,6 +287,9 @@ class EmulatedRocmPlatform(AiterLayerOps, CpuPlatform):
 
     def aiter_ops(self) -> EmulatedAiterOps:
         return EmulatedAiterOps()
+
+    def petit_ops(self) -> EmulatedPetitOps:
+        return EmulatedPetitOps()
 
     def device_name(self) -> str:
         return "AMD Instinct MI300X (emulated on CPU, aiter emulated)"

@@ -37,6 +37,7 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
         super().__init__(device_name=device_name)
         self._arch = arch
         self._aiter: Any = None
+        self._petit: Any = None
 
     def aiter_ops(self) -> Any:
         """aiter's ops when SGLANG_USE_AITER=1 / QUANTRT_USE_AITER=1, else None (absent aiter = PlatformError)."""
@@ -48,9 +49,19 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
             self._aiter = RealAiterOps()
         return self._aiter
 
+    def petit_ops(self) -> Any:
+        """petit_kernel (NVFP4 W4A16 for petit_nvfp4); absent = PlatformError naming what to install."""
+        if self._petit is None:
+            from quantrt.platforms.rocm.petit import load_petit
+
+            self._petit = load_petit()
+        return self._petit
+
     def check_config(self, args: Any) -> None:
         super().check_config(args)
         self.aiter_ops()  # fail at start-up, not at the first layer, when aiter is asked for but absent
+        if getattr(args, "quantization", None) == "petit_nvfp4":
+            self.petit_ops()
 
     def arch(self) -> str:
         """The gfx architecture without feature suffixes (MI300 = gfx942, MI350 = gfx950)."""

@@ -8,6 +8,7 @@ from quantrt.quant.formats import (  # noqa: F401
     fp8,
     gguf,
     gptq,
+    modelopt,
     modelslim,
     mxfp4,
     quark_int4fp8_moe,
