@@ -1,6 +1,6 @@
 """aiter linear kernels for ROCm (issue 8): with SGLANG_USE_AITER=1 / QUANTRT_USE_AITER=1, per-channel fp8 (converted to
 e4m3fnuz on MI300, scales x2) and int8 W8A8 linears run aiter's gemm_a8w8 on preshuffled weights with
-per-token dynamic activations. Without the variable these kernels decline and the next ones (Triton
+per-token dynamic activations; 128x128 block fp8 runs gemm_a8w8_blockscale with per-1x128 activations. Without the variable these kernels decline and the next ones (Triton
 kernels shared with CUDA, when present) or the reference kernel serve the layer.
 """
 
@@ -102,8 +102,55 @@ class AiterInt8Kernel(_AiterW8A8Kernel):
                    spec.compute_dtype, platform.device())
 
 
-AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel]
+class AiterBlockFp8Kernel(LinearKernel):
+    """Block fp8 (DeepSeek-V3 style: 128x128 weight blocks, 1x128 per-token-group activations):
+    aiter's per-1x128 quant (pertoken_quant over 128-wide groups) + gemm_a8w8_blockscale (FORMATS.md §4.4)."""
+
+    name = "aiter_block_fp8"
+    BLOCK = 128
+
+    def __init__(self, ops: AiterOps, w: FloatWeight, act_dtype: torch.dtype, out_dtype: torch.dtype,
+                 device: torch.device):
+        self.ops, self.act_dtype, self.out_dtype = ops, act_dtype, out_dtype
+        self.n, self.k = w.shape
+        self.weight = w.data.to(device)                                         # [N, K] fp8
+        self.w_scale = w.scale.to(torch.float32).to(device)                     # [N/128, K/128]
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
+        w, a, b = spec.weight, spec.act, cls.BLOCK
+        if aiter_ops_of(platform) is None:
+            return False, "aiter is off (set SGLANG_USE_AITER=1 on ROCm)"
+        if not isinstance(w, FloatWeight) or w.granularity is not ScaleGranularity.BLOCK or w.block != (b, b):
+            return False, f"needs a {b}x{b} block-scaled FloatWeight"
+        if w.data.dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+            return False, f"weight dtype {w.data.dtype} is not e4m3"
+        if a.kind is not ActKind.DYNAMIC_GROUP or a.group != b or a.dtype != torch.float8_e4m3fn:
+            return False, f"activation scheme {a} is not fp8 per-token-group of {b}"
+        if w.shape[1] % b:
+            return False, f"K={w.shape[1]} is not a multiple of {b} (per-1x{b} activation groups)"
+        if spec.compute_dtype not in _HALF:
+            return False, f"compute dtype {spec.compute_dtype}: aiter GEMMs output float16/bfloat16"
+        return True, ""
+
+    @classmethod
+    def prepare(cls, spec: LinearSpec, platform: Platform) -> AiterBlockFp8Kernel:
+        w: FloatWeight = spec.weight  # type: ignore[assignment]
+        fnuz = getattr(platform, "is_fp8_fnuz", lambda: False)()
+        if fnuz:
+            w = weight_to_fnuz(w)
+        act = torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn
+        return cls(aiter_ops_of(platform), w, act, spec.compute_dtype, platform.device())  # type: ignore[arg-type]
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.k)
+        m = x2.shape[0]
+        xq, xs = self.ops.pertoken_quant(x2.reshape(-1, self.BLOCK), quant_dtype=self.act_dtype)  # per 1x128
+        y = self.ops.gemm_a8w8_blockscale(xq.reshape(m, self.k), self.weight, xs.reshape(m, -1), self.w_scale,
+                                          dtype=self.out_dtype)
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.reshape(*lead, self.n)
 
 
-
-AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel]
+AITER_LINEAR_KERNELS: list[type[LinearKernel]] = [AiterFp8Kernel, AiterInt8Kernel, AiterBlockFp8Kernel]
