@@ -167,7 +167,8 @@ def make_experts(scheme: str, e: int, h: int, i: int, gen: torch.Generator):
             return make_micro_weight(n, k, scheme, gen)
         if scheme.startswith("fp8"):
             gran = scheme.split("-")[1]
-            fw = quantize_fp8(w, gran, (32, 32) if gran == "block" else None)
+            blk = (128, 128) if min(n, k) >= 512 else (32, 32)
+            fw = quantize_fp8(w, gran, blk if gran == "block" else None)
             return type(fw)(fw.data.to(DEV), fw.scale.to(DEV), fw.granularity, fw.block)
         bits, group, asym = {"int4-g32-asym": (4, 32, True), "int8-channel": (8, k, False),
                              "int4-g64": (4, 64, False)}[scheme]
@@ -269,13 +270,13 @@ def test_moe_rejections_and_registration():
 @pytest.mark.parametrize("scheme", MOE_SCHEMES)
 @pytest.mark.parametrize("t", [1, 16, 256])
 def test_fused_moe_native(scheme, t):
-    """Qwen3-30B-A3B-like shapes: 128 experts, top 8, hidden 2048, intermediate 768 (fp8 block 128)."""
+    """Qwen3-30B-A3B-like expert shapes (hidden 2048, intermediate 768, top 8) with 16 experts."""
     from quantrt.layers.moe.experts import ReferenceMoEKernel
     from quantrt.platforms.cuda.kernels.moe import TritonMoEKernel
     from quantrt.quant.moe_kernel import MoESpec
 
     gen = torch.Generator().manual_seed(t)
-    e, h, i, k = 32, 2048, 768, 8
+    e, h, i, k = 16, 2048, 768, 8
     experts, acts = make_experts(scheme.removesuffix("-w8a8"), e, h, i, gen)
     if scheme.endswith("w8a8"):
         acts = make_experts(scheme, 1, h, i, gen)[1] * e
@@ -420,3 +421,85 @@ def test_paged_decode_attention_native(kv, ctx):
                                  pool.v_sc[0] if pool.v_sc else None)
     ref = attention_float64(q, pool, seqs, d ** -0.5, None, 1.0, 1.0, None)
     assert rel_err(out.cpu(), ref) < 1e-2
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("kv", KV_CASES)
+@pytest.mark.parametrize("window,sink", [(None, False), (24, True)])
+def test_paged_attention_hook_native(kv, window, sink, monkeypatch):
+    """On CUDA tensors PagedAttention's decode runs the platform kernel and equals its SDPA path."""
+    import quantrt.layers.attention as attn
+    import quantrt.platforms.cuda.kernels.paged_attention_triton as pat
+    from quantrt.engine.forward_batch import ForwardBatch
+
+    gen = torch.Generator().manual_seed(11)
+    hkv, g, d, b, n = 4, 4, 64, 3, 300
+    pool = make_kv_pool(kv, hkv, d, b * n + 8)
+    layer = attn.PagedAttention(0, hkv * g, hkv, d, d ** -0.5, sliding_window=window)
+    lens = [n, n // 2, 7]
+    seq_slots = [torch.arange(i * n, i * n + m, device=DEV) for i, m in enumerate(lens)]
+    for s in seq_slots:
+        pool.write(0, s[:-1], torch.randn(len(s) - 1, hkv, d, generator=gen).to(DEV),
+                   torch.randn(len(s) - 1, hkv, d, generator=gen).to(DEV))
+    kv_slots = torch.zeros(b, n, dtype=torch.int64, device=DEV)
+    for i, s in enumerate(seq_slots):
+        kv_slots[i, : len(s)] = s
+
+    def batch():
+        return ForwardBatch(torch.zeros(b, dtype=torch.long, device=DEV), torch.tensor(lens, device=DEV) - 1,
+                            torch.stack([s[-1] for s in seq_slots]), [1] * b, lens, seq_slots,
+                            torch.arange(b, device=DEV), pool, True, kv_slots,
+                            kv_lens_t=torch.tensor(lens, device=DEV))
+
+    q = torch.randn(b, hkv * g, d, generator=gen).to(DEV, torch.bfloat16)
+    k, v = (torch.randn(b, hkv, d, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+    sinks = torch.randn(hkv * g, generator=gen).to(DEV) if sink else None
+    calls = []
+    orig = pat.paged_decode_attention
+    monkeypatch.setattr(pat, "paged_decode_attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    monkeypatch.setattr(attn, "_DECODE_BACKENDS", {})
+    fast = layer(q, k, v, batch(), sinks)
+    assert calls, "the Triton decode attention was not used"
+    monkeypatch.setitem(attn._DECODE_BACKENDS, CudaPlatform, None)
+    sdpa = layer(q, k, v, batch(), sinks)
+    assert rel_err(fast.float(), sdpa.float()) < 1e-2
+
+
+def _greedy(engine, prompts):
+    outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 12, "temperature": 0,
+                                                               "ignore_eos": True}, return_logprob=True)
+    return [[(tok, lp) for lp, tok, _ in o["meta_info"]["output_token_logprobs"]] for o in outs]
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("arch,kv", [("gemma3", "auto"), ("gemma3", "fp8_e4m3"), ("qwen3_moe", "auto"),
+                                     ("qwen3_moe", "fp4_e2m1")])
+def test_engine_decode_with_triton_attention_and_moe_native(tiny_models, arch, kv, monkeypatch):
+    """A bf16 engine on the GPU (sliding window + GQA for gemma3, MoE for qwen3_moe) decodes with the Triton
+    attention / MoE kernels; tokens and logprobs equal those of SDPA + the portable MoE up to the first
+    greedy tie-break (and at least 4 tokens per prompt agree)."""
+    import quantrt.layers.attention as attn
+    from quantrt.engine.engine import Engine
+    from quantrt.layers.moe.layer import FusedMoE
+
+    prompts = [[5, 17, 99, 3, 42], list(range(10, 60)), [7] * 23]
+    kw = dict(model_path=str(tiny_models[arch][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=2048,
+              page_size=4, random_seed=0)
+    monkeypatch.setattr(attn, "_DECODE_BACKENDS", {})
+    fast_engine = Engine(**kw)
+    moe = [m for m in fast_engine.model.modules() if isinstance(m, FusedMoE)]
+    assert all(m.impl == "triton_moe" for m in moe)
+    fast = _greedy(fast_engine, prompts)
+    assert attn._DECODE_BACKENDS.get(CudaPlatform) is not None
+    del fast_engine
+    monkeypatch.setattr(attn, "_DECODE_BACKENDS", {CudaPlatform: None})
+    monkeypatch.setattr(CudaPlatform, "moe_kernels_ref", None)
+    slow = _greedy(Engine(**kw), prompts)
+    for f, s in zip(fast, slow):
+        same = 0
+        for (tf, lf), (ts, ls) in zip(f, s):
+            assert abs(lf - ls) < 5e-2
+            if tf != ts:
+                break
+            same += 1
+        assert same >= 4
