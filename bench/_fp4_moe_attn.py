@@ -6,7 +6,8 @@ path without a fused kernel, one pair of GEMMs per active expert) and, for bf16,
 Paged decode attention (Llama-3.1-8B: 32 q / 8 kv heads, d 128) at 4k and 32k context, batch 1 and 8:
 the Triton kernel on bf16 / fp8 / fp4 pages vs what PagedAttention does without it (gather the slots,
 then SDPA) and vs SDPA over contiguous bf16 K/V (no paging: the flash/efficient kernel's best case).
-Times are medians of `triton.testing.do_bench` (L2 flushed between runs); GB/s = KV bytes read / time.
+Times are medians of `triton.testing.do_bench` (eager calls; the 256 MB L2 flush before each run also hides
+host launch overhead shorter than itself, ~85 us); GB/s = KV bytes read / time.
 """
 
 from __future__ import annotations
@@ -170,8 +171,44 @@ def bench_attention(ctxs=(4096, 32768), batches=(1, 8), h=32, hkv=8, d=128) -> N
 def run_all() -> None:
     import traceback
 
-    for section in (bench_moe, bench_attention):
+    for section in (bench_moe, bench_attention, sweep_fp4):
         try:
             section()
         except Exception:  # noqa: BLE001 - one section failing still prints the other
             traceback.print_exc()
+
+
+def sweep_fp4(n: int = 8192, k: int = 8192) -> None:
+    """Tile configs of the fp4 kernel at M = 1 / 4 / 16 (NVFP4 and MXFP4), to pick `fp4_triton.default_config`."""
+    from quantrt.platforms.cuda.kernels.fp4 import TritonFp4Kernel
+    from quantrt.platforms.cuda.kernels.fp4_triton import Fp4Config, fp4_matmul
+    from quantrt.quant.kernel import LinearSpec
+
+    print(f"\n## fp4 tile sweep {k}x{n} (us; bytes over the copy ceiling)")
+    cands = {1: [Fp4Config(1, 64, 512, 0, 4, 2, 4), Fp4Config(1, 128, 256, 0, 4, 2, 4), Fp4Config(1, 64, 256, 0, 4, 3, 8),
+                 Fp4Config(1, 32, 512, 0, 4, 2, 8), Fp4Config(1, 128, 512, 0, 8, 2, 4), Fp4Config(1, 64, 1024, 0, 8, 1, 4)],
+             4: [Fp4Config(16, 64, 256, 0, 4, 3, 4), Fp4Config(16, 128, 256, 0, 4, 3, 4), Fp4Config(16, 64, 512, 0, 4, 2, 4),
+                 Fp4Config(16, 64, 128, 0, 4, 4, 8)],
+             16: [Fp4Config(16, 64, 256, 0, 4, 3, 4), Fp4Config(16, 128, 256, 0, 4, 3, 4), Fp4Config(16, 64, 512, 0, 4, 2, 4),
+                  Fp4Config(16, 64, 128, 0, 4, 4, 8), Fp4Config(16, 128, 128, 0, 8, 3, 4)]}
+    for kind in ("nvfp4", "mxfp4"):
+        block = 16 if kind == "nvfp4" else 32
+        w = (_expert_weight("mxfp4", n, k) if kind == "mxfp4" else
+             MicroWeight(torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8),
+                         (torch.rand(n, k // 16, device="cuda") * 400 + 1).to(torch.float8_e4m3fn).float(), 16,
+                         torch.tensor(1e-4, device="cuda")))
+        kern = TritonFp4Kernel.prepare(LinearSpec(w, WEIGHT_ONLY, torch.bfloat16), PLATFORM)
+        nbytes = n * k // 2 + n * k // block
+        for m, cfgs in cands.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w.dequantize().t()
+            for cfg in cfgs:
+                try:
+                    y = fp4_matmul(x, kern.packed, kern.scale, block, kern.scale_kind, kern.post, cfg)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    us = _us(lambda cfg=cfg, x=x, kn=kern, b=block: fp4_matmul(x, kn.packed, kn.scale, b,
+                                                                               kn.scale_kind, kn.post, cfg))
+                    print(f"| {kind} | m={m} | {cfg} | {us:.1f}us | {100 * nbytes / (us * 1e-6) / COPY_CEILING:.0f}% "
+                          f"| err {err:.1e} |", flush=True)
+                except Exception as ex:  # noqa: BLE001
+                    print(f"| {kind} | m={m} | {cfg} | failed: {type(ex).__name__}: {ex} |", flush=True)
