@@ -50,8 +50,9 @@ def _e2m1(n):
 
 @triton.jit
 def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-             FMT: tl.constexpr, DT: tl.constexpr):
-    """[BL, D] rows of one KV head at `slots`, decoded to DT (scaled by the format's power of two)."""
+             FMT: tl.constexpr):
+    """[BL, D] rows of one KV head at `slots`: the stored dtype (plain), fp16 (fp8, times the format's power
+    of two) or fp32 (fp4); every value is exact in bf16/fp16, the caller casts."""
     s64 = slots.to(tl.int64)
     if FMT == 4:
         DH: tl.constexpr = D // 2
@@ -64,23 +65,22 @@ def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.const
         sb = tl.load(sc_ptr + s64[:, None] * NB + kvh * (D // 16) + offs_b[None, :], mask=mask_l[:, None],
                      other=127).to(tl.int32)
         sc = (sb << 23).to(tl.float32, bitcast=True) * 16384.0                    # 2**(b-127) * 2**14
-        return tl.reshape(v * sc[:, :, None], [BL, D]).to(DT)
+        return tl.reshape(v * sc[:, :, None], [BL, D])
     offs_d = tl.arange(0, D)
     x = tl.load(buf_ptr + s64[:, None] * (HKV * D) + kvh * D + offs_d[None, :], mask=mask_l[:, None], other=0)
     if FMT == 0:
-        return x.to(DT)
-    return _fp8_bits(x.to(tl.int32), FMT).to(DT)
+        return x
+    return _fp8_bits(x.to(tl.int32), FMT)
 
 
 @triton.jit
 def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale, j0, lo, hi, m_i, l_i, acc,
           HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
     """One block of BL keys: online-softmax update of (running max, running sum, P.V accumulator)."""
-    DT = q.dtype
     offs_l = j0 + tl.arange(0, BL)
     mask_l = (offs_l >= lo) & (offs_l < hi)
     slots = tl.load(slot_ptr + b * stride_sb + offs_l, mask=mask_l, other=0)
-    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT, DT)      # [BL, D]
+    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)   # [BL, D]
     if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
@@ -90,11 +90,11 @@ def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_sca
     alpha = tl.exp(m_i - m_new)
     p = tl.where(mask_l[None, :], tl.exp(s - m_new[:, None]), 0.0)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT, DT)
+    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
     return m_new, l_i, acc
 
 
@@ -220,6 +220,9 @@ def decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None = No
     if lens is None:
         lens = fb.cache["kv_lens_dev"] = torch.tensor(fb.kv_lens, dtype=torch.int32, device=q.device)
     i = layer.layer_id
+    kd = pool.k[i].shape[-1] * (2 if fmt == 4 else 1)
+    if q.dim() != 3 or q.shape[-1] != d or kd != d or pool.v[i].shape != pool.k[i].shape:
+        return None                                      # another layout (e.g. MLA latents): not this kernel
     k_sc = pool.k_sc[i] if fmt == 4 else None
     v_sc = pool.v_sc[i] if fmt == 4 else None
     o = paged_decode_attention(q, pool.k[i], pool.v[i], fb.kv_slots, lens, layer.scale, fmt, layer.window,
