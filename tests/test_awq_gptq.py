@@ -76,6 +76,28 @@ def test_gptq_per_channel_and_act_order():
     _check_kernel(qw, expect="cpu_int4_packed")
 
 
+@pytest.mark.parametrize("fmt_name", ["gptq", "awq"])
+def test_partial_last_group(fmt_name):
+    """G does not divide K (auto-round's g128 export of K=576): ceil(K/G) groups, the last one short; the
+    weight dequantizes exactly like the per-column reference, and the kernels see group gcd(G, K)."""
+    k, g = 192, 128
+    w = torch.randn(N, k)
+    wp = torch.cat([w, torch.zeros(N, 2 * g - k)], 1)                    # pad to whole groups for the RTN
+    q, s, z = _rtn(wp, 4, g, False)
+    q = q[:, :k]
+    z = z.clamp(min=1)
+    ref = (q.float() - z.float()[:, torch.arange(k) // g]) * s[:, torch.arange(k) // g]
+    if fmt_name == "gptq":
+        fmt = get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "group_size": g, "sym": False})
+        tensors = _gptq_tensors(q, s, z, 4)
+    else:
+        fmt = get_format("awq").from_config({"quant_method": "awq", "bits": 4, "group_size": g})
+        tensors = {"qweight": pack_awq(q.t().contiguous()), "qzeros": pack_awq(z.t().to(torch.uint8).contiguous()),
+                   "scales": s.t().half().contiguous()}
+    qw = fmt.make_weight("l", tensors, (N, k))
+    assert qw.group_size == 64 and torch.equal(qw.dequantize(), ref)
+
+
 def test_awq_exact_and_marlin_spelling():
     w = torch.randn(N, K)
     q, s, z = _rtn(w, 4, 128, False)
@@ -111,7 +133,11 @@ def test_bad_inputs():
     with pytest.raises(ConfigError, match="checkpoint_format 'exllama' is not one of gptq, gptq_v2, marlin"):
         get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "checkpoint_format": "exllama"})
     fmt = get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "group_size": 100})
-    with pytest.raises(CheckpointError, match="does not divide K"):
+    q, s, z = _rtn(torch.randn(N, 200), 4, 100, True)                  # 2 groups; K=256 needs ceil(256/100)=3
+    with pytest.raises(CheckpointError, match=r"qzeros has shape \(2, 8\), expected \(3, 8\); group size 100 "
+                                              r"does not divide K=256 \(a partial last group\)"):
+        fmt.make_weight("l", {**_gptq_tensors(q, s, z, 4), "qweight": torch.zeros(32, N, dtype=torch.int32)}, (N, K))
+    with pytest.raises(CheckpointError, match="l.qweight is missing"):
         fmt.make_weight("l", {}, (N, K))
     fmt = get_format("gptq").from_config({"quant_method": "gptq", "bits": 4, "group_size": 32})
     q, s, z = _rtn(torch.randn(N, K), 4, 32, True)

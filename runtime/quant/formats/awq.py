@@ -12,7 +12,7 @@ import torch
 
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.quant.format import QuantFormat, register_format
-from quantrt.quant.formats.gptq import skip_layer, symmetric_or_zero
+from quantrt.quant.formats.gptq import skip_layer, split_partial_groups, symmetric_or_zero
 from quantrt.quant.formats.packing import unpack_awq
 from quantrt.quant.weights import WEIGHT_ONLY, ActScheme, IntWeight
 
@@ -47,15 +47,17 @@ class _AwqBase(QuantFormat):
         """qweight [K, N/8] int32, qzeros [K/G, N/8], scales [K/G, N] -> IntWeight [N, K]."""
         n, k = shape
         g = k if self.group_size == -1 else self.group_size
-        if k % g or n % 8:
-            raise CheckpointError(f"{prefix}: AWQ needs G | K and 8 | N (G={g}, shape {shape})")
-        want = {"qweight": (k, n // 8), "qzeros": (k // g, n // 8), "scales": (k // g, n)}
+        if g <= 0 or n % 8:
+            raise CheckpointError(f"{prefix}: AWQ needs a positive group size and 8 | N (G={g}, shape {shape})")
+        ng = -(-k // g)                                         # a partial last group when G does not divide K
+        want = {"qweight": (k, n // 8), "qzeros": (ng, n // 8), "scales": (ng, n)}
         for name, shp in want.items():
             if tuple(tensors[name].shape) != shp:
                 raise CheckpointError(f"{prefix}.{name} has shape {tuple(tensors[name].shape)}, expected {shp}")
         codes = unpack_awq(tensors["qweight"]).t().contiguous()                  # [N, K] uint8
         zero = unpack_awq(tensors["qzeros"]).t().contiguous()                    # [N, K/G] uint8
         scale = tensors["scales"].t().to(torch.float32).contiguous()             # [N, K/G]
+        g, (scale, zero) = split_partial_groups(k, g, scale, zero)
         codes, zero_opt = symmetric_or_zero(codes, zero, 4)
         return IntWeight(codes, scale, 4, g, zero=zero_opt)
 

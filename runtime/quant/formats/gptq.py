@@ -11,6 +11,7 @@ bf16 models need no `--dtype half`): CPU bf16 uses the packed int4 op, fp32 the 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,17 @@ def symmetric_or_zero(codes: torch.Tensor, zero: torch.Tensor, bits: int) -> tup
     if bool((zero == mid).all()):
         return (codes.to(torch.int16) - mid).to(torch.int8), None
     return codes, zero
+
+
+def split_partial_groups(k: int, g: int, *cols: torch.Tensor | None) -> tuple[int, list[torch.Tensor | None]]:
+    """A partial last group (G does not divide K; auto-round and compressed-tensors then write ceil(K/G)
+    groups, the last one short) as the same dequantization with group size gcd(G, K): each [N, ceil(K/G)]
+    scale/zero column is repeated G/gcd times. Exact; a no-op when G | K. -> (group size, columns)."""
+    if k % g == 0:
+        return g, list(cols)
+    gg = math.gcd(g, k)
+    idx = torch.arange(k // gg) * gg // g                                      # fine group -> disk group
+    return gg, [None if c is None else c[:, idx].contiguous() for c in cols]
 
 
 def skip_layer(prefix: str, ignored: tuple[str, ...], lm_head: bool) -> bool:
@@ -88,13 +100,16 @@ class _GptqBase(QuantFormat):
         n, k = shape
         b = self.bits
         g = k if self.group_size == -1 else self.group_size
-        if k % g:
-            raise CheckpointError(f"{prefix}: group size {g} does not divide K={k}")
-        ng = k // g
+        if g <= 0:
+            raise CheckpointError(f"{prefix}: group size {g} must be positive or -1")
+        ng = -(-k // g)                                         # a partial last group when G does not divide K
         want = {"qweight": (-(-k * b // 32), n), "qzeros": (ng, -(-n * b // 32)), "scales": (ng, n)}
         for name, shp in want.items():
+            if name not in tensors:
+                raise CheckpointError(f"{prefix}.{name} is missing")
             if tuple(tensors[name].shape) != shp:
-                raise CheckpointError(f"{prefix}.{name} has shape {tuple(tensors[name].shape)}, expected {shp}")
+                part = f"; group size {g} does not divide K={k} (a partial last group)" if k % g else ""
+                raise CheckpointError(f"{prefix}.{name} has shape {tuple(tensors[name].shape)}, expected {shp}{part}")
         codes = unpack_lsb(tensors["qweight"], b, dim=0)[:k].t().contiguous()      # [N, K] uint8
         zero = unpack_lsb(tensors["qzeros"], b, dim=1)[:, :n].t().to(torch.int16)  # [N, G]
         if not self.v2:
@@ -108,6 +123,10 @@ class _GptqBase(QuantFormat):
                 raise CheckpointError(f"{prefix}.g_idx holds groups outside 0..{ng - 1}")
             if torch.equal(g_idx.long(), torch.arange(k) // g):
                 g_idx = None                                                         # trivial order
+            elif k % g:
+                raise CheckpointError(f"{prefix}: act-order (g_idx) with a partial last group (G={g}, K={k}) "
+                                      f"is not supported")
+        g, (scale, zero) = split_partial_groups(k, g, scale, zero)
         codes, zero_opt = symmetric_or_zero(codes, zero, b)
         return IntWeight(codes, scale, b, g, zero=zero_opt, g_idx=None if g_idx is None else g_idx.to(torch.int32))
 
