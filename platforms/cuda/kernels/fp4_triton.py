@@ -6,6 +6,7 @@ Imported lazily (needs triton). Layout made by `pack_micro_weight` (in `fp4.py`)
   post: the global scale, one fp32 constant multiplied into the fp32 accumulator.
 Decoding needs no table and no int->float convert of the code: the three e2m1 magnitude bits placed at
 fp16 bits [9, 12) and the sign at bit 15 read as fp16 exactly e2m1 * 2**-14 (subnormal 0.5 included);
+codes i and i + 4 (bits 4i and 4i + 16) are placed by the same 32-bit ops as an fp16 pair;
 e4m3 scale bytes placed the same way at bits [7, 15) read as e4m3 * 2**-8; e8m0 is (b << 23) as fp32.
 The decoded scale carries the compensating powers of two, so a dequantized weight is its true value.
 B % 8 == 0, so a packed row lies in one scale block.
@@ -47,6 +48,17 @@ def _e2m1(p, IDX: tl.constexpr):
 
 
 @triton.jit
+def _e2m1_pair(p, IDX: tl.constexpr):
+    """Codes IDX and IDX + 4 (IDX < 4) of int32 words p -> two fp32 tensors (e2m1 * 2**-14). Both codes
+    are decoded by the same 32-bit integer ops as an fp16 pair (half the instructions of two `_e2m1`)."""
+    x = p >> (4 * IDX)
+    h2 = ((x & 0x00070007) << 9) | ((x & 0x00080008) << 12)
+    lo = h2.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h2 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def _scale(s_ptr, offs, mask, SCALE_KIND: tl.constexpr):
     """Block scales as fp32 times 2**14 (cancelling `_e2m1`'s 2**-14 exactly)."""
     if SCALE_KIND == 2:
@@ -84,19 +96,27 @@ def _fp4_kernel(x_ptr, p_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, post, M, N, K, stri
         p = tl.load(p_ptr + (kj // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
         s = _scale(s_ptr, (kj // B)[:, None] * N + offs_n[None, :], mask_w, SCALE_KIND)   # [RK, BN]
         if USE_DOT:
-            for i in tl.static_range(8):
+            for i in tl.static_range(4):
+                c_lo, c_hi = _e2m1_pair(p, i)
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kj + i)[None, :],
                             mask=mask_m[:, None] & mrow[None, :], other=0.0)  # [BM, RK]
-                w = (_e2m1(p, i) * s).to(a.dtype)             # exact for e4m3 / e8m0 scales
+                b = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kj + i + 4)[None, :],
+                            mask=mask_m[:, None] & mrow[None, :], other=0.0)
+                w = (c_lo * s).to(a.dtype)                    # exact for e4m3 / e8m0 scales
+                w2 = (c_hi * s).to(a.dtype)
                 if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
                     acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+                    acc += tl.dot(b.to(tl.float32), w2.to(tl.float32))
                 else:
                     acc += tl.dot(a, w)
+                    acc += tl.dot(b, w2)
         else:
             t = tl.zeros([RK, BN], dtype=tl.float32)
-            for i in tl.static_range(8):
-                a1 = tl.load(x_ptr + kj + i, mask=mrow, other=0.0).to(tl.float32)  # [RK]
-                t += _e2m1(p, i) * a1[:, None]
+            for i in tl.static_range(4):
+                c_lo, c_hi = _e2m1_pair(p, i)
+                a1 = tl.load(x_ptr + kj + i, mask=mrow, other=0.0).to(tl.float32)      # [RK]
+                a2 = tl.load(x_ptr + kj + i + 4, mask=mrow, other=0.0).to(tl.float32)
+                t += c_lo * a1[:, None] + c_hi * a2[:, None]
             acc2 += t * s
     if USE_DOT:
         out = acc * post
@@ -161,9 +181,11 @@ def _fp4_dequant_kernel(p_ptr, s_ptr, w_ptr, post, N, K, B: tl.constexpr, SCALE_
     mask = (offs_j < K // 8)[:, None] & (offs_n < N)[None, :]
     p = tl.load(p_ptr + offs_j[:, None] * N + offs_n[None, :], mask=mask, other=0)
     s = _scale(s_ptr, (offs_j * 8 // B)[:, None] * N + offs_n[None, :], mask, SCALE_KIND) * post
-    for i in tl.static_range(8):
+    for i in tl.static_range(4):
+        c_lo, c_hi = _e2m1_pair(p, i)
         kk = offs_j * 8 + i
-        tl.store(w_ptr + kk[:, None] * N + offs_n[None, :], (_e2m1(p, i) * s).to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_ptr + kk[:, None] * N + offs_n[None, :], (c_lo * s).to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_ptr + (kk + 4)[:, None] * N + offs_n[None, :], (c_hi * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def fp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, block: int, scale_kind: int, post: float,
