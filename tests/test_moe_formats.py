@@ -4,6 +4,7 @@ and every format's MoE path against transformers on the dequantized weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,3 +385,183 @@ def test_awq_gptq_experts_run_moe_wna16_and_match_transformers(tiny_models, tmp_
     assert moe_layers(bf)[0].impl == want, moe_layers(bf)[0].kernel_choice
     check_experts_loaded(bf, ref, rel=1e-2)
     assert chosen_logprob_err(bf, hf, ref).mean() < 0.1             # bf16 compute end to end
+
+
+# -- compressed-tensors: MoE checkpoints written by llm-compressor itself (its own venv) -------------------
+_CT_IGNORE = ["lm_head", "re:.*mlp.gate$"]            # the router stays float, as llm-compressor MoE recipes do
+CT_MOE = {  # name -> (llm-compressor spec, CPU MoE kernel in fp32, weight-only?)
+    # symmetric: compressed-tensors 0.19's own MoE decompression (through transformers 5.17) fails on
+    # asymmetric experts ("Asymmetric quant requires zero-point values"); asym experts are covered by GPTQ/AWQ
+    "W4A16_g32": ({"config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True}}},
+        "ignore": _CT_IGNORE}, "cpu_moe_gather_dequant", True),
+    "W8A16_channel": ({"config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}},
+        "ignore": _CT_IGNORE}, "cpu_moe_gather_dequant", True),
+    "W8A8_int8": ({"scheme": "W8A8", "ignore": _CT_IGNORE}, "cpu_moe_int8_packed", False),
+    "FP8_DYNAMIC": ({"scheme": "FP8_DYNAMIC", "ignore": _CT_IGNORE}, "cpu_moe_gather_dequant", False),
+}
+_CT_DEQ = r"""
+import json, sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+from transformers.utils.quantization_config import CompressedTensorsConfig
+for src, out in json.loads(sys.argv[1]):
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(run_compressed=False))
+    save_file({k: v.float().contiguous() for k, v in m.state_dict().items() if v.is_floating_point()}, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def ct_moe(tiny_models):
+    """name -> (checkpoint dir, compressed-tensors' own decompression of the whole model), kept in
+    .cache/ct-moe keyed by the spec, the producer pins and the source checkpoint's bytes."""
+    import hashlib
+    from pathlib import Path
+
+    from tests.producers import PINS, _run, produce
+
+    src = tiny_models["qwen3_moe"][0]
+    digest = hashlib.sha1((src / "model.safetensors").read_bytes()).hexdigest()
+    root = Path(__file__).resolve().parents[1] / ".cache" / "ct-moe"
+    dirs = {n: root / f"{n}-{hashlib.sha1(json.dumps([spec, PINS, digest]).encode()).hexdigest()[:10]}"
+            for n, (spec, _, _) in CT_MOE.items()}
+    todo = [n for n, d in dirs.items() if not (d / ".complete").exists()]
+    if todo:
+        produce([(src, dirs[n], CT_MOE[n][0]) for n in todo])
+        _run(["-c", _CT_DEQ, json.dumps([[str(dirs[n]), str(dirs[n] / "deq.safetensors")] for n in todo])])
+        for n in todo:
+            (dirs[n] / ".complete").write_text("")
+    return {n: (d, load_file(str(d / "deq.safetensors"))) for n, d in dirs.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CT_MOE))
+def test_llm_compressor_moe_checkpoints(ct_moe, tiny_models, name):
+    """Experts equal compressed-tensors' own decompression; the selected CPU kernel equals the reference;
+    logprobs match transformers on the decompressed weights (weight-only: tightly; W8A8: plus our
+    per-token activation rounding)."""
+    path, deq = ct_moe[name]
+    cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors"
+    sd = load_file(str(path / "model.safetensors"))
+    assert any(k.startswith("model.layers.0.mlp.experts.3.up_proj.weight") and k != "model.layers.0.mlp.experts.3.up_proj.weight"
+               or k == "model.layers.0.mlp.experts.3.up_proj.weight" and sd[k].element_size() == 1 for k in sd)
+    ref = hf_layout(deq)
+    hf = type(tiny_models["qwen3_moe"][1])(tiny_models["qwen3_moe"][1].config).eval()
+    hf.load_state_dict(ref)
+    eng = Engine(model_path=str(path), max_total_tokens=512)
+    assert eng.quant_method == "compressed-tensors"
+    assert moe_layers(eng)[0].impl == CT_MOE[name][1], moe_layers(eng)[0].kernel_choice
+    check_experts_loaded(eng, ref)
+    if CT_MOE[name][2]:
+        assert max_prompt_logprob_diff(eng, hf, {}, PROMPT) < 2e-3
+    else:
+        check_w8a8_close(eng, hf, {})
+
+
+# -- GGUF MoE: a tiny Qwen3-MoE written with the `gguf` package (what llama.cpp's converter writes) ------
+def write_moe_gguf(path, hf, tok_dir, expert_types) -> None:
+    """hf: a tiny Qwen3MoeForCausalLM; experts stacked as ffn_{gate,up,down}_exps [E, N, K] in the GGML
+    types `expert_types` (gate, up, down); attention Q8_0; router, norms, embeddings F32."""
+    import gguf
+
+    c = hf.config
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == "qwen3moe")
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    tj = json.loads((tok_dir / "tokenizer.json").read_text())
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["id"] for t in tj["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if i in special else 1 for _, i in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    for hf_name, t in hf.state_dict().items():
+        data = t.detach().float().numpy()
+        if hf_name.endswith("experts.gate_up_proj"):
+            layer = hf_name.split(".")[2]
+            i = data.shape[1] // 2
+            parts = [("ffn_gate_exps", data[:, :i], expert_types[0]), ("ffn_up_exps", data[:, i:], expert_types[1])]
+        elif hf_name.endswith("experts.down_proj"):
+            layer = hf_name.split(".")[2]
+            parts = [("ffn_down_exps", data, expert_types[2])]
+        else:
+            prefix, _, suffix = hf_name.rpartition(".")
+            gname = f"{names.get_name(prefix)}.{suffix}"
+            quant = "self_attn" in hf_name and data.ndim == 2
+            qt = gguf.GGMLQuantizationType.Q8_0 if quant else gguf.GGMLQuantizationType.F32
+            w.add_tensor(gname, gguf.quants.quantize(data, qt) if quant else data, raw_dtype=qt if quant else None)
+            continue
+        for base, arr, qt in parts:
+            arr = np.ascontiguousarray(arr)
+            if qt == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(f"blk.{layer}.{base}.weight", arr)
+            else:
+                w.add_tensor(f"blk.{layer}.{base}.weight", gguf.quants.quantize(arr, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_reference(path, config):
+    """transformers on the `gguf` package's own dequantization of every tensor (experts re-fused)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantrt.loader.gguf_reader import GgufCheckpoint
+
+    ck = GgufCheckpoint(str(path))
+    sd = dict(ck.iter_tensors())
+    for k in [k for k in sd if k.endswith(".experts.gate_proj.weight")]:
+        base = k.removesuffix("gate_proj.weight")
+        sd[f"{base}gate_up_proj"] = torch.cat([sd.pop(k), sd.pop(f"{base}up_proj.weight")], dim=1)
+        sd[f"{base}down_proj"] = sd.pop(f"{base}down_proj.weight")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd)
+    return model, sd
+
+
+@pytest.mark.parametrize("types, kernel", [
+    (("Q8_0", "Q8_0", "Q8_0"), "cpu_moe_gather_dequant"),
+    (("Q4_0", "Q4_0", "Q4_0"), "cpu_moe_gather_dequant"),
+    (("Q4_0", "Q4_0", "F32"), "reference"),                     # mixed expert schemes: reference, explained
+], ids=["q8_0", "q4_0", "q4_0+f32"])
+def test_gguf_moe_matches_transformers_on_dequantized_weights(tokenizer_dir, tmp_path, types, kernel):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers_models import tiny_config
+
+    cfg = tiny_config("qwen3_moe", 384)
+    cfg.mlp_only_layers = []                    # llama.cpp's qwen3moe has routed experts in every block
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    path = tmp_path / "moe.gguf"
+    write_moe_gguf(path, hf, tokenizer_dir, [gguf.GGMLQuantizationType[t] for t in types])
+    eng = Engine(model_path=str(path), max_total_tokens=512)
+    assert eng.quant_method == "gguf"
+    moe = moe_layers(eng)
+    assert moe and {m.impl for m in moe} == {kernel}, moe[0].kernel_choice
+    ref_model, sd = gguf_reference(path, eng.config)
+    check_experts_loaded(eng, {k: v for k, v in sd.items() if ".experts." in k})
+    assert max_prompt_logprob_diff(eng, ref_model, {}, PROMPT) < 2e-3

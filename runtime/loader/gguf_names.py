@@ -7,6 +7,12 @@ Facts (FORMATS.md §2.9; llama.cpp `convert_hf_to_gguf.py`, transformers `modeli
   GGUF row `h*hd + 2*i + j` holds HF row `h*hd + j*(hd/2) + i` (hd = rows / n_heads; k uses n_kv_heads).
   qwen2, qwen3 and gemma3 are written unpermuted.
 - gemma3 files store every `*norm.weight` as `w + 1` (Gemma RMSNorm scales by `1 + w`, llama.cpp's by `w`).
+- MoE (qwen2moe, qwen3moe): the experts of a layer are three 3-D tensors `blk.N.ffn_{gate,up,down}_exps`
+  (ggml ne [K, N, E], i.e. [E, N, K] row-major, one GGML type for all experts); the router is
+  `ffn_gate_inp`, the shared expert `ffn_{gate,up,down}_shexp` and its gate `ffn_gate_inp_shexp`.
+  transformers v5 fuses the experts (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`);
+  here they are named per projection, stacked: `mlp.experts.{gate,up,down}_proj.weight` [E, N, K],
+  which FusedMoE's loader splits per expert.
 """
 
 from __future__ import annotations
@@ -19,7 +25,16 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from quantrt.errors import CheckpointError
 
 #: GGUF `general.architecture` values we load.
-SUPPORTED_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe")
+#: HF names that gguf's tensor map lacks (shared expert of qwen2moe): HF module suffix -> GGUF tensor base.
+_EXTRA_NAMES: dict[str, str] = {
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+#: GGUF metadata key (after `<arch>.`) -> HF config attribute, for MoE facts transformers does not map.
+MOE_CONFIG_KEYS: dict[str, str] = {"expert_feed_forward_length": "moe_intermediate_size",
+                                   "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+                                   "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok"}
 #: Architectures whose converter permutes the q/k rows (rotary interleave layout).
 PERMUTED_QK_ARCHS: frozenset[str] = frozenset({"llama"})
 #: Architectures whose converter stores norm weights with a +1 offset.
@@ -40,7 +55,27 @@ def hf_param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Every persistent HF tensor name of the causal-LM for `config` with its shape (built on meta)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        if name.endswith(".experts.gate_up_proj"):      # [E, 2I, H] -> gate, up [E, I, H] (GGUF keeps them apart)
+            base = name.removesuffix("gate_up_proj")
+            e, two_i, h = shape
+            shapes[f"{base}gate_proj.weight"] = shapes[f"{base}up_proj.weight"] = (e, two_i // 2, h)
+        elif name.endswith(".experts.down_proj"):
+            shapes[f"{name}.weight"] = shape
+        else:
+            shapes[name] = shape
+    return shapes
+
+
+def _gguf_base(name_map, prefix: str, n_blocks: int) -> str | None:
+    base = name_map.get_name(prefix)
+    if base is not None or not prefix.startswith("model.layers."):
+        return base
+    _, _, layer, rest = prefix.split(".", 3)
+    extra = _EXTRA_NAMES.get(rest)
+    return f"blk.{layer}.{extra}" if extra is not None and int(layer) < n_blocks else None
 
 
 def build_name_map(
@@ -63,7 +98,7 @@ def build_name_map(
         if tied and hf_name == "lm_head.weight":
             continue
         prefix, _, suffix = hf_name.rpartition(".")
-        base = name_map.get_name(prefix)
+        base = _gguf_base(name_map, prefix, n_blocks)
         gguf_name = f"{base}.{suffix}" if base is not None else None
         if gguf_name is None or gguf_name not in present:
             missing.append(f"{hf_name} (GGUF {gguf_name or 'unmapped'})")
@@ -75,6 +110,15 @@ def build_name_map(
     if unused:
         raise CheckpointError(f"GGUF file {path} has tensors the model does not use: {', '.join(unused)}")
     return hf_to_gguf
+
+
+def moe_config_fixups(config: PretrainedConfig, field, arch: str) -> None:
+    """Set the MoE sizes from `<arch>.expert_*` metadata (transformers' GGUF parser leaves some at
+    their defaults); `field(key)` reads one metadata value or None."""
+    for key, attr in MOE_CONFIG_KEYS.items():
+        v = field(f"{arch}.{key}")
+        if v is not None:
+            setattr(config, attr, int(v))
 
 
 def qk_row_order(gguf_name: str, arch: str, config: PretrainedConfig, rows: int) -> np.ndarray | None:

@@ -26,6 +26,7 @@ from quantrt.loader.gguf_names import (
     build_name_map,
     check_arch,
     hf_param_shapes,
+    moe_config_fixups,
     norm_offset,
     qk_row_order,
 )
@@ -102,6 +103,8 @@ class GgufCheckpoint:
             # decimal that rounds to the same float32, which is what the HF config said.
             if isinstance(getattr(config, "rms_norm_eps", None), float):
                 config.rms_norm_eps = float(str(np.float32(config.rms_norm_eps)))
+            if self.architecture.endswith("moe"):
+                moe_config_fixups(config, self.field, self.architecture)
             self._config = config
         return self._config
 

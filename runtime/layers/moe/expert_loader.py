@@ -5,7 +5,10 @@
   quantization format expects (`weight`, or `weight` + `weight_scale`, `qweight` + `scales` ...),
   and each expert projection becomes a canonical weight through the format;
 - fused (transformers v5): `<prefix>.experts.gate_up_proj` [E, 2I, H] (gate rows first) and
-  `<prefix>.experts.down_proj` [E, H, I], dense.
+  `<prefix>.experts.down_proj` [E, H, I], dense;
+- stacked per projection (GGUF `ffn_{gate,up,down}_exps`, named by quantrt.loader.gguf_names):
+  `<prefix>.experts.{gate|up|down}.{suffix}` with a leading expert dim [E, ...] on every tensor but
+  scalars (a GGML type id shared by all experts); split here into the per-expert path.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ class ExpertLoader:
             if tuple(t.shape) != want:
                 raise CheckpointError(f"{self.prefix}.experts.{rel} has shape {tuple(t.shape)}, expected {want}")
             self.fused[parts[0]] = t
+            return True
+        if len(parts) >= 2 and parts[0] in self.names:                     # stacked [E, ...]
+            if t.dim() and t.shape[0] != self.e:
+                raise CheckpointError(f"{self.prefix}.experts.{rel} stacks {t.shape[0]} experts; the model has {self.e}")
+            for e in range(self.e):
+                self.add(f"{e}.{rel}", t[e] if t.dim() else t, fmt)
             return True
         if len(parts) < 3 or not parts[0].isdigit() or parts[1] not in self.names:
             return False

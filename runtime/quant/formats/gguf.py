@@ -10,6 +10,7 @@ packed int4 op and the rest through the documented fallbacks (platforms/xpu/cpu_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from quantrt.loader.gguf_reader import GgufCheckpoint
     from quantrt.server_args import ServerArgs
 
+_STACKED_EXPERTS = re.compile(r"\.experts\.(gate|up|down)_proj$")  # MoE ffn_*_exps (gguf_names)
 FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 
 
@@ -89,7 +91,8 @@ def native_tensors(ck: GgufCheckpoint, model: nn.Module) -> Iterator[tuple[str, 
     linears = linear_prefixes(model)
     for hf_name in ck.tensor_names():
         prefix = hf_name.removesuffix(".weight")
-        if prefix not in linears or not hf_name.endswith(".weight"):
+        expert = _STACKED_EXPERTS.search(prefix) is not None   # [E, N, K] blocks, split per expert by FusedMoE
+        if (prefix not in linears and not expert) or not hf_name.endswith(".weight"):
             yield hf_name, ck.load_tensor(hf_name)
             continue
         data, qtype, _shape = ck.raw_tensor(hf_name)
