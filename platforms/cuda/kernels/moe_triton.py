@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode
-from quantrt.platforms.cuda.kernels.fp4_triton import _e2m1
+from quantrt.platforms.cuda.kernels.fp4_triton import _e2m1_pair
 from quantrt.platforms.cuda.kernels.fp4_triton import _scale as _fp4_scale
 
 
@@ -108,14 +108,20 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, N, 
             mw = (kj < K)[:, None] & mask_n[None, :]
             p = tl.load(w_ptr + e64 * (K // 8) * N + (kj // 8)[:, None] * N + offs_n[None, :], mask=mw, other=0)
             s = _fp4_scale(s_ptr + e64 * (K // FB) * N, (kj // FB)[:, None] * N + offs_n[None, :], mw, SCALE_KIND)
-            for i in tl.static_range(8):
-                w = (_e2m1(p, i) * s).to(dt)                               # exact for e8m0 / e4m3 scales
+            for i in tl.static_range(4):
+                c_lo, c_hi = _e2m1_pair(p, i)                              # codes i and i + 4
+                w = (c_lo * s).to(dt)                                      # exact for e8m0 / e4m3 scales
+                w2 = (c_hi * s).to(dt)
                 a = tl.load(a_ptr + arow[:, None] * stride_am + (kj + i)[None, :],
                             mask=mask_m[:, None] & (kj < K)[None, :], other=0.0)   # [BM, RK]
+                a2 = tl.load(a_ptr + arow[:, None] * stride_am + (kj + i + 4)[None, :],
+                             mask=mask_m[:, None] & (kj < K)[None, :], other=0.0)
                 if DOT_F32:
                     acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+                    acc += tl.dot(a2.to(tl.float32), w2.to(tl.float32))
                 else:
                     acc += tl.dot(a, w)
+                    acc += tl.dot(a2, w2)
         acc = acc * tl.load(z_ptr + e64 * N + offs_n, mask=mask_n, other=0.0)[None, :]   # global scales
     else:
         offs_k = tl.arange(0, BK)
