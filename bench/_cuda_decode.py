@@ -26,8 +26,26 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
 PROMPT_LEN = 8
 
 
-def write_checkpoint(out: Path, layers: int = 32, seed: int = 0) -> Path:
-    """Random bf16 Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer."""
+def gptq4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RTN GPTQ v1 4-bit, symmetric, group 128: w [N, K] fp32 (GPU) -> qweight [K/8, N] int32 (K packed
+    LSB first), qzeros [K/128, N/8] int32 (zero 8 stored as 7), scales [K/128, N] fp16, on the CPU."""
+    n, k = w.shape
+    wg = w.reshape(n, k // 128, 128)
+    s = (wg.abs().amax(-1) / 7.5).half().float()                               # [N, G]
+    q = (wg / s[..., None] + 8).round().clamp(0, 15).to(torch.int32).reshape(n, k).t().reshape(k // 8, 8, n)
+    qweight = torch.zeros(k // 8, n, dtype=torch.int32, device=w.device)
+    for j in range(8):
+        qweight |= q[:, j] << (4 * j)
+    qzeros = torch.full((k // 128, n // 8), 0x77777777, dtype=torch.int32)
+    return {"qweight": qweight.cpu(), "qzeros": qzeros, "scales": s.t().half().contiguous().cpu()}
+
+
+GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+
+
+def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = False) -> Path:
+    """Random Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer:
+    bf16, or with every decoder linear in GPTQ 4-bit g128 (the same random weights, RTN)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -43,6 +61,12 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0) -> Path:
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).cpu()
 
+    def lin(name: str, *shape: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+        if not gptq:
+            return {name + ".weight": rnd(*shape, std=std)}
+        w = (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).float()
+        return {f"{name}.{k}": t for k, t in gptq4(w).items()}
+
     weight_map: dict[str, str] = {}
     total = 0
 
@@ -57,15 +81,17 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0) -> Path:
           "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}, "model-head.safetensors")
     for n in range(layers):
         p = f"model.layers.{n}."
-        save({p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-              p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
-              p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
-              p + "mlp.down_proj.weight": rnd(h, i, std=0.01),
+        save({**lin(p + "self_attn.q_proj", h, h), **lin(p + "self_attn.k_proj", kv, h),
+              **lin(p + "self_attn.v_proj", kv, h), **lin(p + "self_attn.o_proj", h, h),
+              **lin(p + "mlp.gate_proj", i, h), **lin(p + "mlp.up_proj", i, h),
+              **lin(p + "mlp.down_proj", h, i, std=0.01),
               p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
               p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)},
              f"model-{n:05d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
+    if gptq:
+        cfg.quantization_config = GPTQ_CONFIG
     cfg.save_pretrained(out)
     tok = Tokenizer(models.WordLevel({f"t{k}": k for k in range(v)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -218,7 +244,7 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 
 
 CONFIGS = {"quantrt bf16": {}, "quantrt fp8": {"quantization": "fp8"},
-           "quantrt int4 (int4wo-128)": {"torchao_config": "int4wo-128"}}
+           "quantrt int4 (gptq g128)": {"gptq": True}}
 
 
 def print_table(rows: list[dict], bw: float) -> None:
@@ -254,7 +280,13 @@ def run_cuda(args) -> list[dict]:
             if name == "hf transformers bf16":
                 bench_hf(path, args, bw, rows, ref)
             else:
-                outs = bench_quantrt(path, name, CONFIGS[name], args, bw, rows)
+                kw = dict(CONFIGS[name])
+                src = path
+                if kw.pop("gptq", False):
+                    t0 = time.perf_counter()
+                    src = write_checkpoint(Path(args.checkpoint + "-gptq"), args.layers, gptq=True)
+                    print(f"gptq checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+                outs = bench_quantrt(src, name, kw, args, bw, rows)
                 if name == "quantrt bf16":
                     ref = outs
         except Exception:  # noqa: BLE001 - report and go on with the next configuration

@@ -51,8 +51,9 @@ class ForwardBatch:
             return None
         key = ("e", i, window)
         if key not in self.cache:
-            qpos = torch.arange(prefix, total)[:, None]
-            kpos = torch.arange(total)[None, :]
+            dev = self.input_ids.device
+            qpos = torch.arange(prefix, total, device=dev)[:, None]
+            kpos = torch.arange(total, device=dev)[None, :]
             m = kpos <= qpos
             if window is not None:
                 m &= kpos > qpos - window

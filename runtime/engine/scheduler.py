@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import torch
+
 from quantrt.engine.model_runner import ModelRunner, Work
 from quantrt.engine.page_allocator import PageAllocator
 from quantrt.engine.request import Request
@@ -122,8 +124,9 @@ class Scheduler:
         if not works:
             return []
         logits = self.runner.run(works)
+        greedy = self._greedy_tokens(works, logits)
         updated = []
-        for w, lg in zip(works, logits):
+        for i, (w, lg) in enumerate(zip(works, logits)):
             req = w.req
             req.num_computed = w.start + w.n
             if req.logprob.enabled and not req.output_ids:
@@ -135,9 +138,19 @@ class Scheduler:
             if req.params.max_new_tokens == 0:
                 self._complete(req, {"type": "length", "length": 0})
             else:
-                self._append(req, lg[-1:])
+                self._append(req, lg[-1:], greedy[i] if greedy else None)
             updated.append(req)
         return updated
+
+    @staticmethod
+    def _greedy_tokens(works: list[Work], logits: list) -> list[int] | None:
+        """One argmax and one host sync for a step whose requests all sample greedily without
+        penalties or logprobs (a decode step of B requests would otherwise sync B times)."""
+        if len(works) < 2 or not all(w.rows and w.req.params.greedy and w.req.params.repetition_penalty == 1.0
+                                     and not w.req.params.frequency_penalty and not w.req.params.presence_penalty
+                                     and not w.req.logprob.enabled for w in works):
+            return None
+        return torch.cat([lg[-1:] for lg in logits]).argmax(-1).tolist()
 
     def _input_logprobs(self, req: Request, w: Work, lg) -> None:
         rows = [r for r in w.rows if r < len(req.prompt_ids) - 1]
@@ -151,8 +164,8 @@ class Scheduler:
             req.input_logprobs.extend(chosen)
             req.input_top_logprobs.extend(tops)
 
-    def _append(self, req: Request, lg) -> None:
-        tok = sample(lg, [req])[0]
+    def _append(self, req: Request, lg, tok: int | None = None) -> None:
+        tok = sample(lg, [req])[0] if tok is None else tok
         if req.logprob.enabled:
             chosen, tops = token_logprobs(lg, [tok], req.logprob.top_n)
             req.output_logprobs.extend(chosen)
