@@ -565,3 +565,75 @@ def test_gguf_moe_matches_transformers_on_dequantized_weights(tokenizer_dir, tmp
     ref_model, sd = gguf_reference(path, eng.config)
     check_experts_loaded(eng, {k: v for k, v in sd.items() if ".experts." in k})
     assert max_prompt_logprob_diff(eng, ref_model, {}, PROMPT) < 2e-3
+
+
+# -- online methods and the sglang-jax YAML `moe:` section on a float MoE checkpoint ------------------------
+def experts_hf_layout(eng) -> dict[str, torch.Tensor]:
+    """The engine's (quantized) experts, dequantized, in transformers' layout."""
+    out = {}
+    for m in moe_layers(eng):
+        layer = m.prefix.rsplit(".", 1)[0]
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([g.dequantize(), u.dequantize()]) for g, u, _ in m.spec.experts])
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([d.dequantize() for _, _, d in m.spec.experts])
+    return out
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum()))
+
+
+@pytest.mark.parametrize("kwargs, scheme, act, kernel, min_db", [
+    ({"quantization": "fp8"}, "fp8-channel", "float8_e4m3fn-dynamic_token", "cpu_moe_gather_dequant", 25),
+    ({"quantization": "w8a8_fp8"}, "fp8-channel", "float8_e4m3fn-dynamic_token", "cpu_moe_gather_dequant", 25),
+    ({"quantization": "w8a8_int8"}, "int8-channel-sym", "int8-dynamic_token", "cpu_moe_int8_packed", 35),
+    ({"quantization_config_path": "int8_w8a8"}, "int8-channel-sym", "int8-dynamic_token", "cpu_moe_int8_packed", 35),
+    ({"quantization_config_path": "fp8"}, "fp8-channel", "a16", "cpu_moe_gather_dequant", 25),
+], ids=["fp8", "w8a8_fp8", "w8a8_int8", "yaml-int8_w8a8", "yaml-fp8"])
+def test_online_methods_quantize_the_experts(tiny_models, kwargs, scheme, act, kernel, min_db):
+    path, hf = tiny_models["qwen3_moe"]
+    eng = Engine(model_path=str(path), max_total_tokens=512, **kwargs)
+    moe = moe_layers(eng)[0]
+    assert moe.spec.schemes() == {scheme} and moe.spec.act_schemes() == {act}
+    assert moe.impl == kernel, moe.kernel_choice
+    ref = experts_hf_layout(eng)
+    orig = hf.state_dict()
+    for k, v in ref.items():
+        assert _sqnr(orig[k], v) > min_db, k
+    check_experts_loaded(eng, ref)
+    check_w8a8_close(eng, hf, ref)
+
+
+def _yaml(tmp_path, moe: str, linear: str = "model/layers/.*/self_attn/.*") -> str:
+    p = tmp_path / "rules.yaml"
+    p.write_text(f"quantization:\n  linear:\n    rules:\n      - module_path: '{linear}'\n"
+                 f"        weight_dtype: 'int8'\n        activation_dtype: null\n  moe:\n{moe}")
+    return str(p)
+
+
+def test_yaml_moe_section_governs_experts_and_linear_rules_the_rest(tiny_models, tmp_path):
+    """Experts follow `moe:` only (a linear rule matching everything does not reach them); shared experts
+    (Qwen2-MoE) are ordinary linears under the linear rules; `moe: weight_dtype: null` keeps them float."""
+    path = tiny_models["qwen2_moe"][0]
+    eng = Engine(model_path=str(path), max_total_tokens=512, quantization_config_path=_yaml(
+        tmp_path, "    weight_dtype: 'float8_e4m3fn'\n    activation_dtype: 'float8_e4m3fn'\n", linear=".*"))
+    moe = moe_layers(eng)[0]
+    assert moe.spec.schemes() == {"fp8-channel"} and moe.spec.act_schemes() == {"float8_e4m3fn-dynamic_token"}
+    assert moe.shared.gate_up_proj.is_quantized and "int8" in moe.shared.gate_up_proj.kernel_desc, \
+        moe.shared.gate_up_proj.kernel_desc
+    eng = Engine(model_path=str(path), max_total_tokens=512, quantization_config_path=_yaml(
+        tmp_path, "    weight_dtype: null\n    activation_dtype: null\n"))
+    assert moe_layers(eng)[0].impl == "grouped" and moe_layers(eng)[0].qexperts is None
+
+
+@pytest.mark.parametrize("moe, match", [
+    ("    weight_dtype: 'int8'\n    activation_dtype: 'float8_e4m3fn'\n", "moe weight torch.int8 with activations"),
+    ("    weight_dtype: null\n    activation_dtype: 'int8'\n", "moe activation_dtype torch.int8 needs a quantized"),
+    ("    weight_dtype: 'int4'\n    activation_dtype: null\n", "moe weight_dtype: unknown dtype 'int4'; choose one of"),
+])
+def test_yaml_bad_moe_sections_fail_clearly(tiny_models, tmp_path, moe, match):
+    from quantrt.errors import QuantrtError
+
+    with pytest.raises(QuantrtError, match=match):
+        Engine(model_path=str(tiny_models["qwen3_moe"][0]), max_total_tokens=256,
+               quantization_config_path=_yaml(tmp_path, moe))
