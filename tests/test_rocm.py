@@ -306,7 +306,11 @@ def test_aiter_fused_moe_matches_the_reference_moe(kind, h, i):
     got = kern.apply(x, w, ids).float()
     want = ReferenceMoEKernel.prepare(spec, CpuPlatform()).apply(x, w, ids).float()
     rel = ((got - want).norm() / want.norm()).item()
-    assert rel < (0.01 if kind == "dense" else 0.06), rel
+    assert rel < (0.01 if kind == "dense" else 0.08), rel   # independent fp8 roundings: ~5% RMS
+    if kind == "int4":  # with e4m3fn activations (gfx950's fp8) the int4 path is the reference's math exactly
+        kern.ops = EmulatedAiterOps(torch.float8_e4m3fn)
+        exact = kern.apply(x, w, ids).float()
+        assert ((exact - want).norm() / want.norm()).item() < 2e-3
     assert not AiterFusedMoEKernel.can_implement(spec, CpuPlatform())[0]
 
 
@@ -324,7 +328,6 @@ def test_aiter_layer_ops_follow_the_switch(monkeypatch):
     monkeypatch.delenv("QUANTRT_USE_AITER", raising=False)
     plat = RocmPlatform(arch="gfx942")
     assert plat.rms_norm_op() is None and plat.rotary_op() is None and plat.topk_op() is None
-    assert CpuPlatform().rms_norm_op() is None
     monkeypatch.setenv("SGLANG_USE_AITER", "1")
     with pytest.raises(PlatformError, match="no `aiter` module is installed"):
         plat.rms_norm_op()
@@ -385,3 +388,45 @@ def test_aiter_block_fp8_linear_matches_the_reference_and_the_formula():
     ok, why = AiterBlockFp8Kernel.can_implement(LinearSpec(weight, ActScheme(ActKind.DYNAMIC_TOKEN,
                                                                              torch.float8_e4m3fn), BF16), MI300)
     assert not ok and "per-token-group of 128" in why
+
+
+@pytest.fixture(scope="module")
+def moe256(tmp_path_factory, tokenizer_dir):
+    """A tiny Qwen3-MoE whose hidden and expert sizes (256) tile aiter's int4 weight shuffle."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
+
+    d = tmp_path_factory.mktemp("moe256")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
+                         max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.05,
+                         eos_token_id=2, bos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_quark_int4fp8_moe_on_emulated_mi300_runs_aiter_fused_moe(moe256):
+    """quark_int4fp8_moe end to end on the emulated MI300: experts int4-in-int32 through aiter fused_moe (fp8
+    upcast, fnuz per-token activations), linears aiter fp8. Its distance to the float model is comparable to
+    the same method's on the CPU reference path (activations quantize on fnuz's grid there, e4m3fn's here)."""
+    common = {"model_path": str(moe256), "dtype": "bfloat16", "max_total_tokens": 256}
+    mi300 = Engine(platform=MI300, quantization="quark_int4fp8_moe", **common)
+    cpu = Engine(platform=CpuPlatform(), quantization="quark_int4fp8_moe", **common)
+    flt = Engine(platform=CpuPlatform(), **common)
+    moe = mi300.model.model.layers[0].mlp
+    assert moe.impl == "aiter_fused_moe" and moe.kernel.w1.dtype == torch.int32
+    assert cpu.model.model.layers[0].mlp.impl != "aiter_fused_moe"
+    prompt = list(range(5, 29))
+    kw = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True,
+          "logprob_start_len": 0}
+
+    def lp(eng: Engine) -> torch.Tensor:
+        return torch.tensor([x for x, _, _ in eng.generate(input_ids=prompt, **kw)["meta_info"]
+                             ["input_token_logprobs"][1:]])
+
+    base = lp(flt)
+    err_mi300, err_cpu = (lp(mi300) - base).abs().mean(), (lp(cpu) - base).abs().mean()
+    assert err_mi300 < 2 * err_cpu + 0.02, (float(err_mi300), float(err_cpu))

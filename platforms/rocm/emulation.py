@@ -99,7 +99,12 @@ class EmulatedAiterLinearOps:
 
 
 class EmulatedAiterOps(EmulatedAiterLinearOps):
-    """Every AiterOps op on CPU (EMULATED): the linear ops above plus rope, routing, fused_moe, block-scale GEMM."""
+    """Every AiterOps op on CPU (EMULATED): the linear ops above plus rope, routing, fused_moe, block-scale GEMM.
+    `fp8_dtype`: aiter's `dtypes.fp8` for the emulated arch (e4m3fnuz on gfx942), the activation dtype of
+    fused_moe when the weights are not fp8 themselves (int4 upcast)."""
+
+    def __init__(self, fp8_dtype: torch.dtype = torch.float8_e4m3fnuz):
+        self.fp8_dtype = fp8_dtype
 
     def rope_cached_positions_2c_fwd_inplace(self, input_x: torch.Tensor, input_y: torch.Tensor, cos: torch.Tensor,
                                              sin: torch.Tensor, positions: torch.Tensor, rotate_style: int,
@@ -199,7 +204,7 @@ class EmulatedAiterOps(EmulatedAiterLinearOps):
         _check(a1_scale is None and a2_scale is None, "static activation scales are not emulated")
         x = hidden_states
         _check(x.dtype in (torch.bfloat16, torch.float16), f"hidden_states dtype {x.dtype}")
-        fp8 = torch.float8_e4m3fnuz if torch.float8_e4m3fnuz in (w1.dtype, w2.dtype) else torch.float8_e4m3fn
+        fp8 = w1.dtype if w1.dtype in _FP8 else self.fp8_dtype
         w1f, w2f = self._moe_weight(w1), self._moe_weight(w2)                       # [E, 2I, H], [E, H, I]
         if quant_method == 0:
             _check(w1.dtype == x.dtype and w1_scale is None, "QuantType.No takes weights in hidden's dtype")
@@ -286,7 +291,7 @@ class EmulatedRocmPlatform(AiterLayerOps, CpuPlatform):
         return torch.float8_e4m3fnuz
 
     def aiter_ops(self) -> EmulatedAiterOps:
-        return EmulatedAiterOps()
+        return EmulatedAiterOps(self.fp8_dtype())
 
     def petit_ops(self) -> EmulatedPetitOps:
         return EmulatedPetitOps()
