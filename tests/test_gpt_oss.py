@@ -343,6 +343,31 @@ def test_mxfp4_format_config_and_module_rules():
         Mxfp4Format.from_config({"modules_to_not_convert": "lm_head"})
 
 
+def _position_diffs(engine, hf, ids: list[int]) -> torch.Tensor:
+    """Per prompt position, the largest |log p| difference over the vocabulary vs hf (fp32, CPU)."""
+    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                          logprob_start_len=0, top_logprobs_num=engine.config.vocab_size)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+    rows = []
+    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
+        ours = torch.full_like(ref[pos], float("nan"))
+        for lp, tok, _ in tops:
+            ours[tok] = lp
+        rows.append((ours - ref[pos]).abs().max())
+    return torch.stack(rows)
+
+
+def test_bf16_on_cpu_is_as_close_as_transformers_bf16(gpt_oss):
+    """--dtype bfloat16: per-position differences to fp32 transformers stay at bf16's level (median measured
+    0.027; transformers bf16 vs fp32 ~0.03); at one position layer 1's 2nd and 3rd router logits are 0.0015
+    apart, below bf16 resolution, so the expert choice flips there (0.59)."""
+    path, hf = gpt_oss
+    diffs = _position_diffs(Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=512), hf, PROMPT)
+    print(f"bf16 CPU: median {diffs.median():.3f}, max {diffs.max():.3f}, >0.2: {int((diffs > 0.2).sum())}")
+    assert diffs.median() < 0.06 and int((diffs > 0.2).sum()) <= 2, diffs
+
+
 # -- on the GPU machine (-m accelerator) ---------------------------------------------------------------------
 @pytest.mark.accelerator
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -360,9 +385,12 @@ def test_cuda_bf16_engine_stays_close_to_transformers(gpt_oss, mxfp4_ckpt, which
         assert moe.impl == "grouped"
     else:
         assert moe.impl == "per_expert" and "fp4" in moe.kernel_desc.split(" ")[0], moe.kernel_desc
-    diff = max_prompt_logprob_diff(eng, hf, {}, PROMPT)
-    print(f"gpt-oss {which} on CUDA bf16: max |log p| diff {diff:.3f}")
-    assert diff < 0.25, f"max |log p| difference {diff:.3f}"
+    diffs = _position_diffs(eng, hf, PROMPT)
+    print(f"gpt-oss {which} on CUDA bf16: |log p| diff per position: median {diffs.median():.3f}, "
+          f"max {diffs.max():.3f}")
+    # bf16 alone: transformers bf16 vs fp32 gives ~0.02-0.05 per position on this model; a near-tied
+    # router choice may flip at a position or two (then ~0.5 there), as it does on CPU in bf16.
+    assert diffs.median() < 0.06 and int((diffs > 0.2).sum()) <= 2, diffs
     out = eng.generate(input_ids=PROMPT[:12], sampling_params={"max_new_tokens": 20, "temperature": 0,
                                                                "ignore_eos": True})
     assert len(out["output_ids"]) == 20
