@@ -229,3 +229,34 @@ def test_exclusion_globs():
     assert not f.is_quantized("model.layers.1.self_attn.q_proj")
     assert not f.is_quantized("language_model.lm_head")
     assert f.is_quantized("model.layers.0.mlp.up_proj") and f.is_quantized("model.layers.10.self_attn.q_proj")
+
+
+def test_nvfp4_moe_experts_on_the_reference_path(tiny_models, tmp_path):
+    """Per-expert ModelOpt NVFP4 tensors (`experts.<e>.<proj>.weight` ...) become fp4 MicroWeights equal to the
+    float64 dequantization; the router (`mlp.gate`, excluded) stays float; the model generates."""
+    src = tiny_models["qwen3_moe"][0]
+    d = tmp_path / "moe"
+    shutil.copytree(src, d)
+    sd = load_file(str(d / "model.safetensors"))
+    out, layers = {}, {}
+    for name, t in sd.items():
+        if ".experts." in name and name.endswith("proj.weight"):
+            prefix = name[: -len(".weight")]
+            layers[prefix] = _nvfp4(t)
+            out.update({f"{prefix}.{k}": v for k, v in layers[prefix].items()})
+        else:
+            out[name] = t
+    save_file(out, str(d / "model.safetensors"))
+    q = {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head", "*self_attn*", "*mlp.gate",
+                                                                     "model.layers.1.mlp.*"]}
+    (d / "hf_quant_config.json").write_text(json.dumps({"quantization": q}))
+    eng = Engine(model_path=str(d), max_total_tokens=512)
+    moe = eng.model.model.layers[0].mlp
+    for e in (0, 7):
+        for j, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+            w = moe.qexperts[e][j]
+            assert type(w).__name__ == "MicroWeight" and w.block == 16
+            want = dequant_nvfp4_f64(layers[f"model.layers.0.mlp.experts.{e}.{proj}"])
+            torch.testing.assert_close(w.dequantize(torch.float64), want, rtol=2e-7, atol=0)
+    out = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert len(out["output_ids"]) == 4
