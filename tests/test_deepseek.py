@@ -153,12 +153,12 @@ class _FakeFp8LatentCache:
     """A transformers DynamicCache whose stored latents (kv_nope, k_rot) are rounded through an fp8 dtype:
     transformers' own MLA with exactly what our latent cache holds."""
 
-    def __new__(cls, config, dtype: torch.dtype):
+    def __new__(cls, config, dtype: torch.dtype, scale: float = 1.0):
         from transformers import DynamicCache
 
         class Cache(DynamicCache):
             def update(self, k, v, layer_idx, *args, **kwargs):
-                q = lambda x: x.to(dtype).to(x.dtype)  # noqa: E731
+                q = lambda x: ((x.double() / scale).to(dtype).double() * scale).to(x.dtype)  # noqa: E731
                 return super().update(q(k), q(v), layer_idx, *args, **kwargs)
 
         return Cache(config=config)
@@ -190,6 +190,33 @@ def test_fp8_latent_cache_matches_transformers_with_fp8_rounded_latents(kv, fp8,
         assert abs(lp - float(ref[len(PROMPT) - 1 + j, tok])) < 1e-4, j
     # the rounding itself matters on this sharp tiny model: far from the unrounded logprobs
     assert float((_hf_logprobs(hf, PROMPT) - ref[: len(PROMPT)]).abs().max()) > 1e-2
+
+
+def test_checkpoint_kv_scale_scales_the_fp8_latent(models, tmp_path):
+    """A per-layer k_scale (`self_attn.attn.k_scale`, `self_attn.k_scale` ...) divides the latent row
+    before the fp8 cast and multiplies it back on read: transformers with latents rounded as
+    fp8(x / s) * s gives the same logprobs. A v_scale is accepted (MLA has no V to scale)."""
+    d = tmp_path / "scaled"
+    shutil.copytree(models["v2_lite"][0], d)
+    sd = load_file(str(d / "model.safetensors"))
+    for i in range(3):
+        sd[f"model.layers.{i}.self_attn.{'attn.' if i % 2 else ''}k_scale"] = torch.tensor(0.004)
+        sd[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(-1.0)
+    save_file(sd, str(d / "model.safetensors"))
+    eng = Engine(model_path=str(d), max_total_tokens=1024, kv_cache_dtype="fp8_e4m3")
+    k_scale = float(torch.tensor(0.004))                                  # the stored fp32 value
+    assert [m.attn.k_scale for m in eng.model.modules() if isinstance(m, MLAttention)] == [k_scale] * 3
+    out = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                       logprob_start_len=0)
+    hf = models["v2_lite"][1]
+    with torch.no_grad():
+        for s, tol in ((k_scale, 1e-4), (1.0, None)):
+            cache = _FakeFp8LatentCache(hf.config, torch.float8_e4m3fn, s)
+            ref = torch.log_softmax(hf(torch.tensor([PROMPT]), past_key_values=cache, use_cache=True)
+                                    .logits[0].double(), -1)
+            err = max(abs(lp - float(ref[i, PROMPT[i + 1]]))
+                      for i, (lp, _, _) in enumerate(out["meta_info"]["input_token_logprobs"][1:]))
+            assert err < tol if tol else err > 1e-3, (s, err)   # the scale changes what the cache holds
 
 
 def test_fp4_latent_cache_runs_and_needs_a_latent_width_divisible_by_16(models, tokenizer_dir, tmp_path):
