@@ -260,3 +260,18 @@ def test_nvfp4_moe_experts_on_the_reference_path(tiny_models, tmp_path):
             torch.testing.assert_close(w.dequantize(torch.float64), want, rtol=2e-7, atol=0)
     out = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 4, "temperature": 0})
     assert len(out["output_ids"]) == 4
+
+
+def test_missing_petit_declines_with_the_install_hint():
+    """On ROCm without petit_kernel the Petit kernel declines and says what to install (reference runs)."""
+    import importlib.util
+
+    from quantrt.platforms.rocm.petit import PetitNvfp4Kernel
+    from quantrt.platforms.rocm.platform import RocmPlatform
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import WEIGHT_ONLY, MicroWeight
+
+    assert importlib.util.find_spec("petit_kernel") is None  # the CI venv has no Petit (nor ROCm)
+    w = MicroWeight(torch.zeros(32, 64, dtype=torch.uint8), torch.ones(32, 4), 16, torch.tensor(1.0))
+    ok, why = PetitNvfp4Kernel.can_implement(LinearSpec(w, WEIGHT_ONLY, torch.bfloat16), RocmPlatform(arch="gfx942"))
+    assert not ok and "no `petit_kernel` module is installed; install petit-kernel" in why

@@ -50,7 +50,8 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
         return self._aiter
 
     def petit_ops(self) -> Any:
-        """petit_kernel (NVFP4 W4A16 for petit_nvfp4); absent = PlatformError naming what to install."""
+        """petit_kernel (NVFP4 W4A16 for petit_nvfp4); absent = PlatformError naming what to install, which the
+        Petit kernel turns into its decline reason (the reference kernel then runs, with a warning)."""
         if self._petit is None:
             from quantrt.platforms.rocm.petit import load_petit
 
@@ -60,8 +61,6 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
     def check_config(self, args: Any) -> None:
         super().check_config(args)
         self.aiter_ops()  # fail at start-up, not at the first layer, when aiter is asked for but absent
-        if getattr(args, "quantization", None) == "petit_nvfp4":
-            self.petit_ops()
 
     def arch(self) -> str:
         """The gfx architecture without feature suffixes (MI300 = gfx942, MI350 = gfx950)."""
