@@ -113,6 +113,8 @@ def test_mla_layers_cache_latents_and_use_the_yarn_mscale(models, engines):
     c = models["v3"][1].config
     attn = [m for m in engines["v3"].model.modules() if isinstance(m, MLAttention)]
     assert len(attn) == 3 and all(m.w_uk.shape == (4, 16, 32) and m.w_uv.shape == (4, 32, 24) for m in attn)
+    params = {id(p) for p in engines["v3"].model.parameters()}  # counted by the KV capacity accounting
+    assert all(id(m.w_uk) in params and id(m.w_uv) in params for m in attn)
     m = 0.1 * 1.0 * torch.log(torch.tensor(4.0)).item() + 1.0
     assert mla_softmax_scale(c) == pytest.approx(32 ** -0.5 * m * m)
     assert attn[0].attn.scale == pytest.approx(models["v3"][1].model.layers[0].self_attn.scaling)

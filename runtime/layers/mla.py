@@ -134,8 +134,8 @@ class MLAttention(nn.Module):
         self.attn = MLAPagedAttention(i, self.h, self.r, self.p, mla_softmax_scale(c))
         self.interleave = bool(getattr(c, "rope_interleave", True))
         self.rotary = rotary
-        self.w_uk: torch.Tensor | None = None   # [H, Dn, R]  q_nope -> latent
-        self.w_uv: torch.Tensor | None = None   # [H, R, Dv]  latent -> v
+        self.w_uk: nn.Parameter | None = None   # [H, Dn, R]  q_nope -> latent (set after loading)
+        self.w_uv: nn.Parameter | None = None   # [H, R, Dv]  latent -> v
 
     def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
         """Split kv_b_proj into the absorbed W_UK / W_UV. The weight comes out of the loaded layer itself
@@ -143,8 +143,9 @@ class MLAttention(nn.Module):
         with torch.inference_mode():
             wt = self.kv_b_proj(torch.eye(self.r, dtype=dtype, device=device))    # [R, H*(Dn+Dv)] = W^T
         wt = wt.view(self.r, self.h, self.dn + self.dv)
-        self.w_uk = wt[..., : self.dn].permute(1, 2, 0).contiguous()              # [H, Dn, R]
-        self.w_uv = wt[..., self.dn:].transpose(0, 1).contiguous()                # [H, R, Dv]
+        # parameters (created after loading), so the engine's weight accounting sees their memory
+        self.w_uk = nn.Parameter(wt[..., : self.dn].permute(1, 2, 0).contiguous(), requires_grad=False)  # [H, Dn, R]
+        self.w_uv = nn.Parameter(wt[..., self.dn:].transpose(0, 1).contiguous(), requires_grad=False)    # [H, R, Dv]
 
     def _rope(self, fb: ForwardBatch, q_pe: torch.Tensor, k_pe: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
