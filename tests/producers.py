@@ -1,4 +1,5 @@
-"""llm-compressor as a producer of compressed-tensors checkpoints, in its own virtualenv.
+"""Producer libraries in their own virtualenvs: llm-compressor (compressed-tensors checkpoints) and
+auto-round (auto_round / auto_gptq / auto_awq / llm_compressor / GGUF exports).
 
 llmcompressor 0.14.0.1 pins transformers <= 5.17 and compressed-tensors 0.19 (reference/CPU.md), so it
 cannot share the test venv. `llmc_python()` builds `.cache/venvs/llmc` once (torch 2.13 CPU first, or pip
@@ -123,3 +124,66 @@ def decompress(jobs: list[tuple[Path, Path]]) -> None:
     """compressed-tensors' own decompression (through transformers in the producer venv): for each
     (checkpoint, out), every `*proj.weight` as fp32 in one safetensors file `out`."""
     _run(["-c", _DECOMPRESS, json.dumps([[str(a), str(b)] for a, b in jobs])])
+
+
+# ---- auto-round ---------------------------------------------------------------------------------
+AR_VENV = REPO / ".cache" / "venvs" / "autoround"
+# torch first (else pip resolves a CUDA torch); compressed-tensors for its llm_compressor export, gguf +
+# sentencepiece for its GGUF export (llama.cpp's converter, bundled with auto-round, imports both)
+AR_PINS = ("torch==2.13.0", "auto-round==0.16.1", "compressed-tensors==0.19.0", "loguru==0.7.3", "gguf==0.19.0",
+           "sentencepiece==0.2.3")
+
+_AR_PRODUCE = r"""
+import json, sys, torch
+from auto_round import AutoRound
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save_file
+for src, dst, spec in json.loads(sys.argv[1]):
+    if spec["format"].startswith("gguf"):
+        # the converter picks a pre-tokenizer by hashing the tokenizer's output and refuses unknown ones
+        # (our tiny test tokenizer); the weights do not depend on it
+        from auto_round.export.export_to_gguf.llama_cpp_conversion import get_conversion
+        get_conversion(src).module.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    kw = {k: spec[k] for k in ("bits", "group_size", "sym", "layer_config", "to_quant_block_names") if k in spec}
+    ar = AutoRound(model, tok, iters=0, disable_opt_rtn=True, nsamples=2, seqlen=8,
+                   dataset=["the quick brown fox jumps over the lazy dog"] * 4, **kw)
+    ar.quantize_and_save(dst, format=spec["format"], inplace=False)
+    # auto-round's own dequantized (fake-quantized) weights, what its packers wrote (GGUF export frees them)
+    qdq = {n + ".weight": m.weight.detach().float().contiguous() for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and hasattr(m, "scale") and m.weight is not None}
+    if qdq:
+        save_file(qdq, dst + "/qdq.safetensors")
+"""
+
+
+def autoround_python() -> Path:
+    """The auto-round venv's python, built once (minutes) and reused; pins added later are installed
+    into an existing venv (the marker records what is in)."""
+    py = AR_VENV / "bin" / "python"
+    marker = AR_VENV / ".complete"
+    have = marker.read_text().split() if marker.exists() else []
+    if all(p in have for p in AR_PINS):
+        return py
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(AR_VENV)], check=True)
+    for pin in AR_PINS:
+        if pin not in have:
+            subprocess.run([str(py), "-m", "pip", "install", "-q", pin], check=True)
+    marker.write_text(" ".join(AR_PINS))
+    return py
+
+
+def autoround_produce(jobs: list[tuple[Path, Path, dict]], timeout: int = 900) -> None:
+    """auto-round RTN (iters=0) exports, all in one subprocess. Each job: (src, dst, spec) with spec the
+    AutoRound arguments (bits, group_size, sym, layer_config, to_quant_block_names) and "format" (its
+    export format string). dst/qdq.safetensors gets auto-round's fake-quantized weights when it keeps them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               AUTO_ROUND_GGUF_AUTO_UPDATE="0")
+    r = subprocess.run([str(autoround_python()), "-c", _AR_PRODUCE,
+                        json.dumps([[str(a), str(b), spec] for a, b, spec in jobs])],
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"auto-round producer failed:\n{r.stderr[-4000:]}")

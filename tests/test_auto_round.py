@@ -1,13 +1,15 @@
-"""auto-round checkpoints produced by auto-round itself (RTN, iters=0, in its own venv) load through the
-Engine bit-exactly: our dequantized weights equal auto-round's own fake-quantized weights, and our
-logits match transformers running those weights. Plus the config rules (extra_config, block names)."""
+"""auto-round checkpoints produced by auto-round itself (RTN, iters=0, in its own venv, tests/producers.py)
+load through the Engine bit-exactly: our dequantized weights equal auto-round's own fake-quantized weights,
+and our logits match transformers running those weights. Covered exports: auto_round (auto_gptq packing,
+and v2 zeros when asymmetric), auto_gptq, auto_awq, llm_compressor (compressed-tensors pack-quantized) at
+W2/W3/W4/W8, and GGUF (q4_0, q4_k_s; compared with transformers' own GGUF loading, which dequantizes
+with llama.cpp's gguf-py). Plus the config rules (extra_config, block names)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,44 +21,9 @@ from quantrt.errors import ConfigError, NotSupportedYet
 from quantrt.layers.linear import QuantLinear
 from quantrt.quant.format import get_format
 from tests.helpers_models import max_prompt_logprob_diff
+from tests.producers import AR_PINS, REPO, autoround_produce
 
-REPO = Path(__file__).resolve().parents[1]
-VENV = REPO / ".cache" / "venvs" / "autoround"
-PINS = ("torch==2.13.0", "auto-round==0.16.1")  # torch first: else pip resolves a CUDA torch
-
-_PRODUCE = r'''
-import json, sys, torch
-from auto_round import AutoRound
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from safetensors.torch import save_file
-for src, dst, spec in json.loads(sys.argv[1]):
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src)
-    kw = {k: spec[k] for k in ("bits", "group_size", "sym", "layer_config", "to_quant_block_names") if k in spec}
-    ar = AutoRound(model, tok, iters=0, disable_opt_rtn=True, nsamples=2, seqlen=8,
-                   dataset=["the quick brown fox jumps over the lazy dog"] * 4, **kw)
-    ar.quantize_and_save(dst, format=spec["format"], inplace=False)
-    # auto-round's own dequantized (fake-quantized) weights, what its packers wrote
-    save_file({n + ".weight": m.weight.detach().float().contiguous() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and hasattr(m, "scale")}, dst + "/qdq.safetensors")
-'''
-
-
-def autoround_python() -> Path:
-    """The producer venv's python, built once (minutes) and reused from `.cache/venvs/autoround`."""
-    py = VENV / "bin" / "python"
-    marker = VENV / ".complete"
-    if marker.exists():
-        return py
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    for pin in PINS:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", pin], check=True)
-    marker.write_text(" ".join(PINS))
-    return py
-
-
-# name -> (AutoRound arguments, export format, sub-directory auto-round writes under dst or "")
+# name -> AutoRound arguments and export format ("src": "wide" = the 256-wide llama, for GGUF K-quants)
 JOBS: dict[str, dict] = {
     "w4_sym": {"bits": 4, "group_size": 32, "sym": True, "format": "auto_round,auto_gptq,auto_awq"},
     "w3_asym": {"bits": 3, "group_size": 32, "sym": False, "format": "auto_round"},
@@ -66,21 +33,55 @@ JOBS: dict[str, dict] = {
                                   "model.layers.0.self_attn.o_proj": {"bits": 16}}},
     "w8_block0": {"bits": 8, "group_size": 64, "sym": True, "format": "auto_round",
                   "to_quant_block_names": "model.layers.0"},
+    # auto_gptq export at every other width
+    "w2_gptq": {"bits": 2, "group_size": 32, "sym": True, "format": "auto_gptq"},
+    "w3_gptq": {"bits": 3, "group_size": 32, "sym": True, "format": "auto_gptq"},
+    "w8_gptq": {"bits": 8, "group_size": -1, "sym": True, "format": "auto_gptq"},
+    # llm_compressor export: a compressed-tensors pack-quantized checkpoint
+    "w4_llmc": {"bits": 4, "group_size": 32, "sym": True, "format": "llm_compressor"},
+    "w3_llmc_asym": {"bits": 3, "group_size": 32, "sym": False, "format": "llm_compressor"},
+    "w2_llmc": {"bits": 2, "group_size": 32, "sym": True, "format": "llm_compressor"},
+    "w8_llmc": {"bits": 8, "group_size": -1, "sym": True, "format": "llm_compressor"},
+    # GGUF (llama.cpp's converter bundled with auto-round); K-quants need K >= 256
+    "gguf_q4_0": {"format": "gguf:q4_0", "src": "wide"},
+    "gguf_q4_k_s": {"format": "gguf:q4_k_s", "src": "wide"},
 }
 
 
+def _wide_llama(out: Path, tokenizer_dir: Path):
+    """A one-layer llama with hidden 256 / intermediate 512 (GGUF K-quant blocks are 256 wide)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model
+
+
 @pytest.fixture(scope="module")
-def produced(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    """Run auto-round once over every job; name -> output root (checkpoints in sub-directories)."""
-    src = tiny_models["llama"][0]
-    root = tmp_path_factory.mktemp("autoround")
-    jobs = [[str(src), str(root / name), spec] for name, spec in JOBS.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([str(autoround_python()), "-c", _PRODUCE, json.dumps(jobs)], capture_output=True, text=True,
-                       env=env, timeout=900)
-    if r.returncode:
-        raise RuntimeError(f"auto-round producer failed:\n{r.stderr[-4000:]}")
+def produced(tiny_models, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """Run auto-round once over every job; name -> output root (checkpoints in sub-directories).
+    Kept in .cache/autoround-tests/<key>, the key hashing the jobs, the producer pins and the source
+    weights, so a later session with the same inputs skips the (minutes-long) producer run."""
+    srcs = {"llama": tiny_models["llama"][0], "wide": tmp_path_factory.mktemp("wide_llama")}
+    _wide_llama(srcs["wide"], tokenizer_dir)
+    h = hashlib.sha1(json.dumps([JOBS, AR_PINS]).encode())
+    for d in srcs.values():
+        h.update((d / "model.safetensors").read_bytes())
+    root = REPO / ".cache" / "autoround-tests" / h.hexdigest()[:12]
+    if not (root / ".complete").exists():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        autoround_produce([(srcs[spec.get("src", "llama")], tmp / name, {k: v for k, v in spec.items() if k != "src"})
+                           for name, spec in JOBS.items()])
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
     return {name: root / name for name in JOBS}
 
 
@@ -101,6 +102,13 @@ CASES = [  # (job, format sub-directory, method quantrt detects, packing_format 
     ("w4_asym_awq", None, "awq", None),
     ("w2_mixed", None, "auto-round", "auto_round:auto_gptq"),
     ("w8_block0", None, "auto-round", "auto_round:auto_gptq"),
+    ("w2_gptq", None, "gptq", None),
+    ("w3_gptq", None, "gptq", None),
+    ("w8_gptq", None, "gptq", None),
+    ("w4_llmc", None, "compressed-tensors", None),
+    ("w3_llmc_asym", None, "compressed-tensors", None),
+    ("w2_llmc", None, "compressed-tensors", None),
+    ("w8_llmc", None, "compressed-tensors", None),
 ]
 
 
@@ -136,6 +144,27 @@ def test_autoround_checkpoint_matches_autoround(produced, tiny_models, job, sub,
     assert worst < 1e-3, worst
 
 
+@pytest.mark.parametrize("job,types", [("gguf_q4_0", {"Q4_0"}), ("gguf_q4_k_s", {"Q4_K"})])
+def test_autoround_gguf_export_matches_transformers_gguf(produced, job, types):
+    """auto-round's GGUF export through our GGUF path: every linear equals the weight transformers loads
+    from the same file (llama.cpp's dequantization, Q/K rows un-permuted), and the logits match."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    (path,) = produced[job].rglob("*.gguf")
+    written = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.")}
+    assert types <= written, written
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ref = hf.state_dict()
+    eng = Engine(model_path=str(path), max_total_tokens=1024, dtype="float32")
+    assert eng.quant_method == "gguf"
+    ours = _shard_weights(eng)
+    assert len(ours) == 8 and "lm_head" in ours, sorted(ours)                  # 7 linears + output (Q8_0)
+    for p, w in ours.items():
+        assert torch.equal(w, ref[f"{p}.weight"]), p                              # bit-exact
+    assert max_prompt_logprob_diff(eng, hf, {}, list(range(5, 37))) < 1e-3
+
+
 def test_extra_config_and_block_names_route_layers():
     fmt = get_format("auto-round").from_config({
         "quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": True,
@@ -158,7 +187,9 @@ def test_extra_config_and_block_names_route_layers():
     ({"bits": 5, "group_size": 32}, ConfigError, "bits=5 in the checkpoint is not supported"),
     ({"bits": 4, "extra_config": {"a": {"bits": 6}}}, ConfigError, r"bits=6 in extra_config\['a'\]"),
     ({"bits": 2, "packing_format": "auto_round:auto_awq"}, ConfigError, "4-bit only"),
-    ({"bits": 4, "packing_format": "auto_round:llm_compressor"}, NotSupportedYet, "packing_format"),
+    ({"bits": 4, "packing_format": "auto_round:llm_compressor"}, NotSupportedYet,
+     "NVFP4/MXFP floating-point packing.*integer llm_compressor export is a compressed-tensors checkpoint"),
+    ({"bits": 4, "packing_format": "auto_round:marlin"}, NotSupportedYet, "packing_format 'auto_round:marlin'"),
     ({"bits": 4, "act_bits": 8}, NotSupportedYet, "act_bits=8"),
     ({"bits": 4, "data_type": "nv_fp"}, NotSupportedYet, "data_type 'nv_fp'"),
     ({"bits": 4, "backend": "exllama"}, ConfigError, "backend 'exllama'"),

@@ -9,7 +9,12 @@ format with that layer's (bits, group_size, sym).
 | `auto_round` (asymmetric export)       | GPTQ layout            | raw z, no offset (= GPTQ v2)       |
 | `auto_round:auto_awq` (`...:awq`)      | AWQ GEMM layout        | raw z (AWQ), 4-bit only            |
 Plain `quant_method: gptq` / `awq` configs that auto-round exports (`provider: "auto-round"`) are
-ordinary GPTQ v1 / AWQ checkpoints and load through those formats.
+ordinary GPTQ v1 / AWQ checkpoints and load through those formats. Its other exports are not this
+format either: `format="llm_compressor"` (W2..W8 A16) writes a `compressed-tensors` pack-quantized
+checkpoint (symmetric scales may be negative: auto-round divides by the signed largest value), and
+`format="gguf:q4_0"` / `"gguf:q4_k_s"` … write GGUF files; both load through those formats (tested
+against auto-round's own exports in tests/test_auto_round.py). `packing_format: auto_round:llm_compressor`
+inside an auto-round config is its NVFP4/MXFP (floating-point data_type) packing: not built yet.
 
 Per-layer config (SGLang `get_layer_config`): an exact `extra_config` name, else the first
 `extra_config` key that matches as a regex (`re.search`), overrides bits/group_size/sym; a layer outside
@@ -79,6 +84,10 @@ class AutoRoundFormat(QuantFormat):
             raise NotSupportedYet(f"auto-round act_bits={act_bits} (quantized activations) is not supported "
                                   f"yet; W2/W3/W4/W8 A16 checkpoints are")
         packing = str(qcfg.get("packing_format", "auto_round:auto_gptq")).lower()
+        if packing not in PACKINGS and "llm_compressor" in packing:
+            raise NotSupportedYet(f"auto-round packing_format {packing!r} (its NVFP4/MXFP floating-point packing) is "
+                                  f"not supported yet; auto-round's integer llm_compressor export is a "
+                                  f"compressed-tensors checkpoint, which loads")
         if packing not in PACKINGS:
             raise NotSupportedYet(f"auto-round packing_format {packing!r} is not supported; supported: "
                                   f"{', '.join(PACKINGS)}")

@@ -25,6 +25,7 @@ from quantrt.errors import CheckpointError, ConfigError, NotSupportedYet
 from quantrt.quant.format import QuantFormat, register_format
 from quantrt.quant.formats.ct_config import BUILT_FORMATS, CtConfig, CtScheme
 from quantrt.quant.formats.fp8 import _check_scale
+from quantrt.quant.formats.gptq import split_partial_groups
 from quantrt.quant.weights import (
     WEIGHT_ONLY,
     ActKind,
@@ -175,10 +176,12 @@ class CompressedTensorsFormat(QuantFormat):
         if [int(v) for v in ws] != [n, k]:
             raise CheckpointError(f"{prefix}.weight_shape is {ws}, expected {[n, k]}")
         gs = k if s.weights.strategy == "channel" else (s.weights.group_size or k)
-        if k % gs:
-            raise CheckpointError(f"{prefix}: group size {gs} does not divide K={k}")
-        g = k // gs
-        scale = _check_scale(prefix, "weight_scale", t["weight_scale"], (n, g))
+        g = -(-k // gs)                                         # a partial last group when gs does not divide K
+        # integer weights may have negative scales: auto-round's symmetric quantizer divides by the signed
+        # largest-magnitude value (its llm_compressor export writes them); w = (q - z) * s holds either way
+        raw = t["weight_scale"]
+        mag = _check_scale(prefix, "weight_scale", raw.abs(), (n, g))
+        scale = torch.where(raw.reshape(n, g) < 0, -mag, mag)
         codes = unpack_int32(packed, b, k)                                    # [N, K] uint8, zero 2^(b-1)
         if s.weights.symmetric:
             zero = torch.full((n, g), 1 << (b - 1), dtype=torch.int32)
@@ -195,6 +198,10 @@ class CompressedTensorsFormat(QuantFormat):
                 raise CheckpointError(f"{prefix}.weight_g_idx must be [K]={k} group indices in [0, {g})")
             if torch.equal(g_idx, torch.arange(k) // gs):
                 g_idx = None  # trivial act-order: plain groups
+            elif k % gs:
+                raise CheckpointError(f"{prefix}: act-order (weight_g_idx) with a partial last group (G={gs}, K={k}) "
+                                      f"is not supported")
+        gs, (scale, zero) = split_partial_groups(k, gs, scale, zero)
         return IntWeight(codes, scale, bits=b, group_size=gs, zero=zero, g_idx=g_idx)
 
     def _nvfp4(self, prefix: str, t: dict[str, torch.Tensor], shape: tuple[int, int]) -> MicroWeight:
