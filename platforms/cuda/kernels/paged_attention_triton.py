@@ -68,9 +68,9 @@ def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.const
         return tl.reshape(v * sc[:, :, None], [BL, D])
     offs_d = tl.arange(0, D)
     x = tl.load(buf_ptr + s64[:, None] * (HKV * D) + kvh * D + offs_d[None, :], mask=mask_l[:, None], other=0)
-    if FMT == 0:
-        return x
-    return _fp8_bits(x.to(tl.int32), FMT)
+    if FMT == 0:  # native Triton compiles every return of a static-if chain: one type (fp32, exact) for all
+        return x.to(tl.float32)
+    return _fp8_bits(x.to(tl.int32), FMT).to(tl.float32)
 
 
 @triton.jit
