@@ -430,3 +430,54 @@ def test_quark_int4fp8_moe_on_emulated_mi300_runs_aiter_fused_moe(moe256):
     base = lp(flt)
     err_mi300, err_cpu = (lp(mi300) - base).abs().mean(), (lp(cpu) - base).abs().mean()
     assert err_mi300 < 2 * err_cpu + 0.02, (float(err_mi300), float(err_cpu))
+
+
+@pytest.mark.parametrize("kind", ["fp8_channel_dynamic", "fp8_tensor_static", "int8"])
+def test_rocm_triton_w8a8_uses_fnuz_on_mi300(kind, monkeypatch):
+    """Without aiter, the shared Triton W8A8 kernel serves ROCm: e4m3fn weights become e4m3fnuz (scales x2,
+    static input scale x2; the weight's values are unchanged). Triton's interpreter has no fnuz type, so the
+    fp8 GEMM itself only runs on AMD hardware; int8 runs here and matches the reference kernel."""
+    from quantrt.platforms.rocm.kernels import RocmTritonW8A8Kernel
+
+    monkeypatch.delenv("SGLANG_USE_AITER", raising=False)
+    monkeypatch.delenv("QUANTRT_USE_AITER", raising=False)
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * 0.05
+    if kind == "int8":
+        s = w.abs().amax(1, keepdim=True) / 127
+        spec = LinearSpec(IntWeight((w / s).round().to(torch.int8), s, 8, 64),
+                          ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), BF16)
+    elif kind == "fp8_tensor_static":
+        spec = LinearSpec(quantize_fp8(w, ScaleGranularity.TENSOR),
+                          ActScheme(ActKind.STATIC_TENSOR, torch.float8_e4m3fn, scale=torch.tensor(3.0 / 448)), BF16)
+    else:
+        spec = LinearSpec(quantize_fp8(w, ScaleGranularity.CHANNEL),
+                          ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn), BF16)
+    gfx942 = RocmPlatform(arch="gfx942")
+    monkeypatch.setattr(gfx942, "device", lambda index=0: torch.device("cpu"))
+    assert select_linear_kernel(spec, gfx942).kernel is RocmTritonW8A8Kernel
+    k = RocmTritonW8A8Kernel.prepare(spec, gfx942)
+    if kind == "int8":
+        assert k.data.dtype == torch.int8
+        x = (torch.randn(5, 64) * 0.8).to(BF16)
+        got, want = k.apply(x, None).float(), ReferenceLinearKernel(spec).apply(x, None).float()
+        assert ((got - want).abs().max() / want.abs().max()) < 1e-2
+        return
+    assert k.data.dtype == torch.float8_e4m3fnuz and k.qmax == 240.0
+    scale = k.w_scale.reshape(-1, 1) if k.w_scale.numel() > 1 else k.w_scale.reshape(())
+    torch.testing.assert_close(k.data.float() * scale, spec.weight.dequantize(), rtol=0, atol=0)
+    if kind == "fp8_tensor_static":
+        assert float(k.act_scale) == pytest.approx(2 * 3.0 / 448)
+
+
+def test_rocm_triton_wna16_never_takes_the_ptx_path():
+    from quantrt.platforms.rocm.kernels import RocmTritonWNA16Kernel
+
+    torch.manual_seed(0)
+    wt = IntWeight(torch.randint(-8, 8, (64, 256), dtype=torch.int8), torch.rand(64, 2) * 0.02 + 1e-3, 4, 128)
+    spec = LinearSpec(wt, ActScheme(), BF16)
+    k = RocmTritonWNA16Kernel.prepare(spec, MI300)
+    assert not k._tc_ok(8, 256)   # the CUDA kernel would use its inline-PTX tensor-core path here
+    x = torch.randn(8, 256).to(BF16)
+    got, want = k.apply(x, None).float(), ReferenceLinearKernel(spec).apply(x, None).float()
+    assert ((got - want).abs().max() / want.abs().max()) < 1e-2
