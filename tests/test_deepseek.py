@@ -139,6 +139,15 @@ def test_greedy_batch_of_different_lengths_with_prefix_reuse(models, engines):
         assert len(ids) >= 1 and ids == ref[: len(ids)]
 
 
+def test_chunked_prefill_over_cached_latents_gives_the_same_tokens(models, engines):
+    """Chunks of 7 tokens attend to the latents of earlier chunks (decompressed with a prefix mask)."""
+    small = Engine(model_path=str(models["v2_grouped"][0]), max_total_tokens=4096, page_size=4,
+                   chunked_prefill_size=7)
+    prompts = [PROMPT, list(range(60, 83))]
+    assert [o["output_ids"] for o in small.generate(input_ids=prompts, sampling_params=GREEDY)] == \
+        [o["output_ids"] for o in engines["v2_grouped"].generate(input_ids=prompts, sampling_params=GREEDY)]
+
+
 # -- the latent KV cache ----------------------------------------------------------------------------
 def test_kv_geometry_is_one_latent_row_per_layer(engines):
     eng = engines["v2_lite"]
