@@ -530,6 +530,10 @@ def write_moe_gguf(path, hf, tok_dir, expert_types) -> None:
             arr = np.ascontiguousarray(arr)
             if qt == gguf.GGMLQuantizationType.F32:
                 w.add_tensor(f"blk.{layer}.{base}.weight", arr)
+            elif qt == gguf.GGMLQuantizationType.Q8_1:       # no quantizer in gguf-py: random blocks
+                blk, size = gguf.GGML_QUANT_SIZES[qt]
+                raw = np.random.default_rng(0).integers(0, 255, (*arr.shape[:-1], arr.shape[-1] // blk * size))
+                w.add_tensor(f"blk.{layer}.{base}.weight", raw.astype(np.uint8), raw_dtype=qt)
             else:
                 w.add_tensor(f"blk.{layer}.{base}.weight", gguf.quants.quantize(arr, qt), raw_dtype=qt)
     w.write_header_to_file()
@@ -653,3 +657,43 @@ def test_yaml_bad_moe_sections_fail_clearly(tiny_models, tmp_path, moe, match):
     with pytest.raises(QuantrtError, match=match):
         Engine(model_path=str(tiny_models["qwen3_moe"][0]), max_total_tokens=256,
                quantization_config_path=_yaml(tmp_path, moe))
+
+
+# -- strict loading of quantized experts -------------------------------------------------------------------
+def test_gguf_expert_type_without_a_decoder_fails_naming_it(tokenizer_dir, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from quantrt.errors import QuantrtError
+    from tests.helpers_models import tiny_config
+
+    cfg = tiny_config("qwen3_moe", 384)
+    cfg.mlp_only_layers = []
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    path = tmp_path / "moe.gguf"
+    q81, q8 = gguf.GGMLQuantizationType.Q8_1, gguf.GGMLQuantizationType.Q8_0
+    write_moe_gguf(path, hf, tokenizer_dir, [q81, q8, q8])
+    with pytest.raises(QuantrtError, match=r"model\.layers\.0\.mlp\.experts\.0\.gate_proj: GGML type Q8_1 is not "
+                                           r"supported natively \(supported: F32, F16, BF16, Q4_0"):
+        Engine(model_path=str(path), max_total_tokens=256)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda sd: sd.pop("model.layers.0.mlp.experts.3.down_proj.qzeros"),
+     r"missing tensors: model\.layers\.0\.mlp\.experts\.3\.down_proj"),
+    (lambda sd: sd.__setitem__("model.layers.0.mlp.experts.2.up_proj.weight_scale", torch.ones(1)),
+     r"unexpected tensor model\.layers\.0\.mlp\.experts\.2\.up_proj\.weight_scale: .* expects g_idx, qweight, qzeros, scales"),
+    (lambda sd: sd.__setitem__("model.layers.0.mlp.experts.1.gate_proj.scales", torch.ones(3, 32).half()),
+     r"model\.layers\.0\.mlp\.experts\.1\.gate_proj"),
+], ids=["missing-qzeros", "unknown-suffix", "bad-scales-shape"])
+def test_quantized_expert_tensors_load_strictly(tiny_models, tmp_path, edit, match):
+    from quantrt.errors import QuantrtError
+
+    src = tiny_models["qwen3_moe"][0]
+    requantize(src, tmp_path / "ckpt", _gptq(4, 32, False), {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                                           "sym": False})
+    sd = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(QuantrtError, match=match):
+        Engine(model_path=str(tmp_path / "ckpt"), max_total_tokens=256)
