@@ -366,3 +366,23 @@ def test_modelslim_moe_on_emulated_npu_gives_the_reference_tokens(tiny_models, t
     for prompt in (MOE_PROMPT, list(range(40, 60))):
         assert npu.generate(input_ids=prompt, sampling_params=p)["output_ids"] == \
             ref.generate(input_ids=prompt, sampling_params=p)["output_ids"]
+
+
+@pytest.mark.parametrize("kind,group", [("W4A8_DYNAMIC", 16), ("W4A4_DYNAMIC", 0)])
+def test_modelslim_int4_moe_on_emulated_npu_stays_with_the_reference(tiny_models, tmp_path, kind, group):
+    """W4A8 (per-group) / W4A4 MoE experts on the emulated NPU's grouped matmul: prompt log-probs within
+    rounding of the CPU platform's (same per-token quantization; fp16 SwiGLU rounding on the NPU path)."""
+    d = tmp_path / "m"
+    write_modelslim_moe(tiny_models["qwen3_moe"][0], d, kind, group)
+    common = {"model_path": str(d), "dtype": "float16", "max_total_tokens": 512}
+    npu, ref = Engine(platform=NPU, **common), Engine(platform=CpuPlatform(), **common)
+    assert npu.model.model.layers[0].mlp.impl == "npu_grouped_matmul_moe"
+    kw = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True,
+          "logprob_start_len": 0}
+
+    def lp(eng: Engine) -> torch.Tensor:
+        return torch.tensor([x for x, _, _ in eng.generate(input_ids=MOE_PROMPT, **kw)["meta_info"]
+                             ["input_token_logprobs"][1:]])
+
+    err = (lp(npu) - lp(ref)).abs()
+    assert err.mean() < 0.02 and err.max() < 0.15, (float(err.mean()), float(err.max()))
