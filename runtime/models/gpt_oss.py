@@ -42,7 +42,9 @@ class GptOssRMSNorm(RMSNorm):
     """y = (w * (x / rms(x)))  in fp32, then cast to x's dtype."""
 
     def finish_loading(self, dtype: torch.dtype, platform=None) -> None:
-        self._scale = self.weight.data.float()      # the platform's fused norm casts first: not used here
+        # fp32 weight on the platform's device; the platform's fused norm (which casts first) is not used
+        dev = platform.device() if platform is not None else self.weight.device
+        self._scale = self.weight.data.to(dev).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D] same dtype
@@ -51,8 +53,10 @@ class GptOssRMSNorm(RMSNorm):
 
 
 def gpt_oss_moe_block(c: PretrainedConfig, i: int) -> GptOssMoE:
+    """swiglu_alpha is not in every transformers version's config (nor in gpt-oss's config.json): 1.702."""
     return GptOssMoE(f"model.layers.{i}.mlp", c.hidden_size, c.intermediate_size, c.num_local_experts,
-                     c.num_experts_per_tok, alpha=c.swiglu_alpha, limit=c.swiglu_limit)
+                     c.num_experts_per_tok, alpha=getattr(c, "swiglu_alpha", 1.702),
+                     limit=getattr(c, "swiglu_limit", 7.0))
 
 
 class GptOssForCausalLM(CausalLM):

@@ -238,16 +238,22 @@ class GptOssMoE(FusedMoE):
         return torch.zeros_like(x).index_add_(0, tok, y)
 
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """A loop over the experts that received tokens (dense matrices, or each expert's linear kernels)."""
-        out = torch.zeros_like(x)
+        """A loop over the experts that received tokens (dense matrices, or each expert's linear kernels):
+        rows sorted by expert once, one host sync for the per-expert counts."""
         flat = ids.flatten()
-        for e in torch.bincount(flat, minlength=self.routing.num_experts).nonzero().flatten().tolist():
-            pos = (flat == e).nonzero().flatten()                         # [n] positions in T*k
-            tok = pos // ids.shape[1]
-            h = clamped_swiglu(self._project(e, 0, x[tok]), self.alpha, self.limit)   # [n, I]
-            y = self._project(e, 1, h)                                    # [n, H]
-            out.index_add_(0, tok, y * weights.flatten()[pos, None].to(y.dtype))
-        return out
+        order = flat.argsort(stable=True)                                 # [T*k] sorted by expert
+        tok = order // ids.shape[1]
+        counts = torch.bincount(flat, minlength=self.routing.num_experts).tolist()
+        xs = x[tok]                                                       # [T*k, H]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                rows = slice(start, start + c)
+                ys[rows] = self._project(e, 1, clamped_swiglu(self._project(e, 0, xs[rows]), self.alpha, self.limit))
+                start += c
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, tok, ys)
 
     def _project(self, e: int, which: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's gate_up (which 0: [n, H] -> [n, 2I]) or down (1: [n, I] -> [n, H]), bias included."""
