@@ -220,6 +220,8 @@ def decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None = No
     if lens is None:
         lens = fb.cache["kv_lens_dev"] = torch.tensor(fb.kv_lens, dtype=torch.int32, device=q.device)
     i = layer.layer_id
+    if not getattr(pool, "has_v", True):
+        return None                                      # MLA latent cache: no V rows
     kd = pool.k[i].shape[-1] * (2 if fmt == 4 else 1)
     if q.dim() != 3 or q.shape[-1] != d or kd != d or pool.v[i].shape != pool.k[i].shape:
         return None                                      # another layout (e.g. MLA latents): not this kernel
