@@ -64,6 +64,16 @@ class CudaPlatform(Platform):
     def attention_backends(self) -> list[str]:
         return ["triton", "torch_sdpa"]
 
+    def rms_norm_op(self) -> Any | None:
+        """One Triton kernel per RMSNorm (quantrt.platforms.cuda.layer_ops), when Triton is installed."""
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return None
+        from quantrt.platforms.cuda.layer_ops import triton_rms_norm
+
+        return triton_rms_norm
+
     def graph_runner(self) -> Any | None:
         """CUDA graphs for decode (quantrt.platforms.cuda.graphs.DecodeGraphRunner)."""
         from quantrt.platforms.cuda.graphs import DecodeGraphRunner

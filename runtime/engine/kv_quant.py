@@ -20,6 +20,15 @@ from quantrt.quant.weights import e2m1_decode
 
 FP4_BLOCK = 16
 _E2M1_THRESHOLDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_THRESHOLDS_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def _thresholds(device: torch.device) -> torch.Tensor:
+    """The e2m1 rounding thresholds on `device`, uploaded once (a decode graph cannot capture an upload)."""
+    t = _THRESHOLDS_ON.get(device)
+    if t is None:
+        t = _THRESHOLDS_ON[device] = _E2M1_THRESHOLDS.to(device)
+    return t
 
 
 class KVKind(str, enum.Enum):
@@ -97,7 +106,7 @@ def fp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(-1)                                          # [T, NB]
     exp = torch.ceil(torch.log2(amax.clamp_min(2.0 ** -126) / 6.0)).clamp(-127, 127)
     scaled = blocks / torch.exp2(exp)[..., None]                          # |scaled| <= 6
-    mag = torch.bucketize(scaled.abs(), _E2M1_THRESHOLDS.to(x.device))     # 0..7 (ties round down)
+    mag = torch.bucketize(scaled.abs(), _thresholds(x.device))             # 0..7 (ties round down)
     codes = (mag | ((scaled < 0).to(torch.long) << 3)).to(torch.uint8).reshape(t, h, d)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)                   # even element low nibble
     return packed, (exp + 127).to(torch.uint8)
