@@ -133,15 +133,18 @@ class CpuInt4PackedKernel(LinearKernel):
         return cls(packed, sz, group, n, perm, spec.compute_dtype)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k).to(torch.bfloat16)                                 # [M, K] bf16
+        # decode runs this ~120 times a step: no-op casts/reshapes are skipped (each is a dispatcher call)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                  # [M, K]
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
         if self.perm is not None:
             x2 = x2[:, self.perm]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz)
-        y = y.to(self.out_dtype)                                                 # [M, N]
+        if self.out_dtype != torch.bfloat16:
+            y = y.to(self.out_dtype)                                             # [M, N]
         if bias is not None:
             y = y + bias.to(self.out_dtype)
-        return y.reshape(*lead, self.n)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n)
 
 
 class CpuCodebookDequantKernel(LinearKernel):

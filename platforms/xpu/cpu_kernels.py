@@ -191,8 +191,11 @@ class CpuInt8WeightOnlyKernel(LinearKernel):
         if self.gemm is not None and x2.shape[0] > INT8PACK_MAX_M:
             y = self.gemm(x2.to(torch.float32), None if bias is None else bias.to(torch.float32))
             return y.to(self.spec.compute_dtype).reshape(*lead, n)
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.codes, self.scale)
-        y = y.to(self.spec.compute_dtype)                                      # [M, N]
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.codes, self.scale)
+        if self.spec.compute_dtype != torch.bfloat16:
+            y = y.to(self.spec.compute_dtype)                                  # [M, N]
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)

@@ -34,12 +34,14 @@ class RotaryEmbedding:
         emb = torch.cat([freqs, freqs], dim=-1)               # [P, D]
         self.cos = emb.cos() * scaling
         self.sin = emb.sin() * scaling
+        self._sin_signed = _signed(self.sin)                  # [P, D] = [-sin_lo, sin_hi]: rotate-half's sign
         self.max_positions = max_positions
         self._op = None  # the platform's rotary op (Platform.rotary_op): takes the cached half tables + positions
 
     def to(self, dtype: torch.dtype, device: torch.device, platform=None) -> RotaryEmbedding:
         self.cos = self.cos.to(device=device, dtype=dtype)
         self.sin = self.sin.to(device=device, dtype=dtype)
+        self._sin_signed = _signed(self.sin)
         self._op = platform.rotary_op() if platform is not None else None
         return self
 
@@ -48,7 +50,7 @@ class RotaryEmbedding:
         platform rotary op: (positions, None), the op gathers from the cached tables itself."""
         if self._op is not None:
             return positions, None
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return self.cos[positions].unsqueeze(1), self._sin_signed[positions].unsqueeze(1)
 
     def __call__(self, tables: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +58,32 @@ class RotaryEmbedding:
         if self._op is not None:
             half = self.cos.shape[-1] // 2
             return self._op(q, k, self.cos[:, :half], self.sin[:, :half], tables[0])
-        cos, sin = tables
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, sin_signed = tables
+        qk = _adjacent(q, k)
+        if qk is not None:  # q and k are neighbouring slices of one qkv row: rotate both in one pass
+            r = _rotate(qk, cos, sin_signed)
+            return r[:, : q.shape[1]], r[:, q.shape[1]:]
+        return _rotate(q, cos, sin_signed), _rotate(k, cos, sin_signed)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def _adjacent(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """[T, H + Hkv, D] view over q [T, H, D] and k [T, Hkv, D] when k directly follows q in every row of
+    one buffer (the fused qkv projection's output), else None."""
+    if (q.dim() != 3 or k.dim() != 3 or q.dtype != k.dtype or q.stride() != k.stride() or q.stride(2) != 1
+            or q.stride(1) != q.shape[2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]
+            or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+            or k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size()
+            or q.stride(0) < (q.shape[1] + k.shape[1]) * q.shape[2]):
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = swap_halves(x) * [-sin_lo, sin_hi]
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin_signed)

@@ -190,12 +190,16 @@ class CausalLM(nn.Module):
                 m.finish_loading(dtype, platform)
             elif isinstance(m, FusedMoE):
                 m.finish_loading(dtype, device, platform)
-        self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to(device=device, dtype=dtype)
+        emb = self.model.embed_tokens.weight.data                # before the cast: a quantized head starts from it
+        self.model.embed_tokens.weight.data = emb.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
             r.to(dtype, device, platform)
         if self.lm_head is None:  # tied: the embedding matrix, prepared by the platform's dense kernel
             head_dtype = torch.float32 if self.fp32_lm_head else dtype
-            spec = LinearSpec(DenseWeight(self.model.embed_tokens.weight.data), WEIGHT_ONLY, head_dtype)
+            hook = getattr(platform, "tied_head_weight", None)  # CPU bf16: int8 per row (cpu_platform.py)
+            qw = hook(emb, head_dtype) if hook is not None else None
+            spec = LinearSpec(qw if qw is not None else DenseWeight(self.model.embed_tokens.weight.data),
+                              WEIGHT_ONLY, head_dtype)
             self.tied_head = select_linear_kernel(spec, platform).kernel.prepare(spec, platform)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
