@@ -1,7 +1,12 @@
 """Decode throughput on CPU, SmolLM2-135M-Instruct: quantrt vs transformers `generate`, same run.
 
     python bench/decode.py [--quick] [--json out.json] [--profile] [--skip-bf16] [--configs NAMES]
-                           [--llamacpp-venv .cache/venvs/llamacpp]
+                           [--llamacpp-venv .cache/venvs/llamacpp] [--threads N] [--profile-bf16] [--kernels]
+
+Rows "quantrt bf16 (export)" (our own bf16 path), "quantrt int8wo bf16 (export)" and "quantrt int4wo-32 bf16
+(export)" (the same export quantized online: int8-pack op / int4-pack op) give the int8 / int4 vs bf16
+ratios printed under the table. `--profile-bf16`: torch.profiler top ops of the native-Q4_1 bf16 path;
+`--kernels`: every CPU linear path timed alone on SmolLM2's batch-1 shapes.
 
 Every row: greedy decoding of `--new` tokens (ignore EOS) after an 8-token prompt, batch 1 and 16,
 one warm-up per (config, batch). `tok/s` = batch*new / time, prefill included. `steady` is the
@@ -152,6 +157,9 @@ def run_all(args) -> list[dict]:
     configs: list[tuple[str, dict]] = [("quantrt fp32 (export)", {}), ("quantrt fp8 (export)", {"quantization": "fp8"})]
     if not args.skip_bf16:
         configs.append(("quantrt bf16 (gguf)", {"dtype": "bfloat16", "path": gguf}))
+        configs += [("quantrt bf16 (export)", {"dtype": "bfloat16"}),      # our own bf16 path (int8 tied head)
+                    ("quantrt int8wo bf16 (export)", {"dtype": "bfloat16", "torchao_config": "int8wo"}),
+                    ("quantrt int4wo-32 bf16 (export)", {"dtype": "bfloat16", "torchao_config": "int4wo-32"})]
     for name, kw in configs:
         if not wanted(args, name):
             continue
@@ -202,6 +210,67 @@ def profile_split(batches: list[int], n: int) -> list[dict]:
     return out + [bw]
 
 
+def profile_bf16(n: int) -> dict:
+    """torch.profiler over `n` batch-1 steps of quantrt bf16 on the GGUF: top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen, tok, close = quantrt_generate(default_model_path(), dtype="bfloat16")
+    ids = prompts(tok, 1)
+    gen(ids, 8)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gen(ids, n)
+    wall = time.perf_counter() - t0
+    close()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ev)
+    top = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls_per_step": e.count / n,
+            "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in ev[:14]]
+    print(f"  profile bf16 (gguf) bs=1: {1e3 * wall / n:.1f} ms/step under the profiler, "
+          f"{sum(e.count for e in ev) / n:.0f} aten calls/step")
+    for t in top:
+        print(f"    {t['op']:48s} {100 * t['share']:5.1f}%  {t['calls_per_step']:6.1f}/step  {t['us_per_call']:8.1f} us")
+    return {"profile_bf16_ms_per_step": 1e3 * wall / n, "top": top}
+
+
+def kernel_shapes() -> dict:
+    """Batch-1 time (us, best of 5 x 50 calls) of each CPU linear path on SmolLM2's shapes [N, K]."""
+    def clock(f, reps: int = 50) -> float:
+        for _ in range(5):
+            f()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                f()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        return 1e6 * best
+
+    out = {}
+    shapes = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
+              "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
+    print("\n| shape [N, K] | int4 pack g32 (bf16) | int8 pack (bf16) | fp32 oneDNN packed | fp32 F.linear | bf16 F.linear |")
+    print("|---|---|---|---|---|---|")
+    for name, (n, k) in shapes.items():
+        x = torch.randn(1, k)
+        xb = x.bfloat16()
+        w = torch.randn(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+        sz = torch.rand(k // 32, n, 2).bfloat16()
+        c8, s8 = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n).bfloat16()
+        wp = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        wb = w.bfloat16()
+        reps = 5 if n > 10000 else 50
+        row = {"int4": clock(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz), reps),
+               "int8": clock(lambda: torch.ops.aten._weight_int8pack_mm(xb, c8, s8), reps),
+               "fp32_onednn": clock(lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""), reps),
+               "fp32": clock(lambda: torch.nn.functional.linear(x, w), reps),
+               "bf16": clock(lambda: torch.nn.functional.linear(xb, wb), reps)}
+        out[name] = row
+        print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |", flush=True)
+    return {"kernels_us": out, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+
+
 def print_table(rows: list[dict]) -> None:
     base = {r["batch"]: r["tok_s"] for r in rows if r["config"] == "hf fp32"}
     print("\n| engine / method | batch | tok/s | ms/step | steady ms/step | steady tok/s | vs HF fp32 | same tokens |")
@@ -211,9 +280,15 @@ def print_table(rows: list[dict]) -> None:
         ratio = f"{r['tok_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
         print(f"| {r['config']} | {r['batch']} | {r['tok_s']:.1f} | {r['ms_per_step']:.1f} | "
               f"{r['steady_ms_per_step']:.1f} | {r['steady_tok_s']:.1f} | {ratio} | {same} |")
+    own = {r["batch"]: r for r in rows if r["config"] == "quantrt bf16 (export)"}
+    for r in rows:
+        if r["config"].startswith(("quantrt int8wo", "quantrt int4wo")) and r["batch"] in own:
+            o = own[r["batch"]]
+            print(f"{r['config']} vs quantrt bf16 (export), batch {r['batch']}: {r['tok_s'] / o['tok_s']:.2f}x tok/s, "
+                  f"{o['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady")
     peer = {r["batch"]: r for r in rows if r["config"] == "llama.cpp (gguf)"}
     for r in rows:
-        if r["config"].startswith("quantrt bf16") and r["batch"] in peer:
+        if r["config"] == "quantrt bf16 (gguf)" and r["batch"] in peer:
             p = peer[r["batch"]]
             print(f"quantrt bf16 (native Q4_1) vs llama.cpp, batch {r['batch']}: {r['tok_s'] / p['tok_s']:.2f}x tok/s, "
                   f"{p['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady")
@@ -231,6 +306,11 @@ def main() -> None:
                    help="comma-separated subset of row names, e.g. 'quantrt bf16 (gguf),llama.cpp (gguf)'")
     p.add_argument("--llamacpp-venv", default=str(LLAMACPP_VENV), help="venv holding llama-cpp-python")
     p.add_argument("--profile", action="store_true", help="also split quantrt fp32 step time (torch.profiler)")
+    p.add_argument("--profile-bf16", action="store_true",
+                   help="also profile quantrt bf16 (gguf) batch-1 decode: top ops by self time, calls per step")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time each CPU linear path on SmolLM2's batch-1 shapes (int4 pack, int8 pack, fp32, bf16)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and llama.cpp n_threads)")
     p.add_argument("--json", type=Path, help="write rows (and profile) here")
     p.add_argument("--cuda", action="store_true", help="the CUDA benchmark instead (bench/_cuda_decode.py): "
                    "Llama-3.1-8B-shaped random model, bf16/fp8/int4, graphs on/off, HF transformers peer")
@@ -246,12 +326,19 @@ def main() -> None:
         return
     if args.quick:
         args.new, args.short, args.repeats = 16, 4, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"load {os.getloadavg()[0]:.2f}; prompt {PROMPT_LEN} tokens, {args.new} new (steady: minus {args.short}), best of {args.repeats}")
     rows = run_all(args)
     print_table(rows)
     print(f"load average at the end: {os.getloadavg()} (other processes skew CPU timings)")
     prof = profile_split(args.batches, args.new) if args.profile else None
+    if args.profile_bf16:
+        prof = (prof or []) + [profile_bf16(args.new)]
+    if args.kernels:
+        prof = (prof or []) + [kernel_shapes()]
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
                                          "rows": rows, "profile": prof}, indent=1))
