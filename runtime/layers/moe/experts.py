@@ -12,6 +12,7 @@ quantrt.quant.moe_kernel.select_moe_kernel falls back to when a platform lists n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,15 @@ def grouped_layout(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order, order // ids.shape[1], flat[order], torch.bincount(flat, minlength=num_experts)
 
 
+def _tensors_on(w, dev: torch.device) -> bool:
+    return all(v.device == dev for v in vars(w).values() if isinstance(v, torch.Tensor))
+
+
+def _to_device(w, dev: torch.device):
+    """A canonical weight with every tensor field on `dev` (loading leaves them on the CPU)."""
+    return dataclasses.replace(w, **{k: v.to(dev) for k, v in vars(w).items() if isinstance(v, torch.Tensor)})
+
+
 class ReferenceMoEKernel(MoEKernel):
     """Every canonical expert scheme on every device: per active expert, fake-quantize the inputs as
     each projection's ActScheme says, dequantize its weights to fp32, matmul; fp32 accumulation."""
@@ -127,7 +137,11 @@ class ReferenceMoEKernel(MoEKernel):
 
     @classmethod
     def prepare(cls, spec: MoESpec, platform: Platform) -> ReferenceMoEKernel:
-        return cls(spec)
+        dev = platform.device()
+        if all(_tensors_on(w, dev) for ex in spec.experts for w in ex):
+            return cls(spec)
+        moved = tuple(tuple(_to_device(w, dev) for w in ex) for ex in spec.experts)
+        return cls(dataclasses.replace(spec, experts=moved))
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)                    # [T, H]
