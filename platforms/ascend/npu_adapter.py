@@ -18,6 +18,18 @@ Documented semantics the kernels rely on (and the emulation follows):
   group_list_type=, output_dtype=): one matmul per group of rows; int8/int4 operands are dequantized by the
   per-channel (or per-K-group) `scale` and the per-row `per_token_scale` (the MoE path of vllm-ascend).
 - npu_convert_weight_to_int4pack(w int32 [K, N] holding int4): -> int32 [K, N/8].
+- npu_fused_infer_attention_score(query, key, value, atten_mask=, actual_seq_lengths=, actual_seq_lengths_kv=,
+  block_table=, num_heads=, scale=, pre_tokens=, next_tokens=, input_layout=BSH|BSND|BNSD|TND,
+  num_key_value_heads=, sparse_mode=0|2|3|4, block_size=, softmax_lse_flag=) -> (out, softmax_lse): softmax(
+  scale * Q K^T masked) V per head, head h reading KV head h // (N / N_kv); paged KV (block_table int32
+  [B, max_blocks], key/value (blocknum, block_size, N_kv*D) or (blocknum, N_kv, block_size, D)); atten_mask
+  1/True = masked; sparse_mode 2/3/4 (left-up causal / right-down causal / band) take the compressed
+  2048x2048 upper-triangular mask; TND lengths are cumulative. (torch_npu < 2.5 spells `scale` scale_value.)
+- npu_moe_gating_top_k_softmax(x [T, E], finished=None, k) -> (top-k of softmax(x) [T, k], expert_idx int32,
+  row_idx int32 = j * T + i); not renormalized.
+- npu_moe_gating_top_k(x, k, bias=, k_group=, group_count=, group_select_mode=0 max | 1 top-2 sum, renorm=0,
+  norm_type=0 softmax | 1 sigmoid, out_flag=, routed_scaling_factor=, eps=) -> (y, expert_idx int32, norm):
+  groups ranked on norm + bias, experts chosen on norm + bias, y = norm / (sum + eps) * routed_scaling_factor.
 """
 
 from __future__ import annotations
@@ -60,9 +72,19 @@ class NpuOps(Protocol):
 
     def npu_convert_weight_to_int4pack(self, weight: torch.Tensor) -> torch.Tensor: ...
 
+    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def npu_moe_gating_top_k_softmax(self, x: torch.Tensor, finished: torch.Tensor | None = None, k: int = 1
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def npu_moe_gating_top_k(self, x: torch.Tensor, k: int, **kwargs: Any
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
 
 _OPS = ("npu_quantize", "npu_dynamic_quant", "npu_quant_matmul", "npu_weight_quant_batchmatmul",
-        "npu_grouped_matmul", "npu_convert_weight_to_int4pack")
+        "npu_grouped_matmul", "npu_convert_weight_to_int4pack", "npu_moe_gating_top_k_softmax",
+        "npu_moe_gating_top_k")
 
 
 class TorchNpuOps:
@@ -85,6 +107,18 @@ class TorchNpuOps:
         if name not in _OPS:
             raise AttributeError(name)
         return getattr(self._torch_npu(), name)
+
+    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Newer torch_npu spells the softmax scale `scale`, older releases `scale_value`."""
+        op = self._torch_npu().npu_fused_infer_attention_score
+        try:
+            return op(query, key, value, **kwargs)
+        except TypeError as e:
+            if "scale" not in kwargs or "scale" not in str(e):
+                raise
+            kwargs["scale_value"] = kwargs.pop("scale")
+            return op(query, key, value, **kwargs)
 
 
 def npu_ops_of(platform: Platform) -> NpuOps | None:

@@ -21,6 +21,7 @@ class AscendPlatform(Platform):
     dist_backend: ClassVar[str] = "hccl"
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.kernels:NPU_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.moe_kernels:NPU_MOE_KERNELS"
+    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.ascend.attention:npu_decode_attention"
 
     def __init__(self) -> None:
         self._npu_mod: Any = None
@@ -59,3 +60,9 @@ class AscendPlatform(Platform):
         from quantrt.platforms.ascend.npu_adapter import TorchNpuOps
 
         return TorchNpuOps()
+
+    def topk_op(self) -> Any:
+        """MoE routing through torch_npu's gating ops (quantrt.platforms.ascend.attention.NpuTopK)."""
+        from quantrt.platforms.ascend.attention import npu_topk_op
+
+        return npu_topk_op(self)

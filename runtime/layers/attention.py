@@ -45,6 +45,12 @@ class PagedAttention(nn.Module):
         self.window = sliding_window
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.platform: Platform | None = None    # the engine's platform (finish_loading); None = current_platform()
+
+    def finish_loading(self, platform: Platform) -> None:
+        """Remember the platform the engine runs on (its decode attention, e.g. an emulated NPU's, is looked up
+        on it rather than on the process-wide current platform)."""
+        self.platform = platform
 
     def set_kv_scale(self, which: str, value: float) -> None:
         """which: "k" or "v"; -1 (the 'not calibrated' sentinel) means 1.0."""
@@ -58,7 +64,8 @@ class PagedAttention(nn.Module):
         # q: [T, H, D]; k, v: [T, Hkv, D]; sinks: [H] or None -> out: [T, H*D]
         pool = fb.kv_pool
         pool.write(self.layer_id, fb.out_slots, k, v, self.k_scale, self.v_scale)
-        if fb.is_decode and q.device.type != "cpu" and (fast := platform_decode_attention()) is not None:
+        if fb.is_decode and (fast := platform_decode_attention(self.platform)) is not None and \
+                (q.device.type != "cpu" or getattr(fast, "runs_on_cpu", False)):  # emulated vendor ops run on CPU
             o = fast(self, q, fb, sinks)                                 # the platform's kernel, or None
             if o is not None:
                 return o

@@ -190,6 +190,8 @@ class CausalLM(nn.Module):
                 m.finish_loading(dtype, platform)
             elif isinstance(m, FusedMoE):
                 m.finish_loading(dtype, device, platform)
+            elif isinstance(m, PagedAttention):
+                m.finish_loading(platform)
         emb = self.model.embed_tokens.weight.data                # before the cast: a quantized head starts from it
         self.model.embed_tokens.weight.data = emb.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
