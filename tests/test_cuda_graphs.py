@@ -103,7 +103,7 @@ def test_triton_rms_norm_matches_the_torch_rmsnorm(dtype, shape) -> None:
     tol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
     assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
     assert (got.double() - ref.double()).abs().max() <= tol * exact.abs().max()
-    if dev == "cuda":  # the interpreter truncates fp32 -> bf16; the GPU rounds like torch
+    if dev == "cuda" and dtype != torch.float32:  # the interpreter truncates to bf16; the GPU rounds like torch
         assert (got != ref).float().mean() < 0.02    # the same rounding almost everywhere
 
 
@@ -115,7 +115,8 @@ def test_cuda_platform_norm_op_is_the_triton_kernel() -> None:
 
 # --------------------------------------------------------------------- the runner in the engine
 def _engine(tiny_models, arch: str = "llama", **kw) -> Engine:
-    return Engine(model_path=str(tiny_models[arch][0]), max_total_tokens=2048, page_size=4, random_seed=0, **kw)
+    return Engine(model_path=str(tiny_models[arch][0]), max_total_tokens=2048, page_size=4, random_seed=0,
+                  device="cpu", **kw)
 
 
 def _generate(eng: Engine) -> tuple[list[list[int]], list[list[float]]]:
