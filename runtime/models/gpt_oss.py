@@ -69,3 +69,10 @@ class GptOssForCausalLM(CausalLM):
             layer.input_layernorm = GptOssRMSNorm(h, eps)
             layer.post_attention_layernorm = GptOssRMSNorm(h, eps)
         self.model.norm = GptOssRMSNorm(h, eps)
+
+    def finish_loading(self, dtype: torch.dtype, platform) -> None:
+        """The shared steps, then the sinks onto the platform's device (fp32; cast where attention runs)."""
+        super().finish_loading(dtype, platform)
+        for layer in self.model.layers:
+            sinks = layer.self_attn.sinks
+            sinks.data = sinks.data.to(device=platform.device(), dtype=torch.float32)
