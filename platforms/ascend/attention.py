@@ -30,13 +30,15 @@ _HALF = (torch.float16, torch.bfloat16)
 BLOCK_SIZES = (128, 64, 32, 16)
 
 
-def block_table(kv_slots: torch.Tensor, kv_lens: list[int], num_slots: int) -> tuple[torch.Tensor, int] | None:
+def block_table(kv_slots: torch.Tensor, kv_lens: list[int], num_slots: int,
+                sizes: tuple[int, ...] = BLOCK_SIZES) -> tuple[torch.Tensor, int] | None:
     """kv_slots [B, L] (columns past kv_lens[b] ignored) -> (block_table int32 [B, ceil(L/bs)], bs) for the
-    largest bs in BLOCK_SIZES such that slot j of sequence b is block_table[b, j // bs] * bs + j % bs, else None."""
+    first bs in `sizes` such that slot j of sequence b is block_table[b, j // bs] * bs + j % bs, else None.
+    Unused table entries are 0."""
     b, length = kv_slots.shape
     j = torch.arange(length, device=kv_slots.device)
     valid = j[None, :] < torch.tensor(kv_lens, device=kv_slots.device)[:, None]
-    for bs in BLOCK_SIZES:
+    for bs in sizes:
         if num_slots % bs:
             continue
         first = kv_slots[:, ::bs]                                                # [B, nblocks] slot of row 0

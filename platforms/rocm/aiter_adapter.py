@@ -18,6 +18,10 @@ Switched on by `SGLANG_USE_AITER=1` (SGLang's spelling, honoured) or `QUANTRT_US
   activation (Silu), quant_type (No / per_Token), w1_scale [E, 2I, 1], w2_scale [E, H, 1]); int4 experts are
   int32 words of 8 values (order [0, 2, 4, 6, 1, 3, 5, 7]) that the kernel upcasts to fp8.
 - gemm_a8w8_blockscale(XQ [M, K], WQ [N, K], x_scale [M, K/128], w_scale [N/128, K/128], dtype): block fp8.
+- paged_attention_rocm(out, exp_sums, max_logits, tmp_out, query [B, H, D], key_cache [nb, Hkv, D/x, bs, x],
+  value_cache [nb, Hkv, D, bs], num_kv_heads, scale, block_tables int32, context_lens int32, block_size,
+  max_context_len, alibi_slopes, kv_cache_dtype "auto" | "fp8", k_scale, v_scale, fp8_out_scale,
+  partition_size): paged decode attention into `out` (x = 16 bytes / cache element size).
 `quantrt.platforms.rocm.emulation.EmulatedAiterOps` implements them on CPU (EMULATED, tested in CI).
 """
 
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 ENV_VARS = ("SGLANG_USE_AITER", "QUANTRT_USE_AITER")
 _OPS = ("pertoken_quant", "shuffle_weight", "gemm_a8w8", "gemm_a8w8_bpreshuffle", "rmsnorm2d_fwd",
         "rmsnorm2d_fwd_with_add", "rope_cached_positions_2c_fwd_inplace", "topk_softmax", "grouped_topk",
-        "biased_grouped_topk", "gemm_a8w8_blockscale")
+        "biased_grouped_topk", "gemm_a8w8_blockscale", "paged_attention_rocm")
 
 
 class AiterOps(Protocol):
@@ -80,6 +84,14 @@ class AiterOps(Protocol):
 
     def gemm_a8w8_blockscale(self, XQ: torch.Tensor, WQ: torch.Tensor, x_scale: torch.Tensor,
                              w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor: ...
+
+
+    def paged_attention_rocm(self, out: torch.Tensor, exp_sums: torch.Tensor, max_logits: torch.Tensor,
+                             tmp_out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                             value_cache: torch.Tensor, num_kv_heads: int, scale: float, block_tables: torch.Tensor,
+                             context_lens: torch.Tensor, block_size: int, max_context_len: int,
+                             alibi_slopes: torch.Tensor | None, kv_cache_dtype: str, k_scale: Any, v_scale: Any,
+                             fp8_out_scale: torch.Tensor | None = None, partition_size: int = 256) -> None: ...
 
 
 def _truthy(v: str | None) -> bool:

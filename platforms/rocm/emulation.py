@@ -98,7 +98,89 @@ class EmulatedAiterLinearOps:
         out.copy_(self.rmsnorm2d_fwd(residual_out, weight, epsilon))
 
 
-class EmulatedAiterOps(EmulatedAiterLinearOps):
+def _scale_value(s: float | torch.Tensor, what: str) -> float:
+    if isinstance(s, torch.Tensor):
+        _check(s.numel() == 1, f"{what} must be one value (per tensor), got shape {tuple(s.shape)}")
+        return float(s.reshape(()))
+    return float(s)
+
+
+class EmulatedAiterAttentionOps:
+    """aiter's paged_attention_rocm on CPU: fp32 scores, softmax and P.V per 256-key partition, then combined."""
+
+    fp8_dtype: torch.dtype = torch.float8_e4m3fnuz
+
+    def paged_attention_rocm(self, out: torch.Tensor, exp_sums: torch.Tensor, max_logits: torch.Tensor,
+                             tmp_out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                             value_cache: torch.Tensor, num_kv_heads: int, scale: float, block_tables: torch.Tensor,
+                             context_lens: torch.Tensor, block_size: int, max_context_len: int,
+                             alibi_slopes: torch.Tensor | None, kv_cache_dtype: str,
+                             k_scale: float | torch.Tensor, v_scale: float | torch.Tensor,
+                             fp8_out_scale: torch.Tensor | None = None, partition_size: int = 256) -> None:
+        """query [B, H, D] bf16/fp16; key_cache [nb, Hkv, D/x, bs, x], value_cache [nb, Hkv, D, bs] (x = 16 bytes /
+        element size); block_tables int32 [B, max_blocks]; context_lens int32 [B]; kv_cache_dtype "auto" (cache
+        in query's dtype) or "fp8"/"fp8_e4m3" (uint8 bits of the arch's fp8, times k_scale / v_scale). Writes out
+        [B, H, D] and, per partition of `partition_size` keys, max_logits / exp_sums [B, H, P] (fp32) and the
+        partition's normalized output tmp_out [B, H, P, D]. Head h reads KV head h // (H / Hkv)."""
+        b, h, d = query.shape
+        _check(query.dtype in (torch.bfloat16, torch.float16), f"query dtype {query.dtype}")
+        _check(alibi_slopes is None and fp8_out_scale is None, "alibi_slopes / fp8_out_scale are not emulated")
+        _check(kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), f"kv_cache_dtype {kv_cache_dtype!r} not in auto, fp8, "
+               "fp8_e4m3")
+        _check(block_size in (16, 32), f"block_size {block_size} not in 16, 32")
+        _check(d in (64, 128), f"head_size {d} not in 64, 128")
+        _check(h % num_kv_heads == 0 and h // num_kv_heads <= 16, f"GQA ratio {h}/{num_kv_heads} must be 1..16")
+        fp8 = kv_cache_dtype != "auto"
+        if fp8:
+            _check(key_cache.dtype == torch.uint8 and value_cache.dtype == torch.uint8, "fp8 caches are uint8 bits")
+        else:
+            _check(key_cache.dtype == query.dtype and value_cache.dtype == query.dtype,
+                   f"kv_cache_dtype auto needs caches in {query.dtype}, got {key_cache.dtype}")
+        x = 16 // key_cache.element_size()
+        nb = key_cache.shape[0]
+        _check(tuple(key_cache.shape) == (nb, num_kv_heads, d // x, block_size, x),
+               f"key_cache must be [num_blocks, {num_kv_heads}, {d // x}, {block_size}, {x}], got {tuple(key_cache.shape)}")
+        _check(tuple(value_cache.shape) == (nb, num_kv_heads, d, block_size),
+               f"value_cache must be [num_blocks, {num_kv_heads}, {d}, {block_size}], got {tuple(value_cache.shape)}")
+        _check(block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32, "block_tables / context_lens "
+               "must be int32")
+        parts = -(-max_context_len // partition_size)
+        _check(tuple(exp_sums.shape) == (b, h, parts) and tuple(tmp_out.shape) == (b, h, parts, d),
+               f"exp_sums/max_logits [B, H, {parts}] and tmp_out [B, H, {parts}, D] for max_context_len "
+               f"{max_context_len}")
+
+        def values(t: torch.Tensor, s: float | torch.Tensor, what: str) -> torch.Tensor:
+            if not fp8:
+                return t.to(torch.float32)
+            return t.view(self.fp8_dtype).to(torch.float32) * _scale_value(s, what)
+
+        keys = values(key_cache, k_scale, "k_scale").permute(0, 3, 1, 2, 4).reshape(nb * block_size, num_kv_heads, d)
+        vals = values(value_cache, v_scale, "v_scale").permute(0, 3, 1, 2).reshape(nb * block_size, num_kv_heads, d)
+        g = h // num_kv_heads
+        for i in range(b):
+            n = int(context_lens[i])
+            _check(0 < n <= max_context_len, f"context_lens[{i}] = {n} outside 1..{max_context_len}")
+            j = torch.arange(n)
+            rows = block_tables[i].long()[j // block_size] * block_size + j % block_size
+            k = keys[rows].transpose(0, 1).repeat_interleave(g, 0)                     # [H, n, D]
+            v = vals[rows].transpose(0, 1).repeat_interleave(g, 0)
+            s = (query[i].to(torch.float32)[:, None, :] @ k.transpose(1, 2))[:, 0] * scale     # [H, n] fp32
+            o = torch.zeros(h, d)
+            m_all = s.amax(-1, keepdim=True)
+            total = torch.zeros(h, 1)
+            for p in range(-(-n // partition_size)):
+                sp, vp = s[:, p * partition_size:(p + 1) * partition_size], v[:, p * partition_size:(p + 1) * partition_size]
+                m = sp.amax(-1, keepdim=True)
+                e = (sp - m).exp()
+                max_logits[i, :, p], exp_sums[i, :, p] = m[:, 0], e.sum(-1)
+                tmp_out[i, :, p] = ((e[:, None, :] @ vp)[:, 0] / e.sum(-1, keepdim=True)).to(tmp_out.dtype)
+                w = e.sum(-1, keepdim=True) * (m - m_all).exp()                        # the partition's share
+                o += w * (e[:, None, :] @ vp)[:, 0] / e.sum(-1, keepdim=True)
+                total += w
+            out[i] = (o / total).to(out.dtype)
+
+
+class EmulatedAiterOps(EmulatedAiterAttentionOps, EmulatedAiterLinearOps):
     """Every AiterOps op on CPU (EMULATED): the linear ops above plus rope, routing, fused_moe, block-scale GEMM.
     `fp8_dtype`: aiter's `dtypes.fp8` for the emulated arch (e4m3fnuz on gfx942), the activation dtype of
     fused_moe when the weights are not fp8 themselves (int4 upcast)."""
@@ -280,6 +362,7 @@ class EmulatedRocmPlatform(AiterLayerOps, CpuPlatform):
     allowed_quantization: ClassVar[frozenset[str] | None] = ROCM_ALLOWED_QUANTIZATION
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.kernels:ROCM_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_moe:ROCM_MOE_KERNELS"
+    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_attention:aiter_decode_attention"
 
     def arch(self) -> str:
         return "gfx942"

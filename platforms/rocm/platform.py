@@ -32,6 +32,8 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
     allowed_quantization: ClassVar[frozenset[str] | None] = ROCM_ALLOWED_QUANTIZATION
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.kernels:ROCM_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_moe:ROCM_MOE_KERNELS"
+    # aiter's paged_attention_rocm when aiter is on, else the Triton kernel shared with CUDA
+    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_attention:aiter_decode_attention"
 
     def __init__(self, arch: str | None = None, device_name: str | None = None) -> None:
         super().__init__(device_name=device_name)
