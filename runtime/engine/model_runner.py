@@ -98,15 +98,13 @@ class ModelRunner:
     def _decode_inputs(self, works: list[Work]):
         from quantrt.platform.interface import DecodeInputs
 
-        b = len(works)
+        b, ps = len(works), self.page_size
         lens = [w.start + 1 for w in works]
         lmax = max(lens)
-        npages = -(-lmax // self.page_size)
-        table = torch.zeros(b, npages, dtype=torch.long)          # [B, P] page ids (0-padded)
-        for i, w in enumerate(works):
-            p = w.req.pages[: -(-lens[i] // self.page_size)]
-            table[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        slots = (table[:, :, None] * self.page_size + self._offsets).reshape(b, -1)[:, :lmax]  # [B, Lmax]
+        npages = -(-lmax // ps)
+        rows = [w.req.pages[: -(-n // ps)] for w, n in zip(works, lens)]
+        table = torch.tensor([r + [0] * (npages - len(r)) for r in rows], dtype=torch.long)  # [B, P] page ids
+        slots = (table[:, :, None] * ps + self._offsets).reshape(b, -1)[:, :lmax]          # [B, Lmax]
         kv_lens = torch.tensor(lens, dtype=torch.long)
         slots = slots.masked_fill(torch.arange(lmax)[None, :] >= kv_lens[:, None], 0)
         ids = torch.tensor([w.req.all_ids[w.start] for w in works], dtype=torch.long)
