@@ -12,33 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers.models.llama.modeling_llama as modeling_llama
 
 from quantrt.engine.engine import Engine
+from tests.helpers_fake_quant import fake_quant_kv, fake_quant_linears
 
 IDS = list(range(5, 45))
 
 
-def _fq_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Symmetric fake quantization with one scale per last-dim row, in float64: int8 or an fp8 dtype."""
-    xd = x.double()
-    amax = xd.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-    if dtype == torch.int8:
-        s = amax / 127.0
-        return (torch.round(xd / s).clamp(-127, 127) * s).to(x.dtype)
-    s = amax / torch.finfo(dtype).max
-    return ((xd / s).to(dtype).double() * s).to(x.dtype)
-
-
-def _quantized_reference(hf_model, dtype: torch.dtype):
-    """A copy of `hf_model` with fake-quantized weights and per-token activation hooks."""
+def _copy(hf_model):
     ref = type(hf_model)(hf_model.config).eval()
     ref.load_state_dict(hf_model.state_dict())
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name.endswith("_proj"):
-                mod.weight.copy_(_fq_rows(mod.weight, dtype))
-                mod.register_forward_pre_hook(lambda _m, args: (_fq_rows(args[0], dtype),))
     return ref
 
 
@@ -68,7 +51,9 @@ def _max_diff_to_engine(ref_logprobs: torch.Tensor, **engine_kw) -> float:
 @pytest.mark.parametrize(("method", "dtype"), [("w8a8_int8", torch.int8), ("w8a8_fp8", torch.float8_e4m3fn)])
 def test_w8a8_equals_float64_fake_quant_in_transformers(tiny_models, method, dtype):
     path, hf = tiny_models["llama"]
-    ref = _logprobs(_quantized_reference(hf, dtype), IDS)
+    ref_model = _copy(hf)
+    fake_quant_linears(ref_model, dtype, dtype)
+    ref = _logprobs(ref_model, IDS)
     moved = float((ref - _logprobs(hf, IDS)).abs().max())
     diff = _max_diff_to_engine(ref, model_path=str(path), quantization=method)
     # fp8 activations: a value exactly between two fp8 codes may round differently after the fp32
@@ -78,36 +63,13 @@ def test_w8a8_equals_float64_fake_quant_in_transformers(tiny_models, method, dty
     assert moved > 10 * diff, (diff, moved)
 
 
-@pytest.fixture
-def fp8_kv_reference(monkeypatch):
-    """Patch transformers' Llama so K (after rotary) and V are rounded through `state['dtype']`."""
-    state: dict[str, torch.dtype | None] = {"dtype": None}
-    orig = modeling_llama.apply_rotary_pos_emb
-
-    def rope(q, k, cos, sin, *a, **kw):
-        q, k = orig(q, k, cos, sin, *a, **kw)
-        dt = state["dtype"]
-        return q, (k if dt is None else k.to(dt).to(k.dtype))
-
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", rope)
-    return state
-
-
 @pytest.mark.parametrize(("kv", "dtype"), [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
-def test_fp8_kv_cache_equals_fake_quant_kv_in_transformers(tiny_models, fp8_kv_reference, kv, dtype):
+def test_fp8_kv_cache_equals_fake_quant_kv_in_transformers(tiny_models, kv, dtype):
     path, hf = tiny_models["llama"]
-    ref = type(hf)(hf.config).eval()
-    ref.load_state_dict(hf.state_dict())
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _a, out: out.to(dtype).to(out.dtype))
-             for layer in ref.model.layers]
-    fp32 = _logprobs(hf, IDS)
-    fp8_kv_reference["dtype"] = dtype
-    try:
+    ref = _copy(hf)
+    with fake_quant_kv(ref, dtype):
         want = _logprobs(ref, IDS)
-        moved = float((want - fp32).abs().max())
-        diff = _max_diff_to_engine(want, model_path=str(path), kv_cache_dtype=kv)
-    finally:
-        for h in hooks:
-            h.remove()
+    moved = float((want - _logprobs(hf, IDS)).abs().max())
+    diff = _max_diff_to_engine(want, model_path=str(path), kv_cache_dtype=kv)
     assert diff < 1e-4, (diff, moved)
     assert moved > 10 * diff, (diff, moved)
