@@ -49,16 +49,22 @@ def _platform(layer: Any) -> Any:
 
 def aiter_decode_attention(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tensor | None = None
                            ) -> torch.Tensor | None:
-    """PagedAttention's decode on ROCm: aiter's paged_attention_rocm when aiter is on, else the Triton kernel
-    of platforms/cuda; q [B, H, D] -> [B, H*D] or None (SDPA)."""
+    """PagedAttention's decode on ROCm: aiter's paged_attention_rocm when aiter is on and serves the layer, else
+    the Triton kernel of platforms/cuda (on the GPU); q [B, H, D] -> [B, H*D] or None (SDPA). While a decode
+    graph is captured the Triton kernel runs (the aiter path reads the slot table on the host)."""
     platform = _platform(layer)
     ops = aiter_ops_of(platform)
-    if ops is None:
-        if q.device.type == "cpu":
-            return None
-        from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
+    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    o = _aiter(ops, platform, layer, q, fb, sinks) if ops is not None and not capturing else None
+    if o is not None or q.device.type == "cpu":
+        return o
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
 
-        return decode_attention(layer, q, fb, sinks)
+    return decode_attention(layer, q, fb, sinks)
+
+
+def _aiter(ops: Any, platform: Any, layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tensor | None
+           ) -> torch.Tensor | None:
     pool = fb.kv_pool
     i = layer.layer_id
     b, h, d = q.shape
