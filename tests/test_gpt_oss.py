@@ -345,7 +345,7 @@ def test_mxfp4_format_config_and_module_rules():
 
 def _position_diffs(engine, hf, ids: list[int]) -> torch.Tensor:
     """Per prompt position, the largest |log p| difference over the vocabulary vs hf (fp32, CPU)."""
-    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True,
+    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0}, return_logprob=True,
                           logprob_start_len=0, top_logprobs_num=engine.config.vocab_size)
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
