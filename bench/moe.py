@@ -123,7 +123,7 @@ def main() -> None:
             for t in (int(s) for s in a.tokens.split(",")):
                 x = torch.randn(t, h).to(dt)
                 w, ids = select_experts(torch.randn(t, e), cfg)
-                tk, tl = interleaved_min([lambda x=x, w=w, ids=ids: prepared.apply(x, w, ids),
+                tk, tl = interleaved_min([lambda x=x, w=w, ids=ids, p=prepared: p.apply(x, w, ids),
                                           lambda x=x, w=w, ids=ids: loop(x, w, ids)], a.reps)
                 yk, yl = prepared.apply(x, w, ids).float(), loop(x, w, ids).float()
                 rel = ((yk - yl).abs().max() / yl.abs().max()).item()

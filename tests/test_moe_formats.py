@@ -4,21 +4,32 @@ and every format's MoE path against transformers on the dequantized weights."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from quantrt.engine.engine import Engine
 from quantrt.layers.moe.experts import GroupedMoEKernel, ReferenceMoEKernel
 from quantrt.layers.moe.routing import RoutingConfig, select_experts
-from quantrt.platforms.xpu.cpu_moe_kernels import (CpuMoEGatherDequantKernel, CpuMoEInt4PackedKernel,
-                                                   CpuMoEInt8PackedKernel)
+from quantrt.platforms.xpu.cpu_moe_kernels import (
+    CpuMoEGatherDequantKernel,
+    CpuMoEInt4PackedKernel,
+    CpuMoEInt8PackedKernel,
+)
 from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+from quantrt.quant.formats.packing import pack_awq, pack_lsb
 from quantrt.quant.moe_kernel import MoESpec, select_moe_kernel
 from quantrt.quant.quantize import quantize_fp8
 from quantrt.quant.weights import WEIGHT_ONLY, ActKind, ActScheme, DenseWeight, IntWeight
+from tests.helpers_models import max_prompt_logprob_diff
 
-E, H, I, K = 8, 256, 128, 2
+E, H, I, K = 8, 256, 128, 2  # noqa: E741  (experts, hidden, intermediate, top-k)
 CPU = CpuPlatform()
 
 
@@ -198,15 +209,8 @@ def test_moe_spec_rejects_wrong_expert_shapes():
 
 
 # == format MoE paths: tiny Qwen3-MoE / Mixtral checkpoints vs transformers on the dequantized weights ==
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
 
-from safetensors.torch import load_file, save_file  # noqa: E402
 
-from quantrt.engine.engine import Engine  # noqa: E402
-from quantrt.quant.formats.packing import pack_awq, pack_lsb  # noqa: E402
-from tests.helpers_models import max_prompt_logprob_diff  # noqa: E402
 
 PROMPT = list(range(5, 37))
 _LINEAR = re.compile(r"model\.layers\.\d+\..*\.(\w+_proj|w[123])\.weight$")
