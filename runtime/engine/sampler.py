@@ -53,7 +53,9 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         if not float(probs.sum()) > 0.0:  # degenerate distribution (inf/nan logits): fall back to greedy
             out.append(int(torch.nan_to_num(row, nan=float("-inf")).argmax()))
             continue
-        out.append(int(torch.multinomial(probs, 1, generator=req.generator)))
+        # the per-request generator lives on the host: draw there, so a seed gives the same tokens on
+        # every platform (and a CUDA/NPU row never meets a CPU generator)
+        out.append(int(torch.multinomial(probs.cpu(), 1, generator=req.generator)))
     return out
 
 
