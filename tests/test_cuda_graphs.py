@@ -76,6 +76,17 @@ def test_pack_inputs_repeats_row_zero_and_zero_pads() -> None:
         pack_inputs(d, 1, 6)
 
 
+def test_graph_flags() -> None:
+    from quantrt.errors import ConfigError
+    from quantrt.server_args import ServerArgs
+
+    args = ServerArgs.from_cli(["--model-path", "/m", "--cuda-graph-max-bs", "32"])
+    assert args.cuda_graph_max_bs == 32 and not args.disable_cuda_graph
+    assert ServerArgs.from_cli(["--model-path", "/m", "--disable-cuda-graph"]).disable_cuda_graph
+    with pytest.raises(ConfigError, match="--cuda-graph-max-bs must be >= 1, got 0"):
+        ServerArgs(model_path="/m", cuda_graph_max_bs=0)
+
+
 def test_cuda_platform_offers_the_runner_without_a_gpu() -> None:
     plat = CudaPlatform(capability=DeviceCapability(9, 0), device_name="fake H100")
     assert plat.graph_runner() is DecodeGraphRunner
