@@ -102,8 +102,8 @@ def test_fia_prefill_layouts_and_sparse_modes_match_float64(layout, mode):
 
 
 def test_fia_tnd_paged_extend_with_cumulative_lengths_matches_float64():
-    """TND query (extend over a cached prefix) against paged KV: cumulative actual_seq_lengths(_kv),
-    right-down causal (sparse_mode 3) so each new token sees the prefix and itself."""
+    """TND query (extend over a cached prefix) against paged KV: cumulative actual_seq_lengths, per-sequence
+    actual_seq_lengths_kv, right-down causal (sparse_mode 3) so each new token sees the prefix and itself."""
     gen = torch.Generator().manual_seed(2)
     n, nkv, d, bs = 4, 2, 16, 16
     kc, vc = _paged(gen, 6, bs, nkv, d, torch.float16)
@@ -111,7 +111,7 @@ def test_fia_tnd_paged_extend_with_cumulative_lengths_matches_float64():
     q_lens, kv_lens = [3, 5], [20, 9]
     q = torch.randn(sum(q_lens), n, d, generator=gen).to(torch.float16)
     out, _ = OPS.npu_fused_infer_attention_score(
-        q, kc, vc, atten_mask=CAUSAL_2048, actual_seq_lengths=[3, 8], actual_seq_lengths_kv=[20, 29],
+        q, kc, vc, atten_mask=CAUSAL_2048, actual_seq_lengths=[3, 8], actual_seq_lengths_kv=[20, 9],
         block_table=table, num_heads=n, num_key_value_heads=nkv, scale=0.25, input_layout="TND",
         block_size=bs, sparse_mode=3)
     start = 0
@@ -209,6 +209,39 @@ def test_npu_decode_hook_equals_paged_attention_sdpa(window, monkeypatch):
     assert calls == [16] and torch.equal(via_layer, fast)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_npu_extend_hook_equals_paged_attention_sdpa(window, monkeypatch):
+    """Chunked prefill over cached prefixes (q_lens 5 and 3 after 20 and 0 cached tokens), GQA 3:1, optional
+    sliding window (band sparse_mode 4): the TND fused attention over the paged cache equals the SDPA path."""
+    import quantrt.layers.attention as attn
+
+    gen = torch.Generator().manual_seed(8)
+    hkv, g, d = 2, 3, 32
+    pool = KVPool(1, 256, hkv, d, torch.bfloat16, torch.device("cpu"))
+    pages = [[7, 2], [4]]
+    q_lens, kv_lens = [5, 3], [25, 3]
+    seq_slots = [(torch.tensor(p)[:, None] * 16 + torch.arange(16)).flatten()[:n] for p, n in zip(pages, kv_lens)]
+    pool.write(0, seq_slots[0][:20], torch.randn(20, hkv, d, generator=gen).to(torch.bfloat16),
+               torch.randn(20, hkv, d, generator=gen).to(torch.bfloat16))
+    out_slots = torch.cat([s[n - q:] for s, q, n in zip(seq_slots, q_lens, kv_lens)])
+    fb = ForwardBatch(torch.zeros(8, dtype=torch.long), torch.cat([torch.arange(20, 25), torch.arange(3)]), out_slots,
+                      q_lens, kv_lens, seq_slots, torch.tensor([4, 7]), pool, False)
+    layer = PagedAttention(0, hkv * g, hkv, d, d ** -0.5, sliding_window=window)
+    q = torch.randn(8, hkv * g, d, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(8, hkv, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    monkeypatch.setattr(attn, "_EXTEND_BACKENDS", {})
+    sdpa = layer(q, k, v, fb)                                                    # CPU platform: SDPA; writes k, v
+    layer.finish_loading(NPU)
+    calls = []
+    orig = EmulatedNpuOps.npu_fused_infer_attention_score
+    monkeypatch.setattr(EmulatedNpuOps, "npu_fused_infer_attention_score",
+                        lambda self, *a, **kw: calls.append((kw["input_layout"], kw["sparse_mode"]))
+                        or orig(self, *a, **kw))
+    fast = layer(q, k, v, fb)
+    assert calls == [("TND", 3 if window is None else 4)]
+    assert fast.shape == sdpa.shape and (fast.float() - sdpa.float()).abs().max() < 2e-2
+
+
 def test_npu_decode_hook_declines_what_it_does_not_serve():
     gen = torch.Generator().manual_seed(4)
     layer = PagedAttention(0, 4, 2, 32, 0.2)
@@ -287,17 +320,17 @@ def test_npu_gating_ops_follow_their_documented_formulas():
         OPS.npu_moe_gating_top_k_softmax(x, torch.zeros(5, dtype=torch.bool), k=1)
 
 
-def _count_fia(monkeypatch) -> list[int]:
-    calls: list[int] = []
+def _count_fia(monkeypatch) -> list[str]:
+    calls: list[str] = []
     orig = EmulatedNpuOps.npu_fused_infer_attention_score
     monkeypatch.setattr(EmulatedNpuOps, "npu_fused_infer_attention_score",
-                        lambda self, *a, **kw: calls.append(1) or orig(self, *a, **kw))
+                        lambda self, *a, **kw: calls.append(kw["input_layout"]) or orig(self, *a, **kw))
     return calls
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
 def test_tiny_models_on_the_emulated_npu_give_the_cpu_tokens(tiny_models, arch, monkeypatch):
-    """Decode attention (gemma3: sliding window + GQA) and MoE gating (qwen3_moe) through the emulated
+    """Prefill and decode attention (gemma3: sliding window + GQA) and MoE gating (qwen3_moe) through the emulated
     torch_npu ops: the greedy tokens equal the CPU platform's (bf16, 2 prompts batched, 12 tokens)."""
     calls = _count_fia(monkeypatch)
     src = str(tiny_models[arch][0])
@@ -306,7 +339,7 @@ def test_tiny_models_on_the_emulated_npu_give_the_cpu_tokens(tiny_models, arch, 
     prompts = [list(range(5, 30)), list(range(40, 49))]
     p = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
     got = [o["output_ids"] for o in npu.generate(input_ids=prompts, sampling_params=p)]
-    assert len(calls) > 0
+    assert "TND" in calls and "BSH" in calls                                       # prefill and decode on the NPU
     want = [o["output_ids"] for o in ref.generate(input_ids=prompts, sampling_params=p)]
     assert got == want
     if arch == "qwen3_moe":
@@ -314,14 +347,14 @@ def test_tiny_models_on_the_emulated_npu_give_the_cpu_tokens(tiny_models, arch, 
 
 
 # Largest logit gap (the CPU fp16 path's own logits) between the two paths' choices that counts as a near-tie.
-# Measured 2026-11-23: the code prompt's 7th token is 466 on CPU SDPA and 448 on the emulated NPU (fp32 scores);
-# the CPU fp16 logits put them 0.125 apart (8 fp16 ulps at 29), the fp32 model 0.050 with a third token between
-# (466 29.307, 7338 29.296, 448 29.258). The bound leaves 2x headroom; a wrong attention flips real margins.
+# Measured 2026-11-23: the code prompt's 7th token is 448 on CPU SDPA (fp16) and 466 on the emulated NPU (fp32
+# scores) — the fp32 model's choice: 466 29.307, 7338 29.296, 448 29.258; the CPU fp16 logits put 448 0.125
+# ahead (8 fp16 ulps at 29). The bound leaves 2x headroom; a wrong attention flips real margins.
 NEAR_TIE = 0.25
 
 
 def test_smollm2_on_the_emulated_npu_gives_the_cpu_tokens(monkeypatch, tmp_path_factory):
-    """SmolLM2-135M (GQA 9:3, head_dim 64) in float16: decode attention through the emulated fused attention
+    """SmolLM2-135M (GQA 9:3, head_dim 64) in float16: prefill and decode through the emulated fused attention
     gives the CPU platform's greedy tokens (2 real prompts x 16 tokens, batched), up to a near-tie: where the
     two continuations first differ, the CPU path's own logits of the two choices are within NEAR_TIE."""
     from pathlib import Path
@@ -339,7 +372,7 @@ def test_smollm2_on_the_emulated_npu_gives_the_cpu_tokens(monkeypatch, tmp_path_
     p = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
     npu = Engine(platform=NPU, **common)
     got = [o["output_ids"] for o in npu.generate(input_ids=prompts, sampling_params=p)]
-    assert len(calls) >= 15 * 30                                                  # every decode step, every layer
+    assert calls.count("BSH") >= 15 * 30 and "TND" in calls                     # every decode step, every layer
     del npu
     ref = Engine(platform=CpuPlatform(), **common)
     want = [o["output_ids"] for o in ref.generate(input_ids=prompts, sampling_params=p)]
@@ -359,5 +392,8 @@ def test_resolution_on_the_ascend_platforms():
     from quantrt.platforms.ascend.platform import AscendPlatform
 
     assert attn.platform_decode_attention(NPU) is npu_attn.npu_decode_attention
+    assert attn.platform_extend_attention(NPU) is npu_attn.npu_extend_attention
+    assert attn.platform_extend_attention(CpuPlatform()) is None
+    assert AscendPlatform.extend_attention_ref == EmulatedAscendPlatform.extend_attention_ref
     assert AscendPlatform.decode_attention_ref == EmulatedAscendPlatform.decode_attention_ref
     assert isinstance(NPU.topk_op(), NpuTopK)

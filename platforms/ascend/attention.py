@@ -9,6 +9,9 @@ emulation in tests; EMULATED: no NPU here).
   (slot = page * page_size + offset), so the block table is read off the slot table: the largest block size
   in (128, 64, 32, 16) whose table reproduces every valid slot. Declined (None -> SDPA): fp8/fp4 pages, sinks,
   other dtypes, MLA latents, slot tables that are not block-aligned.
+- `npu_extend_attention` is their `Platform.extend_attention_ref`: the same op with input_layout "TND" over the
+  paged cache (cumulative query ends, per-sequence KV lengths, right-down causal sparse_mode 3, or band
+  sparse_mode 4 for a sliding window).
 - `NpuTopK` is their `Platform.topk_op`: softmax / no groups / no bias through npu_moe_gating_top_k_softmax
   (renormalized here when the config asks); grouped or biased routing with renormalization through
   npu_moe_gating_top_k (norm_type softmax/sigmoid, group_select_mode max (V2) / top-2 sum (V3)); the rest
@@ -91,6 +94,50 @@ def npu_decode_attention(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tens
 
 
 npu_decode_attention.runs_on_cpu = True  # type: ignore[attr-defined]  # device-agnostic: the adapter decides
+
+CAUSAL_MASK_SIZE = 2048
+
+
+def npu_extend_attention(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tensor | None = None
+                         ) -> torch.Tensor | None:
+    """PagedAttention's extend (prefill, chunked prefill over a cached prefix) on Ascend: q [T, H, D] -> [T, H*D]
+    through npu_fused_infer_attention_score with input_layout "TND" over the paged cache: actual_seq_lengths =
+    cumulative q_lens, actual_seq_lengths_kv = kv_lens, sparse_mode 3 (right-down causal: the new tokens follow
+    the prefix) or, with a sliding window W, sparse_mode 4 with pre_tokens W - 1, next_tokens 0; both take the
+    compressed 2048x2048 upper-triangular mask. None (SDPA) for what the decode hook also declines."""
+    ops = npu_ops_of(_platform(layer))
+    pool = fb.kv_pool
+    i = layer.layer_id
+    if ops is None or sinks is not None or pool.quantized or not pool.has_v or q.dtype not in _HALF:
+        return None
+    k, v = pool.k[i], pool.v[i]
+    t, h, d = q.shape
+    hkv = layer.num_kv_heads
+    if d != layer.head_dim or tuple(k.shape[1:]) != (hkv, d) or v.shape != k.shape or k.dtype != q.dtype:
+        return None
+    key = ("npu_extend_table", k.shape[0])
+    if key not in fb.cache:                                      # once per batch, shared by the layers
+        slots = torch.zeros(len(fb.seq_slots), max(fb.kv_lens), dtype=torch.long, device=q.device)
+        for b, s in enumerate(fb.seq_slots):
+            slots[b, : s.numel()] = s
+        mask = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=q.device).triu(1)
+        fb.cache[key] = (block_table(slots, list(fb.kv_lens), k.shape[0]), mask)
+    found, mask = fb.cache[key]
+    if found is None:
+        return None
+    table, bs = found
+    ends = torch.tensor(fb.q_lens).cumsum(0).tolist()
+    window = layer.window
+    out, _ = ops.npu_fused_infer_attention_score(
+        q.contiguous(), k.view(-1, bs, hkv * d), v.view(-1, bs, hkv * d), atten_mask=mask,
+        actual_seq_lengths=ends, actual_seq_lengths_kv=list(fb.kv_lens), block_table=table, num_heads=h,
+        num_key_value_heads=hkv, scale=layer.scale, input_layout="TND", block_size=bs,
+        sparse_mode=3 if window is None else 4, pre_tokens=2147483647 if window is None else window - 1,
+        next_tokens=2147483647 if window is None else 0)
+    return out.reshape(t, h * d)
+
+
+npu_extend_attention.runs_on_cpu = True  # type: ignore[attr-defined]
 
 
 class NpuTopK:

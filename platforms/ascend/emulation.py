@@ -139,7 +139,9 @@ class EmulatedNpuAttentionOps:
             inner_precise: int = 0, block_size: int = 0, softmax_lse_flag: bool = False,
             **others: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention_out in query's layout and dtype, softmax_lse [B, N, Sq, 1] fp32 (TND: [T, N, 1]) when
-        softmax_lse_flag, else a [1] zero). Quantization, pse, shared prefix and rope inputs are not emulated."""
+        softmax_lse_flag, else a [1] zero). TND: actual_seq_lengths are cumulative ends; actual_seq_lengths_kv
+        too for contiguous K/V, per sequence for a paged cache (how vllm-ascend calls it). Quantization, pse,
+        shared prefix and rope inputs are not emulated."""
         given = sorted(k for k, v in others.items() if v is not None)
         _check(not given, f"npu_fused_infer_attention_score inputs not emulated: {', '.join(given)}")
         _check(input_layout in _LAYOUTS, f"input_layout {input_layout!r} not in {', '.join(_LAYOUTS)}")
@@ -153,8 +155,6 @@ class EmulatedNpuAttentionOps:
         kv_lens = None if actual_seq_lengths_kv is None else _ends(actual_seq_lengths_kv, "actual_seq_lengths_kv")
         qs = _per_seq_q(query, input_layout, n, q_lens)
         d = qs[0].shape[-1]
-        if input_layout == "TND" and kv_lens is not None and block_table is not None:
-            kv_lens = [e - a for a, e in zip([0, *kv_lens[:-1]], kv_lens)]      # cumulative -> per sequence
         ks = _per_seq_kv(key, input_layout, nkv, d, kv_lens, block_table, block_size, len(qs))
         vs = _per_seq_kv(value, input_layout, nkv, d, kv_lens, block_table, block_size, len(qs))
         _check(len(ks) == len(qs), f"{len(qs)} query sequences but {len(ks)} key sequences")
@@ -366,6 +366,7 @@ class EmulatedAscendPlatform(CpuPlatform):
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.kernels:NPU_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.moe_kernels:NPU_MOE_KERNELS"
     decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.ascend.attention:npu_decode_attention"
+    extend_attention_ref: ClassVar[str | None] = "quantrt.platforms.ascend.attention:npu_extend_attention"
     dist_backend: ClassVar[str] = "gloo"
 
     def npu_ops(self) -> EmulatedNpuOps:

@@ -22,6 +22,7 @@ class AscendPlatform(Platform):
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.kernels:NPU_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.ascend.moe_kernels:NPU_MOE_KERNELS"
     decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.ascend.attention:npu_decode_attention"
+    extend_attention_ref: ClassVar[str | None] = "quantrt.platforms.ascend.attention:npu_extend_attention"
 
     def __init__(self) -> None:
         self._npu_mod: Any = None

@@ -15,7 +15,8 @@ column's score (and -inf where the boolean mask forbids a key).
 
 Decode on a device may run the platform's own kernel instead (`Platform.decode_attention_ref`, e.g. the
 Triton paged decode attention of platforms/cuda reading bf16/fp8/fp4 pages directly); on CPU, or when that
-kernel declines a pool, the SDPA path below runs.
+kernel declines a pool, the SDPA path below runs. Extend batches may likewise run the platform's prefill kernel
+(`Platform.extend_attention_ref`, e.g. Ascend's fused attention over the paged cache).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class PagedAttention(nn.Module):
         if fb.is_decode and (fast := platform_decode_attention(self.platform)) is not None and \
                 (q.device.type != "cpu" or getattr(fast, "runs_on_cpu", False)):  # emulated vendor ops run on CPU
             o = fast(self, q, fb, sinks)                                 # the platform's kernel, or None
+            if o is not None:
+                return o
+        if not fb.is_decode and (ext := platform_extend_attention(self.platform)) is not None and \
+                (q.device.type != "cpu" or getattr(ext, "runs_on_cpu", False)):
+            o = ext(self, q, fb, sinks)                                  # the platform's prefill kernel, or None
             if o is not None:
                 return o
         gqa = self.num_heads != self.num_kv_heads
@@ -123,6 +129,28 @@ def platform_decode_attention(platform: Platform | None = None) -> Callable | No
                 fn = None
         _DECODE_BACKENDS[key] = fn
     return _DECODE_BACKENDS[key]
+
+
+_EXTEND_BACKENDS: dict[type, Callable | None] = {}
+
+
+def platform_extend_attention(platform: Platform | None = None) -> Callable | None:
+    """The platform's extend (prefill) attention (`Platform.extend_attention_ref`), resolved once per class."""
+    if platform is None:
+        from quantrt.platform import current_platform
+
+        platform = current_platform()
+    key = type(platform)
+    if key not in _EXTEND_BACKENDS:
+        fn = None
+        if platform.extend_attention_ref:
+            module, _, attr = platform.extend_attention_ref.partition(":")
+            try:
+                fn = getattr(importlib.import_module(module), attr)
+            except ImportError:
+                fn = None
+        _EXTEND_BACKENDS[key] = fn
+    return _EXTEND_BACKENDS[key]
 
 
 def with_sink_column(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor

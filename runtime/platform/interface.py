@@ -66,6 +66,9 @@ class Platform:
     # "module:ATTR" of a paged decode attention callable (layer, q [B, H, D], fb, sinks) -> [B, H*D] or None
     # (None: not served, PagedAttention runs SDPA); used by quantrt.layers.attention on device tensors.
     decode_attention_ref: ClassVar[str | None] = None
+    # "module:ATTR" of an extend (prefill) attention callable, same contract with q [T, H, D] -> [T, H*D] or None.
+    # The callable's `runs_on_cpu` attribute (decode too) lets emulated vendor ops run on CPU tensors.
+    extend_attention_ref: ClassVar[str | None] = None
 
     @property
     def is_cpu(self) -> bool:
