@@ -95,7 +95,7 @@ class Engine:
             return args.max_total_tokens
         _, total = self.platform.memory_info()
         frac = args.mem_fraction_static or self.platform.default_mem_fraction()
-        weights = sum(t.numel() * t.element_size() for t in _model_tensors(self.model))
+        weights = _model_bytes(self.model)
         budget = frac * total - weights
         if budget <= self.kv_bytes_per_token * args.page_size:
             raise ConfigError(f"--mem-fraction-static {frac} leaves no memory for the KV cache "
@@ -207,5 +207,19 @@ def _model_tensors(model: torch.nn.Module):
     kernels += [model.tied_head] if getattr(model, "tied_head", None) is not None else []
     for k in kernels:
         for v in vars(k).values():
-            inner = vars(v).values() if hasattr(v, "__dict__") else [v]
+            if isinstance(v, torch.Tensor):  # a tensor has a __dict__ too: it is the tensor itself
+                inner = [v]
+            elif hasattr(v, "__dict__"):     # e.g. the kernel's LinearSpec, whose canonical weight it keeps
+                inner = list(vars(v).values())
+                w = inner and getattr(v, "weight", None)
+                if w is not None and hasattr(w, "__dict__"):
+                    inner += list(vars(w).values())
+            else:
+                inner = []
             yield from (t for t in inner if isinstance(t, torch.Tensor) and not t.is_mkldnn)
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor the model holds (kernels may alias the canonical weight)."""
+    seen = {(t.device, t.data_ptr()): t.numel() * t.element_size() for t in _model_tensors(model)}
+    return sum(seen.values())
