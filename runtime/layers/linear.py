@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantrt.errors import CheckpointError
-from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel
+from quantrt.quant.kernel import LinearKernel, LinearSpec, WeightInfo, select_linear_kernel
 from quantrt.quant.merge import concat_n, merge_act_schemes
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
 
@@ -39,6 +39,7 @@ class QuantLinear(nn.Module):
         self.has_bias = bias
         self.bias: torch.Tensor | None = None          # [N]
         self.kernels: list[LinearKernel] = []          # quantized path (one, or one per shard)
+        self.weight_infos: list[WeightInfo] = []       # per kernel: the canonical weight it was built from
         self.kernel_desc: str = "unloaded"
         self.is_quantized = False
 
@@ -108,6 +109,7 @@ class QuantLinear(nn.Module):
             spec = LinearSpec(_on_device(w, dev), act, compute_dtype)   # kernels choose by where it lives
             choice = select_linear_kernel(spec, platform)
             self.kernels.append(choice.kernel.prepare(spec, platform))
+            self.weight_infos.append(WeightInfo.of(w))     # kernels keep no canonical weight: describe it
             descs.append(choice.explain())
         self.kernel_desc = descs[0] if len(set(descs)) == 1 else " | ".join(descs)
 

@@ -1,7 +1,9 @@
 """Linear kernels: how to multiply a canonical quantized weight on this platform.
 
 A kernel class says whether it can serve a weight (`can_implement -> (ok, reason)`), repacks it once
-(`prepare`) and multiplies (`apply`). Platforms list their kernels in preference order; selection takes
+(`prepare`) and multiplies (`apply`). A prepared kernel holds only what `apply` reads (repacked tensors,
+scales, shapes, act scheme, compute dtype), never the canonical weight it was built from, so a quantized
+model occupies its quantized size; only kernels that dequantize per call (the reference) keep it. Platforms list their kernels in preference order; selection takes
 the first that can. If none can, the portable reference kernel runs (with a one-time warning).
 """
 
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from quantrt.quant.weights import ActScheme, QuantizedWeight
+from quantrt.quant.weights import ActScheme, FloatWeight, QuantizedWeight, ScaleGranularity
 
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
@@ -37,6 +39,20 @@ class LinearSpec:
     @property
     def in_features(self) -> int:
         return self.weight.shape[1]
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """What callers may inspect of a layer's canonical weight once kernels are prepared (no tensors)."""
+
+    kind: str                                      # canonical type name: "IntWeight", "FloatWeight", ...
+    shape: tuple[int, int]                         # (N, K)
+    granularity: ScaleGranularity | None = None    # FloatWeight's scale granularity, else None
+
+    @classmethod
+    def of(cls, w: QuantizedWeight) -> WeightInfo:
+        gran = w.granularity if isinstance(w, FloatWeight) else None
+        return cls(type(w).__name__, tuple(w.shape), gran)
 
 
 class LinearKernel(ABC):

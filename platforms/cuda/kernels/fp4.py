@@ -95,7 +95,7 @@ class TritonFp4Kernel(LinearKernel):
 
     def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, scale_kind: int,
                  post: float) -> None:
-        self.spec = spec
+        self.shape, self.compute_dtype = spec.weight.shape, spec.compute_dtype  # (N, K); no canonical weight
         self.packed, self.scale, self.scale_kind, self.post = packed, scale, scale_kind, post
         self.block = spec.weight.block
 
@@ -117,9 +117,9 @@ class TritonFp4Kernel(LinearKernel):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.fp4_triton import fp4_dequantize, fp4_matmul
 
-        n, k = self.spec.weight.shape
+        n, k = self.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                     # [M, K]
+        x2 = x.reshape(-1, k).to(self.compute_dtype)                          # [M, K]
         if x2.shape[0] >= DEQUANT_MIN_M:
             w = fp4_dequantize(self.packed, self.scale, self.block, self.scale_kind, self.post, x2.dtype)
             y = torch.nn.functional.linear(x2, w.t())                           # w: [K, N] -> [M, N]

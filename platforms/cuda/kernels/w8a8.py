@@ -58,7 +58,7 @@ class TritonW8A8Kernel(LinearKernel):
     name = "triton_w8a8"
 
     def __init__(self, spec: LinearSpec, data: torch.Tensor, w_scale: torch.Tensor) -> None:
-        self.spec = spec
+        self.compute_dtype = spec.compute_dtype  # the spec's canonical weight is not kept
         self.data = data            # [N, K] fp8/int8, K contiguous
         self.w_scale = w_scale      # fp32: [1] tensor, [N] channel, [N/128, K/128] block
         w = spec.weight
@@ -102,14 +102,14 @@ class TritonW8A8Kernel(LinearKernel):
             sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             xq = (x2.float() / sa).clamp(-self.qmax, self.qmax).to(self.data.dtype)
         return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
-                                out_dtype=self.spec.compute_dtype)
+                                out_dtype=self.compute_dtype)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
 
         n, k = self.data.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                      # [M, K]
+        x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         if self.use_scaled_mm and x2.shape[0] >= SCALED_MM_MIN_M:
             y = self._scaled_mm(x2)
         elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES:

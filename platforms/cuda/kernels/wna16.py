@@ -75,12 +75,12 @@ class TritonWNA16Kernel(LinearKernel):
 
     def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  container: int, perm: torch.Tensor | None) -> None:
-        self.spec = spec
+        w = spec.weight  # read here, not kept: the packed tensors replace the canonical ones
+        self.shape, self.compute_dtype = w.shape, spec.compute_dtype    # (N, K)
         self.packed, self.scale, self.zero = packed, scale, zero
         self.container = container
         self.perm = perm
-        self.group = spec.weight.group_size
-        w = spec.weight
+        self.group = w.group_size
         # zero points: a [G, N] array only when the checkpoint has them; else one constant (the sign bias)
         self.skinny_zero = zero if w.zero is not None else None
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
@@ -121,9 +121,9 @@ class TritonWNA16Kernel(LinearKernel):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.wna16_triton import wna16_dequantize, wna16_matmul
 
-        n, k = self.spec.weight.shape
+        n, k = self.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                    # [M, K]
+        x2 = x.reshape(-1, k).to(self.compute_dtype)                         # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
         if x2.shape[0] <= SKINNY_MAX_M and not self.skinny_why:
