@@ -243,4 +243,4 @@ def test_quant_linear_end_to_end_online_and_static() -> None:
     tensors = [{"weight": q.data, "weight_scale": q.scale, "input_scale": torch.tensor(0.01)} for q in qs]
     lin = QuantLinear(P, shards, 32)
     lin.load(tensors, fmt, CpuLike(), torch.float32)
-    assert len(lin.kernels) == 1 and lin.kernels[0].spec.weight.granularity is ScaleGranularity.CHANNEL
+    assert len(lin.kernels) == 1 and lin.weight_infos[0].granularity is ScaleGranularity.CHANNEL

@@ -215,7 +215,7 @@ def test_quark_int4fp8_moe_experts_are_int4_per_channel_on_the_reference_path(ti
         torch.testing.assert_close(rel * fp8_scale, d.scale.reshape(-1))
         torch.testing.assert_close(fp8_scale, experts.down_proj[e].detach().abs().max() / 448, rtol=1e-5, atol=0)
     q = [m for m in eng.model.modules() if isinstance(m, QuantLinear) and m.is_quantized]
-    assert q and all(type(k.spec.weight).__name__ == "FloatWeight" for m in q for k in m.kernels)
+    assert q and all(i.kind == "FloatWeight" for m in q for i in m.weight_infos)
     out = eng.generate(input_ids=list(range(5, 37)), sampling_params={"max_new_tokens": 6, "temperature": 0})
     assert len(out["output_ids"]) == 6
 

@@ -47,7 +47,6 @@ class RocmTritonW8A8Kernel(TritonW8A8Kernel):
         if not (fnuz and isinstance(w, FloatWeight) and w.data.dtype == torch.float8_e4m3fn):
             return super().prepare(spec, platform)
         k = super().prepare(LinearSpec(weight_to_fnuz(w), spec.act, spec.compute_dtype), platform)
-        k.spec = spec
         if k.act_scale is not None:
             k.act_scale = k.act_scale * 2.0  # static input scales double with the weights (fact 7)
         return k

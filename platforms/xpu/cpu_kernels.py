@@ -92,7 +92,7 @@ class CpuFp8EmulatedKernel(LinearKernel):
     name = "cpu_fp8_emulated"
 
     def __init__(self, spec: LinearSpec, weight: torch.Tensor):
-        self.spec = spec
+        self.act, self.compute_dtype = spec.act, spec.compute_dtype  # not the spec: no canonical weight
         self.n = weight.shape[0]
         self.gemm = PackedGemm(weight)  # [N, K] fp32 = codes * scale
 
@@ -119,10 +119,10 @@ class CpuFp8EmulatedKernel(LinearKernel):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, k = self.n, x.shape[-1]
         lead = x.shape[:-1]
-        xq = fake_quantize_act(x.reshape(-1, k), self.spec.act)               # [M, K] fp32
+        xq = fake_quantize_act(x.reshape(-1, k), self.act)                    # [M, K] fp32
         b = bias.to(torch.float32) if bias is not None else None
         y = self.gemm(xq, b)                                                  # [M, N] fp32
-        return y.to(self.spec.compute_dtype).reshape(*lead, n)
+        return y.to(self.compute_dtype).reshape(*lead, n)
 
 
 CPU_LINEAR_KERNELS: list[type[LinearKernel]] = [CpuDenseKernel, CpuFp8EmulatedKernel]
@@ -157,7 +157,7 @@ class CpuInt8WeightOnlyKernel(LinearKernel):
     name = "cpu_int8_weight_only"
 
     def __init__(self, spec: LinearSpec, codes: torch.Tensor, scale: torch.Tensor, gemm: PackedGemm | None):
-        self.spec = spec
+        self.compute_dtype = spec.compute_dtype  # not the spec: its fp32 scales are not needed
         self.codes = codes   # [N, K] int8
         self.scale = scale   # [N] bf16
         self.gemm = gemm     # fp32 packed dequantized weight, or None
@@ -190,12 +190,12 @@ class CpuInt8WeightOnlyKernel(LinearKernel):
         x2 = x.reshape(-1, k)                                                  # [M, K]
         if self.gemm is not None and x2.shape[0] > INT8PACK_MAX_M:
             y = self.gemm(x2.to(torch.float32), None if bias is None else bias.to(torch.float32))
-            return y.to(self.spec.compute_dtype).reshape(*lead, n)
+            return y.to(self.compute_dtype).reshape(*lead, n)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.codes, self.scale)
-        if self.spec.compute_dtype != torch.bfloat16:
-            y = y.to(self.spec.compute_dtype)                                  # [M, N]
+        if self.compute_dtype != torch.bfloat16:
+            y = y.to(self.compute_dtype)                                       # [M, N]
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)
@@ -209,7 +209,7 @@ class CpuIntEmulatedKernel(LinearKernel):
     name = "cpu_int_emulated"
 
     def __init__(self, spec: LinearSpec, weight: torch.Tensor):
-        self.spec = spec
+        self.act, self.compute_dtype = spec.act, spec.compute_dtype  # not the spec: no canonical weight
         self.n = weight.shape[0]
         self.gemm = PackedGemm(weight)  # [N, K] fp32
 
@@ -229,9 +229,9 @@ class CpuIntEmulatedKernel(LinearKernel):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         lead = x.shape[:-1]
-        xq = fake_quantize_act(x.reshape(-1, k), self.spec.act)               # [M, K] fp32
+        xq = fake_quantize_act(x.reshape(-1, k), self.act)                    # [M, K] fp32
         y = self.gemm(xq, None if bias is None else bias.to(torch.float32))   # [M, N] fp32
-        return y.to(self.spec.compute_dtype).reshape(*lead, self.n)
+        return y.to(self.compute_dtype).reshape(*lead, self.n)
 
 
 CPU_LINEAR_KERNELS += [CpuInt8WeightOnlyKernel, CpuIntEmulatedKernel]

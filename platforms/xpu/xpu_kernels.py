@@ -68,9 +68,9 @@ class XpuTritonWNA16Kernel(TritonWNA16Kernel):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.wna16_triton import wna16_dequantize, wna16_matmul
 
-        n, k = self.spec.weight.shape
+        n, k = self.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(self.spec.compute_dtype)                      # [M, K]
+        x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
         if x2.shape[0] >= DEQUANT_MIN_M:
@@ -103,7 +103,7 @@ class XpuTritonW8A8Kernel(TritonW8A8Kernel):
 
         n, k = self.data.shape
         lead = x.shape[:-1]
-        y = w8a8_matmul(x.reshape(-1, k).to(self.spec.compute_dtype), self.data, self.w_scale, self.act,
+        y = w8a8_matmul(x.reshape(-1, k).to(self.compute_dtype), self.data, self.w_scale, self.act,
                         self.wscale, self.qmax, self.act_scale)
         if bias is not None:
             y = y + bias.to(y.dtype)
