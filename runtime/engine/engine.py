@@ -198,28 +198,9 @@ def _pick(v, i: int, default):
     return v[i] if isinstance(v, list) else v
 
 
-def _model_tensors(model: torch.nn.Module):
-    """Every tensor the model holds: parameters plus what kernels prepared."""
-    from quantrt.layers.linear import QuantLinear
-
-    yield from model.parameters()
-    kernels = [k for m in model.modules() if isinstance(m, QuantLinear) for k in m.kernels]
-    kernels += [model.tied_head] if getattr(model, "tied_head", None) is not None else []
-    for k in kernels:
-        for v in vars(k).values():
-            if isinstance(v, torch.Tensor):  # a tensor has a __dict__ too: it is the tensor itself
-                inner = [v]
-            elif hasattr(v, "__dict__"):     # e.g. the kernel's LinearSpec, whose canonical weight it keeps
-                inner = list(vars(v).values())
-                w = inner and getattr(v, "weight", None)
-                if w is not None and hasattr(w, "__dict__"):
-                    inner += list(vars(w).values())
-            else:
-                inner = []
-            yield from (t for t in inner if isinstance(t, torch.Tensor) and not t.is_mkldnn)
-
-
 def _model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct tensor the model holds (kernels may alias the canonical weight)."""
-    seen = {(t.device, t.data_ptr()): t.numel() * t.element_size() for t in _model_tensors(model)}
-    return sum(seen.values())
+    """Bytes of every distinct tensor storage the model holds: parameters, buffers and whatever its
+    kernels prepared (held_bytes.py)."""
+    from quantrt.engine.held_bytes import held_bytes
+
+    return held_bytes(model)
