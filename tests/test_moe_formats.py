@@ -139,12 +139,13 @@ def test_int4_packed_kernel_bf16_matches_float64(case):
     assert err < 1e-2, f"relative error {err:.2e}"        # bf16 activations and scales inside the op
 
 
-def test_int8_packed_kernel_w8a8_matches_reference_and_weight_only_bf16():
+@pytest.mark.parametrize("tokens", [11, 120])    # 120: > PACK_MAX_ROWS rows per expert (per-call dequant)
+def test_int8_packed_kernel_w8a8_matches_reference_and_weight_only_bf16(tokens):
     experts = _experts(WEIGHT_ONLY_CASES["int8-channel-sym"])
     act = ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8)
     spec = _spec(experts, act)
     assert CpuMoEInt8PackedKernel.can_implement(spec, CPU) == (True, "")
-    x, w, ids = _routing(11)
+    x, w, ids = _routing(tokens)
     got = CpuMoEInt8PackedKernel.prepare(spec, CPU).apply(x, w, ids)
     ref = ReferenceMoEKernel.prepare(spec, CPU).apply(x, w, ids)
     # int8 codes enter the op exactly as fp32: equal to the reference up to summation order

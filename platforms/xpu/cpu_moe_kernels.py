@@ -12,7 +12,8 @@ Weights stay quantized in memory (packed int4, int8, fp8); nothing is dequantize
   int8 / YAML int8_w8a8), or weight-only in bf16/fp16: per active expert `_weight_int8pack_mm`; for W8A8
   the int8 activation codes go in as fp32 (exact integers, fp32 weight scales, fp32 output) and their
   row scales multiply the output, so W8A8 equals the reference up to summation order; weight-only runs
-  the op's fast bf16 flavour.
+  the op's fast bf16 flavour. An expert with more than PACK_MAX_ROWS rows is dequantized for that call
+  (the op is slow at many rows); the weights stay int8 in memory.
 - `CpuMoEGatherDequantKernel`: every IntWeight and fp8 FloatWeight (tensor / channel / block scales),
   weight-only or with fp8/int8 activations: gathers only the active experts' packed codes, dequantizes
   them in one batched op per projection (int <= 4 bits kept two codes per byte), activations fake-quantized
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from quantrt.layers.moe.experts import fake_quant_rows, grouped_layout, silu_and_mul, uniform_acts
 from quantrt.quant.moe_kernel import MoEKernel, MoESpec
@@ -34,6 +36,8 @@ from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranular
 if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
 
+PACK_MAX_ROWS = 16                 # rows of one expert above which the int8 op's fp32/bf16 path is slower
+#                                    than dequantizing that expert for the call (cpu_kernels.INT8PACK_MAX_M)
 DEQUANT_BUDGET_BYTES = 256 << 20   # fp32 dequantized experts held at once by the gather kernel
 INT4_GROUPS = (256, 128, 64, 32)
 _COMPUTE = (torch.float32, torch.bfloat16, torch.float16)
@@ -194,10 +198,16 @@ class CpuMoEInt8PackedKernel(_SortedMoE):
         return cls(spec, [pack(g, u) for g, u, _ in spec.experts], [pack(d) for _, _, d in spec.experts])
 
     def _mm(self, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        codes, scale = w
         if not self.quant_act:
-            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), *w).float()
+            x = x.to(torch.bfloat16).contiguous()
+            if x.shape[0] > PACK_MAX_ROWS:    # many rows: this expert dequantized for this call only
+                return F.linear(x, codes.to(torch.bfloat16) * scale[:, None]).float()
+            return torch.ops.aten._weight_int8pack_mm(x, codes, scale).float()
         q, s = quantize_act_per_token(x, torch.int8)                           # [c, K] int8, [c, 1]
-        return torch.ops.aten._weight_int8pack_mm(q.to(torch.float32), *w) * s
+        if q.shape[0] > PACK_MAX_ROWS:
+            return F.linear(q.to(torch.float32), codes.to(torch.float32) * scale[:, None]) * s
+        return torch.ops.aten._weight_int8pack_mm(q.to(torch.float32), codes, scale) * s
 
     def _rows(self, xs: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = torch.empty(xs.shape, dtype=torch.float32, device=xs.device)
