@@ -45,7 +45,7 @@ _NO_LIMIT = 2147483647
 _LAYOUTS = ("BSH", "BSND", "BNSD", "TND")
 
 
-def _ends(lengths: Any, what: str) -> list[int]:
+def _ints(lengths: Any) -> list[int]:
     return [int(v) for v in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
 
 
@@ -96,10 +96,10 @@ def _per_seq_kv(x: torch.Tensor, layout: str, nkv: int, d: int, lens: list[int] 
             _check(bool((blocks >= 0).all() and (blocks < x.shape[0]).all()), f"block_table[{b}] out of range")
             out.append(flat[blocks * bs + j % bs].transpose(0, 1))
         return out
-    return [t for t in _per_seq_q(x, layout, nkv, lens)]
+    return _per_seq_q(x, layout, nkv, lens)
 
 
-def _allowed(mode: int, sq: int, skv: int, mask: torch.Tensor | None, b: int, n: int, pre: int, nxt: int
+def _allowed(mode: int, sq: int, skv: int, mask: torch.Tensor | None, b: int, pre: int, nxt: int
              ) -> torch.Tensor:
     """[N or 1, Sq, Skv] bool: True where query i may attend key j (atten_mask: 1/True = masked)."""
     i, j = torch.arange(sq)[:, None], torch.arange(skv)[None, :]
@@ -151,8 +151,8 @@ class EmulatedNpuAttentionOps:
         n = num_heads
         nkv = num_key_value_heads or n
         _check(n % nkv == 0, f"num_heads {n} is not a multiple of num_key_value_heads {nkv}")
-        q_lens = None if actual_seq_lengths is None else _ends(actual_seq_lengths, "actual_seq_lengths")
-        kv_lens = None if actual_seq_lengths_kv is None else _ends(actual_seq_lengths_kv, "actual_seq_lengths_kv")
+        q_lens = None if actual_seq_lengths is None else _ints(actual_seq_lengths)
+        kv_lens = None if actual_seq_lengths_kv is None else _ints(actual_seq_lengths_kv)
         qs = _per_seq_q(query, input_layout, n, q_lens)
         d = qs[0].shape[-1]
         ks = _per_seq_kv(key, input_layout, nkv, d, kv_lens, block_table, block_size, len(qs))
@@ -163,7 +163,7 @@ class EmulatedNpuAttentionOps:
             kb = kb.to(torch.float32).repeat_interleave(n // nkv, 0)            # [N, Skv, D] (head h -> h // G)
             vb = vb.to(torch.float32).repeat_interleave(n // nkv, 0)
             s = (qb.to(torch.float32) @ kb.transpose(1, 2)) * scale             # [N, Sq, Skv] fp32
-            ok = _allowed(sparse_mode, qb.shape[1], kb.shape[1], atten_mask, b, n, pre_tokens, next_tokens)
+            ok = _allowed(sparse_mode, qb.shape[1], kb.shape[1], atten_mask, b, pre_tokens, next_tokens)
             s = s.masked_fill(~ok, float("-inf"))
             lse = torch.logsumexp(s, -1, keepdim=True)                           # [N, Sq, 1]
             p = torch.where(ok, (s - lse).exp(), 0.0)                            # fully masked rows: zeros
