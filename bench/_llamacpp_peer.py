@@ -6,7 +6,8 @@
 Greedy decoding (top_k=1, temp 0) of `new` tokens after the given prompt ids, batch 1, EOS ignored
 (tokens are taken from `Llama.generate` until `new` have come). The KV cache is reset before every
 run, so no prefix is reused. One warm-up, then best of `repeats` for `new` and for `short` tokens.
-Prints one JSON line: {"t_long", "t_short", "tokens", "version", "system_info"}.
+Prints one JSON line: {"t_long", "t_short", "c_long", "c_short" (process CPU seconds, all threads),
+"tokens", "version", "system_info"}.
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ def main() -> None:
                 break
         return out
 
-    def best(n: int) -> tuple[float, list[int]]:
-        t, out = float("inf"), []
+    def best(n: int) -> tuple[float, float, list[int]]:
+        t, cpu, out = float("inf"), float("inf"), []
         for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run(n)
-            t = min(t, time.perf_counter() - t0)
-        return t, out
+            t, cpu = min(t, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+        return t, cpu, out
 
     run(spec["short"])  # warm-up
-    t_long, tokens = best(spec["new"])
-    t_short, _ = best(spec["short"])
-    print(json.dumps({"t_long": t_long, "t_short": t_short, "tokens": tokens,
+    t_long, c_long, tokens = best(spec["new"])
+    t_short, c_short, _ = best(spec["short"])
+    print(json.dumps({"t_long": t_long, "t_short": t_short, "c_long": c_long, "c_short": c_short, "tokens": tokens,
                       "version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}))
 
 

@@ -10,7 +10,9 @@ ratios printed under the table. `--profile-bf16`: torch.profiler top ops of the 
 
 Every row: greedy decoding of `--new` tokens (ignore EOS) after an 8-token prompt, batch 1 and 16,
 one warm-up per (config, batch). `tok/s` = batch*new / time, prefill included. `steady` is the
-prefill-free step time, (time(new) - time(short)) / (new - short). `ratio` compares tok/s with
+prefill-free step time, (time(new) - time(short)) / (new - short); `steady CPU` is the same difference of
+process CPU time (all threads; spin-waiting counts): on a shared box, `--threads 1` makes it the work per
+step, which contention barely moves, while wall times can double. `ratio` compares tok/s with
 HF fp32 at the same batch; `same` is the share of rows whose tokens equal HF fp32's.
 
 Peer row "llama.cpp (gguf)": when the llama-cpp-python venv exists (a benchmark-only dependency,
@@ -62,6 +64,7 @@ def quantrt_generate(model_path: str, **kw) -> tuple[Generate, object, Callable[
         params = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
         return [o["output_ids"] for o in engine.generate(input_ids=ids, sampling_params=params)]
 
+    gen.engine = engine  # type: ignore[attr-defined]  (profile_bf16's wall breakdown hooks its modules)
     return gen, engine.tokenizer, lambda: getattr(engine, "shutdown", lambda: None)()
 
 
@@ -79,16 +82,21 @@ def hf_generate(model) -> Generate:
 def timed(gen: Generate, ids: list[list[int]], n: int, repeats: int) -> tuple[float, list[list[int]]]:
     best, out = float("inf"), []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = gen(ids, n)
         best = min(best, time.perf_counter() - t0)
+        _CPU[n] = min(_CPU.get(n, float("inf")), time.process_time() - c0)
     return best, out
+
+
+_CPU: dict[int, float] = {}  # best process CPU seconds per token count of the last config (all threads)
 
 
 def bench_config(name: str, gen: Generate, tok, args, rows: list[dict], ref: dict) -> None:
     for bs in args.batches:
         ids = prompts(tok, bs)
         gen(ids, args.short)  # warm-up
+        _CPU.clear()
         t_long, out = timed(gen, ids, args.new, args.repeats)
         t_short, _ = timed(gen, ids, args.short, args.repeats)
         assert all(len(o) == args.new for o in out), f"{name}: wrong output length"
@@ -99,6 +107,7 @@ def bench_config(name: str, gen: Generate, tok, args, rows: list[dict], ref: dic
                "steady_ms_per_step": 1e3 * (t_long - t_short) / (args.new - args.short),
                "same_as_hf_fp32": (sum(a == b for a, b in zip(out, ref[bs])) / bs) if bs in ref else None}
         row["steady_tok_s"] = bs * 1e3 / row["steady_ms_per_step"]
+        row["steady_cpu_ms_per_step"] = 1e3 * (_CPU[args.new] - _CPU[args.short]) / (args.new - args.short)
         rows.append(row)
         print(f"  {name:22s} bs={bs:<3d} {row['tok_s']:8.1f} tok/s  {row['ms_per_step']:7.1f} ms/step  "
               f"steady {row['steady_ms_per_step']:7.1f} ms", flush=True)
@@ -132,6 +141,7 @@ def bench_llamacpp(gguf: str, tok, args, rows: list[dict], ref: dict) -> None:
            "same_as_hf_fp32": float(out["tokens"] == ref[1][0]) if 1 in ref else None,
            "llama_cpp_version": out["version"], "tokens": out["tokens"]}
     row["steady_tok_s"] = 1e3 / row["steady_ms_per_step"]
+    row["steady_cpu_ms_per_step"] = 1e3 * (out["c_long"] - out["c_short"]) / (args.new - args.short)
     rows.append(row)
     print(f"  {'llama.cpp (gguf)':22s} bs=1   {row['tok_s']:8.1f} tok/s  {row['ms_per_step']:7.1f} ms/step  "
           f"steady {row['steady_ms_per_step']:7.1f} ms", flush=True)
@@ -221,6 +231,7 @@ def profile_bf16(n: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         gen(ids, n)
     wall = time.perf_counter() - t0
+    walls = wall_breakdown(gen, ids, n)
     close()
     ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ev)
@@ -230,7 +241,62 @@ def profile_bf16(n: int) -> dict:
           f"{sum(e.count for e in ev) / n:.0f} aten calls/step")
     for t in top:
         print(f"    {t['op']:48s} {100 * t['share']:5.1f}%  {t['calls_per_step']:6.1f}/step  {t['us_per_call']:8.1f} us")
-    return {"profile_bf16_ms_per_step": 1e3 * wall / n, "top": top}
+    return {"profile_bf16_ms_per_step": 1e3 * wall / n, "top": top, "wall_ms_per_step": walls}
+
+
+def wall_breakdown(gen, ids: list[list[int]], n: int, short: int = 8) -> dict[str, float]:
+    """Per decode step wall time (ms) inside each kind of module (forward hooks; the tied head's kernel
+    wrapped), from the difference of an n-token and a short run; 'rest' = step minus all of them."""
+    from collections import defaultdict
+
+    from quantrt.layers.attention import PagedAttention
+    from quantrt.layers.linear import QuantLinear
+    from quantrt.layers.norm import RMSNorm
+
+    engine = gen.engine
+    acc: dict[str, float] = defaultdict(float)
+    started: dict[int, float] = {}
+    handles = []
+    for mname, m in engine.model.named_modules():
+        if isinstance(m, QuantLinear):
+            name = mname.rsplit(".", 1)[-1]
+        elif isinstance(m, PagedAttention):
+            name = "attention (KV write + gather + SDPA)"
+        elif isinstance(m, RMSNorm):
+            name = "rms_norm"
+        else:
+            continue
+        handles.append(m.register_forward_pre_hook(lambda mod, a: started.__setitem__(id(mod), time.perf_counter())))
+        handles.append(m.register_forward_hook(
+            lambda mod, a, o, name=name: acc.__setitem__(name, acc[name] + time.perf_counter() - started[id(mod)])))
+    head = getattr(engine.model, "tied_head", None)
+    if head is not None:
+        orig = head.apply
+
+        def timed(x, b):
+            t0 = time.perf_counter()
+            y = orig(x, b)
+            acc["lm_head (tied)"] += time.perf_counter() - t0
+            return y
+
+        head.apply = timed
+    totals = []
+    for steps in (n, short):
+        acc.clear()
+        t0 = time.perf_counter()
+        gen(ids, steps)
+        totals.append((time.perf_counter() - t0, dict(acc)))
+    for h in handles:
+        h.remove()
+    if head is not None:
+        del head.apply
+    (t_long, a_long), (t_short, a_short) = totals
+    per = {k: 1e3 * (a_long[k] - a_short.get(k, 0.0)) / (n - short) for k in a_long}
+    per["rest (rotary, residual adds, SiLU, Python, engine)"] = 1e3 * (t_long - t_short) / (n - short) - sum(per.values())
+    per["step"] = 1e3 * (t_long - t_short) / (n - short)
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        print(f"    wall {k:52s} {v:7.2f} ms/step")
+    return per
 
 
 def kernel_shapes() -> dict:
@@ -249,23 +315,34 @@ def kernel_shapes() -> dict:
     out = {}
     shapes = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
               "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
+    # each call takes the next of `copies` weights (30 = one per layer, like a decode step), so the
+    # working set is the model's and not a cache-resident single matrix
     print("\n| shape [N, K] | int4 pack g32 (bf16) | int8 pack (bf16) | fp32 oneDNN packed | fp32 F.linear | bf16 F.linear |")
     print("|---|---|---|---|---|---|")
     for name, (n, k) in shapes.items():
+        copies = 1 if n > 10000 else 30
         x = torch.randn(1, k)
         xb = x.bfloat16()
-        w = torch.randn(n, k)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
-        sz = torch.rand(k // 32, n, 2).bfloat16()
-        c8, s8 = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n).bfloat16()
-        wp = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-        wb = w.bfloat16()
-        reps = 5 if n > 10000 else 50
-        row = {"int4": clock(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz), reps),
-               "int8": clock(lambda: torch.ops.aten._weight_int8pack_mm(xb, c8, s8), reps),
-               "fp32_onednn": clock(lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""), reps),
-               "fp32": clock(lambda: torch.nn.functional.linear(x, w), reps),
-               "bf16": clock(lambda: torch.nn.functional.linear(xb, wb), reps)}
+        w = [torch.randn(n, k) for _ in range(copies)]
+        packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+                  for _ in range(copies)]
+        sz = [torch.rand(k // 32, n, 2).bfloat16() for _ in range(copies)]
+        c8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
+        s8 = [torch.rand(n).bfloat16() for _ in range(copies)]
+        wp = [torch.ops.mkldnn._reorder_linear_weight(t, 16) for t in w]
+        wb = [t.bfloat16() for t in w]
+        reps = 5 if n > 10000 else 60
+        it = iter(range(10**9))
+
+        def nxt() -> int:
+            return next(it) % copies
+
+        row = {"int4": clock(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[(i := nxt())], 32, sz[i]), reps),
+               "int8": clock(lambda: torch.ops.aten._weight_int8pack_mm(xb, c8[(i := nxt())], s8[i]), reps),
+               "fp32_onednn": clock(lambda: torch.ops.mkldnn._linear_pointwise(x, wp[nxt()], None, "none", [], ""), reps),
+               "fp32": clock(lambda: torch.nn.functional.linear(x, w[nxt()]), reps),
+               "bf16": clock(lambda: torch.nn.functional.linear(xb, wb[nxt()]), reps)}
+        del w, packed, sz, c8, s8, wp, wb
         out[name] = row
         print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |", flush=True)
     return {"kernels_us": out, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
@@ -273,25 +350,27 @@ def kernel_shapes() -> dict:
 
 def print_table(rows: list[dict]) -> None:
     base = {r["batch"]: r["tok_s"] for r in rows if r["config"] == "hf fp32"}
-    print("\n| engine / method | batch | tok/s | ms/step | steady ms/step | steady tok/s | vs HF fp32 | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| engine / method | batch | tok/s | ms/step | steady ms/step | steady tok/s | steady CPU ms/step | vs HF fp32 | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r["batch"]):
         same = "-" if r["same_as_hf_fp32"] is None else f"{100 * r['same_as_hf_fp32']:.0f}%"
         ratio = f"{r['tok_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
         print(f"| {r['config']} | {r['batch']} | {r['tok_s']:.1f} | {r['ms_per_step']:.1f} | "
-              f"{r['steady_ms_per_step']:.1f} | {r['steady_tok_s']:.1f} | {ratio} | {same} |")
+              f"{r['steady_ms_per_step']:.1f} | {r['steady_tok_s']:.1f} | {r['steady_cpu_ms_per_step']:.1f} | {ratio} | {same} |")
     own = {r["batch"]: r for r in rows if r["config"] == "quantrt bf16 (export)"}
     for r in rows:
         if r["config"].startswith(("quantrt int8wo", "quantrt int4wo")) and r["batch"] in own:
             o = own[r["batch"]]
             print(f"{r['config']} vs quantrt bf16 (export), batch {r['batch']}: {r['tok_s'] / o['tok_s']:.2f}x tok/s, "
-                  f"{o['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady")
+                  f"{o['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady, "
+                  f"{o['steady_cpu_ms_per_step'] / r['steady_cpu_ms_per_step']:.2f}x steady CPU time")
     peer = {r["batch"]: r for r in rows if r["config"] == "llama.cpp (gguf)"}
     for r in rows:
         if r["config"] == "quantrt bf16 (gguf)" and r["batch"] in peer:
             p = peer[r["batch"]]
             print(f"quantrt bf16 (native Q4_1) vs llama.cpp, batch {r['batch']}: {r['tok_s'] / p['tok_s']:.2f}x tok/s, "
-                  f"{p['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady")
+                  f"{p['steady_ms_per_step'] / r['steady_ms_per_step']:.2f}x steady, "
+                  f"{p['steady_cpu_ms_per_step'] / r['steady_cpu_ms_per_step']:.2f}x steady CPU time")
 
 
 def main() -> None:
