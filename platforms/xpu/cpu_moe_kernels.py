@@ -88,7 +88,7 @@ class _SortedMoE(MoEKernel):
     """Shared apply: sort pairs by expert, `_rows` computes the sorted rows, weight, scatter back."""
 
     def __init__(self, spec: MoESpec):
-        self.spec = spec
+        self.num_experts, self.compute_dtype = spec.num_experts, spec.compute_dtype  # not the canonical experts
         self.acts13 = [a[0] for a in spec.acts]
         self.acts2 = [a[2] for a in spec.acts]
 
@@ -97,11 +97,11 @@ class _SortedMoE(MoEKernel):
         raise NotImplementedError
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        order, tok, seg, counts = grouped_layout(ids, self.spec.num_experts)
+        order, tok, seg, counts = grouped_layout(ids, self.num_experts)
         y = self._rows(x[tok], seg, counts)                                    # [T*k, H] fp32
         y = y * weights.flatten()[order, None].to(torch.float32)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y)
-        return out.to(self.spec.compute_dtype)
+        return out.to(self.compute_dtype)
 
 
 # -- per active expert: torch's packed int4 / int8 CPU GEMMs -----------------------------------------------

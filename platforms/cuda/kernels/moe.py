@@ -120,7 +120,9 @@ class TritonMoEKernel(MoEKernel):
 
     def __init__(self, spec: MoESpec, wkind: int, w13: tuple, w2: tuple) -> None:
         """w13 / w2: (tensors, fp8 block or None, int container bits) of the gate+up and down GEMMs."""
-        self.spec, self.wkind, self.w13, self.w2 = spec, wkind, w13, w2
+        self.wkind, self.w13, self.w2 = wkind, w13, w2   # not the spec: its canonical experts are repacked
+        self.hidden, self.inter, self.num_experts, self.compute_dtype = (spec.hidden, spec.inter, spec.num_experts,
+                                                                         spec.compute_dtype)
         self.act_in, self.act_down = spec.acts[0][0], spec.acts[0][2]
 
     @classmethod
@@ -182,11 +184,11 @@ class TritonMoEKernel(MoEKernel):
         from quantrt.platforms.cuda.kernels.moe_triton import MoeConfig, moe_align
 
         t, k = ids.shape
-        h, i = self.spec.hidden, self.spec.inter
+        h, i = self.hidden, self.inter
         p = t * k
-        dt = self.spec.compute_dtype
-        cfg = MoeConfig() if p <= 16 * self.spec.num_experts else MoeConfig(64, 128, 64, 4, 3)
-        sorted_ids, expert_ids = moe_align(ids, self.spec.num_experts, cfg.block_m)
+        dt = self.compute_dtype
+        cfg = MoeConfig() if p <= 16 * self.num_experts else MoeConfig(64, 128, 64, 4, 3)
+        sorted_ids, expert_ids = moe_align(ids, self.num_experts, cfg.block_m)
         xa = x if self.act_in.kind is ActKind.NONE else fake_quantize_act(x, self.act_in)
         gu = self._gemm(xa.to(dt), self.w13, 2 * i, sorted_ids, expert_ids, p, k, None, cfg)   # [P, 2I] fp32
         hh = F.silu(gu[:, :i]) * gu[:, i:]                                                       # [P, I] fp32
