@@ -15,6 +15,16 @@ if not torch.cuda.is_available():
 from tests.helpers_models import ARCHS, build_model, build_tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def keep_canonical_moe_weights():
+    """MoE tests compare the canonical expert weights with the checkpoint: keep them after loading
+    (production drops them; tests/test_weight_memory.py checks that with this switched off)."""
+    from quantrt.layers.moe.layer import FusedMoE
+
+    FusedMoE.keep_canonical = True
+    yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokenizer")

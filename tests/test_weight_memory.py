@@ -132,3 +132,32 @@ def test_gguf_q4_0_holds_its_packed_size(tiny_models, tmp_path, monkeypatch):
     ref = Engine(model_path=str(paths["BF16"]), tokenizer_path=tok, dtype="bfloat16", max_total_tokens=256)
     assert _kernels(eng) == {"cpu_int4_packed"} and not _kernels(ref)
     assert check_size(eng, ref, int4_g32) < reachable_bytes(ref.model)
+
+
+def _expert_shapes(eng: Engine) -> list[tuple[int, int]]:
+    """(N, K) of every routed expert's gate+up [2I, H] and down [H, I] GEMM."""
+    from quantrt.layers.moe.layer import FusedMoE
+
+    moes = [m for m in eng.model.modules() if isinstance(m, FusedMoE)]
+    return [s for m in moes for _ in range(m.routing.num_experts) for s in ((2 * m.inter, m.hidden), (m.hidden, m.inter))]
+
+
+@pytest.mark.parametrize("config,packed,kernel", [("int4wo-32", int4_g32, "cpu_moe_int4_packed"),
+                                                  ("int8wo", int8_channel, "cpu_moe_int8_packed")])
+def test_moe_holds_its_packed_size(tiny_models, monkeypatch, config, packed, kernel):
+    from quantrt.layers.moe.layer import FusedMoE
+
+    monkeypatch.setattr(FusedMoE, "keep_canonical", False)  # production: no canonical experts after loading
+    path = str(tiny_models["qwen3_moe"][0])
+    ref = Engine(model_path=path, dtype="bfloat16", max_total_tokens=256)
+    eng = Engine(model_path=path, dtype="bfloat16", torchao_config=config, max_total_tokens=256)
+    moes = [m for m in eng.model.modules() if isinstance(m, FusedMoE)]
+    assert moes and {m.impl for m in moes} == {kernel} and all(m.qexperts is None for m in moes)
+    experts = _expert_shapes(eng)
+    assert experts == _expert_shapes(ref)
+    shapes = [nk for s in linear_shapes(eng).values() for nk in s]
+    ref_bytes = reachable_bytes(ref.model)
+    want = (ref_bytes - sum(2 * n * k for n, k in shapes + experts) + sum(packed(n, k) for n, k in shapes + experts))
+    got = reachable_bytes(eng.model)
+    assert abs(got - want) <= 0.002 * want and got < ref_bytes, (got, want, ref_bytes)
+    assert _model_bytes(eng.model) == got

@@ -41,7 +41,13 @@ class SharedExpert(nn.Module):
 class FusedMoE(nn.Module):
     """prefix: checkpoint path of the block ("model.layers.3.mlp"); names: the expert projections'
     checkpoint names in (gate, up, down) order; shared_inter > 0 adds a shared expert at
-    `<prefix>.<shared_name>`, gated by sigmoid(`shared_expert_gate`) when shared_gate."""
+    `<prefix>.<shared_name>`, gated by sigmoid(`shared_expert_gate`) when shared_gate.
+
+    After loading, the block keeps only its prepared kernel (which holds what it computes with), not the
+    canonical expert weights: `keep_canonical = True` (tests that compare them with the checkpoint) keeps
+    `spec` / `qexperts` at the cost of their full size beside the kernel's tensors."""
+
+    keep_canonical = False
 
     def __init__(self, prefix: str, hidden: int, inter: int, routing: RoutingConfig,
                  names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), router: str = "gate",
@@ -100,10 +106,12 @@ class FusedMoE(nn.Module):
         self.kernel = choice.kernel.prepare(self.spec, platform)
         self.impl, self.kernel_choice = choice.kernel.name, choice.explain()
         log.info("%s: %s -> MoE kernel %s", self.prefix, self.spec.describe(), self.kernel_choice)
+        if not self.keep_canonical:
+            self.spec = None  # the kernel holds what it needs (the reference kernel: the canonical experts)
 
     @property
     def qexperts(self) -> tuple | None:
-        """Per expert (gate, up, down) canonical weights when they are quantized, else None."""
+        """Per expert (gate, up, down) canonical weights when they are quantized and kept, else None."""
         return None if self.spec is None or self.spec.schemes() == {"dense"} else self.spec.experts
 
     # -- compute ------------------------------------------------------------------------------
