@@ -54,6 +54,30 @@ METHODS: dict[str, dict[str, str]] = {
     "none (bfloat16)": {"dtype": "bfloat16"},
     "yaml int8_w8a8.yaml": {"quantization_config_path": "int8_w8a8"},
 }
+# name -> auto-round RTN (iters=0) export of the fp32 checkpoint (made once in auto-round's own venv,
+# cached under .cache/autoround-smollm2/), loaded by quantrt as a pre-quantized auto-round checkpoint
+# Asymmetric 4-bit: auto-round 0.16.1's format="auto_round" crashes on it (its AWQ packer), and its AWQ
+# packer refuses K=576 at g128 (a partial last group), so g32/g64 are exported as auto_awq, g128 as auto_gptq.
+AUTOROUND: dict[str, dict] = {
+    f"auto-round W{b} g{g}{'' if sym else ' asym'}": {
+        "bits": b, "group_size": g, "sym": sym,
+        "format": "auto_round" if sym else ("auto_awq" if 576 % g == 0 else "auto_gptq")}
+    for b, g, sym in ((4, 32, True), (4, 64, True), (4, 128, True), (8, 128, True),
+                      (4, 32, False), (4, 64, False), (4, 128, False))
+}
+AUTOROUND_DIR = Path(__file__).resolve().parents[1] / ".cache" / "autoround-smollm2"
+
+
+def autoround_checkpoint(name: str, src: str) -> str:
+    """The directory holding config.json of auto-round's export for `name`, produced on first use."""
+    from tests.producers import autoround_produce
+
+    dst = AUTOROUND_DIR / name.replace(" ", "_")
+    if not (dst / ".complete").exists():
+        autoround_produce([(Path(src), dst, AUTOROUND[name])], timeout=1800)
+        (dst / ".complete").write_text("")
+    (cfg,) = [p.parent for p in dst.rglob("config.json")]
+    return str(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype of every row except the fp32 reference")
     args = ap.parse_args(argv)
-    chosen = {m: kw for m, kw in METHODS.items()
+    chosen = {m: kw for m, kw in {**METHODS, **{a: {} for a in AUTOROUND}}.items()
               if m == "fp32" or not args.methods or m in args.methods.split(",")}
 
     path = export_hf_checkpoint(args.export_dir)
@@ -79,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         kw = dict(kw)
         if m != "fp32":
             kw.setdefault("dtype", args.dtype)
-        e = Engine(model_path=path, max_total_tokens=args.ctx + 64, random_seed=0, **kw)
+        mpath = autoround_checkpoint(m, path) if m in AUTOROUND else path
+        e = Engine(model_path=mpath, max_total_tokens=args.ctx + 64, random_seed=0, **kw)
         if m != "fp32":
             notes.append(f"- {m}: {layer_summary(e)}")
         wins = windows(botchan_ids(e.tokenizer), args.windows, args.ctx)
