@@ -107,7 +107,8 @@ def test_fp4_split_k_counters_reset():
     w = make_micro_weight(32, 512, "nvfp4", gen)
     packed, scale, skind, post = pack_micro_weight(w)
     ref = None
-    for m, cfg in ((1, Fp4Config(1, 16, 64, 4)), (3, Fp4Config(16, 16, 64, 2))):
+    for m, cfg in ((1, Fp4Config(1, 16, 64, 4)), (3, Fp4Config(16, 16, 64, 2)),
+                   (5, Fp4Config(16, 16, 128, 2, swap=True))):
         x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
         ref = x.double() @ w.dequantize(torch.float64).t()
         for _ in range(2):  # the second call reuses the counters the first one reset
@@ -132,6 +133,23 @@ def test_fp4_kernel_registered():
     from quantrt.quant.kernel import select_linear_kernel
 
     assert select_linear_kernel(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM).kernel is TritonFp4Kernel
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m", [2, 9, 16])
+def test_fp4_swap_native(kind, m):
+    """The swapped-operand tl.dot path (y^T = W^T x^T) vs the reference kernel."""
+    from quantrt.platforms.cuda.kernels.fp4_triton import Fp4Config, fp4_matmul
+
+    gen = torch.Generator().manual_seed(m)
+    w = make_micro_weight(4096, 4096, kind, gen)
+    spec = LinearSpec(w, ActScheme(), torch.bfloat16)
+    packed, scale, skind, post = pack_micro_weight(w)
+    x = torch.randn(m, 4096, generator=gen).to(DEV, torch.bfloat16)
+    for cfg in (Fp4Config(16, 64, 256, 0, 4, 3, 4, True), Fp4Config(16, 128, 128, 0, 8, 3, 4, True)):
+        y = fp4_matmul(x, packed, scale, w.block, skind, post, cfg)
+        assert rel_err(y, ReferenceLinearKernel.prepare(spec, PLATFORM).apply(x, None)) < 1e-2
 
 
 @pytest.mark.accelerator

@@ -37,6 +37,7 @@ class Fp4Config:
     num_warps: int = 4
     num_stages: int = 2
     waves: int = 4
+    swap: bool = False        # M > 1: y^T = W^T x^T (dequantized weight as the register A operand)
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _scale(s_ptr, offs, mask, SCALE_KIND: tl.constexpr):
 def _fp4_kernel(x_ptr, p_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, post, M, N, K, stride_xm,
                 K_PER_SPLIT: tl.constexpr, B: tl.constexpr, SCALE_KIND: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
-                DOT_F32: tl.constexpr):
+                DOT_F32: tl.constexpr, SWAP: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -84,7 +85,9 @@ def _fp4_kernel(x_ptr, p_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, post, M, N, K, stri
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
     offs_j = tl.arange(0, RK)
-    if USE_DOT:
+    if SWAP:  # y^T = W^T x^T: the dequantized [BN, BK/8] planes are the A operand (tc_wna16's lesson)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    elif USE_DOT:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     else:
         acc2 = tl.zeros([RK, BN], dtype=tl.float32)
@@ -92,38 +95,61 @@ def _fp4_kernel(x_ptr, p_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, post, M, N, K, stri
     for kt in range(0, K_PER_SPLIT, BK):
         kj = k_start + kt + offs_j * 8                        # [RK] first k of each packed row
         mrow = kj < K
-        mask_w = mrow[:, None] & mask_n[None, :]
-        p = tl.load(p_ptr + (kj // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-        s = _scale(s_ptr, (kj // B)[:, None] * N + offs_n[None, :], mask_w, SCALE_KIND)   # [RK, BN]
-        if USE_DOT:
+        if SWAP:
+            mask_t = mask_n[:, None] & mrow[None, :]
+            p = tl.load(p_ptr + (kj // 8)[None, :] * N + offs_n[:, None], mask=mask_t, other=0)   # [BN, RK]
+            s = _scale(s_ptr, (kj // B)[None, :] * N + offs_n[:, None], mask_t, SCALE_KIND)
             for i in tl.static_range(4):
                 c_lo, c_hi = _e2m1_pair(p, i)
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kj + i)[None, :],
-                            mask=mask_m[:, None] & mrow[None, :], other=0.0)  # [BM, RK]
-                b = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kj + i + 4)[None, :],
-                            mask=mask_m[:, None] & mrow[None, :], other=0.0)
-                w = (c_lo * s).to(a.dtype)                    # exact for e4m3 / e8m0 scales
+                a = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kj + i)[:, None],
+                            mask=mask_m[None, :] & mrow[:, None], other=0.0)  # [RK, BM]
+                b = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kj + i + 4)[:, None],
+                            mask=mask_m[None, :] & mrow[:, None], other=0.0)
+                w = (c_lo * s).to(a.dtype)
                 w2 = (c_hi * s).to(a.dtype)
-                if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
-                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-                    acc += tl.dot(b.to(tl.float32), w2.to(tl.float32))
+                if DOT_F32:
+                    acc += tl.dot(w.to(tl.float32), a.to(tl.float32))
+                    acc += tl.dot(w2.to(tl.float32), b.to(tl.float32))
                 else:
-                    acc += tl.dot(a, w)
-                    acc += tl.dot(b, w2)
+                    acc += tl.dot(w, a)
+                    acc += tl.dot(w2, b)
         else:
-            t = tl.zeros([RK, BN], dtype=tl.float32)
-            for i in tl.static_range(4):
-                c_lo, c_hi = _e2m1_pair(p, i)
-                a1 = tl.load(x_ptr + kj + i, mask=mrow, other=0.0).to(tl.float32)      # [RK]
-                a2 = tl.load(x_ptr + kj + i + 4, mask=mrow, other=0.0).to(tl.float32)
-                t += c_lo * a1[:, None] + c_hi * a2[:, None]
-            acc2 += t * s
+            mask_w = mrow[:, None] & mask_n[None, :]
+            p = tl.load(p_ptr + (kj // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+            s = _scale(s_ptr, (kj // B)[:, None] * N + offs_n[None, :], mask_w, SCALE_KIND)   # [RK, BN]
+            if USE_DOT:
+                for i in tl.static_range(4):
+                    c_lo, c_hi = _e2m1_pair(p, i)
+                    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kj + i)[None, :],
+                                mask=mask_m[:, None] & mrow[None, :], other=0.0)  # [BM, RK]
+                    b = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kj + i + 4)[None, :],
+                                mask=mask_m[:, None] & mrow[None, :], other=0.0)
+                    w = (c_lo * s).to(a.dtype)                    # exact for e4m3 / e8m0 scales
+                    w2 = (c_hi * s).to(a.dtype)
+                    if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
+                        acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+                        acc += tl.dot(b.to(tl.float32), w2.to(tl.float32))
+                    else:
+                        acc += tl.dot(a, w)
+                        acc += tl.dot(b, w2)
+            else:
+                t = tl.zeros([RK, BN], dtype=tl.float32)
+                for i in tl.static_range(4):
+                    c_lo, c_hi = _e2m1_pair(p, i)
+                    a1 = tl.load(x_ptr + kj + i, mask=mrow, other=0.0).to(tl.float32)      # [RK]
+                    a2 = tl.load(x_ptr + kj + i + 4, mask=mrow, other=0.0).to(tl.float32)
+                    t += c_lo * a1[:, None] + c_hi * a2[:, None]
+                acc2 += t * s
     if USE_DOT:
         out = acc * post
     else:
         out = (tl.sum(acc2, axis=0) * post)[None, :]          # [1, BN] (M == 1, BM == 1)
-    ym = offs_m[:, None] * N + offs_n[None, :]
-    ymask = mask_m[:, None] & mask_n[None, :]
+    if SWAP:
+        ym = offs_m[None, :] * N + offs_n[:, None]            # acc is [BN, BM]
+        ymask = mask_m[None, :] & mask_n[:, None]
+    else:
+        ym = offs_m[:, None] * N + offs_n[None, :]
+        ymask = mask_m[:, None] & mask_n[None, :]
     if SPLIT == 1:
         tl.store(y_ptr + ym, out.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
@@ -169,6 +195,7 @@ def fp4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block
     _fp4_kernel[(n_tiles, split, m_tiles)](
         x, packed, scale, y, ws, cnt, post, m, n, k, x.stride(0), k_per_split, B=block, SCALE_KIND=scale_kind,
         BM=bm, BN=cfg.block_n, BK=cfg.block_k, SPLIT=split, USE_DOT=use_dot, DOT_F32=interpret_mode(),
+        SWAP=use_dot and cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
