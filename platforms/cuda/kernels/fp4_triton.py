@@ -13,7 +13,8 @@ B % 8 == 0, so a packed row lies in one scale block.
   M == 1 (USE_DOT False): the 8 codes of a packed row are summed against x in fp32, then multiplied by
     their block scale once (one FMA per weight); split-K partials reduced by the last program to arrive.
   1 < M < DEQUANT_MIN_M (USE_DOT True): per plane i a [BM, BK/8] x [BK/8, BN] tl.dot with the weight
-    tile dequantized to the compute dtype (e2m1 x e4m3/e8m0 products are exact in bf16/fp16).
+    tile dequantized to the compute dtype (e2m1 x e4m3/e8m0 products are exact in bf16/fp16); for
+    M <= 16 with swapped operands (SWAP: [BN, BK/8] x [BK/8, 16], the weight plane as the A operand).
   M >= DEQUANT_MIN_M: `fp4_dequantize` to [K, N] then cuBLAS.
 """
 
@@ -166,10 +167,13 @@ def _fp4_kernel(x_ptr, p_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, post, M, N, K, stri
 
 
 def default_config(m: int, n: int, k: int) -> Fp4Config:
+    """From the H100 sweep at 8192² (`bench/kernels.py --fp4-moe-attn`, docs/PERFORMANCE.md): M = 1 GEMV
+    BN 128 / BK 256 (nvfp4 30.4, mxfp4 29.2 us eager); 2 <= M <= 16 swapped operands BN 128 / BK 128,
+    4 warps, 3 stages (35-39 us; unswapped 41-51 us at its best tile, 68 us before)."""
     if m == 1:
-        return Fp4Config(1, 64, 512, 0, 4, 2, 4)
+        return Fp4Config(1, 128, 256, 0, 4, 2, 4)
     if m <= 16:
-        return Fp4Config(16, 64, 256, 0, 4, 3, 4)
+        return Fp4Config(16, 128, 128, 0, 4, 3, 4, True)
     return Fp4Config(32, 128, 256, 0, 4, 3, 2)
 
 
