@@ -484,9 +484,13 @@ def test_paged_attention_hook_native(kv, window, sink, monkeypatch):
 
 
 def _greedy(engine, prompts):
+    """Per prompt: [(token, logprob, gap between the two best logprobs)] of 12 greedy tokens."""
     outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 12, "temperature": 0,
-                                                               "ignore_eos": True}, return_logprob=True)
-    return [[(tok, lp) for lp, tok, _ in o["meta_info"]["output_token_logprobs"]] for o in outs]
+                                                               "ignore_eos": True},
+                           return_logprob=True, top_logprobs_num=2)
+    return [[(tok, lp, tops[0][0] - tops[1][0])
+             for (lp, tok, _), tops in zip(o["meta_info"]["output_token_logprobs"], o["meta_info"]["output_top_logprobs"])]
+            for o in outs]
 
 
 @pytest.mark.accelerator
@@ -495,7 +499,7 @@ def _greedy(engine, prompts):
 def test_engine_decode_with_triton_attention_and_moe_native(tiny_models, arch, kv, monkeypatch):
     """A bf16 engine on the GPU (sliding window + GQA for gemma3, MoE for qwen3_moe) decodes with the Triton
     attention / MoE kernels; tokens and logprobs equal those of SDPA + the portable MoE up to the first
-    greedy tie-break (and at least 4 tokens per prompt agree)."""
+    greedy tie-break, and the paths part only where the two best tokens are within 0.1 in logprob."""
     import quantrt.layers.attention as attn
     from quantrt.engine.engine import Engine
     from quantrt.layers.moe.layer import FusedMoE
@@ -506,7 +510,7 @@ def test_engine_decode_with_triton_attention_and_moe_native(tiny_models, arch, k
     monkeypatch.setattr(attn, "_DECODE_BACKENDS", {})
     fast_engine = Engine(**kw)
     moe = [m for m in fast_engine.model.modules() if isinstance(m, FusedMoE)]
-    assert all(m.impl == "triton_moe" for m in moe)
+    assert (len(moe) > 0) == (arch == "qwen3_moe") and all(m.impl == "triton_moe" for m in moe)
     fast = _greedy(fast_engine, prompts)
     assert attn._DECODE_BACKENDS.get(CudaPlatform) is not None
     del fast_engine
@@ -514,10 +518,8 @@ def test_engine_decode_with_triton_attention_and_moe_native(tiny_models, arch, k
     monkeypatch.setattr(CudaPlatform, "moe_kernels_ref", None)
     slow = _greedy(Engine(**kw), prompts)
     for f, s in zip(fast, slow):
-        same = 0
-        for (tf, lf), (ts, ls) in zip(f, s):
+        for (tf, lf, gap), (ts, ls, _) in zip(f, s):
             assert abs(lf - ls) < 5e-2
-            if tf != ts:
+            if tf != ts:  # greedy may only part ways at a near tie of the two best tokens
+                assert gap < 0.1
                 break
-            same += 1
-        assert same >= 4
