@@ -499,7 +499,8 @@ def _greedy(engine, prompts):
 def test_engine_decode_with_triton_attention_and_moe_native(tiny_models, arch, kv, monkeypatch):
     """A bf16 engine on the GPU (sliding window + GQA for gemma3, MoE for qwen3_moe) decodes with the Triton
     attention / MoE kernels; tokens and logprobs equal those of SDPA + the portable MoE up to the first
-    greedy tie-break, and the paths part only where the two best tokens are within 0.1 in logprob."""
+    greedy tie-break, and the paths part only where the two best tokens are within 0.25 in logprob (bf16
+    logits near 10 step by 0.0625; an fp4-KV run parted once at a 0.125 gap, its logprobs within 0.05)."""
     import quantrt.layers.attention as attn
     from quantrt.engine.engine import Engine
     from quantrt.layers.moe.layer import FusedMoE
@@ -520,6 +521,6 @@ def test_engine_decode_with_triton_attention_and_moe_native(tiny_models, arch, k
     for f, s in zip(fast, slow):
         for (tf, lf, gap), (ts, ls, _) in zip(f, s):
             assert abs(lf - ls) < 5e-2
-            if tf != ts:  # greedy may only part ways at a near tie of the two best tokens
-                assert gap < 0.1
+            if tf != ts:  # greedy may only part at a near tie: top-2 within 4 bf16 ulps of a logit ~10
+                assert gap <= 0.25
                 break
