@@ -53,6 +53,9 @@ METHODS: dict[str, dict[str, str]] = {
     "torchao int4wo-128": {"torchao_config": "int4wo-128"},
     "none (bfloat16)": {"dtype": "bfloat16"},
     "yaml int8_w8a8.yaml": {"quantization_config_path": "int8_w8a8"},
+    "kv fp8_e4m3": {"kv_cache_dtype": "fp8_e4m3"},
+    "kv fp8_e5m2": {"kv_cache_dtype": "fp8_e5m2"},
+    "kv fp4_e2m1": {"kv_cache_dtype": "fp4_e2m1"},
 }
 # name -> auto-round RTN (iters=0) export of the fp32 checkpoint (made once in auto-round's own venv,
 # cached under .cache/autoround-smollm2/), loaded by quantrt as a pre-quantized auto-round checkpoint
