@@ -152,7 +152,7 @@ def _combine_kernel(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptr, v_factor, H, S: tl.c
     den = tl.sum(lsum * w, axis=0)
     if HAS_SINK:
         den += tl.exp(sink - mx)
-    out = tl.sum(o * w[:, None], axis=0) / den * v_factor
+    out = tl.sum(o * w[:, None], axis=0) / tl.maximum(den, 1e-30) * v_factor   # kv_len 0 (graph padding): 0
     tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
