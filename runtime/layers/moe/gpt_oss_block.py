@@ -11,9 +11,9 @@ Checkpoint tensors under `<prefix>` (E experts, hidden H, intermediate I):
     experts.gate_up_proj_bias [E, 2I] (interleaved too), experts.down_proj_bias [E, H] |   `<proj>_scales`
 MXFP4 projections (quantrt.quant.formats.mxfp4) store rows = output features: gate_up [E, 2I, H/32, 16]
 with interleaved rows, down [E, H, I/32, 16]. Both layouts become per expert canonical weights
-gate [I, H], up [I, H], down [H, I] (de-interleaved once at load). Dense experts are stacked and run
-grouped (torch._grouped_mm); quantized ones run a loop over the active experts, each projection through
-the platform's linear kernel for its canonical weight (TritonFp4Kernel on CUDA, the reference elsewhere).
+gate [I, H], up [I, H], down [H, I] (de-interleaved once at load) and one MoESpec with the clamped SwiGLU
+activation and the expert biases; the platform's MoE kernel selection picks who runs them (dense: `grouped`,
+torch._grouped_mm; MXFP4: `triton_moe` on CUDA, one launch per projection; else `reference`).
 """
 
 from __future__ import annotations
@@ -27,20 +27,12 @@ from torch import nn
 from quantrt.errors import CheckpointError
 from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.moe.routing import RoutingConfig
-from quantrt.quant.kernel import LinearKernel, LinearSpec, select_linear_kernel
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, select_moe_kernel
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, MicroWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 PROJS = ("gate_up_proj", "down_proj")
-
-
-def clamped_swiglu(gu: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """gu: [n, 2I] (gate columns first, then up) -> [n, I]."""
-    g, u = gu.chunk(2, dim=-1)
-    g = g.clamp(max=limit)
-    u = u.clamp(min=-limit, max=limit)
-    return (u + 1) * (g * torch.sigmoid(g * alpha))
 
 
 def _rows(w: QuantizedWeight, sl: slice) -> QuantizedWeight:
@@ -52,27 +44,10 @@ def _rows(w: QuantizedWeight, sl: slice) -> QuantizedWeight:
     raise CheckpointError(f"gpt-oss experts: cannot split a {type(w).__name__}")
 
 
-def _cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
-    """[Na, K] and [Nb, K] of one kind -> [Na + Nb, K] (gate rows, then up rows)."""
-    if isinstance(a, MicroWeight) and isinstance(b, MicroWeight):
-        return MicroWeight(torch.cat([a.codes, b.codes]), torch.cat([a.scale, b.scale]), a.block, a.global_scale)
-    return DenseWeight(torch.cat([a.dequantize(torch.float32), b.dequantize(torch.float32)]))
-
-
 def _to(w: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> QuantizedWeight:
     if isinstance(w, DenseWeight):
         return DenseWeight(w.data.to(device=device, dtype=dtype))
     return MicroWeight(w.codes.to(device), w.scale.to(device), w.block, w.global_scale)
-
-
-def _grouped_ok(dtype: torch.dtype, platform) -> bool:
-    """torch._grouped_mm runs on CPU in any float dtype, on GPUs in bf16 with capability >= 9.0."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if platform.is_cpu:
-        return True
-    cap = platform.capability()
-    return dtype == torch.bfloat16 and cap is not None and (cap.major, cap.minor) >= (9, 0)
 
 
 class GptOssMoE(FusedMoE):
@@ -90,18 +65,16 @@ class GptOssMoE(FusedMoE):
             "router.weight": (e, hidden), "router.bias": (e,),
             "experts.gate_up_proj_bias": (e, 2 * inter), "experts.down_proj_bias": (e, hidden)}
         self.small: dict[str, torch.Tensor] = {}
-        self.w13: torch.Tensor | None = None                              # [E, 2I, H] dense experts
-        self.w2: torch.Tensor | None = None                               # [E, H, I]
-        self.quant_experts: list | None = None                            # quantized: per expert (g, u, d)
-        self.expert_kernels: list[tuple[LinearKernel, LinearKernel]] | None = None   # per expert (w13, w2)
-        self.kernel_desc = ""
+        self.spec: MoESpec | None = None                                  # kept only when keep_canonical
+        self.kernel: MoEKernel | None = None
+        self.kernel_choice = ""                                           # selection, explained
+        self.quantized = False
         self.dtype = torch.float32
-        self.impl = "unloaded"
+        self.impl = "unloaded"                                            # the MoE kernel's name
+        self.topk_op = None
         self.alpha, self.limit = alpha, limit
         self.raw: dict[str, torch.Tensor] = {}                            # expert tensors as they arrive
         self.expert_w: dict[str, list[QuantizedWeight]] = {}              # proj -> E weights [N, K]
-        self.b13: torch.Tensor | None = None                              # [E, 2I] gate first, then up
-        self.b2: torch.Tensor | None = None                               # [E, H]
 
     # -- loading ----------------------------------------------------------------------------
     def _shapes(self, proj: str) -> tuple[int, int]:
@@ -174,7 +147,8 @@ class GptOssMoE(FusedMoE):
         return out
 
     def finish_loading(self, dtype: torch.dtype, device: torch.device, platform=None) -> None:
-        """De-interleave gate/up, move to the device; stack dense experts for the grouped path."""
+        """De-interleave gate/up, move to the device, build the MoESpec (clamped SwiGLU, expert biases) and
+        select / prepare the platform's MoE kernel (quantrt.quant.moe_kernel)."""
         self.dtype = dtype
         if platform is None:
             from quantrt.platform.resolve import current_platform
@@ -183,35 +157,18 @@ class GptOssMoE(FusedMoE):
         small = {k: v.to(device=device, dtype=dtype) for k, v in self.small.items()}
         self.small = {k: small[k] for k in ("router.weight", "router.bias")}
         b13 = small["experts.gate_up_proj_bias"]                          # [E, 2I] interleaved
-        self.b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
-        self.b2 = small["experts.down_proj_bias"]
         gate_up, down = self.expert_w.pop("gate_up_proj"), self.expert_w.pop("down_proj")
-        experts = [(_to(_rows(gu, slice(0, None, 2)), device, dtype), _to(_rows(gu, slice(1, None, 2)), device, dtype),
-                    _to(d, device, dtype)) for gu, d in zip(gate_up, down)]
-        if all(isinstance(w, DenseWeight) for ex in experts for w in ex):
-            self.w13 = torch.stack([torch.cat([g.data, u.data]) for g, u, _ in experts])   # [E, 2I, H]
-            self.w2 = torch.stack([d.data for _, _, d in experts])                       # [E, H, I]
-            self.impl = "grouped" if _grouped_ok(dtype, platform) else "reference"
-            return
-        self.quant_experts = experts
-        kernels, descs = [], set()
-        for g, u, d in experts:
-            pair = []
-            for w in (_cat_rows(g, u), d):
-                spec = LinearSpec(w, WEIGHT_ONLY, dtype)
-                choice = select_linear_kernel(spec, platform)
-                pair.append(choice.kernel.prepare(spec, platform))
-                descs.add(choice.explain())
-            kernels.append(tuple(pair))
-        self.expert_kernels = kernels
-        self.impl, self.kernel_desc = "per_expert", " | ".join(sorted(descs))
-        log.info("%s: %s experts run one linear kernel per active expert: %s", self.prefix,
-                 type(experts[0][0]).__name__, self.kernel_desc)
-
-    @property
-    def qexperts(self) -> list | None:
-        """Per expert (gate, up, down) canonical weights when they are quantized, else None."""
-        return self.quant_experts
+        experts = tuple((_to(_rows(gu, slice(0, None, 2)), device, dtype), _to(_rows(gu, slice(1, None, 2)), device, dtype),
+                         _to(d, device, dtype)) for gu, d in zip(gate_up, down))
+        spec = MoESpec(experts, tuple((WEIGHT_ONLY,) * 3 for _ in experts), self.hidden, self.inter, dtype,
+                       ("swiglu_clamped", self.alpha, self.limit), gate_bias=b13[:, 0::2].contiguous(),
+                       up_bias=b13[:, 1::2].contiguous(), down_bias=small["experts.down_proj_bias"])
+        choice = select_moe_kernel(spec, platform)
+        self.kernel = choice.kernel.prepare(spec, platform)
+        self.impl, self.kernel_choice = choice.kernel.name, choice.explain()
+        self.quantized = spec.schemes() != {"dense"}
+        log.info("%s: %s -> MoE kernel %s", self.prefix, spec.describe(), self.kernel_choice)
+        self.spec = spec if self.keep_canonical else None   # the kernel holds what it needs
 
     # -- compute ------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,47 +177,9 @@ class GptOssMoE(FusedMoE):
         top = logits.topk(self.routing.top_k, dim=-1)
         return top.values.float().softmax(-1), top.indices
 
-    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str | None = None
-                ) -> torch.Tensor:
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
-        if (impl or self.impl) == "grouped":
-            return self._grouped(x, weights, ids)
-        return self._reference(x, weights, ids)
-
-    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)                                 # [T*k] sorted by expert
-        tok, seg = order // ids.shape[1], flat[order]
-        offs = torch.bincount(flat, minlength=self.routing.num_experts).cumsum(0).to(torch.int32)
-        gu = torch._grouped_mm(x[tok], self.w13.transpose(1, 2), offs=offs) + self.b13[seg]       # [T*k, 2I]
-        y = torch._grouped_mm(clamped_swiglu(gu, self.alpha, self.limit), self.w2.transpose(1, 2), offs=offs)
-        y = (y + self.b2[seg]) * weights.flatten()[order, None].to(y.dtype)                      # [T*k, H]
-        return torch.zeros_like(x).index_add_(0, tok, y)
-
-    def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """A loop over the experts that received tokens (dense matrices, or each expert's linear kernels):
-        rows sorted by expert once, one host sync for the per-expert counts."""
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)                                 # [T*k] sorted by expert
-        tok = order // ids.shape[1]
-        counts = torch.bincount(flat, minlength=self.routing.num_experts).tolist()
-        xs = x[tok]                                                       # [T*k, H]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                rows = slice(start, start + c)
-                ys[rows] = self._project(e, 1, clamped_swiglu(self._project(e, 0, xs[rows]), self.alpha, self.limit))
-                start += c
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, tok, ys)
-
-    def _project(self, e: int, which: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e's gate_up (which 0: [n, H] -> [n, 2I]) or down (1: [n, I] -> [n, H]), bias included."""
-        bias = self.b13[e] if which == 0 else self.b2[e]
-        if self.expert_kernels is not None:
-            return self.expert_kernels[e][which].apply(x, bias)
-        return F.linear(x, self.w13[e] if which == 0 else self.w2[e], bias)
+        return self.kernel.apply(x, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H]
