@@ -10,6 +10,7 @@ N*K fp32 and nothing else.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import gguf
@@ -46,7 +47,6 @@ def reachable_bytes(root: object) -> int:
             for v in vars(o).values():
                 visit(v)
 
-    import sys
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 10000))
     try:
