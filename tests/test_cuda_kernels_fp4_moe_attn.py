@@ -15,6 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
+from quantrt.errors import CheckpointError  # noqa: E402
 from quantrt.platform.interface import DeviceCapability  # noqa: E402
 from quantrt.platforms.cuda.kernels.fp4 import (  # noqa: E402
     SCALE_E4M3,
@@ -204,16 +205,26 @@ def make_experts(scheme: str, e: int, h: int, i: int, gen: torch.Generator):
     return experts, tuple((act, act, act) for _ in range(e))
 
 
-def moe_float64(x, weights, ids, experts):
-    """Independent float64 computation of the routed experts (weight-only schemes)."""
+def moe_float64(x, weights, ids, experts, clamp: tuple[float, float] | None = None, biases=None):
+    """Independent float64 computation of the routed experts (weight-only schemes). clamp: (alpha, limit)
+    of gpt-oss's clamped SwiGLU (else silu); biases: (gate [E, I], up [E, I], down [E, H]) or None."""
     import torch.nn.functional as F
 
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
-            g, u, d = (w.dequantize(torch.float64) for w in experts[int(ids[t, j])])
+            e = int(ids[t, j])
+            g, u, d = (w.dequantize(torch.float64) for w in experts[e])
+            bg, bu, bd = (b[e].double() for b in biases) if biases is not None else (0.0, 0.0, 0.0)
             xt = x[t].double()
-            out[t] += float(weights[t, j]) * (d @ (F.silu(g @ xt) * (u @ xt)))
+            a, b = g @ xt + bg, u @ xt + bu
+            if clamp is None:
+                hid = F.silu(a) * b
+            else:
+                alpha, limit = clamp
+                a, b = torch.minimum(a, torch.tensor(limit)), b.clamp(-limit, limit)
+                hid = (b + 1) * a / (1 + torch.exp(-alpha * a))
+            out[t] += float(weights[t, j]) * (d @ hid + bd)
     return out
 
 
@@ -249,6 +260,35 @@ def test_fused_moe_matches_reference(scheme):
         assert rel_err(y, moe_float64(x, weights, ids, experts)) < 2e-2
 
 
+@pytest.mark.parametrize("scheme", ["dense", "mxfp4", "int4-g32-asym"])
+def test_fused_moe_biases_and_clamped_swiglu_match_float64(scheme):
+    """gpt-oss experts: per-expert gate/up/down biases (added in the GEMM epilogue) and the clamped SwiGLU
+    (limit small enough that both clamps fire) vs an independent float64 computation; the reference
+    MoE kernel too."""
+    from quantrt.layers.moe.experts import ReferenceMoEKernel
+    from quantrt.platforms.cuda.kernels.moe import TritonMoEKernel
+    from quantrt.quant.moe_kernel import MoESpec
+
+    gen = torch.Generator().manual_seed(7)
+    e, h, i, t, k, alpha, limit = 4, 128, 64, 5, 2, 1.702, 1.5
+    experts, acts = make_experts(scheme, e, h, i, gen)
+    biases = tuple((torch.randn(e, n, generator=gen) * 0.5).to(DEV) for n in (i, i, h))
+    spec = MoESpec(experts, acts, h, i, torch.bfloat16, ("swiglu_clamped", alpha, limit), *biases)
+    plat = _moe_platform()
+    assert TritonMoEKernel.can_implement(spec, plat) == (True, "")
+    kern = TritonMoEKernel.prepare(spec, plat)
+    x = (torch.randn(t, h, generator=gen) * 2).to(DEV, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(DEV)
+    weights = torch.rand(t, k, generator=gen).to(DEV)
+    g0 = experts[int(ids[0, 0])][0].dequantize(torch.float64) @ x[0].double()
+    assert (g0 > limit).any() and (g0 < limit).any()                         # the clamp matters here
+    ref64 = moe_float64(x, weights, ids, experts, (alpha, limit), biases)
+    assert rel_err(kern.apply(x, weights, ids), ref64) < 2e-2
+    assert rel_err(ReferenceMoEKernel.prepare(spec, plat).apply(x, weights, ids), ref64) < 1e-2
+    plain = moe_float64(x, weights, ids, experts)                            # silu, no biases: far off
+    assert rel_err(kern.apply(x, weights, ids), plain) > 0.2
+
+
 def test_moe_align_blocks():
     from quantrt.platforms.cuda.kernels.moe_triton import moe_align
 
@@ -269,8 +309,10 @@ def test_moe_rejections_and_registration():
     gen = torch.Generator().manual_seed(0)
     experts, acts = make_experts("int4-g32-asym", 2, 64, 32, gen)
     plat = _moe_platform()
-    assert TritonMoEKernel.can_implement(MoESpec(experts, acts, 64, 32, torch.bfloat16, "gelu"), plat) == (
-        False, "activation 'gelu': only silu (SwiGLU) experts")
+    with pytest.raises(CheckpointError, match=r"MoE activation 'gelu': expected \"silu\" or \(\"swiglu_clamped\""):
+        MoESpec(experts, acts, 64, 32, torch.bfloat16, "gelu")
+    with pytest.raises(CheckpointError, match=r"MoE down_bias: shape \(2, 32\), expected \(2, 64\)"):
+        MoESpec(experts, acts, 64, 32, torch.bfloat16, down_bias=torch.zeros(2, 32))
     ok, why = TritonMoEKernel.can_implement(MoESpec(experts, acts, 64, 32, torch.float32), plat)
     assert not ok and "float32" in why
     g, u, d = experts[0]

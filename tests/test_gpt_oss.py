@@ -156,12 +156,18 @@ def test_sinks_matter_and_are_loaded(gpt_oss):
 
 
 def test_grouped_experts_equal_the_reference_loop(gpt_oss):
+    """The block's MoESpec carries the clamped SwiGLU and the expert biases; the selected grouped kernel
+    and the reference MoE kernel agree on it."""
+    from quantrt.layers.moe.experts import ReferenceMoEKernel
+    from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+
     eng = Engine(model_path=str(gpt_oss[0]), max_total_tokens=256)
     moe = eng.model.model.layers[1].mlp
-    x = torch.randn(9, 64)
+    assert moe.impl == "grouped" and moe.spec.activation == ("swiglu_clamped", 1.702, 7.0) and moe.spec.has_bias
+    x = torch.randn(9, 64) * 3
     w, ids = moe.route(x)
-    torch.testing.assert_close(moe.experts(x, w, ids, impl="grouped"), moe.experts(x, w, ids, impl="reference"),
-                               atol=1e-5, rtol=1e-5)
+    ref = ReferenceMoEKernel.prepare(moe.spec, CpuPlatform()).apply(x, w, ids)
+    torch.testing.assert_close(moe.experts(x, w, ids), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_router_and_experts_match_transformers_block(gpt_oss):
@@ -211,7 +217,7 @@ def test_mxfp4_experts_dequantize_bit_exactly(mxfp4_ckpt):
     eng = Engine(model_path=str(path), quantization="mxfp4", max_total_tokens=256)   # flag = checkpoint
     for i in range(2):
         moe = eng.model.model.layers[i].mlp
-        assert moe.impl == "per_expert" and moe.kernel_desc.startswith("reference")   # CPU: dequant + matmul
+        assert moe.impl == "reference", moe.kernel_choice   # CPU: no fused fp4 MoE kernel; dequant + matmul
         gu, down = deq[f"model.layers.{i}.mlp.experts.gate_up_proj"], deq[f"model.layers.{i}.mlp.experts.down_proj"]
         for e, (g, u, d) in enumerate(moe.qexperts):
             assert type(g).__name__ == "MicroWeight" and g.block == 32 and g.global_scale is None
@@ -373,7 +379,7 @@ def test_bf16_on_cpu_is_as_close_as_transformers_bf16(gpt_oss):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("which", ["bf16", "mxfp4"])
 def test_cuda_bf16_engine_stays_close_to_transformers(gpt_oss, mxfp4_ckpt, which):
-    """bf16 on the GPU: dense experts run grouped, MXFP4 experts one Triton fp4 kernel per projection;
+    """bf16 on the GPU: dense experts run grouped, MXFP4 experts the Triton fused MoE kernel;
     prompt logprobs vs transformers in fp32 on CPU (bf16 rounding only)."""
     from transformers import AutoModelForCausalLM
 
@@ -384,7 +390,7 @@ def test_cuda_bf16_engine_stays_close_to_transformers(gpt_oss, mxfp4_ckpt, which
     if which == "bf16":
         assert moe.impl == "grouped"
     else:
-        assert moe.impl == "per_expert" and "fp4" in moe.kernel_desc.split(" ")[0], moe.kernel_desc
+        assert moe.impl == "triton_moe", moe.kernel_choice   # MXFP4 + clamped SwiGLU + biases, fused MoE
     diffs = _position_diffs(eng, hf, PROMPT)
     print(f"gpt-oss {which} on CUDA bf16: |log p| diff per position: median {diffs.median():.3f}, "
           f"max {diffs.max():.3f}")

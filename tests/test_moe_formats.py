@@ -73,10 +73,20 @@ def _float64(spec: MoESpec, x, weights, ids) -> torch.Tensor:
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
+            e = int(ids[t, j])
             g, u, d = (w.dequantize(torch.float64) if not isinstance(w, DenseWeight) else w.data.double()
-                       for w in spec.experts[ids[t, j]])
+                       for w in spec.experts[e])
+            bg, bu, bd = ((b[e].double() if b is not None else 0.0)
+                          for b in (spec.gate_bias, spec.up_bias, spec.down_bias))
             xt = x[t].double()
-            out[t] += weights[t, j].double() * (d @ (F.silu(g @ xt) * (u @ xt)))
+            a, b = g @ xt + bg, u @ xt + bu
+            if spec.activation == "silu":
+                h = F.silu(a) * b
+            else:  # gpt-oss: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha gate)
+                _, alpha, limit = spec.activation
+                a, b = a.clamp(max=limit), b.clamp(-limit, limit)
+                h = (b + 1) * a * torch.sigmoid(alpha * a)
+            out[t] += weights[t, j].double() * (d @ h + bd)
     return out
 
 
@@ -170,6 +180,54 @@ def test_gather_dequant_fp8_activations_match_the_reference(act):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     dq = _float64(spec, x, w, ids)          # and the activation quantization really happened
     assert (ref.double() - dq).abs().max() > 1e-4
+
+
+BIAS_CASES = [  # (kernel, weight case, activation scheme, compute dtype, relative tolerance)
+    (CpuMoEGatherDequantKernel, "int4-g32-asym", WEIGHT_ONLY, torch.float32, 1e-5),
+    (CpuMoEGatherDequantKernel, "fp8-block", WEIGHT_ONLY, torch.float32, 1e-5),
+    (CpuMoEInt4PackedKernel, "int4-g64-sym", WEIGHT_ONLY, torch.bfloat16, 1e-2),
+    (CpuMoEInt8PackedKernel, "int8-channel-sym", WEIGHT_ONLY, torch.bfloat16, 1e-2),
+    (CpuMoEInt8PackedKernel, "int8-channel-sym", ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), torch.float32, 1e-2),
+    (GroupedMoEKernel, "dense", WEIGHT_ONLY, torch.float32, 1e-5),
+    (ReferenceMoEKernel, "int4-g32-asym", WEIGHT_ONLY, torch.float32, 1e-5),
+]
+
+
+@pytest.mark.parametrize("kernel, case, act, dtype, tol", BIAS_CASES,
+                         ids=[f"{k.name}-{c}-{a}-{str(d)[6:]}" for k, c, a, d, _ in BIAS_CASES])
+def test_cpu_moe_kernels_honour_biases_and_clamped_swiglu(kernel, case, act, dtype, tol):
+    """gpt-oss-style experts (per-expert gate/up/down biases, clamped SwiGLU with a limit low enough that
+    both clamps fire) on every CPU MoE kernel vs the float64 definition."""
+    make = DenseWeight if case == "dense" else WEIGHT_ONLY_CASES[case]
+    experts = _experts(make)
+    g = torch.Generator().manual_seed(3)
+    biases = [torch.randn(E, n, generator=g) * 0.3 for n in (I, I, H)]
+    spec = MoESpec(experts, tuple((act, act, act) for _ in experts), H, I, dtype, ("swiglu_clamped", 1.702, 0.3),
+                   *biases)
+    assert kernel.can_implement(spec, CPU) == (True, "")
+    x, w, ids = _routing(11)
+    x = (x * 3).to(dtype)
+    want = _float64(spec, x.float(), w, ids)
+    got = kernel.prepare(spec, CPU).apply(x, w, ids)
+    err = float((got.double() - want).norm() / want.norm())
+    if act.kind is ActKind.NONE:
+        assert err < tol, f"relative error {err:.2e}"
+    else:  # int8 activations: equal to the reference, which fake-quantizes the same way
+        torch.testing.assert_close(got, ReferenceMoEKernel.prepare(spec, CPU).apply(x, w, ids), atol=1e-5, rtol=1e-4)
+        assert err < 5e-2
+    plain = _float64(_spec(experts, act, dtype), x.float(), w, ids)          # silu without biases: far off
+    assert float((got.double() - plain).norm() / plain.norm()) > 0.2
+    gate = torch.stack([experts[int(e)][0].dequantize(torch.float64) @ x[0].double() for e in ids[0]])
+    assert (gate + biases[0][ids[0]].double() > 0.3).any()                  # the gate clamp fires
+
+
+def test_moe_spec_rejects_bad_activation_and_bias_shapes():
+    experts = _experts(DenseWeight)
+    acts = tuple((WEIGHT_ONLY,) * 3 for _ in experts)
+    with pytest.raises(Exception, match=r"MoE activation \('swiglu_clamped', 1.7\): expected"):
+        MoESpec(experts, acts, H, I, torch.float32, ("swiglu_clamped", 1.7))
+    with pytest.raises(Exception, match=rf"MoE gate_bias: shape \({E}, {H}\), expected \({E}, {I}\)"):
+        MoESpec(experts, acts, H, I, torch.float32, gate_bias=torch.zeros(E, H))
 
 
 def test_selection_explains_every_rejection():

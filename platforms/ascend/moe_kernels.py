@@ -70,6 +70,8 @@ class NpuGroupedMoEKernel(MoEKernel):
             return False, f"platform {platform.name} has no torch_npu ops"
         if spec.activation != "silu":
             return False, f"activation {spec.activation}: the NPU MoE path is SwiGLU"
+        if spec.has_bias:
+            return False, "per-expert biases: the NPU MoE path takes no expert biases"
         if spec.compute_dtype not in _HALF:
             return False, f"compute dtype {spec.compute_dtype}: npu_dynamic_quant takes float16/bfloat16"
         kind, why = _scheme(spec)

@@ -75,6 +75,8 @@ class AiterFusedMoEKernel(MoEKernel):
             return False, "aiter is off (set SGLANG_USE_AITER=1 on ROCm)"
         if spec.activation != "silu":
             return False, f"activation {spec.activation}: aiter fused_moe is wired for silu"
+        if spec.has_bias:
+            return False, "per-expert biases: aiter fused_moe takes no expert biases"
         if spec.compute_dtype not in _HALF:
             return False, f"compute dtype {spec.compute_dtype}: aiter fused_moe runs float16/bfloat16"
         kind, why = _kind(spec)

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quantrt.layers.moe.experts import fake_quant_rows, grouped_layout, silu_and_mul, uniform_acts
-from quantrt.quant.moe_kernel import MoEKernel, MoESpec
+from quantrt.layers.moe.experts import fake_quant_rows, grouped_layout, uniform_acts
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, expert_activation
 from quantrt.quant.quantize import FP8_DTYPES, quantize_act_per_token
 from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
 
@@ -44,8 +44,6 @@ _COMPUTE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _base_checks(spec: MoESpec, kind: type) -> str:
-    if spec.activation != "silu":
-        return f"activation {spec.activation!r} (serves silu)"
     if spec.compute_dtype not in _COMPUTE:
         return f"compute dtype {spec.compute_dtype} is not float32/bfloat16/float16"
     ws = [w for ex in spec.experts for w in ex]
@@ -85,12 +83,24 @@ def _cat_int(a: IntWeight, b: IntWeight) -> IntWeight:
 
 
 class _SortedMoE(MoEKernel):
-    """Shared apply: sort pairs by expert, `_rows` computes the sorted rows, weight, scatter back."""
+    """Shared apply: sort pairs by expert, `_rows` computes the sorted rows, weight, scatter back.
+    Expert biases (fp32, b13 [E, 2I] gate then up, b2 [E, H]) and the activation (silu or clamped SwiGLU)
+    come from the spec: `_act` adds the gate/up bias and applies it, `apply` adds the down bias."""
 
     def __init__(self, spec: MoESpec):
         self.num_experts, self.compute_dtype = spec.num_experts, spec.compute_dtype  # not the canonical experts
         self.acts13 = [a[0] for a in spec.acts]
         self.acts2 = [a[2] for a in spec.acts]
+        self.activation = spec.activation
+        self.b13, self.b2 = spec.biases(torch.device("cpu"))
+
+    def _act(self, gu: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
+        """gu: [m, 2I] gate then up of rows of expert `rows` (an int) or of experts rows [m] -> [m, I] fp32."""
+        gu = gu.float()
+        if self.b13 is not None:
+            gu = gu + (self.b13[rows] if isinstance(rows, int) else self.b13[rows])
+        g, u = gu.chunk(2, dim=-1)
+        return expert_activation(self.activation, g, u)
 
     def _rows(self, xs: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs: [M, H] rows sorted by expert; seg: [M] their expert; counts: [E] -> [M, H] fp32."""
@@ -99,6 +109,8 @@ class _SortedMoE(MoEKernel):
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         order, tok, seg, counts = grouped_layout(ids, self.num_experts)
         y = self._rows(x[tok], seg, counts)                                    # [T*k, H] fp32
+        if self.b2 is not None:
+            y = y + self.b2[seg]
         y = y * weights.flatten()[order, None].to(torch.float32)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y)
         return out.to(self.compute_dtype)
@@ -152,8 +164,8 @@ class CpuMoEInt4PackedKernel(_SortedMoE):
         for e, c in enumerate(counts.tolist()):
             if c:
                 x = xs[start:start + c]
-                g, u = torch.cat([k.apply(x, None) for k in self.w13[e]], -1).chunk(2, dim=-1)  # [c, I] each
-                out[start:start + c] = self.w2[e].apply(silu_and_mul(g, u), None)
+                h = self._act(torch.cat([k.apply(x, None) for k in self.w13[e]], -1), e)       # [c, I]
+                out[start:start + c] = self.w2[e].apply(h.to(x.dtype), None)
                 start += c
         return out
 
@@ -214,8 +226,8 @@ class CpuMoEInt8PackedKernel(_SortedMoE):
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                g, u = self._mm(xs[start:start + c], self.w13[e]).chunk(2, dim=-1)     # [c, I] each
-                out[start:start + c] = self._mm(silu_and_mul(g, u), self.w2[e])
+                h = self._act(self._mm(xs[start:start + c], self.w13[e]), e)          # [c, I]
+                out[start:start + c] = self._mm(h, self.w2[e])
                 start += c
         return out
 
@@ -356,8 +368,8 @@ class CpuMoEGatherDequantKernel(_SortedMoE):
             r1 = r0 + int(c.sum())
             offs = c.cumsum(0).to(torch.int32)                               # [A'] group ends
             x = fake_quant_rows(xs[r0:r1], seg[r0:r1], self.acts13)           # [m, H] fp32
-            g, u = torch._grouped_mm(x, self.w13.dequant(ex), offs=offs).chunk(2, dim=-1)  # [m, I] each
-            h = fake_quant_rows(silu_and_mul(g, u), seg[r0:r1], self.acts2)   # [m, I] fp32
+            gu = torch._grouped_mm(x, self.w13.dequant(ex), offs=offs)          # [m, 2I]
+            h = fake_quant_rows(self._act(gu, seg[r0:r1]), seg[r0:r1], self.acts2)   # [m, I] fp32
             out[r0:r1] = torch._grouped_mm(h, self.w2.dequant(ex), offs=offs)               # [m, H]
         return out
 

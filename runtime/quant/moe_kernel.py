@@ -1,6 +1,10 @@
 """Fused-MoE kernels: how to run a layer's routed experts on this platform.
 
-y[t] = sum_j weights[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t])),  e = ids[t, j].
+y[t] = sum_j weights[t, j] * (down_e(act(gate_e(x[t]) + bg_e, up_e(x[t]) + bu_e)) + bd_e),  e = ids[t, j].
+
+act (MoESpec.activation): "silu" -> silu(g) * u (SwiGLU, the default), or ("swiglu_clamped", alpha, limit)
+-> g' = min(g, limit), u' = clamp(u, -limit, limit), (u' + 1) * g' * sigmoid(alpha g') (gpt-oss).
+The per-expert biases bg/bu [E, I] and bd [E, H] are optional (None: no bias; gpt-oss has all three).
 
 Like linear kernels (quantrt.quant.kernel): a kernel class says whether it can serve a layer's experts
 (`can_implement -> (ok, reason)`), repacks them once (`prepare`) and computes (`apply`). Platforms list
@@ -32,6 +36,31 @@ log = logging.getLogger(__name__)
 
 Expert = tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight]   # (gate [I, H], up [I, H], down [H, I])
 ExpertActs = tuple[ActScheme, ActScheme, ActScheme]
+Activation = str | tuple   # "silu" | ("swiglu_clamped", alpha, limit)
+
+
+def check_activation(act: Activation) -> Activation:
+    """The activation descriptor, validated (a clear error names the options)."""
+    if act == "silu":
+        return act
+    if (isinstance(act, tuple) and len(act) == 3 and act[0] == "swiglu_clamped"
+            and all(isinstance(v, (int, float)) for v in act[1:]) and act[2] > 0):
+        return ("swiglu_clamped", float(act[1]), float(act[2]))
+    raise CheckpointError(f"MoE activation {act!r}: expected \"silu\" or (\"swiglu_clamped\", alpha, limit > 0)")
+
+
+def expert_activation(act: Activation, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The gated activation of one expert's gate / up outputs g, u [n, I] -> [n, I] (same dtype)."""
+    if act == "silu":
+        return torch.nn.functional.silu(g) * u
+    _, alpha, limit = act
+    g = g.clamp(max=limit)
+    u = u.clamp(min=-limit, max=limit)
+    return (u + 1) * (g * torch.sigmoid(g * alpha))
+
+
+def activation_name(act: Activation) -> str:
+    return act if isinstance(act, str) else f"{act[0]}(alpha={act[1]:g}, limit={act[2]:g})"
 
 
 def weight_scheme(w: QuantizedWeight) -> str:
@@ -53,7 +82,8 @@ class MoESpec:
     """What an MoE kernel needs to decide whether it can serve a layer's routed experts.
 
     experts: E entries of (gate, up, down) canonical weights; acts: E entries of their ActSchemes;
-    compute_dtype: the dtype of x and of the output; activation: "silu" (SwiGLU experts).
+    compute_dtype: the dtype of x and of the output; activation: "silu" (SwiGLU experts) or
+    ("swiglu_clamped", alpha, limit); gate_bias / up_bias [E, I], down_bias [E, H]: per-expert biases or None.
     """
 
     experts: tuple[Expert, ...]
@@ -61,11 +91,21 @@ class MoESpec:
     hidden: int
     inter: int
     compute_dtype: torch.dtype
-    activation: str = "silu"
+    activation: Activation = "silu"
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.experts) != len(self.acts) or not self.experts:
             raise CheckpointError(f"MoE spec: {len(self.experts)} experts but {len(self.acts)} activation schemes")
+        object.__setattr__(self, "activation", check_activation(self.activation))
+        e = len(self.experts)
+        for name, want in (("gate_bias", (e, self.inter)), ("up_bias", (e, self.inter)),
+                           ("down_bias", (e, self.hidden))):
+            b = getattr(self, name)
+            if b is not None and tuple(b.shape) != want:
+                raise CheckpointError(f"MoE {name}: shape {tuple(b.shape)}, expected {want} ([experts, features])")
         want = ((self.inter, self.hidden), (self.inter, self.hidden), (self.hidden, self.inter))
         for e, ex in enumerate(self.experts):
             for w, shape, proj in zip(ex, want, ("gate", "up", "down")):
@@ -88,8 +128,30 @@ class MoESpec:
         s, a = self.schemes(), self.act_schemes()
         return (next(iter(s)), next(iter(a))) if len(s) == 1 and len(a) == 1 else None
 
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
+
+    def biases(self, device: torch.device | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(b13 [E, 2I] gate then up, b2 [E, H]) in fp32 on `device` (zeros where one side is absent),
+        or (None, None) without biases."""
+        if not self.has_bias:
+            return None, None
+        e, i, h = self.num_experts, self.inter, self.hidden
+        dev = device if device is not None else next(b for b in (self.gate_bias, self.up_bias, self.down_bias)
+                                                     if b is not None).device
+
+        def f32(b: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+            return torch.zeros(shape, device=dev) if b is None else b.to(device=dev, dtype=torch.float32)
+
+        return (torch.cat([f32(self.gate_bias, (e, i)), f32(self.up_bias, (e, i))], 1).contiguous(),
+                f32(self.down_bias, (e, h)).contiguous())
+
     def describe(self) -> str:
-        return f"{'/'.join(sorted(self.schemes()))} experts, activations {'/'.join(sorted(self.act_schemes()))}"
+        extra = "" if self.activation == "silu" else f", {activation_name(self.activation)}"
+        extra += ", with biases" if self.has_bias else ""
+        return (f"{'/'.join(sorted(self.schemes()))} experts, activations {'/'.join(sorted(self.act_schemes()))}"
+                + extra)
 
 
 class MoEKernel(ABC):

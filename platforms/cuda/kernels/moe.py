@@ -5,6 +5,8 @@ Serves uniform expert layers of dense (bf16/fp16), fp8 (per-tensor, per-channel,
 registers and multiplied in the compute dtype with fp32 accumulation. Row-wise quantized activations
 (fp8/int8 per-token or per-token-group, W8A8 checkpoints) are quantized-dequantized first, as the
 reference does, so the numerics match; the GEMM itself then runs at weight-only speed (no fp8 MMA).
+Per-expert biases (gpt-oss) are added in the GEMM epilogue; the gated activation (silu, or gpt-oss's
+clamped SwiGLU) runs between the two launches as fp32 torch ops on the [P, 2I] gate/up output.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from quantrt.layers.moe.experts import uniform_acts
 from quantrt.platforms.cuda.kernels._common import interpret_mode, triton_available
 from quantrt.platforms.cuda.kernels.fp4 import SCALE_F32, pack_micro_weight
 from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
-from quantrt.quant.moe_kernel import MoEKernel, MoESpec, weight_scheme
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, expert_activation, weight_scheme
 from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
 from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight, IntWeight, MicroWeight, ScaleGranularity
 
@@ -60,8 +61,6 @@ def _proj_why(ws: list, what: str, inter: int) -> str:
 
 def _why_not(spec: MoESpec) -> str:
     """'' when the experts are a scheme this kernel computes, else the reason."""
-    if spec.activation != "silu":
-        return f"activation {spec.activation!r}: only silu (SwiGLU) experts"
     kinds = {type(w) for ex in spec.experts for w in ex}
     if len(kinds) != 1:
         return f"experts mix weight types ({', '.join(sorted(k.__name__ for k in kinds))})"
@@ -124,6 +123,8 @@ class TritonMoEKernel(MoEKernel):
         self.hidden, self.inter, self.num_experts, self.compute_dtype = (spec.hidden, spec.inter, spec.num_experts,
                                                                          spec.compute_dtype)
         self.act_in, self.act_down = spec.acts[0][0], spec.acts[0][2]
+        self.activation = spec.activation                         # silu or ("swiglu_clamped", alpha, limit)
+        self.b13, self.b2 = spec.biases(w13[0][0].device)         # fp32 [E, 2I], [E, H], or None
 
     @classmethod
     def can_implement(cls, spec: MoESpec, platform: Platform) -> tuple[bool, str]:
@@ -167,7 +168,7 @@ class TritonMoEKernel(MoEKernel):
         return cls(spec, WKIND_INT, (w13, None, _container(w0)), (w2, None, _container(ex[0][2])))
 
     def _gemm(self, a: torch.Tensor, proj: tuple, n: int, sorted_ids, expert_ids, p: int, a_div: int,
-              topk_weights: torch.Tensor | None, cfg) -> torch.Tensor:
+              topk_weights: torch.Tensor | None, cfg, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.moe_triton import moe_gemm
 
         w, block, bits = proj
@@ -177,7 +178,7 @@ class TritonMoEKernel(MoEKernel):
         if self.wkind == WKIND_FP4:  # block holds (micro block, scale kind)
             fp4, block = block, None
         return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
-                        topk_weights, torch.float32, cfg, fp4)
+                        topk_weights, torch.float32, cfg, fp4, bias)
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
@@ -190,10 +191,10 @@ class TritonMoEKernel(MoEKernel):
         cfg = MoeConfig() if p <= 16 * self.num_experts else MoeConfig(64, 128, 64, 4, 3)
         sorted_ids, expert_ids = moe_align(ids, self.num_experts, cfg.block_m)
         xa = x if self.act_in.kind is ActKind.NONE else fake_quantize_act(x, self.act_in)
-        gu = self._gemm(xa.to(dt), self.w13, 2 * i, sorted_ids, expert_ids, p, k, None, cfg)   # [P, 2I] fp32
-        hh = F.silu(gu[:, :i]) * gu[:, i:]                                                       # [P, I] fp32
+        gu = self._gemm(xa.to(dt), self.w13, 2 * i, sorted_ids, expert_ids, p, k, None, cfg, self.b13)  # [P, 2I]
+        hh = expert_activation(self.activation, gu[:, :i], gu[:, i:])                           # [P, I] fp32
         if self.act_down.kind is not ActKind.NONE:
             hh = fake_quantize_act(hh, self.act_down)
         y = self._gemm(hh.to(dt), self.w2, h, sorted_ids, expert_ids, p, 1,
-                       weights.reshape(-1).to(torch.float32).contiguous(), cfg)                 # [P, H] fp32
+                       weights.reshape(-1).to(torch.float32).contiguous(), cfg, self.b2)        # [P, H] fp32
         return y.view(t, k, h).sum(1).to(dt)

@@ -5,8 +5,8 @@ sorts the P = T*k (token, slot) pairs by expert and pads each expert's run to a 
   sorted_ids [NB*BM] pair index (P = padding), expert_ids [NB] expert of each BM-row block (-1 = none);
 NB = min(P, ceil((P + E*(BM-1)) / BM)) bounds the blocks any routing needs, so the grid is fixed.
 Program (block b, column tile n) reads rows A[sorted_ids // A_DIV] (A_DIV = k for the gate/up
-projection reading x [T, K], 1 for down reading h [P, K]) and writes C[pair, n] (times the routing
-weight when MUL_W), fp32 accumulation. Weights per WKIND:
+projection reading x [T, K], 1 for down reading h [P, K]) and writes C[pair, n] (plus the expert's bias
+[E, N] when HAS_BIAS, then times the routing weight when MUL_W), fp32 accumulation. Weights per WKIND:
   0 dense  W [E, N, K] compute dtype;
   1 fp8    W [E, N, K] fp8 with CHANNEL scales [E, N] (applied to the accumulator) or BLOCK scales
            [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk);
@@ -59,11 +59,11 @@ def moe_align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tenso
 
 
 @triton.jit
-def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, N, K: tl.constexpr, P, stride_am, G,
+def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_ptr, N, K: tl.constexpr, P, stride_am, G,
                 SN, SK, SBN, SBK, A_DIV: tl.constexpr, WKIND: tl.constexpr, BLOCK_SCALE: tl.constexpr, BITS: tl.constexpr,
                 MUL_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr, FB: tl.constexpr = 16,
-                SCALE_KIND: tl.constexpr = 0):
+                SCALE_KIND: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(eid_ptr + pid_b)
@@ -144,6 +144,8 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, N, 
                 acc += tl.dot(a, w)
         if WKIND == 1 and not BLOCK_SCALE:
             acc = acc * tl.load(s_ptr + e64 * N + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:  # per-expert bias [E, N] fp32, before the routing weight
+        acc = acc + tl.load(b_ptr + e64 * N + offs_n, mask=mask_n, other=0.0)[None, :]
     if MUL_W:
         acc = acc * tl.load(tw_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     cptr = c_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -154,8 +156,10 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
              num_pairs: int, a_div: int, wkind: int, scale: torch.Tensor | None = None,
              zero: torch.Tensor | None = None, block: tuple[int, int] | None = None, bits: int = 4,
              topk_weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-             cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0)) -> torch.Tensor:
+             cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0), bias: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """a [rows, K] compute dtype -> C [P, N] (out_dtype, default a.dtype); see the module docstring.
+    bias: per-expert [E, N] fp32 added to the accumulator in the epilogue (before the routing weight).
 
     block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N];
     fp4: (micro block, scale kind) with scale [E, K/B, N] and zero = the global scales [E, N]."""
@@ -179,11 +183,12 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
     grid = (expert_ids.numel(), cdiv(n, cfg.block_n))
     dummy = scale if scale is not None else w
     _moe_kernel[grid](a, w, dummy, zero if zero is not None else dummy, c, sorted_ids, expert_ids,
-                      topk_weights if topk_weights is not None else dummy, n, k, num_pairs, a.stride(0), g,
+                      topk_weights if topk_weights is not None else dummy,
+                      bias if bias is not None else dummy, n, k, num_pairs, a.stride(0), g,
                       sn, sk, bn_, bk_, A_DIV=a_div, WKIND=wkind, BLOCK_SCALE=block is not None, BITS=bits,
                       MUL_W=topk_weights is not None, BM=sorted_ids.numel() // expert_ids.numel(),
                       BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), FB=fp4[0], SCALE_KIND=fp4[1],
-                      num_warps=cfg.num_warps,
+                      HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
     return c
 

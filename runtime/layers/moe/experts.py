@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quantrt.quant.moe_kernel import MoEKernel, MoESpec
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, expert_activation
 from quantrt.quant.quantize import fake_quantize_act, qmax
 from quantrt.quant.weights import ActKind, ActScheme
 
@@ -51,16 +51,23 @@ def moe_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num
 
 
 def moe_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor, act: Act = silu_and_mul) -> torch.Tensor:
-    """x: [T, H]; weights, ids: [T, k]; w13: [E, 2I, H]; w2: [E, H, I] -> [T, H]."""
+                w2: torch.Tensor, act: Act = silu_and_mul, b13: torch.Tensor | None = None,
+                b2: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, H]; weights, ids: [T, k]; w13: [E, 2I, H]; w2: [E, H, I]; optional biases b13 [E, 2I],
+    b2 [E, H] (x's dtype) -> [T, H]."""
     k = ids.shape[1]
     flat = ids.flatten()
     order = flat.argsort(stable=True)                                     # [T*k] sorted by expert
-    tok = order // k
+    tok, seg = order // k, flat[order]
     offs = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)   # [E] group ends
     xs = x[tok]                                                           # [T*k, H]
-    g, u = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)   # [T*k, I] each
+    gu = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)            # [T*k, 2I]
+    if b13 is not None:
+        gu = gu + b13[seg]
+    g, u = gu.chunk(2, dim=-1)                                            # [T*k, I] each
     y = torch._grouped_mm(act(g, u), w2.transpose(1, 2), offs=offs)       # [T*k, H]
+    if b2 is not None:
+        y = y + b2[seg]
     y = y * weights.flatten()[order, None].to(y.dtype)
     return torch.zeros_like(x).index_add_(0, tok, y)
 
@@ -145,15 +152,20 @@ class ReferenceMoEKernel(MoEKernel):
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)                    # [T, H]
+        b13, b2 = self.spec.biases(x.device)                                                # fp32 or None
+        i = self.spec.inter
         flat = ids.flatten()
         for e in torch.bincount(flat, minlength=self.spec.num_experts).nonzero().flatten().tolist():
             pos = (flat == e).nonzero().flatten()                                           # [n]
             tok = pos // ids.shape[1]
             (g, u, d), (ag, au, ad) = self.spec.experts[e], self.spec.acts[e]
             xe = x[tok]
-            h = silu_and_mul(F.linear(fake_quantize_act(xe, ag), g.dequantize(torch.float32)),
-                             F.linear(fake_quantize_act(xe, au), u.dequantize(torch.float32)))  # [n, I]
-            y = F.linear(fake_quantize_act(h, ad), d.dequantize(torch.float32))             # [n, H]
+            h = expert_activation(
+                self.spec.activation,
+                F.linear(fake_quantize_act(xe, ag), g.dequantize(torch.float32), None if b13 is None else b13[e, :i]),
+                F.linear(fake_quantize_act(xe, au), u.dequantize(torch.float32), None if b13 is None else b13[e, i:]))
+            y = F.linear(fake_quantize_act(h, ad), d.dequantize(torch.float32),
+                         None if b2 is None else b2[e])                                     # [n, H]
             out.index_add_(0, tok, y * weights.flatten()[pos, None].float())
         return out.to(self.spec.compute_dtype)
 
@@ -164,8 +176,12 @@ class GroupedMoEKernel(MoEKernel):
 
     name = "grouped"
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, spec: MoESpec | None = None):
+        """spec: where the activation and biases come from (None: silu, no biases)."""
         self.w13, self.w2 = w13, w2
+        self.activation = spec.activation if spec is not None else "silu"
+        b13, b2 = spec.biases(w13.device) if spec is not None else (None, None)
+        self.b13, self.b2 = (None, None) if b13 is None else (b13.to(w13.dtype), b2.to(w13.dtype))  # [E, 2I], [E, H]
 
     @classmethod
     def can_implement(cls, spec: MoESpec, platform: Platform) -> tuple[bool, str]:
@@ -191,7 +207,10 @@ class GroupedMoEKernel(MoEKernel):
 
         w13 = kn([torch.cat([g.data, u.data]) for g, u, _ in spec.experts])                     # [E, 2I, H]
         w2 = kn([d.data for _, _, d in spec.experts])                                           # [E, H, I]
-        return cls(w13, w2)
+        return cls(w13, w2, spec)
+
+    def _act(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return expert_activation(self.activation, g, u)
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return moe_grouped(x, weights.to(x.dtype), ids, self.w13, self.w2)
+        return moe_grouped(x, weights.to(x.dtype), ids, self.w13, self.w2, self._act, self.b13, self.b2)

@@ -170,6 +170,10 @@ class GptOssMoE(FusedMoE):
         log.info("%s: %s -> MoE kernel %s", self.prefix, spec.describe(), self.kernel_choice)
         self.spec = spec if self.keep_canonical else None   # the kernel holds what it needs
 
+    @property
+    def kernel_desc(self) -> str:
+        return self.kernel_choice
+
     # -- compute ------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] fp32, ids [T, k]): softmax over the top-k biased logits."""
