@@ -111,3 +111,19 @@ def test_int8_tied_head_only_for_cpu_16bit_compute() -> None:
     assert CpuPlatform().tied_head_weight(emb, torch.float32) is None          # fp32 keeps the exact dense head
     assert Emulated().tied_head_weight(emb, torch.bfloat16) is None            # emulations keep their head
     assert CpuPlatform().tied_head_weight(emb.to(torch.int8), torch.bfloat16) is None
+
+
+@pytest.mark.parametrize(("kw", "quantized_head"), [
+    ({"dtype": "bfloat16"}, False),                                       # unquantized model: exact dense head
+    ({"dtype": "bfloat16", "torchao_config": "int8wo"}, True),            # quantized model: int8 head
+    ({"dtype": "float32", "torchao_config": "int8wo"}, False)])           # fp32 compute keeps the dense head
+def test_int8_tied_head_only_for_quantized_models(tiny_models, kw, quantized_head) -> None:
+    from quantrt.engine.engine import Engine
+
+    path, _ = tiny_models["llama_tied"]
+    eng = Engine(model_path=str(path), max_total_tokens=256, **kw)
+    try:
+        name = type(eng.model.tied_head).__name__
+        assert ("Int8" in name) == quantized_head, name
+    finally:
+        eng.shutdown()
