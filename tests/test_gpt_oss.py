@@ -379,7 +379,7 @@ def test_bf16_on_cpu_is_as_close_as_transformers_bf16(gpt_oss):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("which", ["bf16", "mxfp4"])
 def test_cuda_bf16_engine_stays_close_to_transformers(gpt_oss, mxfp4_ckpt, which):
-    """bf16 on the GPU: dense experts run grouped, MXFP4 experts the Triton fused MoE kernel;
+    """bf16 on the GPU: dense and MXFP4 experts run the Triton fused MoE kernel (biases in its epilogue);
     prompt logprobs vs transformers in fp32 on CPU (bf16 rounding only)."""
     from transformers import AutoModelForCausalLM
 
@@ -387,10 +387,7 @@ def test_cuda_bf16_engine_stays_close_to_transformers(gpt_oss, mxfp4_ckpt, which
     hf = gpt_oss[1] if which == "bf16" else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     eng = Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=512, page_size=4)
     moe = eng.model.model.layers[0].mlp
-    if which == "bf16":
-        assert moe.impl == "grouped"
-    else:
-        assert moe.impl == "triton_moe", moe.kernel_choice   # MXFP4 + clamped SwiGLU + biases, fused MoE
+    assert moe.impl == "triton_moe", moe.kernel_choice   # dense or MXFP4 + clamped SwiGLU + biases, fused MoE
     diffs = _position_diffs(eng, hf, PROMPT)
     print(f"gpt-oss {which} on CUDA bf16: |log p| diff per position: median {diffs.median():.3f}, "
           f"max {diffs.max():.3f}")
