@@ -238,7 +238,7 @@ SUPPORTED_QUANTIZATION: frozenset[str | None] = frozenset({None, "fp8", "gguf", 
                                                           "awq", "awq_marlin", "gptq", "gptq_marlin", "marlin",
                                                           "w8a8_fp8", "compressed-tensors", "auto-round", "bitsandbytes",
                                                           "mxfp4", "modelopt", "modelopt_fp8", "modelopt_fp4",
-                                                          "petit_nvfp4"})
+                                                          "petit_nvfp4", "moe_wna16"})
 SUPPORTED_LOAD_FORMATS: frozenset[str] = frozenset({"auto", "safetensors", "gguf", "bitsandbytes"})
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (

@@ -450,6 +450,43 @@ def test_awq_gptq_experts_run_moe_wna16_and_match_transformers(tiny_models, tmp_
     assert chosen_logprob_err(bf, hf, ref).mean() < 0.1             # bf16 compute end to end
 
 
+@pytest.mark.parametrize("name, quant, qcfg", [
+    ("gptq-int4-sym", _gptq(4, 32, True), {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                                           "desc_act": False}),
+    ("awq-int4", _awq(32), {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}),
+])
+def test_quantization_moe_wna16_flag_on_gptq_awq_checkpoints(tiny_models, tmp_path, name, quant, qcfg):
+    """`--quantization moe_wna16` (SGLang's MoeWNA16Config override): accepted on gptq/awq checkpoints,
+    reported as moe_wna16; experts run the wna16 MoE kernel, the model matches transformers."""
+    src, hf = tiny_models["qwen3_moe"]
+    ref = requantize(src, tmp_path / "ckpt", quant, qcfg)
+    eng = Engine(model_path=str(tmp_path / "ckpt"), quantization="moe_wna16", max_total_tokens=512)
+    assert eng.quant_method == "moe_wna16" and eng.quant_format.name == qcfg["quant_method"]
+    assert {m.impl for m in moe_layers(eng)} == {"cpu_moe_gather_dequant"}
+    check_experts_loaded(eng, ref)
+    assert max_prompt_logprob_diff(eng, hf, ref, PROMPT) < 2e-3
+
+
+def test_quantization_moe_wna16_rejects_other_checkpoints():
+    from quantrt.errors import ConfigError
+    from quantrt.quant.detect import detect_quantization
+
+    def detect(qcfg):
+        return detect_quantization("/nonexistent", {"quantization_config": qcfg} if qcfg else {}, "moe_wna16")
+
+    assert detect({"quant_method": "gptq", "bits": 8, "group_size": 128})[0] == "moe_wna16"
+    with pytest.raises(ConfigError, match=r"moe_wna16 applies to GPTQ \(bits 4 or 8, desc_act false\) or AWQ "
+                                          r"\(4-bit\) checkpoints, but it is quantized with fp8; drop --quantization "
+                                          r"or pass --quantization fp8"):
+        detect({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    with pytest.raises(ConfigError, match="but its gptq config has bits=4, desc_act=true"):
+        detect({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True})
+    with pytest.raises(ConfigError, match="but its gptq config has bits=3"):
+        detect({"quant_method": "gptq", "bits": 3, "group_size": 128})
+    with pytest.raises(ConfigError, match="has no quantization config .*does not quantize float checkpoints"):
+        detect(None)
+
+
 # -- compressed-tensors: MoE checkpoints written by llm-compressor itself (its own venv) -------------------
 _CT_IGNORE = ["lm_head", "re:.*mlp.gate$"]            # the router stays float, as llm-compressor MoE recipes do
 CT_MOE = {  # name -> (llm-compressor spec, CPU MoE kernel in fp32, weight-only?)

@@ -169,7 +169,24 @@ def _gptq_marlin_override(method: str, qcfg: QuantConfig, cli: str | None, platf
     return "gptq_marlin" if _marlin_platform(platform) else None
 
 
-OVERRIDES: list[Override] = [_modelopt_override, _awq_marlin_override, _gptq_marlin_override]
+def _moe_wna16_override(method: str, qcfg: QuantConfig, cli: str | None) -> str | None:
+    """`--quantization moe_wna16` on a gptq (bits 4/8, no desc_act) or awq (4-bit) checkpoint -> moe_wna16
+    (SGLang's MoeWNA16Config: the MoE experts run the wna16 path, other layers stay gptq/awq); any other
+    checkpoint is a clear error naming what moe_wna16 accepts."""
+    if cli != "moe_wna16":
+        return None
+    bits = qcfg.get("bits", qcfg.get("w_bit"))
+    if method == "gptq" and bits in (4, 8) and not qcfg.get("desc_act", False):
+        return "moe_wna16"
+    if method == "awq" and bits == 4:
+        return "moe_wna16"
+    why = (f"it is quantized with {method}" if method not in ("gptq", "awq") else
+           f"its {method} config has bits={bits}" + (", desc_act=true" if qcfg.get("desc_act") else ""))
+    raise ConfigError(f"--quantization moe_wna16 applies to GPTQ (bits 4 or 8, desc_act false) or AWQ (4-bit) "
+                      f"checkpoints, but {why}; drop --quantization or pass --quantization {method}")
+
+
+OVERRIDES: list[Override] = [_modelopt_override, _awq_marlin_override, _gptq_marlin_override, _moe_wna16_override]
 
 
 def find_checkpoint_quant_config(model_path: str, hf_config: dict[str, Any]) -> tuple[QuantConfig, str] | None:
@@ -204,6 +221,10 @@ def detect_quantization(model_dir_or_file: str, hf_config: dict[str, Any],
             return None, {}
         if cli in ONLINE_METHODS:
             return cli, {}
+        if cli == "moe_wna16":
+            raise ConfigError(f"--quantization moe_wna16 applies to GPTQ (bits 4 or 8) or AWQ (4-bit) checkpoints, "
+                              f"but {model_dir_or_file} has no quantization config (config.json "
+                              f"quantization_config); it does not quantize float checkpoints")
         raise ConfigError(f"--quantization {cli} needs a checkpoint quantized with {cli}, but "
                           f"{model_dir_or_file} has no quantization config (config.json quantization_config); "
                           f"online quantization of a float checkpoint supports: {', '.join(sorted(ONLINE_METHODS))}")
@@ -245,6 +266,8 @@ def build_format(method: str | None, qcfg: QuantConfig, args: ServerArgs | None 
     from quantrt.quant.format import get_format, registered_formats
 
     supported = registered_formats()
+    if method == "moe_wna16":  # the checkpoint's own gptq/awq format; its experts run the wna16 MoE kernels
+        return get_format(str(qcfg["quant_method"]).lower()).from_config(qcfg, args)
     if method in supported:
         return get_format(method).from_config(qcfg, args)
     if method in KNOWN_METHODS:
