@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 
 WINDOW = 512
 # mean KL(bf16-KV || x) in nats over 512 positions. Measured (CPU, scale 1.0, no calibration):
-# e4m3 0.0136 (top-1 93.6%), e5m2 0.038 (88.7%), fp4 0.257 (70.1%). The targets (0.01 / 0.03) are NOT met with
-# uncalibrated scales (1.0); the bounds below are the measured values plus margin.
+# e4m3 0.0136 (top-1 93.6%), e5m2 0.038 (88.7%), fp4 0.257 (70.1%). The targets (0.01 / 0.03) are NOT met,
+# and no per-tensor scale meets them on this model: fp8 rounding of K/V alone, applied inside transformers with no
+# quantrt code, costs 0.011 / 0.036 vs fp32 (bench/fake_quant_reference.py, docs/QUALITY.md), and our KV paths equal
+# that definition on tiny models (tests/test_scheme_vs_fake_quant.py). The bounds are the measured values plus margin.
 KL_MAX = {"fp8_e4m3": 0.02, "fp8_e5m2": 0.05}
 TOP1_MIN = {"fp8_e4m3": 0.9, "fp8_e5m2": 0.85}
 NEEDLE = " The secret pass key is 73914. Remember it. The secret pass key is 73914. "
