@@ -289,6 +289,54 @@ def test_fused_moe_biases_and_clamped_swiglu_match_float64(scheme):
     assert rel_err(kern.apply(x, weights, ids), plain) > 0.2
 
 
+def _faked_rocm(arch: str, monkeypatch):
+    from quantrt.platforms.rocm.platform import RocmPlatform
+
+    monkeypatch.delenv("SGLANG_USE_AITER", raising=False)
+    monkeypatch.delenv("QUANTRT_USE_AITER", raising=False)
+    plat = RocmPlatform(arch=arch)
+    if DEV == "cpu":
+        monkeypatch.setattr(plat, "device", lambda index=0: torch.device("cpu"))
+    return plat
+
+
+def test_rocm_selects_the_shared_triton_fp4_linear_and_fused_moe(monkeypatch):
+    """Faked ROCm (MI300 gfx942, MI350 gfx950), aiter off: MXFP4 linears and fused MoE (gpt-oss's biases and
+    clamped SwiGLU included) select the shared plain-Triton kernels and compute like float64; fp8 experts on
+    the fnuz arch are declined with the reason."""
+    from quantrt.platforms.rocm.shared_triton import RocmTritonFp4Kernel, RocmTritonMoEKernel
+    from quantrt.quant.kernel import select_linear_kernel
+    from quantrt.quant.moe_kernel import MoESpec, select_moe_kernel
+
+    gen = torch.Generator().manual_seed(11)
+    mi300, mi350 = _faked_rocm("gfx942", monkeypatch), _faked_rocm("gfx950", monkeypatch)
+    w = make_micro_weight(96, 128, "mxfp4", gen)
+    lspec = LinearSpec(w, ActScheme(), torch.bfloat16)
+    choice = select_linear_kernel(lspec, mi300)
+    assert choice.kernel is RocmTritonFp4Kernel, choice.explain()
+    x = torch.randn(3, 128, generator=gen).to(DEV, torch.bfloat16)
+    y = choice.kernel.prepare(lspec, mi300).apply(x, None)
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).t()) < 1e-2
+
+    e, h, i, t, k = 4, 128, 64, 5, 2
+    experts, acts = make_experts("mxfp4", e, h, i, gen)
+    biases = tuple((torch.randn(e, n, generator=gen) * 0.5).to(DEV) for n in (i, i, h))
+    spec = MoESpec(experts, acts, h, i, torch.bfloat16, ("swiglu_clamped", 1.702, 7.0), *biases)
+    mc = select_moe_kernel(spec, mi300)
+    assert mc.kernel is RocmTritonMoEKernel and "aiter is off" in mc.explain(), mc.explain()
+    x = (torch.randn(t, h, generator=gen) * 2).to(DEV, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(DEV)
+    weights = torch.rand(t, k, generator=gen).to(DEV)
+    got = mc.kernel.prepare(spec, mi300).apply(x, weights, ids)
+    assert rel_err(got, moe_float64(x, weights, ids, experts, (1.702, 7.0), biases)) < 2e-2
+
+    fp8, fp8_acts = make_experts("fp8-channel", e, h, i, gen)
+    fspec = MoESpec(fp8, fp8_acts, h, i, torch.bfloat16)
+    ok, why = RocmTritonMoEKernel.can_implement(fspec, mi300)
+    assert not ok and why.startswith("fp8 experts on gfx942") and "e4m3fnuz" in why
+    assert select_moe_kernel(fspec, mi350).kernel is RocmTritonMoEKernel
+
+
 def test_moe_align_blocks():
     from quantrt.platforms.cuda.kernels.moe_triton import moe_align
 

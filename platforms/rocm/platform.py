@@ -30,8 +30,9 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
     name: ClassVar[str] = "rocm"
     dist_backend: ClassVar[str] = "nccl"
     allowed_quantization: ClassVar[frozenset[str] | None] = ROCM_ALLOWED_QUANTIZATION
-    linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.kernels:ROCM_LINEAR_KERNELS"
-    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_moe:ROCM_MOE_KERNELS"
+    # ROCm's own kernels, then the plain-Triton fp4 linear and fused MoE shared with CUDA (rocm/shared_triton.py)
+    linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.shared_triton:ROCM_LINEAR_KERNELS_ALL"
+    moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.rocm.shared_triton:ROCM_MOE_KERNELS_ALL"
     # aiter's paged_attention_rocm when aiter is on, else the Triton kernel shared with CUDA
     decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.rocm.aiter_attention:aiter_decode_attention"
 
