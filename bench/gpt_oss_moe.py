@@ -1,6 +1,6 @@
-"""gpt-oss MoE block throughput: MXFP4 experts (one platform linear kernel per active expert: the Triton
-fp4 kernel on CUDA, the reference elsewhere) vs the same weights dequantized to the compute dtype and run
-grouped (torch._grouped_mm), with gpt-oss-20b's layer shape by default (H = I = 2880, 32 experts, top-4).
+"""gpt-oss MoE block throughput: MXFP4 experts (the platform's MoE kernel: the Triton fused MoE kernel
+on CUDA, the reference elsewhere) vs the same weights dequantized to the compute dtype (grouped
+torch._grouped_mm on CPU, the Triton fused MoE kernel on CUDA), with gpt-oss-20b's layer shape by default (H = I = 2880, 32 experts, top-4).
 
     python bench/gpt_oss_moe.py [--experts 32 --top-k 4 --hidden 2880 --inter 2880 --tokens 1,8,64]
                                 [--dtype bfloat16] [--iters 20]
