@@ -337,6 +337,26 @@ def test_rocm_selects_the_shared_triton_fp4_linear_and_fused_moe(monkeypatch):
     assert select_moe_kernel(fspec, mi350).kernel is RocmTritonMoEKernel
 
 
+def test_moe_kernels_without_bias_support_decline_biased_experts():
+    """aiter's fused_moe and the NPU MoE path (emulated) take no expert biases: they decline with the reason."""
+    from quantrt.platforms.ascend.emulation import EmulatedAscendPlatform
+    from quantrt.platforms.ascend.moe_kernels import NpuGroupedMoEKernel
+    from quantrt.platforms.rocm.aiter_moe import AiterFusedMoEKernel
+    from quantrt.platforms.rocm.emulation import EmulatedRocmPlatform
+    from quantrt.quant.moe_kernel import MoESpec
+
+    gen = torch.Generator().manual_seed(5)
+    experts, acts = make_experts("dense", 2, 64, 32, gen)
+    plain = MoESpec(experts, acts, 64, 32, torch.bfloat16)
+    biased = MoESpec(experts, acts, 64, 32, torch.bfloat16, down_bias=torch.zeros(2, 64))
+    mi300 = EmulatedRocmPlatform()
+    assert AiterFusedMoEKernel.can_implement(plain, mi300) == (True, "")
+    assert AiterFusedMoEKernel.can_implement(biased, mi300) == (False, "per-expert biases: aiter fused_moe takes "
+                                                                       "no expert biases")
+    assert NpuGroupedMoEKernel.can_implement(biased, EmulatedAscendPlatform()) == (
+        False, "per-expert biases: the NPU MoE path takes no expert biases")
+
+
 def test_moe_align_blocks():
     from quantrt.platforms.cuda.kernels.moe_triton import moe_align
 
