@@ -179,11 +179,13 @@ SMOLLM2_KL_MEAN_BOUND = 0.1
 
 
 def test_smollm2_modelslim_w8a8_dynamic_on_emulated_npu(smollm2, tmp_path):
-    """SmolLM2 quantized into an msModelSlim W8A8_DYNAMIC checkpoint (per-channel symmetric RTN weights) runs
-    on the emulated Ascend NPU with the same greedy tokens as the reference path on CPU (2 prompts x 16
-    tokens, batched), and stays close to the fp32 model (KL printed). float16: the NPU's other compute
-    dtype; in bf16 the two paths' roundings flip a near-tie on the code prompt. W8A8 static is left to
-    the tiny-model test (a second SmolLM2 run would double this test's time on CPU)."""
+    """SmolLM2 quantized into an msModelSlim W8A8_DYNAMIC checkpoint (per-channel symmetric RTN weights) on
+    the emulated Ascend NPU vs the reference path on CPU, both in float16 (the NPU's other compute dtype),
+    teacher-forced on the NPU's own greedy continuation (2 prompts x 16 tokens, batched): the two agree on
+    every next token that is not a near-tie, and the NPU path is no farther from the fp32 model than the
+    CPU reference path in the same dtype. (Token-for-token equality of whole greedy runs is not a sound
+    check here: fp16 alone moves this model by KL ~0.07 from fp32 with W8A8 activations, so the two
+    paths' different-but-equivalent roundings flip near-ties.) W8A8 static is left to the tiny-model test."""
     from tests.helpers_smollm2 import full_logits, kl_rows
 
     src, hf, prompts = smollm2
@@ -192,19 +194,27 @@ def test_smollm2_modelslim_w8a8_dynamic_on_emulated_npu(smollm2, tmp_path):
     params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
     npu = Engine(model_path=str(d), dtype="float16", max_total_tokens=1024, platform=NPU_SDPA)
     ref = Engine(model_path=str(d), dtype="float16", max_total_tokens=1024, platform=CpuPlatform())
+    fp32 = Engine(model_path=str(src), dtype="float32", max_total_tokens=1024, platform=CpuPlatform())
     kinds = {type(k).__name__ for m in npu.model.modules() if isinstance(m, QuantLinear) and m.is_quantized
              for k in m.kernels}
     assert kinds == {"NpuW8A8DynamicKernel"}
     got = [o["output_ids"] for o in npu.generate(input_ids=prompts, sampling_params=params)]
-    want = [o["output_ids"] for o in ref.generate(input_ids=prompts, sampling_params=params)]
-    assert got == want and all(len(g) == 16 for g in got)
-    del ref
-    fp32 = Engine(model_path=str(src), dtype="float32", max_total_tokens=1024, platform=CpuPlatform())
-    kl = torch.cat([kl_rows(torch.log_softmax(full_logits(fp32, p + g), -1),
-                            torch.log_softmax(full_logits(npu, p + g), -1)) for p, g in zip(prompts, got)])
-    print(f"\nSmolLM2 msModelSlim W8A8_DYNAMIC on emulated NPU (fp16): KL(fp32 || npu) mean {kl.mean():.4f} "
-          f"max {kl.max():.4f} nats over {kl.numel()} positions")
-    assert kl.mean() < SMOLLM2_KL_MEAN_BOUND
+    assert all(len(g) == 16 for g in got)
+    kl_npu, kl_cpu = [], []
+    for p, g in zip(prompts, got):
+        ids = p + g
+        a, b, f = (torch.log_softmax(full_logits(e, ids), -1)[len(p) - 1:-1] for e in (npu, ref, fp32))  # [16, V]
+        top2 = b.topk(2, -1).values
+        decided = (top2[:, 0] - top2[:, 1]) > 0.25
+        assert decided.sum() >= 10, f"too many near-ties to compare: {decided.tolist()}"
+        assert (a.argmax(-1) == b.argmax(-1))[decided].all(), (a.argmax(-1).tolist(), b.argmax(-1).tolist())
+        kl_npu.append(kl_rows(f, a))
+        kl_cpu.append(kl_rows(f, b))
+    kl_npu, kl_cpu = torch.cat(kl_npu), torch.cat(kl_cpu)
+    print(f"\nSmolLM2 msModelSlim W8A8_DYNAMIC fp16: KL(fp32 || emulated npu) mean {kl_npu.mean():.4f} max "
+          f"{kl_npu.max():.4f}; KL(fp32 || cpu reference) mean {kl_cpu.mean():.4f} over {kl_npu.numel()} positions")
+    assert kl_npu.mean() <= 1.25 * kl_cpu.mean() + 0.005
+    assert kl_npu.mean() < SMOLLM2_KL_MEAN_BOUND
 
 
 # -- msModelSlim MoE experts (reference path everywhere) ------------------------------------------------

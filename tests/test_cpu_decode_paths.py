@@ -114,15 +114,24 @@ def test_int8_tied_head_only_for_cpu_16bit_compute() -> None:
 
 
 @pytest.mark.parametrize(("kw", "quantized_head"), [
-    ({"dtype": "bfloat16"}, False),                                       # unquantized model: exact dense head
-    ({"dtype": "bfloat16", "torchao_config": "int8wo"}, True),            # quantized model: int8 head
-    ({"dtype": "float32", "torchao_config": "int8wo"}, False)])           # fp32 compute keeps the dense head
-def test_int8_tied_head_only_for_quantized_models(tiny_models, kw, quantized_head) -> None:
+    ({"dtype": "bfloat16"}, False),                                       # float checkpoint: exact dense head
+    ({"dtype": "bfloat16", "torchao_config": "int8wo"}, False),           # online quantization: dense head too
+    ({"dtype": "bfloat16", "gguf": True}, True),                          # GGUF with a Q8_0 token_embd: int8
+    ({"dtype": "float32", "gguf": True}, False)])                         # fp32 compute keeps the dense head
+def test_int8_tied_head_only_where_the_checkpoint_stores_it_quantized(tiny_models, tmp_path, kw,
+                                                                       quantized_head) -> None:
     from quantrt.engine.engine import Engine
+    from tests import test_gguf_loader
 
-    path, _ = tiny_models["llama_tied"]
-    eng = Engine(model_path=str(path), max_total_tokens=256, **kw)
+    kw = dict(kw)
+    if kw.pop("gguf", False):
+        path, tok = tmp_path / "tiny-q4_1.gguf", str(tiny_models["llama"][0])
+        test_gguf_loader.write_tiny_gguf(path, "llama")                  # tied, Q4_1 linears, token_embd Q8_0
+        eng = Engine(model_path=str(path), tokenizer_path=tok, max_total_tokens=256, **kw)
+    else:
+        eng = Engine(model_path=str(tiny_models["llama_tied"][0]), max_total_tokens=256, **kw)
     try:
+        assert eng.model.lm_head is None
         name = type(eng.model.tied_head).__name__
         assert ("Int8" in name) == quantized_head, name
     finally:

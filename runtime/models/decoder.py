@@ -163,6 +163,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if self.tied else QuantLinear("", [("lm_head", config.vocab_size)], config.hidden_size)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.fp32_lm_head = False
+        self.embedding_stored_quantized = False   # set by loaders whose checkpoint stores it quantized
 
     def kv_geometry(self) -> KVGeometry:
         """The KV rows one token needs per layer (the engine sizes and builds the pool from it):
@@ -198,18 +199,14 @@ class CausalLM(nn.Module):
             r.to(dtype, device, platform)
         if self.lm_head is None:  # tied: the embedding matrix, prepared by the platform's dense kernel
             head_dtype = torch.float32 if self.fp32_lm_head else dtype
-            # a quantized model's tied head may be quantized by the platform (CPU bf16: int8 per row, like
-            # llama.cpp's Q8_0 output); an unquantized model keeps the exact dense head
-            hook = getattr(platform, "tied_head_weight", None) if self.is_quantized() else None
+            # when the checkpoint itself stores the tied embedding quantized (GGUF Q8_0 token_embd), the
+            # platform may run the head quantized too (CPU bf16: int8 per row); otherwise the exact dense
+            # head (an int8 head on an unquantized embedding costs KL ~0.0013 on SmolLM2: QUALITY.md)
+            hook = getattr(platform, "tied_head_weight", None) if self.embedding_stored_quantized else None
             qw = hook(emb, head_dtype) if hook is not None else None
             spec = LinearSpec(qw if qw is not None else DenseWeight(self.model.embed_tokens.weight.data),
                               WEIGHT_ONLY, head_dtype)
             self.tied_head = select_linear_kernel(spec, platform).kernel.prepare(spec, platform)
-
-    def is_quantized(self) -> bool:
-        """Whether any linear or expert of the loaded model holds quantized weights."""
-        return any((isinstance(m, QuantLinear) and m.is_quantized) or (isinstance(m, FusedMoE) and getattr(m, "quantized", False))
-                   for m in self.modules())
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [S, D] -> [S, V] fp32

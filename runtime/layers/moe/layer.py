@@ -70,7 +70,6 @@ class FusedMoE(nn.Module):
         self.kernel_choice = ""                                           # selection, explained
         self.dtype = torch.float32
         self.impl = "unloaded"                                            # the MoE kernel's name
-        self.quantized = False                                            # any expert weight quantized
         self.topk_op = None                                               # the platform's top-k op, if any
 
     # -- loading ----------------------------------------------------------------------------
@@ -106,7 +105,6 @@ class FusedMoE(nn.Module):
         choice = select_moe_kernel(self.spec, platform)
         self.kernel = choice.kernel.prepare(self.spec, platform)
         self.impl, self.kernel_choice = choice.kernel.name, choice.explain()
-        self.quantized = self.spec.schemes() != {"dense"}
         log.info("%s: %s -> MoE kernel %s", self.prefix, self.spec.describe(), self.kernel_choice)
         if not self.keep_canonical:
             self.spec = None  # the kernel holds what it needs (the reference kernel: the canonical experts)

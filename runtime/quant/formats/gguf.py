@@ -90,6 +90,8 @@ def native_tensors(ck: GgufCheckpoint, model: nn.Module) -> Iterator[tuple[str, 
     """HF-named tensors: linears as raw blocks (qweight, qweight_type), everything else dequantized."""
     linears = linear_prefixes(model)
     for hf_name in ck.tensor_names():
+        if hf_name == "model.embed_tokens.weight" and ck.raw_tensor(hf_name)[1] not in FLOAT_TYPES:
+            model.embedding_stored_quantized = True   # the file's own (tied) head is quantized (e.g. Q8_0)
         prefix = hf_name.removesuffix(".weight")
         expert = _STACKED_EXPERTS.search(prefix) is not None   # [E, N, K] blocks, split per expert by FusedMoE
         if (prefix not in linears and not expert) or not hf_name.endswith(".weight"):
