@@ -61,19 +61,29 @@ def _platform(layer: Any) -> Any:
     return current_platform()
 
 
+def _served(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tensor | None) -> tuple | None:
+    """(ops, K pool, V pool) of this layer when the fused op serves it: an adapter is present, plain
+    16-bit pages with V, no sinks, the layer's own head geometry; else None (SDPA)."""
+    ops = npu_ops_of(_platform(layer))
+    pool = fb.kv_pool
+    if ops is None or sinks is not None or pool.quantized or not pool.has_v or q.dtype not in _HALF:
+        return None
+    k, v = pool.k[layer.layer_id], pool.v[layer.layer_id]
+    d, hkv = q.shape[-1], layer.num_kv_heads
+    if d != layer.head_dim or tuple(k.shape[1:]) != (hkv, d) or v.shape != k.shape or k.dtype != q.dtype:
+        return None
+    return ops, k, v
+
+
 def npu_decode_attention(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tensor | None = None
                          ) -> torch.Tensor | None:
     """PagedAttention's decode on Ascend: q [B, H, D] -> [B, H*D], or None when not served (then SDPA)."""
-    ops = npu_ops_of(_platform(layer))
-    pool = fb.kv_pool
-    i = layer.layer_id
-    if ops is None or sinks is not None or pool.quantized or not pool.has_v or q.dtype not in _HALF:
+    served = _served(layer, q, fb, sinks)
+    if served is None:
         return None
-    k, v = pool.k[i], pool.v[i]
+    ops, k, v = served
     b, h, d = q.shape
     hkv = layer.num_kv_heads
-    if d != layer.head_dim or tuple(k.shape[1:]) != (hkv, d) or v.shape != k.shape or k.dtype != q.dtype:
-        return None
     lens = list(fb.kv_lens) if fb.kv_lens else [int(x) for x in fb.kv_lens_t.tolist()]
     key = ("npu_block_table", k.shape[0])
     if key not in fb.cache:                                      # once per step, shared by the layers
@@ -105,16 +115,12 @@ def npu_extend_attention(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Tens
     cumulative q_lens, actual_seq_lengths_kv = kv_lens, sparse_mode 3 (right-down causal: the new tokens follow
     the prefix) or, with a sliding window W, sparse_mode 4 with pre_tokens W - 1, next_tokens 0; both take the
     compressed 2048x2048 upper-triangular mask. None (SDPA) for what the decode hook also declines."""
-    ops = npu_ops_of(_platform(layer))
-    pool = fb.kv_pool
-    i = layer.layer_id
-    if ops is None or sinks is not None or pool.quantized or not pool.has_v or q.dtype not in _HALF:
+    served = _served(layer, q, fb, sinks)
+    if served is None:
         return None
-    k, v = pool.k[i], pool.v[i]
+    ops, k, v = served
     t, h, d = q.shape
     hkv = layer.num_kv_heads
-    if d != layer.head_dim or tuple(k.shape[1:]) != (hkv, d) or v.shape != k.shape or k.dtype != q.dtype:
-        return None
     key = ("npu_extend_table", k.shape[0])
     if key not in fb.cache:                                      # once per batch, shared by the layers
         slots = torch.zeros(len(fb.seq_slots), max(fb.kv_lens), dtype=torch.long, device=q.device)

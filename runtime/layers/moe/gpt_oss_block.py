@@ -97,14 +97,9 @@ class GptOssMoE(FusedMoE):
 
     def claim(self, name: str, t: torch.Tensor, fmt) -> bool:
         """Take `name` if it is one of this block's tensors (router, expert biases, expert weights)."""
-        rel = name[len(self.prefix) + 1:]
-        if rel in self.wanted:
-            if tuple(t.shape) != self.wanted[rel]:
-                raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {self.wanted[rel]}")
-            if rel in self.small:
-                raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
-            self.small[rel] = t
+        if self.claim_small(name, t):
             return True
+        rel = name[len(self.prefix) + 1:]
         if not rel.startswith("experts."):
             return False
         rel = rel[len("experts."):]

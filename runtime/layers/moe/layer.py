@@ -73,16 +73,23 @@ class FusedMoE(nn.Module):
         self.topk_op = None                                               # the platform's top-k op, if any
 
     # -- loading ----------------------------------------------------------------------------
+    def claim_small(self, name: str, t: torch.Tensor) -> bool:
+        """Take `name` if it is one of the block's own small tensors (router, biases, shared gate)."""
+        rel = name[len(self.prefix) + 1:]
+        if rel not in self.wanted:
+            return False
+        if tuple(t.shape) != self.wanted[rel]:
+            raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {self.wanted[rel]}")
+        if rel in self.small:
+            raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
+        self.small[rel] = t
+        return True
+
     def claim(self, name: str, t: torch.Tensor, fmt) -> bool:
         """Take `name` if it belongs to this block and is not an ordinary QuantLinear tensor."""
-        rel = name[len(self.prefix) + 1:]
-        if rel in self.wanted:
-            if tuple(t.shape) != self.wanted[rel]:
-                raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {self.wanted[rel]}")
-            if rel in self.small:
-                raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
-            self.small[rel] = t
+        if self.claim_small(name, t):
             return True
+        rel = name[len(self.prefix) + 1:]
         return rel.startswith("experts.") and self.loader.add(rel[len("experts."):], t, fmt)
 
     def missing(self) -> list[str]:
