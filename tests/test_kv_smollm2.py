@@ -8,6 +8,7 @@ import torch
 
 from quantrt.demo_model import default_model_path
 from quantrt.engine.engine import Engine
+from bench.kv_needle import KEY, prompt
 from tests.helpers_smollm2 import botchan_ids, export_hf_checkpoint, full_logits, kl_rows
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,7 @@ WINDOW = 512
 # that definition on tiny models (tests/test_scheme_vs_fake_quant.py). The bounds are the measured values plus margin.
 KL_MAX = {"fp8_e4m3": 0.02, "fp8_e5m2": 0.05}
 TOP1_MIN = {"fp8_e4m3": 0.9, "fp8_e5m2": 0.85}
-NEEDLE = " The secret pass key is 73914. Remember it. The secret pass key is 73914. "
-QUESTION = " What is the secret pass key? The secret pass key is"
+NEEDLE_CTX = 8000   # SmolLM2-135M's trained context is 8192 positions: the needle test runs at the full length
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,10 @@ def runs(export) -> dict[str, dict]:
     """Per KV dtype: log-probabilities over the window and the pass-key answer."""
     out = {}
     for kv in ("bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"):
-        eng = Engine(model_path=export, kv_cache_dtype=kv, max_total_tokens=2048, random_seed=0)
+        eng = Engine(model_path=export, kv_cache_dtype=kv, max_total_tokens=NEEDLE_CTX + 64, random_seed=0)
         hay = botchan_ids(eng.tokenizer)
         lp = torch.log_softmax(full_logits(eng, hay[:WINDOW]).double(), -1)
-        tok = eng.tokenizer
-        ids = hay[:300] + tok.encode(NEEDLE) + hay[300:900] + tok.encode(QUESTION)
+        ids = prompt(eng.tokenizer, hay, NEEDLE_CTX, 0.5)
         ans = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 6, "temperature": 0})["text"]
         out[kv] = {"lp": lp, "answer": ans, "ctx": len(ids), "info": eng.kv_info()}
     return out
@@ -60,12 +59,13 @@ def test_kl_and_greedy_agreement_vs_bf16_kv(kv, runs):
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
 def test_needle_in_a_haystack(kv, runs):
-    """A pass key hidden a third of the way into ~1k tokens of botchan.txt is read back."""
+    """A pass key hidden halfway into botchan.txt is read back at the model's full context (8000 tokens)."""
     r = runs[kv]
     print(f"{kv}: {r['ctx']} tokens -> {r['answer']!r}")
+    assert r["ctx"] == NEEDLE_CTX
     if kv == "fp4_e2m1":
-        return  # reported only: fp4 retrieval not yet measured to pass
-    assert "7391" in r["answer"].replace(" ", "")
+        return  # reported only: retrieved in bench/kv_needle.py at 8000 (2026-11-23), but fp4 KL is 0.26
+    assert KEY in r["answer"].replace(" ", "")
 
 
 def test_capacity_figures(runs):
