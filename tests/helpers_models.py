@@ -107,10 +107,16 @@ def max_prompt_logprob_diff(engine, hf_model, weights: dict[str, torch.Tensor], 
                           logprob_start_len=0, top_logprobs_num=engine.config.vocab_size)
     with torch.no_grad():
         ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].double(), -1)
-    worst = 0.0
-    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        ours = torch.full_like(ref[pos], float("nan"))
-        for lp, tok, _ in tops:
-            ours[tok] = lp
-        worst = max(worst, float((ours - ref[pos]).abs().max()))
-    return worst
+    ours = dense_prompt_logprobs(out, engine.config.vocab_size)
+    return float((ours - ref[: len(ours)]).abs().max())
+
+
+def dense_prompt_logprobs(out: dict, vocab: int) -> torch.Tensor:
+    """The prompt log-probabilities of an Engine.generate output asked with top_logprobs_num=vocab, as a
+    dense [P-1, V] float64 tensor (row i: the distribution of token i+1); entries not listed are NaN."""
+    rows = out["meta_info"]["input_top_logprobs"][1:]
+    dense = torch.full((len(rows), vocab), float("nan"), dtype=torch.float64)
+    for pos, tops in enumerate(rows):
+        lps, toks, _ = zip(*tops)
+        dense[pos, list(toks)] = torch.tensor(lps, dtype=torch.float64)
+    return dense

@@ -17,7 +17,7 @@ from quantrt.engine.engine import Engine
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.layers.mla import MLAttention, mla_softmax_scale
 from quantrt.layers.moe.layer import FusedMoE
-from tests.helpers_models import max_prompt_logprob_diff
+from tests.helpers_models import dense_prompt_logprobs, max_prompt_logprob_diff
 
 PROMPT = list(range(5, 50))
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
@@ -192,11 +192,9 @@ def test_fp8_latent_cache_matches_transformers_with_fp8_rounded_latents(kv, fp8,
         logits = hf(torch.tensor([PROMPT + dec]), past_key_values=_FakeFp8LatentCache(hf.config, fp8),
                     use_cache=True).logits[0]
     ref = torch.log_softmax(logits.double(), -1)
-    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        ours = torch.full_like(ref[pos], float("nan"))
-        for lp, tok, _ in tops:
-            ours[tok] = lp
-        assert float((ours - ref[pos]).abs().max()) < 1e-4, pos
+    ours = dense_prompt_logprobs(out, eng.config.vocab_size)
+    for pos in range(len(ours)):
+        assert float((ours[pos] - ref[pos]).abs().max()) < 1e-4, pos
     for j, (lp, tok, _) in enumerate(out["meta_info"]["output_token_logprobs"]):
         assert abs(lp - float(ref[len(PROMPT) - 1 + j, tok])) < 1e-4, j
     # the rounding itself matters on this sharp tiny model: far from the unrounded logprobs
@@ -312,11 +310,9 @@ def test_block_fp8_v3_checkpoint_matches_transformers_on_the_dequantized_weights
     with torch.no_grad():  # prefill: latents decompressed through kv_b_proj (a block-fp8 linear)
         full = torch.log_softmax(ref(torch.tensor([PROMPT]), past_key_values=cache, use_cache=True)
                                  .logits[0].double(), -1)
-    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        ours = torch.full_like(full[pos], float("nan"))
-        for lp, tok, _ in tops:
-            ours[tok] = lp
-        assert float((ours - full[pos]).abs().max()) < 1e-3, pos
+    ours = dense_prompt_logprobs(out, eng.config.vocab_size)
+    for pos in range(len(ours)):
+        assert float((ours[pos] - full[pos]).abs().max()) < 1e-3, pos
     # decode: the absorbed W_UK/W_UV are kv_b_proj's dequantized weight (weight-only, as SGLang's
     # w_kc/w_vc): transformers continues from its cache with kv_b_proj's input left unrounded. The
     # absorbed fp32 sums differ in order, so an activation now and then lands on the other side of an

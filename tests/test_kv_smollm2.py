@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.kv_needle import KEY, prompt
 from quantrt.demo_model import default_model_path
 from quantrt.engine.engine import Engine
-from bench.kv_needle import KEY, prompt
 from tests.helpers_smollm2 import botchan_ids, export_hf_checkpoint, full_logits, kl_rows
 
 pytestmark = pytest.mark.slow

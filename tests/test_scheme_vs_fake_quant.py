@@ -15,6 +15,7 @@ import torch
 
 from quantrt.engine.engine import Engine
 from tests.helpers_fake_quant import fake_quant_kv, fake_quant_linears
+from tests.helpers_models import dense_prompt_logprobs
 
 IDS = list(range(5, 45))
 
@@ -39,13 +40,8 @@ def _max_diff_to_engine(ref_logprobs: torch.Tensor, **engine_kw) -> float:
                            logprob_start_len=0, top_logprobs_num=eng.config.vocab_size)
     finally:
         eng.shutdown()
-    worst = 0.0
-    for pos, tops in enumerate(out["meta_info"]["input_top_logprobs"][1:]):
-        ours = torch.full_like(ref_logprobs[pos], float("nan"))
-        for lp, tok, _ in tops:
-            ours[tok] = lp
-        worst = max(worst, float((ours - ref_logprobs[pos]).abs().max()))
-    return worst
+    ours = dense_prompt_logprobs(out, ref_logprobs.shape[-1])
+    return float((ours - ref_logprobs[: len(ours)]).abs().max())
 
 
 @pytest.mark.parametrize(("method", "dtype"), [("w8a8_int8", torch.int8), ("w8a8_fp8", torch.float8_e4m3fn)])
