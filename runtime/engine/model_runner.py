@@ -32,12 +32,20 @@ class Work:
 
 
 def graph_unsafe_reason(model: torch.nn.Module) -> str | None:
-    """Why decode graphs cannot capture `model`, or None. MoE layers route tokens with host-side
-    expert lists (bincount().tolist()), which a graph cannot hold."""
+    """Why decode graphs cannot capture `model`, or None. An MoE layer can be captured when its MoE
+    kernel is `graph_safe` (routing sorted on device, fixed grids: triton_moe) and its top-k is the
+    device-side `select_experts`; the portable kernels (`grouped`, `reference`) read expert counts on
+    the host (bincount / nonzero / tolist), and a platform top-k op is not known to be capturable."""
     from quantrt.layers.moe.layer import FusedMoE
 
-    if any(isinstance(m, FusedMoE) for m in model.modules()):
-        return "the model has MoE layers, whose token routing synchronises with the host"
+    for m in model.modules():
+        if not isinstance(m, FusedMoE):
+            continue
+        if m.kernel is None or not getattr(m.kernel, "graph_safe", False):
+            return (f"MoE layer {m.prefix} runs the {m.impl} MoE kernel, whose token routing synchronises "
+                    f"with the host (graph-safe MoE kernels: triton_moe)")
+        if m.topk_op is not None:
+            return f"MoE layer {m.prefix} routes with the platform's top-k op {type(m.topk_op).__name__}, not graph-checked"
     return None
 
 

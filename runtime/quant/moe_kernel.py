@@ -155,9 +155,13 @@ class MoESpec:
 
 
 class MoEKernel(ABC):
-    """One prepared MoE layer: holds the repacked expert tensors and computes the routed experts."""
+    """One prepared MoE layer: holds the repacked expert tensors and computes the routed experts.
+
+    graph_safe: True when `apply` never reads a device value on the host and its launches do not depend
+    on the routing (fixed grids, worst-case padded buffers), so decode CUDA graphs may capture it."""
 
     name: ClassVar[str]
+    graph_safe: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

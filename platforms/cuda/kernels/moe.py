@@ -5,8 +5,14 @@ Serves uniform expert layers of dense (bf16/fp16), fp8 (per-tensor, per-channel,
 registers and multiplied in the compute dtype with fp32 accumulation. Row-wise quantized activations
 (fp8/int8 per-token or per-token-group, W8A8 checkpoints) are quantized-dequantized first, as the
 reference does, so the numerics match; the GEMM itself then runs at weight-only speed (no fp8 MMA).
-Per-expert biases (gpt-oss) are added in the GEMM epilogue; the gated activation (silu, or gpt-oss's
-clamped SwiGLU) runs between the two launches as fp32 torch ops on the [P, 2I] gate/up output.
+Per-expert biases (gpt-oss) are added in the GEMM epilogue, and so is the gated activation (silu, or
+gpt-oss's clamped SwiGLU): `prepare` interleaves the gate and up columns of every gate/up tensor (weights,
+scales, zeros, biases) once, so each output tile holds both halves and the first launch writes the
+activated [P, I] rows directly (fp32 only where the down projection quantizes its input per token).
+
+Graph-safe (`graph_safe`): routing is sorted and aligned on device into worst-case padded buffers
+(`moe_align`), both grids depend only on T, k and the shapes, blocks past the last expert's run exit on
+a device-side -1, and nothing reads a device value on the host, so decode CUDA graphs capture it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from quantrt.layers.moe.experts import uniform_acts
 from quantrt.platforms.cuda.kernels._common import interpret_mode, triton_available
 from quantrt.platforms.cuda.kernels.fp4 import SCALE_F32, pack_micro_weight
 from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
-from quantrt.quant.moe_kernel import MoEKernel, MoESpec, expert_activation, weight_scheme
+from quantrt.quant.moe_kernel import MoEKernel, MoESpec, weight_scheme
 from quantrt.quant.quantize import FP8_DTYPES, fake_quantize_act
 from quantrt.quant.weights import ActKind, DenseWeight, FloatWeight, IntWeight, MicroWeight, ScaleGranularity
 
@@ -104,6 +110,24 @@ def _stack_fp4(parts: list[tuple[MicroWeight, ...]], device: torch.device) -> tu
     return tuple(torch.stack(t).to(device).contiguous() for t in zip(*out)), kind
 
 
+def _interleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gate rows then up rows along `dim` ([.., 2I, ..]) -> (g0, u0, g1, u1, ...) along `dim`."""
+    n = t.shape[dim]
+    perm = torch.arange(n, device=t.device).view(2, n // 2).t().reshape(-1)
+    return t.index_select(dim, perm).contiguous()
+
+
+def _interleave_w13(wkind: int, w13: tuple, block) -> tuple:
+    """The gate/up GEMM's tensors with interleaved gate/up columns (the fused-activation layout).
+    dense / fp8: [E, 2I, K] (fp8 channel scales [E, 2I]; block scales stay: the kernel maps rows);
+    int / fp4: packed, scales, zeros or globals all [E, .., 2I]."""
+    if wkind == WKIND_DENSE:
+        return (_interleave(w13[0], 1),)
+    if wkind == WKIND_FP8:
+        return _interleave(w13[0], 1), (w13[1] if block is not None else _interleave(w13[1], 1))
+    return tuple(_interleave(t, t.dim() - 1) for t in w13)
+
+
 def _fp8_scale(w: FloatWeight) -> torch.Tensor:
     """Channel scales [N] (tensor expanded) or block scales [N/bn, K/bk], fp32."""
     s = w.scale.to(torch.float32)
@@ -116,15 +140,20 @@ class TritonMoEKernel(MoEKernel):
     """Dense / fp8 / grouped-int experts, tokens sorted by expert, one Triton launch per projection."""
 
     name = "triton_moe"
+    graph_safe = True
 
     def __init__(self, spec: MoESpec, wkind: int, w13: tuple, w2: tuple) -> None:
-        """w13 / w2: (tensors, fp8 block or None, int container bits) of the gate+up and down GEMMs."""
+        """w13 / w2: (tensors, fp8 block or None, int container bits) of the gate+up and down GEMMs, gate
+        and up concatenated; stored with interleaved gate/up columns (the fused activation reads pairs)."""
+        block = w13[1] if wkind == WKIND_FP8 else None
+        w13 = (_interleave_w13(wkind, w13[0], block), *w13[1:])
         self.wkind, self.w13, self.w2 = wkind, w13, w2   # not the spec: its canonical experts are repacked
         self.hidden, self.inter, self.num_experts, self.compute_dtype = (spec.hidden, spec.inter, spec.num_experts,
                                                                          spec.compute_dtype)
         self.act_in, self.act_down = spec.acts[0][0], spec.acts[0][2]
         self.activation = spec.activation                         # silu or ("swiglu_clamped", alpha, limit)
-        self.b13, self.b2 = spec.biases(w13[0][0].device)         # fp32 [E, 2I], [E, H], or None
+        b13, self.b2 = spec.biases(w13[0][0].device)              # fp32 [E, 2I], [E, H], or None
+        self.b13 = None if b13 is None else _interleave(b13, 1)   # [E, 2I] (g0, u0, g1, u1, ...)
 
     @classmethod
     def can_implement(cls, spec: MoESpec, platform: Platform) -> tuple[bool, str]:
@@ -168,7 +197,8 @@ class TritonMoEKernel(MoEKernel):
         return cls(spec, WKIND_INT, (w13, None, _container(w0)), (w2, None, _container(ex[0][2])))
 
     def _gemm(self, a: torch.Tensor, proj: tuple, n: int, sorted_ids, expert_ids, p: int, a_div: int,
-              topk_weights: torch.Tensor | None, cfg, bias: torch.Tensor | None) -> torch.Tensor:
+              topk_weights: torch.Tensor | None, cfg, bias: torch.Tensor | None, act: str | tuple = "",
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.moe_triton import moe_gemm
 
         w, block, bits = proj
@@ -178,7 +208,7 @@ class TritonMoEKernel(MoEKernel):
         if self.wkind == WKIND_FP4:  # block holds (micro block, scale kind)
             fp4, block = block, None
         return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
-                        topk_weights, torch.float32, cfg, fp4, bias)
+                        topk_weights, out_dtype, cfg, fp4, bias, act)
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
@@ -191,9 +221,10 @@ class TritonMoEKernel(MoEKernel):
         cfg = MoeConfig() if p <= 16 * self.num_experts else MoeConfig(64, 128, 64, 4, 3)
         sorted_ids, expert_ids = moe_align(ids, self.num_experts, cfg.block_m)
         xa = x if self.act_in.kind is ActKind.NONE else fake_quantize_act(x, self.act_in)
-        gu = self._gemm(xa.to(dt), self.w13, 2 * i, sorted_ids, expert_ids, p, k, None, cfg, self.b13)  # [P, 2I]
-        hh = expert_activation(self.activation, gu[:, :i], gu[:, i:])                           # [P, I] fp32
-        if self.act_down.kind is not ActKind.NONE:
+        quant_down = self.act_down.kind is not ActKind.NONE   # per-token quantized down input: keep fp32
+        hh = self._gemm(xa.to(dt), self.w13, 2 * i, sorted_ids, expert_ids, p, k, None, cfg, self.b13,
+                        self.activation, torch.float32 if quant_down else dt)                # [P, I] activated
+        if quant_down:
             hh = fake_quantize_act(hh, self.act_down)
         y = self._gemm(hh.to(dt), self.w2, h, sorted_ids, expert_ids, p, 1,
                        weights.reshape(-1).to(torch.float32).contiguous(), cfg, self.b2)        # [P, H] fp32

@@ -6,10 +6,15 @@ sorts the P = T*k (token, slot) pairs by expert and pads each expert's run to a 
 NB = min(P, ceil((P + E*(BM-1)) / BM)) bounds the blocks any routing needs, so the grid is fixed.
 Program (block b, column tile n) reads rows A[sorted_ids // A_DIV] (A_DIV = k for the gate/up
 projection reading x [T, K], 1 for down reading h [P, K]) and writes C[pair, n] (plus the expert's bias
-[E, N] when HAS_BIAS, then times the routing weight when MUL_W), fp32 accumulation. Weights per WKIND:
+[E, N] when HAS_BIAS, then times the routing weight when MUL_W), fp32 accumulation. With ACT (1 silu-mul,
+2 gpt-oss's clamped SwiGLU) the N weight columns interleave gate and up (g0, u0, g1, u1, ...: the
+kernel's `prepare` permutes them once) and the epilogue splits the [BM, BN] tile into gate / up halves
+[BM, BN/2], applies the activation in fp32 and writes H[pair, N/2]: no [P, N] intermediate, no torch ops
+between the two launches. Weights per WKIND:
   0 dense  W [E, N, K] compute dtype;
   1 fp8    W [E, N, K] fp8 with CHANNEL scales [E, N] (applied to the accumulator) or BLOCK scales
-           [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk);
+           [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk; kept in gate-then-up row order,
+           so with ACT a column's scale row is mapped back from the interleaved index);
   2 int    packed [E, K/PACK, N] int32, scale / zero (2**23 + z) [E, G, N] fp32 (`pack_int_weight`
            layout): code planes dequantized in registers, PACK tl.dot calls per K step;
   3 fp4    NVFP4 / MXFP4: packed e2m1 [E, K/8, N] int32 and block scales [E, K/FB, N] (`pack_micro_weight`
@@ -58,12 +63,24 @@ def moe_align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tenso
     return sorted_ids, expert_ids
 
 
+def _act_args(act: str | tuple) -> tuple[int, float, float]:
+    """(ACT code, alpha, limit) of an activation descriptor (quantrt.quant.moe_kernel.Activation) or ""."""
+    if act == "":
+        return 0, 1.0, 0.0
+    if act == "silu":
+        return 1, 1.0, 0.0
+    if isinstance(act, tuple) and len(act) == 3 and act[0] == "swiglu_clamped":
+        return 2, float(act[1]), float(act[2])
+    raise ValueError(f"MoE epilogue activation {act!r}: expected \"\", \"silu\" or (\"swiglu_clamped\", alpha, limit)")
+
+
 @triton.jit
 def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_ptr, N, K: tl.constexpr, P, stride_am, G,
                 SN, SK, SBN, SBK, A_DIV: tl.constexpr, WKIND: tl.constexpr, BLOCK_SCALE: tl.constexpr, BITS: tl.constexpr,
                 MUL_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr, FB: tl.constexpr = 16,
-                SCALE_KIND: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False):
+                SCALE_KIND: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0,
+                alpha=1.0, limit=0.0):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(eid_ptr + pid_b)
@@ -135,7 +152,10 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
             if WKIND == 1:
                 wf = w.to(tl.float32)
                 if BLOCK_SCALE:
-                    sb = tl.load(s_ptr + e64 * SN * SK + (offs_n // SBN) * SK + k0 // SBK, mask=mask_n, other=0.0)
+                    srow = offs_n
+                    if ACT != 0:  # interleaved column -> its gate / up row in the scale layout
+                        srow = (offs_n % 2) * (N // 2) + offs_n // 2
+                    sb = tl.load(s_ptr + e64 * SN * SK + (srow // SBN) * SK + k0 // SBK, mask=mask_n, other=0.0)
                     wf = wf * sb[None, :]
                 w = wf.to(dt)
             if DOT_F32:
@@ -148,18 +168,32 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
         acc = acc + tl.load(b_ptr + e64 * N + offs_n, mask=mask_n, other=0.0)[None, :]
     if MUL_W:
         acc = acc * tl.load(tw_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-    cptr = c_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(cptr, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if ACT != 0:  # columns (gate j, up j) pairs -> h[:, j]
+        HN: tl.constexpr = BN // 2
+        g, u = tl.split(tl.reshape(acc, [BM, HN, 2]))                     # [BM, BN/2] each, fp32
+        if ACT == 2:  # gpt-oss: (clamp(u, +-limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit)
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            hh = (u + 1.0) * (g * tl.sigmoid(g * alpha))
+        else:         # silu(g) * u
+            hh = g * tl.sigmoid(g) * u
+        offs_h = pid_n * HN + tl.arange(0, HN)
+        cptr = c_ptr + rows.to(tl.int64)[:, None] * (N // 2) + offs_h[None, :]
+        tl.store(cptr, hh.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_h < N // 2)[None, :])
+    else:
+        cptr = c_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(cptr, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor, n: int,
              num_pairs: int, a_div: int, wkind: int, scale: torch.Tensor | None = None,
              zero: torch.Tensor | None = None, block: tuple[int, int] | None = None, bits: int = 4,
              topk_weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-             cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0), bias: torch.Tensor | None = None
-             ) -> torch.Tensor:
+             cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0), bias: torch.Tensor | None = None,
+             act: str | tuple = "") -> torch.Tensor:
     """a [rows, K] compute dtype -> C [P, N] (out_dtype, default a.dtype); see the module docstring.
     bias: per-expert [E, N] fp32 added to the accumulator in the epilogue (before the routing weight).
+    act: "" (none), "silu" or ("swiglu_clamped", alpha, limit) on interleaved gate/up columns -> H [P, N/2].
 
     block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N];
     fp4: (micro block, scale kind) with scale [E, K/B, N] and zero = the global scales [E, N]."""
@@ -167,7 +201,10 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
     k = a.shape[1]
     if a.stride(1) != 1:
         a = a.contiguous()
-    c = torch.empty((num_pairs, n), device=a.device, dtype=out_dtype or a.dtype)
+    code, alpha, limit = _act_args(act)
+    if code and (n % 2 or cfg.block_n % 2 or topk_weights is not None):
+        raise ValueError(f"fused activation needs an even N (got {n}) and BN (got {cfg.block_n}) and no routing weight")
+    c = torch.empty((num_pairs, n // 2 if code else n), device=a.device, dtype=out_dtype or a.dtype)
     sn = sk = g = 0
     bn_, bk_ = block or (1, 1)
     bk = cfg.block_k
@@ -188,7 +225,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
                       sn, sk, bn_, bk_, A_DIV=a_div, WKIND=wkind, BLOCK_SCALE=block is not None, BITS=bits,
                       MUL_W=topk_weights is not None, BM=sorted_ids.numel() // expert_ids.numel(),
                       BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), FB=fp4[0], SCALE_KIND=fp4[1],
-                      HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+                      HAS_BIAS=bias is not None, ACT=code, alpha=alpha, limit=limit, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
     return c
 

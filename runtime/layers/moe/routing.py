@@ -5,6 +5,9 @@ One function covers the routers of the families we run:
 - DeepSeek-V2/V3: grouped top-k (pick `topk_group` of `n_group` groups by group score, then top-k
   inside them), sigmoid scores with an `e_score_correction_bias` that steers selection only, and a
   `routed_scaling_factor`.
+
+Every op here has a data-independent output shape and reads nothing back on the host, so decode CUDA
+graphs capture it (tests/test_cuda_moe_graphs.py checks the op list).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def select_experts(logits: torch.Tensor, cfg: RoutingConfig, correction_bias: to
             gscore = groups.amax(-1)                                      # V2: best expert per group
         else:
             gscore = groups.topk(2, -1).values.sum(-1)                    # V3: sum of the best two
-        keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(cfg.topk_group, -1).indices, 1.0)
-        choice = choice.masked_fill(~keep.bool().repeat_interleave(groups.shape[-1], 1), float("-inf"))
+        keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(cfg.topk_group, -1).indices, 1.0)   # [T, G]
+        keep = keep.bool()[:, :, None].expand(groups.shape).reshape(t, -1)                      # [T, E]
+        choice = choice.masked_fill(~keep, float("-inf"))
     ids = choice.topk(cfg.top_k, -1).indices                              # [T, k]
     weights = scores.gather(1, ids)
     if cfg.renormalize:
