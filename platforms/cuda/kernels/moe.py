@@ -208,7 +208,7 @@ class TritonMoEKernel(MoEKernel):
         if self.wkind == WKIND_FP4:  # block holds (micro block, scale kind)
             fp4, block = block, None
         return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
-                        topk_weights, out_dtype, cfg, fp4, bias, act)
+                        topk_weights, out_dtype, cfg, fp4, bias, act, proj is self.w13)
 
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]

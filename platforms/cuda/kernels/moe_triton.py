@@ -80,7 +80,7 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
                 MUL_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr, FB: tl.constexpr = 16,
                 SCALE_KIND: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0,
-                alpha=1.0, limit=0.0):
+                PAIRED: tl.constexpr = False, alpha=1.0, limit=0.0):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(eid_ptr + pid_b)
@@ -153,7 +153,7 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
                 wf = w.to(tl.float32)
                 if BLOCK_SCALE:
                     srow = offs_n
-                    if ACT != 0:  # interleaved column -> its gate / up row in the scale layout
+                    if PAIRED:  # interleaved column -> its gate / up row in the scale layout
                         srow = (offs_n % 2) * (N // 2) + offs_n // 2
                     sb = tl.load(s_ptr + e64 * SN * SK + (srow // SBN) * SK + k0 // SBK, mask=mask_n, other=0.0)
                     wf = wf * sb[None, :]
@@ -190,10 +190,11 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
              zero: torch.Tensor | None = None, block: tuple[int, int] | None = None, bits: int = 4,
              topk_weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
              cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0), bias: torch.Tensor | None = None,
-             act: str | tuple = "") -> torch.Tensor:
+             act: str | tuple = "", paired: bool | None = None) -> torch.Tensor:
     """a [rows, K] compute dtype -> C [P, N] (out_dtype, default a.dtype); see the module docstring.
     bias: per-expert [E, N] fp32 added to the accumulator in the epilogue (before the routing weight).
     act: "" (none), "silu" or ("swiglu_clamped", alpha, limit) on interleaved gate/up columns -> H [P, N/2].
+    paired: the N columns interleave gate and up (default: when act is set; needed for fp8 block scales).
 
     block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N];
     fp4: (micro block, scale kind) with scale [E, K/B, N] and zero = the global scales [E, N]."""
@@ -202,8 +203,11 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
     if a.stride(1) != 1:
         a = a.contiguous()
     code, alpha, limit = _act_args(act)
-    if code and (n % 2 or cfg.block_n % 2 or topk_weights is not None):
-        raise ValueError(f"fused activation needs an even N (got {n}) and BN (got {cfg.block_n}) and no routing weight")
+    paired = bool(code) if paired is None else paired
+    if code and not paired:
+        raise ValueError("a fused activation reads interleaved gate/up columns (paired=True)")
+    if paired and (n % 2 or cfg.block_n % 2 or topk_weights is not None):
+        raise ValueError(f"paired gate/up columns need an even N (got {n}) and BN (got {cfg.block_n}) and no routing weight")
     c = torch.empty((num_pairs, n // 2 if code else n), device=a.device, dtype=out_dtype or a.dtype)
     sn = sk = g = 0
     bn_, bk_ = block or (1, 1)
@@ -225,7 +229,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
                       sn, sk, bn_, bk_, A_DIV=a_div, WKIND=wkind, BLOCK_SCALE=block is not None, BITS=bits,
                       MUL_W=topk_weights is not None, BM=sorted_ids.numel() // expert_ids.numel(),
                       BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), FB=fp4[0], SCALE_KIND=fp4[1],
-                      HAS_BIAS=bias is not None, ACT=code, alpha=alpha, limit=limit, num_warps=cfg.num_warps,
+                      HAS_BIAS=bias is not None, ACT=code, PAIRED=paired, alpha=alpha, limit=limit, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
     return c
 
