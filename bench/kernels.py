@@ -401,6 +401,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
     ap.add_argument("--skinny-sweep", default=None, help="check + sweep the M <= 16 kernels into this JSON file")
+    ap.add_argument("--km-sweep", default=None, help="sweep the K-major M <= 16 kernels into this JSON file")
     ap.add_argument("--fp4-moe-attn", action="store_true",
                     help="NVFP4/MXFP4 at 8192² bs1-16 vs bf16, fused MoE vs per-expert loop, decode attention vs SDPA")
     a = ap.parse_args()
@@ -410,6 +411,11 @@ def main() -> None:
 
         print_table(bench([(8192, 8192)], [1, 2, 4, 8, 16], ["bf16", "nvfp4", "mxfp4"]))
         run_all()
+        return
+    if a.km_sweep:
+        from _skinny_sweep import main as km_sweep
+
+        km_sweep(a.km_sweep)
         return
     if a.tune:
         tune(a.tune)

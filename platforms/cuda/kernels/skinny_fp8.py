@@ -36,7 +36,7 @@ class SkinnyFp8Config:
 
 
 @triton.jit
-def _row_scale_kernel(x_ptr, s_ptr, K, stride_xm, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _row_scale_kernel(x_ptr, s_ptr, K: tl.constexpr, stride_xm, QMAX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)

@@ -1,0 +1,149 @@
+"""M <= 16 W8A8 (fp8/int8) and fp8 weight-only on tensor cores with swapped operands (imported lazily).
+
+weight [N, K] fp8/int8 (K contiguous). A program owns BN rows and a K slice and streams them front to
+back (16 B per thread along K); per K step it computes the [BN, BK] x [BK, 16] product y^T = W^T x^T,
+so the weight tile is loaded straight into the A operand and the batch rows pad only the narrow side.
+Modes as in `w8a8_triton`: ACT 0 dynamic per token (row scales from `skinny_fp8._row_scale_kernel`, one
+small launch, instead of every program re-reading x for the amax), 1 dynamic per 128-group (the step's
+own amax, BK == 128), 2 static per tensor, 3 weight-only (weights widened to the activation dtype).
+WSCALE 0 tensor [1], 1 channel [N], 2 block [N/128, K/128]. Activation codes are computed exactly like
+`fake_quantize_act` (x / scale, clamped, cast; int8 rounds half to even) and multiplied code x code on
+the tensor cores with fp32 (int32) accumulation. Split-K partials: the last program per tile sums them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
+from quantrt.platforms.cuda.kernels.skinny_fp8 import _row_scale_kernel
+
+MAX_M = 16
+
+
+@dataclass(frozen=True)
+class SwapFp8Config:
+    block_n: int = 64
+    block_k: int = 256
+    waves: int = 4            # split-K to about this many programs per SM (0: no split)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _codes(a, sx, QMAX: tl.constexpr, IS_INT: tl.constexpr, W_DTYPE: tl.constexpr):
+    """a [BK, BM] fp32, sx [BM] -> codes of a / sx in the weight dtype."""
+    y = tl.minimum(tl.maximum(a / sx[None, :], -QMAX), QMAX)
+    if IS_INT:
+        y = (y + 12582912.0) - 12582912.0                # round half to even (1.5 * 2**23)
+    return y.to(W_DTYPE)
+
+
+@triton.jit
+def _mm(w, a, DOT_F32: tl.constexpr):
+    if DOT_F32:  # the interpreter multiplies bf16/fp8 as raw bits in tl.dot
+        return tl.dot(w.to(tl.float32), a.to(tl.float32))
+    return tl.dot(w, a).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, KB,
+                     K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, WSCALE: tl.constexpr,
+                     QMAX: tl.constexpr, IS_INT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     BM: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    W_DTYPE = w_ptr.dtype.element_ty
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BK)
+    offs_m = tl.arange(0, BM)
+    mask_m = offs_m < M
+    if ACT == 0:
+        sx = tl.load(sa_ptr + offs_m, mask=mask_m, other=1.0)                 # [BM] per-token scales
+    else:
+        sx = tl.full([BM], 1.0, tl.float32) * tl.load(sa_ptr)                # static (or unused)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for kt in range(0, K_PER_SPLIT, BK):
+        k0 = k_start + kt
+        kk = k0 + offs_k
+        mk = kk < K
+        w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+        a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & mk[:, None],
+                    other=0.0)                                                 # [BK, BM]
+        if WSCALE == 2:  # BK == 128: one block column per step
+            swb = tl.load(sw_ptr + (offs_n // 128) * KB + k0 // 128, mask=mask_n, other=0.0)
+        if ACT == 3:
+            d = _mm(w.to(a.dtype), a, DOT_F32)
+            if WSCALE == 2:
+                d = d * swb[:, None]
+        elif ACT == 1:
+            a32 = a.to(tl.float32)
+            sg = tl.maximum(tl.max(tl.abs(a32), axis=0), 1e-12) / QMAX        # [BM] this group's scale
+            d = _mm(w, _codes(a32, sg, QMAX, IS_INT, W_DTYPE), DOT_F32) * sg[None, :] * swb[:, None]
+        else:
+            d = _mm(w, _codes(a.to(tl.float32), sx, QMAX, IS_INT, W_DTYPE), DOT_F32)
+        acc += d
+    if ACT == 0 or ACT == 2:
+        acc = acc * sx[None, :]
+    if WSCALE == 0:
+        acc = acc * tl.load(sw_ptr)
+    elif WSCALE == 1:
+        acc = acc * tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    ym = offs_m[None, :] * N + offs_n[:, None]                              # [BN, BM] -> y[m, n]
+    ymask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT == 1:
+        tl.store(y_ptr + ym, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if cnt == SPLIT - 1:
+            tot = tl.zeros([BN, BM], dtype=tl.float32)
+            for sp in range(SPLIT):
+                tot += tl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + ym, tot.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+def default_config(m: int, n: int, k: int, act: int) -> SwapFp8Config:
+    """Tiles per (M, N, K) from the H100 sweep (bench/_wna16_sweep.py; docs/PERFORMANCE.md)."""
+    return SwapFp8Config()
+
+
+def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int, qmax: float,
+             act_scale: torch.Tensor | None = None, cfg: SwapFp8Config | None = None) -> torch.Tensor:
+    """x: [M <= 16, K] fp16/bf16; w: [N, K] fp8/int8; modes and scales as in `w8a8_triton` -> [M, N]."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert 1 <= m <= MAX_M
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = cfg or default_config(m, n, k, act)
+    bk = 128 if (act == 1 or wscale == 2) else cfg.block_k
+    n_tiles = cdiv(n, cfg.block_n)
+    k_steps = cdiv(k, bk)
+    split = 1 if cfg.waves == 0 else max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles)))
+    k_per_split = cdiv(k_steps, split) * bk
+    split = cdiv(k, k_per_split)
+    if act == 0:
+        sa = torch.empty(m, device=x.device, dtype=torch.float32)
+        _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=1024, num_warps=4)
+    else:
+        sa = act_scale if act_scale is not None else w_scale
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    cnt = split_counters(x.device, n_tiles) if split > 1 else sa
+    _swap_fp8_kernel[(n_tiles, split)](
+        x, w, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
+        ACT=act, WSCALE=wscale, QMAX=qmax, IS_INT=w.dtype == torch.int8, BN=cfg.block_n, BK=bk, BM=16,
+        DOT_F32=interpret_mode(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+__all__ = ["MAX_M", "SwapFp8Config", "default_config", "swap_fp8"]
