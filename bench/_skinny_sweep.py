@@ -9,7 +9,6 @@ checked against x.float() @ w_deq.t() first. Prints the best config per (kernel,
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
