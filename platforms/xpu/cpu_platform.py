@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 
 from quantrt.platform.interface import Platform
+from quantrt.quant.kernel import LinearKernel
 from quantrt.quant.weights import QuantizedWeight
 
 
@@ -32,6 +33,18 @@ class CpuPlatform(Platform):
         self._cpuinfo = Path(cpuinfo)
         self._meminfo = Path(meminfo)
         self._use_psutil = use_psutil and importlib.util.find_spec("psutil") is not None
+
+    def linear_kernels(self) -> list[type[LinearKernel]]:
+        """The CPU list with quantrt's native grouped-int kernel (csrc/int_gemm.cpp) ahead of torch's
+        packed int4/int8 ops; it declines with the build's reason when the extension is unavailable."""
+        kernels = super().linear_kernels()
+        if self.name == "cpu":
+            from quantrt.platforms.xpu.cpu_int_kernels import CpuInt4PackedKernel
+            from quantrt.platforms.xpu.cpu_native_kernels import CpuNativeIntKernel
+
+            at = kernels.index(CpuInt4PackedKernel) if CpuInt4PackedKernel in kernels else len(kernels)
+            kernels.insert(at, CpuNativeIntKernel)
+        return kernels
 
     def memory_info(self) -> tuple[int, int]:
         """(available, total) bytes of system memory."""
@@ -83,9 +96,21 @@ class CpuPlatform(Platform):
         fp32 head): KL 0.0020 nats with it, 0.0005 with the dense bf16 head (docs/PERFORMANCE.md). fp32
         compute (the CPU default, bit-faithful to transformers) and `--enable-fp32-lm-head` keep the dense
         head.
+        With the native extension loaded, an embedding holding exact Q8_0 values (GGUF Q8_0 token_embd) runs
+        as those int8 32-blocks on `cpu_native_int` in every compute dtype instead: the file's own weights
+        (no quality cost) at ~1/4 of the dense fp32 head's bytes.
         """
-        if (self.name != "cpu" or compute_dtype not in (torch.bfloat16, torch.float16)  # emulations keep
-                or not embedding.dtype.is_floating_point):                          # their platform's head
+        if self.name != "cpu" or not embedding.dtype.is_floating_point:  # emulations keep their platform's head
+            return None
+        from quantrt.platforms.xpu import cpu_ext
+
+        if cpu_ext.load():  # native kernel: the embedding's own Q8_0 blocks, exact (any compute dtype)
+            from quantrt.platforms.xpu.cpu_native_kernels import q8_0_blocks_exact
+
+            q8 = q8_0_blocks_exact(embedding)
+            if q8 is not None:
+                return q8
+        if compute_dtype not in (torch.bfloat16, torch.float16):
             return None
         from quantrt.quant.formats.w8a8 import quantize_int8_channel
 
