@@ -210,15 +210,21 @@ class TritonMoEKernel(MoEKernel):
         return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
                         topk_weights, out_dtype, cfg, fp4, bias, act, proj is self.w13)
 
+    def config(self, pairs: int):
+        """The launch configuration for `pairs` = T * k routed rows (a function of the shape only)."""
+        from quantrt.platforms.cuda.kernels.moe_triton import MoeConfig
+
+        return MoeConfig() if pairs <= 16 * self.num_experts else MoeConfig(64, 128, 64, 4, 3)
+
     def apply(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
-        from quantrt.platforms.cuda.kernels.moe_triton import MoeConfig, moe_align
+        from quantrt.platforms.cuda.kernels.moe_triton import moe_align
 
         t, k = ids.shape
         h, i = self.hidden, self.inter
         p = t * k
         dt = self.compute_dtype
-        cfg = MoeConfig() if p <= 16 * self.num_experts else MoeConfig(64, 128, 64, 4, 3)
+        cfg = self.config(p)
         sorted_ids, expert_ids = moe_align(ids, self.num_experts, cfg.block_m)
         xa = x if self.act_in.kind is ActKind.NONE else fake_quantize_act(x, self.act_in)
         quant_down = self.act_down.kind is not ActKind.NONE   # per-token quantized down input: keep fp32
