@@ -1,10 +1,17 @@
-"""Layer ops the CUDA platform swaps in for quantrt's torch math (Platform.rms_norm_op).
+"""Layer ops the CUDA platform swaps in for quantrt's torch math (Platform.rms_norm_op,
+fused_add_rms_norm_op, act_mul_op); rotary + KV write is kernels/rope_kv_triton.py.
 
 `triton_rms_norm` is one kernel per call where the torch RMSNorm launches about eight (cast, square,
 mean, rsqrt, two products, two casts): in a decode step of a 32-layer model that is ~500 fewer
 launches, the part of a CUDA-graph replay that is not weight reading. It computes exactly what
 quantrt.layers.norm.RMSNorm does for plain norms: y = (x * rsqrt(mean(x^2) + eps)) rounded to x.dtype,
 times the weight in x.dtype (fp32 product, rounded).
+
+`triton_add_rms_norm` folds the residual add into the norm (the decoder carries each sub-layer's output to
+the next norm): s = x + delta rounded to x.dtype (the torch add's rounding), y = RMSNorm(s); one kernel where
+the add and the norm were two. `triton_act_mul` is the gated MLP's act(gate) * up over the merged gate_up
+output [T, 2I] in one kernel (torch: silu or gelu-tanh, then a product: two), each step rounded to the dtype
+as torch rounds it. None of them uses inline PTX: they compile for ROCm too.
 """
 
 from __future__ import annotations
@@ -39,3 +46,88 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), d, eps, BLOCK=block,
                                          num_warps=4 if block <= 2048 else 8)
     return y.reshape(x.shape)
+
+
+@triton.jit
+def rne(x, DT: tl.constexpr):
+    """fp32 x rounded to nearest even in DT, returned as DT. bf16 is rounded with integer ops first (exact, so the
+    cast is too): Triton's CPU interpreter truncates fp32 -> bf16, the GPU rounds; both then agree with torch."""
+    if DT == tl.bfloat16:
+        u = x.to(tl.int32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & -65536
+        return u.to(tl.float32, bitcast=True).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_d, stride_y, stride_s, d, eps,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < d
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    dd = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+    s = rne(x.to(tl.float32) + dd.to(tl.float32), x.dtype)
+    tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / d + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = rne(sf * rstd, x.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, rne(y, x.dtype), mask=mask)
+
+
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, delta [..., D] (same dtype), weight [D] in x.dtype -> (y, s): s = x + delta in x.dtype (the new
+    residual), y = s / rms(s) * weight as triton_rms_norm computes it."""
+    if delta.shape != x.shape or delta.dtype != x.dtype:
+        raise ValueError(f"fused add + RMSNorm needs delta like x: x {tuple(x.shape)} {x.dtype}, "
+                         f"delta {tuple(delta.shape)} {delta.dtype}")
+    d = x.shape[-1]
+    x2, d2 = _rows(x, d), _rows(delta, d)
+    y = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(d)
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, y, s, x2.stride(0), d2.stride(0), y.stride(0),
+                                             s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    return y.reshape(x.shape), s.reshape(x.shape)
+
+
+@triton.jit
+def _act_mul_kernel(gu_ptr, o_ptr, stride_g, stride_o, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0)
+    u = tl.load(gu_ptr + row * stride_g + n + offs, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    if GELU:  # 0.5 g (1 + tanh(z)) = g / (1 + exp(-2z)), z = sqrt(2/pi) (g + 0.044715 g^3): no cancellation
+        z = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        a = gf / (1.0 + tl.exp(-2.0 * z))
+    else:     # silu: g / (1 + exp(-g))
+        a = gf / (1.0 + tl.exp(-gf))
+    y = rne(a, g.dtype).to(tl.float32) * u.to(tl.float32)
+    tl.store(o_ptr + row * stride_o + offs, rne(y, g.dtype), mask=mask)
+
+
+def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+    """gu [T, 2I] (gate columns then up columns, fp16/bf16/fp32) -> act(gate) * up [T, I] in gu.dtype;
+    act = silu, or gelu with the tanh approximation (Gemma)."""
+    if gu.dim() != 2 or gu.shape[1] % 2:
+        raise ValueError(f"act * mul needs the merged gate_up output [T, 2I], got {tuple(gu.shape)}")
+    if gu.stride(1) != 1:
+        gu = gu.contiguous()
+    t, n = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty((t, n), dtype=gu.dtype, device=gu.device)
+    if t:
+        block = min(1024, triton.next_power_of_2(n))
+        _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, GELU=gelu_tanh,
+                                                    BLOCK=block, num_warps=4)
+    return out
