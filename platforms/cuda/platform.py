@@ -12,6 +12,12 @@ from quantrt.platform.interface import DeviceCapability, Platform
 log = logging.getLogger(__name__)
 
 
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 class CudaPlatform(Platform):
     """NVIDIA CUDA. `capability`/`name` may be injected so tests run without a GPU."""
 
@@ -73,6 +79,30 @@ class CudaPlatform(Platform):
         from quantrt.platforms.cuda.layer_ops import triton_rms_norm
 
         return triton_rms_norm
+
+    def fused_add_rms_norm_op(self) -> Any | None:
+        """Residual add + RMSNorm in one Triton kernel (quantrt.platforms.cuda.layer_ops)."""
+        if not _has_triton():
+            return None
+        from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm
+
+        return triton_add_rms_norm
+
+    def rotary_kv_store_op(self) -> Any | None:
+        """Rotary + KV-pool write in one Triton kernel (quantrt.platforms.cuda.kernels.rope_kv_triton)."""
+        if not _has_triton():
+            return None
+        from quantrt.platforms.cuda.kernels.rope_kv_triton import rotary_kv_store
+
+        return rotary_kv_store
+
+    def act_mul_op(self) -> Any | None:
+        """silu/gelu-tanh(gate) * up in one Triton kernel (quantrt.platforms.cuda.layer_ops)."""
+        if not _has_triton():
+            return None
+        from quantrt.platforms.cuda.layer_ops import triton_act_mul
+
+        return triton_act_mul
 
     def graph_runner(self) -> Any | None:
         """CUDA graphs for decode (quantrt.platforms.cuda.graphs.DecodeGraphRunner)."""

@@ -47,11 +47,29 @@ class PagedAttention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
         self.platform: Platform | None = None    # the engine's platform (finish_loading); None = current_platform()
+        self._rotary_store = None                # the platform's rotary + KV write (Platform.rotary_kv_store_op)
 
     def finish_loading(self, platform: Platform) -> None:
         """Remember the platform the engine runs on (its decode attention, e.g. an emulated NPU's, is looked up
-        on it rather than on the process-wide current platform)."""
+        on it rather than on the process-wide current platform) and its fused rotary + KV-write op."""
         self.platform = platform
+        self._rotary_store = platform.rotary_kv_store_op()
+
+    def rotary_forward(self, rotary, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate q and k at fb.positions (`rotary`: a neox RotaryEmbedding), write k and v, attend: one platform
+        kernel for the rotation and the write where it serves this pool, else the rotary's math and forward()."""
+        # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H*D]
+        if self._rotary_store is not None:
+            qr = self._rotary_store(q, k, v, *rotary.half_tables(), fb.positions, fb.kv_pool, self.layer_id,
+                                    fb.out_slots, self.k_scale, self.v_scale)
+            if qr is not None:
+                return self.attend(qr, fb, sinks)
+        key = ("rope", id(rotary))
+        if key not in fb.cache:
+            fb.cache[key] = rotary.tables(fb.positions)
+        q, k = rotary(fb.cache[key], q, k)
+        return self(q, k, v, fb, sinks)
 
     def set_kv_scale(self, which: str, value: float) -> None:
         """which: "k" or "v"; -1 (the 'not calibrated' sentinel) means 1.0."""
@@ -63,8 +81,13 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
                 sinks: torch.Tensor | None = None) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]; sinks: [H] or None -> out: [T, H*D]
+        fb.kv_pool.write(self.layer_id, fb.out_slots, k, v, self.k_scale, self.v_scale)
+        return self.attend(q, fb, sinks)
+
+    def attend(self, q: torch.Tensor, fb: ForwardBatch, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over the pool, whose slots already hold this batch's K/V (forward() wrote them)."""
+        # q: [T, H, D]; sinks: [H] or None -> out: [T, H*D]
         pool = fb.kv_pool
-        pool.write(self.layer_id, fb.out_slots, k, v, self.k_scale, self.v_scale)
         if fb.is_decode and (fast := platform_decode_attention(self.platform)) is not None and \
                 (q.device.type != "cpu" or getattr(fast, "runs_on_cpu", False)):  # emulated vendor ops run on CPU
             o = fast(self, q, fb, sinks)                                 # the platform's kernel, or None

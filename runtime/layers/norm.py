@@ -21,6 +21,7 @@ class RMSNorm(nn.Module):
         self._scale: torch.Tensor | None = None  # precomputed (1 + w) or w, fp32 (Gemma) / dtype (Llama)
         self._bias: torch.Tensor | None = None
         self._op = None  # the platform's RMSNorm op (Platform.rms_norm_op), for plain norms only
+        self._add_op = None  # the platform's residual add + RMSNorm (Platform.fused_add_rms_norm_op), likewise
 
     def enable_bias(self) -> None:
         """Give the norm a bias parameter [dim] that the checkpoint must then fill (before loading)."""
@@ -30,6 +31,7 @@ class RMSNorm(nn.Module):
     def finish_loading(self, dtype: torch.dtype, platform=None) -> None:
         op = platform.rms_norm_op() if platform is not None else None
         self._op = op if not self.offset and self.bias is None else None  # ours for (1 + w) and biased norms
+        self._add_op = platform.fused_add_rms_norm_op() if self._op is not None else None
         dev = platform.device() if platform is not None else self.weight.device
         if self.offset:
             self._scale = 1.0 + self.weight.data.to(dev).float()
@@ -37,6 +39,17 @@ class RMSNorm(nn.Module):
             self._scale = self.weight.data.to(device=dev, dtype=dtype)
         if self.bias is not None:
             self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add folded into the norm: (norm(x + delta), x + delta), the sum rounded to x.dtype
+        as `x + delta` rounds it; delta None: (norm(x), x). One platform kernel where it has one."""
+        # x, delta: [T, D] -> ([T, D], [T, D])
+        if delta is None:
+            return self(x), x
+        if self._add_op is not None:
+            return self._add_op(x, delta, self._scale, self.eps)
+        s = x + delta
+        return self(s), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D] same dtype

@@ -45,6 +45,11 @@ class RotaryEmbedding:
         self._op = platform.rotary_op() if platform is not None else None
         return self
 
+    def half_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [P, D/2] (views; both halves of a neox table are equal): what platform rotary ops read."""
+        half = self.cos.shape[-1] // 2
+        return self.cos[:, :half], self.sin[:, :half]
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin gathered for `positions`: [T, 1, D] each (computed once per forward batch); with a
         platform rotary op: (positions, None), the op gathers from the cached tables itself."""
@@ -56,8 +61,7 @@ class RotaryEmbedding:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D]; k: [T, Hkv, D]
         if self._op is not None:
-            half = self.cos.shape[-1] // 2
-            return self._op(q, k, self.cos[:, :half], self.sin[:, :half], tables[0])
+            return self._op(q, k, *self.half_tables(), tables[0])
         cos, sin_signed = tables
         qk = _adjacent(q, k)
         if qk is not None:  # q and k are neighbouring slices of one qkv row: rotate both in one pass

@@ -75,11 +75,7 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        key = ("rope", id(self.rotary))
-        if key not in fb.cache:
-            fb.cache[key] = self.rotary.tables(fb.positions)
-        q, k = self.rotary(fb.cache[key], q, k)
-        return self.o_proj(self.attn(q, k, v, fb))
+        return self.o_proj(self.attn.rotary_forward(self.rotary, q, k, v, fb))
 
 
 class Mlp(nn.Module):
@@ -92,9 +88,15 @@ class Mlp(nn.Module):
         self.down_proj = QuantLinear(p, [("down_proj", c.hidden_size)], n, bias=bias)
         self.n = n
         self.gelu = spec.gemma
+        self._act_mul = None  # the platform's act(gate) * up (Platform.act_mul_op)
+
+    def finish_loading(self, platform) -> None:
+        self._act_mul = platform.act_mul_op()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)                               # [T, 2I]
+        if self._act_mul is not None and gu.dim() == 2:
+            return self.down_proj(self._act_mul(gu, self.gelu))
         g, u = gu[..., : self.n], gu[..., self.n:]
         a = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
         return self.down_proj(a * u)
@@ -114,12 +116,16 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, eps, off)
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fb: ForwardBatch, delta: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream [T, D]; delta: the previous layer's output not yet added to it (None for the
+        first layer) -> (x, this layer's output): each residual add runs inside the next norm (add_forward)."""
+        h, x = self.input_layernorm.add_forward(x, delta)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), fb))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), fb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)))
+            return x, self.post_feedforward_layernorm(self.mlp(h))
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, fb))
+        return x, self.mlp(h)
 
 
 class DecoderModel(nn.Module):
@@ -145,9 +151,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(fb.input_ids)                     # [T, D]
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        delta = None
         for layer in self.layers:
-            x = layer(x, fb)
-        return self.norm(x)
+            x, delta = layer(x, fb, delta)
+        return self.norm.add_forward(x, delta)[0]
 
 
 class CausalLM(nn.Module):
@@ -191,7 +198,7 @@ class CausalLM(nn.Module):
                 m.finish_loading(dtype, platform)
             elif isinstance(m, FusedMoE):
                 m.finish_loading(dtype, device, platform)
-            elif isinstance(m, PagedAttention):
+            elif isinstance(m, (PagedAttention, Mlp)):
                 m.finish_loading(platform)
         emb = self.model.embed_tokens.weight.data                # before the cast: a quantized head starts from it
         self.model.embed_tokens.weight.data = emb.to(device=device, dtype=dtype)

@@ -133,6 +133,21 @@ class Platform:
         neox-style (rotate halves) at `positions` (RotaryEmbedding)."""
         return None
 
+    def fused_add_rms_norm_op(self) -> Any | None:
+        """(x [T, D], delta [T, D], weight [D] in x.dtype, eps) -> (y, s): s = x + delta in x.dtype (the new
+        residual) and y = rms_norm_op's norm of s, in one step (RMSNorm.add_forward)."""
+        return None
+
+    def rotary_kv_store_op(self) -> Any | None:
+        """(q [T, H, D], k [T, Hkv, D], v [T, Hkv, D], cos [P, D/2], sin [P, D/2], positions [T], pool, layer,
+        slots [T], k_scale, v_scale) -> q rotated neox-style [T, H, D], with k rotated and k, v written into
+        the KV pool at `slots`; or None (nothing written) where it does not serve (PagedAttention.rotary_forward)."""
+        return None
+
+    def act_mul_op(self) -> Any | None:
+        """(gu [T, 2I], gelu_tanh: bool) -> act(gu[:, :I]) * gu[:, I:] [T, I], act silu or gelu-tanh (gated MLP)."""
+        return None
+
     def topk_op(self) -> Any | None:
         """(logits [T, E], RoutingConfig, correction_bias [E] | None) -> (weights [T, k] fp32, ids [T, k]
         int64) with quantrt.layers.moe.routing.select_experts' semantics (MoE routing)."""
