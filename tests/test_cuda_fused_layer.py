@@ -238,3 +238,130 @@ def test_cuda_platform_offers_the_fused_ops() -> None:
     assert PLATFORM.act_mul_op() is triton_act_mul
     base = Platform()
     assert base.fused_add_rms_norm_op() is None and base.rotary_kv_store_op() is None and base.act_mul_op() is None
+
+
+# -- engine parity: a tiny model decoded with and without the fused ops ------------------------------------
+def _fused_platform(base: type, counts: dict[str, int]):
+    """`base` offering the CUDA platform's fused ops (in the Triton interpreter on CPU), counting their calls."""
+    def counted(name: str, fn):
+        def op(*a, **kw):
+            out = fn(*a, **kw)
+            counts[name] = counts.get(name, 0) + (out is not None)   # rotary_kv_store returns None when it declines
+            return out
+        return op
+
+    class Fused(base):
+        def fused_add_rms_norm_op(self):
+            return counted("add_rms_norm", PLATFORM.fused_add_rms_norm_op())
+
+        def rotary_kv_store_op(self):
+            return counted("rotary_kv_store", PLATFORM.rotary_kv_store_op())
+
+        def act_mul_op(self):
+            return counted("act_mul", PLATFORM.act_mul_op())
+
+    return Fused
+
+
+def _decode(engine, prompts, n: int = 8):
+    outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+                           return_logprob=True)
+    return ([o["output_ids"] for o in outs], [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in outs])
+
+
+def _assert_parity(fast, slow, lp_tol: float) -> None:
+    assert fast[0] == slow[0], (fast[0], slow[0])
+    diff = max(abs(a - b) for fa, sa in zip(fast[1], slow[1]) for a, b in zip(fa, sa))
+    assert diff < lp_tol, diff
+
+
+PROMPTS = [[5, 17, 99, 3, 42], [7] * 11]
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "fp8_e4m3"), ("llama", "fp4_e2m1"),
+                                     ("gemma3", "auto")])
+def test_engine_greedy_tokens_equal_with_and_without_fused_ops(tiny_models, arch, kv) -> None:
+    """CPU engine (bf16) through the fused ops in the interpreter vs the same engine on the torch path: equal
+    greedy tokens, logprobs within bf16 noise; the ops ran (gemma3: act * up with gelu-tanh and the rotary
+    store; its (1 + w) norms keep the torch add)."""
+    from quantrt.engine.engine import Engine
+    from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+
+    counts: dict[str, int] = {}
+    kw = dict(model_path=str(tiny_models[arch][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=512,
+              page_size=4, random_seed=0)
+    fast = _decode(Engine(platform=_fused_platform(CpuPlatform, counts)(), **kw), PROMPTS)
+    slow = _decode(Engine(platform=CpuPlatform(), **kw), PROMPTS)
+    assert counts.get("rotary_kv_store", 0) > 0 and counts.get("act_mul", 0) > 0
+    assert (counts.get("add_rms_norm", 0) > 0) == (arch == "llama")
+    _assert_parity(fast, slow, 2e-2)
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3", "fp4_e2m1"])
+def test_engine_greedy_tokens_equal_with_and_without_fused_ops_native(tiny_models, kv) -> None:
+    """On the GPU: a bf16 tiny Llama with the CUDA platform's fused ops (and decode graphs) vs a CUDA platform that
+    offers none of them (torch rotary, index_copy writes, torch add + norm, silu * up)."""
+    from quantrt.engine.engine import Engine
+
+    class Unfused(CudaPlatform):
+        def fused_add_rms_norm_op(self):
+            return None
+
+        def rotary_kv_store_op(self):
+            return None
+
+        def act_mul_op(self):
+            return None
+
+    kw = dict(model_path=str(tiny_models["llama"][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=2048,
+              page_size=16, random_seed=0)
+    fast_eng = Engine(**kw)
+    assert fast_eng.model.model.layers[0].self_attn.attn._rotary_store is not None
+    fast = _decode(fast_eng, PROMPTS, 12)
+    del fast_eng
+    slow = _decode(Engine(platform=Unfused(), **kw), PROMPTS, 12)
+    _assert_parity(fast, slow, 5e-2)
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("kv", KV)
+def test_rotary_kv_store_native_llama8b_shapes(kv) -> None:
+    """Llama-3.1-8B attention shapes (32 q / 8 kv heads, d 128, llama3 rope), batch 64, natively vs the torch path."""
+    from quantrt.platforms.cuda.kernels.rope_kv_triton import rotary_kv_store
+
+    t, h, hkv, d, slots = 64, 32, 8, 128, 4096
+    rope = _rope_tables(d, 8192, torch.bfloat16)
+    q, k, v = _qkv(t, h, hkv, d, torch.bfloat16, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    positions = torch.randint(0, 8192, (t,), generator=gen).to(DEV)
+    out_slots = torch.randperm(slots, generator=gen)[:t].to(DEV)
+    fused, ref = _pool(kv, hkv, d, slots), _pool(kv, hkv, d, slots)
+    q_out = rotary_kv_store(q, k, v, *rope.half_tables(), positions, fused, 0, out_slots, 0.75, 1.5)
+    q_ref, k_ref = rope(rope.tables(positions), q, k)
+    ref.write(0, out_slots, k_ref, v, 0.75, 1.5)
+    torch.testing.assert_close(q_out, q_ref, atol=0, rtol=2 ** -8)
+    for a, b in [(fused.k[0], ref.k[0]), (fused.v[0], ref.v[0])] + list(zip(fused.k_sc + fused.v_sc,
+                                                                             ref.k_sc + ref.v_sc)):
+        assert (a == b).float().mean().item() > 0.99
+
+
+@pytest.mark.accelerator
+def test_add_norm_and_act_mul_native_llama8b_shapes() -> None:
+    """hidden 4096 / MLP 14336 at batch 1 and 64, natively vs the torch math."""
+    import torch.nn.functional as F
+
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul, triton_add_rms_norm
+
+    gen = torch.Generator().manual_seed(9)
+    for t in (1, 64):
+        x, delta = (torch.randn(t, 4096, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+        w = (torch.rand(4096, generator=gen) + 0.5).to(DEV, torch.bfloat16)
+        y, s = triton_add_rms_norm(x, delta, w, 1e-5)
+        ref_s = x + delta
+        sf = ref_s.float()
+        ref_y = w * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+        assert torch.equal(s, ref_s)
+        torch.testing.assert_close(y, ref_y, atol=0, rtol=2 ** -7)
+        gu = torch.randn(t, 2 * 14336, generator=gen).to(DEV, torch.bfloat16)
+        torch.testing.assert_close(triton_act_mul(gu), F.silu(gu[:, :14336]) * gu[:, 14336:], atol=2 ** -7, rtol=2 ** -7)
