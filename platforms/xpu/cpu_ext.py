@@ -57,9 +57,17 @@ def sources() -> list[Path]:
     return sorted(CSRC.glob("*.cpp"))
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp when torch's ATen parallel backend is OpenMP: at::parallel_for is an inline template
+    whose `#pragma omp parallel` runs on one thread without it (the process keeps torch's libgomp)."""
+    import torch
+
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def flags() -> list[str]:
     """Compiler flags for this host (SIMD flags only where the CPU has avx2 + fma + f16c)."""
-    return _BASE_FLAGS + (_SIMD_FLAGS if _host_has_avx2_fma() else [])
+    return _BASE_FLAGS + _openmp_flags() + (_SIMD_FLAGS if _host_has_avx2_fma() else [])
 
 
 def build_dir(srcs: list[Path], cflags: list[str]) -> Path:
@@ -125,7 +133,8 @@ def load() -> bool:
                 bdir = build_dir(srcs, cflags)
                 bdir.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name="quantrt_cpu_ext", sources=[str(p) for p in srcs],
-                                   extra_cflags=cflags, build_directory=str(bdir),
+                                   extra_cflags=cflags, extra_ldflags=_openmp_flags(),
+                                   build_directory=str(bdir),
                                    is_python_module=False, verbose=False)
                 getattr(torch.ops, LIBRARY)  # namespace exists once the library registered its ops
                 _loaded = True

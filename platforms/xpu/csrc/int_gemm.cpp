@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -188,48 +189,87 @@ void dispatch(const at::Tensor& qs, const at::Tensor& scales, const c10::optiona
   }
 }
 
+// Staging without ATen ops: at decode this op runs ~120 times a step and each dispatcher call costs
+// microseconds. x [M, K] -> fp32 rows; xs [M, K/32] block sums (needed only when the weight has mins).
+template <typename T>
+void to_f32_rows(const T* x, int64_t count, float* xf) {
+  for (int64_t i = 0; i < count; ++i) xf[i] = static_cast<float>(x[i]);
+}
+
+void block_sums(const float* xf, int64_t blocks, float* xs) {
+  for (int64_t r = 0; r < blocks; ++r) {
+    float t = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) t += xf[r * kBlock + i];
+    xs[r] = t;
+  }
+}
+
 at::Tensor int_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                     const c10::optional<at::Tensor>& mins, int64_t bits, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(bits == 4 || bits == 8, "quantrt_cpu::int_gemm: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu() && scales.device().is_cpu(),
               "quantrt_cpu::int_gemm: tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 2, "quantrt_cpu::int_gemm: x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "quantrt_cpu::int_gemm: x dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const int64_t m = x.size(0), k = x.size(1), n = qs.size(0);
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
+              "quantrt_cpu::int_gemm: x dtype must be float32, bfloat16 or float16, got ", xt);
+  const int64_t m = x.size(0), k = x.size(1), n = qs.size(0), kb = k / kBlock;
   TORCH_CHECK(k % kBlock == 0, "quantrt_cpu::int_gemm: K=", k, " is not a multiple of 32");
   TORCH_CHECK(qs.scalar_type() == (bits == 4 ? at::kByte : at::kChar) && qs.is_contiguous() &&
                   qs.dim() == 2 && qs.size(1) == k * bits / 8,
               "quantrt_cpu::int_gemm: qs must be contiguous [N, K*bits/8] ", bits == 4 ? "uint8" : "int8",
               ", got ", qs.scalar_type(), " ", qs.sizes());
   TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.is_contiguous() &&
-                  scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / kBlock,
+                  scales.dim() == 2 && scales.size(0) == n && scales.size(1) == kb,
               "quantrt_cpu::int_gemm: scales must be contiguous float32/float16 [N, K/32], got ",
               scales.scalar_type(), " ", scales.sizes());
-  if (mins.has_value())
+  const bool has_min = mins.has_value();
+  if (has_min)
     TORCH_CHECK(mins->scalar_type() == scales.scalar_type() && mins->is_contiguous() && mins->sizes() == scales.sizes(),
                 "quantrt_cpu::int_gemm: mins must match scales' dtype and shape");
   if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "quantrt_cpu::int_gemm: bias must be [N]");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == xt),
+                "quantrt_cpu::int_gemm: bias must be a contiguous [N] tensor of float32 or x's dtype");
 
-  at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
-  at::Tensor xs;  // [M, K/32] block sums of x, needed only with mins
-  if (mins.has_value()) xs = xf.view({m, k / kBlock, kBlock}).sum(-1).contiguous();
-  at::Tensor y = at::empty({m, n}, xf.options());
-  if (m > 0 && n > 0) {
-    const float* xp = xf.data_ptr<float>();
-    const float* xsp = mins.has_value() ? xs.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
-    const bool half = scales.scalar_type() == at::kHalf;
-    if (bits == 4)
-      half ? dispatch<4, c10::Half>(qs, scales, mins, xp, xsp, m, k, yp, n)
-           : dispatch<4, float>(qs, scales, mins, xp, xsp, m, k, yp, n);
-    else
-      half ? dispatch<8, c10::Half>(qs, scales, mins, xp, xsp, m, k, yp, n)
-           : dispatch<8, float>(qs, scales, mins, xp, xsp, m, k, yp, n);
+  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  // staging: fp32 copy of x (when x is not fp32), block sums, fp32 output (when y is not fp32)
+  thread_local std::vector<float> stage;
+  const int64_t nx = xt == at::kFloat ? 0 : m * k, ns = has_min ? m * kb : 0, ny = xt == at::kFloat ? 0 : m * n;
+  if (int64_t(stage.size()) < nx + ns + ny) stage.resize(nx + ns + ny);
+  float* xf = xt == at::kFloat ? xc.data_ptr<float>() : stage.data();
+  float* xs = has_min ? stage.data() + nx : nullptr;
+  float* yf = xt == at::kFloat ? y.data_ptr<float>() : stage.data() + nx + ns;
+  if (xt == at::kBFloat16) to_f32_rows(xc.data_ptr<c10::BFloat16>(), m * k, xf);
+  if (xt == at::kHalf) to_f32_rows(xc.data_ptr<c10::Half>(), m * k, xf);
+  if (xs) block_sums(xf, m * kb, xs);
+  const bool half = scales.scalar_type() == at::kHalf;
+  if (bits == 4)
+    half ? dispatch<4, c10::Half>(qs, scales, mins, xf, xs, m, k, yf, n)
+         : dispatch<4, float>(qs, scales, mins, xf, xs, m, k, yf, n);
+  else
+    half ? dispatch<8, c10::Half>(qs, scales, mins, xf, xs, m, k, yf, n)
+         : dispatch<8, float>(qs, scales, mins, xf, xs, m, k, yf, n);
+  if (bias.has_value()) {
+    const bool bf = bias->scalar_type() == at::kFloat;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        const float b = bf ? bias->data_ptr<float>()[j]
+                           : (xt == at::kBFloat16 ? float(bias->data_ptr<c10::BFloat16>()[j])
+                                                  : float(bias->data_ptr<c10::Half>()[j]));
+        yf[r * n + j] += b;
+      }
   }
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (xt == at::kBFloat16) {
+    auto* yo = y.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < m * n; ++i) yo[i] = c10::BFloat16(yf[i]);
+  } else if (xt == at::kHalf) {
+    auto* yo = y.data_ptr<c10::Half>();
+    for (int64_t i = 0; i < m * n; ++i) yo[i] = c10::Half(yf[i]);
+  }
+  return y;
 }
 
 // 1 when the AVX2 path was compiled in, 0 for the portable scalar path.
