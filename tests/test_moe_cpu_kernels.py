@@ -9,11 +9,8 @@ import torch.nn.functional as F
 
 from quantrt.layers.moe.experts import GroupedMoEKernel, ReferenceMoEKernel
 from quantrt.layers.moe.routing import RoutingConfig, select_experts
-from quantrt.platforms.xpu.cpu_moe_kernels import (
-    CpuMoEGatherDequantKernel,
-    CpuMoEInt4PackedKernel,
-    CpuMoEInt8PackedKernel,
-)
+from quantrt.platforms.xpu.cpu_moe_dequant import CpuMoEDequantKernel
+from quantrt.platforms.xpu.cpu_moe_kernels import CpuMoEInt4PackedKernel, CpuMoEInt8PackedKernel
 from quantrt.platforms.xpu.cpu_platform import CpuPlatform
 from quantrt.quant.moe_kernel import MoESpec, select_moe_kernel
 from quantrt.quant.quantize import quantize_fp8
@@ -105,23 +102,28 @@ WEIGHT_ONLY_CASES = {
 @pytest.mark.parametrize("case", sorted(WEIGHT_ONLY_CASES))
 def test_gather_dequant_kernel_matches_float64(case, tokens=13):
     spec = _spec(_experts(WEIGHT_ONLY_CASES[case]))
-    ok, why = CpuMoEGatherDequantKernel.can_implement(spec, CPU)
+    ok, why = CpuMoEDequantKernel.can_implement(spec, CPU)
     assert ok, why
     x, w, ids = _routing(tokens)
     want = _float64(spec, x, w, ids)
-    got = CpuMoEGatherDequantKernel.prepare(spec, CPU).apply(x, w, ids)
+    got = CpuMoEDequantKernel.prepare(spec, CPU).apply(x, w, ids)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
     ref = ReferenceMoEKernel.prepare(spec, CPU).apply(x, w, ids)
     torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=1e-4)
 
 
-def test_gather_dequant_chunks_experts_under_a_budget(monkeypatch):
-    import quantrt.platforms.xpu.cpu_moe_kernels as mod
+@pytest.mark.parametrize("case", ["int4-g32-actorder", "int8-g32-asym", "fp8-block", "fp8-channel"])
+def test_dequant_kernel_tiles_match_float64(monkeypatch, case):
+    """Small tiles: several per projection, gate/up parts with their own act-order permutation, fp8 block
+    tiles aligned to the 128-row scale blocks."""
+    import quantrt.platforms.xpu.cpu_moe_dequant as mod
 
-    spec = _spec(_experts(WEIGHT_ONLY_CASES["int4-g32-asym"]))
-    monkeypatch.setattr(mod, "DEQUANT_BUDGET_BYTES", 3 * 4 * 3 * H * I)      # three experts at a time
-    k = CpuMoEGatherDequantKernel.prepare(spec, CPU)
-    assert k.chunk == 3
+    monkeypatch.setattr(mod, "TILE_BYTES", 4 * H * 40)                  # 40 rows of K = H fp32
+    spec = _spec(_experts(WEIGHT_ONLY_CASES[case]))
+    k = CpuMoEDequantKernel.prepare(spec, CPU)
+    assert len(k.w13.tiles) >= 2 and k.w13.rows * H * 4 <= max(4 * H * 40, 4 * H * 128)
+    if case.startswith("int"):                                             # no tile crosses gate | up
+        assert {p for *_, p in k.w13.tiles} == {0, 1} and all(n1 <= (p + 1) * I for _, n1, p in k.w13.tiles)
     x, w, ids = _routing(40)
     torch.testing.assert_close(k.apply(x, w, ids).double(), _float64(spec, x, w, ids), atol=2e-5, rtol=1e-4)
 
@@ -139,18 +141,21 @@ def test_int4_packed_kernel_bf16_matches_float64(case):
     assert err < 1e-2, f"relative error {err:.2e}"        # bf16 activations and scales inside the op
 
 
-@pytest.mark.parametrize("tokens", [11, 120])    # 120: > PACK_MAX_ROWS rows per expert (per-call dequant)
-def test_int8_packed_kernel_w8a8_matches_reference_and_weight_only_bf16(tokens):
+@pytest.mark.parametrize("tokens", [11, 120])    # 120: > PACK_MAX_ROWS rows per expert (fp32 dequant path)
+def test_int8_w8a8_runs_the_dequant_kernel_and_weight_only_bf16_the_packed_op(tokens):
     experts = _experts(WEIGHT_ONLY_CASES["int8-channel-sym"])
     act = ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8)
     spec = _spec(experts, act)
-    assert CpuMoEInt8PackedKernel.can_implement(spec, CPU) == (True, "")
+    ok, why = CpuMoEInt8PackedKernel.can_implement(spec, CPU)
+    assert not ok and "int8 W8A8 runs cpu_moe_dequant" in why
+    assert select_moe_kernel(spec, CPU).kernel is CpuMoEDequantKernel
     x, w, ids = _routing(tokens)
-    got = CpuMoEInt8PackedKernel.prepare(spec, CPU).apply(x, w, ids)
+    got = CpuMoEDequantKernel.prepare(spec, CPU).apply(x, w, ids)
     ref = ReferenceMoEKernel.prepare(spec, CPU).apply(x, w, ids)
-    # int8 codes enter the op exactly as fp32: equal to the reference up to summation order
+    # int8 codes as exact fp32 integers, scales on the output: the reference up to summation order
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     bf = _spec(experts, dtype=torch.bfloat16)
+    assert CpuMoEInt8PackedKernel.can_implement(bf, CPU) == (True, "")
     got = CpuMoEInt8PackedKernel.prepare(bf, CPU).apply(x.bfloat16(), w, ids)
     want = _float64(bf, x.bfloat16().float(), w, ids)
     assert (got.double() - want).norm() / want.norm() < 1e-2
@@ -165,7 +170,7 @@ def test_int8_packed_kernel_w8a8_matches_reference_and_weight_only_bf16(tokens):
 def test_gather_dequant_fp8_activations_match_the_reference(act):
     spec = _spec(_experts(WEIGHT_ONLY_CASES["fp8-block"]), act)
     x, w, ids = _routing(17)
-    got = CpuMoEGatherDequantKernel.prepare(spec, CPU).apply(x, w, ids)
+    got = CpuMoEDequantKernel.prepare(spec, CPU).apply(x, w, ids)
     ref = ReferenceMoEKernel.prepare(spec, CPU).apply(x, w, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     dq = _float64(spec, x, w, ids)          # and the activation quantization really happened
@@ -173,11 +178,11 @@ def test_gather_dequant_fp8_activations_match_the_reference(act):
 
 
 BIAS_CASES = [  # (kernel, weight case, activation scheme, compute dtype, relative tolerance)
-    (CpuMoEGatherDequantKernel, "int4-g32-asym", WEIGHT_ONLY, torch.float32, 1e-5),
-    (CpuMoEGatherDequantKernel, "fp8-block", WEIGHT_ONLY, torch.float32, 1e-5),
+    (CpuMoEDequantKernel, "int4-g32-asym", WEIGHT_ONLY, torch.float32, 1e-5),
+    (CpuMoEDequantKernel, "fp8-block", WEIGHT_ONLY, torch.float32, 1e-5),
     (CpuMoEInt4PackedKernel, "int4-g64-sym", WEIGHT_ONLY, torch.bfloat16, 1e-2),
     (CpuMoEInt8PackedKernel, "int8-channel-sym", WEIGHT_ONLY, torch.bfloat16, 1e-2),
-    (CpuMoEInt8PackedKernel, "int8-channel-sym", ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), torch.float32, 1e-2),
+    (CpuMoEDequantKernel, "int8-channel-sym", ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), torch.float32, 1e-2),
     (GroupedMoEKernel, "dense", WEIGHT_ONLY, torch.float32, 1e-5),
     (ReferenceMoEKernel, "int4-g32-asym", WEIGHT_ONLY, torch.float32, 1e-5),
 ]
@@ -223,7 +228,7 @@ def test_moe_spec_rejects_bad_activation_and_bias_shapes():
 def test_selection_explains_every_rejection():
     spec = _spec(_experts(WEIGHT_ONLY_CASES["int4-g32-asym"]))          # fp32 compute
     choice = select_moe_kernel(spec, CPU)
-    assert choice.kernel is CpuMoEGatherDequantKernel
+    assert choice.kernel is CpuMoEDequantKernel
     why = choice.explain()
     assert "cpu_moe_int4_packed: compute dtype float32" in why and "cpu_moe_int8_packed: needs symmetric" in why
     bf = _spec(_experts(WEIGHT_ONLY_CASES["int4-g32-asym"]), dtype=torch.bfloat16)
@@ -240,7 +245,7 @@ def test_mixed_expert_schemes_fall_back_to_the_reference_with_reasons(caplog):
     with caplog.at_level("WARNING"):
         choice = select_moe_kernel(spec, CPU)
     assert choice.kernel is ReferenceMoEKernel
-    assert "cpu_moe_gather_dequant: experts are fp8-channel/int4-g32-asym" in choice.explain()
+    assert "cpu_moe_dequant: experts are fp8-channel/int4-g32-asym" in choice.explain()
     assert "grouped: serves dense experts only" in choice.explain()
     assert "no fast MoE kernel" in caplog.text
     x, w, ids = _routing(5)
