@@ -6,6 +6,10 @@ IntWeight -> Triton W4A16), batch 1 and 64, with and without decode graphs, plus
 = (time(new) - time(short)) / (new - short), prefill excluded. Roofline: bytes one decode step must
 read (every weight the kernels read except the embedding table, plus the KV of the batch) over the
 step time, against a device-to-device copy measured in the same run (bytes read + written).
+`quantrt bf16 (unfused)` runs the CUDA platform with its fused per-layer ops switched off (torch rotary and
+index_copy KV writes, torch residual add + RMSNorm, silu * up): the A/B of the fused kernels in one run.
+`--profile`: per config, the kernels of 32 graph-replayed batch-1 decode steps (torch.profiler, CUDA activity
+only), per step: calls, µs, share of the kernel time; the step time minus the kernel time is launch gaps.
 """
 
 from __future__ import annotations
@@ -175,10 +179,54 @@ def steady(gen, bs: int, new: int, short: int, repeats: int) -> tuple[float, flo
     return t_long, (t_long - t_short) / (new - short), out
 
 
+def unfused_platform():
+    """The CUDA platform without its fused per-layer ops (the layers' torch math runs instead)."""
+    from quantrt.platforms.cuda.platform import CudaPlatform
+
+    class UnfusedCudaPlatform(CudaPlatform):
+        def fused_add_rms_norm_op(self):
+            return None
+
+        def rotary_kv_store_op(self):
+            return None
+
+        def act_mul_op(self):
+            return None
+
+    return UnfusedCudaPlatform()
+
+
+def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False) -> dict:
+    """Kernels of `steps` batch-1 decode steps (one 8-token prefill included), per step, heaviest first
+    (`cpu`: CPU ops instead, for a dry run without a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = prompts(1)
+    gen(ids, steps + 1)   # graphs for every length bucket captured before the profile
+    with profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA]) as prof:
+        gen(ids, steps + 1)
+    kernels = []
+    for e in prof.key_averages():
+        us = e.self_cpu_time_total if cpu else e.device_time_total
+        if us > 0:
+            kernels.append({"kernel": e.key, "calls_per_step": e.count / steps, "us_per_step": us / steps})
+    kernels.sort(key=lambda k: -k["us_per_step"])
+    total = sum(k["us_per_step"] for k in kernels)
+    calls = sum(k["calls_per_step"] for k in kernels)
+    print(f"    profile: {calls:.0f} kernels, {total:.0f} µs of kernel time per decode step (batch 1)", flush=True)
+    for k in kernels[:top]:
+        print(f"      {k['calls_per_step']:6.1f} x {k['us_per_step'] / max(k['calls_per_step'], 1e-9):7.1f} µs "
+              f"= {k['us_per_step']:7.1f} µs/step ({100 * k['us_per_step'] / total:4.1f}%)  {k['kernel'][:90]}",
+              flush=True)
+    return {"kernel_us_per_step": total, "kernels_per_step": calls, "kernels": kernels[:60]}
+
+
 def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[dict]) -> dict[int, list]:
     from quantrt import Engine
 
     t0 = time.perf_counter()
+    if kw.pop("unfused", False):
+        kw["platform"] = unfused_platform()
     eng = Engine(model_path=str(path), dtype="bfloat16", context_length=2048, max_running_requests=64,
                  max_total_tokens=64 * 256, cuda_graph_max_bs=64, random_seed=0, **kw)
     load_s = time.perf_counter() - t0
@@ -193,7 +241,8 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
         p = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
         return [o["output_ids"] for o in eng.generate(input_ids=ids, sampling_params=p)]
 
-    for graphs in (True, False):
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[getattr(args, "graphs", "both")]
+    for graphs in modes:
         runner.configure_graphs(plat, not graphs, 64, 64, 2048)
         for bs in args.batches:
             t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
@@ -208,6 +257,8 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
             print(f"  {name:24s} graphs={'on ' if graphs else 'off'} bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
                   f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
                   f"{100 * row['roofline']:5.1f}% of copy BW", flush=True)
+            if graphs and bs == 1 and getattr(args, "profile", False):
+                row["profile"] = profile_steps(gen)
     eng.shutdown()
     eng = runner = None  # noqa: F841 - drop the engine before the next load
     gc.collect()
@@ -243,7 +294,7 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
     torch.cuda.empty_cache()
 
 
-CONFIGS = {"quantrt bf16": {}, "quantrt fp8": {"quantization": "fp8"},
+CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True}}
 
 
