@@ -366,3 +366,26 @@ def test_add_norm_and_act_mul_native_llama8b_shapes() -> None:
         torch.testing.assert_close(y, ref_y, atol=0, rtol=2 ** -7)
         gu = torch.randn(t, 2 * 14336, generator=gen).to(DEV, torch.bfloat16)
         torch.testing.assert_close(triton_act_mul(gu), F.silu(gu[:, :14336]) * gu[:, 14336:], atol=2 ** -7, rtol=2 ** -7)
+
+
+# -- paged decode attention: one split normalises in the decode kernel ------------------------------------
+@pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
+def test_single_split_decode_attention_equals_split_and_combine(kv) -> None:
+    """With one split and no sinks the decode kernel writes the normalised output itself (no combine launch);
+    it equals the two-kernel split-KV path on the same pool."""
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import kv_format, paged_decode_attention
+
+    gen = torch.Generator().manual_seed(12)
+    b, hkv, g, d, n = 2, 2, 2, 16, 40
+    pool = _pool(kv, hkv, d, b * n)
+    pool.write(0, torch.arange(b * n, device=DEV), torch.randn(b * n, hkv, d, generator=gen).to(DEV),
+               torch.randn(b * n, hkv, d, generator=gen).to(DEV), 1.0, 1.0)
+    slots = torch.arange(b * n, device=DEV).view(b, n)
+    lens = torch.tensor([n, 23], device=DEV)
+    q = torch.randn(b, hkv * g, d, generator=gen).to(DEV, torch.bfloat16)
+    fmt, _ = kv_format(pool)
+    one = paged_decode_attention(q, pool.k[0], pool.v[0], slots, lens, d ** -0.5, fmt, None, 1.0, 0.5,
+                                 splits=1, block_l=16)
+    three = paged_decode_attention(q, pool.k[0], pool.v[0], slots, lens, d ** -0.5, fmt, None, 1.0, 0.5,
+                                   splits=3, block_l=16)
+    torch.testing.assert_close(one.float(), three.float(), atol=2e-2, rtol=2e-2)

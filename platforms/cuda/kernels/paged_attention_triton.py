@@ -4,7 +4,8 @@ One query token per sequence. Grid (B, Hkv, S): a program takes the G = H / Hkv 
 head as the rows of a [GP >= 16, D] tile (GQA without expanding K/V) and one of S contiguous chunks of
 the sequence's slot table; it reads K/V rows by slot, decodes them to the compute dtype in registers,
 and runs an online softmax with fp32 scores, fp32 running max / sum and an fp32 P.V accumulator.
-A second kernel combines the S partials (split-KV, two-level reduction) and adds attention sinks.
+A second kernel combines the S partials (split-KV, two-level reduction) and adds attention sinks; with one
+split and no sinks (short contexts, large batches) the decode kernel normalises its own output: one launch.
 
 KV formats (KV_FMT), all decoded exactly into bf16/fp16 operands of tl.dot:
   0 plain  pool dtype == compute dtype;
@@ -99,9 +100,10 @@ def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_sca
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_ptr, l_ptr, o_ptr,
-                   stride_sb, qk_scale, CHUNK, WINDOW, NBLK_C: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                   GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
+def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_ptr, l_ptr, o_ptr, out_ptr,
+                   stride_sb, qk_scale, v_factor, CHUNK, WINDOW, NBLK_C: tl.constexpr, HKV: tl.constexpr,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr,
+                   DOT_F32: tl.constexpr, FINAL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -128,10 +130,15 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         for j0 in range(lo // BL * BL, hi, BL):
             m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
                                   j0, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
-    row = (b * H + heads) * S + sp                                             # [GP]
-    tl.store(m_ptr + row, m_i, mask=mask_g)
-    tl.store(l_ptr + row, l_i, mask=mask_g)
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
+    if FINAL:  # one split, no sinks: the combine's result directly (its weight exp(m - m) is 1)
+        out = acc / tl.maximum(l_i, 1e-30)[:, None] * v_factor
+        tl.store(out_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask_g[:, None])
+    else:
+        row = (b * H + heads) * S + sp                                         # [GP]
+        tl.store(m_ptr + row, m_i, mask=mask_g)
+        tl.store(l_ptr + row, l_i, mask=mask_g)
+        tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
 
 
 @triton.jit
@@ -191,18 +198,21 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     s = splits or default_splits(b, hkv, max_len, block_l)
     chunk = cdiv(cdiv(max_len, s), block_l) * block_l
     s = max(1, cdiv(max_len, chunk))
-    m = torch.empty((b * h * s,), device=q.device, dtype=torch.float32)
+    final = s == 1 and sinks is None                    # one launch: the decode kernel normalises itself
+    m = torch.empty((0 if final else b * h * s,), device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
-    o = torch.empty((b * h * s, d), device=q.device, dtype=torch.float32)
+    o = torch.empty((0 if final else b * h * s, d), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
     factor = _FMT_FACTOR[kv_fmt]
     k_sc = k_sc if k_sc is not None else k_buf
     v_sc = v_sc if v_sc is not None else v_buf
-    _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, kv_slots.stride(0),
-                                float(scale * k_scale * factor), chunk, int(window or 0),
+    _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
+                                float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
-                                DOT_F32=interpret_mode(), num_warps=num_warps, num_stages=2)
-    out = torch.empty_like(q)
+                                DOT_F32=interpret_mode(), FINAL=final, num_warps=num_warps, num_stages=2)
+    if final:
+        return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,
                               S=s, SP=triton.next_power_of_2(s), D=d, HAS_SINK=sinks is not None, num_warps=4)
     return out
