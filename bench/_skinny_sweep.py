@@ -240,3 +240,152 @@ def main(out: str) -> None:
     except Exception as e:  # noqa: BLE001 (the sweep then compiles as it goes)
         print(f"# precompile failed: {type(e).__name__}: {e}", flush=True)
     sweep(out)
+
+
+# ---- second sweep: the plane-interleaved GEMV (gemv_wna16), in-kernel per-token amax (skinny_fp8),
+# ---- the swapped kernel for block x group fp8, and the current dispatch (`apply`) of each kernel class
+GEMV_CFGS = [  # (P, block_n, waves, warps, stages)
+    (128, 16, 8, 4, 2), (128, 16, 8, 4, 1), (128, 16, 4, 4, 2), (128, 16, 16, 4, 2), (128, 32, 8, 4, 2),
+    (128, 32, 8, 8, 2), (128, 8, 8, 2, 2), (128, 16, 8, 2, 2), (128, 64, 8, 8, 2), (64, 16, 8, 4, 2),
+    (64, 32, 8, 4, 2), (64, 32, 4, 4, 2), (64, 64, 8, 4, 2), (32, 32, 8, 4, 2), (32, 64, 8, 4, 2),
+    (32, 64, 4, 4, 2),
+]
+GEMV_MS = [1, 2, 4]
+INLINE_CFGS = [(32, 256, 0, 4, 1, 2, True), (16, 512, 0, 4, 1, 2, True), (64, 256, 0, 4, 1, 2, True),
+               (32, 512, 0, 4, 1, 2, True)]
+BLK_CFGS = [(64, 128, 4, 4, 3), (32, 128, 4, 4, 3), (64, 128, 8, 4, 3), (128, 128, 4, 4, 3)]
+PEERS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"]
+
+
+def _planar(n: int, k: int, p: int, seed: int = 0):
+    from quantrt.platforms.cuda.kernels.gemv_wna16 import pack_planar
+    from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
+
+    w, _, _, _ = _w4(n, k, seed)
+    packed, s, _ = pack_int_weight(w, 4, None)
+    return w, pack_planar(packed, 4, p), s
+
+
+def _call2(kind: str, cfg: tuple, x: torch.Tensor, wt) -> torch.Tensor:
+    from quantrt.platforms.cuda.kernels.gemv_wna16 import GemvConfig, gemv_wna16
+    from quantrt.platforms.cuda.kernels.skinny_fp8 import SkinnyFp8Config, skinny_fp8
+    from quantrt.platforms.cuda.kernels.swap_fp8 import SwapFp8Config, swap_fp8
+
+    if kind == "gemv_w4":
+        _, pk, s = wt
+        return gemv_wna16(x, pk, s, None, 128, 4, cfg[0], GemvConfig(*cfg[1:]), zero_const=8)
+    if kind == "skinny_fp8_inline":
+        data, sc = wt
+        return skinny_fp8(x, data, sc, 0, 1, 448.0, None, SkinnyFp8Config(*cfg))
+    if kind == "swap_fp8_blk":
+        data, sc = wt
+        return swap_fp8(x, data, sc, 1, 2, 448.0, None, SwapFp8Config(*cfg))
+    raise ValueError(kind)
+
+
+def _blk(n: int, k: int, seed: int = 0):
+    data, _ = _fp8(n, k, seed)
+    return data, torch.rand(n // 128, k // 128, device="cuda") * 0.01
+
+
+def _make(kind: str, k: int, n: int, p: int = 0, seed: int = 0):
+    return {"gemv_w4": lambda: _planar(n, k, p, seed), "skinny_fp8_inline": lambda: _fp8(n, k, seed),
+            "swap_fp8_blk": lambda: _blk(n, k, seed)}[kind]()
+
+
+def _variants2() -> list[tuple]:
+    out: list[tuple] = []
+    for k, n in SHAPES:
+        out += [("peer", k, n, m, name) for name in PEERS[2:] for m in MS]
+        out += [("gemv_w4", k, n, m, c) for c in GEMV_CFGS for m in GEMV_MS]
+        out += [("skinny_fp8_inline", k, n, m, c) for c in INLINE_CFGS for m in GEMV_MS]
+        out += [("swap_fp8_blk", k, n, 16, c) for c in BLK_CFGS]
+    return out
+
+
+def _compile2(chunk: list) -> int:
+    from kernels import build
+
+    done = 0
+    for kind, k, n, m, cfg in chunk:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        try:
+            if kind == "peer":
+                build(cfg, k, n)[0][0](x)
+            else:
+                _call2(kind, cfg, x, _make(kind, k, n, cfg[0] if kind == "gemv_w4" else 0))
+            done += 1
+        except Exception as e:  # noqa: BLE001
+            print(f"# compile {kind} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    return done
+
+
+def sweep2(out: str, workers: int = 14) -> None:
+    from kernels import build, copies_for, time_us
+
+    from quantrt.quant.quantize import quantize_act_per_token, quantize_act_per_token_group
+
+    vs = _variants2()
+    t = time.time()
+    try:
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+            n_ok = sum(ex.map(_compile2, [vs[i::workers] for i in range(workers)]))
+        print(f"# precompiled {n_ok}/{len(vs)} variants in {time.time() - t:.0f}s", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"# precompile failed: {type(e).__name__}: {e}", flush=True)
+    res: list[dict] = []
+
+    def timed(kind, k, n, m, cfg, fns, x, ref=None) -> None:
+        try:
+            y = fns[0](x)
+            err = float((y.float() - ref).norm() / ref.norm()) if ref is not None else 0.0
+            us = time_us([lambda f=f: f(x) for f in fns])
+        except Exception as e:  # noqa: BLE001
+            print(f"# {kind} {k}x{n} m={m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return
+        res.append(dict(kind=kind, k=k, n=n, m=m, cfg=list(cfg) if isinstance(cfg, tuple) else [], us=us, err=err))
+        print(f"{kind:18s} {k:5d}x{n:5d} m={m:2d} {us:7.2f}us err={err:.1e} {cfg}", flush=True)
+
+    for k, n in SHAPES:
+        for name in PEERS:
+            fns = build(name, k, n)[0]
+            for m in MS:
+                timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            del fns
+            torch.cuda.empty_cache()
+        for p in sorted({c[0] for c in GEMV_CFGS}):
+            ws = [_planar(n, k, p, i) for i in range(copies_for(n * k // 2))]
+            wdeq = ws[0][0].dequantize()
+            for m in GEMV_MS:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ wdeq.t()
+                for c in (c for c in GEMV_CFGS if c[0] == p):
+                    timed("gemv_w4", k, n, m, c, [lambda x, wt=wt, c=c: _call2("gemv_w4", c, x, wt) for wt in ws], x, ref)
+            del ws, wdeq
+            torch.cuda.empty_cache()
+        ws = [_fp8(n, k, i) for i in range(copies_for(n * k))]
+        fdeq = ws[0][0].float() * ws[0][1][:, None]
+        for m in GEMV_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q, sx = quantize_act_per_token(x, torch.float8_e4m3fn)
+            ref = (q.float() * sx) @ fdeq.t()
+            for c in INLINE_CFGS:
+                timed("skinny_fp8_inline", k, n, m, c,
+                      [lambda x, wt=wt, c=c: _call2("skinny_fp8_inline", c, x, wt) for wt in ws], x, ref)
+        ws = [_blk(n, k, i) for i in range(copies_for(n * k))]
+        bdeq = ws[0][0].float() * ws[0][1].repeat_interleave(128, 0).repeat_interleave(128, 1)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q, sg = quantize_act_per_token_group(x, torch.float8_e4m3fn, 128)
+            ref = (q.float() * sg.repeat_interleave(128, 1)) @ bdeq.t()
+            for c in BLK_CFGS:
+                timed("swap_fp8_blk", k, n, m, c, [lambda x, wt=wt, c=c: _call2("swap_fp8_blk", c, x, wt) for wt in ws],
+                      x, ref)
+        del ws, fdeq, bdeq
+        torch.cuda.empty_cache()
+        with open(out, "w") as f:
+            json.dump(res, f, indent=0)
+    _report(res)

@@ -402,6 +402,7 @@ def main() -> None:
     ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
     ap.add_argument("--skinny-sweep", default=None, help="check + sweep the M <= 16 kernels into this JSON file")
     ap.add_argument("--km-sweep", default=None, help="sweep the K-major M <= 16 kernels into this JSON file")
+    ap.add_argument("--gemv-sweep", default=None, help="sweep the plane-interleaved GEMV and fp8 M <= 16 paths")
     ap.add_argument("--fp4-moe-attn", action="store_true",
                     help="NVFP4/MXFP4 at 8192² bs1-16 vs bf16, fused MoE vs per-expert loop, decode attention vs SDPA")
     a = ap.parse_args()
@@ -416,6 +417,11 @@ def main() -> None:
         from _skinny_sweep import main as km_sweep
 
         km_sweep(a.km_sweep)
+        return
+    if a.gemv_sweep:
+        from _skinny_sweep import sweep2
+
+        sweep2(a.gemv_sweep)
         return
     if a.tune:
         tune(a.tune)

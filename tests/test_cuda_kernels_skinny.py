@@ -143,3 +143,70 @@ def test_kmajor_wna16_native(m, bits, group, asym, act_order, dtype):
 def test_swap_fp8_native(m, gran, kind):
     y, ref = _swap_case(gran, kind, m, 4096, 4096, torch.Generator().manual_seed(m))
     assert rel_err(y, ref) < 2e-2
+
+
+GEMV_CASES = [  # bits, group, asym, act_order, m, P, (block_n, waves, warps, stages)
+    (4, 128, False, False, 1, 32, (16, 2, 4, 1)), (4, 64, True, False, 3, 16, (32, 0, 4, 1)),
+    (4, 16, False, True, 4, 32, (16, 4, 4, 1)),    # group < P: scales per element; act-order
+    (4, 512, True, False, 2, 64, (16, 2, 4, 1)),   # per-channel
+    (8, 128, True, False, 2, 32, (16, 2, 4, 1)), (8, 512, False, False, 1, 64, (16, 0, 4, 1)),
+    (3, 64, True, False, 1, 32, (16, 2, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("bits,group,asym,act_order,m,p,cfg", GEMV_CASES)
+def test_gemv_wna16(bits, group, asym, act_order, m, p, cfg):
+    """Plane-interleaved GEMV (split-K fixup, sym constant zero / asym zero array) vs the dequantized weight."""
+    from quantrt.platforms.cuda.kernels.gemv_wna16 import GemvConfig, gemv_wna16, pack_planar
+    from quantrt.platforms.cuda.kernels.wna16 import _sorted_groups, pack_int_weight
+
+    gen = torch.Generator().manual_seed(bits * 7 + group + m)
+    n, k = 40, 512
+    w = make_int_weight(n, k, bits, group, asym, act_order, gen)
+    container = 4 if bits <= 4 else 8
+    perm, _ = _sorted_groups(w)
+    packed, scale, zero = pack_int_weight(w, container, perm)
+    planar = pack_planar(packed, container, p)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+    ref = x.float() @ w.dequantize().float().t()
+    xs = x[:, perm] if perm is not None else x
+    for _ in range(2):
+        y = gemv_wna16(xs, planar, scale, zero if asym else None, group, container, p, GemvConfig(*cfg),
+                       zero_const=0 if asym else 1 << (bits - 1))
+        assert y.dtype == torch.float16 and rel_err(y, ref) < 2e-3
+
+
+def test_pack_planar_layout():
+    """Slot i of word j in block b holds k = b*8*P + i*P + j (codes u(k) = (7k // 5) mod 16)."""
+    from quantrt.platforms.cuda.kernels.gemv_wna16 import pack_planar, plane_words
+    from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
+
+    k, p = 256, 16
+    u = (torch.arange(k) * 7 // 5) % 16
+    codes = (u - 8).to(torch.int8).repeat(3, 1)                                         # [N=3, K]
+    w = IntWeight(codes, torch.ones(3, 1), 4, k)
+    planar = pack_planar(pack_int_weight(w, 4, None)[0], 4, p)                          # [3, K/8]
+    word = int(planar[1, 16 + 5]) & 0xFFFFFFFF                                          # block 1, j = 5
+    assert [(word >> (4 * i)) & 15 for i in range(8)] == [int(u[128 + i * p + 5]) for i in range(8)]
+    assert plane_words(4096, 4) == 128 and plane_words(11008, 4) == 32 and plane_words(100, 4) == 0
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("bits,group,asym,act_order", [(4, 128, False, False), (4, 128, True, True),
+                                                       (4, 32, True, False), (8, 0, False, False)])
+def test_gemv_wna16_native(m, bits, group, asym, act_order):
+    from quantrt.platforms.cuda.kernels.gemv_wna16 import gemv_wna16, pack_planar, plane_words
+    from quantrt.platforms.cuda.kernels.wna16 import _sorted_groups, pack_int_weight
+
+    gen = torch.Generator().manual_seed(m + bits)
+    k = 4096
+    w = make_int_weight(4096, k, bits, group or k, asym, act_order, gen)
+    container = 4 if bits <= 4 else 8
+    perm, _ = _sorted_groups(w)
+    packed, scale, zero = pack_int_weight(w, container, perm)
+    p = plane_words(k, container)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
+    y = gemv_wna16(x[:, perm] if perm is not None else x, pack_planar(packed, container, p), scale,
+                   zero if asym else None, group or k, container, p, zero_const=0 if asym else 1 << (bits - 1))
+    assert rel_err(y, x.float() @ w.dequantize().float().t()) < 1e-2

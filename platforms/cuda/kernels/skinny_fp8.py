@@ -3,7 +3,8 @@
 Imported lazily (needs triton). weight: [N, K] fp8 (K contiguous): a thread loads 16 consecutive k of one
 column, converts them to fp32 (exact) and multiplies by the activations in fp32; partial sums over the
 K step are reduced once per step. Serves weight-only fp8 (ACT 3) and W8A8 with fp8 activations:
-ACT 0 dynamic per token (row scales from `_row_scale_kernel`, one small launch), 1 dynamic per
+ACT 0 dynamic per token (row scales from `_row_scale_kernel`, one small launch; or ACT 4, each program
+finds the row amax itself, `inline_amax`), 1 dynamic per
 128-group (128x128 block weights; the group amax comes from the step's own activation tile, BK = 128),
 2 static per tensor. Quantized activations are computed exactly like `fake_quantize_act` (x / scale,
 clamped, cast to fp8) and multiplied as fp32, which equals an fp8 x fp8 product with fp32 accumulation.
@@ -33,6 +34,7 @@ class SkinnyFp8Config:
     num_warps: int = 4
     num_stages: int = 1
     reduce: int = 2
+    inline_amax: bool = False  # per token (ACT 0): each program finds the row amax itself (ACT 4), no launch
 
 
 @triton.jit
@@ -44,6 +46,17 @@ def _row_scale_kernel(x_ptr, s_ptr, K: tl.constexpr, stride_xm, QMAX: tl.constex
         a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(a))
     tl.store(s_ptr + row, tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX)
+
+
+@triton.jit
+def _amax_scale(x_ptr, K, KT: tl.constexpr, BK: tl.constexpr, QMAX: tl.constexpr):
+    """max(|x[:K]|, 1e-12) / QMAX for one row (KT >= K, a multiple of BK)."""
+    offs = tl.arange(0, BK)
+    amax = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, KT, BK):
+        a = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(a))
+    return tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
 
 
 @triton.jit
@@ -82,6 +95,14 @@ def _skinny_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
             sx2 = tl.load(sa_ptr + 2)
         if M > 3:
             sx3 = tl.load(sa_ptr + 3)
+    if ACT == 4:  # per token, amax found here (x is re-read from L2 by every program)
+        sx0 = _amax_scale(x_ptr, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+        if M > 1:
+            sx1 = _amax_scale(x_ptr + stride_xm, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+        if M > 2:
+            sx2 = _amax_scale(x_ptr + 2 * stride_xm, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+        if M > 3:
+            sx3 = _amax_scale(x_ptr + 3 * stride_xm, K, K_PER_SPLIT * SPLIT, BK, QMAX)
     if ACT == 2:
         sx0 = tl.load(sa_ptr)
         sx1 = sx0
@@ -137,7 +158,7 @@ def _skinny_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
         sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
     else:
         sw = 1.0
-    if ACT == 0 or ACT == 2:
+    if ACT == 0 or ACT == 2 or ACT == 4:
         _finish(acc0 * sw * sx0, 0, pid_n, pid_k, y_ptr, ws_ptr, offs_n, mask_n, N, REDUCE, M)
         if M > 1:
             _finish(acc1 * sw * sx1, 1, pid_n, pid_k, y_ptr, ws_ptr, offs_n, mask_n, N, REDUCE, M)
@@ -180,7 +201,9 @@ def skinny_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int
     k_per_split = cdiv(k_steps, split) * bk
     split = cdiv(k, k_per_split)
     reduce = 0 if split == 1 else cfg.reduce
-    if act == 0:
+    if act == 0 and cfg.inline_amax:
+        act, sa = 4, w_scale
+    elif act == 0:
         sa = torch.empty(m, device=x.device, dtype=torch.float32)
         _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=1024, num_warps=4)
     else:
