@@ -108,7 +108,8 @@ def e2e(a) -> None:
     """Greedy decode of a small gpt-oss-shaped model, decode graphs on vs off (batch 1 and 8)."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, GptOssConfig
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, GptOssConfig, PreTrainedTokenizerFast
 
     from quantrt import Engine
 
@@ -120,6 +121,9 @@ def e2e(a) -> None:
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d, safe_serialization=True)
+        tok = Tokenizer(models.WordLevel({f"t{k}": k for k in range(cfg.vocab_size)}, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t2", pad_token="t0").save_pretrained(d)
         print(f"\ne2e: gpt-oss-shaped, {a.e2e_layers} layers, H = I = {h}, {a.experts} experts top-{a.top_k}, "
               f"MXFP4 experts (online), bf16, {a.e2e_new} new tokens after 8-token prompts")
         print("| graphs | batch | steady ms/step | tok/s (steady) |")
