@@ -3,7 +3,7 @@ on CUDA, the reference elsewhere) vs the same weights dequantized to the compute
 torch._grouped_mm on CPU, the Triton fused MoE kernel on CUDA), with gpt-oss-20b's layer shape by default (H = I = 2880, 32 experts, top-4).
 
     python bench/gpt_oss_moe.py [--experts 32 --top-k 4 --hidden 2880 --inter 2880 --tokens 1,8,64]
-                                [--dtype bfloat16] [--iters 20] [--skip-dense] [--e2e]
+                                [--dtype bfloat16] [--iters 20] [--skip-dense] [--e2e | --e2e-only]
 
 On CUDA a second table times the MXFP4 block (router + `triton_moe`) as CUDA-graph replays (the decode
 setting: no host launch cost) with the activation fused into the first launch's epilogue (the kernel as
@@ -160,11 +160,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip-dense", action="store_true", help="no dense block (its CPU-side build is slow)")
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end decode table")
     ap.add_argument("--e2e-layers", type=int, default=4)
     ap.add_argument("--e2e-hidden", type=int, default=1024)
     ap.add_argument("--e2e-new", type=int, default=40)
     a = ap.parse_args()
     platform, dtype = current_platform(), getattr(torch, a.dtype)
+    if a.e2e_only:
+        e2e(a)
+        return
     sync = torch.cuda.synchronize if platform.device_type == "cuda" else (lambda: None)
     q = build(a.experts, a.top_k, a.hidden, a.inter, True, dtype, platform)
     d = None if a.skip_dense else build(a.experts, a.top_k, a.hidden, a.inter, False, dtype, platform)
