@@ -84,11 +84,12 @@ def test_activation_dtypes_rows_and_bias(m, dtype):
 
 
 def test_3d_input_fp32_scales_and_act_order():
-    # asym zero points give mins -z*s that fp16 cannot hold exactly: the fp32 scale path
+    # integer zero points stay uint8 (min = -z*s in the op); fp32 scales fp16 cannot hold: fp32 path
     w = _weight(4, "zero", 64)
+    w = IntWeight(w.codes, w.scale + 1e-6, 4, 64, zero=w.zero)
     spec = LinearSpec(w, WEIGHT_ONLY, torch.float32)
     k = CpuNativeIntKernel.prepare(spec, current_platform())
-    assert k.scales.dtype == torch.float32 and k.mins is not None
+    assert k.scales.dtype == torch.float32 and k.mins.dtype == torch.uint8
     x = torch.randn(2, 3, K)
     y = k.apply(x, None)
     assert y.shape == (2, 3, N)
@@ -106,6 +107,9 @@ def test_prepare_keeps_only_packed_bytes():
     held = [v for v in vars(k).values() if isinstance(v, torch.Tensor)]
     assert sum(t.numel() * t.element_size() for t in held) == N * K // 2 + 2 * 2 * N * (K // 32)
     assert k.qs.dtype == torch.uint8 and k.scales.dtype == torch.float16       # fp16-exact scale and min
+    kz = CpuNativeIntKernel.prepare(LinearSpec(_weight(4, "zero", 32), WEIGHT_ONLY, torch.float32),
+                                    current_platform())                  # codes, fp16 scale, uint8 zero
+    assert sum(t.numel() * t.element_size() for t in (kz.qs, kz.scales, kz.mins)) == N * K // 2 + 3 * N * (K // 32)
     assert _weight(4, "plain", 32) is not None and CpuNativeIntKernel.prepare(
         LinearSpec(_weight(4, "plain", 32), WEIGHT_ONLY, torch.float32), current_platform()).mins is None
 

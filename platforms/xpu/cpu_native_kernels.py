@@ -2,13 +2,13 @@
 
 `CpuNativeIntKernel` repacks an IntWeight once into 32-element blocks, w = q·s + m per block:
   - bits ≤ 4: two codes a byte (GGML Q4 order: byte j = code j | code j+16 << 4), codes 0..15
-      signed codes (−8..7):  q + 8, m = −8·s          integer zero z:  m = −z·s
-      float offset (Q4_1, Q4_K mins):  m = offset      unsigned, no zero:  no m
+      signed codes (−8..7):  q + 8, m = −8·s          float offset (Q4_1, Q4_K mins):  m = offset
+      integer zero z (AWQ, GPTQ, Q4_0, Q5_0): kept as a uint8 per block, m = −z·s in fp32 in the op
   - bits 5..8: one int8 a code; unsigned codes ≤ 127 as they are (Q5_0/Q5_1 0..31, Q5_K, 7-bit), 8-bit
     unsigned codes shifted by −128 with m = (128 − z)·s (or offset + 128·s)
 Groups that are multiples of 32 (64, 128, per-channel) repeat their scale over their 32-blocks. Scales
-and mins are stored as fp16 when every value round-trips exactly (GGUF d/m, fp16 checkpoints), else
-fp32. Act-order (g_idx) weights are permuted along K once and x is gathered per call.
+and float mins are stored as fp16 when every value round-trips exactly (GGUF d/m, fp16/bf16 checkpoints),
+else fp32. Act-order (g_idx) weights are permuted along K once and x is gathered per call.
 
 The op computes y = Σ_b s·dot(q_b, x_b) + m·Σx_b in fp32 for fp32/bf16/fp16 activations: the value of
 dequantize-then-fp32-matmul up to summation order (no activation quantization). It streams the packed
@@ -44,10 +44,13 @@ def _fp16_if_exact(*ts: torch.Tensor | None) -> torch.dtype:
 
 
 def _codes_and_min(w: IntWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """(q [N, K] int32 in the stored range, s [N, G] fp32, m [N, G] fp32 or None, storage bits 4|8)."""
+    """(q [N, K] int32 in the stored range, s [N, G] fp32, min [N, G] (fp32 additive min, uint8 zero
+    point with min = -z·s, or None), storage bits 4|8)."""
     q = w.codes.to(torch.int32)
     s = w.scale.to(torch.float32)
     signed = w.codes.dtype == torch.int8
+    if w.zero is not None and not signed and w.bits < 8 and 0 <= int(w.zero.min()) and int(w.zero.max()) <= 255:
+        return q, s, w.zero.to(torch.uint8), (4 if w.bits <= 4 else 8)   # codes fit as they are
     if w.zero is not None:
         m = -w.zero.to(torch.float32) * s
     elif w.offset is not None:
@@ -79,6 +82,8 @@ class CpuNativeIntKernel(LinearKernel):
                  n: int, perm: torch.Tensor | None, out_dtype: torch.dtype):
         self.qs, self.scales, self.mins, self.bits = qs, scales, mins, bits
         self.n, self.perm, self.out_dtype = n, perm, out_dtype
+        if not cpu_ext.load():
+            raise RuntimeError(f"cpu_native_int needs the native CPU extension: {cpu_ext.unavailable_reason()}")
         self.op = torch.ops.quantrt_cpu.int_gemm
 
     @classmethod
@@ -115,9 +120,10 @@ class CpuNativeIntKernel(LinearKernel):
         rep = w.group_size // BLOCK
         s = s.repeat_interleave(rep, 1)                                       # [N, K/32]
         m = m.repeat_interleave(rep, 1) if m is not None and bool(m.any()) else None
-        sdt = _fp16_if_exact(s, m)
+        zeros = m is not None and m.dtype == torch.uint8
+        sdt = _fp16_if_exact(s) if zeros else _fp16_if_exact(s, m)
         qs = _pack_nibbles(q) if bits == 4 else q.to(torch.int8).contiguous()  # [N, K/2] u8 | [N, K] i8
-        mins = m.to(sdt).contiguous() if m is not None else None
+        mins = (m if zeros else m.to(sdt)).contiguous() if m is not None else None
         return cls(qs, s.to(sdt).contiguous(), mins, bits, n, perm, spec.compute_dtype)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

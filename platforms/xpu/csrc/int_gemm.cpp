@@ -4,8 +4,9 @@
 //   bits 4: qs [N, K/2] uint8; per 32-block 16 bytes, byte j = code j (low nibble) | code j+16 (high nibble)
 //           (GGML's Q4_0/Q4_1 order); codes 0..15.
 //   bits 8: qs [N, K] int8; codes -128..127.
-//   scales [N, K/32] float32 or float16; mins [N, K/32] same dtype, or absent (= 0).
-//   w[n, 32b + i] = q[n, 32b + i] * scales[n, b] + mins[n, b]
+//   scales [N, K/32] float32 or float16; mins [N, K/32] float32 / float16 (additive min), or uint8 (an
+//   integer zero point z: min = -z * scale, computed in fp32, exact), or absent (= 0).
+//   w[n, 32b + i] = q[n, 32b + i] * scales[n, b] + min[n, b]
 // So y[m, n] = sum_b scales[n, b] * dot(q_block, x_block) + mins[n, b] * sum(x_block): the same value as
 // dequantize-then-matmul, up to fp32 summation order (no activation quantization).
 // x: [M, K] float32 / bfloat16 / float16 (computed in fp32); bias: [N] or absent; y: [M, N] x.dtype.
@@ -40,6 +41,11 @@ inline float to_f32(c10::Half v) {
 #endif
 }
 
+// The block's additive min: stored as a float, or as an integer zero point z (m = -z·s, exact in fp32).
+inline float min_value(float m, float) { return m; }
+inline float min_value(c10::Half m, float) { return to_f32(m); }
+inline float min_value(uint8_t z, float s) { return -static_cast<float>(z) * s; }
+
 #if QRT_AVX2
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -66,8 +72,8 @@ inline void unpack_block(const uint8_t* p, __m256 w[4]) {
 }
 
 // R weight rows x C activation rows over all K blocks. acc lanes hold per-(r, c) partial sums.
-template <int BITS, int R, int C, typename S>
-inline void tile_avx2(const uint8_t* const* q, const S* const* sc, const S* const* mn, const float* x,
+template <int BITS, int R, int C, typename S, typename Z>
+inline void tile_avx2(const uint8_t* const* q, const S* const* sc, const Z* const* mn, const float* x,
                       int64_t ldx, const float* xs, int64_t kb, float* out, int64_t ldo) {
   constexpr int64_t bb = BITS * 4;  // bytes per 32-block
   __m256 acc[R][C];
@@ -79,8 +85,9 @@ inline void tile_avx2(const uint8_t* const* q, const S* const* sc, const S* cons
       _mm_prefetch(reinterpret_cast<const char*>(q[r] + (b + 16) * bb), _MM_HINT_T0);
       __m256 w[4];
       unpack_block<BITS>(q[r] + b * bb, w);
-      const __m256 s = _mm256_set1_ps(to_f32(sc[r][b]));
-      const float m = mn ? to_f32(mn[r][b]) : 0.f;
+      const float sv = to_f32(sc[r][b]);
+      const __m256 s = _mm256_set1_ps(sv);
+      const float m = mn ? min_value(mn[r][b], sv) : 0.f;
       for (int c = 0; c < C; ++c) {
         const float* xb = x + c * ldx + b * kBlock;
         __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
@@ -98,8 +105,8 @@ inline void tile_avx2(const uint8_t* const* q, const S* const* sc, const S* cons
 #endif
 
 // Portable path: the same arithmetic, one weight row x C activation rows.
-template <int BITS, typename S>
-inline void row_scalar(const uint8_t* q, const S* sc, const S* mn, const float* x, int64_t ldx,
+template <int BITS, typename S, typename Z>
+inline void row_scalar(const uint8_t* q, const S* sc, const Z* mn, const float* x, int64_t ldx,
                        const float* xs, int64_t kb, int64_t c_rows, float* out, int64_t ldo) {
   constexpr int64_t bb = BITS * 4;
   float wv[kBlock];
@@ -108,7 +115,7 @@ inline void row_scalar(const uint8_t* q, const S* sc, const S* mn, const float* 
     const uint8_t* p = q + b * bb;
     for (int i = 0; i < 16 && BITS == 4; ++i) { wv[i] = float(p[i] & 15); wv[i + 16] = float(p[i] >> 4); }
     for (int i = 0; i < 32 && BITS == 8; ++i) wv[i] = float(static_cast<int8_t>(p[i]));
-    const float s = to_f32(sc[b]), m = mn ? to_f32(mn[b]) : 0.f;
+    const float s = to_f32(sc[b]), m = mn ? min_value(mn[b], s) : 0.f;
     for (int64_t c = 0; c < c_rows; ++c) {
       const float* xb = x + c * ldx + b * kBlock;
       float t = 0.f;
@@ -118,38 +125,38 @@ inline void row_scalar(const uint8_t* q, const S* sc, const S* mn, const float* 
   }
 }
 
-template <int BITS, int R, int C, typename S>
-inline void run_tile(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, int64_t n0,
+template <int BITS, int R, int C, typename S, typename Z>
+inline void run_tile(const uint8_t* qs, int64_t row_bytes, const S* sc, const Z* mn, int64_t n0,
                      const float* x, int64_t ldx, const float* xs, int64_t kb, float* y, int64_t ldy) {
 #if QRT_AVX2
   const uint8_t* q[R];
   const S* s[R];
-  const S* m[R];
+  const Z* m[R];
   for (int r = 0; r < R; ++r) {
     q[r] = qs + (n0 + r) * row_bytes;
     s[r] = sc + (n0 + r) * kb;
     m[r] = mn ? mn + (n0 + r) * kb : nullptr;
   }
-  tile_avx2<BITS, R, C, S>(q, s, mn ? m : nullptr, x, ldx, xs, kb, y + n0, ldy);
+  tile_avx2<BITS, R, C, S, Z>(q, s, mn ? m : nullptr, x, ldx, xs, kb, y + n0, ldy);
 #else
   for (int r = 0; r < R; ++r)
-    row_scalar<BITS, S>(qs + (n0 + r) * row_bytes, sc + (n0 + r) * kb, mn ? mn + (n0 + r) * kb : nullptr,
+    row_scalar<BITS, S, Z>(qs + (n0 + r) * row_bytes, sc + (n0 + r) * kb, mn ? mn + (n0 + r) * kb : nullptr,
                         x, ldx, xs, kb, C, y + n0 + r, ldy);
 #endif
 }
 
 // Rows [n_begin, n_end) for activation rows [0, c_rows) (c_rows <= 4), tiles of 4 (M=1) or 2 rows.
-template <int BITS, int C, typename S>
-void rows_range(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, int64_t n_begin,
+template <int BITS, int C, typename S, typename Z>
+void rows_range(const uint8_t* qs, int64_t row_bytes, const S* sc, const Z* mn, int64_t n_begin,
                 int64_t n_end, const float* x, int64_t ldx, const float* xs, int64_t kb, float* y, int64_t ldy) {
   constexpr int R = C == 1 ? 4 : 2;
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) run_tile<BITS, R, C, S>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
-  for (; n < n_end; ++n) run_tile<BITS, 1, C, S>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
+  for (; n + R <= n_end; n += R) run_tile<BITS, R, C, S, Z>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
+  for (; n < n_end; ++n) run_tile<BITS, 1, C, S, Z>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
 }
 
-template <int BITS, typename S>
-void gemm_rows(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, int64_t n_begin, int64_t n_end,
+template <int BITS, typename S, typename Z>
+void gemm_rows(const uint8_t* qs, int64_t row_bytes, const S* sc, const Z* mn, int64_t n_begin, int64_t n_end,
                const float* x, int64_t ldx, const float* xs, int64_t kb, int64_t m_rows, float* y, int64_t ldy) {
   // tiles of 32 weight rows so every activation chunk of <= 4 rows re-reads them from L1/L2
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
@@ -160,22 +167,22 @@ void gemm_rows(const uint8_t* qs, int64_t row_bytes, const S* sc, const S* mn, i
       const float* xsc = xs ? xs + c0 * kb : nullptr;
       float* yc = y + c0 * ldy;
       switch (cr) {
-        case 1: rows_range<BITS, 1, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
-        case 2: rows_range<BITS, 2, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
-        case 3: rows_range<BITS, 3, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
-        default: rows_range<BITS, 4, S>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        case 1: rows_range<BITS, 1, S, Z>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        case 2: rows_range<BITS, 2, S, Z>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        case 3: rows_range<BITS, 3, S, Z>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
+        default: rows_range<BITS, 4, S, Z>(qs, row_bytes, sc, mn, n0, n1, xc, ldx, xsc, kb, yc, ldy); break;
       }
     }
   }
 }
 
-template <int BITS, typename S>
+template <int BITS, typename S, typename Z>
 void dispatch(const at::Tensor& qs, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
               const float* x, const float* xs, int64_t m, int64_t k, float* y, int64_t n) {
   const int64_t kb = k / kBlock, row_bytes = qs.size(1);
   const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
   const S* sc = scales.data_ptr<S>();
-  const S* mn = mins.has_value() ? mins->data_ptr<S>() : nullptr;
+  const Z* mn = mins.has_value() ? mins->data_ptr<Z>() : nullptr;
   // at least ~64 KiB of weight bytes per task: smaller splits cost more in thread wake-up than they save
   const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
   for (int64_t m0 = 0; m0 < m; m0 += kMChunk) {
@@ -184,7 +191,7 @@ void dispatch(const at::Tensor& qs, const at::Tensor& scales, const c10::optiona
     const float* xsm = xs ? xs + m0 * kb : nullptr;
     float* ym = y + m0 * n;
     at::parallel_for(0, n, grain, [&](int64_t n_begin, int64_t n_end) {
-      gemm_rows<BITS, S>(q, row_bytes, sc, mn, n_begin, n_end, xm, k, xsm, kb, mr, ym, n);
+      gemm_rows<BITS, S, Z>(q, row_bytes, sc, mn, n_begin, n_end, xm, k, xsm, kb, mr, ym, n);
     });
   }
 }
@@ -225,8 +232,10 @@ at::Tensor int_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor&
               scales.scalar_type(), " ", scales.sizes());
   const bool has_min = mins.has_value();
   if (has_min)
-    TORCH_CHECK(mins->scalar_type() == scales.scalar_type() && mins->is_contiguous() && mins->sizes() == scales.sizes(),
-                "quantrt_cpu::int_gemm: mins must match scales' dtype and shape");
+    TORCH_CHECK((mins->scalar_type() == at::kFloat || mins->scalar_type() == at::kHalf ||
+                 mins->scalar_type() == at::kByte) && mins->is_contiguous() && mins->sizes() == scales.sizes(),
+                "quantrt_cpu::int_gemm: mins must be contiguous float32/float16 (additive min) or uint8 (zero "
+                "point z, min = -z*scale) with scales' shape [N, K/32], got ", mins->scalar_type(), " ", mins->sizes());
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
                     (bias->scalar_type() == at::kFloat || bias->scalar_type() == xt),
@@ -246,12 +255,17 @@ at::Tensor int_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor&
   if (xt == at::kHalf) to_f32_rows(xc.data_ptr<c10::Half>(), m * k, xf);
   if (xs) block_sums(xf, m * kb, xs);
   const bool half = scales.scalar_type() == at::kHalf;
+  const auto zt = has_min ? mins->scalar_type() : scales.scalar_type();
+#define QRT_DISPATCH(B, S, Z) dispatch<B, S, Z>(qs, scales, mins, xf, xs, m, k, yf, n)
+#define QRT_BY_Z(B, S)                                            \
+  zt == at::kByte ? QRT_DISPATCH(B, S, uint8_t)                   \
+                  : (zt == at::kHalf ? QRT_DISPATCH(B, S, c10::Half) : QRT_DISPATCH(B, S, float))
   if (bits == 4)
-    half ? dispatch<4, c10::Half>(qs, scales, mins, xf, xs, m, k, yf, n)
-         : dispatch<4, float>(qs, scales, mins, xf, xs, m, k, yf, n);
+    half ? QRT_BY_Z(4, c10::Half) : QRT_BY_Z(4, float);
   else
-    half ? dispatch<8, c10::Half>(qs, scales, mins, xf, xs, m, k, yf, n)
-         : dispatch<8, float>(qs, scales, mins, xf, xs, m, k, yf, n);
+    half ? QRT_BY_Z(8, c10::Half) : QRT_BY_Z(8, float);
+#undef QRT_BY_Z
+#undef QRT_DISPATCH
   if (bias.has_value()) {
     const bool bf = bias->scalar_type() == at::kFloat;
     for (int64_t r = 0; r < m; ++r)
