@@ -210,3 +210,40 @@ def test_gemv_wna16_native(m, bits, group, asym, act_order):
     y = gemv_wna16(x[:, perm] if perm is not None else x, pack_planar(packed, container, p), scale,
                    zero if asym else None, group or k, container, p, zero_const=0 if asym else 1 << (bits - 1))
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,qmax", [(torch.int8, 127.0), (torch.float8_e4m3fn, 448.0)])
+def test_quant_rows_matches_reference_quantizer(dtype, qmax):
+    """The one-launch per-token quantizer in front of `_scaled_mm` is bit-exact vs quantize_act_per_token."""
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+    from quantrt.quant.quantize import quantize_act_per_token
+
+    if DEV == "cpu" and dtype != torch.int8:
+        pytest.skip("Triton 3.6's interpreter rounds fp32->fp8 without carrying into the exponent")
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 1000, generator=gen) * 3).to(DEV, torch.bfloat16)
+    x[2] = 0  # an all-zero row gets the 1e-12 floor, not 0/0
+    q, s = quant_rows(x, dtype, qmax)
+    q_ref, s_ref = quantize_act_per_token(x, dtype)
+    assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
+
+
+@pytest.mark.parametrize("m", [2, 16])
+def test_w8a8_small_batches_take_the_swapped_kernel(m):
+    """TritonW8A8Kernel.apply at 2 <= M <= 16 with quantized activations (swap_fp8) vs the reference kernel."""
+    from quantrt.platform.interface import DeviceCapability
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.kernels.w8a8 import SWAP_MAX_M
+    from quantrt.platforms.cuda.platform import CudaPlatform
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.kernels.reference import ReferenceLinearKernel
+
+    assert m <= SWAP_MAX_M
+    platform = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+    gen = torch.Generator().manual_seed(m)
+    codes = torch.randint(-127, 128, (96, 256), generator=gen).to(torch.int8)
+    w = IntWeight(codes.to(DEV), (torch.rand(96, 1, generator=gen) * 0.01).to(DEV), 8, 256)
+    spec = LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), torch.float16)
+    x = torch.randn(m, 256, generator=gen).to(DEV, torch.float16)
+    y = TritonW8A8Kernel.prepare(spec, platform).apply(x, None)
+    assert rel_err(y, ReferenceLinearKernel.prepare(spec, platform).apply(x, None)) < 2e-3

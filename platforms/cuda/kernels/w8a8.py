@@ -1,8 +1,10 @@
 """`TritonW8A8Kernel`: FP8 W8A8 (per-tensor, per-channel x per-token, 128x128 block x per-token-group),
 FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantization fused in.
 
-Large batches of per-tensor/per-channel FP8 go to cuBLASLt through `torch._scaled_mm` (activations
-quantized by the reference quantizer first); below `SCALED_MM_MIN_M` rows the Triton kernel wins.
+Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 fp8 -> the GEMV in `skinny_fp8`;
+M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped); large batches
+of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
+one Triton launch, `act_quant_triton`); everything else -> the tiled `w8a8_triton` kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from quantrt.platforms.cuda.kernels._common import check_runtime, interpret_mode
 from quantrt.quant.kernel import LinearKernel, LinearSpec
-from quantrt.quant.quantize import FP8_DTYPES, qmax, quantize_act_per_token
+from quantrt.quant.quantize import FP8_DTYPES, qmax
 from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
+SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
@@ -97,7 +100,9 @@ class TritonW8A8Kernel(LinearKernel):
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
         if self.act == 0:
-            xq, sa = quantize_act_per_token(x2, self.data.dtype)              # [M, K] fp8, [M, 1]
+            from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+
+            xq, sa = quant_rows(x2, self.data.dtype, self.qmax)                # [M, K] fp8, [M, 1]
         else:
             sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             xq = (x2.float() / sa).clamp(-self.qmax, self.qmax).to(self.data.dtype)
@@ -116,6 +121,10 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+        elif x2.shape[0] <= SWAP_MAX_M and self.act != 3:
+            from quantrt.platforms.cuda.kernels.swap_fp8 import swap_fp8
+
+            y = swap_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
         else:
             y = w8a8_matmul(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
         if bias is not None:
