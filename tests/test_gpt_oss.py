@@ -217,7 +217,7 @@ def test_mxfp4_experts_dequantize_bit_exactly(mxfp4_ckpt):
     eng = Engine(model_path=str(path), quantization="mxfp4", max_total_tokens=256)   # flag = checkpoint
     for i in range(2):
         moe = eng.model.model.layers[i].mlp
-        assert moe.impl == "reference", moe.kernel_choice   # CPU: no fused fp4 MoE kernel; dequant + matmul
+        assert moe.impl == "cpu_moe_mxfp4", moe.kernel_choice   # CPU: fp4 codes + e8m0 bytes, per-tile dequant
         gu, down = deq[f"model.layers.{i}.mlp.experts.gate_up_proj"], deq[f"model.layers.{i}.mlp.experts.down_proj"]
         for e, (g, u, d) in enumerate(moe.qexperts):
             assert type(g).__name__ == "MicroWeight" and g.block == 32 and g.global_scale is None

@@ -263,3 +263,73 @@ def test_moe_spec_rejects_wrong_expert_shapes():
 
 
 # == format MoE paths: tiny Qwen3-MoE / Mixtral checkpoints vs transformers on the dequantized weights ==
+
+
+# -- MXFP4 (gpt-oss experts) --------------------------------------------------------------------------------
+def _mxfp4_spec(dtype=torch.float32, biased=True, zero_exp=False) -> MoESpec:
+    from quantrt.quant.formats.mxfp4 import quantize_mxfp4
+    from quantrt.quant.weights import MicroWeight
+
+    experts = _experts(quantize_mxfp4)
+    if zero_exp:  # one block per expert scaled by e8m0 byte 0 (2^-127: an fp32 subnormal)
+        experts = tuple((MicroWeight(g.codes, g.scale.clone().index_put_((torch.tensor([1]), torch.tensor([2])),
+                                                                          torch.tensor(2.0 ** -127)), 32), u, d)
+                        for g, u, d in experts)
+    g = torch.Generator().manual_seed(5)
+    biases = [torch.randn(E, n, generator=g) * 0.3 for n in (I, I, H)] if biased else [None] * 3
+    return MoESpec(experts, tuple((WEIGHT_ONLY,) * 3 for _ in experts), H, I, dtype,
+                   ("swiglu_clamped", 1.702, 0.3) if biased else "silu", *biases)
+
+
+def test_mxfp4_tiles_dequantize_bit_exactly():
+    """A tile of the kernel's dequantization (codes two per byte, e8m0 bytes, fp16 bit patterns) times 2^14
+    equals MicroWeight.dequantize (e2m1 table x decoded scales), bit for bit, e8m0 byte 0 included."""
+    from quantrt.platforms.xpu.cpu_moe_mxfp4 import E2M1_FACTOR, CpuMoEMxfp4Kernel
+
+    spec = _mxfp4_spec(zero_exp=True)
+    k = CpuMoEMxfp4Kernel.prepare(spec, CPU)
+    assert k.w13.codes.dtype == torch.uint8 and k.w13.codes.shape == (E, 2 * I, H // 2)     # 4 bits per weight
+    assert k.w13.exps.dtype == torch.uint8 and k.w13.zero_exp
+    for e in (0, 5):
+        g, u, d = spec.experts[e]
+        want = torch.cat([g.dequantize(torch.float64), u.dequantize(torch.float64)])
+        got = torch.cat([k.w13.dequant(e, n0, n1).double() for n0, n1, _ in k.w13.tiles]) * E2M1_FACTOR
+        assert torch.equal(got, want)
+        assert torch.equal(k.w2.dequant(e, 0, H).double() * E2M1_FACTOR, d.dequantize(torch.float64))
+    assert want[1, 2 * 32:3 * 32].abs().max() < 1e-37 and want[1, 2 * 32:3 * 32].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype, biased", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+def test_mxfp4_kernel_matches_float64(dtype, biased):
+    """gpt-oss experts (MXFP4, per-expert biases, clamped SwiGLU whose clamps fire) vs the float64 definition;
+    selected on the CPU for MXFP4 experts."""
+    spec = _mxfp4_spec(dtype, biased)
+    choice = select_moe_kernel(spec, CPU)
+    assert choice.kernel.name == "cpu_moe_mxfp4", choice.explain()
+    x, w, ids = _routing(21)
+    x = (x * 3).to(dtype)
+    got = choice.kernel.prepare(spec, CPU).apply(x, w, ids)
+    want = _float64(spec, x.float(), w, ids)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    else:  # fp32 math, only the output rounded to bf16
+        torch.testing.assert_close(got.double(), want.bfloat16().double(), atol=1e-2, rtol=1e-2)
+
+
+def test_mxfp4_kernel_declines_nvfp4_and_non_power_of_two_scales():
+    from quantrt.platforms.xpu.cpu_moe_mxfp4 import CpuMoEMxfp4Kernel
+    from quantrt.quant.weights import MicroWeight
+
+    spec = _mxfp4_spec(biased=False)
+    nv = tuple(tuple(MicroWeight(w.codes, w.scale.repeat_interleave(2, 1), 16, torch.tensor(0.5)) for w in ex)
+               for ex in spec.experts)
+    ok, why = CpuMoEMxfp4Kernel.can_implement(_spec(nv), CPU)
+    assert not ok and "NVFP4 not served" in why
+    odd = tuple(tuple(MicroWeight(w.codes, w.scale * 1.5, 32) for w in ex) for ex in spec.experts)
+    ok, why = CpuMoEMxfp4Kernel.can_implement(_spec(odd), CPU)
+    assert not ok and "not all powers of two" in why
+    choice = select_moe_kernel(_spec(odd), CPU)
+    assert choice.kernel is ReferenceMoEKernel and "cpu_moe_mxfp4: MXFP4 block scales" in choice.explain()
+    fp8 = _spec(_experts(WEIGHT_ONLY_CASES["fp8-channel"]))
+    assert CpuMoEMxfp4Kernel.can_implement(fp8, CPU) == (False, "experts are fp8-channel, not all MicroWeight")

@@ -137,7 +137,7 @@ def test_fp8_moe_checkpoints_load_and_run(tiny_models, tmp_path, arch, quant, qc
     src, hf = tiny_models[arch]
     ref = requantize(src, tmp_path / "ckpt", quant, qcfg)
     eng = Engine(model_path=str(tmp_path / "ckpt"), max_total_tokens=512)
-    assert {m.impl for m in moe_layers(eng)} == {"cpu_moe_gather_dequant"}
+    assert {m.impl for m in moe_layers(eng)} == {"cpu_moe_dequant"}
     assert moe_layers(eng)[0].spec.acts[0][0].kind is not ActKind.NONE      # experts quantize activations too
     check_experts_loaded(eng, ref)
     check_w8a8_close(eng, hf, ref)
@@ -191,12 +191,12 @@ def test_awq_gptq_experts_run_moe_wna16_and_match_transformers(tiny_models, tmp_
     ref = requantize(src, tmp_path / "ckpt", quant, qcfg)
     eng = Engine(model_path=str(tmp_path / "ckpt"), max_total_tokens=512)
     moe = moe_layers(eng)[0]
-    assert moe.impl == "cpu_moe_gather_dequant", moe.kernel_choice      # fp32 compute: exact batched dequant
+    assert moe.impl == "cpu_moe_dequant", moe.kernel_choice      # fp32 compute: exact per-expert dequant
     assert type(moe.spec.experts[0][0]).__name__ == "IntWeight"
     check_experts_loaded(eng, ref)
     assert max_prompt_logprob_diff(eng, hf, ref, PROMPT) < 2e-3
     bf = Engine(model_path=str(tmp_path / "ckpt"), max_total_tokens=512, dtype="bfloat16")
-    want = "cpu_moe_int4_packed" if "int4" in name else "cpu_moe_gather_dequant"   # int8 g32: not per-channel
+    want = "cpu_moe_int4_packed" if "int4" in name else "cpu_moe_dequant"   # int8 g32: not per-channel
     assert moe_layers(bf)[0].impl == want, moe_layers(bf)[0].kernel_choice
     check_experts_loaded(bf, ref, rel=1e-2)
     assert chosen_logprob_err(bf, hf, ref).mean() < 0.1             # bf16 compute end to end
@@ -214,7 +214,7 @@ def test_quantization_moe_wna16_flag_on_gptq_awq_checkpoints(tiny_models, tmp_pa
     ref = requantize(src, tmp_path / "ckpt", quant, qcfg)
     eng = Engine(model_path=str(tmp_path / "ckpt"), quantization="moe_wna16", max_total_tokens=512)
     assert eng.quant_method == "moe_wna16" and eng.quant_format.name == qcfg["quant_method"]
-    assert {m.impl for m in moe_layers(eng)} == {"cpu_moe_gather_dequant"}
+    assert {m.impl for m in moe_layers(eng)} == {"cpu_moe_dequant"}
     check_experts_loaded(eng, ref)
     assert max_prompt_logprob_diff(eng, hf, ref, PROMPT) < 2e-3
 
@@ -246,12 +246,12 @@ CT_MOE = {  # name -> (llm-compressor spec, CPU MoE kernel in fp32, weight-only?
     # asymmetric experts ("Asymmetric quant requires zero-point values"); asym experts are covered by GPTQ/AWQ
     "W4A16_g32": ({"config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True}}},
-        "ignore": _CT_IGNORE}, "cpu_moe_gather_dequant", True),
+        "ignore": _CT_IGNORE}, "cpu_moe_dequant", True),
     "W8A16_channel": ({"config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}},
-        "ignore": _CT_IGNORE}, "cpu_moe_gather_dequant", True),
-    "W8A8_int8": ({"scheme": "W8A8", "ignore": _CT_IGNORE}, "cpu_moe_int8_packed", False),
-    "FP8_DYNAMIC": ({"scheme": "FP8_DYNAMIC", "ignore": _CT_IGNORE}, "cpu_moe_gather_dequant", False),
+        "ignore": _CT_IGNORE}, "cpu_moe_dequant", True),
+    "W8A8_int8": ({"scheme": "W8A8", "ignore": _CT_IGNORE}, "cpu_moe_dequant", False),
+    "FP8_DYNAMIC": ({"scheme": "FP8_DYNAMIC", "ignore": _CT_IGNORE}, "cpu_moe_dequant", False),
 }
 # compressed-tensors' own per-module decompression (its compressor registry, keyed by the checkpoint's
 # `format`), applied to every quantized module of the safetensors file; transformers 5.17's fused-expert
@@ -345,11 +345,11 @@ def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kwargs, scheme, act, kernel, min_db", [
-    ({"quantization": "fp8"}, "fp8-channel", "float8_e4m3fn-dynamic_token", "cpu_moe_gather_dequant", 25),
-    ({"quantization": "w8a8_fp8"}, "fp8-channel", "float8_e4m3fn-dynamic_token", "cpu_moe_gather_dequant", 25),
-    ({"quantization": "w8a8_int8"}, "int8-channel-sym", "int8-dynamic_token", "cpu_moe_int8_packed", 35),
-    ({"quantization_config_path": "int8_w8a8"}, "int8-channel-sym", "int8-dynamic_token", "cpu_moe_int8_packed", 35),
-    ({"quantization_config_path": "fp8"}, "fp8-channel", "a16", "cpu_moe_gather_dequant", 25),
+    ({"quantization": "fp8"}, "fp8-channel", "float8_e4m3fn-dynamic_token", "cpu_moe_dequant", 25),
+    ({"quantization": "w8a8_fp8"}, "fp8-channel", "float8_e4m3fn-dynamic_token", "cpu_moe_dequant", 25),
+    ({"quantization": "w8a8_int8"}, "int8-channel-sym", "int8-dynamic_token", "cpu_moe_dequant", 35),
+    ({"quantization_config_path": "int8_w8a8"}, "int8-channel-sym", "int8-dynamic_token", "cpu_moe_dequant", 35),
+    ({"quantization_config_path": "fp8"}, "fp8-channel", "a16", "cpu_moe_dequant", 25),
 ], ids=["fp8", "w8a8_fp8", "w8a8_int8", "yaml-int8_w8a8", "yaml-fp8"])
 def test_online_methods_quantize_the_experts(tiny_models, kwargs, scheme, act, kernel, min_db):
     path, hf = tiny_models["qwen3_moe"]

@@ -100,8 +100,8 @@ def gguf_reference(path, config):
 
 
 @pytest.mark.parametrize("types, kernel", [
-    (("Q8_0", "Q8_0", "Q8_0"), "cpu_moe_gather_dequant"),
-    (("Q4_0", "Q4_0", "Q4_0"), "cpu_moe_gather_dequant"),
+    (("Q8_0", "Q8_0", "Q8_0"), "cpu_moe_dequant"),
+    (("Q4_0", "Q4_0", "Q4_0"), "cpu_moe_dequant"),
     (("Q4_0", "Q4_0", "F32"), "reference"),                     # mixed expert schemes: reference, explained
 ], ids=["q8_0", "q4_0", "q4_0+f32"])
 def test_gguf_moe_matches_transformers_on_dequantized_weights(tokenizer_dir, tmp_path, types, kernel):

@@ -106,7 +106,8 @@ class IntMats(Mats):
     """IntWeights: w = u * s + b per group, u unsigned codes (signed codes + 2^(bits-1), b = -that * s,
     minus zero * s, plus offset). Two codes per byte when bits <= 4 and the group size is even."""
 
-    def __init__(self, parts: list[list[IntWeight]], tile_bytes: int | None = None):
+    def __init__(self, parts: list[list[IntWeight]], tile_bytes: int | None = None,
+                 scale_dtype: torch.dtype = torch.float32):
         w0 = parts[0][0]
         n, k = sum(w.shape[0] for w in parts[0]), w0.shape[1]
         super().__init__(n, k, [w.shape[0] for w in parts[0]], tile_bytes)
@@ -137,7 +138,7 @@ class IntMats(Mats):
             b = -stack("zero") * s if b is None else b - stack("zero") * s
         if w0.offset is not None:
             b = stack("offset") if b is None else b + stack("offset")
-        self.s, self.b = s.contiguous(), None if b is None else b.contiguous()
+        self.s, self.b = s.to(scale_dtype).contiguous(), None if b is None else b.contiguous()
 
     def dequant(self, e: int, n0: int, n1: int) -> torch.Tensor:
         r, w = n1 - n0, self.scratch(torch.float32)[: n1 - n0]

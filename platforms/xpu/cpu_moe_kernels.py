@@ -108,8 +108,8 @@ class CpuMoEInt8PackedKernel(SortedMoE):
 
     def __init__(self, spec: MoESpec, w13: IntMats, w2: IntMats):
         super().__init__(spec)
-        self.w13, self.w2 = w13, w2                       # int8 codes [E, N, K] shared by the op and the mats
-        self.s13, self.s2 = (m.s[:, :, 0].to(torch.bfloat16).contiguous() for m in (w13, w2))   # [E, N]
+        self.w13, self.w2 = w13, w2             # int8 codes [E, N, K] and bf16 scales shared by the op and the mats
+        self.s13, self.s2 = w13.s[:, :, 0], w2.s[:, :, 0]                                  # [E, N] views
 
     @classmethod
     def can_implement(cls, spec: MoESpec, platform: Platform) -> tuple[bool, str]:
@@ -132,7 +132,9 @@ class CpuMoEInt8PackedKernel(SortedMoE):
 
     @classmethod
     def prepare(cls, spec: MoESpec, platform: Platform) -> CpuMoEInt8PackedKernel:
-        return cls(spec, IntMats([[g, u] for g, u, _ in spec.experts]), IntMats([[d] for _, _, d in spec.experts]))
+        bf = torch.bfloat16                                   # the op's scale dtype, also used by the fp32 path
+        return cls(spec, IntMats([[g, u] for g, u, _ in spec.experts], scale_dtype=bf),
+                   IntMats([[d] for _, _, d in spec.experts], scale_dtype=bf))
 
     def _mm(self, x: torch.Tensor, mats: IntMats, s: torch.Tensor, e: int) -> torch.Tensor:
         if x.shape[0] > PACK_MAX_ROWS:    # many rows: this expert dequantized tile by tile, fp32 GEMM
