@@ -14,7 +14,7 @@ between the two launches. Weights per WKIND:
   0 dense  W [E, N, K] compute dtype;
   1 fp8    W [E, N, K] fp8 with CHANNEL scales [E, N] (applied to the accumulator) or BLOCK scales
            [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk; kept in gate-then-up row order,
-           so with ACT a column's scale row is mapped back from the interleaved index);
+           so with PAIRED columns a scale row is mapped back from the interleaved index);
   2 int    packed [E, K/PACK, N] int32, scale / zero (2**23 + z) [E, G, N] fp32 (`pack_int_weight`
            layout): code planes dequantized in registers, PACK tl.dot calls per K step;
   3 fp4    NVFP4 / MXFP4: packed e2m1 [E, K/8, N] int32 and block scales [E, K/FB, N] (`pack_micro_weight`
