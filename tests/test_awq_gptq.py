@@ -8,6 +8,7 @@ import torch
 
 from quantrt.errors import CheckpointError, ConfigError
 from quantrt.platform.resolve import current_platform
+from quantrt.platforms.xpu import cpu_ext
 from quantrt.quant.format import get_format
 from quantrt.quant.formats.packing import pack_awq, pack_lsb
 from quantrt.quant.kernel import LinearSpec, select_linear_kernel
@@ -73,7 +74,7 @@ def test_gptq_per_channel_and_act_order():
     qw = fmt.make_weight("l", _gptq_tensors(q, s, z, 4, False, g_idx), (N, K))
     ref = (q.float() - z.float()[:, g_idx.long()]) * s[:, g_idx.long()]
     assert torch.equal(qw.dequantize(), ref)
-    _check_kernel(qw, expect="cpu_int4_packed")
+    _check_kernel(qw, expect=INT4)
 
 
 @pytest.mark.parametrize("fmt_name", ["gptq", "awq"])
@@ -107,8 +108,11 @@ def test_awq_exact_and_marlin_spelling():
         fmt = get_format(name).from_config({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True})
         qw = fmt.make_weight("model.layers.0.mlp.up_proj", dict(tensors), (N, K))
         assert torch.equal(qw.dequantize(), _dequant(q, s, z, 128))
-    _check_kernel(qw, expect="cpu_int4_packed")
+    _check_kernel(qw, expect=INT4)
     assert not fmt.is_quantized("lm_head")
+
+
+INT4 = "cpu_native_int" if cpu_ext.load() else "cpu_int4_packed"   # the native extension goes first
 
 
 def _check_kernel(qw, expect: str) -> None:

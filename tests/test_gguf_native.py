@@ -10,6 +10,7 @@ import torch
 
 from quantrt.errors import CheckpointError, NotSupportedYet
 from quantrt.platform.resolve import current_platform
+from quantrt.platforms.xpu import cpu_ext
 from quantrt.quant.format import get_format
 from quantrt.quant.formats.gguf_blocks import BLOCKS, decode_blocks
 from quantrt.quant.kernel import LinearSpec, select_linear_kernel
@@ -47,8 +48,11 @@ def test_gguf_quantizer_blocks(name):
     assert torch.equal(qw.dequantize(), torch.from_numpy(gguf.quants.dequantize(raw, qt)))
 
 
-@pytest.mark.parametrize("name,kernel", [("Q4_0", "cpu_int4_packed"), ("Q4_1", "cpu_int4_packed"),
-                                         ("Q4_K", "cpu_int4_packed"), ("IQ4_NL", "cpu_codebook_dequant_once")])
+INT4 = "cpu_native_int" if cpu_ext.load() else "cpu_int4_packed"   # the native extension goes first
+
+
+@pytest.mark.parametrize("name,kernel", [("Q4_0", INT4), ("Q4_1", INT4),
+                                         ("Q4_K", INT4), ("IQ4_NL", "cpu_codebook_dequant_once")])
 def test_kernel_choice_bf16(name, kernel):
     qw = decode_blocks(torch.from_numpy(_random_blocks(name)), name, (N, K))
     spec = LinearSpec(qw, WEIGHT_ONLY, torch.bfloat16)

@@ -2,7 +2,8 @@
 from engine.model (modules, parameters, buffers, kernel objects and what they hold) add up to the size
 computed from the layer shapes alone, with no canonical (unpacked) weight kept beside the repacked one.
 
-Expected sizes (bf16 compute, CPU): int4 g32 (cpu_int4_packed) N*K/2 codes + bf16 scale and zero per
+Expected sizes (bf16 compute, CPU; `native_*` when the native extension serves the linears): int4 g32
+(cpu_int4_packed) N*K/2 codes + bf16 scale and zero per
 group of 32; int8 weight-only N*K codes + a bf16 scale per row; GGUF Q4_0 is int4 g32 after loading;
 fp8 on CPU is emulated (dequantized once to fp32, no fp8 matmul on this CPU), so it must hold exactly
 N*K fp32 and nothing else.
@@ -19,6 +20,7 @@ import torch
 
 from quantrt.engine.engine import Engine, _model_bytes
 from quantrt.layers.linear import QuantLinear
+from quantrt.platforms.xpu import cpu_ext
 from tests import test_gguf_loader
 from tests.test_int_engine import CASES, write_int_checkpoint
 
@@ -74,6 +76,22 @@ def fp32_emulated(n: int, k: int) -> int:
     return n * k * 4
 
 
+# cpu_native_int (the native extension, ahead of torch's packed ops when it loads): per 32-block of a row
+def native_int4_zero(n: int, k: int) -> int:
+    return n * k // 2 + n * (k // 32) * (2 + 1)           # packed codes + fp16 scale + uint8 zero point
+
+
+def native_int4_offset(n: int, k: int) -> int:
+    return n * k // 2 + n * (k // 32) * (2 + 4)           # packed codes + fp16 scale + fp32 min
+
+
+def native_int8_channel(n: int, k: int) -> int:
+    return n * k + n * (k // 32) * 4                      # int8 codes + the row's fp32 scale per 32-block
+
+
+NATIVE = cpu_ext.load()
+
+
 def check_size(eng: Engine, ref: Engine, packed) -> int:
     """Assert eng's bytes = ref's (bf16) bytes with each linear's bf16 [N, K] replaced by packed(N, K)."""
     by_name = linear_shapes(eng)
@@ -100,12 +118,13 @@ def _kernels(eng: Engine) -> set[str]:
 def test_gptq_int4_g32_holds_its_packed_size(tiny_models, tmp_path, llama_bf16):
     write_int_checkpoint(tiny_models["llama"][0], tmp_path / "gptq", CASES["gptq_w4_g32_sym_v1"])
     eng = Engine(model_path=str(tmp_path / "gptq"), dtype="bfloat16", max_total_tokens=256)
-    assert _kernels(eng) == {"cpu_int4_packed"}
-    assert check_size(eng, llama_bf16, int4_g32) < reachable_bytes(llama_bf16.model)
+    assert _kernels(eng) == {"cpu_native_int" if NATIVE else "cpu_int4_packed"}
+    assert check_size(eng, llama_bf16, int4_g32) < reachable_bytes(llama_bf16.model)   # native: fp16 min -8*s
 
 
-@pytest.mark.parametrize("config,packed,kernel", [("int4wo-32", int4_g32, "cpu_int4_packed"),
-                                                  ("int8wo", int8_channel, "cpu_int8_weight_only")])
+@pytest.mark.parametrize("config,packed,kernel", [
+    ("int4wo-32", *((native_int4_offset, "cpu_native_int") if NATIVE else (int4_g32, "cpu_int4_packed"))),
+    ("int8wo", *((native_int8_channel, "cpu_native_int") if NATIVE else (int8_channel, "cpu_int8_weight_only")))])
 def test_torchao_holds_its_packed_size(tiny_models, llama_bf16, config, packed, kernel):
     eng = Engine(model_path=str(tiny_models["llama"][0]), dtype="bfloat16", torchao_config=config,
                  max_total_tokens=256)
@@ -130,8 +149,8 @@ def test_gguf_q4_0_holds_its_packed_size(tiny_models, tmp_path, monkeypatch):
     tok = str(tiny_models["llama"][0])  # the test GGUF carries no tokenizer
     eng = Engine(model_path=str(paths["Q4_0"]), tokenizer_path=tok, dtype="bfloat16", max_total_tokens=256)
     ref = Engine(model_path=str(paths["BF16"]), tokenizer_path=tok, dtype="bfloat16", max_total_tokens=256)
-    assert _kernels(eng) == {"cpu_int4_packed"} and not _kernels(ref)
-    assert check_size(eng, ref, int4_g32) < reachable_bytes(ref.model)
+    assert _kernels(eng) == {"cpu_native_int" if NATIVE else "cpu_int4_packed"} and not _kernels(ref)
+    assert check_size(eng, ref, native_int4_zero if NATIVE else int4_g32) < reachable_bytes(ref.model)
 
 
 def _expert_shapes(eng: Engine) -> list[tuple[int, int]]:
@@ -142,9 +161,10 @@ def _expert_shapes(eng: Engine) -> list[tuple[int, int]]:
     return [s for m in moes for _ in range(m.routing.num_experts) for s in ((2 * m.inter, m.hidden), (m.hidden, m.inter))]
 
 
-@pytest.mark.parametrize("config,packed,kernel", [("int4wo-32", int4_g32, "cpu_moe_int4_packed"),
-                                                  ("int8wo", int8_channel, "cpu_moe_int8_packed")])
-def test_moe_holds_its_packed_size(tiny_models, monkeypatch, config, packed, kernel):
+@pytest.mark.parametrize("config,packed,kernel,linear", [
+    ("int4wo-32", int4_g32, "cpu_moe_int4_packed", native_int4_offset if NATIVE else int4_g32),
+    ("int8wo", int8_channel, "cpu_moe_int8_packed", native_int8_channel if NATIVE else int8_channel)])
+def test_moe_holds_its_packed_size(tiny_models, monkeypatch, config, packed, kernel, linear):
     from quantrt.layers.moe.layer import FusedMoE
 
     monkeypatch.setattr(FusedMoE, "keep_canonical", False)  # production: no canonical experts after loading
@@ -157,7 +177,8 @@ def test_moe_holds_its_packed_size(tiny_models, monkeypatch, config, packed, ker
     assert experts == _expert_shapes(ref)
     shapes = [nk for s in linear_shapes(eng).values() for nk in s]
     ref_bytes = reachable_bytes(ref.model)
-    want = (ref_bytes - sum(2 * n * k for n, k in shapes + experts) + sum(packed(n, k) for n, k in shapes + experts))
+    want = (ref_bytes - sum(2 * n * k for n, k in shapes + experts) + sum(linear(n, k) for n, k in shapes)
+            + sum(packed(n, k) for n, k in experts))                     # attention linears: linear kernels
     got = reachable_bytes(eng.model)
     assert abs(got - want) <= 0.002 * want and got < ref_bytes, (got, want, ref_bytes)
     assert _model_bytes(eng.model) == got

@@ -7,8 +7,8 @@
   - bits 5..8: one int8 a code; unsigned codes ≤ 127 as they are (Q5_0/Q5_1 0..31, Q5_K, 7-bit), 8-bit
     unsigned codes shifted by −128 with m = (128 − z)·s (or offset + 128·s)
 Groups that are multiples of 32 (64, 128, per-channel) repeat their scale over their 32-blocks. Scales
-and float mins are stored as fp16 when every value round-trips exactly (GGUF d/m, fp16/bf16 checkpoints),
-else fp32. Act-order (g_idx) weights are permuted along K once and x is gathered per call.
+and float mins are each stored as fp16 when every value round-trips exactly (GGUF d/m, fp16/bf16
+checkpoint scales), else fp32. Act-order (g_idx) weights are permuted along K once and x is gathered per call.
 
 The op computes y = Σ_b s·dot(q_b, x_b) + m·Σx_b in fp32 for fp32/bf16/fp16 activations: the value of
 dequantize-then-fp32-matmul up to summation order (no activation quantization). It streams the packed
@@ -120,11 +120,11 @@ class CpuNativeIntKernel(LinearKernel):
         rep = w.group_size // BLOCK
         s = s.repeat_interleave(rep, 1)                                       # [N, K/32]
         m = m.repeat_interleave(rep, 1) if m is not None and bool(m.any()) else None
-        zeros = m is not None and m.dtype == torch.uint8
-        sdt = _fp16_if_exact(s) if zeros else _fp16_if_exact(s, m)
+        if m is not None and m.dtype != torch.uint8:
+            m = m.to(_fp16_if_exact(m))                                       # scales and mins each fp16
         qs = _pack_nibbles(q) if bits == 4 else q.to(torch.int8).contiguous()  # [N, K/2] u8 | [N, K] i8
-        mins = (m if zeros else m.to(sdt)).contiguous() if m is not None else None
-        return cls(qs, s.to(sdt).contiguous(), mins, bits, n, perm, spec.compute_dtype)
+        mins = m.contiguous() if m is not None else None                      # where exact, else fp32
+        return cls(qs, s.to(_fp16_if_exact(s)).contiguous(), mins, bits, n, perm, spec.compute_dtype)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                  # [M, K]
