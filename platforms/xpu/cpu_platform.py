@@ -80,12 +80,52 @@ class CpuPlatform(Platform):
     def default_mem_fraction(self) -> float:
         return 0.5
 
+    # paged decode attention over the pool in place (csrc/decode_ops.cpp); None (SDPA) without the extension
+    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.xpu.cpu_layer_ops:cpu_decode_attention"
+
+    def _native_layer_ops(self):
+        """quantrt.platforms.xpu.cpu_layer_ops when this is the plain CPU platform and the extension loaded."""
+        if self.name != "cpu":
+            return None
+        from quantrt.platforms.xpu import cpu_layer_ops
+
+        return cpu_layer_ops if cpu_layer_ops.available() else None
+
     def rms_norm_op(self):
-        """RMSNorm in one fused aten kernel (`torch.rms_norm`) instead of six element-wise ops; same
-        semantics as layers/norm.py: fp32 statistics, and for bf16/fp16 the normalized row is cast to the
-        input dtype before the weight multiply (transformers' Llama order). Emulated platforms built on
-        this class keep layers/norm.py's own ops."""
-        return _cpu_rms_norm if self.name == "cpu" else None
+        """RMSNorm in one call: the native op (csrc/decode_ops.cpp) when the extension loaded, else the fused
+        aten kernel (`torch.rms_norm`) instead of six element-wise ops; same semantics as layers/norm.py: fp32
+        statistics, and for bf16/fp16 the normalized row is cast to the input dtype before the weight
+        multiply (transformers' Llama order). Emulated platforms built on this class keep layers/norm.py's ops."""
+        if self.name != "cpu":
+            return None
+        ops = self._native_layer_ops()
+        return ops.cpu_rms_norm if ops is not None else _cpu_rms_norm
+
+    def fused_add_rms_norm_op(self):
+        """Residual add + RMSNorm in one native call (cpu_layer_ops.cpu_add_rms_norm), or None."""
+        ops = self._native_layer_ops()
+        return ops.cpu_add_rms_norm if ops is not None else None
+
+    def rotary_kv_store_op(self):
+        """Rotary on q/k + KV-pool write in one native call (cpu_layer_ops.cpu_rotary_kv_store), or None."""
+        ops = self._native_layer_ops()
+        return ops.cpu_rotary_kv_store if ops is not None else None
+
+    def act_mul_op(self):
+        """silu/gelu-tanh(gate) * up in one native call (cpu_layer_ops.cpu_act_mul), or None."""
+        ops = self._native_layer_ops()
+        return ops.cpu_act_mul if ops is not None else None
+
+    def describe(self) -> dict:
+        """Platform.describe plus where the CPU layer ops come from (native, or torch and why)."""
+        info = super().describe()
+        if self.name == "cpu":
+            from quantrt.platforms.xpu import cpu_layer_ops
+
+            why = cpu_layer_ops.unavailable_reason()
+            info["layer_ops"] = ("native (csrc/decode_ops.cpp: rms_norm, add_rms_norm, act_mul, rope_store_kv, "
+                                 "decode_attention)" if why is None else f"torch (native ops unavailable: {why})")
+        return info
 
     def tied_head_weight(self, embedding: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight | None:
         """The weight a tied LM head multiplies with, or None for the dense embedding itself.
