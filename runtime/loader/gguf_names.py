@@ -13,9 +13,16 @@ Facts (FORMATS.md §2.9; llama.cpp `convert_hf_to_gguf.py`, transformers `modeli
   transformers v5 fuses the experts (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`);
   here they are named per projection, stacked: `mlp.experts.{gate,up,down}_proj.weight` [E, N, K],
   which FusedMoE's loader splits per expert.
+- Mixtral is written as arch `llama` with `llama.expert_count` > 0 (`mixtral_config` turns the config into
+  MixtralConfig): router `ffn_gate_inp`, experts stacked `ffn_{gate,up,down}_exps` or, in older files, one
+  tensor per expert `blk.N.ffn_{gate,up,down}.E.weight`; named here as quantrt's Mixtral reads checkpoints:
+  `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.{w1,w3,w2}.weight` [E, N, K] (stacked) or
+  `block_sparse_moe.experts.E.{w1,w3,w2}.weight` (per expert).
 """
 
 from __future__ import annotations
+
+import re
 
 import gguf
 import numpy as np
@@ -35,6 +42,11 @@ _EXTRA_NAMES: dict[str, str] = {
 MOE_CONFIG_KEYS: dict[str, str] = {"expert_feed_forward_length": "moe_intermediate_size",
                                    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
                                    "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok"}
+#: Mixtral (llama arch with experts): HF v5 expert projection -> the checkpoint name quantrt's Mixtral reads,
+#: and that name -> the per-expert GGUF base of older files (`blk.N.<base>.E.weight`).
+MIXTRAL_EXPERT_NAMES: dict[str, str] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+MIXTRAL_PER_EXPERT: dict[str, str] = {"w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}
+_MIXTRAL_STACKED = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w1|w2|w3)\.weight$")
 #: Architectures whose converter permutes the q/k rows (rotary interleave layout).
 PERMUTED_QK_ARCHS: frozenset[str] = frozenset({"llama"})
 #: Architectures whose converter stores norm weights with a +1 offset.
@@ -66,7 +78,39 @@ def hf_param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{name}.weight"] = shape
         else:
             shapes[name] = shape
+    if config.model_type == "mixtral":
+        shapes = {_mixtral_name(n): s for n, s in shapes.items()}
     return shapes
+
+
+def _mixtral_name(name: str) -> str:
+    """HF v5 `model.layers.N.mlp.gate.weight` / `mlp.experts.gate_proj.weight` -> `block_sparse_moe.gate.weight`
+    / `block_sparse_moe.experts.w1.weight` (the names quantrt's Mixtral loads); other names unchanged."""
+    m = re.match(r"^(model\.layers\.\d+\.)mlp\.(gate\.weight|experts\.(\w+)\.weight)$", name)
+    if m is None:
+        return name
+    rest = m.group(2) if m.group(3) is None else f"experts.{MIXTRAL_EXPERT_NAMES[m.group(3)]}.weight"
+    return f"{m.group(1)}block_sparse_moe.{rest}"
+
+
+def mixtral_config(config: PretrainedConfig, field, arch: str) -> PretrainedConfig | None:
+    """A MixtralConfig for a llama-arch file with `llama.expert_count` > 0 (llama.cpp writes Mixtral so;
+    transformers' GGUF parser returns a LlamaConfig without the experts), else None. `field(key)` reads metadata."""
+    n_experts = field(f"{arch}.expert_count")
+    if arch != "llama" or not n_experts:
+        return None
+    from transformers import MixtralConfig
+
+    used = field(f"{arch}.expert_used_count")
+    if not used or not 0 < int(used) <= int(n_experts):
+        raise CheckpointError(f"GGUF {arch}.expert_count = {n_experts} but {arch}.expert_used_count = {used}; "
+                              f"expected 1..{n_experts} experts per token")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    kw = {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+    return MixtralConfig(**kw, num_local_experts=int(n_experts), num_experts_per_tok=int(used),
+                         architectures=["MixtralForCausalLM"])
 
 
 def _gguf_base(name_map, prefix: str, n_blocks: int) -> str | None:
@@ -88,9 +132,11 @@ def build_name_map(
 ) -> dict[str, str]:
     """`{hf_name: gguf_name}` for every HF tensor; strict: a missing or unused tensor is an error naming it.
 
-    The tied `lm_head.weight` is left out when the embeddings are tied (it has no GGUF tensor).
+    The tied `lm_head.weight` is left out when the embeddings are tied (it has no GGUF tensor). Mixtral experts
+    stored one tensor per expert are mapped per expert, and their [N, K] shapes are added to `hf_shapes`.
     """
     name_map = gguf.get_tensor_name_map(arch, n_blocks)
+    per_expert_shapes: dict[str, tuple[int, ...]] = {}
     present = set(gguf_names)
     hf_to_gguf: dict[str, str] = {}
     missing: list[str] = []
@@ -100,10 +146,22 @@ def build_name_map(
         prefix, _, suffix = hf_name.rpartition(".")
         base = _gguf_base(name_map, prefix, n_blocks)
         gguf_name = f"{base}.{suffix}" if base is not None else None
+        per_expert = _MIXTRAL_STACKED.match(hf_name)
+        if per_expert and gguf_name not in present:   # older Mixtral files: one tensor per expert
+            layer, w = per_expert.groups()
+            e, n, k = hf_shapes[hf_name]
+            experts = prefix.removesuffix(f".{w}")                      # model.layers.L.block_sparse_moe.experts
+            names = {f"{experts}.{x}.{w}.weight": f"blk.{layer}.{MIXTRAL_PER_EXPERT[w]}.{x}.weight" for x in range(e)}
+            if any(g in present for g in names.values()):
+                missing += [f"{h} (GGUF {g})" for h, g in names.items() if g not in present]
+                hf_to_gguf.update((h, g) for h, g in names.items() if g in present)
+                per_expert_shapes.update((h, (n, k)) for h in names)
+                continue
         if gguf_name is None or gguf_name not in present:
             missing.append(f"{hf_name} (GGUF {gguf_name or 'unmapped'})")
             continue
         hf_to_gguf[hf_name] = gguf_name
+    hf_shapes.update(per_expert_shapes)
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks tensors the model needs: {', '.join(missing)}")
     unused = sorted(present - set(hf_to_gguf.values()))

@@ -26,6 +26,7 @@ from quantrt.loader.gguf_names import (
     build_name_map,
     check_arch,
     hf_param_shapes,
+    mixtral_config,
     moe_config_fixups,
     norm_offset,
     qk_row_order,
@@ -105,6 +106,7 @@ class GgufCheckpoint:
                 config.rms_norm_eps = float(str(np.float32(config.rms_norm_eps)))
             if self.architecture.endswith("moe"):
                 moe_config_fixups(config, self.field, self.architecture)
+            config = mixtral_config(config, self.field, self.architecture) or config   # llama arch + experts
             self._config = config
         return self._config
 

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from quantrt.loader.gguf_reader import GgufCheckpoint
     from quantrt.server_args import ServerArgs
 
-_STACKED_EXPERTS = re.compile(r"\.experts\.(gate|up|down)_proj$")  # MoE ffn_*_exps (gguf_names)
+# MoE experts (gguf_names): stacked ffn_*_exps, or Mixtral's per-expert ffn_*.E (kept as raw blocks)
+_STACKED_EXPERTS = re.compile(r"\.experts\.(\d+\.)?(gate_proj|up_proj|down_proj|w1|w2|w3)$")
 FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 
 
