@@ -255,15 +255,23 @@ INLINE_CFGS = [(32, 256, 0, 4, 1, 2, True), (16, 512, 0, 4, 1, 2, True), (64, 25
                (32, 512, 0, 4, 1, 2, True)]
 BLK_CFGS = [(64, 128, 4, 4, 3), (32, 128, 4, 4, 3), (64, 128, 8, 4, 3), (128, 128, 4, 4, 3)]
 PEERS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"]
+GEMV_ONLY = True  # the fp8 parts above ran on 2026-11-23 (docs/PERFORMANCE.md); rerun with False
+W8_CFGS = [(128, 16, 8, 4, 2), (128, 32, 8, 4, 2), (64, 32, 8, 4, 2), (128, 16, 16, 4, 2)]
 
 
-def _planar(n: int, k: int, p: int, seed: int = 0):
+def _planar(n: int, k: int, p: int, seed: int = 0, bits: int = 4):
     from quantrt.platforms.cuda.kernels.gemv_wna16 import pack_planar
     from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
+    from quantrt.quant.weights import IntWeight
 
-    w, _, _, _ = _w4(n, k, seed)
-    packed, s, _ = pack_int_weight(w, 4, None)
-    return w, pack_planar(packed, 4, p), s
+    if bits == 4:
+        w, _, _, _ = _w4(n, k, seed)
+    else:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        w = IntWeight(torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8, generator=g),
+                      torch.rand(n, 1, device="cuda", generator=g) * 0.01 + 0.001, 8, k)
+    packed, s, _ = pack_int_weight(w, bits, None)
+    return w, pack_planar(packed, bits, p), s
 
 
 def _call2(kind: str, cfg: tuple, x: torch.Tensor, wt) -> torch.Tensor:
@@ -274,6 +282,9 @@ def _call2(kind: str, cfg: tuple, x: torch.Tensor, wt) -> torch.Tensor:
     if kind == "gemv_w4":
         _, pk, s = wt
         return gemv_wna16(x, pk, s, None, 128, 4, cfg[0], GemvConfig(*cfg[1:]), zero_const=8)
+    if kind == "gemv_w8":
+        _, pk, s = wt
+        return gemv_wna16(x, pk, s, None, x.shape[1], 8, cfg[0], GemvConfig(*cfg[1:]), zero_const=128)
     if kind == "skinny_fp8_inline":
         data, sc = wt
         return skinny_fp8(x, data, sc, 0, 1, 448.0, None, SkinnyFp8Config(*cfg))
@@ -289,17 +300,25 @@ def _blk(n: int, k: int, seed: int = 0):
 
 
 def _make(kind: str, k: int, n: int, p: int = 0, seed: int = 0):
-    return {"gemv_w4": lambda: _planar(n, k, p, seed), "skinny_fp8_inline": lambda: _fp8(n, k, seed),
+    return {"gemv_w4": lambda: _planar(n, k, p, seed), "gemv_w8": lambda: _planar(n, k, p, seed, 8),
+            "skinny_fp8_inline": lambda: _fp8(n, k, seed),
             "swap_fp8_blk": lambda: _blk(n, k, seed)}[kind]()
+
+
+def _peers() -> list[str]:
+    return PEERS[:4] if GEMV_ONLY else PEERS
 
 
 def _variants2() -> list[tuple]:
     out: list[tuple] = []
     for k, n in SHAPES:
-        out += [("peer", k, n, m, name) for name in PEERS[2:] for m in MS]
+        out += [("peer", k, n, m, name) for name in _peers()[2:] for m in MS]
         out += [("gemv_w4", k, n, m, c) for c in GEMV_CFGS for m in GEMV_MS]
-        out += [("skinny_fp8_inline", k, n, m, c) for c in INLINE_CFGS for m in GEMV_MS]
-        out += [("swap_fp8_blk", k, n, 16, c) for c in BLK_CFGS]
+        if (k, n) == (8192, 8192):
+            out += [("gemv_w8", k, n, m, c) for c in W8_CFGS for m in GEMV_MS]
+        if not GEMV_ONLY:
+            out += [("skinny_fp8_inline", k, n, m, c) for c in INLINE_CFGS for m in GEMV_MS]
+            out += [("swap_fp8_blk", k, n, 16, c) for c in BLK_CFGS]
     return out
 
 
@@ -313,7 +332,7 @@ def _compile2(chunk: list) -> int:
             if kind == "peer":
                 build(cfg, k, n)[0][0](x)
             else:
-                _call2(kind, cfg, x, _make(kind, k, n, cfg[0] if kind == "gemv_w4" else 0))
+                _call2(kind, cfg, x, _make(kind, k, n, cfg[0] if kind.startswith("gemv") else 0))
             done += 1
         except Exception as e:  # noqa: BLE001
             print(f"# compile {kind} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
@@ -350,7 +369,7 @@ def sweep2(out: str, workers: int = 14) -> None:
         print(f"{kind:18s} {k:5d}x{n:5d} m={m:2d} {us:7.2f}us err={err:.1e} {cfg}", flush=True)
 
     for k, n in SHAPES:
-        for name in PEERS:
+        for name in _peers():
             fns = build(name, k, n)[0]
             for m in MS:
                 timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
@@ -366,6 +385,22 @@ def sweep2(out: str, workers: int = 14) -> None:
                     timed("gemv_w4", k, n, m, c, [lambda x, wt=wt, c=c: _call2("gemv_w4", c, x, wt) for wt in ws], x, ref)
             del ws, wdeq
             torch.cuda.empty_cache()
+        if (k, n) == (8192, 8192):
+            for p in sorted({c[0] for c in W8_CFGS}):
+                ws = [_planar(n, k, p, i, 8) for i in range(copies_for(n * k))]
+                wdeq = ws[0][0].dequantize()
+                for m in GEMV_MS:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    ref = x.float() @ wdeq.t()
+                    for c in (c for c in W8_CFGS if c[0] == p):
+                        timed("gemv_w8", k, n, m, c, [lambda x, wt=wt, c=c: _call2("gemv_w8", c, x, wt) for wt in ws],
+                              x, ref)
+                del ws, wdeq
+                torch.cuda.empty_cache()
+        if GEMV_ONLY:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=0)
+            continue
         ws = [_fp8(n, k, i) for i in range(copies_for(n * k))]
         fdeq = ws[0][0].float() * ws[0][1][:, None]
         for m in GEMV_MS:

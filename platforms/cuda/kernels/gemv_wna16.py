@@ -62,6 +62,19 @@ def _xrow(x_ptr, kk, mk):
 
 
 @triton.jit
+def _slot(src, s, z, J: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr):
+    """(q - z) * s in fp32 for the code at bits [BITS*J, BITS*J + BITS) of src (z unused without HAS_ZERO)."""
+    SH: tl.constexpr = 1 << (BITS * J)
+    MSK: tl.constexpr = ((1 << BITS) - 1) << (BITS * J)
+    v = ((src & MSK) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q * SH, exact
+    if HAS_ZERO:
+        c = 8388608.0 + z * SH
+    else:
+        c = 8388608.0 + ZC * SH
+    return (v - c) * (s * (1.0 / SH))
+
+
+@triton.jit
 def _gemv_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, G,
                        K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
                        P: tl.constexpr, BN: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
@@ -95,23 +108,16 @@ def _gemv_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K,
                 if SEG_GROUP:                                     # the segment lies in one group
                     g = (kp // G) * N + offs_n
                     s = tl.load(s_ptr + g, mask=mask_n & kin, other=0.0)[:, None]
+                    z = s
                     if HAS_ZERO:
                         z = tl.load(z_ptr + g, mask=mask_n & kin, other=8388608.0)[:, None] - 8388608.0
                 else:
                     g = ((kp + offs_j) // G)[None, :] * N + offs_n[:, None]
                     s = tl.load(s_ptr + g, mask=wmask, other=0.0)
+                    z = s
                     if HAS_ZERO:
                         z = tl.load(z_ptr + g, mask=wmask, other=8388608.0) - 8388608.0
-                SH: tl.constexpr = 1 << (BITS * jj)
-                INV: tl.constexpr = 1.0 / SH
-                MSK: tl.constexpr = ((1 << BITS) - 1) << (BITS * jj)
-                if HAS_ZERO:
-                    c = 8388608.0 + z * SH
-                else:
-                    C: tl.constexpr = 8388608.0 + ZC * SH
-                    c = C
-                v = ((src & MSK) | 0x4B000000).to(tl.float32, bitcast=True)
-                wv = (v - c) * (s * INV)                          # [BN, P] (q - z) * s, fp32
+                wv = _slot(src, s, z, jj, BITS, HAS_ZERO, ZC)              # [BN, P] (q - z) * s, fp32
                 kk = kp + offs_j
                 mk = kk < K
                 acc0 += wv * _xrow(x_ptr, kk, mk)
