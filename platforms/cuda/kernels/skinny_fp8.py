@@ -178,8 +178,13 @@ def _skinny_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
         _fixup(pid_n, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, N, M, SPLIT, BN)
 
 
-def default_config(m: int, n: int, k: int) -> SkinnyFp8Config:
-    """Tiles from the H100 sweep (docs/PERFORMANCE.md): 8192² 26.5 us, 4096x28672 41.4, 14336x4096 24.0."""
+def default_config(m: int, n: int, k: int, act: int = 3) -> SkinnyFp8Config:
+    """Tiles from the H100 sweeps (docs/PERFORMANCE.md): weight-only 8192² 26.5 us, 4096x28672 40.8,
+    14336x4096 24.0. Per token with K <= 8192: BN 16 / BK 512 with the amax found in every program
+    (8192² 27.2 vs 29.2 us with the separate scale launch); at K = 14336 re-reading the row costs more
+    (34.0 vs 27.2 us), so the launch stays."""
+    if act == 0 and k <= 8192:
+        return SkinnyFp8Config(16, 512, 0, 4, 1, 2, True)
     return SkinnyFp8Config(32, 256, 0, 4, 1, 2)
 
 
@@ -191,7 +196,7 @@ def skinny_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int
     n = w.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = cfg or default_config(m, n, k)
+    cfg = cfg or default_config(m, n, k, act)
     bk = 128 if (act == 1 or wscale == 2) else cfg.block_k
     n_tiles = cdiv(n, cfg.block_n)
     k_steps = cdiv(k, bk)

@@ -111,9 +111,19 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
+# Best tiles per (K, N) from the H100 sweep (bench/kernels.py --km-sweep / --gemv-sweep, 2026-11-23; the
+# same config won at every M = 1..16 of a shape): per-token / static activations, and 128-group activations.
+_TOKEN_TILES = {(4096, 6144): SwapFp8Config(64, 128, 4, 4, 3), (4096, 28672): SwapFp8Config(64, 256, 8, 4, 3)}
+_TOKEN_DEFAULT = SwapFp8Config(64, 256, 2, 4, 3)     # 8192², 4096², 14336x4096: 29.7-31.2 / 11.6 / 27.7-29.8 us
+_GROUP_TILES = {(4096, 28672): SwapFp8Config(128, 128, 4, 4, 3)}
+_GROUP_DEFAULT = SwapFp8Config(64, 128, 4, 4, 3)     # 8192² 29.4-31.5 us at M = 1-16
+
+
 def default_config(m: int, n: int, k: int, act: int) -> SwapFp8Config:
-    """Tiles per (M, N, K) from the H100 sweep (bench/_wna16_sweep.py; docs/PERFORMANCE.md)."""
-    return SwapFp8Config()
+    """Tiles per (K, N) chosen offline on the H100 (no autotuning at run time); M does not change them."""
+    if act == 1:
+        return _GROUP_TILES.get((k, n), _GROUP_DEFAULT)
+    return _TOKEN_TILES.get((k, n), _TOKEN_DEFAULT)
 
 
 def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int, qmax: float,

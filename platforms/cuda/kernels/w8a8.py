@@ -1,8 +1,9 @@
 """`TritonW8A8Kernel`: FP8 W8A8 (per-tensor, per-channel x per-token, 128x128 block x per-token-group),
 FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantization fused in.
 
-Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 fp8 -> the GEMV in `skinny_fp8`;
-M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped); large batches
+Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 fp8 -> the GEMV in `skinny_fp8` (not
+128-group activations); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
+swapped; 128-group activations from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches
 of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
 one Triton launch, `act_quant_triton`); everything else -> the tiled `w8a8_triton` kernel.
 """
@@ -117,7 +118,7 @@ class TritonW8A8Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         if self.use_scaled_mm and x2.shape[0] >= SCALED_MM_MIN_M:
             y = self._scaled_mm(x2)
-        elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES:
+        elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES and self.act != 1:
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
