@@ -2,10 +2,11 @@
 
 Dense experts: `grouped` (sort by expert + torch._grouped_mm) vs a transformers-style loop (one-hot
 mask per expert). Quantized experts: the CPU MoE kernel selected for the scheme vs the per-expert loop
-FusedMoE ran before (for every active expert: dequantize gate/up/down, two matmuls).
+FusedMoE ran before (for every active expert: dequantize gate/up/down, two matmuls). MXFP4 rows use
+quantize_mxfp4 experts (gpt-oss's format) with the same SwiGLU as the others.
 
-    .venv/bin/python bench/moe.py [--experts 64 --top-k 8 --hidden 1024 --inter 512 --tokens 1,16,128]
-                                  [--schemes dense,fp8-channel,...] [--reps 4]
+    .venv/bin/python bench/moe.py [--experts 64 --top-k 8 --hidden 1024 --inter 512 --tokens 1,4,16,64,256]
+                                  [--schemes dense,fp8-channel,...] [--reps 4] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from quantrt.layers.moe.experts import moe_reference
 from quantrt.layers.moe.routing import RoutingConfig, select_experts
 from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+from quantrt.quant.formats.mxfp4 import quantize_mxfp4
 from quantrt.quant.moe_kernel import MoESpec, select_moe_kernel
 from quantrt.quant.quantize import quantize_fp8
 from quantrt.quant.weights import WEIGHT_ONLY, ActKind, ActScheme, DenseWeight, IntWeight
@@ -47,11 +49,16 @@ SCHEMES = {
                          ActScheme(ActKind.DYNAMIC_TOKEN, torch.float8_e4m3fn), torch.float32),
     "fp8-block": (lambda w: quantize_fp8(w, "block", (128, 128)),
                   ActScheme(ActKind.DYNAMIC_GROUP, torch.float8_e4m3fn, group=128), torch.float32),
+    "fp8e5m2-channel": (lambda w: quantize_fp8(w, "channel", dtype=torch.float8_e5m2), WEIGHT_ONLY, torch.float32),
     "int8-channel-w8a8": (lambda w: rtn_int(w, 8, w.shape[1], True),
                           ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8), torch.float32),
+    "int8-g128-sym": (lambda w: rtn_int(w, 8, 128, True), WEIGHT_ONLY, torch.float32),
+    "int8-channel-bf16": (lambda w: rtn_int(w, 8, w.shape[1], True), WEIGHT_ONLY, torch.bfloat16),
     "int4-g128-asym": (lambda w: rtn_int(w, 4, 128, False), WEIGHT_ONLY, torch.float32),
     "int4-g128-asym-bf16": (lambda w: rtn_int(w, 4, 128, False), WEIGHT_ONLY, torch.bfloat16),
     "int4-g32-sym-bf16": (lambda w: rtn_int(w, 4, 32, True), WEIGHT_ONLY, torch.bfloat16),
+    "mxfp4": (quantize_mxfp4, WEIGHT_ONLY, torch.float32),
+    "mxfp4-bf16": (quantize_mxfp4, WEIGHT_ONLY, torch.bfloat16),
 }
 
 
@@ -88,10 +95,13 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--inter", type=int, default=512)
-    ap.add_argument("--tokens", default="1,16,128")
+    ap.add_argument("--tokens", default="1,4,16,64,256")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--reps", type=int, default=4, help="alternating calls per side; the fastest counts")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     plat = CpuPlatform()
     e, h, i = a.experts, a.hidden, a.inter
