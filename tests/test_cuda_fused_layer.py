@@ -263,6 +263,22 @@ def _fused_platform(base: type, counts: dict[str, int]):
     return Fused
 
 
+def _unfused_platform(base: type):
+    """`base` with none of the fused ops (the layers' torch math: rotary + index_copy writes, add then norm,
+    act then product)."""
+    class Unfused(base):
+        def fused_add_rms_norm_op(self):
+            return None
+
+        def rotary_kv_store_op(self):
+            return None
+
+        def act_mul_op(self):
+            return None
+
+    return Unfused
+
+
 def _decode(engine, prompts, n: int = 8):
     outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
                            return_logprob=True)
@@ -292,7 +308,7 @@ def test_engine_greedy_tokens_equal_with_and_without_fused_ops(tiny_models, arch
     kw = dict(model_path=str(tiny_models[arch][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=512,
               page_size=4, random_seed=0)
     fast = _decode(Engine(platform=_fused_platform(CpuPlatform, counts)(), **kw), PROMPTS)
-    slow = _decode(Engine(platform=CpuPlatform(), **kw), PROMPTS)
+    slow = _decode(Engine(platform=_unfused_platform(CpuPlatform)(), **kw), PROMPTS)
     assert counts.get("rotary_kv_store", 0) > 0 and counts.get("act_mul", 0) > 0
     assert (counts.get("add_rms_norm", 0) > 0) == (arch == "llama")
     _assert_parity(fast, slow, 2e-2)
@@ -305,23 +321,13 @@ def test_engine_greedy_tokens_equal_with_and_without_fused_ops_native(tiny_model
     offers none of them (torch rotary, index_copy writes, torch add + norm, silu * up)."""
     from quantrt.engine.engine import Engine
 
-    class Unfused(CudaPlatform):
-        def fused_add_rms_norm_op(self):
-            return None
-
-        def rotary_kv_store_op(self):
-            return None
-
-        def act_mul_op(self):
-            return None
-
     kw = dict(model_path=str(tiny_models["llama"][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=2048,
               page_size=16, random_seed=0)
     fast_eng = Engine(**kw)
     assert fast_eng.model.model.layers[0].self_attn.attn._rotary_store is not None
     fast = _decode(fast_eng, PROMPTS, 12)
     del fast_eng
-    slow = _decode(Engine(platform=Unfused(), **kw), PROMPTS, 12)
+    slow = _decode(Engine(platform=_unfused_platform(CudaPlatform)(), **kw), PROMPTS, 12)
     _assert_parity(fast, slow, 5e-2)
 
 
