@@ -221,7 +221,17 @@ def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False) -> dic
     return {"kernel_us_per_step": total, "kernels_per_step": calls, "kernels": kernels[:60]}
 
 
-def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[dict]) -> dict[int, list]:
+def agreement(out: list[list[int]], ref: list[list[int]]) -> tuple[float, float]:
+    """(share of sequences equal to ref, mean length of the common prefix as a share of the output)."""
+    def prefix(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    same = sum(a == b for a, b in zip(out, ref)) / len(out)
+    return same, sum(prefix(a, b) / max(len(a), 1) for a, b in zip(out, ref)) / len(out)
+
+
+def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[dict],
+                  ref: dict[int, list] | None = None) -> dict[int, list]:
     from quantrt import Engine
 
     t0 = time.perf_counter()
@@ -248,11 +258,16 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
             t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
             if graphs:
                 outs[bs] = out
+            agree = agreement(out, ref[bs]) if ref and bs in ref else None
+            if agree is not None:
+                print(f"  {name}: same greedy tokens as quantrt bf16 in {100 * agree[0]:.0f}% of sequences, "
+                      f"common prefix {100 * agree[1]:.0f}%", flush=True)
             avg_len = PROMPT_LEN + (args.new + args.short) / 2
             moved = wbytes + bs * avg_len * eng.kv_bytes_per_token
             row = {"config": name, "graphs": graphs, "batch": bs, "tok_s": bs * args.new / t_long,
                    "steady_ms": 1e3 * step, "steady_tok_s": bs / step, "bytes_per_step": moved,
-                   "roofline": moved / step / bw, "graph_status": runner.graph_status(), "kernels": kernels}
+                   "roofline": moved / step / bw, "graph_status": runner.graph_status(), "kernels": kernels,
+                   "same_as_quantrt_bf16": agree}
             rows.append(row)
             print(f"  {name:24s} graphs={'on ' if graphs else 'off'} bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
                   f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
@@ -281,7 +296,7 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 
     for bs in args.batches:
         t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
-        same = sum(a == b for a, b in zip(out, ref.get(bs, []))) / bs if bs in ref else None
+        same = agreement(out, ref[bs]) if bs in ref else None     # (equal sequences, common prefix)
         row = {"config": "hf transformers bf16", "graphs": False, "batch": bs, "tok_s": bs * args.new / t_long,
                "steady_ms": 1e3 * step, "steady_tok_s": bs / step, "bytes_per_step": wbytes,
                "roofline": wbytes / step / bw, "same_as_quantrt_bf16": same}
@@ -337,7 +352,7 @@ def run_cuda(args) -> list[dict]:
                     t0 = time.perf_counter()
                     src = write_checkpoint(Path(args.checkpoint + "-gptq"), args.layers, gptq=True)
                     print(f"gptq checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
-                outs = bench_quantrt(src, name, kw, args, bw, rows)
+                outs = bench_quantrt(src, name, kw, args, bw, rows, ref)
                 if name == "quantrt bf16":
                     ref = outs
         except Exception:  # noqa: BLE001 - report and go on with the next configuration
