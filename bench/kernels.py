@@ -7,6 +7,7 @@ bytes), % of the copy ceiling and speed-up over bf16 cuBLAS (F.linear).
 
     python bench/kernels.py [--quick] [--json out.json] [--tune out.json]
     python bench/kernels.py --fp4-moe-attn   # NVFP4/MXFP4 8192² bs1-16, fused MoE, paged decode attention
+    python bench/kernels.py --fp8-sweep out.json --fp8-cube   # M <= 16 fp8 tiles; fp8 vs cuBLAS at 8192³
 """
 
 from __future__ import annotations
@@ -401,8 +402,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
     ap.add_argument("--skinny-sweep", default=None, help="check + sweep the M <= 16 kernels into this JSON file")
-    ap.add_argument("--km-sweep", default=None, help="sweep the K-major M <= 16 kernels into this JSON file")
-    ap.add_argument("--gemv-sweep", default=None, help="sweep the plane-interleaved GEMV and fp8 M <= 16 paths")
+    ap.add_argument("--fp8-sweep", default=None, help="sweep the M <= 16 fp8 tiles (swap_fp8, skinny_fp8) into this JSON")
+    ap.add_argument("--fp8-cube", action="store_true", help="fp8 per-token vs cuBLAS _scaled_mm and bf16 at 8192³")
     ap.add_argument("--fp4-moe-attn", action="store_true",
                     help="NVFP4/MXFP4 at 8192² bs1-16 vs bf16, fused MoE vs per-expert loop, decode attention vs SDPA")
     a = ap.parse_args()
@@ -413,15 +414,13 @@ def main() -> None:
         print_table(bench([(8192, 8192)], [1, 2, 4, 8, 16], ["bf16", "nvfp4", "mxfp4"]))
         run_all()
         return
-    if a.km_sweep:
-        from _skinny_sweep import main as km_sweep
+    if a.fp8_sweep or a.fp8_cube:
+        from _skinny_sweep import cube, sweep
 
-        km_sweep(a.km_sweep)
-        return
-    if a.gemv_sweep:
-        from _skinny_sweep import sweep2
-
-        sweep2(a.gemv_sweep)
+        if a.fp8_sweep:
+            sweep(a.fp8_sweep)
+        if a.fp8_cube:
+            cube()
         return
     if a.tune:
         tune(a.tune)
