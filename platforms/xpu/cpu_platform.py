@@ -116,6 +116,15 @@ class CpuPlatform(Platform):
         ops = self._native_layer_ops()
         return ops.cpu_act_mul if ops is not None else None
 
+    def decode_stack_op(self, decoder):
+        """Every layer of a plain decoder with cpu_native_int linears in one native call per decode step
+        (cpu_decode_stack.CpuDecodeStack: it checks the model at its first step and declines with the reason)."""
+        if self._native_layer_ops() is None:
+            return None
+        from quantrt.platforms.xpu.cpu_decode_stack import CpuDecodeStack
+
+        return CpuDecodeStack(decoder)
+
     def describe(self) -> dict:
         """Platform.describe plus where the CPU layer ops come from (native, or torch and why)."""
         info = super().describe()

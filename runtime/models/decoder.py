@@ -146,11 +146,14 @@ class DecoderModel(nn.Module):
             DecoderLayer(c, spec, i, ropes[types[i]] if ropes else shared) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, spec.gemma)
         self.embed_scale = c.hidden_size ** 0.5 if spec.gemma else None
+        self.decode_stack = None  # the platform's whole-stack decode step (Platform.decode_stack_op), set at load
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(fb.input_ids)                     # [T, D]
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if fb.is_decode and self.decode_stack is not None and (h := self.decode_stack(x, fb)) is not None:
+            return h                                            # every layer + final norm in one platform call
         delta = None
         for layer in self.layers:
             x, delta = layer(x, fb, delta)
@@ -204,6 +207,7 @@ class CausalLM(nn.Module):
         self.model.embed_tokens.weight.data = emb.to(device=device, dtype=dtype)
         for r in self.model.rotaries:
             r.to(dtype, device, platform)
+        self.model.decode_stack = platform.decode_stack_op(self.model)
         if self.lm_head is None:  # tied: the embedding matrix, prepared by the platform's dense kernel
             head_dtype = torch.float32 if self.fp32_lm_head else dtype
             # when the checkpoint itself stores the tied embedding quantized (GGUF Q8_0 token_embd), the

@@ -148,6 +148,12 @@ class Platform:
         """(gu [T, 2I], gelu_tanh: bool) -> act(gu[:, :I]) * gu[:, I:] [T, I], act silu or gelu-tanh (gated MLP)."""
         return None
 
+    def decode_stack_op(self, decoder: Any) -> Any | None:
+        """A callable (x [B, hidden] embedding rows, fb) -> the final norm's output [B, hidden], or None to let
+        the layers run, that computes every layer of `decoder` (a DecoderModel) for a decode batch in one call
+        (CPU: quantrt.platforms.xpu.cpu_decode_stack); None = the layers always run one by one."""
+        return None
+
     def topk_op(self) -> Any | None:
         """(logits [T, E], RoutingConfig, correction_bias [E] | None) -> (weights [T, k] fp32, ids [T, k]
         int64) with quantrt.layers.moe.routing.select_experts' semantics (MoE routing)."""
