@@ -76,6 +76,16 @@ def test_every_bits_kind_group_vs_float64(bits, kind, group):
         _check(w, m)
 
 
+@pytest.mark.parametrize("k", [32, 96, 320, 576])
+def test_block_counts_that_are_not_a_multiple_of_8(k):
+    # the op converts scales/mins 8 blocks at a time: K/32 = 1, 3, 10, 18 exercise the partial group
+    for kind in ("offset", "zero", "sym"):
+        for bits in (4, 8):
+            w = _weight(bits, kind, 32, n=9, k=k)
+            for m in (1, 2, 5):
+                _check(w, m)
+
+
 @pytest.mark.parametrize("m", [1, 7, 16, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_activation_dtypes_rows_and_bias(m, dtype):

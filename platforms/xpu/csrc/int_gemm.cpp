@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -71,36 +72,73 @@ inline void unpack_block(const uint8_t* p, __m256 w[4]) {
   }
 }
 
-// R weight rows x C activation rows over all K blocks. acc lanes hold per-(r, c) partial sums.
-template <int BITS, int R, int C, typename S, typename Z>
-inline void tile_avx2(const uint8_t* const* q, const S* const* sc, const Z* const* mn, const float* x,
-                      int64_t ldx, const float* xs, int64_t kb, float* out, int64_t ldo) {
+// Scales and mins of up to 8 consecutive blocks as floats (min = -z*s for integer zero points).
+template <typename S, typename Z>
+inline void group_params(const S* sc, const Z* mn, int64_t b0, int nb, float* sb, float* mb) {
+  if (nb == 8) {
+    __m256 s8;
+    if constexpr (std::is_same_v<S, float>) s8 = _mm256_loadu_ps(sc + b0);
+    else s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + b0)));
+    _mm256_storeu_ps(sb, s8);
+    if (!mn) return;
+    __m256 m8;
+    if constexpr (std::is_same_v<Z, float>) m8 = _mm256_loadu_ps(mn + b0);
+    else if constexpr (std::is_same_v<Z, c10::Half>)
+      m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + b0)));
+    else
+      m8 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                             reinterpret_cast<const __m128i*>(mn + b0)))), _mm256_sub_ps(_mm256_setzero_ps(), s8));
+    _mm256_storeu_ps(mb, m8);
+    return;
+  }
+  for (int j = 0; j < 8; ++j) {
+    sb[j] = j < nb ? to_f32(sc[b0 + j]) : 0.f;
+    if (mn) mb[j] = j < nb ? min_value(mn[b0 + j], sb[j]) : 0.f;
+  }
+}
+
+// One weight row x C activation rows over all K blocks, blocks in groups of 8 (scales/mins converted 8 at
+// a time; the min term sum_b m_b * xsum_b is a vector dot per group). One row at a time keeps 3 memory
+// streams per thread (codes, scales, mins), which the hardware prefetchers follow at full bandwidth.
+template <int BITS, int C, typename S, typename Z>
+inline void row_avx2(const uint8_t* q, const S* sc, const Z* mn, const float* x, int64_t ldx,
+                     const float* xs, int64_t kb, float* out, int64_t ldo) {
   constexpr int64_t bb = BITS * 4;  // bytes per 32-block
-  __m256 acc[R][C];
-  float macc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) { acc[r][c] = _mm256_setzero_ps(); macc[r][c] = 0.f; }
-  for (int64_t b = 0; b < kb; ++b) {
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(q[r] + (b + 16) * bb), _MM_HINT_T0);
+  __m256 acc[C], macc[C];
+  for (int c = 0; c < C; ++c) { acc[c] = _mm256_setzero_ps(); macc[c] = _mm256_setzero_ps(); }
+  alignas(32) float sb[8], mb[8];
+  for (int64_t b0 = 0; b0 < kb; b0 += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, kb - b0));
+    group_params<S, Z>(sc, mn, b0, nb, sb, mb);
+    _mm_prefetch(reinterpret_cast<const char*>(q + (b0 + 16) * bb), _MM_HINT_T0);
+    for (int j = 0; j < nb; ++j) {
+      const int64_t b = b0 + j;
       __m256 w[4];
-      unpack_block<BITS>(q[r] + b * bb, w);
-      const float sv = to_f32(sc[r][b]);
-      const __m256 s = _mm256_set1_ps(sv);
-      const float m = mn ? min_value(mn[r][b], sv) : 0.f;
+      unpack_block<BITS>(q + b * bb, w);
+      const __m256 s = _mm256_broadcast_ss(sb + j);
       for (int c = 0; c < C; ++c) {
         const float* xb = x + c * ldx + b * kBlock;
         __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
         t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), t);
         t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), t);
         t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), t);
-        acc[r][c] = _mm256_fmadd_ps(t, s, acc[r][c]);
-        if (mn) macc[r][c] += m * xs[c * kb + b];
+        acc[c] = _mm256_fmadd_ps(t, s, acc[c]);
+      }
+    }
+    if (mn) {
+      if (nb == 8) {
+        const __m256 m8 = _mm256_load_ps(mb);
+        for (int c = 0; c < C; ++c) macc[c] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xs + c * kb + b0), macc[c]);
+      } else {
+        for (int c = 0; c < C; ++c) {
+          float t = 0.f;
+          for (int j = 0; j < nb; ++j) t += mb[j] * xs[c * kb + b0 + j];
+          macc[c] = _mm256_add_ps(macc[c], _mm256_setr_ps(t, 0, 0, 0, 0, 0, 0, 0));
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum8(acc[r][c]) + macc[r][c];
+  for (int c = 0; c < C; ++c) out[c * ldo] = hsum8(acc[c]) + hsum8(macc[c]);
 }
 #endif
 
@@ -125,34 +163,17 @@ inline void row_scalar(const uint8_t* q, const S* sc, const Z* mn, const float* 
   }
 }
 
-template <int BITS, int R, int C, typename S, typename Z>
-inline void run_tile(const uint8_t* qs, int64_t row_bytes, const S* sc, const Z* mn, int64_t n0,
-                     const float* x, int64_t ldx, const float* xs, int64_t kb, float* y, int64_t ldy) {
-#if QRT_AVX2
-  const uint8_t* q[R];
-  const S* s[R];
-  const Z* m[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = qs + (n0 + r) * row_bytes;
-    s[r] = sc + (n0 + r) * kb;
-    m[r] = mn ? mn + (n0 + r) * kb : nullptr;
-  }
-  tile_avx2<BITS, R, C, S, Z>(q, s, mn ? m : nullptr, x, ldx, xs, kb, y + n0, ldy);
-#else
-  for (int r = 0; r < R; ++r)
-    row_scalar<BITS, S, Z>(qs + (n0 + r) * row_bytes, sc + (n0 + r) * kb, mn ? mn + (n0 + r) * kb : nullptr,
-                        x, ldx, xs, kb, C, y + n0 + r, ldy);
-#endif
-}
-
-// Rows [n_begin, n_end) for activation rows [0, c_rows) (c_rows <= 4), tiles of 4 (M=1) or 2 rows.
+// Rows [n_begin, n_end) for activation rows [0, C), C <= 4.
 template <int BITS, int C, typename S, typename Z>
 void rows_range(const uint8_t* qs, int64_t row_bytes, const S* sc, const Z* mn, int64_t n_begin,
                 int64_t n_end, const float* x, int64_t ldx, const float* xs, int64_t kb, float* y, int64_t ldy) {
-  constexpr int R = C == 1 ? 4 : 2;
-  int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) run_tile<BITS, R, C, S, Z>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
-  for (; n < n_end; ++n) run_tile<BITS, 1, C, S, Z>(qs, row_bytes, sc, mn, n, x, ldx, xs, kb, y, ldy);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+#if QRT_AVX2
+    row_avx2<BITS, C, S, Z>(qs + n * row_bytes, sc + n * kb, mn ? mn + n * kb : nullptr, x, ldx, xs, kb, y + n, ldy);
+#else
+    row_scalar<BITS, S, Z>(qs + n * row_bytes, sc + n * kb, mn ? mn + n * kb : nullptr, x, ldx, xs, kb, C, y + n, ldy);
+#endif
+  }
 }
 
 template <int BITS, typename S, typename Z>
