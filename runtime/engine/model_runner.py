@@ -106,18 +106,20 @@ class ModelRunner:
     def _decode_inputs(self, works: list[Work]):
         from quantrt.platform.interface import DecodeInputs
 
+        # a decode step runs this once: two host tensors and a few ops (each op is microseconds at batch 1)
         b, ps = len(works), self.page_size
-        lens = [w.start + 1 for w in works]
-        lmax = max(lens)
+        starts = [w.start for w in works]
+        lmax = max(starts) + 1
         npages = -(-lmax // ps)
-        rows = [w.req.pages[: -(-n // ps)] for w, n in zip(works, lens)]
+        rows = [w.req.pages[: s // ps + 1] for w, s in zip(works, starts)]
         table = torch.tensor([r + [0] * (npages - len(r)) for r in rows], dtype=torch.long)  # [B, P] page ids
-        slots = (table[:, :, None] * ps + self._offsets).reshape(b, -1)[:, :lmax]          # [B, Lmax]
-        kv_lens = torch.tensor(lens, dtype=torch.long)
-        slots = slots.masked_fill(torch.arange(lmax)[None, :] >= kv_lens[:, None], 0)
-        ids = torch.tensor([w.req.all_ids[w.start] for w in works], dtype=torch.long)
-        pos = torch.tensor([w.start for w in works], dtype=torch.long)
-        return DecodeInputs(ids, pos, slots[torch.arange(b), pos], kv_lens, slots)
+        slots = (table[:, :, None] * ps + self._offsets).view(b, -1)[:, :lmax]             # [B, Lmax]
+        ids, pos, kv_lens, out_slots = torch.tensor(                                         # [4, B] -> 4 x [B]
+            [[w.req.all_ids[s] for w, s in zip(works, starts)], starts, [s + 1 for s in starts],
+             [r[s // ps] * ps + s % ps for r, s in zip(rows, starts)]], dtype=torch.long).unbind(0)
+        if b > 1:  # columns past a shorter sequence's length point at slot 0 (one sequence has none)
+            slots = slots.masked_fill(torch.arange(lmax)[None, :] >= kv_lens[:, None], 0)
+        return DecodeInputs(ids, pos, out_slots, kv_lens, slots)
 
     # -- forward ---------------------------------------------------------------------------
     def _slots(self, pages: list[int], length: int) -> torch.Tensor:

@@ -231,4 +231,5 @@ class CausalLM(nn.Module):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         h = self.model(fb)
-        return self.compute_logits(h[fb.logits_rows])
+        # logits_rows are ascending and distinct, so as many rows as h has is every row (each decode step)
+        return self.compute_logits(h if fb.logits_rows.shape[0] == h.shape[0] else h[fb.logits_rows])
