@@ -29,7 +29,7 @@ from pathlib import Path
 
 LIBRARY = "quantrt_cpu"          # TORCH_LIBRARY_FRAGMENT namespace: torch.ops.quantrt_cpu.<op>
 CSRC = Path(__file__).resolve().parent / "csrc"
-_BASE_FLAGS = ["-O3", "-std=c++17", "-DNDEBUG", "-fno-math-errno"]
+_BASE_FLAGS = ["-O3", "-DNDEBUG", "-fno-math-errno"]   # the C++ standard is torch's own
 _SIMD_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
 _lock = threading.Lock()
