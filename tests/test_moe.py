@@ -100,7 +100,7 @@ def test_fused_gate_up_layout_loads(ckpt, tiny_models):
 
 
 def test_fp8_experts_run_the_reference_and_stay_close(tiny_models):
-    """--quantization fp8 quantizes every expert (per-channel e4m3); the CPU gather-dequant MoE kernel runs it."""
+    """--quantization fp8 quantizes every expert (per-channel e4m3); the CPU dequant MoE kernel runs it."""
     path = str(tiny_models["qwen3_moe"][0])
     ref = _ours(Engine(model_path=path, max_total_tokens=512))
     eng = Engine(model_path=path, quantization="fp8", max_total_tokens=512)

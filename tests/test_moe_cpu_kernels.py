@@ -100,7 +100,7 @@ WEIGHT_ONLY_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(WEIGHT_ONLY_CASES))
-def test_gather_dequant_kernel_matches_float64(case, tokens=13):
+def test_dequant_kernel_matches_float64(case, tokens=13):
     spec = _spec(_experts(WEIGHT_ONLY_CASES[case]))
     ok, why = CpuMoEDequantKernel.can_implement(spec, CPU)
     assert ok, why
@@ -167,7 +167,7 @@ def test_int8_w8a8_runs_the_dequant_kernel_and_weight_only_bf16_the_packed_op(to
     ActScheme(ActKind.DYNAMIC_TENSOR, torch.float8_e4m3fn),
     ActScheme(ActKind.STATIC_TENSOR, torch.float8_e4m3fn, scale=torch.tensor(0.02)),
 ], ids=str)
-def test_gather_dequant_fp8_activations_match_the_reference(act):
+def test_dequant_kernel_fp8_activations_match_the_reference(act):
     spec = _spec(_experts(WEIGHT_ONLY_CASES["fp8-block"]), act)
     x, w, ids = _routing(17)
     got = CpuMoEDequantKernel.prepare(spec, CPU).apply(x, w, ids)
