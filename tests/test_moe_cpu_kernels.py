@@ -333,3 +333,19 @@ def test_mxfp4_kernel_declines_nvfp4_and_non_power_of_two_scales():
     assert choice.kernel is ReferenceMoEKernel and "cpu_moe_mxfp4: MXFP4 block scales" in choice.explain()
     fp8 = _spec(_experts(WEIGHT_ONLY_CASES["fp8-channel"]))
     assert CpuMoEMxfp4Kernel.can_implement(fp8, CPU) == (False, "experts are fp8-channel, not all MicroWeight")
+
+
+def test_dequant_kernel_fp8_blocks_that_do_not_divide_the_shape():
+    """hidden 192 with 128x128 blocks: the down projection's last row block and gate/up's last column block
+    are partial (the ragged tail of a tile is scaled on its own)."""
+    h = 192
+    g = torch.Generator().manual_seed(7)
+    experts = tuple(tuple(quantize_fp8(torch.randn(*shape, generator=g) * 0.05, "block", (128, 128))
+                          for shape in ((I, h), (I, h), (h, I))) for _ in range(E))
+    spec = MoESpec(experts, tuple((WEIGHT_ONLY,) * 3 for _ in experts), h, I, torch.float32)
+    k = CpuMoEDequantKernel.prepare(spec, CPU)
+    assert k.w2.rows == h and h % 128                                  # one tile, 64-row partial block
+    torch.manual_seed(2)
+    x = torch.randn(9, h)
+    w, ids = select_experts(torch.randn(9, E), RoutingConfig(E, K))
+    torch.testing.assert_close(k.apply(x, w, ids).double(), _float64(spec, x, w, ids), atol=2e-5, rtol=1e-4)
