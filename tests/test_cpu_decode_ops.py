@@ -236,6 +236,26 @@ def test_quantrt_env_names_the_layer_ops() -> None:
     assert TorchOpsCpu(use_psutil=False).rms_norm_op() is _cpu_rms_norm
 
 
+def test_without_the_extension_the_hooks_fall_back_to_torch_with_the_reason() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("from quantrt.platforms.xpu.cpu_platform import CpuPlatform, _cpu_rms_norm\n"
+            "p = CpuPlatform(use_psutil=False)\n"
+            "print(p.describe()['layer_ops'])\n"
+            "print(p.rms_norm_op() is _cpu_rms_norm, p.fused_add_rms_norm_op(), p.rotary_kv_store_op(), "
+            "p.act_mul_op(), p.decode_stack_op(None))\n"
+            "from quantrt.platforms.xpu.cpu_layer_ops import cpu_decode_attention\n"
+            "print(cpu_decode_attention(None, None, type('FB', (), {'kv_pool': None, 'kv_slots': None})(), None))\n")
+    env = dict(os.environ, QUANTRT_DISABLE_CPU_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "torch (native ops unavailable: disabled by QUANTRT_DISABLE_CPU_EXT=1)"
+    assert lines[1] == "True None None None None" and lines[2] == "None"
+
+
 # -- engines: native ops (one stack call per decode step) vs the torch ops ---------------------------------------
 def _generate(engine, ids: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
     sp = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}

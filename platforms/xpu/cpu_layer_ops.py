@@ -88,9 +88,11 @@ def cpu_rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
 def cpu_decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None) -> torch.Tensor | None:
     """PagedAttention's decode on CPU (`Platform.decode_attention_ref`): q [B, H, D] -> [B, H*D] in q.dtype,
     or None (SDPA runs) for pools it cannot read or a batch without its decode slot table."""
+    if not available() or fb.kv_slots is None:
+        return None
     pool = fb.kv_pool
     kind = pool_kind(pool)
-    if kind is None or fb.kv_slots is None or not available() or q.dim() != 3 or q.device.type != "cpu":
+    if kind is None or q.dim() != 3 or q.device.type != "cpu":
         return None
     lens = fb.kv_lens_t if fb.kv_lens_t is not None else torch.tensor(fb.kv_lens, dtype=torch.long)
     i = layer.layer_id

@@ -133,7 +133,8 @@ class CpuPlatform(Platform):
 
             why = cpu_layer_ops.unavailable_reason()
             info["layer_ops"] = ("native (csrc/decode_ops.cpp: rms_norm, add_rms_norm, act_mul, rope_store_kv, "
-                                 "decode_attention)" if why is None else f"torch (native ops unavailable: {why})")
+                                 "decode_attention, decode_stack)" if why is None
+                                 else f"torch (native ops unavailable: {why})")
         return info
 
     def tied_head_weight(self, embedding: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight | None:
