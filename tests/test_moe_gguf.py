@@ -152,7 +152,7 @@ def test_gguf_expert_type_without_a_decoder_fails_naming_it(tokenizer_dir, tmp_p
 
 # -- GGUF Mixtral: llama arch with experts (llama.cpp's converter), stacked or one tensor per expert ---------
 def write_mixtral_gguf(path, hf, tok_dir, expert_type, per_expert=False, skip=(), down_transposed=False,
-                       used=None) -> None:
+                       used=None, count=None) -> None:
     """hf: a tiny MixtralForCausalLM written as arch `llama`: q/k rows permuted as llama.cpp does, router
     `ffn_gate_inp` F32, attention Q8_0, experts in `expert_type` as `ffn_{gate,up,down}_exps` [E, N, K] or
     (per_expert) `ffn_{gate,up,down}.E` [N, K]; `skip` drops tensors by GGUF name (bad-input tests)."""
@@ -167,7 +167,7 @@ def write_mixtral_gguf(path, hf, tok_dir, expert_type, per_expert=False, skip=()
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_expert_count(c.num_local_experts)
+    w.add_expert_count(count or c.num_local_experts)
     w.add_expert_used_count(used or c.num_experts_per_tok)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
@@ -273,6 +273,8 @@ def test_gguf_mixtral_loads_quantized_experts_and_matches_transformers(tokenizer
     ("down-transposed", r"GGUF tensor blk\.0\.ffn_down_exps\.weight has shape \[4, 32, 64\], "
                         r"model\.layers\.0\.block_sparse_moe\.experts\.w2\.weight needs \[4, 64, 32\]"),
     ("used-count", r"llama\.expert_count = 4 but llama\.expert_used_count = 5; expected 1\.\.4"),
+    ("expert-count", r"GGUF tensor blk\.0\.ffn_\w+\.weight has shape \[4, \d+(, \d+)?\], "
+                     r"model\.layers\.0\.block_sparse_moe\.\S+ needs \[5, "),     # 5 in metadata, 4 stored
 ])
 def test_gguf_mixtral_bad_expert_tensors_fail_clearly(tokenizer_dir, tmp_path, case, match):
     import gguf
@@ -282,7 +284,7 @@ def test_gguf_mixtral_bad_expert_tensors_fail_clearly(tokenizer_dir, tmp_path, c
     path = tmp_path / "bad.gguf"
     q8 = gguf.GGMLQuantizationType.Q8_0
     kw = {"missing-expert": {"per_expert": True, "skip": ("blk.0.ffn_gate.3.weight",)},
-          "down-transposed": {"down_transposed": True}, "used-count": {"used": 5}}[case]
+          "down-transposed": {"down_transposed": True}, "used-count": {"used": 5}, "expert-count": {"count": 5}}[case]
     write_mixtral_gguf(path, _tiny_mixtral(), tokenizer_dir, q8, **kw)
     with pytest.raises(QuantrtError, match=match):
         Engine(model_path=str(path), max_total_tokens=256)
