@@ -210,3 +210,41 @@ def test_op_rejects_bad_inputs():
         op(torch.randn(1, 64), qs, torch.ones(8, 3), None, 4, None)
     with pytest.raises(RuntimeError, match="x dtype must be float32, bfloat16 or float16"):
         op(torch.randn(1, 64).double(), qs, s, None, 4, None)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_the_torch_path(monkeypatch):
+    """The real demo GGUF (Q4_1 linears, Q8_0 tied head): every linear and the head on cpu_native_int vs the
+    same engine with the extension switched off (fp32: weights dequantized once to fp32 and a dense head;
+    bf16: torch's int4-pack op and a per-row int8 head). 48 prompt positions, full-vocabulary log-probs."""
+    from quantrt.demo_model import default_model_path
+    from quantrt.engine.engine import Engine
+    from quantrt.layers.linear import QuantLinear
+    from tests.helpers_smollm2 import full_logits, kl_rows
+
+    ids = list(range(1000, 1048))
+    out = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(cpu_ext, "_loaded", False)
+            monkeypatch.setattr(cpu_ext, "_reason", "switched off by the test")
+        for dtype in ("float32", "bfloat16"):
+            eng = Engine(model_path=default_model_path(), dtype=dtype, max_total_tokens=256, random_seed=0)
+            try:
+                kernels = {m.kernel_desc.split()[0] for m in eng.model.modules()
+                           if isinstance(m, QuantLinear) and m.is_quantized}
+                assert (kernels == {"cpu_native_int"}) == native, kernels
+                assert isinstance(eng.model.tied_head, CpuNativeIntKernel) == native
+                out[native, dtype] = torch.log_softmax(full_logits(eng, ids).double(), -1)
+            finally:
+                eng.shutdown()
+    ref = out[False, "float32"]                      # the exact dequantized fp32 path
+    diff = float((out[True, "float32"] - ref).abs().max())
+    assert diff <= 5e-4, diff                        # fp32: equal up to summation order (measured 6e-5)
+    assert torch.equal(out[True, "float32"].argmax(-1), ref.argmax(-1))
+    # bf16: ours keeps activations, scales and the Q8_0 head exact in fp32 inside the op, so it is at least
+    # as close to fp32 as torch's bf16 path (bf16 activations/scales, per-row int8 head)
+    kl_native = float(kl_rows(ref, out[True, "bfloat16"]).mean())
+    kl_torch = float(kl_rows(ref, out[False, "bfloat16"]).mean())
+    print(f"KL to fp32: native bf16 {kl_native:.5f}, torch bf16 {kl_torch:.5f}")
+    assert kl_native <= kl_torch and kl_native < 0.01, (kl_native, kl_torch)
