@@ -197,6 +197,17 @@ def test_unavailable_reasons(monkeypatch):
     assert "'foo' was not declared" in cpu_ext._summarize(err)
 
 
+def test_env_says_whether_the_extension_loaded(monkeypatch):
+    d = CpuPlatform().describe()                          # what `quantrt env` prints for the CPU platform
+    assert d["native_extension"].startswith("loaded (") and d["int_kernel"].startswith("cpu_native_int")
+    assert d["linear_kernels"].index("cpu_native_int") < d["linear_kernels"].index("cpu_int4_packed")
+    monkeypatch.setattr(cpu_ext, "_loaded", False)
+    monkeypatch.setattr(cpu_ext, "_reason", "disabled by QUANTRT_DISABLE_CPU_EXT=1")
+    d = CpuPlatform().describe()
+    assert d["native_extension"] == "unavailable: disabled by QUANTRT_DISABLE_CPU_EXT=1"
+    assert d["int_kernel"] == "torch packed int4/int8 ops (cpu_native_int unavailable)"
+
+
 def test_op_rejects_bad_inputs():
     op = torch.ops.quantrt_cpu.int_gemm
     qs, s = torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2)

@@ -135,6 +135,12 @@ class CpuPlatform(Platform):
             info["layer_ops"] = ("native (csrc/decode_ops.cpp: rms_norm, add_rms_norm, act_mul, rope_store_kv, "
                                  "decode_attention, decode_stack)" if why is None
                                  else f"torch (native ops unavailable: {why})")
+            from quantrt.platforms.xpu import cpu_ext
+
+            info["native_extension"] = cpu_ext.status()   # loaded (avx2+fma|scalar) or unavailable: why
+            info["int_kernel"] = ("cpu_native_int (csrc/int_gemm.cpp: grouped int 2-8 bit, fp32 accumulation)"
+                                  if cpu_ext.unavailable_reason() is None
+                                  else "torch packed int4/int8 ops (cpu_native_int unavailable)")
         return info
 
     def tied_head_weight(self, embedding: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight | None:
