@@ -10,7 +10,8 @@ the dequantization is a few vectorized integer/convert passes:
 
 - int codes: two per byte for bits <= 4 (low nibble = first half of each group, high nibble = second
   half), uint8->fp32 conversion, per-group scale multiply (groups < K only). Act-order (g_idx) experts
-  are stored with their columns sorted by group, and x is permuted the same way per call.
+  are stored with their columns sorted by group; groups of <= 32 are dequantized as two contiguous tile
+  halves (all low nibbles, then all high ones); x is permuted per call to the tile's order (`Mats.perm`).
 - fp8: torch's fp8->fp32 conversion is scalar (~40x slower than uint8->fp32 here), so the bytes are
   turned into fp16 bit patterns with two int16 ops (e4m3: sign-extend, << 7, clear bit 14; e5m2: << 8,
   it is the top half of fp16), converted by the vectorized fp16->fp32 path and the power of two this
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
 
 TILE_BYTES = 4 << 20   # fp32 weight rows dequantized at once (the reused buffer's size)
+HALVES_MAX_GROUP = 32  # packed int groups up to this size are written as tile halves (IntMats.halves)
 
 _SCRATCH: dict[str, torch.Tensor] = {}   # name -> bytes; one set for all MoE layers (they run one at a time)
 
@@ -122,11 +124,18 @@ class IntMats(Mats):
             return torch.cat(cs).to(torch.int16).add_(off).to(torch.int8 if signed and not off else torch.uint8)
 
         self.packed = w0.bits <= 4 and self.gs % 2 == 0
+        # small groups: a tile holds all low nibbles, then all high ones (contiguous writes; x permuted to
+        # match); from 64 codes per half the strided writes cost less than the wider scale broadcast
+        self.halves = self.packed and 1 < self.g and self.gs <= HALVES_MAX_GROUP
         cs = torch.stack([codes(e) for e in range(len(parts))])                                # [E, N, K]
-        if self.packed:
+        if self.packed:   # byte j of a group: first-half code j (low nibble), second-half code j (high)
             c = cs.view(len(parts), n, self.g, 2, self.gs // 2)
             cs = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(len(parts), n, k // 2)          # [E, N, K/2]
             self.scratch(torch.uint8, k // 2)
+        if self.halves:
+            half = torch.arange(k).view(self.g, 2, self.gs // 2).transpose(0, 1).flatten()
+            self.perm = (half.expand(len(parts), len(parts[0]), k) if self.perm is None
+                         else self.perm.gather(2, half.expand_as(self.perm)))
         self.codes = cs.contiguous()
 
         def stack(attr: str) -> torch.Tensor:
@@ -143,6 +152,12 @@ class IntMats(Mats):
     def dequant(self, e: int, n0: int, n1: int) -> torch.Tensor:
         r, w = n1 - n0, self.scratch(torch.float32)[: n1 - n0]
         c = self.codes[e, n0:n1]
+        if self.halves:
+            t, half = self.scratch(torch.uint8, self.k // 2)[:r], self.k // 2
+            w[:, :half].copy_(torch.bitwise_and(c, 15, out=t))
+            w[:, half:].copy_(torch.bitwise_right_shift(c, 4, out=t))
+            w.view(r, 2, self.g, self.gs // 2).mul_(self.s[e, n0:n1, None, :, None])
+            return w
         if self.packed:
             t = self.scratch(torch.uint8, self.k // 2)[:r].view(r, self.g, -1)
             wv, cv = w.view(r, self.g, 2, self.gs // 2), c.view(r, self.g, -1)
@@ -158,7 +173,9 @@ class IntMats(Mats):
         if self.g == 1:
             yt.mul_(self.s[e, n0:n1])
         if self.b is not None:                                             # + b [r, G] @ group sums of x
-            yt.addmm_(self.b[e, n0:n1], x.view(x.shape[0], self.g, self.gs).sum(-1).t())
+            xg = (x.view(x.shape[0], 2, self.g, self.gs // 2).sum((1, 3)) if self.halves
+                  else x.view(x.shape[0], self.g, self.gs).sum(-1))                             # [m, G]
+            yt.addmm_(self.b[e, n0:n1], xg.t())
 
 
 FP8_FACTOR = {torch.float8_e4m3fn: 2.0 ** 8, torch.float8_e5m2: 1.0}   # fp8 value / its fp16-bits value
