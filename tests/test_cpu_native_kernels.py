@@ -86,11 +86,14 @@ def test_block_counts_that_are_not_a_multiple_of_8(k):
                 _check(w, m)
 
 
-@pytest.mark.parametrize("m", [1, 7, 16, 70])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_activation_dtypes_rows_and_bias(m, dtype):
+    # m > 16 runs the tiled path (fp32 tiles dequantized per call + sgemm), m <= 16 the direct kernel
     _check(_weight(4, "offset", 32), m, dtype, bias=True)
     _check(_weight(8, "sym", 32), m, dtype, bias=True)
+    _check(_weight(5, "zero", 64), m, dtype)
+    _check(_weight(3, "plain", K), m, dtype)
 
 
 def test_3d_input_fp32_scales_and_act_order():

@@ -11,8 +11,10 @@ and float mins are each stored as fp16 when every value round-trips exactly (GGU
 checkpoint scales), else fp32. Act-order (g_idx) weights are permuted along K once and x is gathered per call.
 
 The op computes y = Σ_b s·dot(q_b, x_b) + m·Σx_b in fp32 for fp32/bf16/fp16 activations: the value of
-dequantize-then-fp32-matmul up to summation order (no activation quantization). It streams the packed
-bytes once per call for M ≤ 4 activation rows (re-reads from cache in chunks of 4 rows above that).
+dequantize-then-fp32-matmul up to summation order (no activation quantization). M ≤ 16 (decode): the
+direct kernel streams the packed bytes once (activation rows in chunks of 4 re-read each weight row from
+L1). M > 16 (prefill): tiles of ≤ 64 weight rows dequantized per call into a ≤ 256 KiB fp32 buffer and
+multiplied with torch's sgemm (within ~10% of a dense fp32 GEMM, while the model stays packed).
 
 Declined, with the reason: no extension (`cpu_ext.unavailable_reason()`), K or the group not a multiple
 of 32 (Q2_K/Q3_K/Q6_K 16-element sub-blocks), act-order groups of unequal size, quantized activations.

@@ -31,7 +31,8 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kMChunk = 64;  // activation rows per pass (x chunk stays in L2 for prefill)
+constexpr int64_t kMChunk = 64;      // activation rows per pass of the direct kernel
+constexpr int64_t kDirectRows = 16;  // above this many rows, dequantized tiles + sgemm (gemm_tiled)
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::Half v) {
@@ -197,6 +198,55 @@ void gemm_rows(const uint8_t* qs, int64_t row_bytes, const S* sc, const Z* mn, i
   }
 }
 
+// Rows [n0, n0 + rows) dequantized to fp32: out[r, k] = q * s + min (the reference weights, up to rounding).
+template <int BITS, typename S, typename Z>
+void dequant_rows(const uint8_t* q, int64_t row_bytes, const S* sc, const Z* mn, int64_t n0, int64_t rows,
+                  int64_t k, float* out) {
+  const int64_t kb = k / kBlock;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* p = q + (n0 + r) * row_bytes;
+    const S* s = sc + (n0 + r) * kb;
+    const Z* z = mn ? mn + (n0 + r) * kb : nullptr;
+    for (int64_t b = 0; b < kb; ++b) {
+      const float sv = to_f32(s[b]), mv = z ? min_value(z[b], sv) : 0.f;
+      const uint8_t* pb = p + b * BITS * 4;
+      float* ob = out + r * k + b * kBlock;
+#if QRT_AVX2
+      __m256 w[4];
+      unpack_block<BITS>(pb, w);
+      const __m256 s8 = _mm256_set1_ps(sv), m8 = _mm256_set1_ps(mv);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(ob + 8 * j, _mm256_fmadd_ps(w[j], s8, m8));
+#else
+      if constexpr (BITS == 4) {
+        for (int i = 0; i < 16; ++i) ob[i] = float(pb[i] & 15) * sv + mv;
+        for (int i = 0; i < 16; ++i) ob[i + 16] = float(pb[i] >> 4) * sv + mv;
+      } else {
+        for (int i = 0; i < 32; ++i) ob[i] = float(static_cast<int8_t>(pb[i])) * sv + mv;
+      }
+#endif
+    }
+  }
+}
+
+// M > kDirectRows (prefill): per task, tiles of weight rows dequantized into a cache-sized fp32 buffer
+// (<= 256 KiB) and multiplied with torch's sgemm (single-threaded inside the parallel region).
+template <int BITS, typename S, typename Z>
+void gemm_tiled(const uint8_t* q, int64_t row_bytes, const S* sc, const Z* mn, const float* x, int64_t m,
+                int64_t k, float* y, int64_t n) {
+  const int64_t tile = std::clamp<int64_t>((int64_t(1) << 16) / k, 8, 64);
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {m, k}, at::kFloat);
+  at::parallel_for(0, (n + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor wt = at::empty({tile, k}, at::kFloat);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, rows = std::min(tile, n - n0);
+      dequant_rows<BITS, S, Z>(q, row_bytes, sc, mn, n0, rows, k, wt.data_ptr<float>());
+      const at::Tensor yt = at::mm(xt, wt.narrow(0, 0, rows).t()).contiguous();  // [M, rows]
+      const float* yp = yt.data_ptr<float>();
+      for (int64_t i = 0; i < m; ++i) std::memcpy(y + i * n + n0, yp + i * rows, rows * sizeof(float));
+    }
+  });
+}
+
 template <int BITS, typename S, typename Z>
 void dispatch(const at::Tensor& qs, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
               const float* x, const float* xs, int64_t m, int64_t k, float* y, int64_t n) {
@@ -204,6 +254,7 @@ void dispatch(const at::Tensor& qs, const at::Tensor& scales, const c10::optiona
   const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
   const S* sc = scales.data_ptr<S>();
   const Z* mn = mins.has_value() ? mins->data_ptr<Z>() : nullptr;
+  if (m > kDirectRows) return gemm_tiled<BITS, S, Z>(q, row_bytes, sc, mn, x, m, k, y, n);
   // at least ~64 KiB of weight bytes per task: smaller splits cost more in thread wake-up than they save
   const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
   for (int64_t m0 = 0; m0 < m; m0 += kMChunk) {
