@@ -262,3 +262,26 @@ def test_smollm2_gguf_logits_match_the_torch_path(monkeypatch):
     kl_torch = float(kl_rows(ref, out[False, "bfloat16"]).mean())
     print(f"KL to fp32: native bf16 {kl_native:.5f}, torch bf16 {kl_torch:.5f}")
     assert kl_native <= kl_torch and kl_native < 0.01, (kl_native, kl_torch)
+
+
+@pytest.mark.slow
+def test_portable_scalar_path_vs_float64(tmp_path_factory):
+    """csrc/int_gemm.cpp built without -mavx2 (what a CPU without AVX2/FMA/F16C gets) under a test namespace:
+    the scalar C++ path must give the same results as the float64 reference. Builds once (~30 s)."""
+    from torch.utils import cpp_extension
+
+    src = cpu_ext.CSRC / "int_gemm.cpp"
+    cpp_extension.load(name="quantrt_int_gemm_scalar_test", sources=[str(src)],
+                       extra_cflags=["-O1", "-DQRT_LIBRARY=quantrt_cpu_scalar"],
+                       build_directory=str(tmp_path_factory.mktemp("scalar_ext")), is_python_module=False)
+    ns = torch.ops.quantrt_cpu_scalar
+    assert ns.int_gemm_simd() == 0
+    for bits, kind, group in ((4, "offset", 32), (4, "zero", 64), (8, "sym", 32), (5, "zero", K), (8, "plain", 64)):
+        w = _weight(bits, kind, group)
+        k = CpuNativeIntKernel.prepare(LinearSpec(w, WEIGHT_ONLY, torch.float32), current_platform())
+        for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (20, torch.float32)):
+            x = torch.randn(m, K).to(dtype)
+            y = ns.int_gemm(x, k.qs, k.scales, k.mins, k.bits, None)
+            ref = x.double() @ w.dequantize(torch.float64).T
+            err = float((y.double() - ref).abs().max() / ref.abs().max())
+            assert err <= (2e-6 if dtype == torch.float32 else 8e-3), (bits, kind, m, dtype, err)

@@ -21,8 +21,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QRT_AVX2 1
 #else
 #define QRT_AVX2 0
@@ -363,7 +365,10 @@ int64_t int_gemm_simd() { return QRT_AVX2; }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(quantrt_cpu, m) {
+#ifndef QRT_LIBRARY
+#define QRT_LIBRARY quantrt_cpu  // tests build the portable path once more under another namespace
+#endif
+TORCH_LIBRARY_FRAGMENT(QRT_LIBRARY, m) {
   m.def("int_gemm(Tensor x, Tensor qs, Tensor scales, Tensor? mins, int bits, Tensor? bias) -> Tensor");
   m.impl("int_gemm", c10::DispatchKey::CPU, &int_gemm);
   m.def("int_gemm_simd() -> int", &int_gemm_simd);
