@@ -115,7 +115,7 @@ class ModelRunner:
         table = torch.tensor([r + [0] * (npages - len(r)) for r in rows], dtype=torch.long)  # [B, P] page ids
         slots = (table[:, :, None] * ps + self._offsets).view(b, -1)[:, :lmax]             # [B, Lmax]
         ids, pos, kv_lens, out_slots = torch.tensor(                                         # [4, B] -> 4 x [B]
-            [[w.req.all_ids[s] for w, s in zip(works, starts)], starts, [s + 1 for s in starts],
+            [[w.req.token_at(s) for w, s in zip(works, starts)], starts, [s + 1 for s in starts],
              [r[s // ps] * ps + s % ps for r, s in zip(rows, starts)]], dtype=torch.long).unbind(0)
         if b > 1:  # columns past a shorter sequence's length point at slot 0 (one sequence has none)
             slots = slots.masked_fill(torch.arange(lmax)[None, :] >= kv_lens[:, None], 0)

@@ -44,6 +44,16 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        """len(all_ids) without building the list (the decode loop asks every step)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, i: int) -> int:
+        """all_ids[i] (0 <= i < num_tokens) without building the list."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

@@ -131,7 +131,7 @@ class Scheduler:
             req.num_computed = w.start + w.n
             if req.logprob.enabled and not req.output_ids:
                 self._input_logprobs(req, w, lg)
-            if req.num_computed < len(req.all_ids):
+            if req.num_computed < req.num_tokens:
                 continue  # chunk of a longer prompt
             if req not in self.running:
                 self.running.append(req)
@@ -172,7 +172,7 @@ class Scheduler:
             req.output_top_logprobs.extend(tops)
         req.output_ids.append(tok)
         reason = self.stop.check(req)
-        if reason is None and len(req.all_ids) >= self.context_len:
+        if reason is None and req.num_tokens >= self.context_len:
             reason = {"type": "length", "length": len(req.output_ids)}
         if reason is not None:
             self._complete(req, reason)
