@@ -211,6 +211,19 @@ def test_env_says_whether_the_extension_loaded(monkeypatch):
     assert d["int_kernel"] == "torch packed int4/int8 ops (cpu_native_int unavailable)"
 
 
+def test_a_stale_build_lock_is_dropped(tmp_path):
+    import os
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_ext._drop_stale_lock(lock)
+    assert lock.exists()                                  # a build may be running: wait for it
+    os.utime(lock, (0, 0))
+    cpu_ext._drop_stale_lock(lock)
+    assert not lock.exists()                              # left by a killed build: removed
+    cpu_ext._drop_stale_lock(lock)                        # and no lock at all is fine
+
+
 def test_op_rejects_bad_inputs():
     op = torch.ops.quantrt_cpu.int_gemm
     qs, s = torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2)

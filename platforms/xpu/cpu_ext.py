@@ -107,6 +107,18 @@ def _precheck() -> str | None:
     return None
 
 
+def _drop_stale_lock(lock: Path, max_age_s: float = 600.0) -> None:
+    """torch's build baton (`lock` in the build dir) outlives a build that was killed, and every later
+    load would wait on it forever; a build here takes well under a minute, so an old lock is stale."""
+    import time
+
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _summarize(err: BaseException) -> str:
     """The compiler's error lines (at most 5) from a failed build, else the exception's last line."""
     text = f"{err}\n{getattr(err, 'output', '') or ''}"
@@ -132,6 +144,7 @@ def load() -> bool:
                 srcs, cflags = sources(), flags()
                 bdir = build_dir(srcs, cflags)
                 bdir.mkdir(parents=True, exist_ok=True)
+                _drop_stale_lock(bdir / "lock")
                 cpp_extension.load(name="quantrt_cpu_ext", sources=[str(p) for p in srcs],
                                    extra_cflags=cflags, extra_ldflags=_openmp_flags(),
                                    build_directory=str(bdir),
