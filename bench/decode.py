@@ -4,7 +4,8 @@
                            [--llamacpp-venv .cache/venvs/llamacpp] [--threads N] [--profile-bf16] [--kernels]
 
 Rows "quantrt bf16 (export)" (our own bf16 path), "quantrt int8wo bf16 (export)" and "quantrt int4wo-32 bf16
-(export)" (the same export quantized online: int8-pack op / int4-pack op) give the int8 / int4 vs bf16
+(export)" (the same export quantized online; on `cpu_native_int` when the native extension loads, else the
+int8-pack op / int4-pack op) give the int8 / int4 vs bf16
 ratios printed under the table. `--profile-bf16`: torch.profiler top ops of the native-Q4_1 bf16 path;
 `--kernels`: every CPU linear path timed alone on SmolLM2's batch-1 shapes.
 
@@ -317,8 +318,12 @@ def kernel_shapes() -> dict:
               "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
     # each call takes the next of `copies` weights (30 = one per layer, like a decode step), so the
     # working set is the model's and not a cache-resident single matrix
-    print("\n| shape [N, K] | int4 pack g32 (bf16) | int8 pack (bf16) | fp32 oneDNN packed | fp32 F.linear | bf16 F.linear |")
-    print("|---|---|---|---|---|---|")
+    from quantrt.platforms.xpu import cpu_ext
+
+    native = cpu_ext.load()   # quantrt_cpu::int_gemm: Q4_1-like 4-bit (Q8_0-like 8-bit for the head) 32-blocks
+    print("\n| shape [N, K] | int4 pack g32 (bf16) | int8 pack (bf16) | fp32 oneDNN packed | fp32 F.linear | bf16 F.linear "
+          "| native int_gemm (fp32 x) |")
+    print("|---|---|---|---|---|---|---|")
     for name, (n, k) in shapes.items():
         copies = 1 if n > 10000 else 30
         x = torch.randn(1, k)
@@ -331,6 +336,11 @@ def kernel_shapes() -> dict:
         s8 = [torch.rand(n).bfloat16() for _ in range(copies)]
         wp = [torch.ops.mkldnn._reorder_linear_weight(t, 16) for t in w]
         wb = [t.bfloat16() for t in w]
+        bits = 8 if n > 10000 else 4
+        nq = [torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8).view(torch.int8 if bits == 8 else torch.uint8)
+              for _ in range(copies)]
+        ns = [torch.rand(n, k // 32).half() for _ in range(copies)]
+        nm = [torch.rand(n, k // 32).half() if bits == 4 else None for _ in range(copies)]
         reps = 5 if n > 10000 else 60
         it = iter(range(10**9))
 
@@ -342,7 +352,10 @@ def kernel_shapes() -> dict:
                "fp32_onednn": clock(lambda: torch.ops.mkldnn._linear_pointwise(x, wp[nxt()], None, "none", [], ""), reps),
                "fp32": clock(lambda: torch.nn.functional.linear(x, w[nxt()]), reps),
                "bf16": clock(lambda: torch.nn.functional.linear(xb, wb[nxt()]), reps)}
-        del w, packed, sz, c8, s8, wp, wb
+        if native:
+            row["native"] = clock(lambda: torch.ops.quantrt_cpu.int_gemm(x, nq[(i := nxt())], ns[i], nm[i], bits, None),
+                                  reps)
+        del w, packed, sz, c8, s8, wp, wb, nq, ns, nm
         out[name] = row
         print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |", flush=True)
     return {"kernels_us": out, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
@@ -411,6 +424,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"load {os.getloadavg()[0]:.2f}; prompt {PROMPT_LEN} tokens, {args.new} new (steady: minus {args.short}), best of {args.repeats}")
+    from quantrt.platforms.xpu import cpu_ext
+
+    # the GGUF rows' int linears and Q8_0 head run on cpu_native_int when the extension loads
+    print(f"quantrt CPU extension: {cpu_ext.status()}")
     rows = run_all(args)
     print_table(rows)
     print(f"load average at the end: {os.getloadavg()} (other processes skew CPU timings)")
