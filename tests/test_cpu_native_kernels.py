@@ -114,6 +114,14 @@ def test_3d_input_fp32_scales_and_act_order():
     _check(wa, 3)
 
 
+def test_bias_of_another_dtype():
+    w = _weight(4, "offset", 32)
+    x, b = torch.randn(2, K).bfloat16(), torch.randn(N).half()            # fp16 bias, bf16 activations
+    ref = x.double() @ w.dequantize(torch.float64).T + b.double()
+    y = _run(w, x, b)
+    assert y.dtype == torch.bfloat16 and float((y.double() - ref).abs().max() / ref.abs().max()) <= 8e-3
+
+
 def test_prepare_keeps_only_packed_bytes():
     w = _weight(4, "offset", 32)
     k = CpuNativeIntKernel.prepare(LinearSpec(w, WEIGHT_ONLY, torch.float32), current_platform())

@@ -132,6 +132,8 @@ class CpuNativeIntKernel(LinearKernel):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                  # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
+        if bias is not None and bias.dtype not in (torch.float32, x2.dtype):  # the op takes fp32 or x's dtype
+            bias = bias.to(torch.float32)
         y = self.op(x2, self.qs, self.scales, self.mins, self.bits, bias)       # [M, N] x.dtype
         if y.dtype != self.out_dtype:
             y = y.to(self.out_dtype)
