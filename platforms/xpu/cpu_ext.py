@@ -10,7 +10,8 @@ Contract (shared by every C++ file in csrc/):
 - `load() -> bool`: idempotent and thread-safe; compiles all csrc/*.cpp (sorted) with
   `torch.utils.cpp_extension.load(..., is_python_module=False)` into
   `<repo>/.cache/cpu_ext/<hash of sources + flags + torch version>` (or `$QUANTRT_CPU_EXT_DIR/<hash>`),
-  so an unchanged tree loads the cached .so in well under a second, and a changed one rebuilds.
+  so an unchanged tree loads the cached .so in well under a second, and a changed one rebuilds (torch's
+  build lock serializes concurrent processes; a lock older than 10 minutes, left by a killed build, is dropped).
 - `unavailable_reason() -> str | None`: None once loaded, else why not (QUANTRT_DISABLE_CPU_EXT=1, not
   x86-64, no C++ compiler or ninja, or the build error's summary). It triggers `load()` when needed.
 - `python -m quantrt.platforms.xpu.cpu_ext --build` builds it (scripts/setup.sh runs this; a failed
