@@ -40,6 +40,16 @@ class _NpuWithSdpaAttention(EmulatedAscendPlatform):
 
 
 NPU_SDPA = _NpuWithSdpaAttention()
+
+
+class _CpuTorchLayers(CpuPlatform):
+    """The CPU platform with its native layer ops off (torch norms/rotary/SDPA, as the emulated NPU's layers
+    run), so the reference differs from NPU_SDPA in the linear kernels alone."""
+
+    decode_attention_ref = None
+
+    def _native_layer_ops(self):
+        return None
 BF16 = torch.bfloat16
 
 
@@ -150,7 +160,7 @@ def test_modelslim_on_emulated_npu_gives_the_reference_tokens(tiny_models, tmp_p
     write_modelslim(tiny_models["llama"][0], d, tiny_models["llama"][1], kind)
     params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
     npu = Engine(model_path=str(d), dtype="bfloat16", max_total_tokens=512, platform=NPU_SDPA)
-    ref = Engine(model_path=str(d), dtype="bfloat16", max_total_tokens=512, platform=CpuPlatform())
+    ref = Engine(model_path=str(d), dtype="bfloat16", max_total_tokens=512, platform=_CpuTorchLayers())
     kinds = {type(k).__name__ for m in npu.model.modules() if isinstance(m, QuantLinear) and m.is_quantized
              for k in m.kernels}
     assert kinds == {"NpuW8A8StaticKernel" if kind == "W8A8" else "NpuW8A8DynamicKernel"}
