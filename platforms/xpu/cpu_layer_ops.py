@@ -7,7 +7,7 @@ activation dtype where the torch ops round (see the C++ file's header), so fp32 
 path up to summation order and bf16 results agree up to one bf16 rounding:
 
 - `cpu_rms_norm` / `cpu_add_rms_norm`: RMSNorm, and the residual add folded into it (Platform.rms_norm_op,
-  fused_add_rms_norm_op);
+  fused_add_rms_norm_op); bf16/fp16 only, fp32 keeps torch's kernel (see cpu_add_rms_norm);
 - `cpu_act_mul`: silu / gelu-tanh (gate) * up over the merged gate_up output (Platform.act_mul_op);
 - `cpu_rotary_kv_store`: neox rotary on q and k plus the KV-pool write of k and v, plain and fp8 pages
   (Platform.rotary_kv_store_op; fp4 pages and MLA pools decline: None);
@@ -58,12 +58,21 @@ def pool_kind(pool) -> int | None:
 
 def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [..., D], weight: [D] in x.dtype -> [..., D] x.dtype
+    if x.dtype == torch.float32:  # torch's fp32 kernel: see cpu_add_rms_norm
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     return torch.ops.quantrt_cpu.rms_norm(x, weight, eps)
 
 
 def cpu_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     # x, delta: [T, D] -> (norm(x + delta), x + delta), both [T, D] x.dtype
+    if x.dtype == torch.float32:
+        # fp32 layer by layer keeps torch's RMSNorm kernel, bit for bit the earlier path: the native op sums in
+        # another order (an ulp here and there), and per-token int8/fp8 activation quantizers downstream turn an
+        # ulp at a rounding boundary into a code step (measured: W8A8 prompt logprobs vs the float64 fake-quant
+        # reference moved 2e-6 -> 3e-2). bf16/fp16 are bit-identical to torch's path and take the native op.
+        s = x + delta
+        return torch.rms_norm(s, (s.shape[-1],), weight, eps), s
     return torch.ops.quantrt_cpu.add_rms_norm(x, delta, weight, eps)
 
 
