@@ -281,8 +281,41 @@ def test_tc_wna16(m, group, asym, dtype, cfg):
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+@pytest.mark.parametrize("m,cfg", [
+    (40, (64, 128, 2, 4, 1, 4, True, 32)),    # 2 BM tiles (one ragged), split-K with per-(m, n) counters
+    (33, (64, 64, 0, 4, 1, 4, False, 16)),    # 3 BM tiles, unswapped dot
+    (100, (128, 128, 1, 4, 1, 4, False, 64)),  # BN > N tail, no split
+])
+def test_tc_wna16_row_tiles(m, cfg):
+    """M = 17..256 tiles (grid axis over BM rows) vs the dequantized weight."""
+    from quantrt.platforms.cuda.kernels.tc_wna16 import TcConfig, tc_wna16
+
+    gen = torch.Generator().manual_seed(m)
+    w = make_int_weight(96, 512, 4, 128, True, False, gen)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.float16), PLATFORM)
+    x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, TcConfig(*cfg))
+    assert rel_err(y, x.float() @ w.dequantize().float().t()) < 2e-3
+
+
+def test_tc_wna16_buckets_and_errors():
+    from quantrt.platforms.cuda.kernels.tc_wna16 import MAX_M, can_run, default_config, m_bucket, tc_wna16
+
+    assert [m_bucket(m) for m in (2, 16, 17, 64, 65, 256)] == [16, 16, 32, 64, 128, 256]
+    assert MAX_M == 256 and can_run(256, 4096, 128, 4) and not can_run(257, 4096, 128, 4)
+    assert not can_run(64, 4096, 64, 4) and not can_run(64, 4096, 128, 8)
+    assert default_config(200, 4096, 4096).block_m >= 64
+    with pytest.raises(ValueError, match="MAX_M=256"):
+        m_bucket(300)
+    x = torch.zeros(8, 512, dtype=torch.float16, device=DEV)
+    p = torch.zeros(64, 96, dtype=torch.int32, device=DEV)
+    s = torch.zeros(8, 96, device=DEV)
+    with pytest.raises(ValueError, match="group=64"):
+        tc_wna16(x, p, s, s, 64)
+
+
 @pytest.mark.accelerator
-@pytest.mark.parametrize("m", [2, 9, 16])
+@pytest.mark.parametrize("m", [2, 9, 16, 17, 32, 50, 64, 100, 128, 200, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tc_wna16_native(m, dtype):
     from quantrt.platforms.cuda.kernels.tc_wna16 import tc_wna16

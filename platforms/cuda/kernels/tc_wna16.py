@@ -16,6 +16,8 @@ operand; unswapped, the [BK, BN] permute went through shared memory and ran ~2.3
 H100 8192², BN 64 / BK 128 / 4 warps / 3 stages / ~4 programs per SM: 26.3 us at M = 2-16 (bf16 47 us).
 ASM False (interpreter, CPU tests) computes the same values with plain Triton ops.
 Split-K partials: each split stores fp32 [M, BN], the last program on a per-tile counter sums them.
+M = 17..256 (third pass): a third grid axis over BM-row tiles (BM 16..128); tiles per (M bucket, K, N)
+are stored in `_TILES` from one offline sweep (`bench/_tc_sweep.py`), no autotuning at serving time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
 
-MAX_M = 16
+MAX_M = 256
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class TcConfig:
     num_stages: int = 3
     waves: int = 4
     swap: bool = True         # dequantized weights as the register A operand (y^T = W^T x^T)
+    block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
 
 
 _ASM_BF16 = """
@@ -127,11 +130,12 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
                      SWAP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     RK: tl.constexpr = BK // 8
     MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    offs_m = tl.arange(0, BM)
+    offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
     offs_r = tl.arange(0, RK)
     offs_k = tl.arange(0, BK)
@@ -181,51 +185,80 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
     else:
         tl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
         tl.debug_barrier()
-        cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        tile = pid_m * tl.num_programs(0) + pid_n
+        cnt = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if cnt == SPLIT - 1:
             tot = tl.zeros(acc.shape, dtype=tl.float32)
             for sp in range(SPLIT):
                 tot += tl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + ym, tot.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 def can_run(m: int, k: int, group: int, bits: int, cfg: TcConfig | None = None) -> bool:
-    """True when this kernel applies: 4-bit container, M <= 16, K steps inside one scale group."""
-    bk = (cfg or TcConfig()).block_k
-    return bits == 4 and m <= MAX_M and group % bk == 0 and k % bk == 0
+    """True when this kernel applies: 4-bit container, M <= MAX_M, K steps inside one scale group."""
+    if bits != 4 or not 1 <= m <= MAX_M:
+        return False
+    bk = (cfg or default_config(m, 0, k)).block_k
+    return group % bk == 0 and k % bk == 0
+
+
+# (block_m, block_n, block_k, split_k, num_warps, num_stages, waves, swap) per M bucket (upper bound)
+# and (K, N); a missing (K, N) uses the bucket's `_DEFAULT_TILES` entry.
+_DEFAULT_TILES: dict[int, tuple] = {
+    16: (16, 64, 128, 0, 4, 3, 4, True),
+    32: (32, 64, 128, 0, 4, 3, 4, True),
+    64: (64, 64, 128, 0, 4, 3, 4, True),
+    128: (64, 128, 128, 0, 4, 3, 2, True),
+    256: (128, 128, 128, 0, 8, 3, 2, False),
+}
+_TILES: dict[tuple[int, int, int], tuple] = {}
+_BUCKETS = sorted(_DEFAULT_TILES)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest stored M bucket holding m (16, 32, 64, 128 or 256)."""
+    for b in _BUCKETS:
+        if m <= b:
+            return b
+    raise ValueError(f"M={m} is above tc_wna16's MAX_M={MAX_M}; use the dequantize + cuBLAS path")
 
 
 def default_config(m: int, n: int, k: int) -> TcConfig:
-    return TcConfig()
+    b = m_bucket(m)
+    bm, *rest = _TILES.get((b, k, n), _DEFAULT_TILES[b])
+    return TcConfig(*rest, block_m=bm)
 
 
 def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
              cfg: TcConfig | None = None, asm: bool | None = None) -> torch.Tensor:
-    """x [M <= 16, K] fp16/bf16; packed [K/8, N] int32; scale, zero (2**23 + z) [G, N] fp32 -> [M, N]."""
+    """x [M <= 256, K] fp16/bf16; packed [K/8, N] int32; scale, zero (2**23 + z) [G, N] fp32 -> [M, N]."""
     m, k = x.shape
     n = packed.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = cfg or default_config(m, n, k)
-    assert can_run(m, k, group, 4, cfg)
+    if not can_run(m, k, group, 4, cfg):
+        raise ValueError(f"tc_wna16 needs 1 <= M <= {MAX_M}, K and group multiples of block_k "
+                         f"{cfg.block_k}; got M={m}, K={k}, group={group}")
     interp = interpret_mode()
     if asm is None:
         asm = not interp
     bk = cfg.block_k
     n_tiles = cdiv(n, cfg.block_n)
+    m_tiles = cdiv(m, cfg.block_m)
     k_steps = k // bk
-    split = cfg.split_k or max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles)))
+    split = cfg.split_k or max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles * m_tiles)))
     k_per_split = cdiv(k_steps, split) * bk
     split = cdiv(k, k_per_split)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, n_tiles) if split > 1 else packed
-    _tc_wna16_kernel[(n_tiles, split)](
+    cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else packed
+    _tc_wna16_kernel[(n_tiles, split, m_tiles)](
         x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
-        BM=16, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
+        BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         DOT_F32=interp, SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
-__all__ = ["MAX_M", "TcConfig", "can_run", "default_config", "tc_wna16"]
+__all__ = ["MAX_M", "TcConfig", "can_run", "default_config", "m_bucket", "tc_wna16"]

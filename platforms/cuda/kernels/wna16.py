@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from quantrt.platform.interface import Platform
 
 _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
-DEQUANT_MIN_M = 64  # from here: Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
+DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100, 8192²: 25 us at M=1; at M=4 80 us vs 45 tiled)
-TC_MAX_M = 16       # SKINNY_MAX_M < M <= this, 4-bit, group % 128 == 0: tc_wna16 (tensor cores, swapped operands)
+TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, 4-bit, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles)
 
 
 
