@@ -71,6 +71,44 @@ def test_swap_int8_per_token(m):
     assert rel_err(y, ref) < 2e-3
 
 
+@pytest.mark.parametrize("m,cfg", [(40, (32, 128, 2, 4, 1, 32)), (70, (64, 64, 0, 4, 1, 16))])
+def test_swap_int8_row_tiles(m, cfg):
+    """M = 17..256: BM-row tiles (ragged last tile; split-K counters per (m, n) tile) vs fake-quant x @ W."""
+    from quantrt.platforms.cuda.kernels.swap_fp8 import SwapFp8Config, swap_fp8
+
+    gen = torch.Generator().manual_seed(m)
+    codes = torch.randint(-127, 128, (96, 256), generator=gen).to(torch.int8)
+    w = IntWeight(codes.to(DEV), (torch.rand(96, 1, generator=gen) * 0.01).to(DEV), 8, 256)
+    x = torch.randn(m, 256, generator=gen).to(DEV, torch.float16)
+    y = swap_fp8(x, w.codes, w.scale.reshape(-1).contiguous(), 0, 1, 127.0, None, SwapFp8Config(*cfg))
+    ref = fake_quantize_act(x, ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8)) @ w.dequantize().float().t()
+    assert rel_err(y, ref) < 2e-3
+
+
+@pytest.mark.parametrize("gran", ["channel", "block"])
+def test_swap_fp8_weight_only_row_tiles(gran):
+    y, ref = _swap_case(gran, ActKind.NONE, 37, 160, 256, torch.Generator().manual_seed(3), (64, 128, 2, 4, 1, 16))
+    assert rel_err(y, ref) < 1e-2
+
+
+def test_swap_fp8_row_limits():
+    from quantrt.platforms.cuda.kernels.swap_fp8 import default_config, m_bucket, swap_fp8
+
+    assert [m_bucket(m) for m in (1, 16, 17, 33, 129, 256)] == [16, 16, 32, 64, 256, 256]
+    assert default_config(100, 4096, 4096, 0).block_m >= 32 and default_config(8, 4096, 4096, 0).block_m == 16
+    x = torch.zeros(257, 128, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="1 <= M <= 256"):
+        swap_fp8(x, torch.zeros(32, 128, dtype=torch.int8, device=DEV), torch.ones(32, device=DEV), 0, 1, 127.0)
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [17, 64, 200])
+@pytest.mark.parametrize("gran,kind", SWAP_CASES)
+def test_swap_fp8_row_tiles_native(m, gran, kind):
+    y, ref = _swap_case(gran, kind, m, 4096, 4096, torch.Generator().manual_seed(m))
+    assert rel_err(y, ref) < 2e-2
+
+
 @pytest.mark.accelerator
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("gran,kind", SWAP_CASES)
@@ -95,17 +133,17 @@ def test_quant_rows_matches_reference_quantizer(dtype, qmax):
     assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
 
 
-@pytest.mark.parametrize("m", [2, 16])
+@pytest.mark.parametrize("m", [2, 16, 48])
 def test_w8a8_small_batches_take_the_swapped_kernel(m):
-    """TritonW8A8Kernel.apply at 2 <= M <= 16 with quantized activations (swap_fp8) vs the reference kernel."""
+    """TritonW8A8Kernel.apply at 2 <= M <= 256 with quantized activations (swap_fp8) vs the reference kernel."""
     from quantrt.platform.interface import DeviceCapability
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
-    from quantrt.platforms.cuda.kernels.w8a8 import SWAP_MAX_M
+    from quantrt.platforms.cuda.kernels.w8a8 import ROW_TILE_MAX_M, SWAP_MAX_M
     from quantrt.platforms.cuda.platform import CudaPlatform
     from quantrt.quant.kernel import LinearSpec
     from quantrt.quant.kernels.reference import ReferenceLinearKernel
 
-    assert m <= SWAP_MAX_M
+    assert m <= SWAP_MAX_M or m <= ROW_TILE_MAX_M
     platform = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
     gen = torch.Generator().manual_seed(m)
     codes = torch.randint(-127, 128, (96, 256), generator=gen).to(torch.int8)

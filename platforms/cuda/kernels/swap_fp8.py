@@ -9,6 +9,8 @@ own amax, BK == 128), 2 static per tensor, 3 weight-only (weights widened to the
 WSCALE 0 tensor [1], 1 channel [N], 2 block [N/128, K/128]. Activation codes are computed exactly like
 `fake_quantize_act` (x / scale, clamped, cast; int8 rounds half to even) and multiplied code x code on
 the tensor cores with fp32 (int32) accumulation. Split-K partials: the last program per tile sums them.
+M = 17..256 (third pass): a third grid axis over BM-row tiles; tiles per (M bucket, K, N) in `_ROW_TILES`
+from one offline sweep (`bench/_tc_sweep.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import triton.language as tl
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _row_scale_kernel
 
-MAX_M = 16
+MAX_M = 256
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class SwapFp8Config:
     waves: int = 4            # split-K to about this many programs per SM (0: no split)
     num_warps: int = 4
     num_stages: int = 3
+    block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
 
 
 @triton.jit
@@ -57,11 +60,12 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
                      BM: tl.constexpr, DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     W_DTYPE = w_ptr.dtype.element_ty
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BK)
-    offs_m = tl.arange(0, BM)
+    offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
     if ACT == 0:
         sx = tl.load(sa_ptr + offs_m, mask=mask_m, other=1.0)                 # [BM] per-token scales
@@ -102,13 +106,14 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
     else:
         tl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
         tl.debug_barrier()
-        cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        tile = pid_m * tl.num_programs(0) + pid_n
+        cnt = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if cnt == SPLIT - 1:
             tot = tl.zeros([BN, BM], dtype=tl.float32)
             for sp in range(SPLIT):
                 tot += tl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + ym, tot.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # Best tiles per (K, N) from the H100 sweep (bench/kernels.py --km-sweep / --gemv-sweep, 2026-11-23; the
@@ -119,8 +124,26 @@ _GROUP_TILES = {(4096, 28672): SwapFp8Config(128, 128, 4, 4, 3)}
 _GROUP_DEFAULT = SwapFp8Config(64, 128, 4, 4, 3)     # 8192² 29.4-31.5 us at M = 1-16
 
 
+# M = 17..256: (block_n, block_k, waves, warps, stages, block_m) per (M bucket, act group?, K, N), from
+# bench/_tc_sweep.py; a missing entry uses the bucket default.
+_ROW_DEFAULT: dict[int, tuple] = {32: (64, 128, 4, 4, 3, 32), 64: (64, 128, 4, 4, 3, 64),
+                                  128: (128, 128, 2, 8, 3, 64), 256: (128, 128, 2, 8, 3, 128)}
+_ROW_TILES: dict[tuple[int, bool, int, int], tuple] = {}
+
+
+def m_bucket(m: int) -> int:
+    """16 for M <= 16, else the smallest of 32/64/128/256 holding m."""
+    for b in (16, 32, 64, 128, 256):
+        if m <= b:
+            return b
+    raise ValueError(f"M={m} is above swap_fp8's MAX_M={MAX_M}")
+
+
 def default_config(m: int, n: int, k: int, act: int) -> SwapFp8Config:
-    """Tiles per (K, N) chosen offline on the H100 (no autotuning at run time); M does not change them."""
+    """Tiles per (M bucket, K, N) chosen offline on the H100 (no autotuning at run time)."""
+    b = m_bucket(m)
+    if b > 16:
+        return SwapFp8Config(*_ROW_TILES.get((b, act == 1, k, n), _ROW_DEFAULT[b]))
     if act == 1:
         return _GROUP_TILES.get((k, n), _GROUP_DEFAULT)
     return _TOKEN_TILES.get((k, n), _TOKEN_DEFAULT)
@@ -128,17 +151,20 @@ def default_config(m: int, n: int, k: int, act: int) -> SwapFp8Config:
 
 def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int, qmax: float,
              act_scale: torch.Tensor | None = None, cfg: SwapFp8Config | None = None) -> torch.Tensor:
-    """x: [M <= 16, K] fp16/bf16; w: [N, K] fp8/int8; modes and scales as in `w8a8_triton` -> [M, N]."""
+    """x: [M <= 256, K] fp16/bf16; w: [N, K] fp8/int8; modes and scales as in `w8a8_triton` -> [M, N]."""
     m, k = x.shape
     n = w.shape[0]
-    assert 1 <= m <= MAX_M
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"swap_fp8 takes 1 <= M <= {MAX_M} rows, got M={m}")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = cfg or default_config(m, n, k, act)
     bk = 128 if (act == 1 or wscale == 2) else cfg.block_k
     n_tiles = cdiv(n, cfg.block_n)
+    m_tiles = cdiv(m, cfg.block_m)
     k_steps = cdiv(k, bk)
-    split = 1 if cfg.waves == 0 else max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles)))
+    split = 1 if cfg.waves == 0 else max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0),
+                                                               n_tiles * m_tiles)))
     k_per_split = cdiv(k_steps, split) * bk
     split = cdiv(k, k_per_split)
     if act == 0:
@@ -148,12 +174,12 @@ def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, 
         sa = act_scale if act_scale is not None else w_scale
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, n_tiles) if split > 1 else sa
-    _swap_fp8_kernel[(n_tiles, split)](
+    cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else sa
+    _swap_fp8_kernel[(n_tiles, split, m_tiles)](
         x, w, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
-        ACT=act, WSCALE=wscale, QMAX=qmax, IS_INT=w.dtype == torch.int8, BN=cfg.block_n, BK=bk, BM=16,
+        ACT=act, WSCALE=wscale, QMAX=qmax, IS_INT=w.dtype == torch.int8, BN=cfg.block_n, BK=bk, BM=cfg.block_m,
         DOT_F32=interpret_mode(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
-__all__ = ["MAX_M", "SwapFp8Config", "default_config", "swap_fp8"]
+__all__ = ["MAX_M", "SwapFp8Config", "default_config", "m_bucket", "swap_fp8"]

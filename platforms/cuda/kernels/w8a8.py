@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
+ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
@@ -122,7 +123,7 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
-        elif x2.shape[0] <= SWAP_MAX_M and self.act != 3:
+        elif x2.shape[0] <= SWAP_MAX_M and self.act != 3 or SWAP_MAX_M < x2.shape[0] <= ROW_TILE_MAX_M:
             from quantrt.platforms.cuda.kernels.swap_fp8 import swap_fp8
 
             y = swap_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
