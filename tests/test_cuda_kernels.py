@@ -298,12 +298,26 @@ def test_tc_wna16_row_tiles(m, cfg):
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 2e-3
 
 
+@pytest.mark.parametrize("m,group,asym", [(3, 128, True), (40, 512, False)])
+def test_tc_wna16_8bit(m, group, asym):
+    """8-bit container (W8A16, 4 codes per word; per-channel when group == K) vs the dequantized weight."""
+    from quantrt.platforms.cuda.kernels.tc_wna16 import TcConfig, tc_wna16
+
+    gen = torch.Generator().manual_seed(m)
+    w = make_int_weight(96, 512, 8, group, asym, False, gen)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.float16), PLATFORM)
+    assert kern.container == 8
+    x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(64, 128, 2, 4, 1, 4, m < 16, 32), bits=8)
+    assert rel_err(y, x.float() @ w.dequantize().float().t()) < 2e-3
+
+
 def test_tc_wna16_buckets_and_errors():
     from quantrt.platforms.cuda.kernels.tc_wna16 import MAX_M, can_run, default_config, m_bucket, tc_wna16
 
     assert [m_bucket(m) for m in (2, 16, 17, 64, 65, 256)] == [16, 16, 32, 64, 128, 256]
     assert MAX_M == 256 and can_run(256, 4096, 128, 4) and not can_run(257, 4096, 128, 4)
-    assert not can_run(64, 4096, 64, 4) and not can_run(64, 4096, 128, 8)
+    assert not can_run(64, 4096, 64, 4) and can_run(64, 4096, 128, 8) and not can_run(8, 4096, 128, 2)
     assert default_config(200, 4096, 4096).block_m >= 64
     with pytest.raises(ValueError, match="MAX_M=256"):
         m_bucket(300)
@@ -317,12 +331,13 @@ def test_tc_wna16_buckets_and_errors():
 @pytest.mark.accelerator
 @pytest.mark.parametrize("m", [2, 9, 16, 17, 32, 50, 64, 100, 128, 200, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_tc_wna16_native(m, dtype):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tc_wna16_native(m, dtype, bits):
     from quantrt.platforms.cuda.kernels.tc_wna16 import tc_wna16
 
     gen = torch.Generator().manual_seed(m)
-    w = make_int_weight(4096, 4096, 4, 128, True, False, gen)
+    w = make_int_weight(4096, 4096, bits, 128, True, False, gen)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
     x = torch.randn(m, 4096, generator=gen).to(DEV, dtype)
-    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, bits=bits)
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 1e-2

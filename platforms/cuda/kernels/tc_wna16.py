@@ -127,11 +127,11 @@ _ASM_F16_C = tl.constexpr(_ASM_F16)
 def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                     SWAP: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    RK: tl.constexpr = BK // 8
+    RK: tl.constexpr = BK // PACK
     MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -147,18 +147,27 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
     for kt in range(0, K_PER_SPLIT, BK):
         k0 = k_start + kt
         kin = k0 < K
-        p = tl.load(p_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=kin & mask_n[None, :], other=0)
+        p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=kin & mask_n[None, :], other=0)
         g = k0 // G
         s = tl.load(s_ptr + g * N + offs_n, mask=kin & mask_n, other=0.0)
         z = tl.load(z_ptr + g * N + offs_n, mask=kin & mask_n, other=8388608.0) - 8388608.0
         dt = x_ptr.dtype.element_ty
-        nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
-        sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
-        c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ASM, IS_BF16)
-        w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
-        w = tl.reshape(w, [RK, BN, 8])                        # [j, n, i]: code i of packed row j
+        if PACK == 8:
+            nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
+            sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
+            c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ASM, IS_BF16)
+            w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+        else:  # 8-bit container, 4 codes per word: fp32 (q - z) * s rounded once (MAGIC + q is not exact in bf16)
+            zb = z[None, :]
+            sf = s[None, :]
+            d0 = ((((p >> 0) & 255).to(tl.float32) - zb) * sf).to(dt)
+            d1 = ((((p >> 8) & 255).to(tl.float32) - zb) * sf).to(dt)
+            d2 = ((((p >> 16) & 255).to(tl.float32) - zb) * sf).to(dt)
+            d3 = ((((p >> 24) & 255).to(tl.float32) - zb) * sf).to(dt)
+            w = tl.join(tl.join(d0, d2), tl.join(d1, d3))
+        w = tl.reshape(w, [RK, BN, PACK])                     # [j, n, i]: code i of packed row j
         kk = k0 + offs_k
-        if SWAP:  # y^T = W^T x^T: the dequantized tile is the register A operand, k = 8j + i along its rows
+        if SWAP:  # y^T = W^T x^T: the dequantized tile is the register A operand, k = PACK j + i along its rows
             wt = tl.reshape(tl.permute(w, (1, 0, 2)), [BN, BK])
             a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
                         mask=mask_m[None, :] & (kk < K)[:, None], other=0.0)  # [BK, BM]
@@ -167,7 +176,7 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
             else:
                 acc += tl.dot(wt, a)
         else:
-            w = tl.reshape(tl.permute(w, (0, 2, 1)), [BK, BN])  # row 8j+i = k
+            w = tl.reshape(tl.permute(w, (0, 2, 1)), [BK, BN])  # row PACK j + i = k
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                         mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
             if DOT_F32:
@@ -196,15 +205,15 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
 
 
 def can_run(m: int, k: int, group: int, bits: int, cfg: TcConfig | None = None) -> bool:
-    """True when this kernel applies: 4-bit container, M <= MAX_M, K steps inside one scale group."""
-    if bits != 4 or not 1 <= m <= MAX_M:
+    """True when this kernel applies: 4- or 8-bit container, M <= MAX_M, K steps inside one scale group."""
+    if bits not in (4, 8) or not 1 <= m <= MAX_M:
         return False
     bk = (cfg or default_config(m, 0, k)).block_k
     return group % bk == 0 and k % bk == 0
 
 
-# (block_m, block_n, block_k, split_k, num_warps, num_stages, waves, swap) per M bucket (upper bound)
-# and (K, N); a missing (K, N) uses the bucket's `_DEFAULT_TILES` entry.
+# (block_m, block_n, block_k, split_k, num_warps, num_stages, waves, swap) per M bucket (upper bound),
+# container bits and (K, N); a missing entry uses the bucket's `_DEFAULT_TILES` entry.
 _DEFAULT_TILES: dict[int, tuple] = {
     16: (16, 64, 128, 0, 4, 3, 4, True),
     32: (32, 64, 128, 0, 4, 3, 4, True),
@@ -212,7 +221,7 @@ _DEFAULT_TILES: dict[int, tuple] = {
     128: (64, 128, 128, 0, 4, 3, 2, True),
     256: (128, 128, 128, 0, 8, 3, 2, False),
 }
-_TILES: dict[tuple[int, int, int], tuple] = {}
+_TILES: dict[tuple[int, int, int, int], tuple] = {}
 _BUCKETS = sorted(_DEFAULT_TILES)
 
 
@@ -224,23 +233,24 @@ def m_bucket(m: int) -> int:
     raise ValueError(f"M={m} is above tc_wna16's MAX_M={MAX_M}; use the dequantize + cuBLAS path")
 
 
-def default_config(m: int, n: int, k: int) -> TcConfig:
+def default_config(m: int, n: int, k: int, bits: int = 4) -> TcConfig:
     b = m_bucket(m)
-    bm, *rest = _TILES.get((b, k, n), _DEFAULT_TILES[b])
+    bm, *rest = _TILES.get((b, bits, k, n), _DEFAULT_TILES[b])
     return TcConfig(*rest, block_m=bm)
 
 
 def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-             cfg: TcConfig | None = None, asm: bool | None = None) -> torch.Tensor:
-    """x [M <= 256, K] fp16/bf16; packed [K/8, N] int32; scale, zero (2**23 + z) [G, N] fp32 -> [M, N]."""
+             cfg: TcConfig | None = None, asm: bool | None = None, bits: int = 4) -> torch.Tensor:
+    """x [M <= 256, K] fp16/bf16; packed [K/(32/bits), N] int32 (bits = container 4 or 8); scale,
+    zero (2**23 + z) [G, N] fp32 -> [M, N]."""
     m, k = x.shape
     n = packed.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = cfg or default_config(m, n, k)
-    if not can_run(m, k, group, 4, cfg):
-        raise ValueError(f"tc_wna16 needs 1 <= M <= {MAX_M}, K and group multiples of block_k "
-                         f"{cfg.block_k}; got M={m}, K={k}, group={group}")
+    cfg = cfg or default_config(m, n, k, bits)
+    if not can_run(m, k, group, bits, cfg):
+        raise ValueError(f"tc_wna16 needs a 4- or 8-bit container, 1 <= M <= {MAX_M}, K and group multiples "
+                         f"of block_k {cfg.block_k}; got bits={bits}, M={m}, K={k}, group={group}")
     interp = interpret_mode()
     if asm is None:
         asm = not interp
@@ -257,7 +267,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     _tc_wna16_kernel[(n_tiles, split, m_tiles)](
         x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
-        DOT_F32=interp, SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100, 8192²: 25 us at M=1; at M=4 80 us vs 45 tiled)
-TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, 4-bit, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles)
+TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles, 4/8-bit)
 
 
 
@@ -134,7 +134,7 @@ class TritonWNA16Kernel(LinearKernel):
         elif x2.shape[0] <= TC_MAX_M and self._tc_ok(x2.shape[0], k):
             from quantrt.platforms.cuda.kernels.tc_wna16 import tc_wna16
 
-            y = tc_wna16(x2, self.packed, self.scale, self.zero, self.group)
+            y = tc_wna16(x2, self.packed, self.scale, self.zero, self.group, bits=self.container)
         elif x2.shape[0] >= DEQUANT_MIN_M:
             w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype)
             y = torch.nn.functional.linear(x2, w.t())                          # w: [K, N] -> [M, N]
