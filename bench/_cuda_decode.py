@@ -181,19 +181,10 @@ def steady(gen, bs: int, new: int, short: int, repeats: int) -> tuple[float, flo
 
 def unfused_platform():
     """The CUDA platform without its fused per-layer ops (the layers' torch math runs instead)."""
+    from quantrt.platform.interface import without_fused_layer_ops
     from quantrt.platforms.cuda.platform import CudaPlatform
 
-    class UnfusedCudaPlatform(CudaPlatform):
-        def fused_add_rms_norm_op(self):
-            return None
-
-        def rotary_kv_store_op(self):
-            return None
-
-        def act_mul_op(self):
-            return None
-
-    return UnfusedCudaPlatform()
+    return without_fused_layer_ops(CudaPlatform)()
 
 
 def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False) -> dict:

@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
-from quantrt.platform.interface import DeviceCapability  # noqa: E402
+from quantrt.platform.interface import DeviceCapability, without_fused_layer_ops  # noqa: E402
 from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -263,20 +263,6 @@ def _fused_platform(base: type, counts: dict[str, int]):
     return Fused
 
 
-def _unfused_platform(base: type):
-    """`base` with none of the fused ops (the layers' torch math: rotary + index_copy writes, add then norm,
-    act then product)."""
-    class Unfused(base):
-        def fused_add_rms_norm_op(self):
-            return None
-
-        def rotary_kv_store_op(self):
-            return None
-
-        def act_mul_op(self):
-            return None
-
-    return Unfused
 
 
 def _decode(engine, prompts, n: int = 8):
@@ -308,7 +294,7 @@ def test_engine_greedy_tokens_equal_with_and_without_fused_ops(tiny_models, arch
     kw = dict(model_path=str(tiny_models[arch][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=512,
               page_size=4, random_seed=0)
     fast = _decode(Engine(platform=_fused_platform(CpuPlatform, counts)(), **kw), PROMPTS)
-    slow = _decode(Engine(platform=_unfused_platform(CpuPlatform)(), **kw), PROMPTS)
+    slow = _decode(Engine(platform=without_fused_layer_ops(CpuPlatform)(), **kw), PROMPTS)
     assert counts.get("rotary_kv_store", 0) > 0 and counts.get("act_mul", 0) > 0
     assert (counts.get("add_rms_norm", 0) > 0) == (arch == "llama")
     _assert_parity(fast, slow, 2e-2)
@@ -327,7 +313,7 @@ def test_engine_greedy_tokens_equal_with_and_without_fused_ops_native(tiny_model
     assert fast_eng.model.model.layers[0].self_attn.attn._rotary_store is not None
     fast = _decode(fast_eng, PROMPTS, 12)
     del fast_eng
-    slow = _decode(Engine(platform=_unfused_platform(CudaPlatform)(), **kw), PROMPTS, 12)
+    slow = _decode(Engine(platform=without_fused_layer_ops(CudaPlatform)(), **kw), PROMPTS, 12)
     _assert_parity(fast, slow, 5e-2)
 
 

@@ -203,3 +203,15 @@ class Platform:
             "attention_backends": self.attention_backends(),
             "graph_runner": self.graph_runner() is not None,
         }
+
+
+FUSED_LAYER_HOOKS = ("fused_add_rms_norm_op", "rotary_kv_store_op", "act_mul_op", "decode_stack_op")
+
+
+def without_fused_layer_ops(base: type[Platform]) -> type[Platform]:
+    """`base` offering none of the fused per-layer hooks (FUSED_LAYER_HOOKS), so the layers run their own torch
+    math: the unfused side of parity tests and benchmarks."""
+    def none(self: Platform, *args: Any) -> None:
+        return None
+
+    return type(f"Unfused{base.__name__}", (base,), {hook: none for hook in FUSED_LAYER_HOOKS})
