@@ -154,6 +154,44 @@ def test_w8a8_small_batches_take_the_swapped_kernel(m):
     assert rel_err(y, ReferenceLinearKernel.prepare(spec, platform).apply(x, None)) < 2e-3
 
 
+@pytest.mark.parametrize("m,static", [(64, False), (97, True)])
+def test_int8_w8a8_large_batch_takes_int_mm(m, static, monkeypatch):
+    """M >= INT_MM_MIN_M: one-launch int8 codes, cuBLASLt int8 GEMM, row x column scale epilogue vs the
+    reference kernel (fake-quantized activations @ dequantized weights)."""
+    from quantrt.platform.interface import DeviceCapability
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel, int8_mm as int8_mod
+    from quantrt.platforms.cuda.kernels.w8a8 import INT_MM_MIN_M
+    from quantrt.platforms.cuda.platform import CudaPlatform
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.kernels.reference import ReferenceLinearKernel
+
+    assert m >= INT_MM_MIN_M
+    calls = []
+    real = int8_mod.int8_mm
+    monkeypatch.setattr(int8_mod, "int8_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    platform = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+    gen = torch.Generator().manual_seed(m)
+    codes = torch.randint(-127, 128, (96, 256), generator=gen).to(torch.int8)
+    w = IntWeight(codes.to(DEV), (torch.rand(96, 1, generator=gen) * 0.01).to(DEV), 8, 256)
+    act = (ActScheme(ActKind.STATIC_TENSOR, torch.int8, scale=torch.tensor(0.03)) if static
+           else ActScheme(ActKind.DYNAMIC_TOKEN, torch.int8))
+    spec = LinearSpec(w, act, torch.float16)
+    x = torch.randn(m, 256, generator=gen).to(DEV, torch.float16)
+    y = TritonW8A8Kernel.prepare(spec, platform).apply(x, None)
+    assert calls == [1]
+    assert rel_err(y, ReferenceLinearKernel.prepare(spec, platform).apply(x, None)) < 2e-3
+
+
+def test_int8_mm_rejects_bad_shapes():
+    from quantrt.platforms.cuda.kernels.int8_mm import int8_mm
+
+    w = torch.zeros(96, 256, dtype=torch.int8, device=DEV)
+    with pytest.raises(ValueError, match="M >= 17"):
+        int8_mm(torch.zeros(8, 256, dtype=torch.float16, device=DEV), w, torch.ones(96, device=DEV), 127.0)
+    with pytest.raises(ValueError, match="int8 weights"):
+        int8_mm(torch.zeros(32, 256, dtype=torch.float16, device=DEV), w.float(), torch.ones(96, device=DEV), 127.0)
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_skinny_fp8_inline_amax(m):
     """Per-token fp8 GEMV with the row amax found in every program (ACT 4) == the separate scale launch;

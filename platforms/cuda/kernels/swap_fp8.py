@@ -124,11 +124,78 @@ _GROUP_TILES = {(4096, 28672): SwapFp8Config(128, 128, 4, 4, 3)}
 _GROUP_DEFAULT = SwapFp8Config(64, 128, 4, 4, 3)     # 8192² 29.4-31.5 us at M = 1-16
 
 
-# M = 17..256: (block_n, block_k, waves, warps, stages, block_m) per (M bucket, act group?, K, N), from
-# bench/_tc_sweep.py; a missing entry uses the bucket default.
+# M = 17..256: (block_n, block_k, waves, warps, stages, block_m) per (M bucket, act, int8 weights, K, N),
+# from the H100 sweep of 2026-11-23 (`python bench/kernels.py --rows-sweep`); a missing entry uses the
+# bucket default.
 _ROW_DEFAULT: dict[int, tuple] = {32: (64, 128, 4, 4, 3, 32), 64: (64, 128, 4, 4, 3, 64),
                                   128: (128, 128, 2, 8, 3, 64), 256: (128, 128, 2, 8, 3, 128)}
-_ROW_TILES: dict[tuple[int, bool, int, int], tuple] = {}
+_ROW_TILES: dict[tuple[int, int, bool, int, int], tuple] = {
+    (32, 1, False, 4096, 4096): (128, 256, 2, 8, 3, 32),  # 14.0 us
+    (64, 1, False, 4096, 4096): (128, 128, 2, 4, 3, 64),  # 20.1 us
+    (128, 1, False, 4096, 4096): (128, 128, 2, 8, 3, 64),  # 38.1 us
+    (256, 1, False, 4096, 4096): (128, 128, 2, 4, 3, 64),  # 49.6 us
+    (32, 1, False, 4096, 6144): (128, 128, 2, 4, 3, 32),  # 19.3 us
+    (64, 1, False, 4096, 6144): (128, 128, 2, 4, 3, 64),  # 31.2 us
+    (128, 1, False, 4096, 6144): (128, 128, 2, 8, 3, 64),  # 52.8 us
+    (256, 1, False, 4096, 6144): (128, 128, 2, 4, 3, 64),  # 60.2 us
+    (32, 1, False, 4096, 28672): (64, 128, 4, 4, 3, 32),  # 63.2 us
+    (64, 1, False, 4096, 28672): (128, 128, 2, 4, 3, 64),  # 71.7 us
+    (128, 1, False, 4096, 28672): (128, 256, 1, 8, 3, 128),  # 125.6 us
+    (256, 1, False, 4096, 28672): (128, 128, 2, 4, 3, 64),  # 215.4 us
+    (32, 1, False, 8192, 8192): (64, 256, 4, 4, 3, 32),  # 36.1 us
+    (64, 1, False, 8192, 8192): (128, 128, 2, 4, 3, 64),  # 51.6 us
+    (128, 1, False, 8192, 8192): (128, 128, 2, 8, 3, 128),  # 94.5 us
+    (256, 1, False, 8192, 8192): (128, 128, 2, 4, 3, 64),  # 127.5 us
+    (32, 1, False, 14336, 4096): (128, 256, 2, 8, 3, 32),  # 35.8 us
+    (64, 1, False, 14336, 4096): (128, 128, 2, 4, 3, 64),  # 54.1 us
+    (128, 1, False, 14336, 4096): (128, 128, 2, 8, 3, 64),  # 93.4 us
+    (256, 1, False, 14336, 4096): (128, 128, 2, 4, 3, 64),  # 119.2 us
+    (32, 0, False, 4096, 4096): (64, 128, 4, 4, 3, 32),  # 14.0 us
+    (32, 0, False, 4096, 6144): (128, 128, 2, 4, 3, 32),  # 21.0 us
+    (32, 0, False, 4096, 28672): (64, 128, 4, 4, 3, 32),  # 57.8 us
+    (32, 0, False, 8192, 8192): (128, 128, 2, 4, 3, 32),  # 39.6 us
+    (32, 0, False, 14336, 4096): (128, 256, 2, 8, 3, 32),  # 34.9 us
+    (32, 3, False, 4096, 4096): (64, 128, 4, 4, 3, 32),  # 15.6 us
+    (64, 3, False, 4096, 4096): (128, 128, 2, 4, 3, 64),  # 19.2 us
+    (128, 3, False, 4096, 4096): (64, 128, 4, 4, 3, 128),  # 31.2 us
+    (256, 3, False, 4096, 4096): (128, 128, 2, 4, 3, 64),  # 48.5 us
+    (32, 3, False, 4096, 6144): (64, 128, 4, 4, 3, 32),  # 19.4 us
+    (64, 3, False, 4096, 6144): (64, 128, 4, 4, 3, 64),  # 25.2 us
+    (128, 3, False, 4096, 6144): (128, 128, 2, 8, 3, 64),  # 39.5 us
+    (256, 3, False, 4096, 6144): (128, 128, 2, 8, 3, 128),  # 62.2 us
+    (32, 3, False, 4096, 28672): (64, 128, 4, 4, 3, 32),  # 55.4 us
+    (64, 3, False, 4096, 28672): (64, 128, 4, 4, 3, 64),  # 74.8 us
+    (128, 3, False, 4096, 28672): (64, 128, 4, 4, 3, 128),  # 110.1 us
+    (256, 3, False, 4096, 28672): (128, 128, 2, 8, 3, 128),  # 195.3 us
+    (32, 3, False, 8192, 8192): (64, 128, 4, 4, 3, 32),  # 38.9 us
+    (64, 3, False, 8192, 8192): (64, 128, 4, 4, 3, 64),  # 44.2 us
+    (128, 3, False, 8192, 8192): (64, 128, 4, 4, 3, 128),  # 69.6 us
+    (256, 3, False, 8192, 8192): (128, 128, 2, 8, 3, 128),  # 115.4 us
+    (32, 3, False, 14336, 4096): (64, 256, 4, 4, 3, 32),  # 38.1 us
+    (64, 3, False, 14336, 4096): (64, 128, 4, 4, 3, 64),  # 43.8 us
+    (128, 3, False, 14336, 4096): (64, 128, 4, 4, 3, 128),  # 71.3 us
+    (256, 3, False, 14336, 4096): (128, 128, 2, 8, 3, 128),  # 117.8 us
+    (32, 0, True, 4096, 4096): (64, 128, 4, 4, 3, 32),  # 15.0 us
+    (64, 0, True, 4096, 4096): (128, 128, 2, 4, 3, 64),  # 23.7 us
+    (128, 0, True, 4096, 4096): (128, 128, 2, 8, 3, 64),  # 34.7 us
+    (256, 0, True, 4096, 4096): (128, 128, 2, 4, 3, 64),  # 52.7 us
+    (32, 0, True, 4096, 6144): (128, 128, 2, 4, 3, 32),  # 21.3 us
+    (64, 0, True, 4096, 6144): (128, 128, 2, 4, 3, 64),  # 33.3 us
+    (128, 0, True, 4096, 6144): (128, 128, 2, 8, 3, 64),  # 43.3 us
+    (256, 0, True, 4096, 6144): (128, 128, 2, 4, 3, 64),  # 72.1 us
+    (32, 0, True, 4096, 28672): (64, 128, 4, 4, 3, 32),  # 59.6 us
+    (64, 0, True, 4096, 28672): (128, 128, 2, 4, 3, 64),  # 73.0 us
+    (128, 0, True, 4096, 28672): (128, 128, 2, 8, 3, 64),  # 125.8 us
+    (256, 0, True, 4096, 28672): (128, 128, 2, 4, 3, 64),  # 231.8 us
+    (32, 0, True, 8192, 8192): (128, 128, 2, 4, 3, 32),  # 40.3 us
+    (64, 0, True, 8192, 8192): (128, 128, 2, 4, 3, 64),  # 57.3 us
+    (128, 0, True, 8192, 8192): (128, 128, 2, 8, 3, 64),  # 77.4 us
+    (256, 0, True, 8192, 8192): (128, 128, 2, 4, 3, 64),  # 130.0 us
+    (32, 0, True, 14336, 4096): (128, 256, 2, 8, 3, 32),  # 36.1 us
+    (64, 0, True, 14336, 4096): (128, 256, 2, 8, 3, 64),  # 47.6 us
+    (128, 0, True, 14336, 4096): (128, 128, 2, 8, 3, 64),  # 82.3 us
+    (256, 0, True, 14336, 4096): (128, 128, 2, 4, 3, 64),  # 149.8 us
+}
 
 
 def m_bucket(m: int) -> int:
@@ -139,11 +206,11 @@ def m_bucket(m: int) -> int:
     raise ValueError(f"M={m} is above swap_fp8's MAX_M={MAX_M}")
 
 
-def default_config(m: int, n: int, k: int, act: int) -> SwapFp8Config:
+def default_config(m: int, n: int, k: int, act: int, is_int: bool = False) -> SwapFp8Config:
     """Tiles per (M bucket, K, N) chosen offline on the H100 (no autotuning at run time)."""
     b = m_bucket(m)
     if b > 16:
-        return SwapFp8Config(*_ROW_TILES.get((b, act == 1, k, n), _ROW_DEFAULT[b]))
+        return SwapFp8Config(*_ROW_TILES.get((b, act, is_int, k, n), _ROW_DEFAULT[b]))
     if act == 1:
         return _GROUP_TILES.get((k, n), _GROUP_DEFAULT)
     return _TOKEN_TILES.get((k, n), _TOKEN_DEFAULT)
@@ -158,7 +225,7 @@ def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, 
         raise ValueError(f"swap_fp8 takes 1 <= M <= {MAX_M} rows, got M={m}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = cfg or default_config(m, n, k, act)
+    cfg = cfg or default_config(m, n, k, act, w.dtype == torch.int8)
     bk = 128 if (act == 1 or wscale == 2) else cfg.block_k
     n_tiles = cdiv(n, cfg.block_n)
     m_tiles = cdiv(m, cfg.block_m)
