@@ -43,6 +43,30 @@ KINDS = {"tc_w4": ("tc", MS), "tc_w8": ("tc", MS), "swap_int8_tok": ("swap", MS)
          "swap_fp8_wonly": ("swap", MS), "swap_fp8_tok": ("swap", [32])}
 
 
+# second round (`--rows-sweep out.json --rows-extra`): more tiles at M = 128/256 where round one stayed < bf16
+EXTRA_TC = {
+    128: [(64, 128, 0, 4, 4, 2, True, 128), (128, 128, 0, 8, 3, 2, True, 128), (64, 128, 0, 8, 3, 2, True, 128),
+          (64, 64, 0, 4, 4, 2, True, 128), (32, 128, 0, 4, 3, 4, True, 128)],
+    256: [(64, 128, 0, 4, 3, 2, True, 128), (128, 128, 0, 8, 3, 2, True, 128), (64, 128, 0, 8, 3, 2, True, 256),
+          (128, 128, 0, 8, 3, 1, True, 256), (64, 128, 0, 4, 4, 2, True, 128)],
+}
+EXTRA_SWAP = {
+    128: [(64, 128, 2, 4, 3, 128), (128, 128, 2, 8, 4, 128), (64, 256, 2, 4, 3, 128), (128, 128, 4, 8, 3, 128)],
+    256: [(64, 128, 2, 4, 3, 128), (128, 128, 2, 8, 3, 256), (64, 128, 2, 8, 3, 256), (128, 128, 1, 8, 4, 128)],
+}
+EXTRA_KINDS = {"tc_w4": ("tc", [128, 256]), "tc_w8": ("tc", [128]), "swap_fp8_wonly": ("swap", [128, 256]),
+               "swap_fp8_blk": ("swap", [128, 256])}
+
+
+def use_extra() -> None:
+    """Switch this module to the second-round tile lists (also in the compile workers: set before spawn)."""
+    TC_CFGS.update(EXTRA_TC)
+    SWAP_CFGS.update(EXTRA_SWAP)
+    KINDS.clear()
+    KINDS.update(EXTRA_KINDS)
+    MS[:] = [128, 256]
+
+
 def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
     from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
     from quantrt.quant.weights import IntWeight
@@ -110,7 +134,9 @@ def _variants() -> list[tuple]:
             for cfg in _cfgs(kind, m)]
 
 
-def _compile(chunk: list) -> int:
+def _compile(chunk: list, extra: bool = False) -> int:
+    if extra:
+        use_extra()
     done = 0
     for kind, k, n, m, cfg in chunk:
         try:
@@ -123,23 +149,25 @@ def _compile(chunk: list) -> int:
     return done
 
 
-def precompile(workers: int = 15) -> None:
+def precompile(workers: int = 15, extra: bool = False) -> None:
     vs = _variants()
     t = time.time()
     try:
         ctx = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            n_ok = sum(ex.map(_compile, [vs[i::workers] for i in range(workers)]))
+            n_ok = sum(ex.map(_compile, [vs[i::workers] for i in range(workers)], [extra] * workers))
         print(f"# precompiled {n_ok}/{len(vs)} variants in {time.time() - t:.0f}s", flush=True)
     except Exception as e:  # noqa: BLE001 (the sweep then compiles as it goes)
         print(f"# precompile failed: {type(e).__name__}: {e}", flush=True)
 
 
-def sweep(out: str, rep_ms: int = 20) -> None:
+def sweep(out: str, rep_ms: int = 20, extra: bool = False) -> None:
     import kernels  # bench/ is sys.path[0]
 
     kernels.REP_MS = rep_ms
-    precompile()
+    if extra:
+        use_extra()
+    precompile(extra=extra)
     res: list[dict] = []
 
     def timed(kind, k, n, m, cfg, fns, x, ref=None) -> None:
