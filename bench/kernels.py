@@ -167,34 +167,6 @@ def bench(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str])
     return rows
 
 
-def _warm_chunk(jobs: list[tuple[str, int, int, int]]) -> int:
-    """Compile worker: one call per (kernel, K, N, M) with a single weight copy (fills the Triton cache)."""
-    global copies_for
-    copies_for = lambda nbytes: 1  # noqa: E731
-    done = 0
-    for name, k, n, m in jobs:
-        try:
-            build(name, k, n)[0][0](torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            done += 1
-        except Exception as e:  # noqa: BLE001 (bench() reports it again)
-            print(f"# warm {name} {k}x{n} m={m}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-        torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    return done
-
-
-def warm(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str], workers: int = 15) -> None:
-    """Compile every Triton variant `bench` will time in parallel processes first (a fresh machine)."""
-    import time
-    from concurrent.futures import ProcessPoolExecutor
-
-    jobs = [(name, k, n, m) for k, n in shapes for name in kernels if name != "bf16" for m in batches]
-    t = time.time()
-    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as ex:
-        ok = sum(ex.map(_warm_chunk, [jobs[i::workers] for i in range(workers)]))
-    print(f"# warmed {ok}/{len(jobs)} in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
-
-
 def print_table(rows: list[dict]) -> None:
     print("| K | N | kernel | " + " | ".join(f"bs{m}" for m in sorted({r['m'] for r in rows})) + " |")
     for (k, n, name), grp in itertools.groupby(rows, key=lambda r: (r["k"], r["n"], r["kernel"])):
@@ -428,7 +400,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8192x8192 only, batches 1/16/64")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--warm", action="store_true", help="compile the Triton variants in parallel processes first")
     ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
     ap.add_argument("--skinny-sweep", default=None, help="check + sweep the M <= 16 kernels into this JSON file")
     ap.add_argument("--fp8-sweep", default=None, help="sweep the M <= 16 fp8 tiles (swap_fp8, skinny_fp8) into this JSON")
@@ -465,8 +436,6 @@ def main() -> None:
         skinny_sweep(a.skinny_sweep)
         return
     shapes, batches = ([(8192, 8192)], [1, 16, 64]) if a.quick else (SHAPES, BATCHES)
-    if a.warm:
-        warm(shapes, batches, a.kernels.split(","))
     rows = bench(shapes, batches, a.kernels.split(","))
     print_table(rows)
     if a.json:
