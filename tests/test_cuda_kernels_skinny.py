@@ -159,7 +159,8 @@ def test_int8_w8a8_large_batch_takes_int_mm(m, static, monkeypatch):
     """M >= INT_MM_MIN_M: one-launch int8 codes, cuBLASLt int8 GEMM, row x column scale epilogue vs the
     reference kernel (fake-quantized activations @ dequantized weights)."""
     from quantrt.platform.interface import DeviceCapability
-    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel, int8_mm as int8_mod
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.kernels import int8_mm as int8_mod
     from quantrt.platforms.cuda.kernels.w8a8 import INT_MM_MIN_M
     from quantrt.platforms.cuda.platform import CudaPlatform
     from quantrt.quant.kernel import LinearSpec
