@@ -183,6 +183,34 @@ def test_int8_w8a8_large_batch_takes_int_mm(m, static, monkeypatch):
     assert rel_err(y, ReferenceLinearKernel.prepare(spec, platform).apply(x, None)) < 2e-3
 
 
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [64, 200])
+def test_block_fp8_large_batch_native(m):
+    """M >= 64, 128x128 fp8 blocks x 128-group fp8 activations: one-launch group quantizer (codes and scales
+    bit-exact vs quantize_act_per_token_group) + cuBLASLt blockwise, vs the fake-quant reference."""
+    from quantrt.platforms.cuda.kernels.block_fp8_mm import quant_groups
+    from quantrt.quant.quantize import quantize_act_per_token_group
+
+    fp8 = torch.float8_e4m3fn
+    x = (torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)) * 3).to(DEV, torch.bfloat16)
+    q, s = quant_groups(x, fp8, 448.0)
+    q_ref, s_ref = quantize_act_per_token_group(x, fp8, 128)
+    assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
+    from quantrt.platform.interface import DeviceCapability
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.platform import CudaPlatform
+    from quantrt.quant.kernel import LinearSpec
+
+    w = quantize_fp8(torch.randn(512, 4096, generator=torch.Generator().manual_seed(1)), "block", (128, 128))
+    w = type(w)(w.data.to(DEV), w.scale.to(DEV), w.granularity, w.block)
+    act = ActScheme(ActKind.DYNAMIC_GROUP, fp8, group=128)
+    kern = TritonW8A8Kernel.prepare(LinearSpec(w, act, torch.bfloat16),
+                                    CudaPlatform(capability=DeviceCapability(9, 0), device_name="test"))
+    assert kern.use_block_mm
+    ref = fake_quantize_act(x, act) @ w.dequantize().float().t()
+    assert rel_err(kern.apply(x, None), ref) < 1e-2
+
+
 def test_int8_mm_rejects_bad_shapes():
     from quantrt.platforms.cuda.kernels.int8_mm import int8_mm
 

@@ -26,6 +26,7 @@ SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
+BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
@@ -79,6 +80,9 @@ class TritonW8A8Kernel(LinearKernel):
         n, k = data.shape
         self.use_int_mm = (data.dtype == torch.int8 and self.act in (0, 2) and k % 8 == 0 and n % 8 == 0
                            and hasattr(torch, "_int_mm"))
+        self.use_block_mm = (data.dtype in FP8_DTYPES and self.wscale == 2 and self.act == 1 and k % 128 == 0
+                             and n % 128 == 0 and data.device.type == "cuda" and not interpret_mode()
+                             and hasattr(torch, "_scaled_mm"))
         if self.use_scaled_mm:  # rowwise cuBLASLt needs [1, N] weight scales
             self._sb = w_scale.reshape(1, -1).expand(1, data.shape[0]).contiguous()
 
@@ -123,6 +127,10 @@ class TritonW8A8Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         if self.use_scaled_mm and x2.shape[0] >= SCALED_MM_MIN_M:
             y = self._scaled_mm(x2)
+        elif self.use_block_mm and x2.shape[0] >= BLOCK_MM_MIN_M:
+            from quantrt.platforms.cuda.kernels.block_fp8_mm import block_fp8_mm
+
+            y = block_fp8_mm(x2, self.data, self.w_scale, self.qmax)
         elif self.use_int_mm and x2.shape[0] >= INT_MM_MIN_M:
             from quantrt.platforms.cuda.kernels.int8_mm import int8_mm
 
