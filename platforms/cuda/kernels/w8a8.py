@@ -5,7 +5,9 @@ Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 fp8 -> the GEMV i
 128-group activations); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
 swapped; 128-group activations from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches
 of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
-one Triton launch, `act_quant_triton`); everything else -> the tiled `w8a8_triton` kernel.
+one Triton launch, `act_quant_triton`); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
+128-group activations -> `block_fp8_mm` (cuBLASLt blockwise); other M = 17..256 -> `swap_fp8` with BM-row
+tiles (fp8 weight-only too); everything else -> the tiled `w8a8_triton` kernel.
 """
 
 from __future__ import annotations
