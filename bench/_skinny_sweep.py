@@ -9,12 +9,8 @@ checked against fake-quantized activations @ the dequantized weight first. Print
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-
 import torch
+from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
 
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 MS = [1, 2, 4, 8, 16]
@@ -76,53 +72,16 @@ def _variants() -> list[tuple]:
     return out
 
 
-def _compile(chunk: list) -> int:
-    done = 0
-    for kind, k, n, m, cfg in chunk:
-        try:
-            _call(kind, cfg, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), _weights(kind, n, k))
-            done += 1
-        except Exception as e:  # noqa: BLE001
-            print(f"# compile {kind} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
-        torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    return done
-
-
-def precompile(workers: int = 14) -> None:
-    vs = _variants()
-    t = time.time()
-    try:
-        ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            n_ok = sum(ex.map(_compile, [vs[i::workers] for i in range(workers)]))
-        print(f"# precompiled {n_ok}/{len(vs)} variants in {time.time() - t:.0f}s", flush=True)
-    except Exception as e:  # noqa: BLE001 (the sweep then compiles as it goes)
-        print(f"# precompile failed: {type(e).__name__}: {e}", flush=True)
-
-
 def sweep(out: str) -> None:
     from kernels import build, copies_for, time_us  # bench/ is sys.path[0]
 
-    precompile()
-    res: list[dict] = []
-
-    def timed(kind, k, n, m, cfg, fns, x, ref=None) -> None:
-        try:
-            y = fns[0](x)
-            err = float((y.float() - ref).norm() / ref.norm()) if ref is not None else 0.0
-            us = time_us([lambda f=f: f(x) for f in fns])
-        except Exception as e:  # noqa: BLE001
-            print(f"# {kind} {k}x{n} m={m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            return
-        res.append(dict(kind=kind, k=k, n=n, m=m, cfg=list(cfg or []), us=us, err=err))
-        print(f"{kind:18s} {k:5d}x{n:5d} m={m:2d} {us:7.2f}us err={err:.1e} {cfg}", flush=True)
-
+    precompile("_skinny_sweep", _variants(), workers=14)
+    cells = Cells(time_us)
     for k, n in SHAPES:
         for name in ("bf16", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
             fns = build(name, k, n)[0]
             for m in MS:
-                timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+                cells.timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             del fns
         for kind, (cfgs, ms, _) in KINDS.items():
             ws = [_weights(kind, n, k, i) for i in range(copies_for(n * k))]
@@ -130,13 +89,12 @@ def sweep(out: str) -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = _reference(kind, x, ws[0])
                 for cfg in cfgs:
-                    timed(kind, k, n, m, cfg, [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in ws],
-                          x, ref)
+                    cells.timed(kind, k, n, m, cfg,
+                                [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in ws], x, ref)
             del ws
             torch.cuda.empty_cache()
-        with open(out, "w") as f:
-            json.dump(res, f, indent=0)
-    _report(res)
+        cells.save(out)
+    cells.report()
 
 
 def cube(n: int = 8192) -> None:
@@ -159,23 +117,3 @@ def cube(n: int = 8192) -> None:
     us = {name: time_us([fn]) for name, fn in runs.items()}
     print(f"| {n}³ | " + " | ".join(f"{name} {t:.0f} µs {2 * n**3 / t / 1e6:.0f} TFLOP/s" for name, t in us.items())
           + f" | fp8_ch_tok / scaled_mm {us['scaled_mm'] / us['fp8_ch_tok']:.2f}x |", flush=True)
-
-
-def _bf16(res: list[dict], r: dict) -> float:
-    return next((b["us"] for b in res if b["kind"] == "bf16" and (b["k"], b["n"], b["m"]) == (r["k"], r["n"], r["m"])),
-                float("nan"))
-
-
-def _report(res: list[dict]) -> None:
-    best: dict = {}
-    for r in res:
-        key = (r["k"], r["n"], r["m"], r["kind"])
-        if r["err"] < 2e-2 and (key not in best or r["us"] < best[key]["us"]):
-            best[key] = r
-    print("| K | N | M | kernel | us | x bf16 | cfg |")
-    for key in sorted(best):
-        r = best[key]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {r['us']:.2f} | {_bf16(res, r) / r['us']:.2f} "
-              f"| {r['cfg']} |")
-    bad = [(r["kind"], r["k"], r["n"], r["m"], r["cfg"], r["err"]) for r in res if r["err"] >= 2e-2]
-    print(f"# {len(bad)} variants failed the 2e-2 check: {bad[:8]}")

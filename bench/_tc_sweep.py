@@ -10,12 +10,8 @@ the best config per (kind, K, N, M) with its ratio to bf16, as the tuples `_TILE
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-
 import torch
+from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
 
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 MS = [32, 64, 128, 256]
@@ -134,57 +130,18 @@ def _variants() -> list[tuple]:
             for cfg in _cfgs(kind, m)]
 
 
-def _compile(chunk: list, extra: bool = False) -> int:
-    if extra:
-        use_extra()
-    done = 0
-    for kind, k, n, m, cfg in chunk:
-        try:
-            _call(kind, cfg, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), _weights(kind, n, k))
-            done += 1
-        except Exception as e:  # noqa: BLE001
-            print(f"# compile {kind} {m} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
-        torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    return done
-
-
-def precompile(workers: int = 15, extra: bool = False) -> None:
-    vs = _variants()
-    t = time.time()
-    try:
-        ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            n_ok = sum(ex.map(_compile, [vs[i::workers] for i in range(workers)], [extra] * workers))
-        print(f"# precompiled {n_ok}/{len(vs)} variants in {time.time() - t:.0f}s", flush=True)
-    except Exception as e:  # noqa: BLE001 (the sweep then compiles as it goes)
-        print(f"# precompile failed: {type(e).__name__}: {e}", flush=True)
-
-
 def sweep(out: str, rep_ms: int = 20, extra: bool = False) -> None:
     import kernels  # bench/ is sys.path[0]
 
     kernels.REP_MS = rep_ms
     if extra:
         use_extra()
-    precompile(extra=extra)
-    res: list[dict] = []
-
-    def timed(kind, k, n, m, cfg, fns, x, ref=None) -> None:
-        try:
-            y = fns[0](x)
-            err = float((y.float() - ref).norm() / ref.norm()) if ref is not None else 0.0
-            us = kernels.time_us([lambda f=f: f(x) for f in fns])
-        except Exception as e:  # noqa: BLE001
-            print(f"# {kind} {k}x{n} m={m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            return
-        res.append(dict(kind=kind, k=k, n=n, m=m, cfg=list(cfg or []), us=us, err=err))
-        print(f"{kind:15s} {k:5d}x{n:5d} m={m:3d} {us:7.2f}us err={err:.1e} {cfg}", flush=True)
-
+    precompile("_tc_sweep", _variants(), workers=15, extra=extra)
+    cells = Cells(kernels.time_us)
     for k, n in SHAPES:
         fns = kernels.build("bf16", k, n)[0]
         for m in MS:
-            timed("bf16", k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            cells.timed("bf16", k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         del fns
         for kind, (_, ms) in KINDS.items():
             nbytes = n * k // 2 if kind == "tc_w4" else n * k
@@ -193,26 +150,9 @@ def sweep(out: str, rep_ms: int = 20, extra: bool = False) -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = _reference(kind, x, ws[0])
                 for cfg in _cfgs(kind, m):
-                    timed(kind, k, n, m, cfg, [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in ws],
-                          x, ref)
+                    cells.timed(kind, k, n, m, cfg,
+                                [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in ws], x, ref)
             del ws
             torch.cuda.empty_cache()
-        with open(out, "w") as f:
-            json.dump(res, f, indent=0)
-    _report(res)
-
-
-def _report(res: list[dict]) -> None:
-    bf = {(r["k"], r["n"], r["m"]): r["us"] for r in res if r["kind"] == "bf16"}
-    best: dict = {}
-    for r in res:
-        key = (r["kind"], r["k"], r["n"], r["m"])
-        if r["kind"] != "bf16" and r["err"] < 2e-2 and (key not in best or r["us"] < best[key]["us"]):
-            best[key] = r
-    print("| kind | K | N | M | us | x bf16 | cfg |")
-    for key in sorted(best):
-        r = best[key]
-        ratio = bf.get(key[1:], float("nan")) / r["us"]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {r['us']:.2f} | {ratio:.2f} | {tuple(r['cfg'])} |")
-    bad = [(r["kind"], r["k"], r["n"], r["m"], r["cfg"], r["err"]) for r in res if r["err"] >= 2e-2]
-    print(f"# {len(bad)} variants failed the 2e-2 check: {bad[:8]}")
+        cells.save(out)
+    cells.report()
