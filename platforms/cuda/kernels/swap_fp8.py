@@ -23,6 +23,7 @@ import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _row_scale_kernel
+from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
 MAX_M = 256
 
@@ -101,19 +102,7 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
         acc = acc * tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     ym = offs_m[None, :] * N + offs_n[:, None]                              # [BN, BM] -> y[m, n]
     ymask = mask_m[None, :] & mask_n[:, None]
-    if SPLIT == 1:
-        tl.store(y_ptr + ym, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
-        cnt = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if cnt == SPLIT - 1:
-            tot = tl.zeros([BN, BM], dtype=tl.float32)
-            for sp in range(SPLIT):
-                tot += tl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + ym, tot.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_m, pid_n, pid_k, M, N, SPLIT)
 
 
 # Best tiles per (K, N) from the H100 sweep (bench/kernels.py --km-sweep / --gemv-sweep, 2026-11-23; the

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
+from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
 MAX_M = 256
 
@@ -189,19 +190,7 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
     else:
         ym = offs_m[:, None] * N + offs_n[None, :]
         ymask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT == 1:
-        tl.store(y_ptr + ym, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
-        cnt = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if cnt == SPLIT - 1:
-            tot = tl.zeros(acc.shape, dtype=tl.float32)
-            for sp in range(SPLIT):
-                tot += tl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + ym, tot.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_m, pid_n, pid_k, M, N, SPLIT)
 
 
 def can_run(m: int, k: int, group: int, bits: int, cfg: TcConfig | None = None) -> bool:
