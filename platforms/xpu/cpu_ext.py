@@ -77,7 +77,7 @@ def build_dir(srcs: list[Path], cflags: list[str]) -> Path:
     import torch
 
     h = hashlib.sha256()
-    for p in srcs:
+    for p in [*srcs, *sorted(CSRC.glob("*.h"))]:      # the shared headers too: a change there rebuilds
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(" ".join(cflags).encode() + torch.__version__.encode() + sys.version.encode())
     env_root = os.environ.get("QUANTRT_CPU_EXT_DIR")

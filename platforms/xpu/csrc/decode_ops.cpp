@@ -42,12 +42,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QRT_DEC_AVX2 1
-#else
-#define QRT_DEC_AVX2 0
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -68,7 +63,7 @@ inline float rnd<float>(float v) { return v; }
 template <typename T>
 void load_f32(const T* src, float* dst, int64_t n) {
   int64_t i = 0;
-#if QRT_DEC_AVX2
+#if QRT_AVX2
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(dst, src, n * sizeof(float));
     return;
@@ -95,14 +90,7 @@ void store_from_f32(const float* src, T* dst, int64_t n) {
 }
 
 // ---- vector math ---------------------------------------------------------------------------------------
-#if QRT_DEC_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
+#if QRT_AVX2
 // e^x for 8 floats: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (relative error
 // < 2e-7 on that interval), 2^n put into the exponent bits. x < -87.3 gives 0, x > 88.7 gives +inf.
 inline __m256 exp8(__m256 x) {
@@ -138,14 +126,14 @@ inline __m256 exp8(__m256 x) {
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#if QRT_DEC_AVX2
+#if QRT_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
   for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  s = hsum(_mm256_add_ps(acc0, acc1));
+  s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
@@ -153,7 +141,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
   int64_t i = 0;
-#if QRT_DEC_AVX2
+#if QRT_AVX2
   __m256 va = _mm256_set1_ps(a);
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
@@ -165,14 +153,14 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
 inline float exp_shift_sum(float* x, float m, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#if QRT_DEC_AVX2
+#if QRT_AVX2
   __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
     __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
     _mm256_storeu_ps(x + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  s = hsum(acc);
+  s = hsum8(acc);
 #endif
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - m);
@@ -185,7 +173,7 @@ inline float exp_shift_sum(float* x, float m, int64_t n) {
 // tanh(z) = 1 - 2 / (e^(2z) + 1)
 inline void act_row(float* g, int64_t n, bool gelu) {
   int64_t i = 0;
-#if QRT_DEC_AVX2
+#if QRT_AVX2
   const __m256 one = _mm256_set1_ps(1.f);
   for (; i + 8 <= n; i += 8) {
     __m256 x = _mm256_loadu_ps(g + i), y;
@@ -630,7 +618,7 @@ Tensor decode_stack(const Tensor& x, at::TensorList weights, at::IntArrayRef met
   return std::get<0>(add_rms_norm(res, delta, weights[kStackW * nl], fmeta[5 * nl]));
 }
 
-int64_t decode_ops_simd() { return QRT_DEC_AVX2; }
+int64_t decode_ops_simd() { return QRT_AVX2; }
 
 }  // namespace
 

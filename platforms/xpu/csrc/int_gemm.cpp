@@ -21,14 +21,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define QRT_AVX2 1
-#else
-#define QRT_AVX2 0
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -51,13 +44,6 @@ inline float min_value(c10::Half m, float) { return to_f32(m); }
 inline float min_value(uint8_t z, float s) { return -static_cast<float>(z) * s; }
 
 #if QRT_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The 32 codes of one block as 4 x 8 floats in element order.
 template <int BITS>
 inline void unpack_block(const uint8_t* p, __m256 w[4]) {
