@@ -6,6 +6,7 @@ weights are not served from the 50 MB L2. Prints µs, achieved GB/s (weight + ac
 bytes), % of the copy ceiling and speed-up over bf16 cuBLAS (F.linear).
 
     python bench/kernels.py [--quick] [--json out.json] [--tune out.json]
+    python bench/kernels.py --peers --rep-ms 20 --json peers.json   # + gemlite/torchao peers (_peers.py)
     python bench/kernels.py --fp4-moe-attn   # NVFP4/MXFP4 8192² bs1-16, fused MoE, paged decode attention
     python bench/kernels.py --fp8-sweep out.json --fp8-cube   # M <= 16 fp8 tiles; fp8 vs cuBLAS at 8192³
 """
@@ -17,10 +18,12 @@ import itertools
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _peers import PEERS, TOL, PeerSkipped, build_peer, peer_versions  # bench/ is on sys.path
 
 from quantrt.platform.interface import DeviceCapability
 from quantrt.platforms.cuda.kernels import TritonFp4Kernel, TritonW8A8Kernel, TritonWNA16Kernel
@@ -139,39 +142,118 @@ KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "scaled_mm", "fp8_ch_to
            "fp8_wonly", "int8_ch_tok"]
 
 
-def bench(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str]) -> list[dict]:
-    rows = []
+def bench(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str],
+          json_path: str | None = None) -> list[dict]:
+    """Time every kernel (ours, torch's, and the optional peers of _peers.py) at every shape and batch.
+
+    A peer that cannot run here gets one row {"skipped": reason}; a peer whose output is off its
+    dequantized reference gets {"wrong": True, "err": ...} for that batch and is not timed. With
+    `json_path` the rows are written after every (shape, kernel), so a run cut short keeps what it had.
+    """
+    rows: list[dict] = []
     for k, n in shapes:
         for name in kernels:
+            peer, t0 = None, time.time()
             try:
-                fns, wbytes = build(name, k, n)
+                if name in PEERS:
+                    peer = build_peer(name, k, n, copies_for)
+                    fns, wbytes = peer.fns, peer.nbytes
+                else:
+                    fns, wbytes = build(name, k, n)
+            except PeerSkipped as e:
+                print(f"# skip {name} {k}x{n}: {e}", file=sys.stderr, flush=True)
+                rows.append(dict(k=k, n=n, m=None, kernel=name, skipped=str(e)))
+                continue
             except Exception as e:  # a peer missing on this torch build
                 print(f"# {name} {k}x{n}: {type(e).__name__}: {e}", file=sys.stderr)
                 continue
+            print(f"# {name} {k}x{n}: built {len(fns)} copies in {time.time() - t0:.1f}s", file=sys.stderr)
             for m in batches:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row: dict = dict(k=k, n=n, m=m, kernel=name)
+                t0 = time.time()
                 try:
+                    x = torch.randn(m, k, device="cuda", dtype=peer.x_dtype if peer else torch.bfloat16)
+                    if peer is not None:  # correctness first (also runs any autotuning outside the graph)
+                        row["err"] = err = peer.rel_error(x)
+                        if not err <= TOL:
+                            print(f"# WRONG {name} {k}x{n} m={m}: rel. error {err:.2e} > {TOL:.0e} vs the "
+                                  f"dequantized reference; not timed ({time.time() - t0:.1f}s)", file=sys.stderr,
+                                  flush=True)
+                            rows.append(dict(row, us=math.nan, gbs=math.nan, wrong=True))
+                            continue
                     us = time_us([lambda f=f, x=x: f(x) for f in fns])
                 except Exception as e:
-                    print(f"# {name} {k}x{n} m={m}: {type(e).__name__}: {e}", file=sys.stderr)
+                    print(f"# {name} {k}x{n} m={m}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+                    if "capture" in str(e):
+                        rows.append(dict(row, us=math.nan, gbs=math.nan, failed=f"{type(e).__name__}: {e}"[:200]))
+                        reset_after_failed_capture()
                     continue
-                gbs = (wbytes + 2 * m * (k + n)) / (us * 1e-6) / 1e9
-                rows.append(dict(k=k, n=n, m=m, kernel=name, us=us, gbs=gbs))
-                print(f"# {name} {k}x{n} m={m}: {us:.1f} us", file=sys.stderr, flush=True)
-            del fns
+                gbs = (wbytes + x.element_size() * m * (k + n)) / (us * 1e-6) / 1e9
+                rows.append(dict(row, us=us, gbs=gbs))
+                print(f"# {name} {k}x{n} m={m}: {us:.1f} us" + (f" err={row['err']:.1e}" if peer else "")
+                      + f" ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+            del fns, peer
             torch.cuda.empty_cache()
-    base = {(r["k"], r["n"], r["m"]): r["us"] for r in rows if r["kernel"] == "bf16"}
-    for r in rows:
-        b = base.get((r["k"], r["n"], r["m"]))
-        r["x_bf16"] = b / r["us"] if b else float("nan")
+            if json_path:
+                with open(json_path, "w") as f:
+                    json.dump(rows, f, indent=1)
+    add_ratios(rows)
     return rows
 
 
+def reset_after_failed_capture() -> None:
+    """A graph capture that failed mid-way leaves the CUDA generator in capture mode (the next randn raises
+    'Offset increment outside graph capture'); one clean capture runs its epilogue and resets it."""
+    try:
+        torch.cuda.synchronize()
+        g, z = torch.cuda.CUDAGraph(), torch.zeros(1, device="cuda")
+        with torch.cuda.graph(g):
+            z.add_(1)
+        g.replay()
+        torch.cuda.synchronize()
+        print("# reset the CUDA generator after the failed capture", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 (the following cells then report their own errors)
+        print(f"# reset after the failed capture failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """x_bf16 = bf16 cuBLAS µs / this row's µs, bf16 of the same run and (K, N, M)."""
+    base = {(r["k"], r["n"], r["m"]): r["us"] for r in rows if r["kernel"] == "bf16"}
+    for r in rows:
+        b = base.get((r["k"], r["n"], r["m"]))
+        r["x_bf16"] = b / r["us"] if b and r.get("us") else math.nan
+
+
 def print_table(rows: list[dict]) -> None:
-    print("| K | N | kernel | " + " | ".join(f"bs{m}" for m in sorted({r['m'] for r in rows})) + " |")
-    for (k, n, name), grp in itertools.groupby(rows, key=lambda r: (r["k"], r["n"], r["kernel"])):
-        cells = [f"{r['us']:.1f}us {r['x_bf16']:.2f}x {100 * r['gbs'] * 1e9 / COPY_CEILING:.0f}%" for r in grp]
-        print(f"| {k} | {n} | {name} | " + " | ".join(cells) + " |")
+    """One markdown table per (K, N): cell = µs, speed-up over bf16, % of the copy ceiling; for a peer, the
+    largest relative error against its dequantized reference over the batches in a last column."""
+    batches = sorted({r["m"] for r in rows if r["m"] is not None})
+    with_err = any("err" in r for r in rows)
+    for (k, n), shape_rows in itertools.groupby(rows, key=lambda r: (r["k"], r["n"])):
+        print(f"\n(K, N) = ({k}, {n})\n\n| kernel | " + " | ".join(f"bs{m}" for m in batches)
+              + (" | max rel. err" if with_err else "") + " |")
+        print("|---" * (len(batches) + 1 + with_err) + "|")
+        for name, grp in itertools.groupby(shape_rows, key=lambda r: r["kernel"]):
+            grp = list(grp)
+            if "skipped" in grp[0]:
+                print(f"| {name} | skipped: {grp[0]['skipped']} |")
+                continue
+            by_m = {r["m"]: r for r in grp}
+            cells = []
+            for m in batches:
+                r = by_m.get(m)
+                if r is None:
+                    cells.append("-")
+                elif r.get("wrong"):
+                    cells.append(f"WRONG (err {r['err']:.1e})")
+                elif r.get("failed"):
+                    cells.append("graph capture failed")
+                else:
+                    cells.append(f"{r['us']:.1f} {r['x_bf16']:.2f}x {100 * r['gbs'] * 1e9 / COPY_CEILING:.0f}%")
+            if with_err:
+                errs = [r["err"] for r in grp if "err" in r]
+                cells.append(f"{max(errs):.1e}" if errs else "")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def tune(out: str) -> None:
@@ -396,10 +478,17 @@ def skinny_sweep(out: str, budget_s: float = 470.0) -> None:
 
 
 def main() -> None:
+    global REP_MS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8192x8192 only, batches 1/16/64")
-    ap.add_argument("--kernels", default=",".join(KERNELS))
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"ours: {','.join(KERNELS)}; "
+                    f"peers (gemlite/torchao wheels, optional): {','.join(PEERS)}")
+    ap.add_argument("--peers", action="store_true", help="add every peer to --kernels")
+    ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the five Llama shapes)")
+    ap.add_argument("--batches", default=None, help="M,M,... (default: 1-256)")
+    ap.add_argument("--rep-ms", type=float, default=REP_MS, help="CUDA-graph replay time per measurement")
+    ap.add_argument("--json", default=None, help="write the rows here (after every shape and kernel)")
+    ap.add_argument("--table", default=None, help="print the tables of a --json file and exit (no GPU)")
     ap.add_argument("--tune", default=None, help="sweep tile configs and write them to this JSON file")
     ap.add_argument("--skinny-sweep", default=None, help="check + sweep the M <= 16 kernels into this JSON file")
     ap.add_argument("--fp8-sweep", default=None, help="sweep the M <= 16 fp8 tiles (swap_fp8, skinny_fp8) into this JSON")
@@ -409,6 +498,13 @@ def main() -> None:
     ap.add_argument("--fp4-moe-attn", action="store_true",
                     help="NVFP4/MXFP4 at 8192² bs1-16 vs bf16, fused MoE vs per-expert loop, decode attention vs SDPA")
     a = ap.parse_args()
+    if a.table:
+        with open(a.table) as f:
+            rows = json.load(f)
+        add_ratios(rows)
+        print_table(rows)
+        return
+    REP_MS = a.rep_ms
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if a.fp4_moe_attn:
         from _fp4_moe_attn import run_all  # bench/ is sys.path[0] when run as a script
@@ -436,11 +532,14 @@ def main() -> None:
         skinny_sweep(a.skinny_sweep)
         return
     shapes, batches = ([(8192, 8192)], [1, 16, 64]) if a.quick else (SHAPES, BATCHES)
-    rows = bench(shapes, batches, a.kernels.split(","))
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    if a.batches:
+        batches = [int(m) for m in a.batches.split(",")]
+    kernels = a.kernels.split(",") + ([p for p in PEERS if p not in a.kernels.split(",")] if a.peers else [])
+    print(f"# peers: {peer_versions()}", flush=True)
+    rows = bench(shapes, batches, kernels, a.json)
     print_table(rows)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
