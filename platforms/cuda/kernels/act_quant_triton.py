@@ -37,22 +37,13 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
         tl.store(q_ptr + row * K + k0 + offs, y.to(q_ptr.dtype.element_ty), mask=mk)
 
 
-def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
-               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] fp16/bf16 -> (codes [M, K] dtype, scale [M, 1] fp32), as `quantize_act_per_token`.
-    out: preallocated (codes, scale) of those shapes (row-contiguous), written in place and returned."""
+def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp16/bf16 -> (codes [M, K] dtype, scale [M, 1] fp32), as `quantize_act_per_token`."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    if out is None:
-        q = torch.empty((m, k), device=x.device, dtype=dtype)
-        s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
-    else:
-        q, s = out
-        if q.shape != (m, k) or q.dtype != dtype or q.stride(1) != 1 or q.stride(0) != k or s.shape != (m, 1) \
-                or s.dtype != torch.float32 or (m > 1 and s.stride(0) != 1):
-            raise ValueError(f"quant_rows out= needs codes [{m}, {k}] {dtype} row-contiguous and scales [{m}, 1] "
-                             f"float32; got {tuple(q.shape)} {q.dtype} stride {q.stride()}, {tuple(s.shape)} {s.dtype}")
+    q = torch.empty((m, k), device=x.device, dtype=dtype)
+    s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block = min(4096, max(256, triton.next_power_of_2(cdiv(k, 4))))
     _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=dtype == torch.int8, BLOCK=block,
                              num_warps=4)

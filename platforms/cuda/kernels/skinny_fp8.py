@@ -3,8 +3,8 @@
 Imported lazily (needs triton). weight: [N, K] fp8 (K contiguous): a thread loads 16 consecutive k of one
 column, converts them to fp32 (exact) and multiplies by the activations in fp32; partial sums over the
 K step are reduced once per step. Serves weight-only fp8 (ACT 3) and W8A8 with fp8 activations:
-ACT 0 dynamic per token (row scales from `_row_scale_kernel`, one small launch; or ACT 4, each program
-finds the row amax itself, `inline_amax`), 1 dynamic per
+ACT 0 dynamic per token (row scales from `row_scales`, one small launch; or ACT 4, each program
+finds the row amax itself in a few wide loads, `inline_amax`), 1 dynamic per
 128-group (128x128 block weights; the group amax comes from the step's own activation tile, BK = 128),
 2 static per tensor. Quantized activations are computed exactly like `fake_quantize_act` (x / scale,
 clamped, cast to fp8) and multiplied as fp32, which equals an fp8 x fp8 product with fp32 accumulation.
@@ -35,6 +35,7 @@ class SkinnyFp8Config:
     num_stages: int = 1
     reduce: int = 2
     inline_amax: bool = False  # per token (ACT 0): each program finds the row amax itself (ACT 4), no launch
+    amax_block: int = 4096     # x elements per load step of that amax pass (was BK: 16-28 dependent steps)
 
 
 @triton.jit
@@ -49,14 +50,25 @@ def _row_scale_kernel(x_ptr, s_ptr, K: tl.constexpr, stride_xm, QMAX: tl.constex
 
 
 @triton.jit
-def _amax_scale(x_ptr, K, KT: tl.constexpr, BK: tl.constexpr, QMAX: tl.constexpr):
-    """max(|x[:K]|, 1e-12) / QMAX for one row (KT >= K, a multiple of BK)."""
-    offs = tl.arange(0, BK)
-    amax = tl.zeros([BK], dtype=tl.float32)
-    for k0 in range(0, KT, BK):
+def _amax_scale(x_ptr, K, KT: tl.constexpr, BKA: tl.constexpr, QMAX: tl.constexpr):
+    """max(|x[:K]|, 1e-12) / QMAX for one row (KT >= K), BKA elements per step (few, wide, independent loads)."""
+    offs = tl.arange(0, BKA)
+    amax = tl.zeros([BKA], dtype=tl.float32)
+    for k0 in range(0, KT, BKA):
         a = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(a))
     return tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+
+
+def row_scales(x: torch.Tensor, qmax: float, block: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """Per-token scales max(amax, 1e-12) / qmax of x [M, K] -> [M] fp32, one launch of M programs. By default
+    one program reads its whole row in one step (BLOCK >= K up to 16384), not K / 1024 dependent steps."""
+    m, k = x.shape
+    block = block or min(16384, max(1024, triton.next_power_of_2(k)))
+    warps = warps or (8 if block >= 8192 else 4)
+    sa = torch.empty(m, device=x.device, dtype=torch.float32)
+    _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=block, num_warps=warps)
+    return sa
 
 
 @triton.jit
@@ -76,7 +88,7 @@ def _xq(x_ptr, kk, mk, sx, ACT: tl.constexpr, QMAX: tl.constexpr, W_DTYPE: tl.co
 def _skinny_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, KB,
                        K_PER_SPLIT: tl.constexpr, M: tl.constexpr, ACT: tl.constexpr, WSCALE: tl.constexpr,
                        QMAX: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, REDUCE: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       SPLIT: tl.constexpr, BKA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     W_DTYPE = w_ptr.dtype.element_ty
@@ -96,13 +108,13 @@ def _skinny_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
         if M > 3:
             sx3 = tl.load(sa_ptr + 3)
     if ACT == 4:  # per token, amax found here (x is re-read from L2 by every program)
-        sx0 = _amax_scale(x_ptr, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+        sx0 = _amax_scale(x_ptr, K, K_PER_SPLIT * SPLIT, BKA, QMAX)
         if M > 1:
-            sx1 = _amax_scale(x_ptr + stride_xm, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+            sx1 = _amax_scale(x_ptr + stride_xm, K, K_PER_SPLIT * SPLIT, BKA, QMAX)
         if M > 2:
-            sx2 = _amax_scale(x_ptr + 2 * stride_xm, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+            sx2 = _amax_scale(x_ptr + 2 * stride_xm, K, K_PER_SPLIT * SPLIT, BKA, QMAX)
         if M > 3:
-            sx3 = _amax_scale(x_ptr + 3 * stride_xm, K, K_PER_SPLIT * SPLIT, BK, QMAX)
+            sx3 = _amax_scale(x_ptr + 3 * stride_xm, K, K_PER_SPLIT * SPLIT, BKA, QMAX)
     if ACT == 2:
         sx0 = tl.load(sa_ptr)
         sx1 = sx0
@@ -209,13 +221,12 @@ def skinny_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int
     if act == 0 and cfg.inline_amax:
         act, sa = 4, w_scale
     elif act == 0:
-        sa = torch.empty(m, device=x.device, dtype=torch.float32)
-        _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=1024, num_warps=4)
+        sa = row_scales(x, qmax)
     else:
         sa = act_scale if act_scale is not None else w_scale
     y, ws, cnt = split_k_buffers(x, n, split, reduce, n_tiles)
     _skinny_fp8_kernel[(n_tiles, split)](
         x, w, w_scale, sa, y, ws if ws is not None else y, cnt if cnt is not None else sa, n, k, x.stride(0),
         cdiv(k, 128), k_per_split, M=m, ACT=act, WSCALE=wscale, QMAX=qmax, BN=cfg.block_n, BK=bk,
-        REDUCE=reduce, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        REDUCE=reduce, SPLIT=split, BKA=cfg.amax_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x.dtype) if reduce == 1 else y

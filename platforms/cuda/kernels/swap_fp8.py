@@ -3,10 +3,8 @@
 weight [N, K] fp8/int8 (K contiguous). A program owns BN rows and a K slice and streams them front to
 back (16 B per thread along K); per K step it computes the [BN, BK] x [BK, 16] product y^T = W^T x^T,
 so the weight tile is loaded straight into the A operand and the batch rows pad only the narrow side.
-Modes as in `w8a8_triton`: ACT 0 dynamic per token (with one BM tile the row scales are found inside this
-launch by `token_scale_sync_triton`: the first programs reduce K slices of x, the others wait for them while
-their first weight tile is in flight; with several BM tiles, from `skinny_fp8._row_scale_kernel`, one
-small launch), 1 dynamic per 128-group (the step's
+Modes as in `w8a8_triton`: ACT 0 dynamic per token (row scales from `skinny_fp8.row_scales`, one
+small launch, instead of every program re-reading x for the amax), 1 dynamic per 128-group (the step's
 own amax, BK == 128), 2 static per tensor, 3 weight-only (weights widened to the activation dtype).
 WSCALE 0 tensor [1], 1 channel [N], 2 block [N/128, K/128]. Activation codes are computed exactly like
 `fake_quantize_act` (x / scale, clamped, cast; int8 rounds half to even) and multiplied code x code on
@@ -24,16 +22,8 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
-from quantrt.platforms.cuda.kernels.skinny_fp8 import _row_scale_kernel
+from quantrt.platforms.cuda.kernels.skinny_fp8 import row_scales
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
-from quantrt.platforms.cuda.kernels.token_scale_sync_triton import (
-    MAX_ROWS,
-    release_row_scales,
-    shared_row_scales,
-    sync_buffers,
-    take_ticket,
-    writer_split,
-)
 
 MAX_M = 256
 
@@ -46,8 +36,6 @@ class SwapFp8Config:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
-    fused_scale: bool = True  # per token with one BM tile: scales found in this launch (token_scale_sync_triton)
-    scale_kw: int = 512       # K columns each scale writer reads (at least; at most one writer per program)
 
 
 @triton.jit
@@ -66,36 +54,11 @@ def _mm(w, a, DOT_F32: tl.constexpr):
     return tl.dot(w, a).to(tl.float32)
 
 
-@triton.jit
-def _step(acc, w, x_ptr, sw_ptr, offs_m, mask_m, offs_n, mask_n, kk, mk, k0, stride_xm, KB, sx,
-          ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, W_DTYPE: tl.constexpr,
-          DOT_F32: tl.constexpr):
-    """acc [BN, BM] += W[n, kk] (w [BN, BK], already loaded) x codes of x[m, kk]^T, scaled per mode."""
-    a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & mk[:, None],
-                other=0.0)                                                     # [BK, BM]
-    if WSCALE == 2:  # BK == 128: one block column per step
-        swb = tl.load(sw_ptr + (offs_n // 128) * KB + k0 // 128, mask=mask_n, other=0.0)
-    if ACT == 3:
-        d = _mm(w.to(a.dtype), a, DOT_F32)
-        if WSCALE == 2:
-            d = d * swb[:, None]
-    elif ACT == 1:
-        a32 = a.to(tl.float32)
-        sg = tl.maximum(tl.max(tl.abs(a32), axis=0), 1e-12) / QMAX            # [BM] this group's scale
-        d = _mm(w, _codes(a32, sg, QMAX, IS_INT, W_DTYPE), DOT_F32) * sg[None, :] * swb[:, None]
-    else:
-        d = _mm(w, _codes(a.to(tl.float32), sx, QMAX, IS_INT, W_DTYPE), DOT_F32)
-    return acc + d
-
-
 @triton.jit(do_not_specialize=["M"])
-def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, sync_ptr, amax_ptr, M, N, K, stride_xm,
-                     KB, K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, WSCALE: tl.constexpr,
+def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, KB,
+                     K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, WSCALE: tl.constexpr,
                      QMAX: tl.constexpr, IS_INT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     BM: tl.constexpr, DOT_F32: tl.constexpr, FUSED: tl.constexpr, S: tl.constexpr,
-                     KW: tl.constexpr, BKA: tl.constexpr):
-    # FUSED (ACT 0, one BM tile): the per-token scales come from `shared_row_scales` in this launch; the
-    # first weight tile is loaded before waiting for them so the wait overlaps the DRAM latency.
+                     BM: tl.constexpr, DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -105,28 +68,32 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, sync_
     offs_k = tl.arange(0, BK)
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
-    k_start = pid_k * K_PER_SPLIT
-    kk = k_start + offs_k
-    mk = kk < K
-    acc = tl.zeros([BN, BM], dtype=tl.float32)
-    if FUSED:
-        w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-        ticket = take_ticket(sync_ptr)
-        sx = shared_row_scales(x_ptr, stride_xm, M, K, sync_ptr, amax_ptr, ticket, S, KW, BKA, BM, QMAX)
-        acc = _step(acc, w, x_ptr, sw_ptr, offs_m, mask_m, offs_n, mask_n, kk, mk, k_start, stride_xm, KB, sx,
-                    ACT, WSCALE, QMAX, IS_INT, W_DTYPE, DOT_F32)
+    if ACT == 0:
+        sx = tl.load(sa_ptr + offs_m, mask=mask_m, other=1.0)                 # [BM] per-token scales
     else:
-        if ACT == 0:
-            sx = tl.load(sa_ptr + offs_m, mask=mask_m, other=1.0)             # [BM] per-token scales
-        else:
-            sx = tl.full([BM], 1.0, tl.float32) * tl.load(sa_ptr)            # static (or unused)
-    for kt in range(FUSED * BK, K_PER_SPLIT, BK):                          # FUSED: step 0 is done above
+        sx = tl.full([BM], 1.0, tl.float32) * tl.load(sa_ptr)                # static (or unused)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for kt in range(0, K_PER_SPLIT, BK):
         k0 = k_start + kt
         kk = k0 + offs_k
         mk = kk < K
         w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-        acc = _step(acc, w, x_ptr, sw_ptr, offs_m, mask_m, offs_n, mask_n, kk, mk, k0, stride_xm, KB, sx,
-                    ACT, WSCALE, QMAX, IS_INT, W_DTYPE, DOT_F32)
+        a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & mk[:, None],
+                    other=0.0)                                                 # [BK, BM]
+        if WSCALE == 2:  # BK == 128: one block column per step
+            swb = tl.load(sw_ptr + (offs_n // 128) * KB + k0 // 128, mask=mask_n, other=0.0)
+        if ACT == 3:
+            d = _mm(w.to(a.dtype), a, DOT_F32)
+            if WSCALE == 2:
+                d = d * swb[:, None]
+        elif ACT == 1:
+            a32 = a.to(tl.float32)
+            sg = tl.maximum(tl.max(tl.abs(a32), axis=0), 1e-12) / QMAX        # [BM] this group's scale
+            d = _mm(w, _codes(a32, sg, QMAX, IS_INT, W_DTYPE), DOT_F32) * sg[None, :] * swb[:, None]
+        else:
+            d = _mm(w, _codes(a.to(tl.float32), sx, QMAX, IS_INT, W_DTYPE), DOT_F32)
+        acc += d
     if ACT == 0 or ACT == 2:
         acc = acc * sx[None, :]
     if WSCALE == 0:
@@ -136,8 +103,6 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, sync_
     ym = offs_m[None, :] * N + offs_n[:, None]                              # [BN, BM] -> y[m, n]
     ymask = mask_m[None, :] & mask_n[:, None]
     store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_m, pid_n, pid_k, M, N, SPLIT)
-    if FUSED:
-        release_row_scales(sync_ptr, amax_ptr, tl.num_programs(0) * tl.num_programs(1), BM)
 
 
 # Best tiles per (K, N) from the H100 sweep (bench/kernels.py --km-sweep / --gemv-sweep, 2026-11-23; the
@@ -258,23 +223,17 @@ def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, 
                                                                n_tiles * m_tiles)))
     k_per_split = cdiv(k_steps, split) * bk
     split = cdiv(k, k_per_split)
-    fused = act == 0 and cfg.fused_scale and m_tiles == 1 and m <= MAX_ROWS
-    if act == 0 and not fused:
-        sa = torch.empty(m, device=x.device, dtype=torch.float32)
-        _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=1024, num_warps=4)
+    if act == 0:
+        sa = row_scales(x, qmax)
     else:
         sa = act_scale if act_scale is not None else w_scale
-    bka = max(16, 4096 // cfg.block_m)
-    n_writers, kw = writer_split(k, n_tiles * split, cfg.scale_kw, bka) if fused else (1, bka)
-    sync, amax = sync_buffers(x.device) if fused else (sa, sa)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else sa
     _swap_fp8_kernel[(n_tiles, split, m_tiles)](
-        x, w, w_scale, sa, y, ws, cnt, sync, amax, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
+        x, w, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
         ACT=act, WSCALE=wscale, QMAX=qmax, IS_INT=w.dtype == torch.int8, BN=cfg.block_n, BK=bk, BM=cfg.block_m,
-        DOT_F32=interpret_mode(), FUSED=fused, S=n_writers, KW=kw, BKA=bka, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        DOT_F32=interpret_mode(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -30,8 +30,6 @@ SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
-OVERLAP_MIN_M = 4096  # eager fp8 per-token from here: quantize chunk i+1 on a side stream during chunk i's GEMM
-OVERLAP_CHUNKS = 4
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
@@ -113,10 +111,6 @@ class TritonW8A8Kernel(LinearKernel):
                                                                                else w.scale.shape).contiguous())
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.act == 0 and x2.shape[0] >= OVERLAP_MIN_M and not torch.cuda.is_current_stream_capturing():
-            from quantrt.platforms.cuda.kernels.scaled_mm_overlap import scaled_mm_overlapped
-
-            return scaled_mm_overlapped(x2, self.data, self._sb, self.qmax, self.compute_dtype, OVERLAP_CHUNKS)
         if self.act == 0:
             from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
 
