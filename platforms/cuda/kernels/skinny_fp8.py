@@ -192,10 +192,10 @@ def _skinny_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
 
 def default_config(m: int, n: int, k: int, act: int = 3) -> SkinnyFp8Config:
     """Tiles from the H100 sweeps (docs/PERFORMANCE.md): weight-only 8192² 26.5 us, 4096x28672 40.8,
-    14336x4096 24.0. Per token with K <= 8192: BN 16 / BK 512 with the amax found in every program
-    (8192² 27.2 vs 29.2 us with the separate scale launch); at K = 14336 re-reading the row costs more
-    (34.0 vs 27.2 us), so the launch stays."""
-    if act == 0 and k <= 8192:
+    14336x4096 24.0. Per token: BN 16 / BK 512 with the amax found in every program, in 4096-wide steps
+    (8192² 27.2 vs 28.7 us with the separate scale launch; 14336x4096 26.3 vs 26.6, where the old BK-wide
+    amax steps took 33.7 us and the launch had been kept), so no per-token scale launch at M = 1."""
+    if act == 0:
         return SkinnyFp8Config(16, 512, 0, 4, 1, 2, True)
     return SkinnyFp8Config(32, 256, 0, 4, 1, 2)
 

@@ -107,8 +107,11 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
 
 # Best tiles per (K, N) from the H100 sweep (bench/kernels.py --km-sweep / --gemv-sweep, 2026-11-23; the
 # same config won at every M = 1..16 of a shape): per-token / static activations, and 128-group activations.
-_TOKEN_TILES = {(4096, 6144): SwapFp8Config(64, 128, 4, 4, 3), (4096, 28672): SwapFp8Config(64, 256, 8, 4, 3)}
-_TOKEN_DEFAULT = SwapFp8Config(64, 256, 2, 4, 3)     # 8192², 4096², 14336x4096: 29.7-31.2 / 11.6 / 27.7-29.8 us
+# 8192²: ~1 program per SM (waves 1, 256 programs) beat 2 (384): M = 1 / 16 28.7 / 29.8 vs 29.9 / 31.0 us
+# (bench/_fp8_sweep.py, 2026-11-23; waves 1 was not in the earlier sweep).
+_TOKEN_TILES = {(4096, 6144): SwapFp8Config(64, 128, 4, 4, 3), (4096, 28672): SwapFp8Config(64, 256, 8, 4, 3),
+                (8192, 8192): SwapFp8Config(64, 256, 1, 4, 3)}
+_TOKEN_DEFAULT = SwapFp8Config(64, 256, 2, 4, 3)     # 4096², 14336x4096: 11.6 / 27.4-29.1 us
 _GROUP_TILES = {(4096, 28672): SwapFp8Config(128, 128, 4, 4, 3)}
 _GROUP_DEFAULT = SwapFp8Config(64, 128, 4, 4, 3)     # 8192² 29.4-31.5 us at M = 1-16
 
