@@ -8,6 +8,8 @@ read (every weight the kernels read except the embedding table, plus the KV of t
 step time, against a device-to-device copy measured in the same run (bytes read + written).
 `quantrt bf16 (unfused)` runs the CUDA platform with its fused per-layer ops switched off (torch rotary and
 index_copy KV writes, torch residual add + RMSNorm, silu * up): the A/B of the fused kernels in one run.
+`quantrt bf16 (cuBLAS dense)` runs the unquantized linears on cuBLAS (F.linear) instead of the Triton dense
+GEMV (`TritonDenseGemvKernel`, batch 1): the A/B of that kernel in one run.
 `--profile`: per config, the kernels of 32 graph-replayed batch-1 decode steps (torch.profiler, CUDA activity
 only), per step: calls, µs, share of the kernel time; the step time minus the kernel time is launch gaps.
 """
@@ -187,6 +189,18 @@ def unfused_platform():
     return without_fused_layer_ops(CudaPlatform)()
 
 
+def cublas_dense_platform():
+    """The CUDA platform with unquantized linears on F.linear (cuBLAS) instead of the Triton dense GEMV."""
+    from quantrt.platforms.cuda.kernels.dense_gemv import TritonDenseGemvKernel
+    from quantrt.platforms.cuda.platform import CudaPlatform
+
+    class CublasDensePlatform(CudaPlatform):
+        def linear_kernels(self):
+            return [k for k in super().linear_kernels() if k is not TritonDenseGemvKernel]
+
+    return CublasDensePlatform()
+
+
 def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False) -> dict:
     """Kernels of `steps` batch-1 decode steps (one 8-token prefill included), per step, heaviest first
     (`cpu`: CPU ops instead, for a dry run without a GPU)."""
@@ -228,6 +242,8 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
     t0 = time.perf_counter()
     if kw.pop("unfused", False):
         kw["platform"] = unfused_platform()
+    if kw.pop("cublas_dense", False):
+        kw["platform"] = cublas_dense_platform()
     eng = Engine(model_path=str(path), dtype="bfloat16", context_length=2048, max_running_requests=64,
                  max_total_tokens=64 * 256, cuda_graph_max_bs=64, random_seed=0, **kw)
     load_s = time.perf_counter() - t0
@@ -300,7 +316,8 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
     torch.cuda.empty_cache()
 
 
-CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt fp8": {"quantization": "fp8"},
+CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True},
+           "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True}}
 
 

@@ -186,6 +186,47 @@ def test_native_pdl_in_cuda_graph_waits_for_the_producer():
         assert_close_to_f64(y, (src * 3.0), w)
 
 
+@pytest.mark.accelerator
+def test_native_pdl_chain_in_cuda_graph():
+    """A decode layer's PDL chain in one CUDA graph: add + RMSNorm -> GEMV (gate_up) -> act * up -> GEMV (down)
+    -> add + RMSNorm, every kernel launched with PDL (each lets the next launch early and waits for the one
+    before): each replay equals the same ops run eagerly one by one on the new input."""
+    import torch.nn.functional as F
+
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul, triton_add_rms_norm
+
+    d, i = 4096, 14336
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w_gu = (torch.randn(2 * i, d, device="cuda", generator=gen) * 0.02).bfloat16()
+    w_dn = (torch.randn(d, i, device="cuda", generator=gen) * 0.02).bfloat16()
+    g = (torch.rand(d, device="cuda", generator=gen) + 0.5).bfloat16()
+    x, delta = (torch.randn(1, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    kern = {n: TritonDenseGemvKernel.prepare(LinearSpec(DenseWeight(w), WEIGHT_ONLY, torch.bfloat16), PLATFORM)
+            for n, w in (("gu", w_gu), ("dn", w_dn))}
+    assert kern["gu"].pdl
+
+    def layer():
+        h, s = triton_add_rms_norm(x, delta, g, 1e-5)
+        out = kern["dn"].apply(triton_act_mul(kern["gu"].apply(h, None)), None)
+        return triton_add_rms_norm(s, out, g, 1e-5)
+
+    layer()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s = layer()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        delta.copy_(torch.randn_like(delta))
+        graph.replay()
+        ref_y, ref_s = layer()
+        torch.cuda.synchronize()
+        assert torch.equal(s, ref_s) and torch.equal(y, ref_y)
+    h_ref = F.linear(F.rms_norm((x + delta).float(), (d,), eps=1e-5).bfloat16() * g, w_gu)
+    a = F.silu(h_ref[:, :i]) * h_ref[:, i:]
+    ref_s = (x + delta) + F.linear(a, w_dn)
+    assert float((s.float() - ref_s.float()).norm() / ref_s.float().norm()) < 2e-2
+
+
 class _CublasDensePlatform(CudaPlatform):
     """The CUDA platform without the dense GEMV: unquantized linears run the portable F.linear kernel."""
 

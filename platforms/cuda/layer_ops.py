@@ -11,7 +11,12 @@ times the weight in x.dtype (fp32 product, rounded).
 the next norm): s = x + delta rounded to x.dtype (the torch add's rounding), y = RMSNorm(s); one kernel where
 the add and the norm were two. `triton_act_mul` is the gated MLP's act(gate) * up over the merged gate_up
 output [T, 2I] in one kernel (torch: silu or gelu-tanh, then a product: two), each step rounded to the dtype
-as torch rounds it. None of them uses inline PTX: they compile for ROCm too.
+as torch rounds it. They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compiled in
+on sm_90+ CUDA only).
+
+On sm_90+ CUDA each is launched with programmatic dependent launch (PDL, `pdl_enter`): it lets the next PDL
+kernel launch at once (the dense GEMV that reads its output starts streaming its weights while this kernel
+runs; that GEMV waits for this kernel before it reads x) and waits for the kernel before it before reading.
 """
 
 from __future__ import annotations
@@ -20,9 +25,28 @@ import torch
 import triton
 import triton.language as tl
 
+from quantrt.platforms.cuda.kernels._common import pdl_supported
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.constexpr):
+def pdl_enter(PDL: tl.constexpr):
+    """Start of a PDL-launched small kernel: let the next PDL kernel launch (it waits for this one to
+    complete before it reads anything this one writes), then wait for the kernel before this one (whose
+    output this one reads). No-op with PDL off."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+def _launch_opts(t: torch.Tensor) -> dict:
+    """Launch options and the PDL constexpr for a kernel over tensors on t's device."""
+    pdl = pdl_supported(t)
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
@@ -44,7 +68,7 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), d, eps, BLOCK=block,
-                                         num_warps=4 if block <= 2048 else 8)
+                                         num_warps=4 if block <= 2048 else 8, **_launch_opts(x2))
     return y.reshape(x.shape)
 
 
@@ -62,7 +86,8 @@ def rne(x, DT: tl.constexpr):
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_d, stride_y, stride_s, d, eps,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
@@ -96,12 +121,15 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, y, s, x2.stride(0), d2.stride(0), y.stride(0),
-                                             s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+                                             s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+                                             **_launch_opts(x2))
     return y.reshape(x.shape), s.reshape(x.shape)
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, o_ptr, stride_g, stride_o, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(gu_ptr, o_ptr, stride_g, stride_o, n, GELU: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -129,5 +157,5 @@ def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
     if t:
         block = min(1024, triton.next_power_of_2(n))
         _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, GELU=gelu_tanh,
-                                                    BLOCK=block, num_warps=4)
+                                                    BLOCK=block, num_warps=4, **_launch_opts(gu))
     return out

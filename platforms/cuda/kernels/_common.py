@@ -44,6 +44,13 @@ def num_sms(device_index: int = 0) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def pdl_supported(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch (`launch_pdl=True`, griddepcontrol): CUDA sm_90+, not ROCm or the
+    interpreter."""
+    return (t.device.type == "cuda" and not interpret_mode() and torch.version.hip is None
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quantrt.platforms.cuda.kernels._common import check_runtime, interpret_mode
+from quantrt.platforms.cuda.kernels._common import check_runtime, pdl_supported
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.weights import DenseWeight
 
@@ -25,12 +25,6 @@ K_MULTIPLE = 64  # K must be a multiple of this (16-byte row loads, K steps of a
 USE_PDL = True   # launch with programmatic dependent launch where the GPU has it (sm_90+)
 
 
-def _pdl_ok(t: torch.Tensor) -> bool:
-    """Programmatic dependent launch: CUDA (not ROCm, not the interpreter) on sm_90 or newer."""
-    return (t.device.type == "cuda" and not interpret_mode() and torch.version.hip is None
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
-
-
 class TritonDenseGemvKernel(LinearKernel):
     """Dense fp16/bf16 weight: Triton GEMV for M <= GEMV_MAX_M, F.linear otherwise."""
 
@@ -38,7 +32,7 @@ class TritonDenseGemvKernel(LinearKernel):
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight  # [N, K] compute dtype, K contiguous
-        self.pdl = USE_PDL and _pdl_ok(weight)
+        self.pdl = USE_PDL and pdl_supported(weight)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:

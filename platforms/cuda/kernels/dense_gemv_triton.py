@@ -10,7 +10,9 @@ sums them in split order), so there is no reduce kernel and the result is determ
 PDL (Hopper+, programmatic dependent launch): the kernel is launched with the programmatic-serialization
 attribute and loads its first weight tile before `griddepcontrol.wait`, so that while the kernel before it
 (which produced x) finishes, the weight reads have started; x, the workspace and the split counters are only
-touched after the wait. The weight is never written by a kernel, so reading it early is safe.
+touched after the wait. The weight is never written by a kernel, so reading it early is safe. The kernel also
+lets the next PDL kernel launch at its start (`griddepcontrol.launch_dependents`): that kernel's own wait
+holds it until this one has completed, and it only launches once every program here has started.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     acc1 = tl.zeros([BN], dtype=tl.float32)
     acc2 = tl.zeros([BN], dtype=tl.float32)
     acc3 = tl.zeros([BN], dtype=tl.float32)
+    if PDL:  # the next PDL kernel may launch now: it waits for this one to complete before reading y
+        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         w = tl.load(w_tile)                                                    # before the wait (PDL)
         _gdc_wait(PDL)
