@@ -23,7 +23,7 @@ if str(BENCH) not in sys.path:
 import _peers  # noqa: E402
 import kernels  # noqa: E402
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU degradation")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU degradation")
 
 
 @pytest.fixture
@@ -38,6 +38,7 @@ def torchao_present(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", fake)
 
 
+@no_gpu
 def test_missing_package_and_gpu_are_both_named(gemlite_missing):
     with pytest.raises(_peers.PeerSkipped) as e:
         _peers.build_peer("gemlite_w4_bf16", 4096, 4096, lambda nbytes: 1)
@@ -47,6 +48,7 @@ def test_missing_package_and_gpu_are_both_named(gemlite_missing):
     assert "no CUDA device" in msg
 
 
+@no_gpu
 def test_installed_package_without_gpu_names_only_the_gpu(torchao_present):
     for name in ("ao_int4", "ao_fp8_row", "ao_int8"):
         with pytest.raises(_peers.PeerSkipped, match=r"^no CUDA device \(torch.cuda.is_available\(\) is False\)$"):
@@ -59,6 +61,7 @@ def test_unknown_peer_lists_the_peers():
         _peers.build_peer("marlin", 4096, 4096, lambda nbytes: 1)
 
 
+@no_gpu
 def test_bench_prints_skip_reasons_and_tabulates_them(gemlite_missing, capsys):
     peers = list(_peers.PEERS)
     rows = kernels.bench([(256, 512)], [1, 16], peers)
