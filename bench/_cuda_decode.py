@@ -9,7 +9,8 @@ step time, against a device-to-device copy measured in the same run (bytes read 
 `quantrt bf16 (unfused)` runs the CUDA platform with its fused per-layer ops switched off (torch rotary and
 index_copy KV writes, torch residual add + RMSNorm, silu * up): the A/B of the fused kernels in one run.
 `quantrt bf16 (cuBLAS dense)` runs the unquantized linears on cuBLAS (F.linear) instead of the Triton dense
-GEMV (`TritonDenseGemvKernel`, batch 1): the A/B of that kernel in one run.
+GEMV (`TritonDenseGemvKernel`, batch 1) and launches without PDL (QUANTRT_CUDA_PDL=0): the code before that
+kernel, in the same run; `quantrt bf16 (no PDL)` is the GEMV without programmatic dependent launch.
 `--profile`: per config, the kernels of 32 graph-replayed batch-1 decode steps (torch.profiler, CUDA activity
 only), per step: calls, µs, share of the kernel time; the step time minus the kernel time is launch gaps.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -244,6 +246,9 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
         kw["platform"] = unfused_platform()
     if kw.pop("cublas_dense", False):
         kw["platform"] = cublas_dense_platform()
+    pdl_env = os.environ.get("QUANTRT_CUDA_PDL")
+    if kw.pop("no_pdl", False):    # read at each launch, so it holds for every graph this engine captures
+        os.environ["QUANTRT_CUDA_PDL"] = "0"
     eng = Engine(model_path=str(path), dtype="bfloat16", context_length=2048, max_running_requests=64,
                  max_total_tokens=64 * 256, cuda_graph_max_bs=64, random_seed=0, **kw)
     load_s = time.perf_counter() - t0
@@ -283,6 +288,10 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
                 row["profile"] = profile_steps(gen)
     eng.shutdown()
     eng = runner = None  # noqa: F841 - drop the engine before the next load
+    if pdl_env is None:
+        os.environ.pop("QUANTRT_CUDA_PDL", None)
+    else:
+        os.environ["QUANTRT_CUDA_PDL"] = pdl_env
     gc.collect()
     torch.cuda.empty_cache()
     return outs
@@ -316,8 +325,8 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
     torch.cuda.empty_cache()
 
 
-CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True},
-           "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True}, "quantrt fp8": {"quantization": "fp8"},
+CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt bf16 (no PDL)": {"no_pdl": True},
+           "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True}}
 
 

@@ -105,8 +105,8 @@ def test_registered_and_selected_for_dense_weights():
 
 
 @pytest.mark.parametrize("weight,dtype,why", [
-    (DenseWeight(torch.zeros(8, 96)), torch.bfloat16, "K=96 is not a multiple of 64"),
-    (DenseWeight(torch.zeros(8, 128)), torch.float32, "is not float16/bfloat16"),
+    (DenseWeight(torch.zeros(8, 96, device=DEV)), torch.bfloat16, "K=96 is not a multiple of 64"),
+    (DenseWeight(torch.zeros(8, 128, device=DEV)), torch.float32, "is not float16/bfloat16"),
     (IntWeight(torch.zeros(8, 128, dtype=torch.int8), torch.ones(8, 1), 8, 128), torch.bfloat16,
      "weight is IntWeight, not DenseWeight"),
 ])

@@ -46,8 +46,10 @@ def num_sms(device_index: int = 0) -> int:
 
 def pdl_supported(t: torch.Tensor) -> bool:
     """Programmatic dependent launch (`launch_pdl=True`, griddepcontrol): CUDA sm_90+, not ROCm or the
-    interpreter."""
+    interpreter, and not switched off with QUANTRT_CUDA_PDL=0 (read at each launch: graphs keep what they
+    captured)."""
     return (t.device.type == "cuda" and not interpret_mode() and torch.version.hip is None
+            and os.environ.get("QUANTRT_CUDA_PDL", "1") != "0"
             and torch.cuda.get_device_capability(t.device)[0] >= 9)
 
 

@@ -3,7 +3,8 @@
 Imported lazily (needs triton). A program owns BN output columns (weight rows) and a K slice of K_PER_SPLIT;
 each thread loads 8 consecutive k of one row (16 bytes), the products with the activation rows are summed in
 fp32 once per K step. With PREFETCH the next step's weight tile is loaded before the current one is used
-(two tiles in registers: the loads of step i+1 are in flight while step i multiplies). Split-K partials are
+(two tiles in registers: the loads of step i+1 are in flight while step i multiplies); on the H100 more
+programs per SM without it measured faster. Split-K partials are
 combined in the same launch (`split_k_triton.store_split_k`: fp32 partials, the last split of a column tile
 sums them in split order), so there is no reduce kernel and the result is deterministic.
 
@@ -31,12 +32,12 @@ MAX_M = 4
 
 @dataclass(frozen=True)
 class DenseGemvConfig:
-    block_n: int = 16
-    block_k: int = 512
-    waves: int = 4            # split K until about waves * SMs programs run (a divisor of the K steps)
-    num_warps: int = 4
+    block_n: int = 8
+    block_k: int = 1024
+    waves: int = 2            # split K until about waves * SMs programs run (a divisor of the K steps)
+    num_warps: int = 8
     num_stages: int = 1
-    prefetch: bool = True     # load step i+1's weight tile before multiplying step i's
+    prefetch: bool = False    # load step i+1's weight tile before multiplying step i's
     pdl: bool = False         # programmatic dependent launch (sm_90+, not the interpreter, not ROCm)
 
 
@@ -54,9 +55,23 @@ def _row_dot(x_ptr, kk, w):
 
 
 @triton.jit
+def _dots(x_ptr, stride_xm, kk, w, acc0, acc1, acc2, acc3, M: tl.constexpr):
+    """The step's products of the weight tile w [BN, BK] with each activation row's slice kk, added to the
+    rows' accumulators [BN]."""
+    acc0 += _row_dot(x_ptr, kk, w)
+    if M > 1:
+        acc1 += _row_dot(x_ptr + stride_xm, kk, w)
+    if M > 2:
+        acc2 += _row_dot(x_ptr + 2 * stride_xm, kk, w)
+    if M > 3:
+        acc3 += _row_dot(x_ptr + 3 * stride_xm, kk, w)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_PER_SPLIT: tl.constexpr,
-                       M: tl.constexpr,
-                       MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr):
+                       M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr):
     # x [M, K] (rows stride_xm, k contiguous); w [N, K] k contiguous; y [M, N]; ws [SPLIT, M, N] fp32.
     # K is a multiple of K_PER_SPLIT (itself of BK): no K masks; rows past N are clamped, not stored.
     pid_n = tl.program_id(0)
@@ -76,28 +91,16 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
         w = tl.load(w_tile)                                                    # before the wait (PDL)
         _gdc_wait(PDL)
         for kt in range(0, K_PER_SPLIT, BK):
-            kk = k_start + kt + offs_k
             nxt = tl.load(w_tile + (kt + BK), mask=kt + BK < K_PER_SPLIT, other=0.0)  # scalar mask
-            acc0 += _row_dot(x_ptr, kk, w)
-            if M > 1:
-                acc1 += _row_dot(x_ptr + stride_xm, kk, w)
-            if M > 2:
-                acc2 += _row_dot(x_ptr + 2 * stride_xm, kk, w)
-            if M > 3:
-                acc3 += _row_dot(x_ptr + 3 * stride_xm, kk, w)
+            acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
             w = nxt
-    else:
+    else:  # step 0 peeled: its weight tile is loaded before the wait (PDL), the others as they come
+        w = tl.load(w_tile)
         _gdc_wait(PDL)
-        for kt in range(0, K_PER_SPLIT, BK):
-            kk = k_start + kt + offs_k
+        acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + offs_k, w, acc0, acc1, acc2, acc3, M)
+        for kt in range(BK, K_PER_SPLIT, BK):
             w = tl.load(w_tile + kt)
-            acc0 += _row_dot(x_ptr, kk, w)
-            if M > 1:
-                acc1 += _row_dot(x_ptr + stride_xm, kk, w)
-            if M > 2:
-                acc2 += _row_dot(x_ptr + 2 * stride_xm, kk, w)
-            if M > 3:
-                acc3 += _row_dot(x_ptr + 3 * stride_xm, kk, w)
+            acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
     rm = tl.arange(0, MP)[:, None]                                             # [MP, 1] output row
     acc = tl.where(rm == 0, acc0[None, :], 0.0)                                # [MP, BN]
     if M > 1:
@@ -120,12 +123,13 @@ def plan_split(k: int, block_k: int, n_tiles: int, target_programs: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, pdl: bool = False) -> DenseGemvConfig:
-    """H100 tiles (docs/PERFORMANCE.md, "bf16 dense GEMV"): BK 512 where K allows, else the largest power of
-    two that divides K."""
-    bk = 512
+    """The H100 sweep's best tile for every Llama-3.1-8B shape (docs/PERFORMANCE.md, "bf16 dense GEMV"): 8 rows
+    x 1024 k, 8 warps, no register prefetch, split K only below ~2 programs per SM (so none for those shapes).
+    K not a multiple of 1024: the largest power of two that divides it."""
+    bk = 1024
     while k % bk:
         bk //= 2
-    return DenseGemvConfig(block_k=bk, pdl=pdl)
+    return DenseGemvConfig(8, bk, 2, 8, 1, False, pdl)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = None) -> torch.Tensor:
