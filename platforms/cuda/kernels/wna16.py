@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
-SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100, 8192²: 25 us at M=1; at M=4 80 us vs 45 tiled)
+SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
 TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles, 4/8-bit)
 TC8_MAX_M = 128     # 8-bit container: above this dequantize + cuBLAS (8192², M=256: 128 vs 156 us in tc_wna16)
 
