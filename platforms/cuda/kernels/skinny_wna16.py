@@ -14,7 +14,9 @@ Per code the kernel spends one LOP3 and one FFMA per activation row (plus one sh
   - the activation is pre-scaled by 2**(85 - pos) (exact), so the FFMA adds q * x * 2**-64 exactly
     rounded; no magic-number FADD and no cancellation (the products are q * x, q >= 0);
   - per tile group and column, s * (2**64 * sum q x - z * sum x) applies the zero point and the scale
-    once (sum x: one FADD per activation, shared by the thread's columns).
+    once (sum x: one FFMA per activation, shared by the thread's columns).
+Each extra activation row costs one more FFMA per code, so from M = 2 `tc_wna16` wins on the H100 and
+dispatch (`wna16.SKINNY_MAX_M`) sends only M = 1 here; M <= 4 stays supported and tested.
 A program owns BN columns and a K slice of NG*GT rows per step (GT = rows of one tile group, <= group
 size); tile [NG, GR, BN] with GR = GT / PACK packed rows. PREFETCH = 1 (2) loads the tile of step t+1
 (t+2) before step t is unpacked, so DRAM reads overlap the arithmetic (without it a program waits for
