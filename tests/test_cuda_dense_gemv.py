@@ -188,26 +188,26 @@ def test_native_pdl_in_cuda_graph_waits_for_the_producer():
 
 @pytest.mark.accelerator
 def test_native_pdl_chain_in_cuda_graph():
-    """A decode layer's PDL chain in one CUDA graph: add + RMSNorm -> GEMV (gate_up) -> act * up -> GEMV (down)
-    -> add + RMSNorm, every kernel launched with PDL (each lets the next launch early and waits for the one
-    before): each replay equals the same ops run eagerly one by one on the new input."""
+    """A decode layer's PDL chain in one CUDA graph, 2 rows: add + RMSNorm -> GEMV (gate_up) -> act * up -> GEMV
+    (down) -> add + RMSNorm, every kernel launched with PDL (each lets the next launch early and waits for the
+    one before): each replay equals the same ops run eagerly on the new input, and the torch math."""
     import torch.nn.functional as F
 
-    from quantrt.platforms.cuda.layer_ops import triton_act_mul, triton_add_rms_norm
+    from quantrt.platforms.cuda.kernels.dense_gemv_triton import default_config, dense_gemv
+    from quantrt.platforms.cuda.layer_ops import PDL_MIN_ROWS, triton_act_mul, triton_add_rms_norm
 
-    d, i = 4096, 14336
+    d, i, rows = 4096, 14336, 2
+    assert rows >= PDL_MIN_ROWS
     gen = torch.Generator(device="cuda").manual_seed(3)
     w_gu = (torch.randn(2 * i, d, device="cuda", generator=gen) * 0.02).bfloat16()
     w_dn = (torch.randn(d, i, device="cuda", generator=gen) * 0.02).bfloat16()
     g = (torch.rand(d, device="cuda", generator=gen) + 0.5).bfloat16()
-    x, delta = (torch.randn(1, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
-    kern = {n: TritonDenseGemvKernel.prepare(LinearSpec(DenseWeight(w), WEIGHT_ONLY, torch.bfloat16), PLATFORM)
-            for n, w in (("gu", w_gu), ("dn", w_dn))}
-    assert kern["gu"].pdl
+    x, delta = (torch.randn(rows, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    cfg_gu, cfg_dn = default_config(rows, 2 * i, d, pdl=True), default_config(rows, d, i, pdl=True)
 
     def layer():
         h, s = triton_add_rms_norm(x, delta, g, 1e-5)
-        out = kern["dn"].apply(triton_act_mul(kern["gu"].apply(h, None)), None)
+        out = dense_gemv(triton_act_mul(dense_gemv(h, w_gu, cfg_gu)), w_dn, cfg_dn)
         return triton_add_rms_norm(s, out, g, 1e-5)
 
     layer()

@@ -14,9 +14,10 @@ output [T, 2I] in one kernel (torch: silu or gelu-tanh, then a product: two), ea
 as torch rounds it. They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compiled in
 on sm_90+ CUDA only).
 
-On sm_90+ CUDA each is launched with programmatic dependent launch (PDL, `pdl_enter`): it lets the next PDL
-kernel launch at once (the dense GEMV that reads its output starts streaming its weights while this kernel
-runs; that GEMV waits for this kernel before it reads x) and waits for the kernel before it before reading.
+On sm_90+ CUDA, with at least PDL_MIN_ROWS rows, each is launched with programmatic dependent launch (PDL,
+`pdl_enter`): it is scheduled while the kernel before it drains and waits (griddepcontrol.wait) for that
+kernel's results before reading; it also lets the next PDL kernel launch at once (that kernel waits for this
+one the same way). QUANTRT_CUDA_PDL=0 switches it off.
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ def pdl_enter(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
-def _launch_opts(t: torch.Tensor) -> dict:
-    """Launch options and the PDL constexpr for a kernel over tensors on t's device."""
-    pdl = pdl_supported(t)
+PDL_MIN_ROWS = 2  # H100 e2e (docs/PERFORMANCE.md, "dense GEMV" run): batch 64 7.34 -> 6.93 ms/step with PDL;
+                  # at batch 1 PDL (with the GEMV's) measured 5.75 vs 5.53 ms without, so one row launches plainly
+
+
+def _launch_opts(t: torch.Tensor, rows: int) -> dict:
+    """Launch options and the PDL constexpr for a kernel over `rows` rows of tensors on t's device."""
+    pdl = rows >= PDL_MIN_ROWS and pdl_supported(t)
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
@@ -68,7 +73,7 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), d, eps, BLOCK=block,
-                                         num_warps=4 if block <= 2048 else 8, **_launch_opts(x2))
+                                         num_warps=4 if block <= 2048 else 8, **_launch_opts(x2, x2.shape[0]))
     return y.reshape(x.shape)
 
 
@@ -122,7 +127,7 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
         block = triton.next_power_of_2(d)
         _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, y, s, x2.stride(0), d2.stride(0), y.stride(0),
                                              s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                             **_launch_opts(x2))
+                                             **_launch_opts(x2, x2.shape[0]))
     return y.reshape(x.shape), s.reshape(x.shape)
 
 
@@ -157,5 +162,5 @@ def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
     if t:
         block = min(1024, triton.next_power_of_2(n))
         _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, GELU=gelu_tanh,
-                                                    BLOCK=block, num_warps=4, **_launch_opts(gu))
+                                                    BLOCK=block, num_warps=4, **_launch_opts(gu, t))
     return out

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 GEMV_MAX_M = 1   # up to here the Triton GEMV; above, cuBLAS (F.linear)
 K_MULTIPLE = 64  # K must be a multiple of this (16-byte row loads, K steps of at least 64)
-USE_PDL = True   # launch with programmatic dependent launch where the GPU has it (sm_90+)
+USE_PDL = False  # PDL launch (sm_90+): H100 batch-1 decode 5.75 ms/step with it vs 5.53 without (PERFORMANCE.md)
 
 
 class TritonDenseGemvKernel(LinearKernel):
