@@ -49,8 +49,12 @@ def pdl_supported(t: torch.Tensor) -> bool:
     interpreter, and not switched off with QUANTRT_CUDA_PDL=0 (read at each launch: graphs keep what they
     captured)."""
     return (t.device.type == "cuda" and not interpret_mode() and torch.version.hip is None
-            and os.environ.get("QUANTRT_CUDA_PDL", "1") != "0"
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+            and os.environ.get("QUANTRT_CUDA_PDL", "1") != "0" and _sm_major(t.device.index or 0) >= 9)
+
+
+@functools.cache
+def _sm_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def cdiv(a: int, b: int) -> int:
