@@ -4,9 +4,9 @@ Imported lazily (needs triton). A program owns BN output columns (weight rows) a
 each thread loads 8 consecutive k of one row (16 bytes), the products with the activation rows are summed in
 fp32 once per K step. With PREFETCH the next step's weight tile is loaded before the current one is used
 (two tiles in registers: the loads of step i+1 are in flight while step i multiplies); on the H100 more
-programs per SM without it measured faster. Split-K partials are
-combined in the same launch (`split_k_triton.store_split_k`: fp32 partials, the last split of a column tile
-sums them in split order), so there is no reduce kernel and the result is deterministic.
+programs per SM without it measured faster. Split-K partials are combined in the same launch
+(`split_k_triton.store_split_k`: fp32 partials, the last split of a column tile sums them in split order), so
+there is no reduce kernel and the result is deterministic.
 
 PDL (Hopper+, programmatic dependent launch): the kernel is launched with the programmatic-serialization
 attribute and loads its first weight tile before `griddepcontrol.wait`, so that while the kernel before it
@@ -133,7 +133,7 @@ def default_config(m: int, n: int, k: int, pdl: bool = False) -> DenseGemvConfig
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = None) -> torch.Tensor:
-    """x: [M <= 4, K] fp16/bf16; w: [N, K] x.dtype, K contiguous, K a multiple of 8 -> [M, N] x.dtype."""
+    """x: [M <= 4, K] fp16/bf16; w: [N, K] x.dtype, K contiguous, K a multiple of cfg.block_k -> [M, N] x.dtype."""
     m, k = x.shape
     n = w.shape[0]
     assert 1 <= m <= MAX_M and w.shape[1] == k and w.dtype == x.dtype and w.stride(1) == 1
