@@ -36,6 +36,7 @@ class SwapFp8Config:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
+    tma: bool = False         # weight tiles through a TMA descriptor (sm_90+), pipelined num_stages deep
 
 
 @triton.jit
@@ -55,10 +56,10 @@ def _mm(w, a, DOT_F32: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, KB,
+def _swap_fp8_kernel(x_ptr, w_ptr, w_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, KB,
                      K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, WSCALE: tl.constexpr,
                      QMAX: tl.constexpr, IS_INT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     BM: tl.constexpr, DOT_F32: tl.constexpr):
+                     BM: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -78,7 +79,10 @@ def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N,
         k0 = k_start + kt
         kk = k0 + offs_k
         mk = kk < K
-        w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+        if TMA:  # the box is zero-filled past N and K
+            w = w_desc.load([pid_n * BN, k0])
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
         a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & mk[:, None],
                     other=0.0)                                                 # [BK, BM]
         if WSCALE == 2:  # BK == 128: one block column per step
@@ -233,10 +237,16 @@ def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, 
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else sa
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, bk])
+    else:
+        w_desc = w
     _swap_fp8_kernel[(n_tiles, split, m_tiles)](
-        x, w, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
+        x, w, w_desc, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
         ACT=act, WSCALE=wscale, QMAX=qmax, IS_INT=w.dtype == torch.int8, BN=cfg.block_n, BK=bk, BM=cfg.block_m,
-        DOT_F32=interpret_mode(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interpret_mode(), TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -44,6 +44,8 @@ class TcConfig:
     waves: int = 4
     swap: bool = True         # dequantized weights as the register A operand (y^T = W^T x^T)
     block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
+    prefetch: bool = False    # load the next K step's words/scales into registers before this step's unpack
+    tma: bool = False         # words through a TMA descriptor (sm_90+), pipelined num_stages deep
 
 
 _ASM_BF16 = """
@@ -125,16 +127,72 @@ _ASM_F16_C = tl.constexpr(_ASM_F16)
 
 
 @triton.jit
-def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
+def _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, n0,
+               PACK: tl.constexpr, TMA: tl.constexpr):
+    """The packed words [BK/PACK, BN] int32 and the group's scale / zero [BN] of the K step at k0 (`ok`
+    False: nothing is read from memory for the plain loads; the TMA box is zero-filled past K)."""
+    if TMA:
+        p = p_desc.load([k0 // PACK, n0])
+    else:
+        p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=ok & mask_n[None, :], other=0)
+    g = k0 // G
+    s = tl.load(s_ptr + g * N + offs_n, mask=ok & mask_n, other=0.0)
+    z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=8388608.0) - 8388608.0
+    return p, s, z
+
+
+@triton.jit
+def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
+              RK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr, ASM: tl.constexpr,
+              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr):
+    """acc ([BN, BM] swapped, else [BM, BN]) += the dequantized step (p, s, z) times x[:, k0:k0 + BK]."""
+    MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
+    dt = x_ptr.dtype.element_ty
+    if PACK == 8:
+        nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
+        sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
+        c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ASM, IS_BF16)
+        w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    else:  # 8-bit container, 4 codes per word: fp32 (q - z) * s rounded once (MAGIC + q is not exact in bf16)
+        zb = z[None, :]
+        sf = s[None, :]
+        d0 = ((((p >> 0) & 255).to(tl.float32) - zb) * sf).to(dt)
+        d1 = ((((p >> 8) & 255).to(tl.float32) - zb) * sf).to(dt)
+        d2 = ((((p >> 16) & 255).to(tl.float32) - zb) * sf).to(dt)
+        d3 = ((((p >> 24) & 255).to(tl.float32) - zb) * sf).to(dt)
+        w = tl.join(tl.join(d0, d2), tl.join(d1, d3))
+    w = tl.reshape(w, [RK, BN, PACK])                     # [j, n, i]: code i of packed row j
+    kk = k0 + offs_k
+    if SWAP:  # y^T = W^T x^T: the dequantized tile is the register A operand, k = PACK j + i along its rows
+        wt = tl.reshape(tl.permute(w, (1, 0, 2)), [BN, BK])
+        a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                    mask=mask_m[None, :] & (kk < K)[:, None], other=0.0)  # [BK, BM]
+        if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
+            acc += tl.dot(wt.to(tl.float32), a.to(tl.float32))
+        else:
+            acc += tl.dot(wt, a)
+    else:
+        w = tl.reshape(tl.permute(w, (0, 2, 1)), [BK, BN])  # row PACK j + i = k
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                    mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
+def _tc_wna16_kernel(x_ptr, p_ptr, p_desc, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                     SWAP: tl.constexpr, PACK: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     RK: tl.constexpr = BK // PACK
-    MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
     mask_n = offs_n < N
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
@@ -145,45 +203,26 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for kt in range(0, K_PER_SPLIT, BK):
-        k0 = k_start + kt
-        kin = k0 < K
-        p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=kin & mask_n[None, :], other=0)
-        g = k0 // G
-        s = tl.load(s_ptr + g * N + offs_n, mask=kin & mask_n, other=0.0)
-        z = tl.load(z_ptr + g * N + offs_n, mask=kin & mask_n, other=8388608.0) - 8388608.0
-        dt = x_ptr.dtype.element_ty
-        if PACK == 8:
-            nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
-            sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
-            c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ASM, IS_BF16)
-            w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
-        else:  # 8-bit container, 4 codes per word: fp32 (q - z) * s rounded once (MAGIC + q is not exact in bf16)
-            zb = z[None, :]
-            sf = s[None, :]
-            d0 = ((((p >> 0) & 255).to(tl.float32) - zb) * sf).to(dt)
-            d1 = ((((p >> 8) & 255).to(tl.float32) - zb) * sf).to(dt)
-            d2 = ((((p >> 16) & 255).to(tl.float32) - zb) * sf).to(dt)
-            d3 = ((((p >> 24) & 255).to(tl.float32) - zb) * sf).to(dt)
-            w = tl.join(tl.join(d0, d2), tl.join(d1, d3))
-        w = tl.reshape(w, [RK, BN, PACK])                     # [j, n, i]: code i of packed row j
-        kk = k0 + offs_k
-        if SWAP:  # y^T = W^T x^T: the dequantized tile is the register A operand, k = PACK j + i along its rows
-            wt = tl.reshape(tl.permute(w, (1, 0, 2)), [BN, BK])
-            a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-                        mask=mask_m[None, :] & (kk < K)[:, None], other=0.0)  # [BK, BM]
-            if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
-                acc += tl.dot(wt.to(tl.float32), a.to(tl.float32))
-            else:
-                acc += tl.dot(wt, a)
-        else:
-            w = tl.reshape(tl.permute(w, (0, 2, 1)), [BK, BN])  # row PACK j + i = k
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                        mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-            else:
-                acc += tl.dot(a, w)
+    if PREFETCH:  # registers hold the next step's words while this step is unpacked and multiplied
+        p, s, z = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, n0,
+                             PACK, TMA)
+        for kt in range(0, K_PER_SPLIT, BK):
+            k0 = k_start + kt
+            k1 = k0 + BK
+            pn, sn, zn = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
+                                    offs_r, offs_n, mask_n, n0, PACK, False)
+            acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
+                            IS_BF16, DOT_F32, SWAP)
+            p = pn
+            s = sn
+            z = zn
+    else:
+        for kt in range(0, K_PER_SPLIT, BK):
+            k0 = k_start + kt
+            p, s, z = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, n0,
+                                 PACK, TMA)
+            acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
+                            IS_BF16, DOT_F32, SWAP)
     if SWAP:
         ym = offs_m[None, :] * N + offs_n[:, None]
         ymask = mask_m[None, :] & mask_n[:, None]
@@ -295,10 +334,18 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else packed
+    tma = cfg.tma and not cfg.prefetch
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        p_desc = TensorDescriptor.from_tensor(packed, [bk // (32 // bits), cfg.block_n])
+    else:
+        p_desc = packed
     _tc_wna16_kernel[(n_tiles, split, m_tiles)](
-        x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
+        x, packed, p_desc, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
-        DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=cfg.prefetch, TMA=tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
