@@ -36,13 +36,16 @@ FP8 = [(64, 256, 1, 4, 3, 16, False),                      # the current 8192² 
        (64, 256, 1, 4, 3, 16, True), (64, 256, 1, 4, 4, 16, True), (64, 256, 2, 4, 4, 16, True),
        (64, 128, 2, 4, 6, 16, True), (64, 128, 4, 4, 4, 16, True), (128, 128, 1, 4, 4, 16, True),
        (128, 256, 1, 8, 3, 16, True), (128, 128, 2, 8, 4, 16, True), (64, 256, 2, 4, 3, 16, False)]
-KINDS = {"tc_w4": TC, "swap_fp8_tok": FP8}
+# GluonTcConfig(block_n, block_k, waves, split_k): the fragment-order Gluon kernel (tc_wna16_gluon)
+GL = [(64, 128, 4, 0), (64, 128, 2, 0), (64, 128, 3, 0), (64, 128, 6, 0), (64, 128, 8, 0), (128, 128, 2, 0),
+      (128, 128, 4, 0), (64, 64, 4, 0)]
+KINDS = {"tc_w4": TC, "gl_w4": GL, "swap_fp8_tok": FP8}
 
 
 def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
     from _tc_sweep import _weights as weights
 
-    return weights(kind, n, k, seed)
+    return weights("tc_w4" if kind == "gl_w4" else kind, n, k, seed)
 
 
 def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
@@ -52,6 +55,11 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     if kind == "tc_w4":
         packed, scale, zero, group, bits = wt
         return tc_wna16(x, packed, scale, zero, group, TcConfig(*cfg), bits=bits)
+    if kind == "gl_w4":
+        from quantrt.platforms.cuda.kernels.tc_wna16_gluon import GluonTcConfig, tc_wna16_gluon
+
+        packed, scale, zero, group, _ = wt
+        return tc_wna16_gluon(x, packed, scale, zero, group, GluonTcConfig(*cfg))
     data, sc = wt
     return swap_fp8(x, data, sc, 0, 1, 448.0, None, SwapFp8Config(*cfg))
 
@@ -60,7 +68,7 @@ def _reference64(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     """x @ W in float64 (per-token fake-quantized x for W8A8)."""
     from quantrt.quant.quantize import quantize_act_per_token
 
-    if kind == "tc_w4":
+    if kind in ("tc_w4", "gl_w4"):
         packed, scale, zero, group, bits = wt
         shifts = torch.arange(8, device="cuda", dtype=torch.int32) * 4
         u = ((packed[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, packed.shape[1]).double()
@@ -79,7 +87,9 @@ def _ttgir_summary() -> None:
     from quantrt.platforms.cuda.kernels.swap_fp8 import _swap_fp8_kernel
     from quantrt.platforms.cuda.kernels.tc_wna16 import _tc_wna16_kernel
 
-    for fn in (_tc_wna16_kernel, _swap_fp8_kernel):
+    from quantrt.platforms.cuda.kernels.tc_wna16_gluon import _gluon_w4_kernel
+
+    for fn in (_tc_wna16_kernel, _gluon_w4_kernel, _swap_fp8_kernel):
         for cache in fn.device_caches.values():
             for key, ck in cache[0].items():
                 src = ck.asm.get("ttgir", "")
@@ -89,7 +99,7 @@ def _ttgir_summary() -> None:
                 try:
                     names = ck.src.fn.arg_names
                     tag = {names[i[0]]: v for i, v in ck.src.constants.items()
-                           if names[i[0]] in ("BN", "BK", "PREFETCH", "TMA", "SPLIT", "BM")}
+                           if names[i[0]] in ("BN", "BK", "PREFETCH", "TMA", "FRAG", "SPLIT", "BM")}
                 except Exception:  # noqa: BLE001
                     tag = str(key)[-120:]
                 print(f"# ttgir {fn.__name__} regs={getattr(ck, 'n_regs', '?')} spills={getattr(ck, 'n_spills', '?')} "
@@ -121,7 +131,7 @@ def main() -> None:
             cells.timed("bf16", k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         del fns
         for kind, cfgs in KINDS.items():
-            nbytes = n * k // 2 if kind == "tc_w4" else n * k
+            nbytes = n * k // 2 if kind.endswith("_w4") else n * k
             ws = [_weights(kind, n, k, i) for i in range(kernels.copies_for(nbytes))]
             for m in MS:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -136,7 +146,8 @@ def main() -> None:
     cells.report()
     for r in cells.res:  # % of the 3.0 TB/s copy ceiling: weights + fp32 scales (+ x, y)
         k, n, m = r["k"], r["n"], r["m"]
-        wb = {"bf16": 2 * n * k, "tc_w4": n * k // 2 + 8 * n * k // 128, "swap_fp8_tok": n * k + 4 * n}[r["kind"]]
+        wb = {"bf16": 2 * n * k, "tc_w4": n * k // 2 + 8 * n * k // 128, "gl_w4": n * k // 2 + 8 * n * k // 128,
+              "swap_fp8_tok": n * k + 4 * n}[r["kind"]]
         r["copy_pct"] = 100 * (wb + 2 * m * (k + n)) / (r["us"] * 1e-6) / 3.0e12
     cells.save(a.json)
     if a.ttgir:

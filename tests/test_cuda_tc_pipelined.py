@@ -91,3 +91,54 @@ def test_swap_fp8_tma_native(m, cfg, kind):
 def test_tc_wna16_pipelined_native(m, cfg, dtype):
     y, ref = _wna16(m, 4096, 8192, 4, 128, dtype, cfg, m)
     assert rel_err(y, ref) < 1e-2
+
+
+def test_tc_wna16_frag_order_matches_gluon_permutation():
+    """The fragment-order K permutation is a bijection of each step, the same in the Triton (`frag`, the
+    CPU-tested twin) and the Gluon kernel, and pairs (kappa, kappa + 1) are codes (i, i + 4) of one word."""
+    from quantrt.platforms.cuda.kernels import tc_wna16, tc_wna16_gluon
+
+    import inspect
+    import re
+
+    def body(fn):  # the statements, without the decorator, signature and docstring
+        src = inspect.getsource(getattr(fn, "fn", fn)).splitlines()
+        return [ln.strip() for ln in src if re.match(r"\s+(\w+ = |return )", ln)]
+
+    assert body(tc_wna16._frag_k) == body(tc_wna16_gluon._frag_k) and len(body(tc_wna16._frag_k)) == 7
+    kappa = torch.arange(128)
+    k = (32 * (kappa >> 5) + 16 * ((kappa >> 2) & 1) + 8 * ((kappa >> 1) & 1) + 4 * (kappa & 1)
+         + 2 * ((kappa >> 4) & 1) + ((kappa >> 3) & 1))
+    assert sorted(k.tolist()) == list(range(128))
+    assert torch.equal(k[1::2] - k[0::2], torch.full((64,), 4)) and torch.equal(k[0::2] // 8, k[1::2] // 8)
+
+
+def test_tc_wna16_gluon_rejects_bad_inputs():
+    from quantrt.platforms.cuda.kernels.tc_wna16_gluon import GluonTcConfig, can_run, tc_wna16_gluon
+
+    assert can_run(16, 4096, 128, 4, torch.bfloat16) and not can_run(17, 4096, 128, 4, torch.bfloat16)
+    assert not can_run(2, 4096, 128, 8, torch.bfloat16) and not can_run(2, 4096, 64, 4, torch.float16)
+    assert not can_run(2, 4096, 128, 4, torch.float32)
+    x = torch.zeros(20, 512, dtype=torch.bfloat16)
+    p = torch.zeros(64, 96, dtype=torch.int32)
+    s = torch.zeros(4, 96)
+    with pytest.raises(ValueError, match="M=20"):
+        tc_wna16_gluon(x, p, s, s, 128)
+    with pytest.raises(ValueError, match="block_n 64/128"):
+        tc_wna16_gluon(x[:4], p, s, s, 128, GluonTcConfig(block_n=32))
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [1, 2, 9, 16])
+@pytest.mark.parametrize("cfg", [(64, 128, 4, 0), (128, 128, 2, 0), (64, 64, 4, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tc_wna16_gluon_native(m, cfg, dtype):
+    """Gluon fragment-order W4A16 (N = 4160: a partial column tile; split-K ragged) vs float64."""
+    from quantrt.platforms.cuda.kernels.tc_wna16_gluon import GluonTcConfig, tc_wna16_gluon
+
+    gen = torch.Generator().manual_seed(m)
+    w = make_int_weight(4160, 8192, 4, 128, True, False, gen)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
+    x = torch.randn(m, 8192, generator=gen).to(DEV, dtype)
+    y = tc_wna16_gluon(x, kern.packed, kern.scale, kern.zero, 128, GluonTcConfig(*cfg))
+    assert rel_err(y, x.double() @ w.dequantize().to(DEV).double().t()) < 1e-2

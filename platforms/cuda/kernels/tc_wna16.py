@@ -46,6 +46,7 @@ class TcConfig:
     block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
     prefetch: bool = False    # load the next K step's words/scales into registers before this step's unpack
     tma: bool = False         # words through a TMA descriptor (sm_90+), pipelined num_stages deep
+    frag: bool = False        # K permuted within a step so the unpacked words land in wgmma A-fragment order
 
 
 _ASM_BF16 = """
@@ -125,6 +126,72 @@ def _unpack8(p, nz, s, ASM: tl.constexpr, IS_BF16: tl.constexpr):
 _ASM_BF16_C = tl.constexpr(_ASM_BF16)
 _ASM_F16_C = tl.constexpr(_ASM_F16)
 
+# One word -> its 8 codes as (q - z) * s: LOP3 of (word >> 4i) gives the pair (code i, code i + 4) as one
+# bf16x2 (the low and high half-words), then the same two FMAs as above; no PRMT.
+_ASM_WORD_BF16 = """
+{
+.reg .b32 t, one, nzr, nz2, s2, v;
+mov.b32 one, 0x3F803F80;
+mov.b32 nzr, 0x80008000;
+mov.b32 nz2, {$9, $9};
+mov.b32 s2, {$10, $10};
+lop3.b32 t, $8, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+fma.rn.bf16x2 v, t, s2, nzr;
+mov.b32 {$0, $4}, v;
+shr.u32 t, $8, 4;
+lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+fma.rn.bf16x2 v, t, s2, nzr;
+mov.b32 {$1, $5}, v;
+shr.u32 t, $8, 8;
+lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+fma.rn.bf16x2 v, t, s2, nzr;
+mov.b32 {$2, $6}, v;
+shr.u32 t, $8, 12;
+lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+fma.rn.bf16x2 v, t, s2, nzr;
+mov.b32 {$3, $7}, v;
+}
+"""
+_ASM_WORD_F16 = (_ASM_WORD_BF16.replace("bf16x2", "f16x2").replace("0x43004300", "0x64006400")
+                 .replace("0x3F803F80", "0x3C003C00"))
+_ASM_WORD_BF16_C = tl.constexpr(_ASM_WORD_BF16)
+_ASM_WORD_F16_C = tl.constexpr(_ASM_WORD_F16)
+
+
+@triton.jit
+def _unpack_word(p, nz, s, ASM: tl.constexpr, IS_BF16: tl.constexpr):
+    """p [R, BN] int32; nz = -(MAGIC + zero), s [R, BN] in the compute dtype -> codes 0..7 as (q - z) * s."""
+    if ASM:
+        if IS_BF16:
+            return tl.inline_asm_elementwise(
+                _ASM_WORD_BF16_C, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [p, nz, s],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                _ASM_WORD_F16_C, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [p, nz, s],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        return _unpack8(p, nz, s, False, IS_BF16)
+
+
+@triton.jit
+def _frag_k(offs_k):
+    """Physical k (within the step) of fragment-order column kappa = (jh, i1, i0, j1, j0, i2) in bits, MSB
+    first, where k = 8 j + i is code i of packed row j. The wgmma A fragment (bf16, kWidth 2) holds kappa bits
+    1-2 in the lanes of a quad and bits 0, 3.. in registers, so each thread unpacks whole words of its own
+    rows j, and the pair (kappa, kappa + 1) is (code i, code i + 4) of one word."""
+    jh = offs_k >> 5
+    i1 = (offs_k >> 4) & 1
+    i0 = (offs_k >> 3) & 1
+    j1 = (offs_k >> 2) & 1
+    j0 = (offs_k >> 1) & 1
+    i2 = offs_k & 1
+    return 32 * jh + 16 * j1 + 8 * j0 + 4 * i2 + 2 * i1 + i0
+
 
 @triton.jit
 def _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, n0,
@@ -144,10 +211,25 @@ def _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n
 @triton.jit
 def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
               RK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr, ASM: tl.constexpr,
-              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr):
+              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, FRAG: tl.constexpr):
     """acc ([BN, BM] swapped, else [BM, BN]) += the dequantized step (p, s, z) times x[:, k0:k0 + BK]."""
     MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     dt = x_ptr.dtype.element_ty
+    if FRAG:  # 4-bit, swapped: [BN, BK] in fragment order (`_frag_k`), x gathered in the same order
+        nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
+        sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
+        c0, c1, c2, c3, c4, c5, c6, c7 = _unpack_word(p, nz, sb, ASM, IS_BF16)
+        w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+        w = tl.reshape(w, [RK // 4, 2, 2, BN, 2, 2, 2])        # [jh, j1, j0, n, i2, i1, i0]
+        wt = tl.reshape(tl.permute(w, (3, 0, 5, 6, 1, 2, 4)), [BN, BK])  # [n, (jh, i1, i0, j1, j0, i2)]
+        kk = k0 + _frag_k(offs_k)
+        a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & (kk < K)[:, None],
+                    other=0.0)
+        if DOT_F32:
+            acc += tl.dot(wt.to(tl.float32), a.to(tl.float32))
+        else:
+            acc += tl.dot(wt, a)
+        return acc
     if PACK == 8:
         nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
         sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
@@ -186,7 +268,8 @@ def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
 def _tc_wna16_kernel(x_ptr, p_ptr, p_desc, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr,
+                     FRAG: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -212,7 +295,7 @@ def _tc_wna16_kernel(x_ptr, p_ptr, p_desc, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             pn, sn, zn = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
                                     offs_r, offs_n, mask_n, n0, PACK, False)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP)
+                            IS_BF16, DOT_F32, SWAP, FRAG)
             p = pn
             s = sn
             z = zn
@@ -222,7 +305,7 @@ def _tc_wna16_kernel(x_ptr, p_ptr, p_desc, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             p, s, z = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, n0,
                                  PACK, TMA)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP)
+                            IS_BF16, DOT_F32, SWAP, FRAG)
     if SWAP:
         ym = offs_m[None, :] * N + offs_n[:, None]
         ymask = mask_m[None, :] & mask_n[:, None]
@@ -345,7 +428,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
         x, packed, p_desc, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=cfg.prefetch, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        FRAG=cfg.frag and cfg.swap and bits == 4 and bk >= 32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
