@@ -86,7 +86,6 @@ def _variants() -> list[tuple]:
 def _ttgir_summary() -> None:
     from quantrt.platforms.cuda.kernels.swap_fp8 import _swap_fp8_kernel
     from quantrt.platforms.cuda.kernels.tc_wna16 import _tc_wna16_kernel
-
     from quantrt.platforms.cuda.kernels.tc_wna16_gluon import _gluon_w4_kernel
 
     for fn in (_tc_wna16_kernel, _gluon_w4_kernel, _swap_fp8_kernel):
@@ -115,10 +114,11 @@ def main() -> None:
     ap.add_argument("--ms", default=None)
     ap.add_argument("--tc", default=None)
     ap.add_argument("--fp8", default=None)
+    ap.add_argument("--gl", default=None)
     ap.add_argument("--rep-ms", type=int, default=20)
     ap.add_argument("--ttgir", action="store_true")
     a = ap.parse_args()
-    for arg, target in ((a.shapes, SHAPES), (a.ms, MS), (a.tc, TC), (a.fp8, FP8)):
+    for arg, target in ((a.shapes, SHAPES), (a.ms, MS), (a.tc, TC), (a.fp8, FP8), (a.gl, GL)):
         if arg is not None:
             target[:] = ast.literal_eval(arg)
     kernels.REP_MS = a.rep_ms
@@ -131,6 +131,8 @@ def main() -> None:
             cells.timed("bf16", k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         del fns
         for kind, cfgs in KINDS.items():
+            if not cfgs:
+                continue
             nbytes = n * k // 2 if kind.endswith("_w4") else n * k
             ws = [_weights(kind, n, k, i) for i in range(kernels.copies_for(nbytes))]
             for m in MS:

@@ -41,8 +41,10 @@ def _wna16(m: int, n: int, k: int, bits: int, group: int, dtype: torch.dtype, cf
 # TcConfig(block_n, block_k, split_k, num_warps, num_stages, waves, swap, block_m, prefetch, tma)
 @pytest.mark.parametrize("m,bits,cfg", [
     (3, 4, (64, 128, 3, 4, 1, 4, True, 16, True, False)),    # prefetch, 3 ragged splits of K = 640
+    (6, 4, (64, 128, 2, 4, 1, 4, True, 16, 2, False)),       # two steps prefetched, splits of 3 and 2 steps
     (16, 4, (64, 128, 2, 4, 1, 4, True, 16, False, True)),   # TMA words, N tail zero-filled
     (5, 8, (64, 128, 3, 4, 1, 4, True, 16, True, False)),    # 8-bit container with prefetch
+    (4, 4, (64, 64, 0, 4, 1, 4, True, 16, 2, False, True)),  # fragment order (K permuted), 2 steps prefetched
     (9, 4, (32, 64, 0, 4, 1, 4, False, 16, False, True)),    # unswapped dot, TMA, split by waves
 ])
 def test_tc_wna16_pipelined(m, bits, cfg):
@@ -85,8 +87,8 @@ def test_swap_fp8_tma_native(m, cfg, kind):
 
 @pytest.mark.accelerator
 @pytest.mark.parametrize("m", [2, 9, 16])
-@pytest.mark.parametrize("cfg", [(64, 128, 0, 4, 3, 4, True, 16, True, False),
-                                 (64, 128, 0, 4, 4, 4, True, 16, False, True), None])
+@pytest.mark.parametrize("cfg", [(64, 128, 0, 4, 3, 4, True, 16, 1, False), (64, 128, 0, 4, 3, 4, True, 16, 2, False),
+                                 (64, 128, 0, 4, 4, 4, True, 16, 0, True), None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tc_wna16_pipelined_native(m, cfg, dtype):
     y, ref = _wna16(m, 4096, 8192, 4, 128, dtype, cfg, m)
@@ -96,10 +98,10 @@ def test_tc_wna16_pipelined_native(m, cfg, dtype):
 def test_tc_wna16_frag_order_matches_gluon_permutation():
     """The fragment-order K permutation is a bijection of each step, the same in the Triton (`frag`, the
     CPU-tested twin) and the Gluon kernel, and pairs (kappa, kappa + 1) are codes (i, i + 4) of one word."""
-    from quantrt.platforms.cuda.kernels import tc_wna16, tc_wna16_gluon
-
     import inspect
     import re
+
+    from quantrt.platforms.cuda.kernels import tc_wna16, tc_wna16_gluon
 
     def body(fn):  # the statements, without the decorator, signature and docstring
         src = inspect.getsource(getattr(fn, "fn", fn)).splitlines()
