@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
+GEMV_W8 = True    # M = 1: `skinny_fp8.gemv_w8` (dense-GEMV structure) where it takes the shape; False: as before
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
@@ -80,6 +81,7 @@ class TritonW8A8Kernel(LinearKernel):
                               and data.device.type == "cuda" and not interpret_mode()
                               and hasattr(torch, "_scaled_mm"))
         n, k = data.shape
+        self._gemv_reason: str | None = None
         self.use_int_mm = (data.dtype == torch.int8 and self.act in (0, 2) and k % 8 == 0 and n % 8 == 0
                            and hasattr(torch, "_int_mm"))
         self.use_block_mm = (data.dtype in FP8_DTYPES and self.wscale == 2 and self.act == 1 and k % 128 == 0
@@ -121,6 +123,16 @@ class TritonW8A8Kernel(LinearKernel):
         return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
                                 out_dtype=self.compute_dtype)
 
+    def _gemv_why(self) -> str:
+        """Why the M = 1 GEMV `gemv_w8` cannot take this weight ('' when it can); found once."""
+        if self._gemv_reason is None and torch.version.hip is not None:
+            self._gemv_reason = "ROCm: the GEMV was only built and measured for CUDA (PTX widening)"
+        if self._gemv_reason is None:
+            from quantrt.platforms.cuda.kernels.skinny_fp8 import gemv_w8_why_not
+
+            self._gemv_reason = gemv_w8_why_not(*self.data.shape, self.act, self.wscale, self.data.dtype == torch.int8)
+        return self._gemv_reason
+
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
 
@@ -137,6 +149,10 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.int8_mm import int8_mm
 
             y = int8_mm(x2, self.data, self.w_scale, self.qmax, self.act_scale if self.act == 2 else None)
+        elif x2.shape[0] == 1 and GEMV_W8 and self._gemv_why() == "":
+            from quantrt.platforms.cuda.kernels.skinny_fp8 import gemv_w8
+
+            y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
         elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES and self.act != 1:
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
