@@ -124,7 +124,7 @@ def sweep(cells: Cells, shapes: list, cfgs: list, schemes: list, out: str, befor
             cells.timed(f"after:{scheme}", k, n, 1, None, [lambda x, kk=kk: kk.apply(x, None) for kk in kerns],
                         x, ref)
             for cfg in cfgs:
-                cells.timed(f"gemv:{scheme}", k, n, 1, cfg, [lambda x, wt=wt, c=cfg: _call(f"gemv:{scheme}", c, x, wt)
+                cells.timed(f"gemv:{scheme}", k, n, 1, cfg, [lambda x, wt=wt, c=cfg, s=scheme: _call(f"gemv:{s}", c, x, wt)
                                                             for wt in wts], x, ref)
             del wts, kerns
             torch.cuda.empty_cache()
@@ -139,14 +139,14 @@ def table(res: list[dict]) -> None:
         if r["err"] < 2e-2 and (key not in by or r["us"] < by[key]["us"]):
             by[key] = r
     print("| (K, N) | scheme | bf16 | bf16 GEMV | before | best gemv_w8 (cfg) | after (dispatch) |")
-    for (kind, k, n), r in sorted(by.items()):
+    for kind, k, n in sorted(by):
         if not kind.startswith("after:"):
             continue
         scheme = kind.split(":")[1]
         bf = by[("bf16", k, n)]["us"]
         wbytes = n * k + (n * k // 16384 * 4 if scheme == "blk" else 4 * n) + 2 * k + 2 * n
 
-        def cell(key: tuple) -> str:
+        def cell(key: tuple, bf: float = bf, wbytes: int = wbytes) -> str:
             c = by.get(key)
             if c is None:
                 return "-"

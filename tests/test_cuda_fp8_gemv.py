@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 from quantrt.quant.kernel import LinearSpec  # noqa: E402
 from quantrt.quant.quantize import fake_quantize_act, quantize_fp8  # noqa: E402
-from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity  # noqa: E402
+from quantrt.quant.weights import ActKind, ActScheme, IntWeight  # noqa: E402
 from tests.test_cuda_kernels import DEV, PLATFORM, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,

@@ -1,6 +1,13 @@
-"""Skinny-M (M <= 4; dispatched at M == 1) FP8 GEMV in Triton: fp8 weights streamed once with 16-byte loads, fp32 FMA.
+"""M = 1 W8A8 / fp8 weight-only GEMVs in Triton (imported lazily): `gemv_w8` (dispatched at M = 1) and the older
+`skinny_fp8` (M <= 4; the dispatch's fallback where `gemv_w8_why_not` says no, e.g. K not a multiple of 64).
 
-Imported lazily (needs triton). weight: [N, K] fp8 (K contiguous): a thread loads 16 consecutive k of one
+`gemv_w8` (sixth pass, docs/PERFORMANCE.md; section comment below) is built like the bf16 dense GEMV: BN weight
+rows x BK codes per step, 16-byte loads along K, fp32 sums kept per thread across steps (no cross-thread sum per
+step), few programs of <= 64 registers, no split-K at the Llama shapes; fp8 and int8 weights, per-token /
+per-128-group / static / no activation quantization, int8 x int8 through dp4a. H100: >= 1.8x bf16 cuBLAS on every
+Llama-3.1-8B shape and scheme.
+
+`skinny_fp8` (defined first below): weight [N, K] fp8 (K contiguous): a thread loads 16 consecutive k of one
 column, converts them to fp32 (exact) and multiplies by the activations in fp32; partial sums over the
 K step are reduced once per step. Serves weight-only fp8 (ACT 3) and W8A8 with fp8 activations:
 ACT 0 dynamic per token (row scales from `row_scales`, one small launch; or ACT 4, each program
@@ -20,7 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters, split_k_buffers
+from quantrt.platforms.cuda.kernels._common import (
+    cdiv,
+    interpret_mode,
+    num_sms,
+    split_counters,
+    split_k_buffers,
+)
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
 from quantrt.platforms.cuda.kernels.skinny_wna16 import _finish, _fixup
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
@@ -245,9 +258,16 @@ def skinny_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int
 #   ACT 1 per 128-group (128x128 block weights): the step's group amax; the group's activation scale and weight
 #         block scale are folded into the activation slice (a_k = code_k * sx_g * sw_g), so the dot stays plain,
 #   ACT 2 static per tensor, ACT 3 weight-only (x as is, block scales folded into x like ACT 1).
-# Codes are computed as `fake_quantize_act` does (x / scale, clamped, cast; int8 rounded half to even).
-# WIDEN 1 (not the interpreter): the widening is inline PTX on 4 packed codes: fp8 `cvt.rn.f16x2.e4m3x2` per pair
-# then `cvt.f32.f16`; int8 one `prmt` per code into 2^23 + (code ^ 0x80) and one exact FADD.
+# Codes are computed as `fake_quantize_act` does but with x * (1 / scale) for x / scale (Triton's fp32 division
+# is the approximate `div.full` anyway), clamped (fp8 e4m3fn: by the saturating cvt), cast (int8: rounded half to
+# even). The products are summed in fp32 per thread's 16 consecutive codes across all steps (ACC 1) and across
+# threads once at the end, so a step is loads + widening + one FFMA per code (3.5 SASS instructions per fp8
+# code at 16 x 512, 62-64 registers: 4-8 programs per SM in flight; the [BN, BK] accumulator of the first
+# round needed 246 registers, one program per SM, and reached only ~82% of copy).
+# WIDEN 1 (CUDA, not the interpreter): fp8 codes widen through inline PTX (`cvt.rn.f16x2.e4m3x2` per pair, then
+# `cvt.f32.f16`; the same instructions as Triton's cast, which measured equal); int8 W8A8 (ACT 0/2) reads the
+# weight as int32 words and multiplies them with the packed int8 activation codes by `dp4a` (4 code products per
+# instruction, exact int32 sums; 1.1 SASS instructions per code). WIDEN 0: Triton's casts (interpreter, ROCm).
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -460,7 +480,7 @@ def gemv_w8_config(n: int, k: int, act: int, wscale: int, is_int: bool = False) 
     bn, bk, warps = _TILES.get((k, n), {}).get(gemv_scheme(act, is_int), _S["a"])
     while k % bk and bk > 64:
         bk //= 2
-    return GemvW8Config(bn, bk, 2, warps, 0 if interpret_mode() else 1, 4096, 1)
+    return GemvW8Config(bn, bk, 2, warps, 0 if interpret_mode() or torch.version.hip else 1, 4096, 1)
 
 
 def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int, qmax: float,

@@ -1,7 +1,8 @@
 """`TritonW8A8Kernel`: FP8 W8A8 (per-tensor, per-channel x per-token, 128x128 block x per-token-group),
 FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantization fused in.
 
-Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 fp8 -> the GEMV in `skinny_fp8` (not
+Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `skinny_fp8.gemv_w8` (every fp8 mode and int8
+W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
 128-group activations); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
 swapped; 128-group activations from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches
 of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
