@@ -11,6 +11,9 @@ WSCALE 0 tensor [1], 1 channel [N], 2 block [N/128, K/128]. Activation codes are
 the tensor cores with fp32 (int32) accumulation. Split-K partials: the last program per tile sums them.
 M = 17..256 (third pass): a third grid axis over BM-row tiles; tiles per (M bucket, K, N) in `_ROW_TILES`
 from one offline sweep (`bench/_tc_sweep.py`).
+`SwapFp8Config.tma` loads the weight tiles through a TMA descriptor (the pipeliner then keeps num_stages
+tiles in flight with mbarriers); on the H100 at 8192² M = 2-16 it was not faster than the cp.async path
+(28.9-34.8 vs 28.8-29.7 us, seventh pass in docs/PERFORMANCE.md), so no stored tile uses it.
 """
 
 from __future__ import annotations

@@ -10,10 +10,15 @@ columns, gathers their low (high) 16 bits into one register with PRMT, and per p
   FMA  v * 1 + (-(MAGIC + z))              -> q - z (exact)
   FMA  v * s + (-0)                        -> (q - z) * s rounded once to the compute dtype
 i.e. about 2 instructions per 4-bit value instead of the fp32 path's 4-5. The 8 code planes are
-interleaved with tl.join into [BK/8, BN, 8]; with SWAP (default) the [BN, BK] tile (k contiguous in
-each thread, no shared-memory round trip) is the A operand of tl.dot(W^T, x^T) and x^T [BK, 16] the B
-operand; unswapped, the [BK, BN] permute went through shared memory and ran ~2.3x slower on the H100.
-H100 8192², BN 64 / BK 128 / 4 warps / 3 stages / ~4 programs per SM: 26.3 us at M = 2-16 (bf16 47 us).
+interleaved with tl.join into [BK/8, BN, 8]; with SWAP (default) the [BN, BK] tile is the A operand of
+tl.dot(W^T, x^T) and x^T [BK, 16] the B operand; unswapped, the [BK, BN] permute ran ~2.3x slower on the
+H100. (The swapped tile still reaches the wgmma A registers through shared memory: the TTGIR holds a
+local_alloc / local_load of it per step. `tc_wna16_gluon` removes that round trip; it was not faster.)
+H100 8192², BN 64 / BK 128 / 4 warps / 3 stages / ~4 programs per SM: 26.3 us at M = 2-16 (bf16 47 us);
+with the next step's words prefetched into registers (`prefetch=1`, the M <= 16 default for 4-bit words)
+24.4-25.1 us. Options measured and not dispatched (seventh pass, docs/PERFORMANCE.md): `prefetch=2`
+(44-49 us), TMA word tiles (`tma`, 26.8-36 us), the fragment-order K permutation (`frag`, the plain-Triton
+twin of the Gluon kernel, used by the CPU tests).
 ASM False (interpreter, CPU tests) computes the same values with plain Triton ops.
 Split-K partials: each split stores fp32 [M, BN], the last program on a per-tile counter sums them.
 M = 17..256 (third pass): a third grid axis over BM-row tiles (BM 16..128); tiles per (M bucket, K, N)
