@@ -16,35 +16,22 @@ from __future__ import annotations
 
 import argparse
 import ast
-import math
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
+from kernels import copies_for, time_us
 
 FP8 = torch.float8_e4m3fn
-L2_BYTES = 50 * 2**20
+REP_MS = 25  # CUDA-graph replay per cell (`kernels.time_us`)
 COPY_TBS = 3.0
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 # GemvW8Config (block_n, block_k, waves, warps, widen, amax_block)
 CFGS = [(16, 1024, 2, 8, 1, 4096), (16, 1024, 2, 8, 0, 4096), (8, 2048, 2, 8, 1, 4096), (32, 512, 2, 8, 1, 4096),
         (16, 1024, 2, 4, 1, 4096), (32, 1024, 2, 8, 1, 4096), (8, 1024, 2, 4, 1, 4096), (16, 2048, 2, 8, 1, 8192)]
 SCHEMES = {"tok": (0, 1, 448.0), "blk": (1, 2, 448.0), "wo": (3, 1, 1.0), "i8": (0, 1, 127.0)}
-
-
-def copies_for(nbytes: int) -> int:
-    return max(1, min(16, math.ceil(4 * L2_BYTES / nbytes)))
-
-
-def time_us(fns: list) -> float:
-    import triton.testing
-
-    def run() -> None:
-        for f in fns:
-            f()
-
-    return triton.testing.do_bench_cudagraph(run, rep=25, return_mode="median") * 1e3 / len(fns)
 
 
 def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +158,7 @@ def main() -> None:
     schemes = a.schemes.split(",")
     variants = [(f"gemv:{s}", k, n, 1, c) for k, n in shapes for s in schemes for c in cfgs]
     precompile("_fp8_gemv_sweep", variants, a.workers)
-    cells = Cells(time_us)
+    cells = Cells(functools.partial(time_us, rep_ms=REP_MS))
     sweep(cells, shapes, cfgs, schemes, a.json, not a.no_before)
     table(cells.res)
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}", file=sys.stderr)

@@ -15,8 +15,8 @@ commit 1240f1d.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -24,9 +24,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _sweep_common import Cells  # bench/ is sys.path[0]
+from kernels import copies_for, time_us
 
 FP8 = torch.float8_e4m3fn
-L2_BYTES = 50 * 2**20
+REP_MS = 25  # CUDA-graph replay per cell (`kernels.time_us`)
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 MS = [1, 2, 4, 8, 16]
 # SkinnyFp8Config (block_n, block_k, split_k, warps, stages, reduce, inline_amax, amax_block) at M = 1
@@ -34,21 +35,6 @@ SKINNY = {"inline4096": (16, 512, 0, 4, 1, 2, True, 4096), "inline_bk": (16, 512
           "launch": (16, 512, 0, 4, 1, 2, False, 4096)}
 # SwapFp8Config (block_n, block_k, waves, warps, stages): the committed 8192² tile is (64, 256, 2, 4, 3)
 SWAP_EXTRA = [(64, 256, 1, 4, 3), (64, 256, 2, 4, 4), (128, 256, 1, 8, 3)]
-
-
-def copies_for(nbytes: int) -> int:
-    return max(1, min(16, math.ceil(4 * L2_BYTES / nbytes)))
-
-
-def time_us(fns: list[Callable[[], object]]) -> float:
-    """Median µs of one call, over a CUDA graph that calls every fn (one per weight copy) once."""
-    import triton.testing
-
-    def run() -> None:
-        for f in fns:
-            f()
-
-    return triton.testing.do_bench_cudagraph(run, rep=25, return_mode="median") * 1e3 / len(fns)
 
 
 def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +156,7 @@ def main() -> None:
     a = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     t = time.time()
-    cells = Cells(time_us)
+    cells = Cells(functools.partial(time_us, rep_ms=REP_MS))
     out = {}
     if not a.no_cube:
         out["cube"] = cube()

@@ -45,15 +45,17 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(16, math.ceil(4 * L2_BYTES / nbytes)))
 
 
-def time_us(fns: list[Callable[[], object]]) -> float:
-    """Median µs of one call, over a graph that calls every fn (one per weight copy) once."""
+def time_us(fns: list[Callable[[], object]], rep_ms: float | None = None) -> float:
+    """Median µs of one call, over a graph that calls every fn (one per weight copy) once, replayed for
+    `rep_ms` ms (default REP_MS, this script's --rep-ms; the tile sweeps pass their own)."""
     import triton.testing
 
     def run() -> None:
         for f in fns:
             f()
 
-    return triton.testing.do_bench_cudagraph(run, rep=REP_MS, return_mode="median") * 1e3 / len(fns)
+    rep = REP_MS if rep_ms is None else rep_ms
+    return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / len(fns)
 
 
 def int_weight(n: int, k: int, bits: int, group: int) -> IntWeight:
