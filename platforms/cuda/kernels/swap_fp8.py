@@ -11,9 +11,8 @@ WSCALE 0 tensor [1], 1 channel [N], 2 block [N/128, K/128]. Activation codes are
 the tensor cores with fp32 (int32) accumulation. Split-K partials: the last program per tile sums them.
 M = 17..256 (third pass): a third grid axis over BM-row tiles; tiles per (M bucket, K, N) in `_ROW_TILES`
 from one offline sweep (`bench/_tc_sweep.py`).
-`SwapFp8Config.tma` loads the weight tiles through a TMA descriptor (the pipeliner then keeps num_stages
-tiles in flight with mbarriers); on the H100 at 8192² M = 2-16 it was not faster than the cp.async path
-(28.9-34.8 vs 28.8-29.7 us, seventh pass in docs/PERFORMANCE.md), so no stored tile uses it.
+TMA weight tiles were measured on the H100 at 8192² M = 2-16 and were not faster than the cp.async path
+(28.9-34.8 vs 28.8-29.7 us, seventh pass in docs/PERFORMANCE.md); that variant is in git history (16c8ff1).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ class SwapFp8Config:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
-    tma: bool = False         # weight tiles through a TMA descriptor (sm_90+), pipelined num_stages deep
 
 
 @triton.jit
@@ -59,10 +57,10 @@ def _mm(w, a, DOT_F32: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _swap_fp8_kernel(x_ptr, w_ptr, w_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, KB,
+def _swap_fp8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, KB,
                      K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, WSCALE: tl.constexpr,
                      QMAX: tl.constexpr, IS_INT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     BM: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr):
+                     BM: tl.constexpr, DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -82,10 +80,7 @@ def _swap_fp8_kernel(x_ptr, w_ptr, w_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_pt
         k0 = k_start + kt
         kk = k0 + offs_k
         mk = kk < K
-        if TMA:  # the box is zero-filled past N and K
-            w = w_desc.load([pid_n * BN, k0])
-        else:
-            w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
         a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & mk[:, None],
                     other=0.0)                                                 # [BK, BM]
         if WSCALE == 2:  # BK == 128: one block column per step
@@ -240,16 +235,10 @@ def swap_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, 
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else sa
-    if cfg.tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, bk])
-    else:
-        w_desc = w
     _swap_fp8_kernel[(n_tiles, split, m_tiles)](
-        x, w, w_desc, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
+        x, w, w_scale, sa, y, ws, cnt, m, n, k, x.stride(0), cdiv(k, 128), k_per_split, split,
         ACT=act, WSCALE=wscale, QMAX=qmax, IS_INT=w.dtype == torch.int8, BN=cfg.block_n, BK=bk, BM=cfg.block_m,
-        DOT_F32=interpret_mode(), TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interpret_mode(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

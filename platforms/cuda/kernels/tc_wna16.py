@@ -13,12 +13,12 @@ i.e. about 2 instructions per 4-bit value instead of the fp32 path's 4-5. The 8 
 interleaved with tl.join into [BK/8, BN, 8]; with SWAP (default) the [BN, BK] tile is the A operand of
 tl.dot(W^T, x^T) and x^T [BK, 16] the B operand; unswapped, the [BK, BN] permute ran ~2.3x slower on the
 H100. (The swapped tile still reaches the wgmma A registers through shared memory: the TTGIR holds a
-local_alloc / local_load of it per step. `tc_wna16_gluon` removes that round trip; it was not faster.)
+local_alloc / local_load of it per step.)
 H100 8192², BN 64 / BK 128 / 4 warps / 3 stages / ~4 programs per SM: 26.3 us at M = 2-16 (bf16 47 us);
 with the next step's words prefetched into registers (`prefetch=1`, the M <= 16 default for 4-bit words)
-24.4-25.1 us. Options measured and not dispatched (seventh pass, docs/PERFORMANCE.md): `prefetch=2`
-(44-49 us), TMA word tiles (`tma`, 26.8-36 us), the fragment-order K permutation (`frag`, the plain-Triton
-twin of the Gluon kernel, used by the CPU tests).
+24.4-25.1 us. Variants measured slower and removed (seventh pass, docs/PERFORMANCE.md; in git history):
+two steps prefetched (44-49 us) and a Gluon kernel with the words unpacked in wgmma A-fragment order
+(with its plain-Triton `frag` twin) at commit 6c310fc, TMA word tiles (26.8-36 us) at commit 16c8ff1.
 ASM False (interpreter, CPU tests) computes the same values with plain Triton ops.
 Split-K partials: each split stores fp32 [M, BN], the last program on a per-tile counter sums them.
 M = 17..256 (third pass): a third grid axis over BM-row tiles (BM 16..128); tiles per (M bucket, K, N)
@@ -49,9 +49,7 @@ class TcConfig:
     waves: int = 4
     swap: bool = True         # dequantized weights as the register A operand (y^T = W^T x^T)
     block_m: int = 16         # rows of x per program; a grid axis covers M in BM tiles
-    prefetch: int = 0         # load the next 1 or 2 K steps' words/scales into registers before this step's unpack
-    tma: bool = False         # words through a TMA descriptor (sm_90+), pipelined num_stages deep
-    frag: bool = False        # K permuted within a step so the unpacked words land in wgmma A-fragment order
+    prefetch: int = 0         # 1: load the next K step's words/scales into registers before this step's unpack
 
 
 _ASM_BF16 = """
@@ -131,82 +129,11 @@ def _unpack8(p, nz, s, ASM: tl.constexpr, IS_BF16: tl.constexpr):
 _ASM_BF16_C = tl.constexpr(_ASM_BF16)
 _ASM_F16_C = tl.constexpr(_ASM_F16)
 
-# One word -> its 8 codes as (q - z) * s: LOP3 of (word >> 4i) gives the pair (code i, code i + 4) as one
-# bf16x2 (the low and high half-words), then the same two FMAs as above; no PRMT.
-_ASM_WORD_BF16 = """
-{
-.reg .b32 t, one, nzr, nz2, s2, v;
-mov.b32 one, 0x3F803F80;
-mov.b32 nzr, 0x80008000;
-mov.b32 nz2, {$9, $9};
-mov.b32 s2, {$10, $10};
-lop3.b32 t, $8, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-fma.rn.bf16x2 v, t, s2, nzr;
-mov.b32 {$0, $4}, v;
-shr.u32 t, $8, 4;
-lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-fma.rn.bf16x2 v, t, s2, nzr;
-mov.b32 {$1, $5}, v;
-shr.u32 t, $8, 8;
-lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-fma.rn.bf16x2 v, t, s2, nzr;
-mov.b32 {$2, $6}, v;
-shr.u32 t, $8, 12;
-lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-fma.rn.bf16x2 v, t, s2, nzr;
-mov.b32 {$3, $7}, v;
-}
-"""
-_ASM_WORD_F16 = (_ASM_WORD_BF16.replace("bf16x2", "f16x2").replace("0x43004300", "0x64006400")
-                 .replace("0x3F803F80", "0x3C003C00"))
-_ASM_WORD_BF16_C = tl.constexpr(_ASM_WORD_BF16)
-_ASM_WORD_F16_C = tl.constexpr(_ASM_WORD_F16)
-
-
 @triton.jit
-def _unpack_word(p, nz, s, ASM: tl.constexpr, IS_BF16: tl.constexpr):
-    """p [R, BN] int32; nz = -(MAGIC + zero), s [R, BN] in the compute dtype -> codes 0..7 as (q - z) * s."""
-    if ASM:
-        if IS_BF16:
-            return tl.inline_asm_elementwise(
-                _ASM_WORD_BF16_C, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [p, nz, s],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(
-                _ASM_WORD_F16_C, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [p, nz, s],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    else:
-        return _unpack8(p, nz, s, False, IS_BF16)
-
-
-@triton.jit
-def _frag_k(offs_k):
-    """Physical k (within the step) of fragment-order column kappa = (jh, i1, i0, j1, j0, i2) in bits, MSB
-    first, where k = 8 j + i is code i of packed row j. The wgmma A fragment (bf16, kWidth 2) holds kappa bits
-    1-2 in the lanes of a quad and bits 0, 3.. in registers, so each thread unpacks whole words of its own
-    rows j, and the pair (kappa, kappa + 1) is (code i, code i + 4) of one word."""
-    jh = offs_k >> 5
-    i1 = (offs_k >> 4) & 1
-    i0 = (offs_k >> 3) & 1
-    j1 = (offs_k >> 2) & 1
-    j0 = (offs_k >> 1) & 1
-    i2 = offs_k & 1
-    return 32 * jh + 16 * j1 + 8 * j0 + 4 * i2 + 2 * i1 + i0
-
-
-@triton.jit
-def _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, n0,
-               PACK: tl.constexpr, TMA: tl.constexpr):
+def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, PACK: tl.constexpr):
     """The packed words [BK/PACK, BN] int32 and the group's scale / zero [BN] of the K step at k0 (`ok`
-    False: nothing is read from memory for the plain loads; the TMA box is zero-filled past K)."""
-    if TMA:
-        p = p_desc.load([k0 // PACK, n0])
-    else:
-        p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=ok & mask_n[None, :], other=0)
+    False: nothing is read from memory)."""
+    p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=ok & mask_n[None, :], other=0)
     g = k0 // G
     s = tl.load(s_ptr + g * N + offs_n, mask=ok & mask_n, other=0.0)
     z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=8388608.0) - 8388608.0
@@ -216,25 +143,10 @@ def _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n
 @triton.jit
 def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
               RK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr, ASM: tl.constexpr,
-              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, FRAG: tl.constexpr):
+              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr):
     """acc ([BN, BM] swapped, else [BM, BN]) += the dequantized step (p, s, z) times x[:, k0:k0 + BK]."""
     MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     dt = x_ptr.dtype.element_ty
-    if FRAG:  # 4-bit, swapped: [BN, BK] in fragment order (`_frag_k`), x gathered in the same order
-        nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
-        sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
-        c0, c1, c2, c3, c4, c5, c6, c7 = _unpack_word(p, nz, sb, ASM, IS_BF16)
-        w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
-        w = tl.reshape(w, [RK // 4, 2, 2, BN, 2, 2, 2])        # [jh, j1, j0, n, i2, i1, i0]
-        wt = tl.reshape(tl.permute(w, (3, 0, 5, 6, 1, 2, 4)), [BN, BK])  # [n, (jh, i1, i0, j1, j0, i2)]
-        kk = k0 + _frag_k(offs_k)
-        a = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=mask_m[None, :] & (kk < K)[:, None],
-                    other=0.0)
-        if DOT_F32:
-            acc += tl.dot(wt.to(tl.float32), a.to(tl.float32))
-        else:
-            acc += tl.dot(wt, a)
-        return acc
     if PACK == 8:
         nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
         sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
@@ -270,17 +182,15 @@ def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
 
 
 @triton.jit
-def _tc_wna16_kernel(x_ptr, p_ptr, p_desc, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
+def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr,
-                     FRAG: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     RK: tl.constexpr = BK // PACK
-    n0 = pid_n * BN
-    offs_n = n0 + tl.arange(0, BN)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
@@ -291,44 +201,24 @@ def _tc_wna16_kernel(x_ptr, p_ptr, p_desc, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    if PREFETCH == 2:  # registers hold the next two steps' words
-        p, s, z = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, n0,
-                             PACK, False)
-        p1, s1, z1 = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k_start + BK, (k_start + BK < K) & (BK < K_PER_SPLIT),
-                                N, G, offs_r, offs_n, mask_n, n0, PACK, False)
-        for kt in range(0, K_PER_SPLIT, BK):
-            k0 = k_start + kt
-            k2 = k0 + 2 * BK
-            p2, s2, z2 = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k2, (k2 < K) & (kt + 2 * BK < K_PER_SPLIT), N, G,
-                                    offs_r, offs_n, mask_n, n0, PACK, False)
-            acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP, FRAG)
-            p = p1
-            s = s1
-            z = z1
-            p1 = p2
-            s1 = s2
-            z1 = z2
-    elif PREFETCH == 1:  # registers hold the next step's words while this step is unpacked and multiplied
-        p, s, z = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, n0,
-                             PACK, False)
+    if PREFETCH:  # registers hold the next step's words while this step is unpacked and multiplied
+        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, PACK)
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
             k1 = k0 + BK
-            pn, sn, zn = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
-                                    offs_r, offs_n, mask_n, n0, PACK, False)
+            pn, sn, zn = _load_step(p_ptr, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
+                                    offs_r, offs_n, mask_n, PACK)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP, FRAG)
+                            IS_BF16, DOT_F32, SWAP)
             p = pn
             s = sn
             z = zn
     else:
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
-            p, s, z = _load_step(p_ptr, p_desc, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, n0,
-                                 PACK, TMA)
+            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, PACK)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP, FRAG)
+                            IS_BF16, DOT_F32, SWAP)
     if SWAP:
         ym = offs_m[None, :] * N + offs_n[:, None]
         ymask = mask_m[None, :] & mask_n[:, None]
@@ -428,6 +318,9 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if not can_run(m, k, group, bits, cfg):
         raise ValueError(f"tc_wna16 needs a 4- or 8-bit container, 1 <= M <= {MAX_M}, K and group multiples "
                          f"of block_k {cfg.block_k}; got bits={bits}, M={m}, K={k}, group={group}")
+    if cfg.prefetch not in (0, 1):
+        raise ValueError(f"TcConfig.prefetch must be 0 (load each K step's words when it is used) or 1 (prefetch "
+                         f"the next step's words into registers); got {cfg.prefetch!r}")
     interp = interpret_mode()
     if asm is None:
         asm = not interp
@@ -441,18 +334,11 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else packed
-    tma = cfg.tma and not cfg.prefetch
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        p_desc = TensorDescriptor.from_tensor(packed, [bk // (32 // bits), cfg.block_n])
-    else:
-        p_desc = packed
     _tc_wna16_kernel[(n_tiles, split, m_tiles)](
-        x, packed, p_desc, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
+        x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
-        DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=int(cfg.prefetch), TMA=tma,
-        FRAG=cfg.frag and cfg.swap and bits == 4 and bk >= 32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=bool(cfg.prefetch),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
