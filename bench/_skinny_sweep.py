@@ -10,6 +10,8 @@ checked against fake-quantized activations @ the dequantized weight first. Print
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
 
@@ -83,21 +85,9 @@ def sweep(out: str) -> None:
     precompile("_skinny_sweep", _variants(), workers=14)
     cells = Cells(time_us)
     for k, n in SHAPES:
-        for name in ("bf16", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
-            fns = build(name, k, n)[0]
-            for m in MS:
-                cells.timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            del fns
+        cells.baselines(build, ("bf16", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"), k, n, MS)
         for kind, (cfgs, ms, _) in KINDS.items():
-            ws = [_weights(kind, n, k, i) for i in range(copies_for(n * k))]
-            for m in ms:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                ref = _reference(kind, x, ws[0])
-                for cfg in cfgs:
-                    cells.timed(kind, k, n, m, cfg,
-                                [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in ws], x, ref)
-            del ws
-            torch.cuda.empty_cache()
+            cells.configs(sys.modules[__name__], kind, k, n, ms, cfgs, copies_for(n * k))
         cells.save(out)
     cells.report()
 
@@ -175,11 +165,7 @@ def w4_sweep(out: str, cfgs: list[tuple] | None = None, shapes: list[tuple[int, 
     precompile("_skinny_sweep", _w4_variants(cfgs, shapes, ms), workers=14)
     cells = Cells(time_us)
     for k, n in shapes:
-        for name in ("bf16", "tinygemm"):
-            fns = build(name, k, n)[0]
-            for m in ms:
-                cells.timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            del fns
+        cells.baselines(build, ("bf16", "tinygemm"), k, n, ms)
         wts = [_w4_weights(n, k, i) for i in range(copies_for(n * k // 2))]
         wdeq = wts[0][1].dequantize().double()
         for m in ms:

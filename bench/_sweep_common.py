@@ -1,9 +1,10 @@
-"""What the offline H100 tile sweeps (_skinny_sweep.py, _tc_sweep.py) share: compiling every variant in
-parallel worker processes first (fills Triton's on-disk cache; the sweep then compiles as it goes if that
-fails), timing one cell with its accuracy check, and the best-config table.
+"""What the offline H100 tile sweeps (_skinny_sweep.py, _tc_sweep.py, _tc_small_sweep.py, ...) share:
+compiling every variant in parallel worker processes first (fills Triton's on-disk cache; the sweep then
+compiles as it goes if that fails), timing one cell with its accuracy check, timing the baselines and every
+config of one kind at one shape, and the best-config table.
 
 A sweep module defines `_call(kind, cfg, x, wt)` and `_weights(kind, n, k, seed=0)` (and `use_extra()` if it
-has second-round configs); a variant is (kind, K, N, M, cfg).
+has second-round configs, `_reference(kind, x, wt)` for `Cells.configs`); a variant is (kind, K, N, M, cfg).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from types import ModuleType
 
 import torch
 
@@ -65,6 +67,29 @@ class Cells:
             return
         self.res.append(dict(kind=kind, k=k, n=n, m=m, cfg=list(cfg or []), us=us, err=err))
         print(f"{kind:18s} {k:5d}x{n:5d} m={m:3d} {us:7.2f}us err={err:.1e} {cfg}", flush=True)
+
+    def baselines(self, build: Callable, names: tuple[str, ...], k: int, n: int, ms: list[int]) -> None:
+        """Times `build(name, k, n)` (bench/kernels.py: bf16 cuBLAS, ...) at every M, without a check."""
+        for name in names:
+            fns = build(name, k, n)[0]
+            for m in ms:
+                self.timed(name, k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            del fns
+
+    def configs(self, mod: ModuleType, kind: str, k: int, n: int, ms: list[int],
+                cfgs: list[tuple] | dict[int, list[tuple]], copies: int) -> None:
+        """Checks each config of `kind` (a list, or a list per M) against `mod._reference(kind, x, wt)` and
+        times `mod._call` over `copies` weight copies from `mod._weights`, at every M of `ms`."""
+        ws = [mod._weights(kind, n, k, i) for i in range(copies)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = mod._reference(kind, x, ws[0])
+            for cfg in (cfgs[m] if isinstance(cfgs, dict) else cfgs):
+                self.timed(kind, k, n, m, cfg, [lambda x, wt=wt, c=cfg: mod._call(kind, c, x, wt) for wt in ws],
+                           x, ref)
+            del ref
+        del ws
+        torch.cuda.empty_cache()
 
     def save(self, out: str) -> None:
         with open(out, "w") as f:

@@ -10,6 +10,8 @@ the best config per (kind, K, N, M) with its ratio to bf16, as the tuples `_TILE
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
 
@@ -121,13 +123,13 @@ def _reference(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     return (q.float() * sx) @ w.t()
 
 
-def _cfgs(kind: str, m: int) -> list[tuple]:
-    return (TC_CFGS if KINDS[kind][0] == "tc" else SWAP_CFGS)[m]
+def _cfgs(kind: str) -> dict[int, list[tuple]]:
+    return TC_CFGS if KINDS[kind][0] == "tc" else SWAP_CFGS
 
 
 def _variants() -> list[tuple]:
     return [(kind, k, n, m, cfg) for k, n in SHAPES for kind, (_, ms) in KINDS.items() for m in ms
-            for cfg in _cfgs(kind, m)]
+            for cfg in _cfgs(kind)[m]]
 
 
 def sweep(out: str, rep_ms: int = 20, extra: bool = False) -> None:
@@ -139,20 +141,9 @@ def sweep(out: str, rep_ms: int = 20, extra: bool = False) -> None:
     precompile("_tc_sweep", _variants(), workers=15, extra=extra)
     cells = Cells(kernels.time_us)
     for k, n in SHAPES:
-        fns = kernels.build("bf16", k, n)[0]
-        for m in MS:
-            cells.timed("bf16", k, n, m, None, fns, torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-        del fns
+        cells.baselines(kernels.build, ("bf16",), k, n, MS)
         for kind, (_, ms) in KINDS.items():
             nbytes = n * k // 2 if kind == "tc_w4" else n * k
-            ws = [_weights(kind, n, k, i) for i in range(kernels.copies_for(nbytes))]
-            for m in ms:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                ref = _reference(kind, x, ws[0])
-                for cfg in _cfgs(kind, m):
-                    cells.timed(kind, k, n, m, cfg,
-                                [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in ws], x, ref)
-            del ws
-            torch.cuda.empty_cache()
+            cells.configs(sys.modules[__name__], kind, k, n, ms, _cfgs(kind), kernels.copies_for(nbytes))
         cells.save(out)
     cells.report()
