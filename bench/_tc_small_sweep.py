@@ -11,7 +11,8 @@ activations for W8A8) and timed as a CUDA-graph replay over weight copies that o
 (`kernels.time_us`). A variant that fails the check is reported, not timed. `--ttgir` prints, per compiled
 variant, how many cp.async copies, layout conversions and shared-memory allocations its TTGIR holds.
 The variants the seventh pass measured slower (two steps prefetched, TMA word / weight tiles, the Gluon
-fragment-order kernel) were removed; they and their sweep kinds are in git history at 6c310fc / 16c8ff1.
+fragment-order kernel) were removed; they and their sweep kinds are in git history (16c8ff1, 6c310fc,
+19d465a; all three at c159575).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ local_alloc / local_load of it per step.)
 H100 8192², BN 64 / BK 128 / 4 warps / 3 stages / ~4 programs per SM: 26.3 us at M = 2-16 (bf16 47 us);
 with the next step's words prefetched into registers (`prefetch=1`, the M <= 16 default for 4-bit words)
 24.4-25.1 us. Variants measured slower and removed (seventh pass, docs/PERFORMANCE.md; in git history):
-two steps prefetched (44-49 us) and a Gluon kernel with the words unpacked in wgmma A-fragment order
-(with its plain-Triton `frag` twin) at commit 6c310fc, TMA word tiles (26.8-36 us) at commit 16c8ff1.
+TMA word tiles (26.8-36 us) at commit 16c8ff1, a Gluon kernel with the words unpacked in wgmma A-fragment
+order (25.8-26.7 us) and its plain-Triton `frag` twin at 6c310fc, two steps prefetched (41-49 us) at 19d465a.
 ASM False (interpreter, CPU tests) computes the same values with plain Triton ops.
 Split-K partials: each split stores fp32 [M, BN], the last program on a per-tile counter sums them.
 M = 17..256 (third pass): a third grid axis over BM-row tiles (BM 16..128); tiles per (M bucket, K, N)
