@@ -8,26 +8,17 @@ so |y - ref| <= 2 ulp(ref) + a small multiple of the fp32 accumulation error sum
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.platforms.cuda.kernels import CUDA_LINEAR_KERNELS
+from quantrt.platforms.cuda.kernels.dense_gemv import TritonDenseGemvKernel
+from quantrt.platforms.cuda.platform import CudaPlatform
+from quantrt.quant.kernel import LinearSpec, select_linear_kernel
+from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, IntWeight
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
-from quantrt.platform.interface import DeviceCapability  # noqa: E402
-from quantrt.platforms.cuda.kernels import CUDA_LINEAR_KERNELS  # noqa: E402
-from quantrt.platforms.cuda.kernels.dense_gemv import TritonDenseGemvKernel  # noqa: E402
-from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
-from quantrt.quant.kernel import LinearSpec, select_linear_kernel  # noqa: E402
-from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, IntWeight  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+pytestmark = NEEDS_TRITON
 LLAMA_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]  # (K, N)
 
 

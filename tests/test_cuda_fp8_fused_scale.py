@@ -10,20 +10,14 @@ are compared with the separate-launch path there (the same cast on both sides) a
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.quant.quantize import quantize_act_per_token, quantize_fp8
+from tests._cuda_env import DEV, NEEDS_TRITON
+from tests.test_cuda_kernels import rel_err
 
-from quantrt.quant.quantize import quantize_act_per_token, quantize_fp8  # noqa: E402
-from tests.test_cuda_kernels import DEV, rel_err  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
+pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
 
 

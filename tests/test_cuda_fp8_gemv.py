@@ -10,22 +10,16 @@ and every fp8 / int8 code through the inline-PTX widening.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.quant.kernel import LinearSpec
+from quantrt.quant.quantize import fake_quantize_act, quantize_fp8
+from quantrt.quant.weights import ActKind, ActScheme, IntWeight
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
+from tests.test_cuda_kernels import rel_err
 
-from quantrt.quant.kernel import LinearSpec  # noqa: E402
-from quantrt.quant.quantize import fake_quantize_act, quantize_fp8  # noqa: E402
-from quantrt.quant.weights import ActKind, ActScheme, IntWeight  # noqa: E402
-from tests.test_cuda_kernels import DEV, PLATFORM, rel_err  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
+pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
 NATIVE = DEV == "cuda"
 LLAMA = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N)

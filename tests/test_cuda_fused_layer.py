@@ -8,23 +8,16 @@ machine `-m accelerator` adds Llama-3.1-8B shapes run natively and an engine on 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.platform.interface import without_fused_layer_ops
+from quantrt.platforms.cuda.platform import CudaPlatform
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
-from quantrt.platform.interface import DeviceCapability, without_fused_layer_ops  # noqa: E402
-from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+pytestmark = NEEDS_TRITON
 
 
 def _pool(kv: str, hkv: int, d: int, slots: int, dtype: torch.dtype = torch.bfloat16, device: str = DEV):

@@ -6,27 +6,17 @@ on the GPU machine `-m accelerator` adds Llama-sized shapes run natively.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.platforms.cuda.kernels import CUDA_LINEAR_KERNELS, TritonW8A8Kernel, TritonWNA16Kernel
+from quantrt.quant.kernel import LinearSpec
+from quantrt.quant.kernels.reference import ReferenceLinearKernel
+from quantrt.quant.quantize import quantize_fp8
+from quantrt.quant.weights import ActKind, ActScheme, IntWeight
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
-from quantrt.platform.interface import DeviceCapability  # noqa: E402
-from quantrt.platforms.cuda.kernels import CUDA_LINEAR_KERNELS, TritonW8A8Kernel, TritonWNA16Kernel  # noqa: E402
-from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
-from quantrt.quant.kernel import LinearSpec  # noqa: E402
-from quantrt.quant.kernels.reference import ReferenceLinearKernel  # noqa: E402
-from quantrt.quant.quantize import quantize_fp8  # noqa: E402
-from quantrt.quant.weights import ActKind, ActScheme, IntWeight  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
 
 

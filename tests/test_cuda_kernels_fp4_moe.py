@@ -7,33 +7,24 @@ tests/test_cuda_paged_attention.py.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-from quantrt.errors import CheckpointError  # noqa: E402
-from quantrt.platform.interface import DeviceCapability  # noqa: E402
-from quantrt.platforms.cuda.kernels.fp4 import (  # noqa: E402
+from quantrt.errors import CheckpointError
+from quantrt.platforms.cuda.kernels.fp4 import (
     SCALE_E4M3,
     SCALE_E8M0,
     SCALE_F32,
     TritonFp4Kernel,
     pack_micro_weight,
 )
-from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
-from quantrt.quant.kernel import LinearSpec  # noqa: E402
-from quantrt.quant.kernels.reference import ReferenceLinearKernel  # noqa: E402
-from quantrt.quant.weights import ActKind, ActScheme, MicroWeight  # noqa: E402
+from quantrt.platforms.cuda.platform import CudaPlatform
+from quantrt.quant.kernel import LinearSpec
+from quantrt.quant.kernels.reference import ReferenceLinearKernel
+from quantrt.quant.weights import ActKind, ActScheme, MicroWeight
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+pytestmark = NEEDS_TRITON
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

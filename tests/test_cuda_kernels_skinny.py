@@ -6,21 +6,15 @@ References: the IntWeight / FloatWeight `dequantize()` in fp32 and `fake_quantiz
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.quant.quantize import fake_quantize_act, quantize_fp8
+from quantrt.quant.weights import ActKind, ActScheme, IntWeight
+from tests._cuda_env import DEV, NEEDS_TRITON
+from tests.test_cuda_kernels import rel_err
 
-from quantrt.quant.quantize import fake_quantize_act, quantize_fp8  # noqa: E402
-from quantrt.quant.weights import ActKind, ActScheme, IntWeight  # noqa: E402
-from tests.test_cuda_kernels import DEV, rel_err  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
+pytestmark = NEEDS_TRITON
 
 
 SWAP_CASES = [("tensor", ActKind.NONE), ("channel", ActKind.NONE), ("block", ActKind.NONE),

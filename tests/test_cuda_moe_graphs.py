@@ -13,8 +13,6 @@ gpt-oss (bf16 and MXFP4) engines give the same greedy tokens with graphs on as w
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import pytest
@@ -22,17 +20,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt import Engine
+from quantrt.layers.moe.routing import RoutingConfig, select_experts
+from quantrt.quant.moe_kernel import MoESpec, expert_activation
+from tests._cuda_env import DEV, NEEDS_TRITON
+from tests.test_cuda_graphs import EagerBackend
+from tests.test_cuda_kernels_fp4_moe import _moe_platform, make_experts, moe_float64, rel_err
 
-from quantrt import Engine  # noqa: E402
-from quantrt.layers.moe.routing import RoutingConfig, select_experts  # noqa: E402
-from quantrt.quant.moe_kernel import MoESpec, expert_activation  # noqa: E402
-from tests.test_cuda_graphs import EagerBackend  # noqa: E402
-from tests.test_cuda_kernels_fp4_moe import DEV, _moe_platform, make_experts, moe_float64, rel_err  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
+pytestmark = NEEDS_TRITON
 
 # ops that read a tensor value on the host, or whose output shape depends on tensor data (a host sync on a GPU)
 SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.unique", "aten._unique",

@@ -7,22 +7,13 @@ on the GPU machine `-m accelerator` adds real shapes run natively.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.platforms.cuda.platform import CudaPlatform
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
-from quantrt.platform.interface import DeviceCapability  # noqa: E402
-from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+pytestmark = NEEDS_TRITON
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,25 +6,15 @@ machine `-m accelerator` adds Llama-sized shapes run natively and the dispatch t
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from quantrt.platforms.cuda.kernels import TritonWNA16Kernel
+from quantrt.quant.kernel import LinearSpec
+from quantrt.quant.weights import ActScheme, IntWeight
+from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
-from quantrt.platform.interface import DeviceCapability  # noqa: E402
-from quantrt.platforms.cuda.kernels import TritonWNA16Kernel  # noqa: E402
-from quantrt.platforms.cuda.platform import CudaPlatform  # noqa: E402
-from quantrt.quant.kernel import LinearSpec  # noqa: E402
-from quantrt.quant.weights import ActScheme, IntWeight  # noqa: E402
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton)")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+pytestmark = NEEDS_TRITON
 
 
 def _weight(n: int, k: int, bits: int, group: int, asym: bool, act_order: bool, seed: int) -> IntWeight:
