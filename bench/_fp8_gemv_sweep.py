@@ -1,5 +1,5 @@
 """W8A8 / fp8 weight-only M = 1 GEMV on the H100 (issue 6 items 1/4, "Sixth pass" in docs/PERFORMANCE.md): the
-dense-GEMV-structured `skinny_fp8.gemv_w8` tiles vs the dispatch before it (`TritonW8A8Kernel.apply` with
+dense-GEMV-structured `gemv_w8.gemv_w8` tiles vs the dispatch before it (`TritonW8A8Kernel.apply` with
 `w8a8.GEMV_W8` off: `skinny_fp8` / `swap_fp8`), bf16 cuBLAS and the bf16 dense GEMV, per scheme:
 
     tok  fp8 per-channel x per-token      blk  fp8 128x128 blocks x per-token-group 128
@@ -47,7 +47,7 @@ def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, to
 
 
 def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import GemvW8Config, gemv_w8
+    from quantrt.platforms.cuda.kernels.gemv_w8 import GemvW8Config, gemv_w8
 
     act, wscale, qmax = SCHEMES[kind.split(":")[-1]]
     return gemv_w8(x, wt[0], wt[1], act, wscale, qmax, None, GemvW8Config(*cfg))

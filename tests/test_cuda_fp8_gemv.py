@@ -1,4 +1,4 @@
-"""The M = 1 W8A8 / fp8 weight-only GEMV on the dense-GEMV structure (`skinny_fp8.gemv_w8`) and its dispatch in
+"""The M = 1 W8A8 / fp8 weight-only GEMV on the dense-GEMV structure (`gemv_w8.gemv_w8`) and its dispatch in
 `TritonW8A8Kernel`, vs a float64 quantize-then-matmul reference (activation codes and scales from
 `quant.quantize`, times the dequantized weight in float64).
 
@@ -62,7 +62,7 @@ def _kernel(spec: LinearSpec):
 
 
 def _gemv(kern, x, cfg=None):
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import gemv_w8
+    from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
     return gemv_w8(x, kern.data, kern.w_scale, kern.act, kern.wscale, kern.qmax, kern.act_scale, cfg)
 
@@ -72,7 +72,7 @@ def _gemv(kern, x, cfg=None):
                                          ("wo", "block")])
 @pytest.mark.parametrize("waves", [2, 64])  # 64 programs per SM: split K (several K slices summed in-launch)
 def test_gemv_w8_tiny_matches_float64(scheme, gran, waves):
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import GemvW8Config
+    from quantrt.platforms.cuda.kernels.gemv_w8 import GemvW8Config
 
     spec = _spec(scheme, 144, 512, waves, gran or "channel")                 # N: 9 tiles of 16
     kern = _kernel(spec)
@@ -93,7 +93,7 @@ def test_gemv_w8_ragged_n_and_dispatch():
 
 def test_gemv_w8_rejections_name_the_problem():
     """Shapes the GEMV cannot take say why (the dispatch then keeps `skinny_fp8`, still correct)."""
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import GemvW8Config, gemv_w8_why_not
+    from quantrt.platforms.cuda.kernels.gemv_w8 import GemvW8Config, gemv_w8_why_not
 
     spec = _spec("wo", 32, 1100, 4)                                           # K = 1100: not a multiple of 64
     kern = _kernel(spec)
@@ -130,7 +130,7 @@ def test_gemv_w8_llama_shapes_native(k, n, scheme):
     ("i8", None, 0, 2), ("wo", "block", 0, 2)])                                       # Triton's casts
 def test_gemv_w8_modes_native(scheme, gran, widen, waves):
     """Every mode with the inline PTX (fp8 widening, int8 dp4a) and Triton's casts, unsplit and split-K."""
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import GemvW8Config
+    from quantrt.platforms.cuda.kernels.gemv_w8 import GemvW8Config
 
     spec = _spec(scheme, 1024, 2048, widen + waves, gran or "channel")
     kern = _kernel(spec)
@@ -144,7 +144,7 @@ def test_gemv_w8_modes_native(scheme, gran, widen, waves):
 def test_inline_widening_every_code_native(dtype):
     """Row r holds code r in every column (fp8: the 254 finite codes; int8: -128..127); x = 1 over 1024 columns,
     weight-only, scale 1: y[r] must be exactly 1024 * value(code r) (bf16-rounded), both widening paths."""
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import GemvW8Config, gemv_w8
+    from quantrt.platforms.cuda.kernels.gemv_w8 import GemvW8Config, gemv_w8
 
     bits = torch.arange(256, dtype=torch.int32)
     if dtype == FP8:
@@ -162,7 +162,7 @@ def test_inline_widening_every_code_native(dtype):
 def test_int8_dp4a_extreme_codes_native():
     """dp4a with signed extremes: weight codes -128 / 127 / -127 and activation codes +-127 (x at +-amax) and
     -85, summed exactly in int32 (|sum| up to 2048 * 128 * 127)."""
-    from quantrt.platforms.cuda.kernels.skinny_fp8 import GemvW8Config, gemv_w8
+    from quantrt.platforms.cuda.kernels.gemv_w8 import GemvW8Config, gemv_w8
     from quantrt.quant.quantize import quantize_act_per_token
 
     k = 2048

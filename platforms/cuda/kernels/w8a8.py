@@ -1,7 +1,7 @@
 """`TritonW8A8Kernel`: FP8 W8A8 (per-tensor, per-channel x per-token, 128x128 block x per-token-group),
 FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantization fused in.
 
-Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `skinny_fp8.gemv_w8` (every fp8 mode and int8
+Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_w8` (every fp8 mode and int8
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
 128-group activations); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
 swapped; 128-group activations from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
-GEMV_W8 = True    # M = 1: `skinny_fp8.gemv_w8` (dense-GEMV structure) where it takes the shape; False: as before
+GEMV_W8 = True    # M = 1: `gemv_w8.gemv_w8` (dense-GEMV structure) where it takes the shape; False: as before
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
@@ -129,7 +129,7 @@ class TritonW8A8Kernel(LinearKernel):
         if self._gemv_reason is None and torch.version.hip is not None:
             self._gemv_reason = "ROCm: the GEMV was only built and measured for CUDA (PTX widening)"
         if self._gemv_reason is None:
-            from quantrt.platforms.cuda.kernels.skinny_fp8 import gemv_w8_why_not
+            from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8_why_not
 
             self._gemv_reason = gemv_w8_why_not(*self.data.shape, self.act, self.wscale, self.data.dtype == torch.int8)
         return self._gemv_reason
@@ -151,7 +151,7 @@ class TritonW8A8Kernel(LinearKernel):
 
             y = int8_mm(x2, self.data, self.w_scale, self.qmax, self.act_scale if self.act == 2 else None)
         elif x2.shape[0] == 1 and GEMV_W8 and self._gemv_why() == "":
-            from quantrt.platforms.cuda.kernels.skinny_fp8 import gemv_w8
+            from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
             y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
         elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES and self.act != 1:
