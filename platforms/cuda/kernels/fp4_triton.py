@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
+from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
 
 @dataclass(frozen=True)
@@ -151,19 +152,7 @@ def _fp4_kernel(x_ptr, p_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, post, M, N, K, stri
     else:
         ym = offs_m[:, None] * N + offs_n[None, :]
         ymask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT == 1:
-        tl.store(y_ptr + ym, out.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.store(ws_ptr + pid_k * M * N + ym, out, mask=ymask)
-        tl.debug_barrier()                                    # every thread's partial is stored
-        tile = pid_m * tl.num_programs(0) + pid_n
-        cnt = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if cnt == SPLIT - 1:                                  # last split of this tile sums the partials
-            tot = tl.zeros(out.shape, dtype=tl.float32)
-            for sp in range(SPLIT):
-                tot += tl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + ym, tot.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    store_split_k(out, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_m, pid_n, pid_k, M, N, SPLIT)
 
 
 def default_config(m: int, n: int, k: int) -> Fp4Config:
