@@ -111,20 +111,34 @@ def test_swap_fp8_native(m, gran, kind):
     assert rel_err(y, ref) < 2e-2
 
 
+@pytest.mark.parametrize("m,k,config", [(6, 1000, None), (5, 96, None), (7, 96, (4, 1)), (3, 14336, None),
+                                         (5, 14336, (2, 8)), (3, 16500, None)])
 @pytest.mark.parametrize("dtype,qmax", [(torch.int8, 127.0), (torch.float8_e4m3fn, 448.0)])
-def test_quant_rows_matches_reference_quantizer(dtype, qmax):
-    """The one-launch per-token quantizer in front of `_scaled_mm` is bit-exact vs quantize_act_per_token."""
+def test_quant_rows_matches_reference_quantizer(dtype, qmax, m, k, config):
+    """The one-launch per-token quantizer in front of `_scaled_mm` is bit-exact vs quantize_act_per_token: the
+    one-pass launch (K <= 16384, odd K, several rows per program with a partial last one) and the two-pass loop
+    (K = 16500)."""
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
     from quantrt.quant.quantize import quantize_act_per_token
 
     if DEV == "cpu" and dtype != torch.int8:
         pytest.skip("Triton 3.6's interpreter rounds fp32->fp8 without carrying into the exponent")
-    gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(6, 1000, generator=gen) * 3).to(DEV, torch.bfloat16)
+    gen = torch.Generator().manual_seed(k + m)
+    x = (torch.randn(m, k, generator=gen) * 3).to(DEV, torch.bfloat16)
     x[2] = 0  # an all-zero row gets the 1e-12 floor, not 0/0
-    q, s = quant_rows(x, dtype, qmax)
+    x[0, k // 3] = 300.0  # one outlier sets row 0's scale
+    q, s = quant_rows(x, dtype, qmax, config)
     q_ref, s_ref = quantize_act_per_token(x, dtype)
     assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
+
+
+def test_quant_rows_config_rejections():
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+
+    with pytest.raises(ValueError, match="K <= 16384 with rows in 1, 2, 4, 8, 16"):
+        quant_rows(torch.zeros(2, 16500, dtype=torch.bfloat16, device=DEV), torch.int8, 127.0, (1, 4))
+    with pytest.raises(ValueError, match="got K=64, config=\\(3, 4\\)"):
+        quant_rows(torch.zeros(2, 64, dtype=torch.bfloat16, device=DEV), torch.int8, 127.0, (3, 4))
 
 
 @pytest.mark.parametrize("m", [2, 16, 48])

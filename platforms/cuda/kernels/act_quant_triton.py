@@ -1,10 +1,12 @@
 """Per-token activation quantization in one Triton launch (imported lazily), for `torch._scaled_mm` at large M.
 
-One program per row: a first pass over K finds the amax, a second writes the codes (the row is re-read
-from L1/L2). Computes exactly what `quant.quantize.quantize_act_per_token` computes: scale =
-max(amax, 1e-12) / QMAX, codes = clamp(x / scale, -QMAX, QMAX) cast to fp8 (int8: rounded half to even).
-The torch version runs as ~6 kernels over the [M, K] fp32 copy (8192²: ~880 µs on the H100, as much as
-the fp8 GEMM itself); this one reads x twice and writes the codes once.
+Computes exactly what `quant.quantize.quantize_act_per_token` computes: scale = max(amax, 1e-12) / QMAX,
+codes = clamp(x / scale, -QMAX, QMAX) cast to fp8 (int8: rounded half to even). The torch version runs as
+~6 kernels over the [M, K] fp32 copy (8192²: ~880 µs on the H100, as much as the fp8 GEMM itself).
+
+K <= ONE_PASS_MAX_K: each program loads ROWS whole rows once into registers (BLOCK_K = next_pow2(K)),
+takes their amax and writes the codes from the same registers. Wider rows: one program per row, a first
+pass over K finds the amax, a second re-reads the row (from L1/L2) and writes the codes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,26 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv
+
+ONE_PASS_MAX_K = 16384
+
+
+@triton.jit
+def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
+                                IS_INT: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                     # [ROWS]
+    offs = tl.arange(0, BLOCK_K)                                             # [BLOCK_K]
+    rmask = rows < M
+    mask = rmask[:, None] & (offs[None, :] < K)                              # [ROWS, BLOCK_K]
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / QMAX                 # [ROWS]
+    tl.store(s_ptr + rows, s, mask=rmask)
+    y = tl.math.div_rn(x, s[:, None])
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_INT:
+        y = (y + 12582912.0) - 12582912.0                # round half to even (1.5 * 2**23)
+    tl.store(q_ptr + r64[:, None] * K + offs[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -37,17 +59,38 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
         tl.store(q_ptr + row * K + k0 + offs, y.to(q_ptr.dtype.element_ty), mask=mk)
 
 
-def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] fp16/bf16 -> (codes [M, K] dtype, scale [M, 1] fp32), as `quantize_act_per_token`."""
+def one_pass_config(m: int, k: int) -> tuple[int, int]:
+    """(rows per program, warps) of the one-pass launch for x [M, K <= ONE_PASS_MAX_K]."""
+    block_k = triton.next_power_of_2(k)
+    warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
+    rows = 1
+    return rows, warps
+
+
+def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
+               config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp16/bf16 -> (codes [M, K] dtype, scale [M, 1] fp32), as `quantize_act_per_token`.
+    `config` (rows per program, warps) overrides `one_pass_config` (K <= ONE_PASS_MAX_K only; for sweeps)."""
     m, k = x.shape
+    if config is not None:
+        rows, warps = config
+        if k > ONE_PASS_MAX_K or rows not in (1, 2, 4, 8, 16) or warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"quant_rows config (rows, warps) applies to K <= {ONE_PASS_MAX_K} with rows in "
+                             f"1, 2, 4, 8, 16 and warps in 1, 2, 4, 8, 16, 32; got K={k}, config={config}")
     if x.stride(1) != 1:
         x = x.contiguous()
     q = torch.empty((m, k), device=x.device, dtype=dtype)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
-    block = min(4096, max(256, triton.next_power_of_2(cdiv(k, 4))))
-    _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=dtype == torch.int8, BLOCK=block,
-                             num_warps=4)
+    is_int = dtype == torch.int8
+    if k <= ONE_PASS_MAX_K:
+        rows, warps = config or one_pass_config(m, k)
+        _quant_rows_one_pass_kernel[(cdiv(m, rows),)](x, q, s, m, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int,
+                                                       BLOCK_K=triton.next_power_of_2(k), ROWS=rows,
+                                                       num_warps=warps)
+    else:
+        block = min(4096, max(256, triton.next_power_of_2(cdiv(k, 4))))
+        _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int, BLOCK=block, num_warps=4)
     return q, s
 
 
-__all__ = ["quant_rows"]
+__all__ = ["ONE_PASS_MAX_K", "one_pass_config", "quant_rows"]
