@@ -132,6 +132,22 @@ def test_quant_rows_matches_reference_quantizer(dtype, qmax, m, k, config):
     assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
 
 
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [17, 64, 512])
+@pytest.mark.parametrize("k", [4096, 14336, 28672])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quant_rows_llama_shapes_native(m, k, dtype):
+    """Llama-sized rows (one-pass launch up to K = 16384, two-pass above) bit-exact vs quantize_act_per_token."""
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+    from quantrt.quant.quantize import quantize_act_per_token
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(DEV, torch.bfloat16)
+    x[:, ::997] *= 50
+    q, s = quant_rows(x, dtype, 127.0 if dtype == torch.int8 else 448.0)
+    q_ref, s_ref = quantize_act_per_token(x, dtype)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 def test_quant_rows_config_rejections():
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
 
