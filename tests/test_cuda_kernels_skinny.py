@@ -148,6 +148,24 @@ def test_quant_rows_llama_shapes_native(m, k, dtype):
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.accelerator
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quant_rows_every_bf16_amax_native(dtype):
+    """One row per positive finite bf16 value as its amax (subnormals and the 1e-12 floor included): scales
+    and codes bit-exact vs quantize_act_per_token."""
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+    from quantrt.quant.quantize import quantize_act_per_token
+
+    amax = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(DEV)  # [32639]
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(amax.numel(), 96, generator=gen) * 2 - 1).to(DEV) * amax.float()[:, None]
+    x = x.to(torch.bfloat16)
+    x[:, 7] = amax
+    q, s = quant_rows(x, dtype, 127.0 if dtype == torch.int8 else 448.0)
+    q_ref, s_ref = quantize_act_per_token(x, dtype)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 def test_quant_rows_config_rejections():
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
 

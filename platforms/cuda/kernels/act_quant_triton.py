@@ -7,6 +7,14 @@ codes = clamp(x / scale, -QMAX, QMAX) cast to fp8 (int8: rounded half to even). 
 K <= ONE_PASS_MAX_K: each program loads ROWS whole rows once into registers (BLOCK_K = next_pow2(K)),
 takes their amax and writes the codes from the same registers. Wider rows: one program per row, a first
 pass over K finds the amax, a second re-reads the row (from L1/L2) and writes the codes.
+
+The one-pass launch gets the fp32 quotient x / scale as RN32(x * RN64(1 / scale)) in fp64, not with an
+IEEE fp32 division per element (`div.rn.f32` is a branchy sequence that made the launch compute-bound).
+That is the correctly rounded quotient for every fp32 x: x / s (s an fp32) is never within 2^-49
+(relative) of an fp32 rounding midpoint m (m = M 2^a with a 25-bit M, s = S 2^b with a 24-bit S: x - m s
+is a nonzero multiple of 2^(a+b) or of x's last bit, so |x - m s| > 2^-49 m s), while the fp64 product
+is within 2^-51.9 of x / s. Checked exhaustively for every bf16 x, every bf16 amax and both QMAX:
+`bench/_quant_rows_sweep.py --prove`.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constex
     mask = rmask[:, None] & (offs[None, :] < K)                              # [ROWS, BLOCK_K]
     r64 = rows.to(tl.int64)
     x = tl.load(x_ptr + r64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / QMAX                 # [ROWS]
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)   # [ROWS]
     tl.store(s_ptr + rows, s, mask=rmask)
-    y = tl.math.div_rn(x, s[:, None])
+    inv = 1.0 / s.to(tl.float64)                                             # [ROWS] fp64, div.rn
+    y = (x.to(tl.float64) * inv[:, None]).to(tl.float32)                     # = RN32(x / s), see above
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_INT:
         y = (y + 12582912.0) - 12582912.0                # round half to even (1.5 * 2**23)
@@ -48,7 +57,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
     for k0 in range(0, K, BLOCK):
         a = tl.load(xr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(a))
-    s = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+    s = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), QMAX)
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK):
         mk = k0 + offs < K
@@ -61,10 +70,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
 
 def one_pass_config(m: int, k: int) -> tuple[int, int]:
     """(rows per program, warps) of the one-pass launch for x [M, K <= ONE_PASS_MAX_K]."""
-    block_k = triton.next_power_of_2(k)
-    warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
-    rows = 1
-    return rows, warps
+    return 1, min(32, max(4, triton.next_power_of_2(k) // 256))
 
 
 def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
