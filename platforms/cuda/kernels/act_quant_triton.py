@@ -15,6 +15,10 @@ That is the correctly rounded quotient for every fp32 x: x / s (s an fp32) is ne
 is a nonzero multiple of 2^(a+b) or of x's last bit, so |x - m s| > 2^-49 m s), while the fp64 product
 is within 2^-51.9 of x / s. Checked exhaustively for every bf16 x, every bf16 amax and both QMAX:
 `bench/_quant_rows_sweep.py --prove`.
+
+The scale keeps the plain `/ QMAX` (Triton's fp32 `/`, as the two-pass launch always had it): torch
+divides by a Python scalar as a * RN32(1 / b) on CUDA and as IEEE a / b on the CPU, and `/` matches both
+(an IEEE `div_rn` here differs from torch on CUDA for some amax).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constex
     mask = rmask[:, None] & (offs[None, :] < K)                              # [ROWS, BLOCK_K]
     r64 = rows.to(tl.int64)
     x = tl.load(x_ptr + r64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)   # [ROWS]
+    s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / QMAX                 # [ROWS], see above
     tl.store(s_ptr + rows, s, mask=rmask)
     inv = 1.0 / s.to(tl.float64)                                             # [ROWS] fp64, div.rn
     y = (x.to(tl.float64) * inv[:, None]).to(tl.float32)                     # = RN32(x / s), see above
@@ -57,7 +61,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
     for k0 in range(0, K, BLOCK):
         a = tl.load(xr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(a))
-    s = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), QMAX)
+    s = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK):
         mk = k0 + offs < K
@@ -70,7 +74,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
 
 def one_pass_config(m: int, k: int) -> tuple[int, int]:
     """(rows per program, warps) of the one-pass launch for x [M, K <= ONE_PASS_MAX_K]."""
-    return 1, min(32, max(4, triton.next_power_of_2(k) // 256))
+    return 1, min(16, max(4, triton.next_power_of_2(k) // 512))  # H100 sweep: 8 warps at 4096, 16 at 8192+
 
 
 def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
