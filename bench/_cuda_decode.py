@@ -11,7 +11,7 @@ index_copy KV writes, torch residual add + RMSNorm, silu * up): the A/B of the f
 `quantrt bf16 (cuBLAS dense)` runs the unquantized linears on cuBLAS (F.linear) instead of the Triton dense
 GEMV (`TritonDenseGemvKernel`, batch 1) and launches without PDL (QUANTRT_CUDA_PDL=0): the code before that
 kernel, in the same run; `quantrt bf16 (no PDL)` is the GEMV without programmatic dependent launch.
-`--profile`: per config, the kernels of 32 graph-replayed batch-1 decode steps (torch.profiler, CUDA activity
+`--profile`: per config, the kernels of 32 graph-replayed decode steps at each batch (torch.profiler, CUDA activity
 only), per step: calls, µs, share of the kernel time; the step time minus the kernel time is launch gaps.
 """
 
@@ -203,12 +203,12 @@ def cublas_dense_platform():
     return CublasDensePlatform()
 
 
-def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False) -> dict:
-    """Kernels of `steps` batch-1 decode steps (one 8-token prefill included), per step, heaviest first
+def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False, bs: int = 1) -> dict:
+    """Kernels of `steps` decode steps of `bs` rows (one 8-token prefill included), per step, heaviest first
     (`cpu`: CPU ops instead, for a dry run without a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = prompts(1)
+    ids = prompts(bs)
     gen(ids, steps + 1)   # graphs for every length bucket captured before the profile
     with profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA]) as prof:
         gen(ids, steps + 1)
@@ -220,7 +220,7 @@ def profile_steps(gen, steps: int = 32, top: int = 24, cpu: bool = False) -> dic
     kernels.sort(key=lambda k: -k["us_per_step"])
     total = sum(k["us_per_step"] for k in kernels)
     calls = sum(k["calls_per_step"] for k in kernels)
-    print(f"    profile: {calls:.0f} kernels, {total:.0f} µs of kernel time per decode step (batch 1)", flush=True)
+    print(f"    profile: {calls:.0f} kernels, {total:.0f} µs of kernel time per decode step (batch {bs})", flush=True)
     for k in kernels[:top]:
         print(f"      {k['calls_per_step']:6.1f} x {k['us_per_step'] / max(k['calls_per_step'], 1e-9):7.1f} µs "
               f"= {k['us_per_step']:7.1f} µs/step ({100 * k['us_per_step'] / total:4.1f}%)  {k['kernel'][:90]}",
@@ -284,8 +284,8 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
             print(f"  {name:24s} graphs={'on ' if graphs else 'off'} bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
                   f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
                   f"{100 * row['roofline']:5.1f}% of copy BW", flush=True)
-            if graphs and bs == 1 and getattr(args, "profile", False):
-                row["profile"] = profile_steps(gen)
+            if graphs and getattr(args, "profile", False):
+                row["profile"] = profile_steps(gen, bs=bs)
     eng.shutdown()
     eng = runner = None  # noqa: F841 - drop the engine before the next load
     if pdl_env is None:

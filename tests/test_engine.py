@@ -35,6 +35,23 @@ def test_same_output_alone_or_in_a_mixed_batch(engine):
     assert [b["output_ids"] for b in batched] == alone
 
 
+def test_mixed_sampling_modes_in_one_batch_match_each_request_alone(engine):
+    """A decode batch whose requests do not all sample greedily takes the per-request path (the batched
+    argmax is only for all-plain-greedy steps); every request must still get what it gets alone."""
+    prompts = _prompts(4, seed=3)
+    params = [GREEDY, {**GREEDY, "temperature": 0.8, "seed": 11}, {**GREEDY, "repetition_penalty": 1.5}, GREEDY]
+    lp = [False, False, False, True]
+    alone = [engine.generate(input_ids=p, sampling_params=sp, return_logprob=w)
+             for p, sp, w in zip(prompts, params, lp)]
+    batched = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=lp)
+    assert [b["output_ids"] for b in batched] == [a["output_ids"] for a in alone]
+    assert batched[1]["output_ids"] != engine.generate(input_ids=prompts[1], sampling_params=GREEDY)["output_ids"]
+    got = [t for _, t, _ in batched[3]["meta_info"]["output_token_logprobs"]]
+    assert got == batched[3]["output_ids"]
+    ref = [v for v, _, _ in alone[3]["meta_info"]["output_token_logprobs"]]
+    assert [v for v, _, _ in batched[3]["meta_info"]["output_token_logprobs"]] == pytest.approx(ref, abs=1e-4)
+
+
 def test_prefix_reuse_gives_identical_results(model_dir):
     eng = Engine(model_path=model_dir, max_total_tokens=4096, page_size=4)
     shared = _prompts(1, seed=7)[0] * 3                     # long common prefix

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from quantrt.platform.interface import DecodeInputs
@@ -71,12 +72,12 @@ def pack_inputs(d: DecodeInputs, bs: int, lb: int) -> torch.Tensor:
     b, length = d.batch, d.kv_slots.shape[1]
     if not 1 <= b <= bs or length > lb:
         raise ValueError(f"batch {b} x length {length} does not fit the graph's {bs} x {lb}")
-    host = torch.zeros(bs, META_COLS + lb, dtype=torch.int64)
+    host = np.zeros((bs, META_COLS + lb), dtype=np.int64)   # numpy: each step pays this on the host
     for col, t in enumerate((d.ids, d.positions, d.out_slots, d.kv_lens)):
-        host[:b, col] = t
-    host[:b, META_COLS:META_COLS + length] = d.kv_slots
+        host[:b, col] = t.numpy()
+    host[:b, META_COLS:META_COLS + length] = d.kv_slots.numpy()
     host[b:] = host[0]
-    return host
+    return torch.from_numpy(host)
 
 
 class GraphBackend(Protocol):

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from quantrt.engine.forward_batch import ForwardBatch
@@ -58,6 +59,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_pool: KVPool, page_size: int, device: torch.device):
         self.model, self.kv_pool, self.page_size, self.device = model, kv_pool, page_size, device
         self._offsets = torch.arange(page_size)
+        self._offsets_np = np.arange(page_size, dtype=np.int64)
         self.graphs: Any = None            # a decode graph runner (platform-made), or None
         self.graphs_off: str | None = None  # why decode graphs are off (None while on)
 
@@ -106,20 +108,29 @@ class ModelRunner:
     def _decode_inputs(self, works: list[Work]):
         from quantrt.platform.interface import DecodeInputs
 
-        # a decode step runs this once: two host tensors and a few ops (each op is microseconds at batch 1)
+        # a decode step runs this once per step, so it is built in one pass over the works with numpy (a torch
+        # op on small host tensors costs ~10 us, a numpy one ~1 us): at batch 64 that is most of the host work
         b, ps = len(works), self.page_size
-        starts = [w.start for w in works]
+        ids, starts, outs, rows = [], [], [], []
+        for w in works:
+            s, pages = w.start, w.req.pages
+            last = s // ps
+            ids.append(w.req.token_at(s))
+            starts.append(s)
+            outs.append(pages[last] * ps + s % ps)
+            rows.append(pages[: last + 1])
         lmax = max(starts) + 1
         npages = -(-lmax // ps)
-        rows = [w.req.pages[: s // ps + 1] for w, s in zip(works, starts)]
-        table = torch.tensor([r + [0] * (npages - len(r)) for r in rows], dtype=torch.long)  # [B, P] page ids
-        slots = (table[:, :, None] * ps + self._offsets).view(b, -1)[:, :lmax]             # [B, Lmax]
-        ids, pos, kv_lens, out_slots = torch.tensor(                                         # [4, B] -> 4 x [B]
-            [[w.req.token_at(s) for w, s in zip(works, starts)], starts, [s + 1 for s in starts],
-             [r[s // ps] * ps + s % ps for r, s in zip(rows, starts)]], dtype=torch.long).unbind(0)
+        table = np.zeros((b, npages), dtype=np.int64)                                       # [B, P] page ids
+        for i, r in enumerate(rows):
+            table[i, : len(r)] = r
+        slots = (table[:, :, None] * ps + self._offsets_np).reshape(b, -1)[:, :lmax]         # [B, Lmax]
+        meta = np.array([ids, starts, outs], dtype=np.int64)                                 # [3, B]
+        kv_lens = meta[1] + 1
         if b > 1:  # columns past a shorter sequence's length point at slot 0 (one sequence has none)
-            slots = slots.masked_fill(torch.arange(lmax)[None, :] >= kv_lens[:, None], 0)
-        return DecodeInputs(ids, pos, out_slots, kv_lens, slots)
+            slots = np.where(np.arange(lmax)[None, :] >= kv_lens[:, None], 0, slots)
+        t = torch.from_numpy
+        return DecodeInputs(t(meta[0]), t(meta[1]), t(meta[2]), t(kv_lens), t(np.ascontiguousarray(slots)))
 
     # -- forward ---------------------------------------------------------------------------
     def _slots(self, pages: list[int], length: int) -> torch.Tensor:
@@ -130,6 +141,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[torch.Tensor]:
         """Forward one batch; returns per work the fp32 logits of its rows: [len(rows), V]."""
+        logits, counts = self.run_batch(works)
+        return list(logits.split(counts))
+
+    @torch.inference_mode()
+    def run_batch(self, works: list[Work]) -> tuple[torch.Tensor, list[int]]:
+        """Forward one batch -> (fp32 logits [sum of len(rows), V] in work order, len(rows) per work); the
+        scheduler slices a work's rows only when it needs them (a greedy decode step needs none)."""
         if is_graph_decode(works):
             d = self._decode_inputs(works)
             logits = self.graphs.run(d) if self.graphs is not None else None
@@ -137,10 +155,10 @@ class ModelRunner:
                 dev = self.device
                 logits = self.decode_forward(d.ids.to(dev), d.positions.to(dev), d.out_slots.to(dev),
                                              d.kv_lens.to(dev), d.kv_slots.to(dev))
-            return list(logits.split(1))
+            return logits, [1] * len(works)
         return self._run_eager(works)
 
-    def _run_eager(self, works: list[Work]) -> list[torch.Tensor]:
+    def _run_eager(self, works: list[Work]) -> tuple[torch.Tensor, list[int]]:
         ids, pos, out_slots, seq_slots, rows = [], [], [], [], []
         offset = 0
         for w in works:
@@ -173,5 +191,4 @@ class ModelRunner:
             kv_slots=kv_slots,
             kv_lens_t=kv_lens_t,
         )
-        logits = self.model(fb)
-        return list(logits.split([len(w.rows) for w in works]))
+        return self.model(fb), [len(w.rows) for w in works]

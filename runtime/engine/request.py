@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +53,14 @@ class Request:
         """all_ids[i] (0 <= i < num_tokens) without building the list."""
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Argmax sampling with no penalties and no logprobs: its token can come from one batched argmax.
+        Computed once (params and logprob options do not change after the request is made)."""
+        p = self.params
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+                and not self.logprob.enabled)
 
     @property
     def finished(self) -> bool:

@@ -106,9 +106,16 @@ class Scheduler:
         return freed
 
     def _schedule_decode(self) -> list[Work]:
+        preempted: set[int] = set()
         for req in list(self.running):
-            while req in self.running and not self._ensure_pages(req, req.num_computed + 1):
-                self._preempt(self.running[-1])  # the newest request gives its pages back
+            if id(req) in preempted:
+                continue
+            while not self._ensure_pages(req, req.num_computed + 1):
+                victim = self.running[-1]                # the newest request gives its pages back
+                self._preempt(victim)
+                preempted.add(id(victim))
+                if victim is req:
+                    break
         return [Work(r, r.num_computed, 1, [r.num_computed]) for r in self.running]
 
     def _preempt(self, req: Request) -> None:
@@ -120,37 +127,41 @@ class Scheduler:
     # -- stepping ------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one forward; return the requests that gained a token or finished."""
-        works = self._schedule_prefill() or self._schedule_decode()
+        works = self._schedule_prefill()
+        decode = not works
+        if decode:
+            works = self._schedule_decode()
         if not works:
             return []
-        logits = self.runner.run(works)
-        greedy = self._greedy_tokens(works, logits)
+        logits, counts = self.runner.run_batch(works)                  # [sum counts, V]
+        greedy = self._greedy_tokens(works, logits, counts)
         updated = []
-        for i, (w, lg) in enumerate(zip(works, logits)):
+        end = 0
+        for i, w in enumerate(works):
+            first, end = end, end + counts[i]                            # this work's logit rows
             req = w.req
             req.num_computed = w.start + w.n
             if req.logprob.enabled and not req.output_ids:
-                self._input_logprobs(req, w, lg)
+                self._input_logprobs(req, w, logits[first:end])
             if req.num_computed < req.num_tokens:
                 continue  # chunk of a longer prompt
-            if req not in self.running:
+            if not decode and req not in self.running:                   # decode works are all running
                 self.running.append(req)
             if req.params.max_new_tokens == 0:
                 self._complete(req, {"type": "length", "length": 0})
             else:
-                self._append(req, lg[-1:], greedy[i] if greedy else None)
+                self._append(req, logits[end - 1:end] if greedy is None else None, greedy[i] if greedy else None)
             updated.append(req)
         return updated
 
     @staticmethod
-    def _greedy_tokens(works: list[Work], logits: list) -> list[int] | None:
+    def _greedy_tokens(works: list[Work], logits: torch.Tensor, counts: list[int]) -> list[int] | None:
         """One argmax and one host sync for a step whose requests all sample greedily without
         penalties or logprobs (a decode step of B requests would otherwise sync B times)."""
-        if len(works) < 2 or not all(w.rows and w.req.params.greedy and w.req.params.repetition_penalty == 1.0
-                                     and not w.req.params.frequency_penalty and not w.req.params.presence_penalty
-                                     and not w.req.logprob.enabled for w in works):
+        # a plain-greedy work wants one row (its last token's; more rows only come with logprobs)
+        if len(works) < 2 or not all(c == 1 and w.req.plain_greedy for w, c in zip(works, counts)):
             return None
-        return torch.cat([lg[-1:] for lg in logits]).argmax(-1).tolist()
+        return logits.argmax(-1).tolist()                                # logits: [B, V], one row per work
 
     def _input_logprobs(self, req: Request, w: Work, lg) -> None:
         rows = [r for r in w.rows if r < len(req.prompt_ids) - 1]
@@ -165,6 +176,7 @@ class Scheduler:
             req.input_top_logprobs.extend(tops)
 
     def _append(self, req: Request, lg, tok: int | None = None) -> None:
+        """Add the next token: `tok` when the batched argmax made it, else sampled from `lg` [1, V]."""
         tok = sample(lg, [req])[0] if tok is None else tok
         if req.logprob.enabled:
             chosen, tops = token_logprobs(lg, [tok], req.logprob.top_n)
