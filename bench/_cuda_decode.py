@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -168,8 +169,13 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
-def steady(gen, bs: int, new: int, short: int, repeats: int) -> tuple[float, float, list[list[int]]]:
-    """(seconds for `new` tokens, steady seconds per step, output ids) for `gen(ids, n)`."""
+def steady(gen, bs: int, new: int, short: int, repeats: int, step_times=None
+           ) -> tuple[float, float, list[list[int]], float | None]:
+    """(seconds for `new` tokens, steady seconds per step, output ids, median decode step in seconds) for
+    `gen(ids, n)`. `steady` is (time(new) - time(short)) / (new - short) over best-of-`repeats` totals: the
+    difference of two noisy totals, which on a shared host swung by +-10-15% (and once below the HBM floor).
+    The median is taken over the `new` steps of one more run, each step timed on its own by
+    `step_times(ids, n) -> [seconds per decode step]` (every step ends in a host sync: the sampled tokens)."""
     ids = prompts(bs)
     gen(ids, new)   # warm-up: compiles, captures every length bucket the timed runs touch
     out: list[list[int]] = []
@@ -180,7 +186,8 @@ def steady(gen, bs: int, new: int, short: int, repeats: int) -> tuple[float, flo
 
     t_long = _timed(long, repeats)
     t_short = _timed(lambda: gen(ids, short), repeats)
-    return t_long, (t_long - t_short) / (new - short), out
+    median = statistics.median(step_times(ids, new)) if step_times is not None else None
+    return t_long, (t_long - t_short) / (new - short), out, median
 
 
 def unfused_platform():
@@ -263,11 +270,31 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
         p = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
         return [o["output_ids"] for o in eng.generate(input_ids=ids, sampling_params=p)]
 
+    sched = eng.scheduler
+
+    def step_times(ids: list[list[int]], n: int) -> list[float]:
+        """Wall time of each decode step of one `gen(ids, n)` (the first step, the prefill, dropped)."""
+        times: list[float] = []
+        inner = sched.step
+
+        def timed_step():
+            t0 = time.perf_counter()
+            r = inner()
+            times.append(time.perf_counter() - t0)
+            return r
+
+        sched.step = timed_step
+        try:
+            gen(ids, n)
+        finally:
+            del sched.step
+        return times[1:]
+
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[getattr(args, "graphs", "both")]
     for graphs in modes:
         runner.configure_graphs(plat, not graphs, 64, 64, 2048)
         for bs in args.batches:
-            t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
+            t_long, step, out, med = steady(gen, bs, args.new, args.short, args.repeats, step_times)
             if graphs:
                 outs[bs] = out
             agree = agreement(out, ref[bs]) if ref and bs in ref else None
@@ -278,12 +305,14 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
             moved = wbytes + bs * avg_len * eng.kv_bytes_per_token
             row = {"config": name, "graphs": graphs, "batch": bs, "tok_s": bs * args.new / t_long,
                    "steady_ms": 1e3 * step, "steady_tok_s": bs / step, "bytes_per_step": moved,
+                   "median_ms": 1e3 * med, "median_tok_s": bs / med, "roofline_median": moved / med / bw,
                    "roofline": moved / step / bw, "graph_status": runner.graph_status(), "kernels": kernels,
                    "same_as_quantrt_bf16": agree}
             rows.append(row)
             print(f"  {name:24s} graphs={'on ' if graphs else 'off'} bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
                   f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
-                  f"{100 * row['roofline']:5.1f}% of copy BW", flush=True)
+                  f"{100 * row['roofline']:5.1f}% of copy BW; median step {row['median_ms']:7.2f} ms "
+                  f"({100 * row['roofline_median']:5.1f}%)", flush=True)
             if graphs and getattr(args, "profile", False):
                 row["profile"] = profile_steps(gen, bs=bs)
     eng.shutdown()
@@ -310,16 +339,39 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
                              min_new_tokens=n, pad_token_id=0)
         return out[:, x.shape[1]:].tolist()
 
+    class StepClock:
+        """A generate() streamer: `put` runs once for the prompt, then once per new token (after its step)."""
+
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    @torch.inference_mode()
+    def step_times(ids: list[list[int]], n: int) -> list[float]:
+        clock = StepClock()
+        x = torch.tensor(ids, device="cuda")
+        model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                       pad_token_id=0, streamer=clock)
+        st = clock.stamps[1:]            # stamps after each new token; the first step (prefill) dropped
+        return [b - a for a, b in zip(st, st[1:])]
+
     for bs in args.batches:
-        t_long, step, out = steady(gen, bs, args.new, args.short, args.repeats)
+        t_long, step, out, med = steady(gen, bs, args.new, args.short, args.repeats, step_times)
         same = agreement(out, ref[bs]) if bs in ref else None     # (equal sequences, common prefix)
         row = {"config": "hf transformers bf16", "graphs": False, "batch": bs, "tok_s": bs * args.new / t_long,
                "steady_ms": 1e3 * step, "steady_tok_s": bs / step, "bytes_per_step": wbytes,
+               "median_ms": 1e3 * med, "median_tok_s": bs / med, "roofline_median": wbytes / med / bw,
                "roofline": wbytes / step / bw, "same_as_quantrt_bf16": same}
         rows.append(row)
         print(f"  {'hf transformers bf16':24s} graphs=off bs={bs:<3d} {row['tok_s']:9.1f} tok/s  "
               f"steady {row['steady_ms']:7.2f} ms/step {row['steady_tok_s']:9.1f} tok/s  "
-              f"{100 * row['roofline']:5.1f}% of copy BW; same tokens as quantrt bf16: {same}", flush=True)
+              f"{100 * row['roofline']:5.1f}% of copy BW; median step {row['median_ms']:7.2f} ms; "
+              f"same tokens as quantrt bf16: {same}", flush=True)
     model = None  # noqa: F841 - free the GPU
     gc.collect()
     torch.cuda.empty_cache()
@@ -331,16 +383,18 @@ CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "qua
 
 
 def print_table(rows: list[dict], bw: float) -> None:
-    hf = {r["batch"]: r["steady_tok_s"] for r in rows if r["config"].startswith("hf")}
+    """One row per (config, batch). `median` columns: the median decode step (robust to a noisy host); `steady`:
+    the difference of two runs' totals (the older method, kept for comparison with earlier tables)."""
+    hf = {r["batch"]: r["median_tok_s"] for r in rows if r["config"].startswith("hf")}
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    print("| engine / method | graphs | batch | tok/s | steady ms/step | steady tok/s | GB/step | % of copy BW "
-          "| vs HF bf16 (steady) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| engine / method | graphs | batch | tok/s | median ms/step | median tok/s | GB/step | % of copy BW (median) "
+          "| vs HF bf16 (median) | steady ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["batch"], r["config"], not r["graphs"])):
-        ratio = f"{r['steady_tok_s'] / hf[r['batch']]:.2f}x" if r["batch"] in hf else "-"
+        ratio = f"{r['median_tok_s'] / hf[r['batch']]:.2f}x" if r["batch"] in hf else "-"
         print(f"| {r['config']} | {'on' if r['graphs'] else 'off'} | {r['batch']} | {r['tok_s']:.1f} | "
-              f"{r['steady_ms']:.2f} | {r['steady_tok_s']:.1f} | {r['bytes_per_step'] / 1e9:.2f} | "
-              f"{100 * r['roofline']:.1f}% | {ratio} |")
+              f"{r['median_ms']:.2f} | {r['median_tok_s']:.1f} | {r['bytes_per_step'] / 1e9:.2f} | "
+              f"{100 * r['roofline_median']:.1f}% | {ratio} | {r['steady_ms']:.2f} |")
 
 
 def run_cuda(args) -> list[dict]:
