@@ -1,5 +1,5 @@
 """Per-token activation quantization (`act_quant_triton.quant_rows`, issue 6) on the H100: the two-pass launch
-it replaced (`old`, copied below), the first one-pass launch of this pass (`r1`: fp32 `div_rn` per element,
+it replaced (`old`: the two-pass kernel it keeps for K > 16384, at the old launch config), the first one-pass launch of this pass (`r1`: fp32 `div_rn` per element,
 copied below) and the committed one-pass launch (fp64 reciprocal product) at its default and at every
 (rows per program, warps) config, at M = 16..512 and K = 4096 / 14336 bf16 (plus the 8192² prefill shape).
 
@@ -27,7 +27,12 @@ import triton.language as tl
 sys.path.insert(0, "bench")
 from kernels import time_us  # noqa: E402
 
-from quantrt.platforms.cuda.kernels.act_quant_triton import one_pass_config, quant_rows  # noqa: E402
+# the two-pass kernel that `quant_rows` keeps for K > 16384 is the launch before this pass (commit 963ff8c)
+from quantrt.platforms.cuda.kernels.act_quant_triton import (  # noqa: E402
+    _quant_rows_kernel,
+    one_pass_config,
+    quant_rows,
+)
 from quantrt.quant.quantize import quantize_act_per_token  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -40,35 +45,13 @@ R1_WARPS = {4096: 16, 14336: 32, 8192: 16}  # the fastest r1 config of its own s
 PREFILL = (8192, 8192)  # (M, K)
 
 
-@triton.jit
-def _old_quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
-                           IS_INT: tl.constexpr, BLOCK: tl.constexpr):
-    """The launch before this pass (commit 963ff8c): one program per row, amax then codes in BLOCK steps."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    xr = x_ptr + row * stride_xm
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        a = tl.load(xr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(a))
-    s = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
-    tl.store(s_ptr + row, s)
-    for k0 in range(0, K, BLOCK):
-        mk = k0 + offs < K
-        y = tl.math.div_rn(tl.load(xr + k0 + offs, mask=mk, other=0.0).to(tl.float32), s)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        if IS_INT:
-            y = (y + 12582912.0) - 12582912.0
-        tl.store(q_ptr + row * K + k0 + offs, y.to(q_ptr.dtype.element_ty), mask=mk)
-
-
 def old_quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty((m, k), device=x.device, dtype=dtype)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block = min(4096, max(256, triton.next_power_of_2(triton.cdiv(k, 4))))
-    _old_quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=dtype == torch.int8, BLOCK=block,
-                                 num_warps=4)
+    _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=dtype == torch.int8, BLOCK=block,
+                             num_warps=4)
     return q, s
 
 
