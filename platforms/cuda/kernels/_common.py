@@ -25,6 +25,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def gluon_available() -> bool:
+    """Triton's Gluon dialect (triton >= 3.5) with the Hopper TMA / wgmma builtins."""
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def check_runtime(t: torch.Tensor, compute_dtype: torch.dtype) -> tuple[bool, str]:
     """Common `can_implement` checks: Triton importable, tensor on a GPU (or the interpreter), dtype."""
     if not triton_available():
@@ -49,11 +58,12 @@ def pdl_supported(t: torch.Tensor) -> bool:
     interpreter, and not switched off with QUANTRT_CUDA_PDL=0 (read at each launch: graphs keep what they
     captured)."""
     return (t.device.type == "cuda" and not interpret_mode() and torch.version.hip is None
-            and os.environ.get("QUANTRT_CUDA_PDL", "1") != "0" and _sm_major(t.device.index or 0) >= 9)
+            and os.environ.get("QUANTRT_CUDA_PDL", "1") != "0" and sm_major(t.device.index or 0) >= 9)
 
 
 @functools.cache
-def _sm_major(device_index: int) -> int:
+def sm_major(device_index: int) -> int:
+    """Compute capability major of a CUDA device (9 = Hopper)."""
     return torch.cuda.get_device_capability(device_index)[0]
 
 

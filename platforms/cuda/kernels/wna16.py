@@ -6,11 +6,12 @@ Serves every format that becomes an `IntWeight` with bits 2..8 and no float offs
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
 
-from quantrt.platforms.cuda.kernels._common import check_runtime
+from quantrt.platforms.cuda.kernels._common import check_runtime, gluon_available, interpret_mode, sm_major
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.weights import ActKind, IntWeight
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
+RING_MAX_M = 16     # up to here on Hopper: ring_wna16 (TMA word ring; H100 8192²: 16.4 us at M=1, 17.6-18.9 at M=2-8)
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
 TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles, 4/8-bit)
 TC8_MAX_M = 128     # 8-bit container: above this dequantize + cuBLAS (8192², M=256: 128 vs 156 us in tc_wna16)
@@ -69,6 +71,26 @@ def _skinny_why(w: IntWeight, container: int) -> str:
     return ""
 
 
+def _ring_why(w: IntWeight, container: int, device: torch.device) -> str:
+    """'' when M <= RING_MAX_M goes to ring_wna16 (Gluon, sm_90 TMA + wgmma), else why it does not."""
+    n, k = w.shape
+    if container != 4:
+        return f"{container}-bit container"
+    if w.group_size % 128 or k % 128:
+        return f"group size {w.group_size} / K={k} not a multiple of 128"
+    if n % 32:
+        return f"N={n} not a multiple of 32"
+    if device.type != "cuda" or interpret_mode() or torch.version.hip is not None:
+        return "not a CUDA device (Gluon/TMA kernel)"
+    if not gluon_available():
+        return "triton has no Gluon (needs triton >= 3.5)"
+    if sm_major(device.index or 0) != 9:
+        return f"sm_{sm_major(device.index or 0)}x is not Hopper (sm_90: TMA + wgmma)"
+    if os.environ.get("QUANTRT_CUDA_RING", "1") == "0":
+        return "switched off (QUANTRT_CUDA_RING=0)"
+    return ""
+
+
 class TritonWNA16Kernel(LinearKernel):
     """W4A16/W8A16: int codes dequantized in registers, fp16/bf16 activations, fp32 accumulation."""
 
@@ -86,6 +108,7 @@ class TritonWNA16Kernel(LinearKernel):
         self.skinny_zero = zero if w.zero is not None else None
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
         self.skinny_why = _skinny_why(w, container)
+        self.ring_why = _ring_why(w, container, packed.device)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -127,7 +150,11 @@ class TritonWNA16Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.compute_dtype)                         # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        if x2.shape[0] <= SKINNY_MAX_M and not self.skinny_why:
+        if x2.shape[0] <= RING_MAX_M and not self.ring_why and x2.dtype in (torch.bfloat16, torch.float16):
+            from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+            y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const)
+        elif x2.shape[0] <= SKINNY_MAX_M and not self.skinny_why:
             from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
 
             y = skinny_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, self.container,

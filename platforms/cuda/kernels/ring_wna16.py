@@ -1,0 +1,345 @@
+"""W4A16 at M <= 16 on Hopper: packed words streamed by TMA through a shared-memory ring (Gluon; sm_90).
+
+Same weights as `tc_wna16` / `skinny_wna16` (packed [K/8, N] int32, code i of row j is k = 8j + i at bits 4i;
+scale [G, N] fp32; zero [G, N] fp32 holding 2**23 + zero, or one constant for symmetric checkpoints).
+The register-prefetch kernels were limited by the weight bytes in flight per SM (PERFORMANCE.md, seventh pass):
+here the next STAGES K steps of words, scales and zeros are in flight as TMA copies into shared memory, which
+costs no registers, and each step waits on its own mbarrier.
+
+Per program: BN = 64 (one warpgroup) or 128 columns, a K slice of K_PER_SPLIT rows in BK-row steps (BK
+divides the scale group):
+- the words are read through a 3-D view [N/32 column boxes, K/8 rows, 32 columns] with the 128-byte swizzle
+  (16-byte chunk ^= row & 7); each thread takes rows j0, j1 and columns c0, c1, c4 from its lane, so the
+  32 lanes of every ld.shared hit 32 different banks (`_p_layout`);
+- one LOP3 per code pair gives (code i, code i + 4) as bf16/fp16 MAGIC + q, one packed FMA makes q - z
+  exactly; the K axis of a step is permuted (`_frag_k`, applied to the activations too, so the sum over k is
+  unchanged) and the columns of a box are permuted (`_col_of_row`, undone at the store) so that these
+  registers already are the wgmma m64nBMk16 A operand (the `convert_layout` moves no data);
+- the step's MMA starts from zero and its [BN, BM] fp32 result is scaled by the group scale once per column
+  (s * sum (q - z) x): no per-code scale multiply and no rounding of the dequantized weight;
+- the activations [BK, BM] (permuted, zero columns past M) are loaded into registers one step ahead and
+  stored to a small shared buffer, the wgmma B operand (BM = 8 for M <= 8, else 16).
+Split-K partials are summed by the last program per column tile (the `split_k_triton` protocol).
+H100, M = 1 (bf16 cuBLAS in the same run): 8192² 16.4 us (47.0), 4096 x 28672 24.6 us (81.5, 85% of copy).
+Gluon does not run under TRITON_INTERPRET: the CPU tests check `ring_reference` (the same scale-after-MMA
+product with torch ops), the index algebra of the layouts, and that the kernel compiles for sm_90; the kernel
+itself is tested natively (-m accelerator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
+
+MAX_M = 16
+_MAGIC_BF16, _MAGIC_F16 = 128.0, 1024.0
+
+# (code i, code i + 4) of one packed word -> bf16x2 (q - z) for i = 0..3; $8 the word, $9 -(MAGIC + z)
+_ASM_QZ_BF16 = """
+{
+.reg .b32 t, one, nz2;
+mov.b32 one, 0x3F803F80;
+mov.b32 nz2, {$9, $9};
+lop3.b32 t, $8, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+mov.b32 {$0, $4}, t;
+shr.u32 t, $8, 4;
+lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+mov.b32 {$1, $5}, t;
+shr.u32 t, $8, 8;
+lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+mov.b32 {$2, $6}, t;
+shr.u32 t, $8, 12;
+lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, nz2;
+mov.b32 {$3, $7}, t;
+}
+"""
+_ASM_QZ_F16 = (_ASM_QZ_BF16.replace("bf16x2", "f16x2").replace("0x43004300", "0x64006400")
+               .replace("0x3F803F80", "0x3C003C00"))
+_ASM_QZ_BF16_C = gl.constexpr(_ASM_QZ_BF16)
+_ASM_QZ_F16_C = gl.constexpr(_ASM_QZ_F16)
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    block_n: int = 64        # 64 (one warpgroup) or 128
+    block_k: int = 128       # 32..128, divides the scale group
+    stages: int = 2          # K steps of words in flight per program
+    waves: int = 4           # split K to about this many programs per SM
+    split_k: int = 0         # fixed split (0: from waves)
+    block_m: int = 8         # wgmma N: 8 (M <= 8) or 16
+
+
+@gluon.jit
+def _frag_k(offs_k):
+    """Position in a BK step -> the k it holds: the A fragment of one thread covers whole packed words."""
+    jh = offs_k >> 5
+    i1 = (offs_k >> 4) & 1
+    i0 = (offs_k >> 3) & 1
+    j1 = (offs_k >> 2) & 1
+    j0 = (offs_k >> 1) & 1
+    i2 = offs_k & 1
+    return 32 * jh + 16 * j1 + 8 * j0 + 4 * i2 + 2 * i1 + i0
+
+
+@gluon.jit
+def _issue(p_desc, s_desc, z_desc, bar, p_buf, s_buf, z_buf, step, k_start, n0, N, G,
+           BK: gl.constexpr, HAS_ZERO: gl.constexpr, pred):
+    """Step `step` of the program's K slice into one ring slot: words, scales (and zeros), one mbarrier."""
+    k0 = k_start + step * BK
+    g = k0 // G
+    nbytes: gl.constexpr = (p_desc.block_type.nbytes + s_desc.block_type.nbytes
+                            + (z_desc.block_type.nbytes if HAS_ZERO else 0))
+    mbarrier.expect(bar, nbytes, pred=pred)
+    tma.async_copy_global_to_shared(p_desc, [n0 // 32, k0 // 8, 0], bar, p_buf, pred=pred)
+    tma.async_copy_global_to_shared(s_desc, [g * N + n0], bar, s_buf, pred=pred)
+    if HAS_ZERO:
+        tma.async_copy_global_to_shared(z_desc, [g * N + n0], bar, z_buf, pred=pred)
+
+
+@gluon.jit
+def _col_of_row(r):
+    """MMA row r -> the tile column it holds: row bits (r0, r1, r2, r3, r4) are box columns (c0, c1, c4, c2, c3)."""
+    return (r & ~31) | (((r >> 2) & 1) << 4) | (((r >> 4) & 1) << 3) | (((r >> 3) & 1) << 2) | (r & 3)
+
+
+@gluon.jit
+def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, RK: gl.constexpr,
+               IS_BF16: gl.constexpr, P_LAYOUT: gl.constexpr, MMA: gl.constexpr):
+    """One K step: unpack the words to q - z, the MMA with the activations, scale per column into acc."""
+    dt: gl.constexpr = x.dtype
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    nzb = gl.zeros([NB, RK, 32], dt, P_LAYOUT) + gl.expand_dims(nz, 1)
+    if IS_BF16:
+        c0, c1, c2, c3, c4, c5, c6, c7 = gl.inline_asm_elementwise(
+            _ASM_QZ_BF16_C, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [p, nzb], dtype=(gl.bfloat16,) * 8, is_pure=True,
+            pack=1)
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7 = gl.inline_asm_elementwise(
+            _ASM_QZ_F16_C, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [p, nzb], dtype=(gl.float16,) * 8, is_pure=True,
+            pack=1)
+    w = gl.join(gl.join(gl.join(c0, c4), gl.join(c2, c6)), gl.join(gl.join(c1, c5), gl.join(c3, c7)))
+    # the unpacked tile [box, jh, j1, j0, c4, c3, c2, c1, c0, i2, i1, i0] in MMA order
+    # [(box, c3, c2, c4, c1, c0), (jh, i1, i0, j1, j0, i2)]; the scales [box, c4, c3, c2, c1, c0] in MMA row order
+    w = gl.reshape(w, [NB, RK // 4, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    wt = gl.reshape(gl.permute(w, (0, 5, 6, 4, 7, 8, 1, 10, 11, 2, 3, 9)), [BN, BK])
+    s = gl.reshape(gl.permute(gl.reshape(s, [NB, 2, 2, 2, 2, 2]), (0, 2, 3, 1, 4, 5)), [BN])
+    a = gl.convert_layout(wt, A_LAYOUT)
+    s = gl.convert_layout(s, gl.SliceLayout(1, MMA))
+    x_smem.store(x)
+    fence_async_shared()
+    gl.thread_barrier()
+    part = warpgroup_mma(a, x_smem, gl.zeros_like(acc), use_acc=False)
+    return acc + part * s[:, None]
+
+
+@gluon.jit
+def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
+                    K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
+                    STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
+                    P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                    MMA: gl.constexpr, X_SMEM: gl.constexpr):
+    RK: gl.constexpr = BK // 8
+    NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
+    MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
+    Z_LAYOUT: gl.constexpr = gl.SliceLayout(1, P_LAYOUT)                   # [NB, 32]
+    dt: gl.constexpr = x_ptr.dtype.element_ty
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n0 = pid_n * BN
+    k_start = pid_k * K_PER_SPLIT
+    n_steps = gl.minimum(K_PER_SPLIT, K - k_start) // BK
+
+    p_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NB, RK, 32], p_desc.layout)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BN], s_desc.layout)
+    if HAS_ZERO:
+        z_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BN], z_desc.layout)
+    else:
+        z_ring = s_ring
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    for i in gl.static_range(STAGES):
+        _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i), i,
+               k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
+
+    offs_kx = _frag_k(gl.arange(0, BK, layout=gl.SliceLayout(1, X_LAYOUT)))
+    offs_mx = gl.arange(0, BM, layout=gl.SliceLayout(0, X_LAYOUT))
+    x_ptrs = x_ptr + offs_mx[None, :] * stride_xm + (k_start + offs_kx)[:, None]   # [BK, BM]
+    x_mask = (offs_mx < M)[None, :]
+    x_smem = gl.allocate_shared_memory(dt, [BK, BM], X_SMEM)
+    x = gl.load(x_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
+    nz = (gl.zeros([NB, 32], gl.float32, Z_LAYOUT) - (MAG + ZC)).to(dt)
+    acc = gl.zeros([BN, BM], gl.float32, MMA)
+    for t in range(n_steps):
+        slot = t % STAGES
+        xn = gl.load(x_ptrs + (t + 1) * BK, mask=x_mask & (t + 1 < n_steps), other=0.0)
+        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+        p = p_ring.index(slot).load(P_LAYOUT)                               # [NB, RK, 32] int32
+        s = s_ring.index(slot).load(S_LAYOUT)                               # [BN] fp32, by column
+        if HAS_ZERO:
+            z = z_ring.index(slot).reshape([NB, 32]).load(Z_LAYOUT)
+            nz = (-((z - 8388608.0) + MAG)).to(dt)
+        gl.thread_barrier()                 # every warp holds its words: the slot can be refilled
+        fence_async_shared()
+        _issue(p_desc, s_desc, z_desc, bars.index(slot), p_ring.index(slot), s_ring.index(slot),
+               z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
+        acc = _ring_step(acc, p, s, nz, x, x_smem, BN, BK, NB, RK, IS_BF16, P_LAYOUT, MMA)
+        x = xn
+    offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
+    offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+    ym = offs_m2[None, :] * N + offs_n2[:, None]
+    ymask = (offs_m2 < M)[None, :] & (offs_n2 < N)[:, None]
+    if SPLIT == 1:
+        gl.store(y_ptr + ym, acc.to(dt), mask=ymask)
+    else:
+        gl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
+        gl.thread_barrier()
+        cnt = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if cnt == SPLIT - 1:
+            tot = gl.zeros([BN, BM], gl.float32, MMA)
+            for sp in range(SPLIT):
+                tot += gl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
+            gl.store(y_ptr + ym, tot.to(dt), mask=ymask)
+            gl.atomic_xchg(cnt_ptr + pid_n, 0)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+def _p_layout(rk: int, bn: int) -> gl.DistributedLinearLayout:
+    """The words tile [NB, RK, 32] (n = 32 box + c) in the wgmma A-fragment order (after `_frag_k`): lanes
+    (j0, j1, c0, c1, c4), registers (c2, j2.., box1), warps (c3, box0). With the 128-byte swizzle (16-byte chunk
+    ^= row & 7) the 32 lanes of every ld.shared hit 32 different banks."""
+    regs = [[0, 0, 4]] + [[0, 1 << b, 0] for b in range(2, rk.bit_length() - 1)] + ([[2, 0, 0]] if bn == 128 else [])
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2],
+                                                                  [0, 0, 16]],
+                                      warp_bases=[[0, 0, 8], [1, 0, 0]], block_bases=[], shape=[bn // 32, rk, 32])
+
+
+def _s_layout(bn: int) -> gl.DistributedLinearLayout:
+    """The [BN] scales by column, held by the threads whose MMA rows hold those columns (quad lanes broadcast)."""
+    return gl.DistributedLinearLayout(reg_bases=[[4]] + ([[64]] if bn == 128 else []),
+                                      lane_bases=[[0], [0], [1], [2], [16]], warp_bases=[[8], [32]],
+                                      block_bases=[], shape=[bn])
+
+
+def can_run(m: int, n: int, k: int, group: int, bits: int, dtype: torch.dtype, cfg: RingConfig | None = None
+            ) -> tuple[bool, str]:
+    """(True, '') or (False, why): 4-bit container, 1 <= M <= block_m (<= 16), bf16/fp16 x, K and group
+    multiples of block_k, N a multiple of 32 (the [N/32, K/8, 32] TMA view)."""
+    if bits != 4:
+        return False, f"{bits}-bit container (ring_wna16 reads 4-bit words)"
+    if not 1 <= m <= (cfg.block_m if cfg else MAX_M):
+        return False, f"M={m} is outside 1..{cfg.block_m if cfg else MAX_M}"
+    cfg = cfg or default_config(m, n, k)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False, f"activations are {dtype}, not bf16/fp16"
+    if k % cfg.block_k or group % cfg.block_k:
+        return False, f"K={k} and group {group} must be multiples of block_k {cfg.block_k}"
+    if n % 32:
+        return False, f"N={n} is not a multiple of 32"
+    return True, ""
+
+
+# (M bucket 1 / 8 / 16, K, N) -> RingConfig fields; H100 sweep (bench/_ring_sweep.py, docs/PERFORMANCE.md)
+_TILES: dict[tuple[int, int, int], tuple[int, ...]] = {
+    (1, 4096, 4096): (128, 128, 2, 2, 0, 8),      # 7.8 us
+    (1, 4096, 28672): (128, 128, 4, 1, 0, 8),     # 24.6 us
+    (8, 4096, 28672): (64, 128, 4, 2, 0, 8),      # 29.3-29.7 us
+    (16, 4096, 4096): (64, 128, 3, 2, 0, 16),     # 10.3 us
+    (16, 4096, 6144): (64, 128, 2, 4, 0, 16),     # 13.0 us
+    (16, 4096, 28672): (128, 128, 3, 1, 0, 16),   # 34.5 us
+}
+_DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 3, 2, 0, 16)}
+
+
+def default_config(m: int, n: int, k: int) -> RingConfig:
+    """The swept tile for (M bucket, K, N), else the bucket's default (8192² / 14336 x 4096 took it too)."""
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
+    b = 1 if m == 1 else 8 if m <= 8 else 16
+    return RingConfig(*_TILES.get((b, k, n), _DEFAULT[b]))
+
+
+_DESC_CACHE: dict[tuple, TensorDescriptor] = {}
+
+
+def _desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int], swizzle: int = 0
+          ) -> TensorDescriptor:
+    """TMA descriptor of a view of `t` (cached by pointer, view and block: a graph replays what it captured)."""
+    key = (t.data_ptr(), t.dtype, tuple(shape), tuple(strides), tuple(block), swizzle)
+    d = _DESC_CACHE.get(key)
+    if d is None:
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=len(shape))
+        d = TensorDescriptor(t, shape, strides, block, layout)
+        if len(_DESC_CACHE) > 4096:
+            _DESC_CACHE.clear()
+        _DESC_CACHE[key] = d
+    return d
+
+
+def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+               zero_const: float = 8.0, cfg: RingConfig | None = None) -> torch.Tensor:
+    """x [M <= 16, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
+    None with every zero point `zero_const` -> [M, N]."""
+    m, k = x.shape
+    n = packed.shape[1]
+    cfg = cfg or default_config(m, n, k)
+    ok, why = can_run(m, n, k, group, 4, x.dtype, cfg)
+    if not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16) or not 32 <= cfg.block_k <= 128:
+        raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16, "
+                         f"block_k 32..128)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
+    n_tiles = cdiv(n, bn)
+    k_steps = k // bk
+    split = cfg.split_k or max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles)))
+    k_per_split = cdiv(k_steps, split) * bk
+    split = cdiv(k, k_per_split)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    cnt = split_counters(x.device, n_tiles) if split > 1 else packed
+    g = scale.shape[0]
+    p_desc = _desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
+    s_desc = _desc(scale, [g * n], [1], [bn])
+    z_desc = _desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
+    x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[4, 1],
+                                order=[0, 1])
+    x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 64 else 64, element_bitwidth=16, rank=2,
+                                  transposed=True)
+    _ring_w4_kernel[(n_tiles, split)](
+        x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
+        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None,
+        _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4)
+    return y
+
+
+def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   group: int, zero_const: float = 8.0, block_k: int = 128) -> torch.Tensor:
+    """What the kernel computes, in float64 with torch ops: per BK step, sum over k of (q - z) * x (both exact in
+    the kernel: q - z in bf16, products in the MMA), times the group scale, summed over steps. -> [M, N] fp64."""
+    kp, n = packed.shape
+    k = kp * 8
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
+    q = (packed.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & 0xF           # [K/8, 8, N]
+    q = q.reshape(k, n).to(torch.float64)
+    z = (zero.double() - 2.0 ** 23) if zero is not None else torch.full_like(scale, zero_const, dtype=torch.float64)
+    rows = torch.arange(k, device=packed.device) // group
+    w = (q - z[rows]) * scale.double()[rows]                                           # [K, N]
+    return x.double() @ w
+
+
+__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "ring_reference", "ring_wna16"]

@@ -1,0 +1,202 @@
+"""ring_wna16: W4A16 at M <= 16 with the packed words streamed by TMA through a shared-memory ring (Gluon, sm_90).
+
+On the CPU (CI): the reference product, the index algebra that puts the unpacked words in the wgmma A-fragment
+order (the kernel's own `_frag_k` / `_col_of_row` and permutations, run on torch tensors), that the kernel
+compiles for sm_90 (the triton wheel's ptxas) with no shuffles in it, the dispatch reasons and the error
+messages. Natively (`-m accelerator`, an H100): the kernel vs x @ the float64-dequantized weight over M, dtypes,
+zero points, ragged tiles and K splits, the TritonWNA16Kernel dispatch at a Llama shape, and CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+from quantrt.quant.kernel import LinearSpec  # noqa: E402
+from quantrt.quant.weights import ActScheme  # noqa: E402
+from tests.test_cuda_kernels import DEV, PLATFORM, TritonWNA16Kernel, make_int_weight, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.experimental.gluon") is None,
+    reason="triton with Gluon (>= 3.5) is not installed")
+
+
+def _packed(n: int, k: int, asym: bool, seed: int, dev=DEV):
+    from quantrt.platforms.cuda.kernels.wna16 import pack_int_weight
+
+    w = make_int_weight(n, k, 4, 128, asym, False, torch.Generator().manual_seed(seed))
+    packed, scale, zero = pack_int_weight(w, 4, None)
+    return w, packed.to(dev), scale.to(dev), (zero.to(dev) if asym else None)
+
+
+def test_ring_reference_is_x_times_the_dequantized_weight():
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
+
+    for asym in (False, True):
+        w, packed, scale, zero = _packed(64, 384, asym, 1, "cpu")
+        x = torch.randn(3, 384, dtype=torch.float64)
+        z = w.zero.cpu().double().repeat_interleave(128, 1) if asym else 0.0
+        wd = (w.codes.cpu().double() - z) * w.scale.cpu().double().repeat_interleave(128, 1)   # [N, K] float64
+        ref = x @ wd.t()
+        got = ring_reference(x, packed, scale, zero, 128, 8.0)
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("bn,bk", [(64, 128), (128, 128), (64, 64), (128, 32)])
+def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
+    """Replays the kernel's unpack -> join -> reshape -> permute chain on torch tensors: tile row r / position pos
+    must hold code k = _frag_k(pos) of column _col_of_row(r), and the scales must follow the rows."""
+    from quantrt.platforms.cuda.kernels import ring_wna16 as R
+
+    rk, nb = bk // 8, bn // 32
+    q = torch.randint(0, 16, (bk, bn))                                       # codes [k, n] of one step
+    words = torch.zeros(rk, bn, dtype=torch.int64)
+    for i in range(8):
+        words |= q[i::8] << (4 * i)
+    box = words.reshape(rk, nb, 32).permute(1, 0, 2)                         # smem tile [box, j, c]
+    c = [(box >> (4 * i)) & 0xF for i in range(8)]                           # the asm's outputs 0..7
+    j = lambda a, b: torch.stack((a, b), -1)  # noqa: E731  (gl.join: a new minor axis of 2)
+    w = j(j(j(c[0], c[4]), j(c[2], c[6])), j(j(c[1], c[5]), j(c[3], c[7])))
+    w = w.reshape(nb, rk // 4, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)
+    wt = w.permute(0, 5, 6, 4, 7, 8, 1, 10, 11, 2, 3, 9).reshape(bn, bk)
+    rows = torch.arange(bn)
+    cols = R._col_of_row.fn(rows)
+    ks = R._frag_k.fn(torch.arange(bk))
+    assert sorted(cols.tolist()) == list(range(bn)) and sorted(ks.tolist()) == list(range(bk))
+    assert torch.equal(wt, q[ks][:, cols].t())
+    s = torch.arange(bn)
+    s_rows = s.reshape(nb, 2, 2, 2, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(bn)
+    assert torch.equal(s_rows, cols)
+
+
+def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
+    """PTX of the kernel compiled for sm_90 on this machine (no GPU needed: the triton wheel's ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from quantrt.platforms.cuda.kernels import ring_wna16 as R
+
+    n, k, bk = 256, 1024, 128
+    x = torch.zeros(1, k, dtype=dtype)
+    packed = torch.zeros(k // 8, n, dtype=torch.int32)
+    scale = torch.zeros(k // 128, n)
+    p_desc = R._desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
+    s_desc = R._desc(scale, [scale.numel()], [1], [bn])
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
+    x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[4, 1], order=[0, 1])
+    x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)
+    fn = R._ring_w4_kernel
+    vals = [x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
+            dtype == torch.bfloat16, asym, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem]
+    sig, consts = {}, {}
+    for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
+        sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
+        if p.is_constexpr:
+            consts[(i,)] = v
+    ck = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return ck.asm["ptx"]
+
+
+@pytest.mark.parametrize("bn,bm,dtype,asym", [(64, 8, torch.bfloat16, False), (128, 16, torch.float16, True)])
+def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym):
+    ptx = _compile_sm90(bn, bm, dtype, asym)
+    assert "cp.async.bulk.tensor.3d" in ptx and "mbarrier.try_wait" in ptx
+    assert ptx.count("wgmma.mma_async") == (bn // 64) * (128 // 16)  # per 64 rows and k16 of a step, A in registers
+    assert "shfl" not in ptx                                     # the fragment and scale permutations move no data
+    assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128)          # one LOP3 per code pair
+
+
+def test_can_run_and_errors_name_the_problem():
+    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, can_run, default_config, ring_wna16
+
+    assert can_run(16, 4096, 4096, 128, 4, torch.bfloat16) == (True, "")
+    assert "8-bit container" in can_run(1, 4096, 4096, 128, 8, torch.bfloat16)[1]
+    assert "M=17 is outside 1..16" in can_run(17, 4096, 4096, 128, 4, torch.bfloat16)[1]
+    assert "M=9 is outside 1..8" in can_run(9, 4096, 4096, 128, 4, torch.bfloat16, RingConfig(block_m=8))[1]
+    assert "not bf16/fp16" in can_run(1, 4096, 4096, 128, 4, torch.float32)[1]
+    assert "group 64 must be multiples of block_k 128" in can_run(1, 4096, 4096, 64, 4, torch.bfloat16)[1]
+    assert "N=48 is not a multiple of 32" in can_run(1, 48, 4096, 128, 4, torch.bfloat16)[1]
+    assert default_config(1, 4096, 4096).block_n == 128 and default_config(16, 8192, 8192).block_m == 16
+    with pytest.raises(ValueError, match=r"ring_wna16 runs 1 <= M <= 16; got M=0"):
+        default_config(0, 64, 128)
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    p, s = torch.zeros(32, 48, dtype=torch.int32), torch.zeros(2, 48)
+    with pytest.raises(ValueError, match=r"ring_wna16 cannot run this call: N=48 is not a multiple of 32"):
+        ring_wna16(x, p, s, None, 128)
+    p, s = torch.zeros(32, 64, dtype=torch.int32), torch.zeros(2, 64)
+    with pytest.raises(ValueError, match=r"needs block_n 64/128"):
+        ring_wna16(x, p, s, None, 128, cfg=RingConfig(block_n=32))
+
+
+def test_dispatch_says_why_the_ring_kernel_is_not_used():
+    from quantrt.platforms.cuda.kernels.wna16 import _ring_why
+
+    gen = torch.Generator().manual_seed(0)
+    w4 = make_int_weight(64, 256, 4, 128, False, False, gen)
+    if DEV == "cpu":
+        assert _ring_why(w4, 4, torch.device("cpu")) == "not a CUDA device (Gluon/TMA kernel)"
+    assert _ring_why(w4, 8, torch.device(DEV)) == "8-bit container"
+    assert _ring_why(make_int_weight(48, 256, 4, 128, False, False, gen), 4, torch.device(DEV)) == \
+        "N=48 not a multiple of 32"
+    assert _ring_why(make_int_weight(64, 256, 4, 64, False, False, gen), 4, torch.device(DEV)) == \
+        "group size 64 / K=256 not a multiple of 128"
+
+
+# ---- natively on the H100 ------------------------------------------------------------------------------------
+# RingConfig(block_n, block_k, stages, waves, split_k, block_m)
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m,dtype,asym,cfg", [
+    (1, torch.bfloat16, False, None),
+    (1, torch.float16, True, None),
+    (3, torch.bfloat16, True, (64, 128, 2, 4, 3, 8)),       # 3 ragged splits of K = 640 (2, 2, 1 steps)
+    (8, torch.float16, False, (128, 128, 4, 1, 0, 8)),      # BN 128: N = 96 leaves a masked half tile
+    (9, torch.bfloat16, False, None),
+    (16, torch.float16, True, (64, 128, 3, 2, 5, 16)),      # one step per split
+    (5, torch.bfloat16, True, (64, 64, 6, 2, 0, 8)),        # BK 64, ring deeper than the slice
+])
+def test_ring_wna16_native(m, dtype, asym, cfg):
+    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, ring_wna16
+
+    w, packed, scale, zero = _packed(96, 640, asym, m)
+    x = torch.randn(m, 640, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    y = ring_wna16(x, packed, scale, zero, 128, 8.0, RingConfig(*cfg) if cfg else None)
+    ref = x.double() @ w.dequantize().double().t()
+    assert y.dtype == dtype and y.shape == (m, 96)
+    assert rel_err(y, ref) < 2e-3
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m,asym,act_order", [(1, False, False), (4, True, False), (16, False, True)])
+def test_wna16_dispatch_runs_the_ring_kernel_at_a_llama_shape(m, asym, act_order):
+    w = make_int_weight(6144, 4096, 4, 128, asym, act_order, torch.Generator().manual_seed(m))
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)
+    assert kern.ring_why == ""
+    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(7)).to(DEV, torch.bfloat16)
+    ref = x.double() @ w.dequantize().double().t()
+    assert rel_err(kern.apply(x, None), ref) < 2e-3
+
+
+@pytest.mark.accelerator
+def test_ring_wna16_replays_in_a_cuda_graph():
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+    _, packed, scale, zero = _packed(4096, 4096, True, 3)
+    x = torch.randn(2, 4096, device=DEV, dtype=torch.bfloat16)
+    eager = ring_wna16(x, packed, scale, zero, 128)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = ring_wna16(x, packed, scale, zero, 128)
+    x.copy_(torch.randn_like(x))
+    eager2 = ring_wna16(x, packed, scale, zero, 128)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager2) and not torch.equal(y, eager)
