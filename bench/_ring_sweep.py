@@ -20,7 +20,7 @@ from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
 
 SHAPES = [(8192, 8192), (14336, 4096), (4096, 28672), (4096, 6144), (4096, 4096)]
 MS = [1, 2, 8, 16]
-# RingConfig(block_n, block_k, stages, waves, split_k, block_m); block_m 8 only runs at M <= 8
+# RingConfig(block_n, block_k, stages, waves, split_k, block_m[, pdl]); block_m 8 only runs at M <= 8
 CFGS = [(64, 128, 4, 2, 0, 8), (64, 128, 6, 2, 0, 8), (64, 128, 8, 2, 0, 8), (64, 128, 6, 1, 0, 8),
         (64, 128, 6, 4, 0, 8), (64, 128, 8, 1, 0, 8), (128, 128, 4, 1, 0, 8), (128, 128, 6, 1, 0, 8),
         (64, 64, 8, 2, 0, 8), (64, 128, 6, 2, 0, 16), (64, 128, 8, 1, 0, 16), (128, 128, 4, 1, 0, 16)]
@@ -44,10 +44,17 @@ def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
 
 
 def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
-    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, ring_wna16
+    """cfg: RingConfig fields, or ("default", pdl) for the dispatch's tile with PDL on/off."""
+    from dataclasses import replace
+
+    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, default_config, ring_wna16
 
     packed, sc, z = wt
-    return ring_wna16(x, packed, sc, z, 128, 8.0, RingConfig(*cfg))
+    if cfg and cfg[0] == "default":
+        c = replace(default_config(x.shape[0], packed.shape[1], x.shape[1]), pdl=bool(cfg[1]))
+    else:
+        c = RingConfig(*cfg)
+    return ring_wna16(x, packed, sc, z, 128, 8.0, c)
 
 
 def _reference(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
@@ -58,7 +65,7 @@ def _reference(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
 
 
 def _cfgs_for(m: int) -> list[tuple]:
-    return [c for c in CFGS if m <= c[5]]
+    return [c for c in CFGS if c[0] == "default" or m <= c[5]]
 
 
 def _variants() -> list[tuple]:

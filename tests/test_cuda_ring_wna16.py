@@ -96,7 +96,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)
     fn = R._ring_w4_kernel
     vals = [x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-            dtype == torch.bfloat16, asym, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem]
+            dtype == torch.bfloat16, asym, True, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem]
     sig, consts = {}, {}
     for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
         sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
@@ -110,6 +110,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
 def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym):
     ptx = _compile_sm90(bn, bm, dtype, asym)
     assert "cp.async.bulk.tensor.3d" in ptx and "mbarrier.try_wait" in ptx
+    assert ptx.index("cp.async.bulk.tensor") < ptx.index("griddepcontrol.wait")  # the ring fills before the wait
     assert ptx.count("wgmma.mma_async") == (bn // 64) * (128 // 16)  # per 64 rows and k16 of a step, A in registers
     assert "shfl" not in ptx                                     # the fragment and scale permutations move no data
     assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128)          # one LOP3 per code pair

@@ -36,7 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, split_counters
 
 MAX_M = 16
 _MAGIC_BF16, _MAGIC_F16 = 128.0, 1024.0
@@ -78,6 +78,7 @@ class RingConfig:
     waves: int = 4           # split K to about this many programs per SM
     split_k: int = 0         # fixed split (0: from waves)
     block_m: int = 8         # wgmma N: 8 (M <= 8) or 16
+    pdl: bool = True         # programmatic dependent launch: the weight ring fills before the producer of x ends
 
 
 @gluon.jit
@@ -147,7 +148,7 @@ def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, NB:
 def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
-                    P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                    PDL: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
@@ -170,9 +171,14 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
+    if PDL:  # the next PDL launch may start now: it waits for this grid to complete before reading y
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
     for i in gl.static_range(STAGES):
         _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i), i,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
+    if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     offs_kx = _frag_k(gl.arange(0, BK, layout=gl.SliceLayout(1, X_LAYOUT)))
     offs_mx = gl.arange(0, BM, layout=gl.SliceLayout(0, X_LAYOUT))
@@ -253,7 +259,7 @@ def can_run(m: int, n: int, k: int, group: int, bits: int, dtype: torch.dtype, c
 
 
 # (M bucket 1 / 8 / 16, K, N) -> RingConfig fields; H100 sweep (bench/_ring_sweep.py, docs/PERFORMANCE.md)
-_TILES: dict[tuple[int, int, int], tuple[int, ...]] = {
+_TILES: dict[tuple[int, int, int], tuple] = {
     (1, 4096, 4096): (128, 128, 2, 2, 0, 8),      # 7.8 us
     (1, 4096, 28672): (128, 128, 4, 1, 0, 8),     # 24.6 us
     (8, 4096, 28672): (64, 128, 4, 2, 0, 8),      # 29.3-29.7 us
@@ -320,10 +326,11 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                                 order=[0, 1])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 64 else 64, element_bitwidth=16, rank=2,
                                   transposed=True)
+    pdl = cfg.pdl and pdl_supported(x)
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
-        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None,
-        _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4)
+        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl,
+        _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
