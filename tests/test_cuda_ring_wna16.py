@@ -73,6 +73,9 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
     s = torch.arange(bn)
     s_rows = s.reshape(nb, 2, 2, 2, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(bn)
     assert torch.equal(s_rows, cols)
+    x = torch.randn(8, bk)                                                   # activations [m, k] in k order
+    x_pos = x.reshape(8, bk // 32, 2, 2, 2, 2, 2).permute(1, 5, 6, 2, 3, 4, 0).reshape(bk, 8)
+    assert torch.equal(x_pos, x[:, ks].t())                                  # the B operand in position order
 
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
@@ -92,11 +95,11 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
     p_desc = R._desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = R._desc(scale, [scale.numel()], [1], [bn])
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
-    x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[4, 1], order=[0, 1])
+    x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1], order=[1, 0])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)
     fn = R._ring_w4_kernel
     vals = [x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-            dtype == torch.bfloat16, asym, True, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem]
+            dtype == torch.bfloat16, asym, True, True, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem]
     sig, consts = {}, {}
     for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
         sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
@@ -153,12 +156,14 @@ def test_dispatch_says_why_the_ring_kernel_is_not_used():
 
 
 # ---- natively on the H100 ------------------------------------------------------------------------------------
-# RingConfig(block_n, block_k, stages, waves, split_k, block_m)
+# RingConfig(block_n, block_k, stages, waves, split_k, block_m, pdl, x_vec)
 @pytest.mark.accelerator
 @pytest.mark.parametrize("m,dtype,asym,cfg", [
     (1, torch.bfloat16, False, None),
     (1, torch.float16, True, None),
     (3, torch.bfloat16, True, (64, 128, 2, 4, 3, 8)),       # 3 ragged splits of K = 640 (2, 2, 1 steps)
+    (7, torch.float16, False, (64, 128, 2, 4, 0, 8, False, False)),   # activations gathered in _frag_k order
+    (2, torch.bfloat16, True, (64, 128, 2, 4, 0, 8, True)),  # programmatic dependent launch
     (8, torch.float16, False, (128, 128, 4, 1, 0, 8)),      # BN 128: N = 96 leaves a masked half tile
     (9, torch.bfloat16, False, None),
     (16, torch.float16, True, (64, 128, 3, 2, 5, 16)),      # one step per split

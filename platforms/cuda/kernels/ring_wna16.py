@@ -78,7 +78,8 @@ class RingConfig:
     waves: int = 4           # split K to about this many programs per SM
     split_k: int = 0         # fixed split (0: from waves)
     block_m: int = 8         # wgmma N: 8 (M <= 8) or 16
-    pdl: bool = True         # programmatic dependent launch: the weight ring fills before the producer of x ends
+    pdl: bool = False        # programmatic dependent launch (measured slower on the H100: off)
+    x_vec: bool = True       # activations loaded as 16-byte vectors in k order, permuted in registers
 
 
 @gluon.jit
@@ -115,8 +116,9 @@ def _col_of_row(r):
 
 
 @gluon.jit
-def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, RK: gl.constexpr,
-               IS_BF16: gl.constexpr, P_LAYOUT: gl.constexpr, MMA: gl.constexpr):
+def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, NB: gl.constexpr,
+               RK: gl.constexpr, IS_BF16: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr,
+               MMA: gl.constexpr):
     """One K step: unpack the words to q - z, the MMA with the activations, scale per column into acc."""
     dt: gl.constexpr = x.dtype
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -137,6 +139,8 @@ def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, NB:
     s = gl.reshape(gl.permute(gl.reshape(s, [NB, 2, 2, 2, 2, 2]), (0, 2, 3, 1, 4, 5)), [BN])
     a = gl.convert_layout(wt, A_LAYOUT)
     s = gl.convert_layout(s, gl.SliceLayout(1, MMA))
+    if X_VEC:   # [m, (jh, j1, j0, i2, i1, i0)] -> [(jh, i1, i0, j1, j0, i2), m]
+        x = gl.reshape(gl.permute(gl.reshape(x, [BM, BK // 32, 2, 2, 2, 2, 2]), (1, 5, 6, 2, 3, 4, 0)), [BK, BM])
     x_smem.store(x)
     fence_async_shared()
     gl.thread_barrier()
@@ -148,7 +152,7 @@ def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, NB:
 def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
-                    PDL: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                    PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
@@ -180,10 +184,16 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
-    offs_kx = _frag_k(gl.arange(0, BK, layout=gl.SliceLayout(1, X_LAYOUT)))
-    offs_mx = gl.arange(0, BM, layout=gl.SliceLayout(0, X_LAYOUT))
-    x_ptrs = x_ptr + offs_mx[None, :] * stride_xm + (k_start + offs_kx)[:, None]   # [BK, BM]
-    x_mask = (offs_mx < M)[None, :]
+    if X_VEC:   # [BM, BK] in k order (16-byte loads), permuted to _frag_k order in registers
+        offs_kx = gl.arange(0, BK, layout=gl.SliceLayout(0, X_LAYOUT))
+        offs_mx = gl.arange(0, BM, layout=gl.SliceLayout(1, X_LAYOUT))
+        x_ptrs = x_ptr + offs_mx[:, None] * stride_xm + (k_start + offs_kx)[None, :]
+        x_mask = (offs_mx < M)[:, None]
+    else:       # [BK, BM] gathered in _frag_k order
+        offs_kx = _frag_k(gl.arange(0, BK, layout=gl.SliceLayout(1, X_LAYOUT)))
+        offs_mx = gl.arange(0, BM, layout=gl.SliceLayout(0, X_LAYOUT))
+        x_ptrs = x_ptr + offs_mx[None, :] * stride_xm + (k_start + offs_kx)[:, None]
+        x_mask = (offs_mx < M)[None, :]
     x_smem = gl.allocate_shared_memory(dt, [BK, BM], X_SMEM)
     x = gl.load(x_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
     nz = (gl.zeros([NB, 32], gl.float32, Z_LAYOUT) - (MAG + ZC)).to(dt)
@@ -201,7 +211,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         fence_async_shared()
         _issue(p_desc, s_desc, z_desc, bars.index(slot), p_ring.index(slot), s_ring.index(slot),
                z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
-        acc = _ring_step(acc, p, s, nz, x, x_smem, BN, BK, NB, RK, IS_BF16, P_LAYOUT, MMA)
+        acc = _ring_step(acc, p, s, nz, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA)
         x = xn
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
@@ -322,14 +332,18 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     s_desc = _desc(scale, [g * n], [1], [bn])
     z_desc = _desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
-    x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[4, 1],
-                                order=[0, 1])
+    if cfg.x_vec:   # [BM, BK]: 8 contiguous k per thread (one 16-byte load), 16 threads along k
+        x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+                                    order=[1, 0])
+    else:
+        x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[4, 1],
+                                    order=[0, 1])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 64 else 64, element_bitwidth=16, rank=2,
                                   transposed=True)
     pdl = cfg.pdl and pdl_supported(x)
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
-        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl,
+        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
         _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return y
 
