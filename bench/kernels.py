@@ -100,7 +100,8 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
         return fns, nbytes
     if name in ("w4a16_g128", "w8a16_ch"):
         bits, group = (4, 128) if name == "w4a16_g128" else (8, k)
-        nbytes = n * k * bits // 8 + n * (k // group) * 8
+        # symmetric codes: the M <= 16 kernels read the fp32 scales only (the zero array is a constant)
+        nbytes = n * k * bits // 8 + n * (k // group) * 4
         kerns = [TritonWNA16Kernel.prepare(LinearSpec(int_weight(n, k, bits, group), ActScheme(),
                                                       torch.bfloat16), PLATFORM)
                  for _ in range(copies_for(nbytes))]
