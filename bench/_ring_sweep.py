@@ -11,12 +11,10 @@ its ratio to bf16 and its share of the 3.0 TB/s copy ceiling (codes + fp32 scale
 
 from __future__ import annotations
 
-import argparse
-import ast
 import sys
 
 import torch
-from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
+from _sweep_common import Cells, precompile, sweep_args  # bench/ is sys.path[0]
 
 SHAPES = [(8192, 8192), (14336, 4096), (4096, 28672), (4096, 6144), (4096, 4096)]
 MS = [1, 2, 8, 16]
@@ -75,17 +73,7 @@ def _variants() -> list[tuple]:
 def main() -> None:
     import kernels  # bench/ is sys.path[0]
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default="ring.json")
-    ap.add_argument("--shapes", default=None)
-    ap.add_argument("--ms", default=None)
-    ap.add_argument("--cfgs", default=None)
-    ap.add_argument("--kinds", default=None)
-    ap.add_argument("--rep-ms", type=int, default=20)
-    a = ap.parse_args()
-    for arg, target in ((a.shapes, SHAPES), (a.ms, MS), (a.cfgs, CFGS), (a.kinds, KINDS)):
-        if arg is not None:
-            target[:] = ast.literal_eval(arg)
+    a = sweep_args(__doc__, "ring.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "kinds": KINDS})
     kernels.REP_MS = a.rep_ms
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     precompile("_ring_sweep", _variants(), workers=15)

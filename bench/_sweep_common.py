@@ -9,6 +9,8 @@ has second-round configs, `_reference(kind, x, wt)` for `Cells.configs`); a vari
 
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib
 import json
 import sys
@@ -46,6 +48,24 @@ def precompile(module: str, variants: list[tuple], workers: int, extra: bool = F
         print(f"# precompiled {n_ok}/{len(variants)} variants in {time.time() - t:.0f}s", flush=True)
     except Exception as e:  # noqa: BLE001 (the sweep then compiles as it goes)
         print(f"# precompile failed: {type(e).__name__}: {e}", flush=True)
+
+
+def sweep_args(doc: str, default_json: str, lists: dict[str, list], flags: tuple[str, ...] = ()
+               ) -> argparse.Namespace:
+    """The sweep scripts' command line: --json, --rep-ms, one --NAME per entry of `lists` (a Python literal that
+    replaces that module list's contents in place) and boolean `flags`."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--json", default=default_json)
+    ap.add_argument("--rep-ms", type=int, default=20)
+    for name in lists:
+        ap.add_argument(f"--{name}", default=None)
+    for flag in flags:
+        ap.add_argument(f"--{flag}", action="store_true")
+    a = ap.parse_args()
+    for name, target in lists.items():
+        if getattr(a, name) is not None:
+            target[:] = ast.literal_eval(getattr(a, name))
+    return a
 
 
 class Cells:

@@ -17,13 +17,11 @@ fragment-order kernel) were removed; they and their sweep kinds are in git histo
 
 from __future__ import annotations
 
-import argparse
-import ast
 import re
 import sys
 
 import torch
-from _sweep_common import Cells, precompile  # bench/ is sys.path[0]
+from _sweep_common import Cells, precompile, sweep_args  # bench/ is sys.path[0]
 from _tc_sweep import _call, _reference, _weights  # noqa: F401 (the sweep-module contract of _sweep_common)
 
 SHAPES = [(8192, 8192)]
@@ -65,18 +63,7 @@ def _ttgir_summary() -> None:
 def main() -> None:
     import kernels  # bench/ is sys.path[0]
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default="tc_small.json")
-    ap.add_argument("--shapes", default=None)
-    ap.add_argument("--ms", default=None)
-    ap.add_argument("--tc", default=None)
-    ap.add_argument("--fp8", default=None)
-    ap.add_argument("--rep-ms", type=int, default=20)
-    ap.add_argument("--ttgir", action="store_true")
-    a = ap.parse_args()
-    for arg, target in ((a.shapes, SHAPES), (a.ms, MS), (a.tc, TC), (a.fp8, FP8)):
-        if arg is not None:
-            target[:] = ast.literal_eval(arg)
+    a = sweep_args(__doc__, "tc_small.json", {"shapes": SHAPES, "ms": MS, "tc": TC, "fp8": FP8}, ("ttgir",))
     kernels.REP_MS = a.rep_ms
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     precompile("_tc_small_sweep", _variants(), workers=15)

@@ -41,31 +41,20 @@ from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported,
 MAX_M = 16
 _MAGIC_BF16, _MAGIC_F16 = 128.0, 1024.0
 
-# (code i, code i + 4) of one packed word -> bf16x2 (q - z) for i = 0..3; $8 the word, $9 -(MAGIC + z)
-_ASM_QZ_BF16 = """
-{
-.reg .b32 t, one, nz2;
-mov.b32 one, 0x3F803F80;
-mov.b32 nz2, {$9, $9};
-lop3.b32 t, $8, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-mov.b32 {$0, $4}, t;
-shr.u32 t, $8, 4;
-lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-mov.b32 {$1, $5}, t;
-shr.u32 t, $8, 8;
-lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-mov.b32 {$2, $6}, t;
-shr.u32 t, $8, 12;
-lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, nz2;
-mov.b32 {$3, $7}, t;
-}
-"""
-_ASM_QZ_F16 = (_ASM_QZ_BF16.replace("bf16x2", "f16x2").replace("0x43004300", "0x64006400")
-               .replace("0x3F803F80", "0x3C003C00"))
+def _asm_qz(magic: str, one: str, fma: str) -> str:
+    """PTX: one packed word ($8) -> (code i, code i + 4) as two 16-bit (q - z) values $i / $(i + 4), i = 0..3;
+    $9 holds -(MAGIC + z). Per pair: LOP3 (w >> 4i) & 0x000F000F | MAGIC (= MAGIC + q, exact), one packed FMA."""
+    lines = [".reg .b32 t, one, nz2;", f"mov.b32 one, {one};", "mov.b32 nz2, {$9, $9};"]
+    for i in range(4):
+        if i:
+            lines.append(f"shr.u32 t, $8, {4 * i};")
+        lines += [f"lop3.b32 t, {'t' if i else '$8'}, 0x000F000F, {magic}, 0xEA;", f"{fma} t, t, one, nz2;",
+                  f"mov.b32 {{${i}, ${i + 4}}}, t;"]
+    return "{\n" + "\n".join(lines) + "\n}\n"
+
+
+_ASM_QZ_BF16 = _asm_qz("0x43004300", "0x3F803F80", "fma.rn.bf16x2")
+_ASM_QZ_F16 = _asm_qz("0x64006400", "0x3C003C00", "fma.rn.f16x2")
 _ASM_QZ_BF16_C = gl.constexpr(_ASM_QZ_BF16)
 _ASM_QZ_F16_C = gl.constexpr(_ASM_QZ_F16)
 
