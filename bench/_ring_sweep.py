@@ -22,7 +22,8 @@ MS = [1, 2, 8, 16]
 CFGS = [(64, 128, 4, 2, 0, 8), (64, 128, 6, 2, 0, 8), (64, 128, 8, 2, 0, 8), (64, 128, 6, 1, 0, 8),
         (64, 128, 6, 4, 0, 8), (64, 128, 8, 1, 0, 8), (128, 128, 4, 1, 0, 8), (128, 128, 6, 1, 0, 8),
         (64, 64, 8, 2, 0, 8), (64, 128, 6, 2, 0, 16), (64, 128, 8, 1, 0, 16), (128, 128, 4, 1, 0, 16)]
-KINDS = ["ring_w4", "ring_w4z"]
+KINDS = ["ring_w4", "ring_w4z"]          # and "ring_fp8" (W8A8 per-channel x per-token, bench/kernels.py's fp8_ch_tok)
+BASELINES = ["bf16", "tinygemm", "w4a16_g128"]
 
 
 def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
@@ -30,6 +31,9 @@ def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
     from quantrt.quant.weights import IntWeight
 
     g = torch.Generator(device="cuda").manual_seed(seed)
+    if kind == "ring_fp8":   # e4m3 [N, K] + channel scales (no NaN codes)
+        data = (torch.randn(n, k, device="cuda", generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return data, torch.rand(n, device="cuda", generator=g) * 0.01, None
     scale = torch.rand(n, k // 128, device="cuda", generator=g) * 0.01 + 0.001
     if kind == "ring_w4z":
         codes = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.uint8)
@@ -48,6 +52,10 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, default_config, ring_wna16
 
     packed, sc, z = wt
+    if kind == "ring_fp8":
+        from quantrt.platforms.cuda.kernels.ring_fp8 import RingFp8Config, ring_fp8
+
+        return ring_fp8(x, packed, sc, 0, 1, cfg=None if cfg[0] == "default" else RingFp8Config(*cfg))
     if cfg and cfg[0] == "default":
         c = replace(default_config(x.shape[0], packed.shape[1], x.shape[1]), pdl=bool(cfg[1]))
     else:
@@ -57,8 +65,12 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
 
 def _reference(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
+    from quantrt.quant.quantize import quantize_act_per_token
 
     packed, sc, z = wt
+    if kind == "ring_fp8":
+        q, sx = quantize_act_per_token(x, torch.float8_e4m3fn)
+        return (q.float() * sx) @ (packed.float() * sc[:, None]).t()
     return ring_reference(x, packed, sc, z, 128, 8.0).float()
 
 
@@ -73,21 +85,25 @@ def _variants() -> list[tuple]:
 def main() -> None:
     import kernels  # bench/ is sys.path[0]
 
-    a = sweep_args(__doc__, "ring.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "kinds": KINDS})
+    a = sweep_args(__doc__, "ring.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "kinds": KINDS,
+                                          "baselines": BASELINES})
     kernels.REP_MS = a.rep_ms
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     precompile("_ring_sweep", _variants(), workers=15)
     cells = Cells(kernels.time_us)
     for k, n in SHAPES:
-        cells.baselines(kernels.build, ("bf16", "tinygemm", "w4a16_g128"), k, n, MS)
+        cells.baselines(kernels.build, tuple(BASELINES), k, n, MS)
         for kind in KINDS:
             cells.configs(sys.modules[__name__], kind, k, n, MS, {m: _cfgs_for(m) for m in MS},
-                          kernels.copies_for(n * k // 2))
+                          kernels.copies_for(n * k if kind == "ring_fp8" else n * k // 2))
         cells.save(a.json)
     cells.report()
     for r in cells.res:
         k, n, m = r["k"], r["n"], r["m"]
-        wb = 2 * n * k if r["kind"] == "bf16" else n * k // 2 + 4 * n * k // 128 * (2 if r["kind"] == "ring_w4z" else 1)
+        if r["kind"] in ("bf16", "ring_fp8", "fp8_ch_tok"):
+            wb = n * k * (2 if r["kind"] == "bf16" else 1)
+        else:
+            wb = n * k // 2 + 4 * n * k // 128 * (2 if r["kind"] == "ring_w4z" else 1)
         r["copy_pct"] = round(100 * (wb + 2 * m * (k + n)) / (r["us"] * 1e-6) / 3.0e12, 1)
     best: dict = {}
     for r in cells.res:

@@ -24,3 +24,21 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PLATFORM = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")  # an H100 (sm_90)
 NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (pip install triton)")
+
+
+def compile_gluon_sm90(fn, vals: list, num_warps: int = 4) -> str:
+    """PTX of a Gluon kernel compiled for sm_90 on this machine (no GPU needed: the triton wheel's ptxas), with
+    `vals` the kernel's arguments in order (tensors, TMA descriptors, ints, floats, constexprs)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    sig, consts = {}, {}
+    for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
+        sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
+        if p.is_constexpr:
+            consts[(i,)] = v
+    ck = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": num_warps})
+    return ck.asm["ptx"]

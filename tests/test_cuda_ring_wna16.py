@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 from quantrt.quant.kernel import LinearSpec  # noqa: E402
 from quantrt.quant.weights import ActScheme  # noqa: E402
+from tests._cuda_env import compile_gluon_sm90  # noqa: E402
 from tests.test_cuda_kernels import DEV, PLATFORM, TritonWNA16Kernel, make_int_weight, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -79,12 +80,7 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
-    """PTX of the kernel compiled for sm_90 on this machine (no GPU needed: the triton wheel's ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
 
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
 
@@ -97,16 +93,9 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
     x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1], order=[1, 0])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)
-    fn = R._ring_w4_kernel
-    vals = [x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-            dtype == torch.bfloat16, asym, True, True, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem]
-    sig, consts = {}, {}
-    for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
-        sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
-        if p.is_constexpr:
-            consts[(i,)] = v
-    ck = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    return ck.asm["ptx"]
+    return compile_gluon_sm90(R._ring_w4_kernel, [
+        x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
+        dtype == torch.bfloat16, asym, True, True, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem])
 
 
 @pytest.mark.parametrize("bn,bm,dtype,asym", [(64, 8, torch.bfloat16, False), (128, 16, torch.float16, True)])

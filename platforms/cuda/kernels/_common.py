@@ -67,6 +67,20 @@ def sm_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
+def ring_device_why(device: torch.device) -> str:
+    """'' when the Gluon TMA-ring kernels (`ring_wna16`, `ring_fp8`: TMA + wgmma, sm_90) can run on `device`,
+    else why not; QUANTRT_CUDA_RING=0 switches them off (read when a linear is prepared)."""
+    if device.type != "cuda" or interpret_mode() or torch.version.hip is not None:
+        return "not a CUDA device (Gluon/TMA kernel)"
+    if not gluon_available():
+        return "triton has no Gluon (needs triton >= 3.5)"
+    if sm_major(device.index or 0) != 9:
+        return f"sm_{sm_major(device.index or 0)}x is not Hopper (sm_90: TMA + wgmma)"
+    if os.environ.get("QUANTRT_CUDA_RING", "1") == "0":
+        return "switched off (QUANTRT_CUDA_RING=0)"
+    return ""
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

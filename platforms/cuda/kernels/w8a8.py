@@ -3,7 +3,8 @@ FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantiza
 
 Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_w8` (every fp8 mode and int8
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
-128-group activations); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
+128-group activations); M = 2..RING_MAX_M of e4m3 per-token/static x tensor/channel on Hopper -> `ring_fp8`
+(Gluon, TMA weight ring); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
 swapped; 128-group activations from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches
 of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
 one Triton launch, `act_quant_triton`); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantrt.platforms.cuda.kernels._common import check_runtime, interpret_mode
+from quantrt.platforms.cuda.kernels._common import check_runtime, interpret_mode, ring_device_why
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.quantize import FP8_DTYPES, qmax
 from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
@@ -29,6 +30,7 @@ SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
 GEMV_W8 = True    # M = 1: `gemv_w8.gemv_w8` (dense-GEMV structure) where it takes the shape; False: as before
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
+RING_MAX_M = 16   # 2..this on Hopper, e4m3 per-token/static x tensor/channel: ring_fp8 (TMA weight ring)
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
@@ -88,6 +90,7 @@ class TritonW8A8Kernel(LinearKernel):
         self.use_block_mm = (data.dtype in FP8_DTYPES and self.wscale == 2 and self.act == 1 and k % 128 == 0
                              and n % 128 == 0 and data.device.type == "cuda" and not interpret_mode()
                              and hasattr(torch, "_scaled_mm"))
+        self.ring_why = self._ring_why(data)
         if self.use_scaled_mm:  # rowwise cuBLASLt needs [1, N] weight scales
             self._sb = w_scale.reshape(1, -1).expand(1, data.shape[0]).contiguous()
 
@@ -124,6 +127,14 @@ class TritonW8A8Kernel(LinearKernel):
         return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
                                 out_dtype=self.compute_dtype)
 
+    def _ring_why(self, data: torch.Tensor) -> str:
+        """'' when M = 2..RING_MAX_M goes to `ring_fp8` (Gluon, sm_90), else why it does not."""
+        if data.dtype != torch.float8_e4m3fn or self.act not in (0, 2) or self.wscale not in (0, 1):
+            return "ring_fp8 takes e4m3 weights, per-token/static activations and tensor/channel weight scales"
+        if data.shape[1] % 128:
+            return f"K={data.shape[1]} is not a multiple of 128"
+        return ring_device_why(data.device)
+
     def _gemv_why(self) -> str:
         """Why the M = 1 GEMV `gemv_w8` cannot take this weight ('' when it can); found once."""
         if self._gemv_reason is None and torch.version.hip is not None:
@@ -158,6 +169,10 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+        elif 2 <= x2.shape[0] <= RING_MAX_M and not self.ring_why:
+            from quantrt.platforms.cuda.kernels.ring_fp8 import ring_fp8
+
+            y = ring_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.act_scale)
         elif x2.shape[0] <= SWAP_MAX_M and self.act != 3 or SWAP_MAX_M < x2.shape[0] <= ROW_TILE_MAX_M:
             from quantrt.platforms.cuda.kernels.swap_fp8 import swap_fp8
 

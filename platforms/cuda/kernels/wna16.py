@@ -6,12 +6,11 @@ Serves every format that becomes an `IntWeight` with bits 2..8 and no float offs
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
 
-from quantrt.platforms.cuda.kernels._common import check_runtime, gluon_available, interpret_mode, sm_major
+from quantrt.platforms.cuda.kernels._common import check_runtime, ring_device_why
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.weights import ActKind, IntWeight
 
@@ -80,15 +79,7 @@ def _ring_why(w: IntWeight, container: int, device: torch.device) -> str:
         return f"group size {w.group_size} / K={k} not a multiple of 128"
     if n % 32:
         return f"N={n} not a multiple of 32"
-    if device.type != "cuda" or interpret_mode() or torch.version.hip is not None:
-        return "not a CUDA device (Gluon/TMA kernel)"
-    if not gluon_available():
-        return "triton has no Gluon (needs triton >= 3.5)"
-    if sm_major(device.index or 0) != 9:
-        return f"sm_{sm_major(device.index or 0)}x is not Hopper (sm_90: TMA + wgmma)"
-    if os.environ.get("QUANTRT_CUDA_RING", "1") == "0":
-        return "switched off (QUANTRT_CUDA_RING=0)"
-    return ""
+    return ring_device_why(device)
 
 
 class TritonWNA16Kernel(LinearKernel):
