@@ -103,11 +103,25 @@ def test_ring_fp8_native(m, dtype, act, wscale, cfg):
     assert rel_err(y, ref) < 2e-3
 
 
-@pytest.mark.accelerator
-@pytest.mark.parametrize("m", [2, 16])
-def test_w8a8_dispatch_runs_the_ring_kernel_at_a_llama_shape(m):
+def test_w8a8_dispatch_keeps_the_ring_kernel_off_unless_asked(monkeypatch):
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
 
+    w, sw = _weight(64, 256, 0)
+    spec = LinearSpec(FloatWeight(w, sw, ScaleGranularity.CHANNEL), ActScheme(ActKind.DYNAMIC_TOKEN, FP8),
+                      torch.bfloat16)
+    monkeypatch.delenv("QUANTRT_CUDA_RING_FP8", raising=False)
+    assert "QUANTRT_CUDA_RING_FP8=1 turns it on" in TritonW8A8Kernel.prepare(spec, PLATFORM).ring_why
+    monkeypatch.setenv("QUANTRT_CUDA_RING_FP8", "1")
+    why = TritonW8A8Kernel.prepare(spec, PLATFORM).ring_why
+    assert why == ("" if DEV == "cuda" else "not a CUDA device (Gluon/TMA kernel)")
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [2, 16])
+def test_w8a8_dispatch_runs_the_ring_kernel_at_a_llama_shape(m, monkeypatch):
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+
+    monkeypatch.setenv("QUANTRT_CUDA_RING_FP8", "1")
     w, sw = _weight(6144, 4096, m)
     spec = LinearSpec(FloatWeight(w, sw, ScaleGranularity.CHANNEL), ActScheme(ActKind.DYNAMIC_TOKEN, FP8),
                       torch.bfloat16)

@@ -3,8 +3,8 @@ FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantiza
 
 Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_w8` (every fp8 mode and int8
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
-128-group activations); M = 2..RING_MAX_M of e4m3 per-token/static x tensor/channel on Hopper -> `ring_fp8`
-(Gluon, TMA weight ring); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
+128-group activations); M = 2..RING_MAX_M of e4m3 per-token/static x tensor/channel on Hopper with QUANTRT_CUDA_RING_FP8=1 ->
+`ring_fp8` (Gluon, TMA weight ring; off by default, slower at 8192²); M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands
 swapped; 128-group activations from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches
 of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
 one Triton launch, `act_quant_triton`); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
@@ -14,6 +14,7 @@ tiles (fp8 weight-only too); everything else -> the tiled `w8a8_triton` kernel.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +31,8 @@ SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
 GEMV_W8 = True    # M = 1: `gemv_w8.gemv_w8` (dense-GEMV structure) where it takes the shape; False: as before
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
-RING_MAX_M = 16   # 2..this on Hopper, e4m3 per-token/static x tensor/channel: ring_fp8 (TMA weight ring)
+RING_MAX_M = 16   # 2..this with QUANTRT_CUDA_RING_FP8=1 on Hopper: ring_fp8 (TMA weight ring; off by default:
+                  # H100 8192² M = 2-16 31.1-33.1 us vs swap_fp8 29.0-29.8, 4096x28672 48.6-51.9 vs 52.3-55.2)
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
@@ -129,6 +131,8 @@ class TritonW8A8Kernel(LinearKernel):
 
     def _ring_why(self, data: torch.Tensor) -> str:
         """'' when M = 2..RING_MAX_M goes to `ring_fp8` (Gluon, sm_90), else why it does not."""
+        if os.environ.get("QUANTRT_CUDA_RING_FP8", "0") != "1":
+            return "off by default (slower than swap_fp8 at 8192² on the H100; QUANTRT_CUDA_RING_FP8=1 turns it on)"
         if data.dtype != torch.float8_e4m3fn or self.act not in (0, 2) or self.wscale not in (0, 1):
             return "ring_fp8 takes e4m3 weights, per-token/static activations and tensor/channel weight scales"
         if data.shape[1] % 128:
