@@ -83,13 +83,14 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
     from triton.experimental.gluon import language as gl
 
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
+    from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
     n, k, bk = 256, 1024, 128
     x = torch.zeros(1, k, dtype=dtype)
     packed = torch.zeros(k // 8, n, dtype=torch.int32)
     scale = torch.zeros(k // 128, n)
-    p_desc = R._desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
-    s_desc = R._desc(scale, [scale.numel()], [1], [bn])
+    p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
+    s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
     x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1], order=[1, 0])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)

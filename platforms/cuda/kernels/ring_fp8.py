@@ -22,9 +22,8 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
+from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
 from quantrt.platforms.cuda.kernels.skinny_fp8 import row_scales
 
 MAX_M = 16
@@ -52,7 +51,6 @@ def _ring_fp8_kernel(x_ptr, w_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                      K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                      STAGES: gl.constexpr, SPLIT: gl.constexpr, ACT: gl.constexpr, WSCALE: gl.constexpr,
                      X_LAYOUT: gl.constexpr, MMA: gl.constexpr, X_SMEM: gl.constexpr):
-    dt: gl.constexpr = x_ptr.dtype.element_ty
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     n0 = pid_n * BN
@@ -108,18 +106,7 @@ def _ring_fp8_kernel(x_ptr, w_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         acc = acc * gl.load(sw_ptr + offs_n2, mask=mask_n2, other=0.0)[:, None]
     ym = offs_m2[None, :] * N + offs_n2[:, None]
     ymask = mask_m2[None, :] & mask_n2[:, None]
-    if SPLIT == 1:
-        gl.store(y_ptr + ym, acc.to(dt), mask=ymask)
-    else:
-        gl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
-        gl.thread_barrier()
-        cnt = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if cnt == SPLIT - 1:
-            tot = gl.zeros([BN, BM], gl.float32, MMA)
-            for sp in range(SPLIT):
-                tot += gl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
-            gl.store(y_ptr + ym, tot.to(dt), mask=ymask)
-            gl.atomic_xchg(cnt_ptr + pid_n, 0)
+    store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -153,19 +140,9 @@ def default_config(m: int, n: int, k: int) -> RingFp8Config:
     return RingFp8Config(*_TILES.get((b, k, n), _DEFAULT[b]))
 
 
-_DESC_CACHE: dict[tuple, TensorDescriptor] = {}
-
-
-def _w_desc(w: torch.Tensor, bn: int, bk: int) -> TensorDescriptor:
-    key = (w.data_ptr(), tuple(w.shape), bn, bk)
-    d = _DESC_CACHE.get(key)
-    if d is None:
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=min(128, bk), element_bitwidth=8, rank=2)
-        d = TensorDescriptor(w, list(w.shape), [w.shape[1], 1], [bn, bk], layout)
-        if len(_DESC_CACHE) > 4096:
-            _DESC_CACHE.clear()
-        _DESC_CACHE[key] = d
-    return d
+def _w_desc(w: torch.Tensor, bn: int, bk: int):
+    """TMA descriptor of the [N, K] e4m3 weight in [BN, BK] boxes, 128-byte swizzled rows (64 at BK = 64)."""
+    return tma_desc(w, list(w.shape), [w.shape[1], 1], [bn, bk], swizzle=min(128, bk))
 
 
 def ring_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int,
@@ -186,15 +163,8 @@ def ring_fp8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, 
     if w.stride(1) != 1 or (w.stride(0) * w.element_size()) % 16:
         raise ValueError(f"ring_fp8 needs a K-contiguous weight with 16-byte aligned rows; strides {w.stride()}")
     bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
-    n_tiles = cdiv(n, bn)
-    k_steps = k // bk
-    split = cfg.split_k or max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles)))
-    k_per_split = cdiv(k_steps, split) * bk
-    split = cdiv(k, k_per_split)
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x, n, bn, bk, cfg.split_k, cfg.waves)
     sa = row_scales(x, FP8_MAX) if act == 0 else act_scale
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, n_tiles) if split > 1 else sa
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
     x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
                                 order=[1, 0])

@@ -34,9 +34,9 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, split_counters
+from quantrt.platforms.cuda.kernels._common import pdl_supported
+from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
 
 MAX_M = 16
 _MAGIC_BF16, _MAGIC_F16 = 128.0, 1024.0
@@ -206,18 +206,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     ym = offs_m2[None, :] * N + offs_n2[:, None]
     ymask = (offs_m2 < M)[None, :] & (offs_n2 < N)[:, None]
-    if SPLIT == 1:
-        gl.store(y_ptr + ym, acc.to(dt), mask=ymask)
-    else:
-        gl.store(ws_ptr + pid_k * M * N + ym, acc, mask=ymask)
-        gl.thread_barrier()
-        cnt = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if cnt == SPLIT - 1:
-            tot = gl.zeros([BN, BM], gl.float32, MMA)
-            for sp in range(SPLIT):
-                tot += gl.load(ws_ptr + sp * M * N + ym, mask=ymask, other=0.0, cache_modifier=".cg")
-            gl.store(y_ptr + ym, tot.to(dt), mask=ymask)
-            gl.atomic_xchg(cnt_ptr + pid_n, 0)
+    store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -275,23 +264,6 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
     return RingConfig(*_TILES.get((b, k, n), _DEFAULT[b]))
 
 
-_DESC_CACHE: dict[tuple, TensorDescriptor] = {}
-
-
-def _desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int], swizzle: int = 0
-          ) -> TensorDescriptor:
-    """TMA descriptor of a view of `t` (cached by pointer, view and block: a graph replays what it captured)."""
-    key = (t.data_ptr(), t.dtype, tuple(shape), tuple(strides), tuple(block), swizzle)
-    d = _DESC_CACHE.get(key)
-    if d is None:
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=len(shape))
-        d = TensorDescriptor(t, shape, strides, block, layout)
-        if len(_DESC_CACHE) > 4096:
-            _DESC_CACHE.clear()
-        _DESC_CACHE[key] = d
-    return d
-
-
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                zero_const: float = 8.0, cfg: RingConfig | None = None) -> torch.Tensor:
     """x [M <= 16, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
@@ -306,18 +278,11 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if x.stride(1) != 1:
         x = x.contiguous()
     bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
-    n_tiles = cdiv(n, bn)
-    k_steps = k // bk
-    split = cfg.split_k or max(1, min(k_steps, cdiv(cfg.waves * num_sms(x.device.index or 0), n_tiles)))
-    k_per_split = cdiv(k_steps, split) * bk
-    split = cdiv(k, k_per_split)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = split_counters(x.device, n_tiles) if split > 1 else packed
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x, n, bn, bk, cfg.split_k, cfg.waves)
     g = scale.shape[0]
-    p_desc = _desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
-    s_desc = _desc(scale, [g * n], [1], [bn])
-    z_desc = _desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
+    p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
+    s_desc = tma_desc(scale, [g * n], [1], [bn])
+    z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
     if cfg.x_vec:   # [BM, BK]: 8 contiguous k per thread (one 16-byte load), 16 threads along k
         x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
