@@ -39,7 +39,7 @@ from quantrt.platforms.cuda.kernels._common import pdl_supported
 from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
 
 MAX_M = 16
-_MAGIC_BF16, _MAGIC_F16 = 128.0, 1024.0
+
 
 def _asm_qz(magic: str, one: str, fma: str) -> str:
     """PTX: one packed word ($8) -> (code i, code i + 4) as two 16-bit (q - z) values $i / $(i + 4), i = 0..3;
