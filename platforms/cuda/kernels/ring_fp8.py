@@ -2,8 +2,8 @@
 
 Same operands and numerics as `swap_fp8` with ACT 0 (per-token scales from `skinny_fp8.row_scales`) or ACT 2
 (one static activation scale), WSCALE 0 (tensor) or 1 (channel): weight [N, K] e4m3 (K contiguous), activation
-codes clamp(x / s_m, +-448) (IEEE division) cast to e4m3 exactly like `fake_quantize_act`, code x code products with fp32
-accumulation, y = acc * s_w * s_m. What differs is the weight stream: the next STAGES [BN, BK] tiles are TMA
+codes clamp(x / s_m, +-448) (IEEE division) cast to e4m3 exactly like `fake_quantize_act`, code x code products
+with fp32 accumulation, y = acc * s_w * s_m. What differs is the weight stream: the next STAGES [BN, BK] tiles are TMA
 copies into 128-byte-swizzled shared memory, each on its own mbarrier, and the wgmma reads the tile there as
 its A operand (no registers, no cp.async). Per program: BN = 64 (one warpgroup) or 128 rows, a K slice in BK =
 128-column steps; the step's activations [BM, BK] are loaded as 16-byte vectors, quantized in registers and

@@ -141,7 +141,8 @@ def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, BM:
 def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
-                    PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                    PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr,
+                    X_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
@@ -296,7 +297,8 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+        _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return y
 
 
