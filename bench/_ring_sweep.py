@@ -1,12 +1,14 @@
-"""Sweep of `ring_wna16` (W4A16 g128 at M <= 16, TMA word ring, Gluon) on the H100, next to bf16 cuBLAS,
-torch's tinygemm and the current W4A16 dispatch (`w4a16_g128`: skinny GEMV at M = 1, tc_wna16 above).
+"""Sweep of the Gluon TMA-ring kernels on the H100: `ring_wna16` (W4A16 g128, M <= 16) next to bf16 cuBLAS,
+torch's tinygemm and the W4A16 dispatch (`w4a16_g128`), and `ring_fp8` (W8A8 per-channel x per-token) next to
+the fp8 dispatch (`fp8_ch_tok`; run with QUANTRT_CUDA_RING=0 so the baselines keep their old paths).
 
-    cd bench && python _ring_sweep.py --json ring.json [--shapes "[(8192, 8192)]"] [--ms "[1, 16]"] [--cfgs "{...}"]
+    cd bench && python _ring_sweep.py --json ring.json [--shapes "[(8192, 8192)]"] [--ms "[1, 16]"] \
+        [--cfgs "[(64, 128, 2, 4, 0, 8), ('default', 0)]"] [--kinds "['ring_fp8']"] [--baselines "['bf16']"]
 
-Every config is checked against x @ the float32-dequantized weight before it is timed (kernels.time_us:
-CUDA-graph replay over weight copies that overflow the L2). `ring_w4` has symmetric weights (no zero array,
-the GPTQ-sym case), `ring_w4z` an asymmetric zero array (AWQ-style). Prints the best config per (kind, K, N, M),
-its ratio to bf16 and its share of the 3.0 TB/s copy ceiling (codes + fp32 scales [+ zeros] + x + y).
+Every config is checked against the float64 product (x @ the dequantized weight; fake-quantized activations
+for fp8) before it is timed (kernels.time_us: CUDA-graph replay over weight copies that overflow the L2).
+`ring_w4` has symmetric weights (no zero array, the GPTQ-sym case), `ring_w4z` an asymmetric zero array.
+Prints the best config per (kind, K, N, M), its ratio to bf16 and its share of the 3.0 TB/s copy ceiling.
 """
 
 from __future__ import annotations

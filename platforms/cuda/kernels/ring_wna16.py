@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from quantrt.platforms.cuda.kernels._common import pdl_supported
 from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
+from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 16
 
@@ -303,18 +304,13 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
 
 
 def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                   group: int, zero_const: float = 8.0, block_k: int = 128) -> torch.Tensor:
-    """What the kernel computes, in float64 with torch ops: per BK step, sum over k of (q - z) * x (both exact in
-    the kernel: q - z in bf16, products in the MMA), times the group scale, summed over steps. -> [M, N] fp64."""
-    kp, n = packed.shape
-    k = kp * 8
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
-    q = (packed.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & 0xF           # [K/8, 8, N]
-    q = q.reshape(k, n).to(torch.float64)
+                   group: int, zero_const: float = 8.0) -> torch.Tensor:
+    """What the kernel computes, in float64 with torch ops: sum over k of (q - z) * x (both exact in the kernel:
+    q - z in bf16, products in the MMA), times the group scale per step. -> [M, N] fp64."""
+    q = unpack_lsb(packed, 4, 0).to(torch.float64)                                      # [K, N]
     z = (zero.double() - 2.0 ** 23) if zero is not None else torch.full_like(scale, zero_const, dtype=torch.float64)
-    rows = torch.arange(k, device=packed.device) // group
-    w = (q - z[rows]) * scale.double()[rows]                                           # [K, N]
-    return x.double() @ w
+    rows = torch.arange(q.shape[0], device=packed.device) // group
+    return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 
 __all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "ring_reference", "ring_wna16"]

@@ -141,7 +141,7 @@ class TritonWNA16Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.compute_dtype)                         # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        if x2.shape[0] <= RING_MAX_M and not self.ring_why and x2.dtype in (torch.bfloat16, torch.float16):
+        if x2.shape[0] <= RING_MAX_M and not self.ring_why:
             from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
             y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const)

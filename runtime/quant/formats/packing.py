@@ -48,15 +48,15 @@ def unpack_lsb(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if 32 % bits == 0:
         per = 32 // bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, per, 1)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=w.device).view(1, per, 1)
         vals = (w.unsqueeze(1) >> shifts) & mask                               # [R, per, C]
         return vals.reshape(-1, w.shape[-1]).to(torch.uint8)
     if w.shape[0] % bits:
         raise CheckpointError(f"{bits}-bit packed tensor has {w.shape[0]} words along the packed dim; "
                               f"expected a multiple of {bits}")
-    shifts = torch.arange(32, dtype=torch.int32).view(1, 32, 1)
+    shifts = torch.arange(32, dtype=torch.int32, device=w.device).view(1, 32, 1)
     bitv = ((w.unsqueeze(1) >> shifts) & 1).reshape(-1, bits, w.shape[-1])    # [R*32/b, b, C]
-    weights = (1 << torch.arange(bits, dtype=torch.int32)).view(1, bits, 1)
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=w.device)).view(1, bits, 1)
     return (bitv * weights).sum(dim=1).to(torch.uint8)
 
 
