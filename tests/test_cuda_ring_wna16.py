@@ -1,4 +1,4 @@
-"""ring_wna16: W4A16 at M <= 16 with the packed words streamed by TMA through a shared-memory ring (Gluon, sm_90).
+"""ring_wna16: W4A16 at M <= 32 with the packed words streamed by TMA through a shared-memory ring (Gluon, sm_90).
 
 On the CPU (CI): the reference product, the index algebra that puts the unpacked words in the wgmma A-fragment
 order (the kernel's own `_frag_k` / `_col_of_row` and permutations, run on torch tensors), that the kernel
@@ -79,7 +79,7 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
     assert torch.equal(x_pos, x[:, ks].t())                                  # the B operand in position order
 
 
-def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
+def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4) -> str:
     from triton.experimental.gluon import language as gl
 
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
@@ -91,22 +91,27 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool) -> str:
     scale = torch.zeros(k // 128, n)
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
-    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
-    x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1], order=[1, 0])
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, bm, 16])
+    x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[warps, 1],
+                                order=[1, 0])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-        dtype == torch.bfloat16, asym, True, True, R._p_layout(bk // 8, bn), R._s_layout(bn), x_layout, mma, x_smem])
+        dtype == torch.bfloat16, asym, True, True, R._p_layout(bk // 8, bn, warps), R._s_layout(bn, warps), x_layout,
+        mma, x_smem], num_warps=warps)
 
 
-@pytest.mark.parametrize("bn,bm,dtype,asym", [(64, 8, torch.bfloat16, False), (128, 16, torch.float16, True)])
-def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym):
-    ptx = _compile_sm90(bn, bm, dtype, asym)
+@pytest.mark.parametrize("bn,bm,dtype,asym,warps", [(64, 8, torch.bfloat16, False, 4), (128, 16, torch.float16, True, 4),
+                                                    (128, 32, torch.bfloat16, False, 8)])
+def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
+    ptx = _compile_sm90(bn, bm, dtype, asym, warps)
     assert "cp.async.bulk.tensor.3d" in ptx and "mbarrier.try_wait" in ptx
     assert ptx.index("cp.async.bulk.tensor") < ptx.index("griddepcontrol.wait")  # the ring fills before the wait
-    assert ptx.count("wgmma.mma_async") == (bn // 64) * (128 // 16)  # per 64 rows and k16 of a step, A in registers
+    # per 64 rows of a warpgroup and k16 of a step, A in registers (8 warps: each warpgroup its own 64 rows)
+    assert ptx.count("wgmma.mma_async") == (bn // 64) // (warps // 4) * (128 // 16)
+    assert f"m64n{bm}k16" in ptx
     assert "shfl" not in ptx                                     # the fragment and scale permutations move no data
-    assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128)          # one LOP3 per code pair
+    assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128) // (warps // 4)   # one LOP3 per code pair
 
 
 def test_can_run_and_errors_name_the_problem():
@@ -114,13 +119,16 @@ def test_can_run_and_errors_name_the_problem():
 
     assert can_run(16, 4096, 4096, 128, 4, torch.bfloat16) == (True, "")
     assert "8-bit container" in can_run(1, 4096, 4096, 128, 8, torch.bfloat16)[1]
-    assert "M=17 is outside 1..16" in can_run(17, 4096, 4096, 128, 4, torch.bfloat16)[1]
+    assert can_run(32, 4096, 4096, 128, 4, torch.bfloat16) == (True, "")
+    assert "M=33 is outside 1..32" in can_run(33, 4096, 4096, 128, 4, torch.bfloat16)[1]
+    assert "M=17 is outside 1..16" in can_run(17, 4096, 4096, 128, 4, torch.bfloat16, RingConfig(block_m=16))[1]
     assert "M=9 is outside 1..8" in can_run(9, 4096, 4096, 128, 4, torch.bfloat16, RingConfig(block_m=8))[1]
     assert "not bf16/fp16" in can_run(1, 4096, 4096, 128, 4, torch.float32)[1]
     assert "group 64 must be multiples of block_k 128" in can_run(1, 4096, 4096, 64, 4, torch.bfloat16)[1]
     assert "N=48 is not a multiple of 32" in can_run(1, 48, 4096, 128, 4, torch.bfloat16)[1]
     assert default_config(1, 4096, 4096).block_n == 128 and default_config(16, 8192, 8192).block_m == 16
-    with pytest.raises(ValueError, match=r"ring_wna16 runs 1 <= M <= 16; got M=0"):
+    assert default_config(17, 8192, 8192).block_m == 32 and default_config(32, 28672, 4096).warps == 8
+    with pytest.raises(ValueError, match=r"ring_wna16 runs 1 <= M <= 32; got M=0"):
         default_config(0, 64, 128)
     x = torch.zeros(2, 256, dtype=torch.bfloat16)
     p, s = torch.zeros(32, 48, dtype=torch.int32), torch.zeros(2, 48)
@@ -129,6 +137,8 @@ def test_can_run_and_errors_name_the_problem():
     p, s = torch.zeros(32, 64, dtype=torch.int32), torch.zeros(2, 64)
     with pytest.raises(ValueError, match=r"needs block_n 64/128"):
         ring_wna16(x, p, s, None, 128, cfg=RingConfig(block_n=32))
+    with pytest.raises(ValueError, match=r"warps 4, or 8 with block_n 128"):
+        ring_wna16(x, p, s, None, 128, cfg=RingConfig(block_n=64, warps=8))
 
 
 def test_dispatch_says_why_the_ring_kernel_is_not_used():
@@ -146,7 +156,7 @@ def test_dispatch_says_why_the_ring_kernel_is_not_used():
 
 
 # ---- natively on the H100 ------------------------------------------------------------------------------------
-# RingConfig(block_n, block_k, stages, waves, split_k, block_m, pdl, x_vec)
+# RingConfig(block_n, block_k, stages, waves, split_k, block_m, pdl, x_vec, warps)
 @pytest.mark.accelerator
 @pytest.mark.parametrize("m,dtype,asym,cfg", [
     (1, torch.bfloat16, False, None),
@@ -158,6 +168,10 @@ def test_dispatch_says_why_the_ring_kernel_is_not_used():
     (9, torch.bfloat16, False, None),
     (16, torch.float16, True, (64, 128, 3, 2, 5, 16)),      # one step per split
     (5, torch.bfloat16, True, (64, 64, 6, 2, 0, 8)),        # BK 64, ring deeper than the slice
+    (32, torch.float16, False, None),                       # the M <= 32 bucket's default (BM 32)
+    (17, torch.bfloat16, True, (64, 128, 2, 4, 3, 32)),     # BM 32, 3 ragged splits
+    (24, torch.bfloat16, True, (128, 128, 2, 1, 0, 32, False, True, 8)),   # two warpgroups; N = 96: one masked
+    (6, torch.float16, False, (128, 128, 3, 1, 2, 8, False, True, 8)),     # two warpgroups at BM 8
 ])
 def test_ring_wna16_native(m, dtype, asym, cfg):
     from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, ring_wna16
@@ -171,7 +185,8 @@ def test_ring_wna16_native(m, dtype, asym, cfg):
 
 
 @pytest.mark.accelerator
-@pytest.mark.parametrize("m,asym,act_order", [(1, False, False), (4, True, False), (16, False, True)])
+@pytest.mark.parametrize("m,asym,act_order", [(1, False, False), (4, True, False), (16, False, True), (20, True, True),
+                                              (32, False, False)])
 def test_wna16_dispatch_runs_the_ring_kernel_at_a_llama_shape(m, asym, act_order):
     w = make_int_weight(6144, 4096, 4, 128, asym, act_order, torch.Generator().manual_seed(m))
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)

@@ -1,4 +1,4 @@
-"""W4A16 at M <= 16 on Hopper: packed words streamed by TMA through a shared-memory ring (Gluon; sm_90).
+"""W4A16 at M <= 32 on Hopper: packed words streamed by TMA through a shared-memory ring (Gluon; sm_90).
 
 Same weights as `tc_wna16` / `skinny_wna16` (packed [K/8, N] int32, code i of row j is k = 8j + i at bits 4i;
 scale [G, N] fp32; zero [G, N] fp32 holding 2**23 + zero, or one constant for symmetric checkpoints).
@@ -6,7 +6,7 @@ The register-prefetch kernels were limited by the weight bytes in flight per SM 
 here the next STAGES K steps of words, scales and zeros are in flight as TMA copies into shared memory, which
 costs no registers, and each step waits on its own mbarrier.
 
-Per program: BN = 64 (one warpgroup) or 128 columns, a K slice of K_PER_SPLIT rows in BK-row steps (BK
+Per program: BN = 64 (one warpgroup) or 128 columns (in one warpgroup, or in two that share the activations), a K slice of K_PER_SPLIT rows in BK-row steps (BK
 divides the scale group):
 - the words are read through a 3-D view [N/32 column boxes, K/8 rows, 32 columns] with the 128-byte swizzle
   (16-byte chunk ^= row & 7); each thread takes rows j0, j1 and columns c0, c1, c4 from its lane, so the
@@ -18,7 +18,7 @@ divides the scale group):
 - the step's MMA starts from zero and its [BN, BM] fp32 result is scaled by the group scale once per column
   (s * sum (q - z) x): no per-code scale multiply and no rounding of the dequantized weight;
 - the activations [BK, BM] (permuted, zero columns past M) are loaded into registers one step ahead and
-  stored to a small shared buffer, the wgmma B operand (BM = 8 for M <= 8, else 16).
+  stored to a small shared buffer, the wgmma B operand (BM = 8 for M <= 8, 16 for M <= 16, else 32).
 Split-K partials are summed by the last program per column tile (the `split_k_triton` protocol).
 H100, M = 1 (bf16 cuBLAS in the same run): 8192² 16.4 us (47.0), 4096 x 28672 24.6 us (81.5, 85% of copy).
 Gluon does not run under TRITON_INTERPRET: the CPU tests check `ring_reference` (the same scale-after-MMA
@@ -39,7 +39,7 @@ from quantrt.platforms.cuda.kernels._common import pdl_supported
 from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
 from quantrt.quant.formats.packing import unpack_lsb
 
-MAX_M = 16
+MAX_M = 32
 
 
 def _asm_qz(magic: str, one: str, fma: str) -> str:
@@ -62,14 +62,15 @@ _ASM_QZ_F16_C = gl.constexpr(_ASM_QZ_F16)
 
 @dataclass(frozen=True)
 class RingConfig:
-    block_n: int = 64        # 64 (one warpgroup) or 128
+    block_n: int = 64        # 64 (one warpgroup) or 128 (one or two warpgroups: `warps`)
     block_k: int = 128       # 32..128, divides the scale group
     stages: int = 2          # K steps of words in flight per program
     waves: int = 4           # split K to about this many programs per SM
     split_k: int = 0         # fixed split (0: from waves)
-    block_m: int = 8         # wgmma N: 8 (M <= 8) or 16
+    block_m: int = 8         # wgmma N: 8 (M <= 8), 16 or 32
     pdl: bool = False        # programmatic dependent launch (measured slower on the H100: off)
     x_vec: bool = True       # activations loaded as 16-byte vectors in k order, permuted in registers
+    warps: int = 4           # 4, or 8 with block_n 128: one warpgroup per 64 columns, sharing the activations
 
 
 @gluon.jit
@@ -213,26 +214,29 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         mbarrier.invalidate(bars.index(i))
 
 
-def _p_layout(rk: int, bn: int) -> gl.DistributedLinearLayout:
+def _p_layout(rk: int, bn: int, warps: int = 4) -> gl.DistributedLinearLayout:
     """The words tile [NB, RK, 32] (n = 32 box + c) in the wgmma A-fragment order (after `_frag_k`): lanes
     (j0, j1, c0, c1, c4), registers (c2, j2.., box1), warps (c3, box0). With the 128-byte swizzle (16-byte chunk
     ^= row & 7) the 32 lanes of every ld.shared hit 32 different banks."""
-    regs = [[0, 0, 4]] + [[0, 1 << b, 0] for b in range(2, rk.bit_length() - 1)] + ([[2, 0, 0]] if bn == 128 else [])
+    box1 = [[2, 0, 0]] if bn == 128 else []   # in registers, or (8 warps) on the second warpgroup
+    regs = [[0, 0, 4]] + [[0, 1 << b, 0] for b in range(2, rk.bit_length() - 1)] + (box1 if warps == 4 else [])
     return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2],
                                                                   [0, 0, 16]],
-                                      warp_bases=[[0, 0, 8], [1, 0, 0]], block_bases=[], shape=[bn // 32, rk, 32])
+                                      warp_bases=[[0, 0, 8], [1, 0, 0]] + (box1 if warps == 8 else []),
+                                      block_bases=[], shape=[bn // 32, rk, 32])
 
 
-def _s_layout(bn: int) -> gl.DistributedLinearLayout:
+def _s_layout(bn: int, warps: int = 4) -> gl.DistributedLinearLayout:
     """The [BN] scales by column, held by the threads whose MMA rows hold those columns (quad lanes broadcast)."""
-    return gl.DistributedLinearLayout(reg_bases=[[4]] + ([[64]] if bn == 128 else []),
-                                      lane_bases=[[0], [0], [1], [2], [16]], warp_bases=[[8], [32]],
-                                      block_bases=[], shape=[bn])
+    box1 = [[64]] if bn == 128 else []
+    return gl.DistributedLinearLayout(reg_bases=[[4]] + (box1 if warps == 4 else []),
+                                      lane_bases=[[0], [0], [1], [2], [16]],
+                                      warp_bases=[[8], [32]] + (box1 if warps == 8 else []), block_bases=[], shape=[bn])
 
 
 def can_run(m: int, n: int, k: int, group: int, bits: int, dtype: torch.dtype, cfg: RingConfig | None = None
             ) -> tuple[bool, str]:
-    """(True, '') or (False, why): 4-bit container, 1 <= M <= block_m (<= 16), bf16/fp16 x, K and group
+    """(True, '') or (False, why): 4-bit container, 1 <= M <= block_m (<= 32), bf16/fp16 x, K and group
     multiples of block_k, N a multiple of 32 (the [N/32, K/8, 32] TMA view)."""
     if bits != 4:
         return False, f"{bits}-bit container (ring_wna16 reads 4-bit words)"
@@ -248,35 +252,38 @@ def can_run(m: int, n: int, k: int, group: int, bits: int, dtype: torch.dtype, c
     return True, ""
 
 
-# (M bucket 1 / 8 / 16, K, N) -> RingConfig fields; H100 sweep (bench/_ring_sweep.py, docs/PERFORMANCE.md)
+# (M bucket 1 / 8 / 16 / 32, K, N) -> RingConfig fields; H100 sweep (bench/_ring_sweep.py, docs/PERFORMANCE.md)
 _TILES: dict[tuple[int, int, int], tuple] = {
     (1, 4096, 4096): (128, 128, 2, 2, 0, 8),      # 7.7-8.0 us
     (1, 4096, 28672): (128, 128, 4, 1, 0, 8),     # 24.6-26.8 us
     (8, 4096, 28672): (128, 128, 2, 2, 0, 8),     # 28.1 us at M = 8
     (16, 4096, 4096): (64, 128, 3, 2, 0, 16),     # 9.4 us
+    (32, 4096, 28672): (128, 128, 2, 1, 0, 32, False, True, 8),   # 36.0 us (4 warps: 46+)
 }
-_DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 2, 3, 0, 16)}
+_DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 2, 3, 0, 16),
+            32: (64, 128, 2, 2, 0, 32)}
 
 
 def default_config(m: int, n: int, k: int) -> RingConfig:
     """The swept tile for (M bucket, K, N), else the bucket's default (8192² / 14336 x 4096 took it too)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
-    b = 1 if m == 1 else 8 if m <= 8 else 16
+    b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
     return RingConfig(*_TILES.get((b, k, n), _DEFAULT[b]))
 
 
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                zero_const: float = 8.0, cfg: RingConfig | None = None) -> torch.Tensor:
-    """x [M <= 16, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
+    """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
     None with every zero point `zero_const` -> [M, N]."""
     m, k = x.shape
     n = packed.shape[1]
     cfg = cfg or default_config(m, n, k)
     ok, why = can_run(m, n, k, group, 4, x.dtype, cfg)
-    if not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16) or not 32 <= cfg.block_k <= 128:
-        raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16, "
-                         f"block_k 32..128)")
+    if (not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16, 32) or not 32 <= cfg.block_k <= 128
+            or cfg.warps not in (4, 8) or cfg.warps == 8 and cfg.block_n != 128):
+        raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16/32, "
+                         f"block_k 32..128, warps 4, or 8 with block_n 128)")
     if x.stride(1) != 1:
         x = x.contiguous()
     bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
@@ -285,12 +292,13 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
-    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 16])
+    nw = cfg.warps
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, bm, 16])
     if cfg.x_vec:   # [BM, BK]: 8 contiguous k per thread (one 16-byte load), 16 threads along k
-        x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+        x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[nw, 1],
                                     order=[1, 0])
     else:
-        x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[4, 1],
+        x_layout = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1], warps_per_cta=[nw, 1],
                                     order=[0, 1])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 64 else 64, element_bitwidth=16, rank=2,
                                   transposed=True)
@@ -298,7 +306,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        _p_layout(bk // 8, bn), _s_layout(bn), x_layout, mma, x_smem, num_warps=4,
+        _p_layout(bk // 8, bn, nw), _s_layout(bn, nw), x_layout, mma, x_smem, num_warps=nw,
         **({"launch_pdl": True} if pdl else {}))
     return y
 
