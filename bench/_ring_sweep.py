@@ -1,4 +1,4 @@
-"""Sweep of the Gluon TMA-ring kernels on the H100: `ring_wna16` (W4A16 g128, M <= 16) next to bf16 cuBLAS,
+"""Sweep of the Gluon TMA-ring kernels on the H100: `ring_wna16` (W4A16 g128, M <= 32) next to bf16 cuBLAS,
 torch's tinygemm and the W4A16 dispatch (`w4a16_g128`), and `ring_fp8` (W8A8 per-channel x per-token) next to
 the fp8 dispatch (`fp8_ch_tok`; run with QUANTRT_CUDA_RING=0 so the baselines keep their old paths).
 
@@ -20,7 +20,7 @@ from _sweep_common import Cells, precompile, sweep_args  # bench/ is sys.path[0]
 
 SHAPES = [(8192, 8192), (14336, 4096), (4096, 28672), (4096, 6144), (4096, 4096)]
 MS = [1, 2, 8, 16]
-# RingConfig(block_n, block_k, stages, waves, split_k, block_m[, pdl]); block_m 8 only runs at M <= 8
+# RingConfig(block_n, block_k, stages, waves, split_k, block_m[, pdl, x_vec, warps]); block_m 8 only runs at M <= 8
 CFGS = [(64, 128, 4, 2, 0, 8), (64, 128, 6, 2, 0, 8), (64, 128, 8, 2, 0, 8), (64, 128, 6, 1, 0, 8),
         (64, 128, 6, 4, 0, 8), (64, 128, 8, 1, 0, 8), (128, 128, 4, 1, 0, 8), (128, 128, 6, 1, 0, 8),
         (64, 64, 8, 2, 0, 8), (64, 128, 6, 2, 0, 16), (64, 128, 8, 1, 0, 16), (128, 128, 4, 1, 0, 16)]
