@@ -325,40 +325,45 @@ def kernel_shapes() -> dict:
           "| native int_gemm (fp32 x) |")
     print("|---|---|---|---|---|---|---|")
     for name, (n, k) in shapes.items():
-        copies = 1 if n > 10000 else 30
-        x = torch.randn(1, k)
-        xb = x.bfloat16()
-        w = [torch.randn(n, k) for _ in range(copies)]
-        packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
-                  for _ in range(copies)]
-        sz = [torch.rand(k // 32, n, 2).bfloat16() for _ in range(copies)]
-        c8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
-        s8 = [torch.rand(n).bfloat16() for _ in range(copies)]
-        wp = [torch.ops.mkldnn._reorder_linear_weight(t, 16) for t in w]
-        wb = [t.bfloat16() for t in w]
-        bits = 8 if n > 10000 else 4
-        nq = [torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8).view(torch.int8 if bits == 8 else torch.uint8)
-              for _ in range(copies)]
-        ns = [torch.rand(n, k // 32).half() for _ in range(copies)]
-        nm = [torch.rand(n, k // 32).half() if bits == 4 else None for _ in range(copies)]
-        reps = 5 if n > 10000 else 60
-        it = iter(range(10**9))
-
-        def nxt() -> int:
-            return next(it) % copies
-
-        row = {"int4": clock(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[(i := nxt())], 32, sz[i]), reps),
-               "int8": clock(lambda: torch.ops.aten._weight_int8pack_mm(xb, c8[(i := nxt())], s8[i]), reps),
-               "fp32_onednn": clock(lambda: torch.ops.mkldnn._linear_pointwise(x, wp[nxt()], None, "none", [], ""), reps),
-               "fp32": clock(lambda: torch.nn.functional.linear(x, w[nxt()]), reps),
-               "bf16": clock(lambda: torch.nn.functional.linear(xb, wb[nxt()]), reps)}
-        if native:
-            row["native"] = clock(lambda: torch.ops.quantrt_cpu.int_gemm(x, nq[(i := nxt())], ns[i], nm[i], bits, None),
-                                  reps)
-        del w, packed, sz, c8, s8, wp, wb, nq, ns, nm
+        row = _shape_row(n, k, clock, native)
         out[name] = row
         print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in row.values()) + " |", flush=True)
     return {"kernels_us": out, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+
+
+def _shape_row(n: int, k: int, clock, native: bool) -> dict:
+    """One row of `kernel_shapes`: each CPU linear path on [N, K], cycling through `copies` weights."""
+    copies = 1 if n > 10000 else 30
+    x = torch.randn(1, k)
+    xb = x.bfloat16()
+    w = [torch.randn(n, k) for _ in range(copies)]
+    packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+              for _ in range(copies)]
+    sz = [torch.rand(k // 32, n, 2).bfloat16() for _ in range(copies)]
+    c8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
+    s8 = [torch.rand(n).bfloat16() for _ in range(copies)]
+    wp = [torch.ops.mkldnn._reorder_linear_weight(t, 16) for t in w]
+    wb = [t.bfloat16() for t in w]
+    bits = 8 if n > 10000 else 4
+    nq = [torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8).view(torch.int8 if bits == 8 else torch.uint8)
+          for _ in range(copies)]
+    ns = [torch.rand(n, k // 32).half() for _ in range(copies)]
+    nm = [torch.rand(n, k // 32).half() if bits == 4 else None for _ in range(copies)]
+    reps = 5 if n > 10000 else 60
+    it = iter(range(10**9))
+
+    def nxt() -> int:
+        return next(it) % copies
+
+    row = {"int4": clock(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed[(i := nxt())], 32, sz[i]), reps),
+           "int8": clock(lambda: torch.ops.aten._weight_int8pack_mm(xb, c8[(i := nxt())], s8[i]), reps),
+           "fp32_onednn": clock(lambda: torch.ops.mkldnn._linear_pointwise(x, wp[nxt()], None, "none", [], ""), reps),
+           "fp32": clock(lambda: torch.nn.functional.linear(x, w[nxt()]), reps),
+           "bf16": clock(lambda: torch.nn.functional.linear(xb, wb[nxt()]), reps)}
+    if native:
+        row["native"] = clock(lambda: torch.ops.quantrt_cpu.int_gemm(x, nq[(i := nxt())], ns[i], nm[i], bits, None),
+                              reps)
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
