@@ -6,8 +6,8 @@ The register-prefetch kernels were limited by the weight bytes in flight per SM 
 here the next STAGES K steps of words, scales and zeros are in flight as TMA copies into shared memory, which
 costs no registers, and each step waits on its own mbarrier.
 
-Per program: BN = 64 (one warpgroup) or 128 columns (in one warpgroup, or in two that share the activations), a K slice of K_PER_SPLIT rows in BK-row steps (BK
-divides the scale group):
+Per program: BN = 64 (one warpgroup) or 128 columns (in one warpgroup, or in two that share the activations),
+a K slice of K_PER_SPLIT rows in BK-row steps (BK divides the scale group):
 - the words are read through a 3-D view [N/32 column boxes, K/8 rows, 32 columns] with the 128-byte swizzle
   (16-byte chunk ^= row & 7); each thread takes rows j0, j1 and columns c0, c1, c4 from its lane, so the
   32 lanes of every ld.shared hit 32 different banks (`_p_layout`);
@@ -216,8 +216,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
 
 def _p_layout(rk: int, bn: int, warps: int = 4) -> gl.DistributedLinearLayout:
     """The words tile [NB, RK, 32] (n = 32 box + c) in the wgmma A-fragment order (after `_frag_k`): lanes
-    (j0, j1, c0, c1, c4), registers (c2, j2.., box1), warps (c3, box0). With the 128-byte swizzle (16-byte chunk
-    ^= row & 7) the 32 lanes of every ld.shared hit 32 different banks."""
+    (j0, j1, c0, c1, c4), registers (c2, j2.., box1), warps (c3, box0; box1 with 8 warps). With the 128-byte
+    swizzle (16-byte chunk ^= row & 7) the 32 lanes of every ld.shared hit 32 different banks."""
     box1 = [[2, 0, 0]] if bn == 128 else []   # in registers, or (8 warps) on the second warpgroup
     regs = [[0, 0, 4]] + [[0, 1 << b, 0] for b in range(2, rk.bit_length() - 1)] + (box1 if warps == 4 else [])
     return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2],
