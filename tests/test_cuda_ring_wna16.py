@@ -101,8 +101,8 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
         mma, x_smem], num_warps=warps)
 
 
-@pytest.mark.parametrize("bn,bm,dtype,asym,warps", [(64, 8, torch.bfloat16, False, 4), (128, 16, torch.float16, True, 4),
-                                                    (128, 32, torch.bfloat16, False, 8)])
+@pytest.mark.parametrize("bn,bm,dtype,asym,warps", [
+    (64, 8, torch.bfloat16, False, 4), (128, 16, torch.float16, True, 4), (128, 32, torch.bfloat16, False, 8)])
 def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     ptx = _compile_sm90(bn, bm, dtype, asym, warps)
     assert "cp.async.bulk.tensor.3d" in ptx and "mbarrier.try_wait" in ptx
