@@ -80,8 +80,6 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4) -> str:
-    from triton.experimental.gluon import language as gl
-
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -91,14 +89,10 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     scale = torch.zeros(k // 128, n)
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
-    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, bm, 16])
-    x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[warps, 1],
-                                order=[1, 0])
-    x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=True)
+    layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps))
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-        dtype == torch.bfloat16, asym, True, True, R._p_layout(bk // 8, bn, warps), R._s_layout(bn, warps), x_layout,
-        mma, x_smem], num_warps=warps)
+        dtype == torch.bfloat16, asym, True, True, *layouts], num_warps=warps)
 
 
 @pytest.mark.parametrize("bn,bm,dtype,asym,warps", [

@@ -292,8 +292,18 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
-    nw = cfg.warps
-    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, bm, 16])
+    pdl = cfg.pdl and pdl_supported(x)
+    _ring_w4_kernel[(n_tiles, split)](
+        x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
+        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
+        *launch_layouts(cfg), num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+def launch_layouts(cfg: RingConfig) -> tuple:
+    """The kernel's layout constexprs for `cfg`, in argument order: words, scales, activation loads, MMA, B buffer."""
+    nw, bk = cfg.warps, cfg.block_k
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, cfg.block_m, 16])
     if cfg.x_vec:   # [BM, BK]: 8 contiguous k per thread (one 16-byte load), 16 threads along k
         x_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[nw, 1],
                                     order=[1, 0])
@@ -302,13 +312,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                                     order=[0, 1])
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 64 else 64, element_bitwidth=16, rank=2,
                                   transposed=True)
-    pdl = cfg.pdl and pdl_supported(x)
-    _ring_w4_kernel[(n_tiles, split)](
-        x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
-        k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        _p_layout(bk // 8, bn, nw), _s_layout(bn, nw), x_layout, mma, x_smem, num_warps=nw,
-        **({"launch_pdl": True} if pdl else {}))
-    return y
+    return _p_layout(bk // 8, cfg.block_n, nw), _s_layout(cfg.block_n, nw), x_layout, mma, x_smem
 
 
 def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -321,4 +325,4 @@ def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 
-__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "ring_reference", "ring_wna16"]
+__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "launch_layouts", "ring_reference", "ring_wna16"]
