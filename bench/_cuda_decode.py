@@ -11,6 +11,8 @@ index_copy KV writes, torch residual add + RMSNorm, silu * up): the A/B of the f
 `quantrt bf16 (cuBLAS dense)` runs the unquantized linears on cuBLAS (F.linear) instead of the Triton dense
 GEMV (`TritonDenseGemvKernel`, batch 1) and launches without PDL (QUANTRT_CUDA_PDL=0): the code before that
 kernel, in the same run; `quantrt bf16 (no PDL)` is the GEMV without programmatic dependent launch.
+Any config name + " (no overlap)" runs it with `--disable-overlap-schedule` (each decode step's tokens are read
+before the next step is queued): the overlap schedule's A/B in one run.
 `--profile`: per config, the kernels of 32 graph-replayed decode steps at each batch (torch.profiler, CUDA activity
 only), per step: calls, µs, share of the kernel time; the step time minus the kernel time is launch gaps.
 """
@@ -381,6 +383,7 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt bf16 (no PDL)": {"no_pdl": True},
            "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True}}
+NO_OVERLAP = " (no overlap)"    # any config + this suffix: the same engine with --disable-overlap-schedule
 
 
 def print_table(rows: list[dict], bw: float) -> None:
@@ -418,7 +421,8 @@ def run_cuda(args) -> list[dict]:
             if name == "hf transformers bf16":
                 bench_hf(path, args, bw, rows, ref)
             else:
-                kw = dict(CONFIGS[name])
+                base = name.removesuffix(NO_OVERLAP)
+                kw = dict(CONFIGS[base], **({"disable_overlap_schedule": True} if base != name else {}))
                 src = path
                 if kw.pop("gptq", False):
                     t0 = time.perf_counter()

@@ -70,6 +70,7 @@ class ServerArgs:
     chunked_prefill_size: int = 512            # -1 disables chunked prefill
     page_size: int = 16
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False     # queue greedy decode step N+1 before reading step N's tokens
     cuda_graph_max_bs: int | None = None       # None = min(max_running_requests, 256)
     random_seed: int | None = None
     # Server
@@ -436,6 +437,9 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="Tokens per prefill chunk; -1 disables chunked prefill.")
     g.add_argument("--page-size", type=int, default=_default("page_size"), help="Tokens per KV page.")
     g.add_argument("--disable-cuda-graph", action="store_true", help="Disable decode graphs (CUDA graphs).")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="Read each decode step's tokens before queuing the next (default: greedy decode steps "
+                        "are queued one ahead on platforms with decode graphs).")
     g.add_argument("--cuda-graph-max-bs", type=int, default=None,
                    help="Largest decode batch run through a graph (default: max running requests, <= 256).")
     g.add_argument("--random-seed", type=int, default=None, help="The random seed.")

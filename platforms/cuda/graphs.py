@@ -14,6 +14,14 @@ Graphs are captured lazily, the first time a (bs, Lb) pair is seen, after two ea
 a side stream (so Triton compiles and lazily allocated kernel state exist before capture), into
 one memory pool shared by every graph. A capture that fails (an op that synchronises with the host,
 or a CPU->GPU copy from pageable memory) disables the runner with the reason; decode runs eagerly.
+
+Overlapped greedy steps (`launch_greedy` / `tokens`, the scheduler's overlap schedule): a step is
+queued without waiting for the GPU: its inputs go through a pinned host buffer (two per graph, used
+in turn, so the buffer of the step still in flight is never rewritten), the argmax after the replay
+writes the device token buffer `[max_bs]`, and an async copy of it to a pinned host row plus an event
+tell the host when the tokens can be read. A chained step names, per row, the row of the previous
+launch whose token is its input: one gather on the device fills the ids column, so a sequence's
+token never has to reach the host before the next step is queued.
 """
 
 from __future__ import annotations
@@ -67,17 +75,22 @@ def len_bucket(length: int, max_len: int) -> int | None:
     return min(-(-length // step) * step, cap)
 
 
-def pack_inputs(d: DecodeInputs, bs: int, lb: int) -> torch.Tensor:
-    """DecodeInputs (B rows, L <= lb columns) -> host buffer [bs, 4 + lb] int64, rows B.. repeating row 0."""
+def pack_inputs(d: DecodeInputs, bs: int, lb: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """DecodeInputs (B rows, L <= lb columns) -> host buffer [bs, 4 + lb] int64, rows B.. repeating row 0
+    (written into `out`, e.g. a pinned buffer, when given)."""
     b, length = d.batch, d.kv_slots.shape[1]
     if not 1 <= b <= bs or length > lb:
         raise ValueError(f"batch {b} x length {length} does not fit the graph's {bs} x {lb}")
-    host = np.zeros((bs, META_COLS + lb), dtype=np.int64)   # numpy: each step pays this on the host
+    if out is None:
+        host = np.zeros((bs, META_COLS + lb), dtype=np.int64)   # numpy: each step pays this on the host
+    else:
+        host = out.numpy()
+        host[:, META_COLS + length:] = 0
     for col, t in enumerate((d.ids, d.positions, d.out_slots, d.kv_lens)):
         host[:b, col] = t.numpy()
     host[:b, META_COLS:META_COLS + length] = d.kv_slots.numpy()
     host[b:] = host[0]
-    return torch.from_numpy(host)
+    return torch.from_numpy(host) if out is None else out
 
 
 class GraphBackend(Protocol):
@@ -118,6 +131,15 @@ class _Graph:
     buf: torch.Tensor        # [bs, 4 + Lb] int64 on the device: the static inputs
     handle: Any
     out: torch.Tensor        # [bs, V] static logits
+    staging: list[torch.Tensor]  # two [bs, 4 + Lb] int64 host buffers (pinned on CUDA) for queued steps
+
+
+@dataclass
+class GreedyStep:
+    """A queued greedy decode step: its B tokens are in `host` once `event` (None: already) has fired."""
+
+    host: torch.Tensor       # [B] int64, pinned on CUDA
+    event: Any
 
 
 class DecodeGraphRunner:
@@ -136,6 +158,10 @@ class DecodeGraphRunner:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.disabled: str | None = None     # why graphs stopped (a failed capture)
         self.replays = 0
+        self._pinned = device.type == "cuda"
+        self._tokens = torch.zeros(max_bs, dtype=torch.long, device=device)  # [max_bs] last greedy step's tokens
+        self._tokens_host = [self._host_buffer((max_bs,)) for _ in range(2)]   # its host copies, used in turn
+        self._launches = 0                   # greedy launches so far (picks the host buffers in turn)
 
     def key(self, batch: int, length: int) -> tuple[int, int] | None:
         """(padded batch, length bucket) for a step, or None when it must run eagerly."""
@@ -146,8 +172,11 @@ class DecodeGraphRunner:
         cols = [buf[:, i].contiguous() for i in range(META_COLS)]
         return (*cols, buf[:, META_COLS:])
 
-    def _capture(self, key: tuple[int, int], host: torch.Tensor) -> _Graph | None:
-        buf = host.to(self.device)   # allocated before capture: outside the graph pool
+    def _host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.long, pin_memory=self._pinned)
+
+    def _capture(self, key: tuple[int, int], buf: torch.Tensor) -> _Graph | None:
+        """buf: the step's inputs on the device, allocated before capture (outside the graph pool)."""
         try:
             handle, out = self.backend.capture(lambda: self.forward(*self._views(buf)))
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly from now on
@@ -155,23 +184,67 @@ class DecodeGraphRunner:
             log.warning("decode graphs disabled, running eagerly: %s", self.disabled)
             return None
         log.info("captured a decode graph for batch %d, KV length %d", *key)
-        return _Graph(buf, handle, out)
+        return _Graph(buf, handle, out, [self._host_buffer(tuple(buf.shape)) for _ in range(2)])
 
-    def run(self, d: DecodeInputs) -> torch.Tensor | None:
+    def _prepare(self, d: DecodeInputs, queued: bool = False, chained: bool = False) -> _Graph | None:
+        """The graph for `d` with `d` in its input buffer (captured now if new), or None: run eagerly.
+        queued: copy through the pinned staging buffer without waiting; chained: see `launch_greedy`."""
         if self.disabled is not None:
             return None
         key = self.key(d.batch, d.kv_slots.shape[1])
         if key is None:
             return None
-        host = pack_inputs(d, *key)
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(key, host)
+            buf = pack_inputs(d, *key).to(self.device)
+            if chained:
+                self._chain_ids(buf)
+            g = self._capture(key, buf)
             if g is None:
                 return None
             self.graphs[key] = g
-        else:
-            g.buf.copy_(host)
+            return g
+        host = pack_inputs(d, *key, out=g.staging[self._launches % 2] if queued else None)
+        g.buf.copy_(host, non_blocking=queued)
+        if chained:
+            self._chain_ids(g.buf)
+        return g
+
+    def _chain_ids(self, buf: torch.Tensor) -> None:
+        # buf[:, 0] holds rows of the previous greedy launch: replace them by that launch's tokens
+        buf[:, 0] = self._tokens[buf[:, 0]]
+
+    def run(self, d: DecodeInputs) -> torch.Tensor | None:
+        g = self._prepare(d)
+        if g is None:
+            return None
         self.backend.replay(g.handle)
         self.replays += 1
         return g.out[: d.batch].clone()
+
+    def launch_greedy(self, d: DecodeInputs, chained: bool = False) -> GreedyStep | None:
+        """Queue the step and its argmax without waiting for the GPU; None when it must run eagerly.
+        chained: d.ids[i] is not a token but the row of the previous `launch_greedy` whose token is
+        row i's input (that token stays on the device)."""
+        g = self._prepare(d, queued=True, chained=chained)
+        if g is None:
+            return None
+        self.backend.replay(g.handle)
+        self.replays += 1
+        b = d.batch
+        torch.argmax(g.out[:b], dim=-1, out=self._tokens[:b])
+        host = self._tokens_host[self._launches % 2][:b]
+        host.copy_(self._tokens[:b], non_blocking=self._pinned)
+        self._launches += 1
+        event = None
+        if self._pinned:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return GreedyStep(host, event)
+
+    @staticmethod
+    def tokens(step: GreedyStep) -> list[int]:
+        """The queued step's tokens (waits for that step only, not for steps queued after it)."""
+        if step.event is not None:
+            step.event.synchronize()
+        return step.host.tolist()

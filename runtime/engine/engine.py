@@ -77,13 +77,23 @@ class Engine:
                                 args.max_running_requests, self.context_len)
         self.scheduler = Scheduler(runner, self.allocator, StopChecker(self.tokenizer, _eos_ids(self.tokenizer, c)),
                                    args.max_running_requests, args.chunked_prefill_size or args.max_prefill_tokens
-                                   or 8192, self.context_len)
+                                   or 8192, self.context_len,
+                                   overlap=not args.disable_overlap_schedule and runner.can_overlap())
+        log.info("overlap schedule: %s", self.overlap_status())
         self._rng = torch.Generator().manual_seed(args.random_seed if args.random_seed is not None
                                                   else random.randrange(2**31))
         info = self.kv_info()
         log.info("KV cache: %d tokens (%d pages of %d), %d bytes/token, %s (%s), %.0f tokens/GiB "
                  "(%.2fx bf16)", info["max_total_tokens"], num_pages, ps, info["bytes_per_token"],
                  info["kv_cache_dtype"], info["storage"], info["tokens_per_gib"], info["capacity_vs_bf16"])
+
+    def overlap_status(self) -> str:
+        """'on' or 'off: why', as the startup log and `quantrt env` print it."""
+        if self.server_args.disable_overlap_schedule:
+            return "off: --disable-overlap-schedule"
+        if not self.scheduler.runner.can_overlap():
+            return "off: needs decode graphs (" + self.scheduler.runner.graph_status() + ")"
+        return "on (greedy decode steps without penalties or logprobs)"
 
     def kv_info(self) -> dict[str, Any]:
         """The KV cache as /get_server_info and `quantrt env` show it (see engine/kv_info.py)."""

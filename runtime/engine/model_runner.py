@@ -105,20 +105,38 @@ class ModelRunner:
                           kv_pool=self.kv_pool, is_decode=True, kv_slots=kv_slots, kv_lens_t=kv_lens)
         return self.model(fb)
 
-    def _decode_inputs(self, works: list[Work]):
+    # -- overlapped greedy decode ------------------------------------------------------------
+    def can_overlap(self) -> bool:
+        """Whether greedy decode steps can be queued ahead (a graph runner with `launch_greedy`)."""
+        return self.graphs is not None and not self.graphs.disabled and hasattr(self.graphs, "launch_greedy")
+
+    @torch.inference_mode()
+    def launch_greedy(self, works: list[Work], chain: list[int] | None = None) -> Any:
+        """Queue a decode step and its argmax without waiting for the device; a handle for
+        `greedy_tokens`, or None when the step must run through `run_batch`. chain[i]: the row of the
+        previously launched step whose token is work i's input (works[i].start = that token's position)."""
+        if not self.can_overlap() or not is_graph_decode(works):
+            return None
+        return self.graphs.launch_greedy(self._decode_inputs(works, chain), chained=chain is not None)
+
+    def greedy_tokens(self, handle: Any) -> list[int]:
+        """The tokens of a launched step, one per work (waits for that step only)."""
+        return self.graphs.tokens(handle)
+
+    def _decode_inputs(self, works: list[Work], chain: list[int] | None = None):
         from quantrt.platform.interface import DecodeInputs
 
         # a decode step runs this once per step, so it is built in one pass over the works with numpy (a torch
         # op on small host tensors costs ~10 us, a numpy one ~1 us): at batch 64 that is most of the host work
         b, ps = len(works), self.page_size
-        ids, starts, outs, rows = [], [], [], []
+        starts, outs, rows = [], [], []
         for w in works:
             s, pages = w.start, w.req.pages
             last = s // ps
-            ids.append(w.req.token_at(s))
             starts.append(s)
             outs.append(pages[last] * ps + s % ps)
             rows.append(pages[: last + 1])
+        ids = chain if chain is not None else [w.req.token_at(w.start) for w in works]
         lmax = max(starts) + 1
         npages = -(-lmax // ps)
         table = np.zeros((b, npages), dtype=np.int64)                                       # [B, P] page ids

@@ -3,11 +3,23 @@
 Each step either prefills (new requests and the next chunk of partly prefilled ones, up to
 `chunk_size` tokens) or decodes one token for every running request. When the KV pool runs out
 during decode, the newest request is preempted and recomputed later (its prefix pages stay cached).
+
+Overlap schedule (SGLang's default; `--disable-overlap-schedule` turns it off): when every running
+request samples greedily without penalties or logprobs and the platform can queue a decode step
+(`ModelRunner.launch_greedy`: CUDA graphs), decode step N+1 is queued before step N's tokens are read,
+its input tokens taken on the device from step N's argmax. The host then appends step N's tokens,
+checks stops and builds step N+2's inputs while the device computes N+1, so a decode step costs
+max(host, device) instead of their sum. A request that stops at step N (EOS, a stop string) has
+one row of step N+1 computed and dropped; one whose length limit ends it at N is left out of N+1.
+The schedule drains (the next step runs synchronously) when a waiting request can start, when pages
+run short, or when a step cannot be queued.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,14 +30,24 @@ from quantrt.engine.sampler import sample, token_logprobs
 from quantrt.engine.stop import StopChecker
 
 
+@dataclass
+class _Queued:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+
+    works: list[Work]
+    handle: Any          # ModelRunner.launch_greedy's handle
+
+
 class Scheduler:
     def __init__(self, runner: ModelRunner, allocator: PageAllocator, stop: StopChecker,
-                 max_running: int, chunk_size: int, context_len: int):
+                 max_running: int, chunk_size: int, context_len: int, overlap: bool = False):
         self.runner, self.alloc, self.stop = runner, allocator, stop
         self.max_running, self.chunk_size, self.context_len = max_running, chunk_size, context_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.ps = allocator.page_size
+        self.overlap = overlap              # the overlap schedule (module docstring)
+        self._queued: _Queued | None = None
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -126,13 +148,60 @@ class Scheduler:
 
     # -- stepping ------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one forward; return the requests that gained a token or finished."""
-        works = self._schedule_prefill()
-        decode = not works
-        if decode:
-            works = self._schedule_decode()
+        """Run one forward; return the requests that gained a token or finished. Under the overlap
+        schedule the returned tokens are those of the step queued before; the next one is in flight."""
+        if self._queued is None:
+            works = self._schedule_prefill()
+            decode = not works
+            if decode:
+                works = self._schedule_decode()
+            if not works:
+                return []
+            handle = None
+            if decode and self.overlap and all(w.req.plain_greedy for w in works):
+                handle = self.runner.launch_greedy(works)
+            if handle is None:
+                return self._run(works, decode)
+            self._queued = _Queued(works, handle)
+        prev = self._queued
+        self._queued = self._queue_next(prev)
+        return self._land(prev)
+
+    def _queue_next(self, prev: _Queued) -> _Queued | None:
+        """Queue the decode step after `prev` before its tokens are read, or None to drain."""
+        if self.waiting and len(self.running) < self.max_running:
+            return None                                  # a waiting request can start: prefill next
+        works, chain = [], []
+        for i, w in enumerate(prev.works):
+            req = w.req
+            if req.finished:                             # aborted while queued
+                continue
+            if len(req.output_ids) + 1 >= req.params.max_new_tokens or req.num_tokens + 1 >= self.context_len:
+                continue                                 # prev's token ends it by length
+            s = w.start + 1                              # prev's token goes in at position s
+            if not self._ensure_pages(req, s + 1):
+                return None                              # preemption is the synchronous path's job
+            works.append(Work(req, s, 1, [s]))
+            chain.append(i)
         if not works:
-            return []
+            return None
+        handle = self.runner.launch_greedy(works, chain)
+        return None if handle is None else _Queued(works, handle)
+
+    def _land(self, q: _Queued) -> list[Request]:
+        """Read a queued step's tokens and append them (waits for that step only)."""
+        updated = []
+        for w, tok in zip(q.works, self.runner.greedy_tokens(q.handle)):
+            req = w.req
+            if req.finished:                             # stopped at the step before, or aborted
+                continue
+            req.num_computed = w.start + 1
+            self._append(req, None, tok)
+            updated.append(req)
+        return updated
+
+    def _run(self, works: list[Work], decode: bool) -> list[Request]:
+        """One synchronous forward of `works`, its tokens sampled on the host."""
         logits, counts = self.runner.run_batch(works)                  # [sum counts, V]
         greedy = self._greedy_tokens(works, logits, counts)
         updated = []
