@@ -15,7 +15,7 @@ as torch rounds it. They compile for ROCm too (the only inline PTX, PDL's gridde
 on sm_90+ CUDA only).
 
 On sm_90+ CUDA, with at least PDL_MIN_ROWS rows, each is launched with programmatic dependent launch (PDL,
-`pdl_enter`): it is scheduled while the kernel before it drains and waits (griddepcontrol.wait) for that
+`kernels/pdl_triton.py`): it is scheduled while the kernel before it drains and waits (griddepcontrol.wait) for that
 kernel's results before reading; it also lets the next PDL kernel launch at once (that kernel waits for this
 one the same way). QUANTRT_CUDA_PDL=0 switches it off.
 """
@@ -26,18 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import pdl_supported
-
-
-@triton.jit
-def pdl_enter(PDL: tl.constexpr):
-    """Start of a PDL-launched small kernel: let the next PDL kernel launch (it waits for this one to
-    complete before it reads anything this one writes), then wait for the kernel before this one (whose
-    output this one reads). No-op with PDL off."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_launch_opts
 
 PDL_MIN_ROWS = 2  # H100 e2e (docs/PERFORMANCE.md, "dense GEMV" run): batch 64 7.34 -> 6.93 ms/step with PDL;
                   # at batch 1 PDL (with the GEMV's) measured 5.75 vs 5.53 ms without, so one row launches plainly
@@ -45,8 +34,7 @@ PDL_MIN_ROWS = 2  # H100 e2e (docs/PERFORMANCE.md, "dense GEMV" run): batch 64 7
 
 def _launch_opts(t: torch.Tensor, rows: int) -> dict:
     """Launch options and the PDL constexpr for a kernel over `rows` rows of tensors on t's device."""
-    pdl = rows >= PDL_MIN_ROWS and pdl_supported(t)
-    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
+    return pdl_launch_opts(t, rows >= PDL_MIN_ROWS)
 
 
 @triton.jit

@@ -6,7 +6,9 @@ codes = clamp(x / scale, -QMAX, QMAX) cast to fp8 (int8: rounded half to even). 
 
 K <= ONE_PASS_MAX_K: each program loads ROWS whole rows once into registers (BLOCK_K = next_pow2(K)),
 takes their amax and writes the codes from the same registers. Wider rows: one program per row, a first
-pass over K finds the amax, a second re-reads the row (from L1/L2) and writes the codes.
+pass over K finds the amax, a second re-reads the row (from L1/L2) and writes the codes. Both launch with
+programmatic dependent launch on sm_90+ (`pdl_triton`): scheduled while the norm / activation kernel that
+wrote x drains.
 
 The one-pass launch gets the fp32 quotient x / scale as RN32(x * RN64(1 / scale)) in fp64, not with an
 IEEE fp32 division per element (`div.rn.f32` is a branchy sequence that made the launch compute-bound).
@@ -28,13 +30,16 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_launch_opts
 
 ONE_PASS_MAX_K = 16384
 
 
 @triton.jit
 def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
-                                IS_INT: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+                                IS_INT: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+                                PDL: tl.constexpr):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                     # [ROWS]
     offs = tl.arange(0, BLOCK_K)                                             # [BLOCK_K]
     rmask = rows < M
@@ -53,7 +58,8 @@ def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constex
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
-                       IS_INT: tl.constexpr, BLOCK: tl.constexpr):
+                       IS_INT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     xr = x_ptr + row * stride_xm
@@ -96,10 +102,11 @@ def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
         rows, warps = config or one_pass_config(m, k)
         _quant_rows_one_pass_kernel[(cdiv(m, rows),)](x, q, s, m, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int,
                                                        BLOCK_K=triton.next_power_of_2(k), ROWS=rows,
-                                                       num_warps=warps)
+                                                       num_warps=warps, **pdl_launch_opts(x))
     else:
         block = min(4096, max(256, triton.next_power_of_2(cdiv(k, 4))))
-        _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int, BLOCK=block, num_warps=4)
+        _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int, BLOCK=block, num_warps=4,
+                                 **pdl_launch_opts(x))
     return q, s
 
 

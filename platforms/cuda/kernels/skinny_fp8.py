@@ -26,6 +26,7 @@ from quantrt.platforms.cuda.kernels._common import (
     num_sms,
     split_k_buffers,
 )
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_launch_opts
 from quantrt.platforms.cuda.kernels.skinny_wna16 import _finish, _fixup
 
 MAX_M = 4
@@ -44,7 +45,9 @@ class SkinnyFp8Config:
 
 
 @triton.jit
-def _row_scale_kernel(x_ptr, s_ptr, K: tl.constexpr, stride_xm, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _row_scale_kernel(x_ptr, s_ptr, K: tl.constexpr, stride_xm, QMAX: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -67,12 +70,14 @@ def _amax_scale(x_ptr, K, KT: tl.constexpr, BKA: tl.constexpr, QMAX: tl.constexp
 
 def row_scales(x: torch.Tensor, qmax: float, block: int | None = None, warps: int | None = None) -> torch.Tensor:
     """Per-token scales max(amax, 1e-12) / qmax of x [M, K] -> [M] fp32, one launch of M programs. By default
-    one program reads its whole row in one step (BLOCK >= K up to 16384), not K / 1024 dependent steps."""
+    one program reads its whole row in one step (BLOCK >= K up to 16384), not K / 1024 dependent steps.
+    Launched with PDL on sm_90+ (`pdl_triton`): scheduled while the kernel that wrote x drains."""
     m, k = x.shape
     block = block or min(16384, max(1024, triton.next_power_of_2(k)))
     warps = warps or (8 if block >= 8192 else 4)
     sa = torch.empty(m, device=x.device, dtype=torch.float32)
-    _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=block, num_warps=warps)
+    _row_scale_kernel[(m,)](x, sa, k, x.stride(0), QMAX=qmax, BLOCK=block, num_warps=warps,
+                            **pdl_launch_opts(x))
     return sa
 
 
