@@ -1,0 +1,96 @@
+"""Tile sweep of `fp8_codes_mm` (fp8 W8A8 on per-token codes, split-K) against cuBLASLt `_scaled_mm` at
+the Llama-3.1-8B shapes, M = 64 / 128 / 256 (H100; run from bench/).
+
+    python _fp8_mm_sweep.py --json out.json [--ms 64,128] [--shapes 14336x4096,...]
+
+Both sides include the per-token quantization launch (`quant_rows`), as the W8A8 dispatch runs them; every
+cell is timed as a CUDA-graph replay over weight copies that overflow the L2 (`kernels.time_us`), next to
+bf16 cuBLAS, and every variant's output is checked against `_scaled_mm`'s before it is timed. Prints the best
+tile per (M, K, N) as the tuple `fp8_codes_mm._TILES` stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from kernels import time_us  # bench/ is sys.path[0]
+
+from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+from quantrt.platforms.cuda.kernels.fp8_codes_mm import Fp8CodesConfig, fp8_codes_mm
+
+FP8 = torch.float8_e4m3fn
+SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+# (block_m, block_n, block_k, waves, num_warps, num_stages)
+CFGS = {
+    64: [(64, 64, 128, 2, 4, 4), (64, 64, 256, 2, 4, 3), (64, 128, 128, 2, 4, 4), (64, 128, 256, 2, 4, 3),
+         (64, 128, 128, 1, 4, 4), (64, 128, 128, 4, 4, 4), (64, 256, 128, 2, 8, 3), (64, 64, 128, 4, 4, 5)],
+    128: [(64, 128, 128, 2, 4, 4), (128, 128, 128, 2, 8, 4), (128, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 4),
+          (128, 128, 256, 1, 8, 3), (128, 256, 128, 1, 8, 3)],
+    256: [(128, 128, 128, 2, 8, 4), (128, 256, 128, 1, 8, 3), (64, 128, 128, 2, 4, 4), (128, 128, 128, 1, 8, 4)],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", default=None)
+    p.add_argument("--ms", default="64,128,256")
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    p.add_argument("--rep-ms", type=float, default=60.0)
+    args = p.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    out: list[dict] = []
+    t0 = time.perf_counter()
+    print("| M | K x N | bf16 us | quant + _scaled_mm us | best fp8_codes_mm us (cfg) | vs cuBLASLt |", flush=True)
+    for k, n in shapes:
+        copies = max(2, math.ceil(4 * 50e6 / (n * k)))
+        ws = [(torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(FP8) for _ in range(copies)]
+        wbf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 2))]
+        sw = torch.rand(n, device="cuda") * 0.01 + 1e-3
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+            def cublas(w, x=x, sw=sw):
+                q, s = quant_rows(x, FP8, 448.0)
+                return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=sw.view(1, -1), out_dtype=torch.bfloat16)
+
+            ref = cublas(ws[0]).float()
+            bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
+            base = time_us([lambda w=w: cublas(w) for w in ws], args.rep_ms)
+            cells = []
+            for c in CFGS[m]:
+                cfg = Fp8CodesConfig(*c)
+
+                def ours(w, cfg=cfg, x=x, sw=sw):
+                    q, s = quant_rows(x, FP8, 448.0)
+                    return fp8_codes_mm(q, s, w, sw, torch.bfloat16, cfg)
+
+                try:
+                    err = ((ours(ws[0]).float() - ref).abs().max() / ref.abs().max()).item()
+                    if not err < 1e-2:
+                        raise AssertionError(f"rel err {err:.3g}")
+                    us = time_us([lambda w=w, f=ours: f(w) for w in ws], args.rep_ms)
+                except Exception as e:  # noqa: BLE001 - report the variant and go on
+                    print(f"# {m} {k}x{n} {c}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
+                    continue
+                cells.append((us, c))
+                out.append({"m": m, "k": k, "n": n, "cfg": c, "us": us, "cublas_us": base, "bf16_us": bf16})
+            best = min(cells) if cells else (float("nan"), None)
+            print(f"| {m} | {k}x{n} | {bf16:.1f} | {base:.1f} | {best[0]:.1f} {best[1]} | {base / best[0]:.2f}x |",
+                  flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f)
+        del ws, wbf
+        torch.cuda.empty_cache()
+    print(f"# {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
