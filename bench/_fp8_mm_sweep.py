@@ -34,6 +34,10 @@ CFGS = {
           (128, 128, 256, 1, 8, 3), (128, 256, 128, 1, 8, 3)],
     256: [(128, 128, 128, 2, 8, 4), (128, 256, 128, 1, 8, 3), (64, 128, 128, 2, 4, 4), (128, 128, 128, 1, 8, 4)],
 }
+# second round (`--round2`): narrower and deeper tiles around round one's M = 64 winners (64 x 64, waves 2)
+CFGS2 = {64: [(64, 32, 128, 2, 4, 4), (64, 32, 256, 2, 4, 3), (64, 64, 256, 4, 4, 3), (64, 64, 128, 3, 4, 5),
+              (64, 64, 512, 2, 4, 2), (64, 32, 256, 4, 4, 4), (64, 64, 128, 2, 4, 4), (64, 64, 256, 2, 4, 3),
+              (64, 64, 256, 2, 4, 4), (64, 64, 128, 1, 4, 6)]}
 
 
 def main() -> None:
@@ -42,7 +46,9 @@ def main() -> None:
     p.add_argument("--ms", default="64,128,256")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     p.add_argument("--rep-ms", type=float, default=60.0)
+    p.add_argument("--round2", action="store_true", help="the CFGS2 tiles (M = 64 only)")
     args = p.parse_args()
+    cfgs = CFGS2 if args.round2 else CFGS
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     out: list[dict] = []
@@ -64,7 +70,7 @@ def main() -> None:
             bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
             base = time_us([lambda w=w: cublas(w) for w in ws], args.rep_ms)
             cells = []
-            for c in CFGS[m]:
+            for c in cfgs[m]:
                 cfg = Fp8CodesConfig(*c)
 
                 def ours(w, cfg=cfg, x=x, sw=sw):

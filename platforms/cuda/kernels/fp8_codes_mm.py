@@ -34,6 +34,26 @@ class Fp8CodesConfig:
     num_stages: int = 4
 
 
+MAX_M = 64   # the padded decode batch of 33-64 requests; at M = 128 / 256 cuBLASLt was as fast or faster
+
+# (block_m, block_n, block_k, waves, num_warps, num_stages) per (K, N) where the kernel beat quant_rows +
+# cuBLASLt `_scaled_mm` at M = 64 in the H100 sweep of 2026-11-23 (`bench/_fp8_mm_sweep.py`; both sides with
+# the quantization launch, µs ours vs cuBLASLt). 8192² (37.8 vs 35.6) and 4096x6144 (19.9 vs 18.3) keep cuBLASLt.
+_TILES: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
+    (4096, 4096): (64, 64, 256, 2, 4, 3),       # 15.2 vs 16.5
+    (4096, 28672): (64, 64, 256, 2, 4, 3),      # 48.2 vs 56.0
+    (14336, 4096): (64, 64, 128, 2, 4, 4),      # 37.1 vs 43.4
+}
+
+
+def tile_for(m: int, k: int, n: int) -> Fp8CodesConfig | None:
+    """The measured tile when this kernel beats cuBLASLt at [M, K] x [K, N], else None (use `_scaled_mm`)."""
+    if m > MAX_M:
+        return None
+    t = _TILES.get((k, n))
+    return None if t is None else Fp8CodesConfig(*t)
+
+
 @triton.jit
 def _fp8_codes_mm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                          K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, WSCALE: tl.constexpr,
@@ -93,4 +113,4 @@ def fp8_codes_mm(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.T
     return y
 
 
-__all__ = ["Fp8CodesConfig", "fp8_codes_mm"]
+__all__ = ["MAX_M", "Fp8CodesConfig", "fp8_codes_mm", "tile_for"]

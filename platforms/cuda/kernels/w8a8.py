@@ -6,8 +6,9 @@ W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `sk
 128-group activations); M = 2..RING_MAX_M of e4m3 per-token/static x tensor/channel on Hopper with
 QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight ring; off by default, slower at 8192²);
 M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped; 128-group activations
-from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches of per-tensor/per-channel FP8 -> cuBLASLt through `torch._scaled_mm` (activations quantized per token by
-one Triton launch, `act_quant_triton`); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
+from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches of per-tensor/per-channel FP8 -> cuBLASLt through
+`torch._scaled_mm` (activations quantized per token by one Triton launch, `act_quant_triton`), except at M = 64
+on the shapes where the split-K Triton `fp8_codes_mm` on the same codes measured faster (`tile_for`); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
 128-group activations -> `block_fp8_mm` (cuBLASLt blockwise); other M = 17..256 -> `swap_fp8` with BM-row
 tiles (fp8 weight-only too); everything else -> the tiled `w8a8_triton` kernel.
 """
@@ -126,6 +127,11 @@ class TritonW8A8Kernel(LinearKernel):
         else:
             sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             xq = (x2.float() / sa).clamp(-self.qmax, self.qmax).to(self.data.dtype)
+        from quantrt.platforms.cuda.kernels.fp8_codes_mm import fp8_codes_mm, tile_for
+
+        cfg = tile_for(*x2.shape, self.data.shape[0])
+        if cfg is not None:  # split-K Triton on the same codes where it beat cuBLASLt (M = 64, narrow N)
+            return fp8_codes_mm(xq, sa, self.data, self.w_scale, self.compute_dtype, cfg)
         return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
                                 out_dtype=self.compute_dtype)
 
