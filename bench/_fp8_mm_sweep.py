@@ -38,6 +38,10 @@ CFGS = {
 CFGS2 = {64: [(64, 32, 128, 2, 4, 4), (64, 32, 256, 2, 4, 3), (64, 64, 256, 4, 4, 3), (64, 64, 128, 3, 4, 5),
               (64, 64, 512, 2, 4, 2), (64, 32, 256, 4, 4, 4), (64, 64, 128, 2, 4, 4), (64, 64, 256, 2, 4, 3),
               (64, 64, 256, 2, 4, 4), (64, 64, 128, 1, 4, 6)]}
+# third round (`--round3`): around round two's winners (64 x 32 / 64 x 64, BK 128-256, waves 2)
+CFGS3 = {64: [(64, 16, 256, 2, 4, 3), (64, 32, 256, 3, 4, 3), (64, 32, 512, 2, 4, 2), (64, 32, 128, 2, 4, 5),
+              (64, 16, 128, 4, 4, 4), (64, 32, 256, 1, 4, 4), (64, 32, 128, 2, 4, 4), (64, 32, 256, 2, 4, 3),
+              (64, 64, 256, 2, 4, 3), (64, 64, 256, 3, 4, 3), (64, 32, 256, 2, 4, 4)]}
 
 
 def main() -> None:
@@ -47,8 +51,9 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     p.add_argument("--rep-ms", type=float, default=60.0)
     p.add_argument("--round2", action="store_true", help="the CFGS2 tiles (M = 64 only)")
+    p.add_argument("--round3", action="store_true", help="the CFGS3 tiles (M = 64 only)")
     args = p.parse_args()
-    cfgs = CFGS2 if args.round2 else CFGS
+    cfgs = CFGS3 if args.round3 else CFGS2 if args.round2 else CFGS
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     out: list[dict] = []
