@@ -37,14 +37,15 @@ class Fp8CodesConfig:
 MAX_M = 64   # the padded decode batch of 33-64 requests; at M = 128 / 256 cuBLASLt was faster (round one)
 
 # (block_m, block_n, block_k, waves, num_warps, num_stages) per (K, N), all measured faster than quant_rows +
-# cuBLASLt `_scaled_mm` at M = 64 in the H100 sweep of 2026-11-23 (`bench/_fp8_mm_sweep.py --round2`; both sides
-# with the quantization launch; µs ours vs cuBLASLt in the same call).
+# cuBLASLt `_scaled_mm` at M = 64 in the H100 sweep of 2026-11-23 (`bench/_fp8_mm_sweep.py --round3`, the best
+# of three rounds; both sides with the quantization launch; µs ours vs cuBLASLt in the same call). One program
+# per SM (waves 1) over 32-column tiles won wherever the N tiles alone do not fill the GPU.
 _TILES: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
-    (8192, 8192): (64, 32, 128, 2, 4, 4),       # 34.9 vs 35.5
-    (4096, 6144): (64, 32, 128, 2, 4, 4),       # 17.2 vs 18.1
-    (4096, 4096): (64, 32, 128, 2, 4, 4),       # 14.4 vs 16.4
-    (4096, 28672): (64, 64, 256, 2, 4, 3),      # 48.5 vs 52.1
-    (14336, 4096): (64, 32, 256, 2, 4, 3),      # 32.4 vs 43.7
+    (8192, 8192): (64, 32, 256, 1, 4, 4),       # 30.6 vs 35.7
+    (4096, 6144): (64, 32, 256, 1, 4, 4),       # 14.9 vs 18.0
+    (4096, 4096): (64, 32, 256, 1, 4, 4),       # 13.5 vs 16.4
+    (4096, 28672): (64, 64, 256, 2, 4, 3),      # 48.5 vs 50.9
+    (14336, 4096): (64, 32, 256, 1, 4, 4),      # 31.1 vs 43.6
 }
 
 
