@@ -38,10 +38,27 @@ CFGS = {
 CFGS2 = {64: [(64, 32, 128, 2, 4, 4), (64, 32, 256, 2, 4, 3), (64, 64, 256, 4, 4, 3), (64, 64, 128, 3, 4, 5),
               (64, 64, 512, 2, 4, 2), (64, 32, 256, 4, 4, 4), (64, 64, 128, 2, 4, 4), (64, 64, 256, 2, 4, 3),
               (64, 64, 256, 2, 4, 4), (64, 64, 128, 1, 4, 6)]}
+# M = 32 (`--ms 32 --vs-dispatch`): against what the W8A8 dispatch ran there before (`swap_fp8` row tiles)
+CFGS[32] = [(32, 32, 256, 1, 4, 4), (64, 32, 256, 1, 4, 4), (32, 64, 256, 1, 4, 4), (32, 32, 128, 2, 4, 4),
+            (64, 64, 256, 2, 4, 3), (32, 32, 256, 2, 4, 3), (64, 32, 128, 1, 4, 4), (32, 16, 256, 1, 4, 4)]
+CFGS[16] = [(16, 32, 256, 1, 4, 4), (64, 32, 256, 1, 4, 4), (16, 64, 256, 1, 4, 4), (16, 32, 256, 2, 4, 3),
+            (16, 16, 256, 1, 4, 4), (16, 32, 512, 1, 4, 3)]
 # third round (`--round3`): around round two's winners (64 x 32 / 64 x 64, BK 128-256, waves 2)
 CFGS3 = {64: [(64, 16, 256, 2, 4, 3), (64, 32, 256, 3, 4, 3), (64, 32, 512, 2, 4, 2), (64, 32, 128, 2, 4, 5),
               (64, 16, 128, 4, 4, 4), (64, 32, 256, 1, 4, 4), (64, 32, 128, 2, 4, 4), (64, 32, 256, 2, 4, 3),
               (64, 64, 256, 2, 4, 3), (64, 64, 256, 3, 4, 3), (64, 32, 256, 2, 4, 4)]}
+
+
+def _dispatch(w: torch.Tensor, sw: torch.Tensor):
+    from kernels import PLATFORM
+
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, ScaleGranularity
+
+    spec = LinearSpec(FloatWeight(w, sw, ScaleGranularity.CHANNEL), ActScheme(ActKind.DYNAMIC_TOKEN, FP8),
+                      torch.bfloat16)
+    return TritonW8A8Kernel.prepare(spec, PLATFORM)
 
 
 def main() -> None:
@@ -52,13 +69,15 @@ def main() -> None:
     p.add_argument("--rep-ms", type=float, default=60.0)
     p.add_argument("--round2", action="store_true", help="the CFGS2 tiles (M = 64 only)")
     p.add_argument("--round3", action="store_true", help="the CFGS3 tiles (M = 64 only)")
+    p.add_argument("--vs-dispatch", action="store_true",
+                   help="baseline: the product's W8A8 dispatch (per-channel x per-token) instead of cuBLASLt")
     args = p.parse_args()
     cfgs = CFGS3 if args.round3 else CFGS2 if args.round2 else CFGS
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     out: list[dict] = []
     t0 = time.perf_counter()
-    print("| M | K x N | bf16 us | quant + _scaled_mm us | best fp8_codes_mm us (cfg) | vs cuBLASLt |", flush=True)
+    print("| M | K x N | bf16 us | baseline us | best fp8_codes_mm us (cfg) | vs baseline |", flush=True)
     for k, n in shapes:
         copies = max(2, math.ceil(4 * 50e6 / (n * k)))
         ws = [(torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(FP8) for _ in range(copies)]
@@ -73,7 +92,11 @@ def main() -> None:
 
             ref = cublas(ws[0]).float()
             bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
-            base = time_us([lambda w=w: cublas(w) for w in ws], args.rep_ms)
+            if args.vs_dispatch:
+                kerns = [_dispatch(w, sw) for w in ws]
+                base = time_us([lambda kr=kr, x=x: kr.apply(x, None) for kr in kerns], args.rep_ms)
+            else:
+                base = time_us([lambda w=w: cublas(w) for w in ws], args.rep_ms)
             cells = []
             for c in cfgs[m]:
                 cfg = Fp8CodesConfig(*c)
