@@ -52,21 +52,26 @@ def test_fp8_codes_mm_rejects_mismatched_operands() -> None:
 
 
 def test_tile_rule() -> None:
-    from quantrt.platforms.cuda.kernels.fp8_codes_mm import MAX_M, tile_for
+    from quantrt.platforms.cuda.kernels.fp8_codes_mm import MAX_M, MIN_M, tile_for
 
-    assert MAX_M == 64
-    assert tile_for(64, 14336, 4096) is not None and tile_for(64, 4096, 28672) is not None
-    assert tile_for(64, 8192, 8192) is not None and tile_for(64, 4096, 4097) is None  # unmeasured: cuBLASLt
-    assert tile_for(128, 14336, 4096) is None     # and at M = 128
+    assert (MIN_M, MAX_M) == (9, 64)
+    assert tile_for(64, 14336, 4096).block_n == 32 and tile_for(48, 14336, 4096) == tile_for(64, 14336, 4096)
+    assert tile_for(32, 4096, 4096).block_m == 32 and tile_for(17, 4096, 4096) == tile_for(32, 4096, 4096)
+    assert tile_for(16, 4096, 28672).block_m == 16
+    assert tile_for(16, 8192, 8192) is None       # within 2% of swap_fp8: not taken
+    assert tile_for(8, 14336, 4096) is None and tile_for(65, 14336, 4096) is None   # unmeasured / cuBLASLt
+    assert tile_for(64, 4096, 4097) is None
 
 
 @pytest.mark.accelerator
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("k,n", [(14336, 4096), (4096, 28672), (4096, 4096)])
+@pytest.mark.parametrize("m,k,n", [(64, 14336, 4096), (40, 4096, 28672), (64, 4096, 4096), (32, 8192, 8192),
+                                   (12, 4096, 6144)])
 @pytest.mark.parametrize("static", [False, True])
-def test_w8a8_dispatch_at_64_rows_matches_scaled_mm(k, n, static) -> None:
-    """TritonW8A8Kernel at M = 64 takes fp8_codes_mm on these shapes; its output equals cuBLASLt's on the
+def test_w8a8_dispatch_matches_scaled_mm(m, k, n, static) -> None:
+    """TritonW8A8Kernel at M = 9..64 takes fp8_codes_mm on these shapes; its output equals cuBLASLt's on the
     same codes up to fp32 summation order."""
+    from quantrt.platforms.cuda.kernels.fp8_codes_mm import tile_for
     from quantrt.platforms.cuda.kernels.w8a8 import TritonW8A8Kernel
     from quantrt.quant.kernel import LinearSpec
     from quantrt.quant.quantize import quantize_fp8
@@ -79,10 +84,11 @@ def test_w8a8_dispatch_at_64_rows_matches_scaled_mm(k, n, static) -> None:
     act = (ActScheme(ActKind.STATIC_TENSOR, FP8, scale=torch.tensor(0.01)) if static
            else ActScheme(ActKind.DYNAMIC_TOKEN, FP8))
     kern = TritonW8A8Kernel.prepare(LinearSpec(w, act, torch.bfloat16), PLATFORM)
-    x = torch.randn(64, k, generator=g).cuda().to(torch.bfloat16)
+    assert tile_for(m, k, n) is not None
+    x = torch.randn(m, k, generator=g).cuda().to(torch.bfloat16)
     y = kern.apply(x, None)
     if static:
-        sa = kern.act_scale.reshape(1, 1).expand(64, 1).contiguous()
+        sa = kern.act_scale.reshape(1, 1).expand(m, 1).contiguous()
         xq = (x.float() / sa).clamp(-448, 448).to(FP8)
     else:
         from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows

@@ -1,4 +1,4 @@
-"""fp8 W8A8 GEMM on activation codes quantized beforehand, split-K, for M = 33..256 (imported lazily).
+"""fp8 W8A8 GEMM on activation codes quantized beforehand, split-K, for M = 9..64 (imported lazily).
 
 y [M, N] = (a [M, K] fp8 codes * sa [M] per-token scales) @ (w [N, K] fp8 * sw per tensor [1] or per
 channel [N])^T, fp32 accumulation. Both operands are K-major, as Hopper's 8-bit wgmma wants them: a program
@@ -6,10 +6,11 @@ owns a [BM, BN] tile and a K slice, streams [BM, BK] code tiles and [BK, BN] wei
 pipeliner's shared-memory stages into `tl.dot`, scales the fp32 tile once at the end, and the split-K
 partials are summed in-launch by the last program of a tile (`store_split_k`).
 
-Why it exists: at decode batches of 64-256 cuBLASLt's rowwise `torch._scaled_mm` picks tiles that leave
-most SMs idle on the narrow-N layer shapes (Llama-3.1-8B down projection, K 14336 x N 4096, M = 64: one
-[64 x 128] tile per 32 programs); splitting K keeps every SM streaming weights. Tiles per (M bucket, K, N)
-come from an offline H100 sweep (`bench/_fp8_mm_sweep.py`); shapes where cuBLASLt was faster keep it.
+Why it exists: at decode batch 64 cuBLASLt's rowwise `torch._scaled_mm` leaves SMs idle on the narrow-N layer
+shapes (Llama-3.1-8B down projection, K 14336 x N 4096: 43.6 us where this kernel takes 31.1), and at 16-32
+rows `swap_fp8` quantizes its [BK, BM] activation slice in every program at every K step; here the codes are
+made once (`quant_rows`) and split-K keeps every SM streaming weights. Tiles per (M bucket, K, N) come from
+offline H100 sweeps (`bench/_fp8_mm_sweep.py`); shapes without a measured win keep the path before.
 """
 
 from __future__ import annotations
@@ -34,26 +35,37 @@ class Fp8CodesConfig:
     num_stages: int = 4
 
 
-MAX_M = 64   # the padded decode batch of 33-64 requests; at M = 128 / 256 cuBLASLt was faster (round one)
+MIN_M, MAX_M = 9, 64   # row buckets 16 / 32 / 64 (the padded decode batches of 9-64 requests); at M = 128 /
+                       # 256 cuBLASLt was faster (round one), at M <= 8 `swap_fp8` / the GEMV were not compared
 
-# (block_m, block_n, block_k, waves, num_warps, num_stages) per (K, N), all measured faster than quant_rows +
-# cuBLASLt `_scaled_mm` at M = 64 in the H100 sweep of 2026-11-23 (`bench/_fp8_mm_sweep.py --round3`, the best
-# of three rounds; both sides with the quantization launch; µs ours vs cuBLASLt in the same call). One program
-# per SM (waves 1) over 32-column tiles won wherever the N tiles alone do not fill the GPU.
-_TILES: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
-    (8192, 8192): (64, 32, 256, 1, 4, 4),       # 30.6 vs 35.7
-    (4096, 6144): (64, 32, 256, 1, 4, 4),       # 14.9 vs 18.0
-    (4096, 4096): (64, 32, 256, 1, 4, 4),       # 13.5 vs 16.4
-    (4096, 28672): (64, 64, 256, 2, 4, 3),      # 48.5 vs 50.9
-    (14336, 4096): (64, 32, 256, 1, 4, 4),      # 31.1 vs 43.6
+# (block_m, block_n, block_k, waves, num_warps, num_stages) per (M bucket, K, N), each measured faster on the H100
+# (2026-11-23, `bench/_fp8_mm_sweep.py`, both sides with their activation-scale launch; µs ours vs before) than
+# what the W8A8 dispatch ran there before: cuBLASLt `_scaled_mm` at M = 64 (best of three rounds, `--round3`),
+# `swap_fp8` at M = 16 / 32 (`--vs-dispatch`). One program per SM over 32-column tiles won wherever the N tiles
+# alone do not fill the GPU. Missing (bucket, K, N): the path before (M = 16 cells within 2% stayed swap_fp8).
+_TILES: dict[tuple[int, int, int], tuple[int, int, int, int, int, int]] = {
+    (16, 4096, 6144): (64, 32, 256, 1, 4, 4),       # 14.5 vs 16.6
+    (16, 4096, 28672): (16, 32, 256, 2, 4, 3),      # 46.4 vs 55.3
+    (16, 14336, 4096): (16, 32, 512, 1, 4, 3),      # 28.8 vs 29.9
+    (32, 8192, 8192): (64, 32, 256, 1, 4, 4),       # 30.0 vs 40.4
+    (32, 4096, 6144): (64, 32, 256, 1, 4, 4),       # 14.6 vs 21.7
+    (32, 4096, 4096): (32, 16, 256, 1, 4, 4),       # 12.7 vs 14.8
+    (32, 4096, 28672): (64, 64, 256, 2, 4, 3),      # 47.2 vs 58.0
+    (32, 14336, 4096): (64, 32, 256, 1, 4, 4),      # 29.5 vs 35.5
+    (64, 8192, 8192): (64, 32, 256, 1, 4, 4),       # 30.6 vs 35.7
+    (64, 4096, 6144): (64, 32, 256, 1, 4, 4),       # 14.9 vs 18.0
+    (64, 4096, 4096): (64, 32, 256, 1, 4, 4),       # 13.5 vs 16.4
+    (64, 4096, 28672): (64, 64, 256, 2, 4, 3),      # 48.5 vs 50.9
+    (64, 14336, 4096): (64, 32, 256, 1, 4, 4),      # 31.1 vs 43.6
 }
 
 
 def tile_for(m: int, k: int, n: int) -> Fp8CodesConfig | None:
-    """The measured tile when this kernel beats cuBLASLt at [M, K] x [K, N], else None (use `_scaled_mm`)."""
-    if m > MAX_M:
+    """The measured tile when this kernel beats the path before at [M, K] x [K, N], else None."""
+    if not MIN_M <= m <= MAX_M:
         return None
-    t = _TILES.get((k, n))
+    bucket = 16 if m <= 16 else 32 if m <= 32 else 64
+    t = _TILES.get((bucket, k, n))
     return None if t is None else Fp8CodesConfig(*t)
 
 
@@ -116,4 +128,4 @@ def fp8_codes_mm(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.T
     return y
 
 
-__all__ = ["MAX_M", "Fp8CodesConfig", "fp8_codes_mm", "tile_for"]
+__all__ = ["MAX_M", "MIN_M", "Fp8CodesConfig", "fp8_codes_mm", "tile_for"]

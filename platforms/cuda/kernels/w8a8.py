@@ -7,8 +7,9 @@ W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `sk
 QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight ring; off by default, slower at 8192²);
 M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped; 128-group activations
 from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches of per-tensor/per-channel FP8 -> cuBLASLt through
-`torch._scaled_mm` (activations quantized per token by one Triton launch, `act_quant_triton`), except at M = 64
-on the shapes where the split-K Triton `fp8_codes_mm` on the same codes measured faster (`tile_for`); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
+`torch._scaled_mm` (activations quantized per token by one Triton launch, `act_quant_triton`); M = 9..64 of the
+same schemes on the shapes where it measured faster than the path before (`fp8_codes_mm.tile_for`) -> the same
+codes into `fp8_codes_mm` (split-K Triton); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
 128-group activations -> `block_fp8_mm` (cuBLASLt blockwise); other M = 17..256 -> `swap_fp8` with BM-row
 tiles (fp8 weight-only too); everything else -> the tiled `w8a8_triton` kernel.
 """
@@ -119,7 +120,9 @@ class TritonW8A8Kernel(LinearKernel):
         return cls(spec, w.data.contiguous(), w.scale.to(torch.float32).reshape(-1 if w.scale.dim() < 2
                                                                                else w.scale.shape).contiguous())
 
-    def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
+    def _scaled_mm(self, x2: torch.Tensor, codes_cfg) -> torch.Tensor:
+        """Activation codes (per-token launch or static scale), then `fp8_codes_mm` with `codes_cfg`, or
+        cuBLASLt `_scaled_mm` when it is None."""
         if self.act == 0:
             from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
 
@@ -127,11 +130,10 @@ class TritonW8A8Kernel(LinearKernel):
         else:
             sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
             xq = (x2.float() / sa).clamp(-self.qmax, self.qmax).to(self.data.dtype)
-        from quantrt.platforms.cuda.kernels.fp8_codes_mm import fp8_codes_mm, tile_for
+        if codes_cfg is not None:
+            from quantrt.platforms.cuda.kernels.fp8_codes_mm import fp8_codes_mm
 
-        cfg = tile_for(*x2.shape, self.data.shape[0])
-        if cfg is not None:  # split-K Triton on the same codes where it beat cuBLASLt (M = 64, narrow N)
-            return fp8_codes_mm(xq, sa, self.data, self.w_scale, self.compute_dtype, cfg)
+            return fp8_codes_mm(xq, sa, self.data, self.w_scale, self.compute_dtype, codes_cfg)
         return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
                                 out_dtype=self.compute_dtype)
 
@@ -161,8 +163,14 @@ class TritonW8A8Kernel(LinearKernel):
         n, k = self.data.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
-        if self.use_scaled_mm and x2.shape[0] >= SCALED_MM_MIN_M:
-            y = self._scaled_mm(x2)
+        m = x2.shape[0]
+        codes_cfg = None
+        if self.use_scaled_mm and not (2 <= m <= RING_MAX_M and not self.ring_why):
+            from quantrt.platforms.cuda.kernels.fp8_codes_mm import tile_for
+
+            codes_cfg = tile_for(m, k, n)
+        if self.use_scaled_mm and (m >= SCALED_MM_MIN_M or codes_cfg is not None):
+            y = self._scaled_mm(x2, codes_cfg)
         elif self.use_block_mm and x2.shape[0] >= BLOCK_MM_MIN_M:
             from quantrt.platforms.cuda.kernels.block_fp8_mm import block_fp8_mm
 
