@@ -3,8 +3,9 @@
 y [M, N] = (a [M, K] fp8 codes * sa [M] per-token scales) @ (w [N, K] fp8 * sw per tensor [1] or per
 channel [N])^T, fp32 accumulation. Both operands are K-major, as Hopper's 8-bit wgmma wants them: a program
 owns a [BM, BN] tile and a K slice, streams [BM, BK] code tiles and [BK, BN] weight tiles through the
-pipeliner's shared-memory stages into `tl.dot`, scales the fp32 tile once at the end, and the split-K
-partials are summed in-launch by the last program of a tile (`store_split_k`).
+pipeliner's shared-memory stages into `tl.dot`, adds each step's product to an fp32 tile (an fp8 wgmma chain
+that carried the accumulator over all of K = 8192 drifted ~1% from cuBLASLt on the H100), scales it once at
+the end, and the split-K partials are summed in-launch by the last program of a tile (`store_split_k`).
 
 Why it exists: at decode batch 64 cuBLASLt's rowwise `torch._scaled_mm` leaves SMs idle on the narrow-N layer
 shapes (Llama-3.1-8B down projection, K 14336 x N 4096: 43.6 us where this kernel takes 31.1), and at 16-32
@@ -90,8 +91,8 @@ def _fp8_codes_mm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M
         w = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=mask_n[None, :] & mk[:, None], other=0.0)
         if DOT_F32:  # the interpreter multiplies fp8 as raw bits in tl.dot
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        else:
-            acc = tl.dot(a, w, acc)                                   # [BM, BK] x [BK, BN]
+        else:  # a fresh fp32 sum per K step: Hopper's fp8 wgmma accumulates with a short mantissa, so the
+            acc += tl.dot(a, w)  # step's [BM, BK] x [BK, BN] is promoted once per step, not chained over K
     acc = acc * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     if WSCALE == 0:
         acc = acc * tl.load(sw_ptr)
