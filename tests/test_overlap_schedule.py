@@ -70,6 +70,13 @@ def test_a_stop_token_mid_batch_drops_one_queued_row(tiny_models) -> None:
     assert ref[1][1] == {"type": "stop", "matched": stop_tok} and len(ref[1][0]) <= 5
     assert _outputs(ovl, params) == ref
     assert _no_pages_held(ovl)
+    # a stop on the last running request leaves one step queued; it lands even after the graphs go away
+    solo = [dict(params[1], max_new_tokens=30)]
+    ref_solo = _outputs(sync, solo, PROMPTS[1:2])
+    assert _outputs(ovl, solo, PROMPTS[1:2]) == ref_solo and ovl.scheduler._queued is not None
+    ovl.scheduler.runner.configure_graphs(None, True, None, 4, 512)        # --disable-cuda-graph
+    assert _outputs(ovl, _params(2), PROMPTS[:2]) == _outputs(sync, _params(2), PROMPTS[:2])
+    assert ovl.scheduler._queued is None and _no_pages_held(ovl)
 
 
 def test_the_schedule_drains_for_a_new_request_and_for_aborts(tiny_models) -> None:

@@ -15,7 +15,7 @@ a side stream (so Triton compiles and lazily allocated kernel state exist before
 one memory pool shared by every graph. A capture that fails (an op that synchronises with the host,
 or a CPU->GPU copy from pageable memory) disables the runner with the reason; decode runs eagerly.
 
-Overlapped greedy steps (`launch_greedy` / `tokens`, the scheduler's overlap schedule): a step is
+Overlapped greedy steps (`launch_greedy` -> `GreedyStep.tokens()`, the scheduler's overlap schedule): a step is
 queued without waiting for the GPU: its inputs go through a pinned host buffer (two per graph, used
 in turn, so the buffer of the step still in flight is never rewritten), the argmax after the replay
 writes the device token buffer `[max_bs]`, and an async copy of it to a pinned host row plus an event
@@ -141,6 +141,12 @@ class GreedyStep:
     host: torch.Tensor       # [B] int64, pinned on CUDA
     event: Any
 
+    def tokens(self) -> list[int]:
+        """The step's tokens (waits for this step only, not for steps queued after it)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
 
 class DecodeGraphRunner:
     """Pads decode batches to capture sizes and KV lengths to buckets, captures lazily, replays.
@@ -241,10 +247,3 @@ class DecodeGraphRunner:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
         return GreedyStep(host, event)
-
-    @staticmethod
-    def tokens(step: GreedyStep) -> list[int]:
-        """The queued step's tokens (waits for that step only, not for steps queued after it)."""
-        if step.event is not None:
-            step.event.synchronize()
-        return step.host.tolist()

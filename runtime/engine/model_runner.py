@@ -119,9 +119,11 @@ class ModelRunner:
             return None
         return self.graphs.launch_greedy(self._decode_inputs(works, chain), chained=chain is not None)
 
-    def greedy_tokens(self, handle: Any) -> list[int]:
-        """The tokens of a launched step, one per work (waits for that step only)."""
-        return self.graphs.tokens(handle)
+    @staticmethod
+    def greedy_tokens(handle: Any) -> list[int]:
+        """The tokens of a launched step, one per work (waits for that step only; the handle stands alone,
+        so a step queued before the graphs were reconfigured still lands)."""
+        return handle.tokens()
 
     def _decode_inputs(self, works: list[Work], chain: list[int] | None = None):
         from quantrt.platform.interface import DecodeInputs
