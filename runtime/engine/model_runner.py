@@ -131,14 +131,14 @@ class ModelRunner:
         # a decode step runs this once per step, so it is built in one pass over the works with numpy (a torch
         # op on small host tensors costs ~10 us, a numpy one ~1 us): at batch 64 that is most of the host work
         b, ps = len(works), self.page_size
-        starts, outs, rows = [], [], []
-        for w in works:
+        ids, starts, outs, rows = [], [], [], []
+        for i, w in enumerate(works):
             s, pages = w.start, w.req.pages
             last = s // ps
+            ids.append(w.req.token_at(s) if chain is None else chain[i])
             starts.append(s)
             outs.append(pages[last] * ps + s % ps)
             rows.append(pages[: last + 1])
-        ids = chain if chain is not None else [w.req.token_at(w.start) for w in works]
         lmax = max(starts) + 1
         npages = -(-lmax // ps)
         table = np.zeros((b, npages), dtype=np.int64)                                       # [B, P] page ids

@@ -164,8 +164,9 @@ class TritonW8A8Kernel(LinearKernel):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         m = x2.shape[0]
+        ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
         codes_cfg = None
-        if self.use_scaled_mm and not (2 <= m <= RING_MAX_M and not self.ring_why):
+        if self.use_scaled_mm and not ring:
             from quantrt.platforms.cuda.kernels.fp8_codes_mm import tile_for
 
             codes_cfg = tile_for(m, k, n)
@@ -187,7 +188,7 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
-        elif 2 <= x2.shape[0] <= RING_MAX_M and not self.ring_why:
+        elif ring:
             from quantrt.platforms.cuda.kernels.ring_fp8 import ring_fp8
 
             y = ring_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.act_scale)
