@@ -22,10 +22,10 @@ from types import ModuleType
 import torch
 
 
-def _compile(module: str, chunk: list, extra: bool) -> int:
+def _compile(module: str, chunk: list, extra: bool | str) -> int:
     mod = importlib.import_module(module)            # a spawned worker: bench/ is on the parent's sys.path
-    if extra:
-        mod.use_extra()
+    if extra:  # True: the module's second-round tiles; a name: that switch function (e.g. "use_round3")
+        mod.use_extra() if extra is True else getattr(mod, extra)()
     done = 0
     for kind, k, n, m, cfg in chunk:
         try:
@@ -38,7 +38,7 @@ def _compile(module: str, chunk: list, extra: bool) -> int:
     return done
 
 
-def precompile(module: str, variants: list[tuple], workers: int, extra: bool = False) -> None:
+def precompile(module: str, variants: list[tuple], workers: int, extra: bool | str = False) -> None:
     t = time.time()
     try:
         ctx = torch.multiprocessing.get_context("spawn")

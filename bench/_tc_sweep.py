@@ -56,6 +56,22 @@ EXTRA_KINDS = {"tc_w4": ("tc", [128, 256]), "tc_w8": ("tc", [128]), "swap_fp8_wo
                "swap_fp8_blk": ("swap", [128, 256])}
 
 
+# third round (`--rows-sweep out.json --rows-round3`): W4A16 at 48 / 64 rows (the batch-64 int4 step), with the
+# narrow one-program-per-SM tiles that won for fp8_codes_mm, register prefetch, 2 / 8 warps
+ROUND3_TC = {m: [(32, 128, 0, 4, 3, 4, True, 64, 0), (32, 128, 0, 4, 4, 2, True, 64, 0), (32, 128, 0, 4, 3, 1, True, 64, 0),
+                 (64, 128, 0, 4, 3, 4, True, 64, 1), (64, 128, 0, 4, 4, 2, True, 64, 1), (64, 128, 0, 4, 3, 1, True, 64, 0),
+                 (64, 64, 0, 4, 4, 4, True, 64, 0), (32, 128, 0, 2, 3, 4, True, 64, 0), (64, 128, 0, 8, 3, 2, True, 64, 0),
+                 (128, 128, 0, 8, 3, 2, True, 64, 1), (64, 128, 0, 4, 3, 4, True, 64, 0)] for m in (48, 64)}
+
+
+def use_round3() -> None:
+    """Switch this module to the third-round W4A16 tiles at 48 / 64 rows (in the compile workers too)."""
+    TC_CFGS.update(ROUND3_TC)
+    KINDS.clear()
+    KINDS["tc_w4"] = ("tc", [48, 64])
+    MS[:] = [48, 64]
+
+
 def use_extra() -> None:
     """Switch this module to the second-round tile lists (also in the compile workers: set before spawn)."""
     TC_CFGS.update(EXTRA_TC)
@@ -132,12 +148,13 @@ def _variants() -> list[tuple]:
             for cfg in _cfgs(kind)[m]]
 
 
-def sweep(out: str, rep_ms: int = 20, extra: bool = False) -> None:
+def sweep(out: str, rep_ms: int = 20, extra: bool | str = False) -> None:
+    """`extra`: True for the second-round tiles, "use_round3" for the third."""
     import kernels  # bench/ is sys.path[0]
 
     kernels.REP_MS = rep_ms
     if extra:
-        use_extra()
+        use_extra() if extra is True else globals()[extra]()
     precompile("_tc_sweep", _variants(), workers=15, extra=extra)
     cells = Cells(kernels.time_us)
     for k, n in SHAPES:

@@ -331,6 +331,7 @@ def main() -> None:
     ap.add_argument("--fp8-sweep", default=None, help="sweep the M <= 16 fp8 tiles (swap_fp8, skinny_fp8) into this JSON")
     ap.add_argument("--rows-sweep", default=None, help="sweep the M = 32-256 tensor-core tiles (tc_wna16, swap_fp8) into this JSON")
     ap.add_argument("--rows-extra", action="store_true", help="with --rows-sweep: the second-round M = 128/256 tiles")
+    ap.add_argument("--rows-round3", action="store_true", help="with --rows-sweep: the third-round W4A16 tiles at 48/64")
     ap.add_argument("--fp8-cube", action="store_true", help="fp8 per-token vs cuBLAS _scaled_mm and bf16 at 8192³")
     ap.add_argument("--fp4-moe-attn", action="store_true",
                     help="NVFP4/MXFP4 at 8192² bs1-16 vs bf16, fused MoE vs per-expert loop, decode attention vs SDPA")
@@ -352,7 +353,7 @@ def main() -> None:
     if a.rows_sweep:
         from _tc_sweep import sweep as rows_sweep
 
-        rows_sweep(a.rows_sweep, extra=a.rows_extra)
+        rows_sweep(a.rows_sweep, extra="use_round3" if a.rows_round3 else a.rows_extra)
         return
     if a.fp8_sweep or a.fp8_cube:
         from _skinny_sweep import cube, sweep

@@ -26,19 +26,23 @@ NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (pip install triton)")
 
 
-def compile_gluon_sm90(fn, vals: list, num_warps: int = 4) -> str:
+def compile_gluon_sm90(fn, vals: list, num_warps: int = 4, div16: bool = False) -> str:
     """PTX of a Gluon kernel compiled for sm_90 on this machine (no GPU needed: the triton wheel's ptxas), with
-    `vals` the kernel's arguments in order (tensors, TMA descriptors, ints, floats, constexprs)."""
+    `vals` the kernel's arguments in order (tensors, TMA descriptors, ints, floats, constexprs). `div16`: tensor
+    pointers and ints that are multiples of 16 carry `tt.divisibility` 16, as a real launch specializes them
+    (what lets loads vectorize)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
         sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
         if p.is_constexpr:
             consts[(i,)] = v
-    ck = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+        elif div16 and (isinstance(v, torch.Tensor) or (type(v) is int and v % 16 == 0)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    ck = triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options={"num_warps": num_warps})
     return ck.asm["ptx"]

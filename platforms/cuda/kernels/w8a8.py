@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantrt.platforms.cuda.kernels._common import check_runtime, interpret_mode, ring_device_why
+from quantrt.platforms.cuda.kernels._common import (
+    check_runtime,
+    gluon_available,
+    interpret_mode,
+    ring_device_why,
+)
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.quantize import FP8_DTYPES, qmax
 from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
@@ -38,6 +43,7 @@ RING_MAX_M = 16   # 2..this with QUANTRT_CUDA_RING_FP8=1 on Hopper: ring_fp8 (TM
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
+FRAG_MAX_M = 32       # 2..this: `frag_w8` (mma.sync on fragments loaded from memory) where its tile table has the shape
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
@@ -89,6 +95,7 @@ class TritonW8A8Kernel(LinearKernel):
                               and hasattr(torch, "_scaled_mm"))
         n, k = data.shape
         self._gemv_reason: str | None = None
+        self._frag_reason: str | None = None
         self.use_int_mm = (data.dtype == torch.int8 and self.act in (0, 2) and k % 8 == 0 and n % 8 == 0
                            and hasattr(torch, "_int_mm"))
         self.use_block_mm = (data.dtype in FP8_DTYPES and self.wscale == 2 and self.act == 1 and k % 128 == 0
@@ -123,13 +130,7 @@ class TritonW8A8Kernel(LinearKernel):
     def _scaled_mm(self, x2: torch.Tensor, codes_cfg) -> torch.Tensor:
         """Activation codes (per-token launch or static scale), then `fp8_codes_mm` with `codes_cfg`, or
         cuBLASLt `_scaled_mm` when it is None."""
-        if self.act == 0:
-            from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
-
-            xq, sa = quant_rows(x2, self.data.dtype, self.qmax)                # [M, K] fp8, [M, 1]
-        else:
-            sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
-            xq = (x2.float() / sa).clamp(-self.qmax, self.qmax).to(self.data.dtype)
+        xq, sa = self._codes(x2)                                               # [M, K] fp8, [M, 1]
         if codes_cfg is not None:
             from quantrt.platforms.cuda.kernels.fp8_codes_mm import fp8_codes_mm
 
@@ -157,6 +158,33 @@ class TritonW8A8Kernel(LinearKernel):
             self._gemv_reason = gemv_w8_why_not(*self.data.shape, self.act, self.wscale, self.data.dtype == torch.int8)
         return self._gemv_reason
 
+    def frag_why(self, m: int) -> str:
+        """Why `frag_w8` (M = 2..32 on mma.sync fragments) cannot take these rows ('' when it can; whether it
+        does depends on its measured tile table)."""
+        if not 2 <= m <= FRAG_MAX_M:
+            return f"M={m} is outside 2..{FRAG_MAX_M}"
+        if self._frag_reason is None:
+            if self.act not in (0, 2) or self.wscale not in (0, 1):
+                self._frag_reason = "frag_w8 takes per-token/static activations and tensor/channel weight scales"
+            elif interpret_mode() or not gluon_available():
+                self._frag_reason = "frag_w8 is a Gluon kernel: it needs a GPU and triton >= 3.5"
+            else:
+                from quantrt.platforms.cuda.kernels.frag_w8 import frag_why_not
+
+                self._frag_reason = frag_why_not(2, self.data.shape[1], self.data.dtype, self.data.dtype,
+                                                 self.data.device)
+        return self._frag_reason
+
+    def _codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation codes [M, K] and their scales [M, 1] fp32: per-token launch, or the static scale."""
+        if self.act == 0:
+            from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+
+            return quant_rows(x2, self.data.dtype, self.qmax)
+        sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+        q = (x2.float() / sa).clamp(-self.qmax, self.qmax)
+        return (q.round() if self.data.dtype == torch.int8 else q).to(self.data.dtype), sa
+
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
 
@@ -165,12 +193,21 @@ class TritonW8A8Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         m = x2.shape[0]
         ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
-        codes_cfg = None
-        if self.use_scaled_mm and not ring:
+        codes_cfg = frag_cfg = None
+        if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
+            from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
+
+            frag_cfg = frag_tile(m, k, n, self.data.dtype == torch.int8)
+        if self.use_scaled_mm and not ring and frag_cfg is None:
             from quantrt.platforms.cuda.kernels.fp8_codes_mm import tile_for
 
             codes_cfg = tile_for(m, k, n)
-        if self.use_scaled_mm and (m >= SCALED_MM_MIN_M or codes_cfg is not None):
+        if frag_cfg is not None:
+            from quantrt.platforms.cuda.kernels.frag_w8 import frag_w8
+
+            xq, sa = self._codes(x2)
+            y = frag_w8(xq, sa, self.data, self.w_scale, self.compute_dtype, frag_cfg)
+        elif self.use_scaled_mm and (m >= SCALED_MM_MIN_M or codes_cfg is not None):
             y = self._scaled_mm(x2, codes_cfg)
         elif self.use_block_mm and x2.shape[0] >= BLOCK_MM_MIN_M:
             from quantrt.platforms.cuda.kernels.block_fp8_mm import block_fp8_mm

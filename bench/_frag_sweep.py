@@ -1,0 +1,144 @@
+"""Tile sweep of `frag_w8` (8-bit W8A8 at 2..32 rows through mma.sync on fragments loaded straight from
+memory) against the W8A8 dispatch it would replace and bf16 cuBLAS, at the Llama-3.1-8B shapes (H100; run
+from bench/).
+
+    python _frag_sweep.py --json out.json [--ms 2,8,16,32] [--kinds fp8,int8] [--shapes 8192x8192,...]
+
+Both sides include their per-token activation launch (`quant_rows` here). Every cell is a CUDA-graph replay
+over weight copies that overflow the L2 (`kernels.time_us`); every variant's output is checked against the
+float64 product of the same codes first. Prints the best tile per (kind, M, K, N) as `frag_w8._TILES` stores
+it: (reps, warps, waves, prefetch, unroll).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+# (reps, warps, waves, prefetch, unroll)
+CFGS = [(2, 4, 4, 0, 4), (2, 4, 4, 0, 8), (2, 4, 8, 0, 4), (4, 4, 4, 0, 4), (2, 8, 4, 0, 4), (2, 4, 4, 1, 4),
+        (2, 4, 2, 0, 8), (4, 4, 2, 0, 2), (2, 4, 8, 1, 2), (2, 4, 4, 0, 2)]
+DT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def _weight(kind: str, n: int, k: int) -> torch.Tensor:
+    if kind == "int8":
+        return torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    return (torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(DT[kind])
+
+
+def _dispatch(kind: str, w: torch.Tensor, sw: torch.Tensor):
+    from kernels import PLATFORM
+
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
+
+    if kind == "int8":
+        wt = IntWeight(w, sw.reshape(-1, 1), 8, w.shape[1])
+    else:
+        wt = FloatWeight(w, sw, ScaleGranularity.CHANNEL)
+    return TritonW8A8Kernel.prepare(LinearSpec(wt, ActScheme(ActKind.DYNAMIC_TOKEN, DT[kind]), torch.bfloat16),
+                                    PLATFORM)
+
+
+def _ours(kind: str, cfg: tuple, x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+    from quantrt.platforms.cuda.kernels.frag_w8 import FragConfig, frag_w8
+
+    q, s = quant_rows(x, DT[kind], 127.0 if kind == "int8" else 448.0)
+    return frag_w8(q, s, w, sw, torch.bfloat16, FragConfig(*cfg))
+
+
+def _compile(chunk: list) -> int:
+    done = 0
+    for kind, k, n, m, cfg in chunk:
+        try:
+            _ours(kind, cfg, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), _weight(kind, n, k),
+                  torch.rand(n, device="cuda"))
+            done += 1
+        except Exception as e:  # noqa: BLE001
+            print(f"# compile {kind} {m} {k}x{n} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+    torch.cuda.synchronize()
+    return done
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", default=None)
+    p.add_argument("--ms", default="2,8,16,32")
+    p.add_argument("--kinds", default="fp8,int8")
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    p.add_argument("--cfgs", default=None, help="python list of (reps, warps, waves, prefetch, unroll)")
+    p.add_argument("--rep-ms", type=float, default=30.0)
+    p.add_argument("--workers", type=int, default=14)
+    args = p.parse_args()
+    from kernels import time_us  # bench/ is sys.path[0]
+
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+    from quantrt.platforms.cuda.kernels.frag_w8 import frag_reference
+
+    cfgs = eval(args.cfgs) if args.cfgs else CFGS  # noqa: S307 - a sweep's own command line
+    ms = [int(v) for v in args.ms.split(",")]
+    kinds = args.kinds.split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    t0 = time.perf_counter()
+    variants = [(kd, k, n, m, c) for k, n in shapes for kd in kinds for m in ms for c in cfgs]
+    chunks = [variants[i::args.workers] for i in range(args.workers)]
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=ctx) as ex:
+        done = sum(ex.map(_compile, chunks))
+    print(f"# compiled {done}/{len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
+    out: list[dict] = []
+    print("| kind | M | K x N | bf16 us | dispatch us | best frag_w8 us (reps, warps, waves, prefetch, unroll) | vs dispatch "
+          "| x bf16 | % of copy |", flush=True)
+    for k, n in shapes:
+        copies = max(2, math.ceil(4 * 50e6 / (n * k)))
+        wbf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 2))]
+        sw = torch.rand(n, device="cuda") * 0.01 + 1e-3
+        for kind in kinds:
+            ws = [_weight(kind, n, k) for _ in range(copies)]
+            kerns = [_dispatch(kind, w, sw) for w in ws]
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                q, s = quant_rows(x, DT[kind], 127.0 if kind == "int8" else 448.0)
+                ref = frag_reference(q, s, ws[0], sw)
+                bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
+                base = time_us([lambda kr=kr, x=x: kr.apply(x, None) for kr in kerns], args.rep_ms)
+                cells = []
+                for c in cfgs:
+                    try:
+                        err = ((_ours(kind, c, x, ws[0], sw).double() - ref).abs().max() / ref.abs().max()).item()
+                        if not err < 8e-3:
+                            raise AssertionError(f"rel err {err:.3g}")
+                        us = time_us([lambda w=w, c=c, x=x, kd=kind, s=sw: _ours(kd, c, x, w, s) for w in ws], args.rep_ms)
+                    except Exception as e:  # noqa: BLE001 - report the variant and go on
+                        print(f"# {kind} {m} {k}x{n} {c}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr,
+                              flush=True)
+                        continue
+                    cells.append((us, c))
+                    out.append({"kind": kind, "m": m, "k": k, "n": n, "cfg": c, "us": us, "base_us": base,
+                                "bf16_us": bf16, "err": err})
+                best = min(cells) if cells else (float("nan"), None)
+                pct = (n * k + m * k + 2 * m * n) / (best[0] * 1e-6) / 3.0e12 * 100
+                print(f"| {kind} | {m} | {k}x{n} | {bf16:.1f} | {base:.1f} | {best[0]:.1f} {best[1]} | "
+                      f"{base / best[0]:.2f}x | {bf16 / best[0]:.2f}x | {pct:.0f}% |", flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(out, f)
+            del ws, kerns
+        del wbf
+        torch.cuda.empty_cache()
+    print(f"# {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
