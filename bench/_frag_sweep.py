@@ -7,7 +7,7 @@ from bench/).
 Both sides include their per-token activation launch (`quant_rows` here). Every cell is a CUDA-graph replay
 over weight copies that overflow the L2 (`kernels.time_us`); every variant's output is checked against the
 float64 product of the same codes first. Prints the best tile per (kind, M, K, N) as `frag_w8._TILES` stores
-it: (reps, warps, waves, prefetch, unroll).
+it: (reps, warps, waves, prefetch, unroll, hint, pdl).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
-# (reps, warps, waves, prefetch, unroll)
-CFGS = [(2, 4, 4, 0, 4), (2, 4, 4, 0, 8), (2, 4, 8, 0, 4), (4, 4, 4, 0, 4), (2, 8, 4, 0, 4), (2, 4, 4, 1, 4),
-        (2, 4, 2, 0, 8), (4, 4, 2, 0, 2), (2, 4, 8, 1, 2), (2, 4, 4, 0, 2)]
+# (reps, warps, waves, prefetch, unroll, hint, pdl)
+CFGS = [(2, 4, 4, 1, 4, 1, 1), (2, 4, 4, 1, 4, 1, 0), (2, 4, 2, 1, 8, 1, 1), (2, 2, 8, 1, 4, 1, 1),
+        (2, 4, 4, 0, 16, 1, 1), (2, 4, 4, 0, 4, 1, 1), (2, 4, 2, 0, 8, 1, 1), (2, 8, 2, 1, 4, 1, 1)]
 DT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--ms", default="2,8,16,32")
     p.add_argument("--kinds", default="fp8,int8")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    p.add_argument("--cfgs", default=None, help="python list of (reps, warps, waves, prefetch, unroll)")
+    p.add_argument("--cfgs", default=None, help="python list of (reps, warps, waves, prefetch, unroll, hint, pdl)")
     p.add_argument("--rep-ms", type=float, default=30.0)
     p.add_argument("--workers", type=int, default=14)
     args = p.parse_args()
@@ -98,7 +98,7 @@ def main() -> None:
         done = sum(ex.map(_compile, chunks))
     print(f"# compiled {done}/{len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
     out: list[dict] = []
-    print("| kind | M | K x N | bf16 us | dispatch us | best frag_w8 us (reps, warps, waves, prefetch, unroll) | vs dispatch "
+    print("| kind | M | K x N | bf16 us | dispatch us | best frag_w8 us (reps, warps, waves, prefetch, unroll, hint, pdl) | vs dispatch "
           "| x bf16 | % of copy |", flush=True)
     for k, n in shapes:
         copies = max(2, math.ceil(4 * 50e6 / (n * k)))

@@ -83,7 +83,8 @@ def test_fragment_algebra_is_the_product(reps, warps, tokens):
     np.testing.assert_array_equal(y, x @ w.T)
 
 
-def _compile(groups: int, is_int: bool, reps: int = 4, warps: int = 4, prefetch: int = 1, unroll: int = 2) -> str:
+def _compile(groups: int, is_int: bool, reps: int = 4, warps: int = 4, prefetch: int = 1, unroll: int = 2,
+             hint: int = 0, pdl: int = 0) -> str:
     import quantrt.platforms.cuda.kernels.frag_w8 as F
 
     k, n, split = 4096, 4096, 2
@@ -91,21 +92,28 @@ def _compile(groups: int, is_int: bool, reps: int = 4, warps: int = 4, prefetch:
     f = torch.zeros(16)
     return compile_gluon_sm90(F._frag_w8_kernel, [
         a, f, a, f, torch.zeros(16, n, dtype=torch.bfloat16), f, torch.zeros(16, dtype=torch.int32), 16, n, k // 4,
-        k // 4 // split, split, 1, reps, warps, unroll, groups, is_int, prefetch], num_warps=warps, div16=True)
+        k // 4 // split, split, 1, reps, warps, unroll, groups, is_int, prefetch, hint, pdl], num_warps=warps,
+        div16=True)
 
 
-@pytest.mark.parametrize("groups,is_int,reps,unroll", [(1, False, 4, 1), (2, False, 2, 2), (4, False, 4, 1),
-                                                       (2, True, 4, 2)])
-def test_kernel_compiles_for_sm90_to_vector_loads_and_mma_sync(groups, is_int, reps, unroll):
-    ptx = _compile(groups, is_int, reps, unroll=unroll)
+@pytest.mark.parametrize("groups,is_int,reps,unroll,hint,pdl", [(1, False, 4, 1, 0, 1), (2, False, 2, 2, 1, 0),
+                                                                (4, False, 4, 1, 0, 0), (2, True, 4, 2, 1, 1)])
+def test_kernel_compiles_for_sm90_to_vector_loads_and_mma_sync(groups, is_int, reps, unroll, hint, pdl):
+    ptx = _compile(groups, is_int, reps, unroll=unroll, hint=hint, pdl=pdl)
     typ = "s32.s8.s8.s32" if is_int else "f32.e4m3.e4m3.f32"
     calls = unroll * reps // 2 * (2 if groups > 2 else 1)             # per step: one call per chunk, rep pair, pair
     mmas = calls * 2 * min(2, groups)                                  # per call: 2 MMAs per token group
     assert ptx.count(f"mma.sync.aligned.m16n8k32.row.col.{typ}") == mmas
     loop = ptx[ptx.index("Loop Header"):]
     loop = loop[:loop.index("bra")]
-    assert loop.count("ld.global.v4.b32") == unroll * (reps + groups)  # weight words + token groups, 16 B each
+    hinted = loop.count("ld.global.L2::256B.v4.b32")
+    assert hinted == hint * unroll * reps                             # weight words, 16 B each
+    assert loop.count("ld.global.v4.b32") + hinted == unroll * (reps + groups)  # + token groups
     assert "shfl" not in ptx and "ld.shared" not in loop and "cvt" not in loop
+    if pdl:  # step 0's weight words are requested before the wait for the activation codes
+        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("Loop Header")
+    else:
+        assert "griddepcontrol" not in ptx
 
 
 def test_errors_name_the_problem():
@@ -132,7 +140,7 @@ def _codes(m: int, k: int, dt: torch.dtype, gen: torch.Generator) -> torch.Tenso
 @pytest.mark.accelerator
 @pytest.mark.parametrize("dt", [FP8, torch.int8])
 @pytest.mark.parametrize("m", [2, 5, 8, 9, 16, 17, 24, 32])
-@pytest.mark.parametrize("n,k,cfg", [(4096, 4096, None), (200, 1024, (2, 4, 4, 0, 1)), (384, 14336, (4, 8, 2, 1, 2)),
+@pytest.mark.parametrize("n,k,cfg", [(4096, 4096, None), (200, 1024, (2, 4, 4, 0, 1)), (384, 14336, (4, 8, 2, 1, 2, 1)),
                                      (1000, 512, (8, 4, 1, 1, 8))])
 def test_frag_w8_native(dt, m, n, k, cfg):
     from quantrt.platforms.cuda.kernels.frag_w8 import FragConfig, frag_reference, frag_w8

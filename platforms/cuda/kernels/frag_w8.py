@@ -4,6 +4,10 @@
 y [M, N] = (a [M, K] codes * sa [M] per-token / static scales) @ (w [N, K] codes * sw [1] or [N])^T, with a
 and w of one 8-bit dtype (e4m3 or int8), fp32 (fp8) or exact int32 (int8) sums.
 
+H100 (`bench/_frag_sweep.py`, both sides with their activation launch): fp8 M = 2 / 8 at 8192² 28.3 / 29.2 us
+(1.67x bf16; the dispatch before 29.7 / 30.0), 4096x28672 43.3 / 44.0 (1.89x; before 52.9 / 54.2), 4096² 10.6 /
+11.4 (before 12.3); int8 M = 2-16 1.04-1.29x the path before at every Llama shape.
+
 Why: at 2-16 rows the tensor-core paths (`swap_fp8`, `fp8_codes_mm`, the TMA ring) stream an fp8 weight at
 ~75% of copy (8192²: 29-30 us), while the M = 1 GEMV (`gemv_w8`, plain 16-byte loads, many programs in flight)
 reaches ~87%, but widens every code and spends one FFMA per code and row, so it cannot take 8 or 16 rows.
@@ -23,7 +27,14 @@ bytes. The activation tile [1, 8 W, 16] in the same layout holds token (row % 8)
 4 g + t holds token g's bytes 16t..16t+15: B of the same two MMAs. Two token groups (rows 0-7, 8-15) share
 the weight registers; PAIRS 2 runs a second pair for rows 16-31.
 
-Accumulators have the weight tile's shape and layout: for each rep and lane, word j of the 4 holds token
+A step takes U such 64-code chunks of every row (`FragConfig.unroll`): the tile is [U, REPS, 8 W, 16] words,
+so a thread's U loads of one row are requested together. With U = 1 each warp load touched 8 rows x 64 bytes
+and the kernel streamed at ~55% of copy whatever the tile (8192² M = 2: 40.7 us); U = 4 took it to 30 us.
+The kernel launches with programmatic dependent launch: step 0's weight words are requested before
+`griddepcontrol.wait`, i.e. while the activation-code launch before it (`quant_rows`) still runs (8192² M = 2:
+28.3 vs 30.0 us; the L2::256B load hint gained < 2%).
+
+Accumulators have the weight tile's shape and layout (one per U chunk, summed in registers after the MMAs): for each rep and lane, word j of the 4 holds token
 (j >> 1) * 8 + 2t + (j & 1) of that rep's row. fp8 MMAs start from zero and are added in fp32 (Hopper's fp8
 MMA accumulates with a short mantissa; here it sums only 32 products); int8 MMAs chain their exact int32 sum.
 Split-K partials go through the shared last-arriver epilogue (`ring_common.store_split_k`).
@@ -40,7 +51,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, split_counters
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
 from quantrt.platforms.cuda.kernels.ring_common import store_split_k
 
@@ -50,11 +61,13 @@ STEP_K = 64          # codes per weight row per K step (16 int32 words: 4 lanes 
 
 @dataclass(frozen=True)
 class FragConfig:
-    reps: int = 4            # rows of a program = reps * 8 * warps (reps even: an MMA pairs two reps)
+    reps: int = 2            # rows of a program = reps * 8 * warps (reps even: an MMA pairs two reps)
     warps: int = 4
     waves: int = 4           # split K so that about this many programs run per SM
-    prefetch: int = 1        # 1: the next step's weight words are loaded before this step's MMAs
+    prefetch: int = 0        # 1: the next step's weight words are loaded before this step's MMAs
     unroll: int = 4          # 64-code chunks of a row per step (U): 64 U bytes of a row requested together
+    hint: int = 1            # 1: weight loads carry the L2::256B prefetch hint (a miss fills 256 bytes of L2)
+    pdl: int = 1             # 1: programmatic dependent launch on sm_90 (step 0's weights load before the wait)
 
     @property
     def block_n(self) -> int:
@@ -131,10 +144,19 @@ def _x_group(a_ptr, tok, kw, M, KW, offs_w, w):
 
 
 @gluon.jit
-def _load_step(w_ptrs, a_ptr, g8, kw0, kt, M, KW, offs_w, GROUPS: gl.constexpr):
-    """The weight words and token groups (unused groups: the weight words, never read) of the step at kt."""
-    w = gl.load(w_ptrs + kt)
-    kw = kw0 + kt
+def _load_w(ptrs, HINT: gl.constexpr):
+    """The weight words at `ptrs` (16-byte vectors); HINT: with the L2::256B prefetch-size qualifier."""
+    if HINT:
+        w = gl.inline_asm_elementwise("ld.global.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l",
+                                      [ptrs], dtype=gl.int32, is_pure=True, pack=4)
+    else:
+        w = gl.load(ptrs)
+    return w
+
+
+@gluon.jit
+def _load_x(a_ptr, g8, kw, M, KW, offs_w, w, GROUPS: gl.constexpr):
+    """The token groups of the step at word kw (unused groups: the weight words, never read)."""
     x0 = _x_group(a_ptr, g8, kw, M, KW, offs_w, w)
     x1 = w
     x2 = w
@@ -145,7 +167,7 @@ def _load_step(w_ptrs, a_ptr, g8, kw0, kt, M, KW, offs_w, GROUPS: gl.constexpr):
         x2 = _x_group(a_ptr, g8 + 16, kw, M, KW, offs_w, w)
     if GROUPS >= 4:
         x3 = _x_group(a_ptr, g8 + 24, kw, M, KW, offs_w, w)
-    return w, x0, x1, x2, x3
+    return x0, x1, x2, x3
 
 
 @gluon.jit
@@ -178,7 +200,7 @@ def _step(w, x0, x1, x2, x3, zero, acc0, acc1, IS_INT: gl.constexpr, GROUPS: gl.
 def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW,
                     KW_PER_SPLIT: gl.constexpr, SPLIT: gl.constexpr, WSCALE: gl.constexpr, REPS: gl.constexpr,
                     WARPS: gl.constexpr, U: gl.constexpr, GROUPS: gl.constexpr, IS_INT: gl.constexpr,
-                    PREFETCH: gl.constexpr):
+                    PREFETCH: gl.constexpr, HINT: gl.constexpr, PDL: gl.constexpr):
     # a [M, K] codes and w [N, K] codes viewed as int32 words [M, KW] / [N, KW]; GROUPS token groups of 8
     # (1..4: M <= 8 GROUPS). A step is U chunks of 16 words per row (a thread's U 16-byte loads of one row are
     # 64 bytes apart: the row's 64 U bytes are requested together). KW is a multiple of KW_PER_SPLIT, itself of
@@ -205,17 +227,22 @@ def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     zero = gl.zeros([U, REPS, R, 16], acc_t, L)
     acc0 = gl.zeros([REPS, R, 16], acc_t, S)
     acc1 = gl.zeros([REPS, R, 16], acc_t, S)
-    if PREFETCH:  # the next step's words are in flight while this step's MMAs run (the last reloads itself)
-        w, x0, x1, x2, x3 = _load_step(w_ptrs, a_ptr, g8, kw0, 0, M, KW, offs_w, GROUPS)
-        for kt in range(0, KW_PER_SPLIT, STEP):
+    w = _load_w(w_ptrs, HINT)                                                  # step 0's weight words
+    if PDL:  # launched while the activation-code launch before runs: its codes are read only after this wait
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    x0, x1, x2, x3 = _load_x(a_ptr, g8, kw0, M, KW, offs_w, w, GROUPS)
+    for kt in range(0, KW_PER_SPLIT, STEP):
+        if PREFETCH:  # the next step's words are in flight while this step's MMAs run (the last reloads itself)
             kn = gl.minimum(kt + STEP, KW_PER_SPLIT - STEP)
-            wn, xn0, xn1, xn2, xn3 = _load_step(w_ptrs, a_ptr, g8, kw0, kn, M, KW, offs_w, GROUPS)
+            wn = _load_w(w_ptrs + kn, HINT)
+            xn0, xn1, xn2, xn3 = _load_x(a_ptr, g8, kw0 + kn, M, KW, offs_w, w, GROUPS)
             acc0, acc1 = _step(w, x0, x1, x2, x3, zero, acc0, acc1, IS_INT, GROUPS)
             w, x0, x1, x2, x3 = wn, xn0, xn1, xn2, xn3
-    else:
-        for kt in range(0, KW_PER_SPLIT, STEP):
-            w, x0, x1, x2, x3 = _load_step(w_ptrs, a_ptr, g8, kw0, kt, M, KW, offs_w, GROUPS)
+        else:
             acc0, acc1 = _step(w, x0, x1, x2, x3, zero, acc0, acc1, IS_INT, GROUPS)
+            kn = gl.minimum(kt + STEP, KW_PER_SPLIT - STEP)
+            w = _load_w(w_ptrs + kn, HINT)
+            x0, x1, x2, x3 = _load_x(a_ptr, g8, kw0 + kn, M, KW, offs_w, w, GROUPS)
     # word j of lane t: token (j >> 1) * 8 + 2t + (j & 1) (+ 16 for the second pair)
     tok = ((c & 3) >> 1) * 8 + 2 * (c >> 2) + (c & 1)
     tok3 = tok[None, None, :]                                                  # [1, 1, 16]
@@ -233,16 +260,34 @@ def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
                       pid_k, M, N, SPLIT)
 
 
-# (reps, warps, waves, prefetch, unroll) per (row bucket 8 / 16 / 32, K, N), each measured faster on the H100 than what the
-# W8A8 dispatch ran there before (`bench/_frag_sweep.py`); a missing entry keeps the path before.
-_TILES: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {}
+# (reps, warps, waves, prefetch, unroll, hint, pdl) per (codes, row bucket 8 / 16, K, N), each measured faster on
+# the H100 than what the W8A8 dispatch ran there before (`bench/_frag_sweep.py`, 2026-11-23; bucket 8: the tile
+# with the best worse-of M = 2 / M = 8 ratio). A missing entry keeps the path before (us ours vs before).
+_TILES: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int, int]] = {
+    ("f8", 8, 4096, 4096): (2, 4, 4, 0, 16, 1, 1),      # 11.3 / 11.4 vs 12.3 / 12.3 (M = 2 / 8)
+    ("f8", 8, 4096, 6144): (2, 4, 4, 1, 4, 1, 1),       # 13.8 / 14.4 vs 15.3 / 15.6
+    ("f8", 8, 4096, 28672): (2, 2, 8, 1, 4, 1, 1),      # 43.3 / 44.0 vs 52.9 / 54.2
+    ("f8", 8, 8192, 8192): (2, 4, 4, 0, 4, 1, 1),       # 28.3 / 29.2 vs 29.7 / 30.0
+    ("f8", 8, 14336, 4096): (2, 4, 2, 1, 8, 1, 1),      # 26.1 / 27.1 vs 28.0 / 28.6
+    ("f8", 16, 4096, 28672): (2, 2, 8, 1, 4, 1, 1),     # 45.1 vs 46.7 (fp8_codes_mm)
+    ("i8", 8, 4096, 4096): (2, 4, 2, 1, 8, 1, 1),       # 10.6 / 10.7 vs 12.5 / 12.5
+    ("i8", 8, 4096, 6144): (2, 4, 4, 0, 4, 1, 1),       # 13.8 / 14.2 vs 15.9 / 16.0
+    ("i8", 8, 4096, 28672): (2, 4, 4, 0, 4, 1, 1),      # 42.4 / 43.3 vs 54.4 / 55.6
+    ("i8", 8, 8192, 8192): (2, 4, 2, 0, 8, 1, 1),       # 27.8 / 28.6 vs 29.1 / 30.1
+    ("i8", 8, 14336, 4096): (2, 4, 2, 0, 8, 1, 1),      # 25.2 / 25.7 vs 28.9 / 29.3
+    ("i8", 16, 4096, 4096): (2, 4, 4, 0, 16, 1, 1),     # 12.0 vs 12.6 (swap_fp8)
+    ("i8", 16, 4096, 6144): (2, 4, 2, 0, 8, 1, 1),      # 15.1 vs 16.7
+    ("i8", 16, 4096, 28672): (2, 2, 8, 1, 4, 1, 1),     # 44.2 vs 57.0
+    ("i8", 16, 8192, 8192): (2, 4, 2, 1, 8, 1, 1),      # 30.0 vs 30.9
+    ("i8", 16, 14336, 4096): (2, 4, 2, 1, 8, 1, 1),     # 27.9 vs 30.4
+}
 
 
 def tile_for(m: int, k: int, n: int, is_int: bool) -> FragConfig | None:
     """The measured tile when this kernel beat the dispatch before at [M, K] x [K, N], else None."""
     if not 2 <= m <= MAX_M:
         return None
-    t = _TILES.get(("i8" if is_int else "f8", 8 if m <= 8 else 16 if m <= 16 else 32, k, n))
+    t = _TILES.get(("i8" if is_int else "f8", 8 if m <= 8 else 16 if m <= 16 else 32, k, n))  # 32: none measured
     return None if t is None else FragConfig(*t)
 
 
@@ -261,8 +306,8 @@ def frag_why_not(m: int, k: int, a_dtype: torch.dtype, w_dtype: torch.dtype, dev
         return f"K={k} is not a multiple of {STEP_K * cfg.unroll} ({STEP_K} codes x unroll {cfg.unroll})"
     if a_dtype != w_dtype or w_dtype not in (torch.float8_e4m3fn, torch.int8):
         return f"needs e4m3 or int8 codes of one dtype for both operands, got {a_dtype} x {w_dtype}"
-    if cfg.reps % 2 or cfg.reps < 2 or cfg.warps not in (1, 2, 4, 8) or cfg.unroll not in (1, 2, 4, 8):
-        return f"FragConfig needs an even reps >= 2, warps and unroll in 1, 2, 4, 8; got {cfg}"
+    if cfg.reps % 2 or cfg.reps < 2 or cfg.warps not in (1, 2, 4, 8) or cfg.unroll not in (1, 2, 4, 8, 16):
+        return f"FragConfig needs an even reps >= 2, warps in 1, 2, 4, 8 and unroll in 1, 2, 4, 8, 16; got {cfg}"
     if device.type != "cuda" or torch.version.hip is not None:
         return "needs a CUDA GPU (PTX mma.sync)"
     major, minor = torch.cuda.get_device_capability(device)
@@ -289,6 +334,7 @@ def frag_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     step = STEP_K * cfg.unroll
     split = plan_split(k, step, n_tiles, cfg.waves * num_sms(a.device.index or 0))
     groups = cdiv(m, 8)
+    pdl = bool(cfg.pdl) and pdl_supported(a)
     y = torch.empty((m, n), device=a.device, dtype=out_dtype)
     ws = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(a.device, 2 * n_tiles) if split > 1 else y          # pairs 0 / 1: own counters
@@ -296,6 +342,7 @@ def frag_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
         a.view(torch.int32), sa.reshape(-1).contiguous(), w.view(torch.int32), sw.reshape(-1).contiguous(), y, ws,
         cnt, m, n, k // 4, KW_PER_SPLIT=k // 4 // split, SPLIT=split, WSCALE=0 if sw.numel() == 1 else 1,
         REPS=cfg.reps, WARPS=cfg.warps, U=cfg.unroll, GROUPS=groups, IS_INT=w.dtype == torch.int8, PREFETCH=cfg.prefetch,
+        HINT=cfg.hint, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
         num_warps=cfg.warps)
     return y
 
