@@ -6,7 +6,6 @@ Serves every format that becomes an `IntWeight` with bits 2..8 and no float offs
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -102,9 +101,6 @@ class TritonWNA16Kernel(LinearKernel):
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
         self.skinny_why = _skinny_why(w, container)
         self.ring_why = _ring_why(w, container, packed.device)
-        # opt-in (QUANTRT_CUDA_FRAG_W4=1, read at prepare): M = 1 through `frag_w4` with PDL (e2e A/B)
-        self.frag_w4 = (os.environ.get("QUANTRT_CUDA_FRAG_W4", "0") == "1" and container == 4
-                        and not self.ring_why and w.shape[0] % 4 == 0)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -146,11 +142,7 @@ class TritonWNA16Kernel(LinearKernel):
         x2 = x.reshape(-1, k).to(self.compute_dtype)                         # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        if x2.shape[0] == 1 and self.frag_w4:
-            from quantrt.platforms.cuda.kernels.frag_w4 import frag_w4
-
-            y = frag_w4(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const)
-        elif x2.shape[0] <= RING_MAX_M and not self.ring_why:
+        if x2.shape[0] <= RING_MAX_M and not self.ring_why:
             from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
             y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const)
