@@ -158,10 +158,14 @@ def test_frag_w8_native(dt, m, n, k, cfg):
 @pytest.mark.accelerator
 @pytest.mark.parametrize("dt", [FP8, torch.int8])
 @pytest.mark.parametrize("m", [2, 8, 16])
-def test_w8a8_dispatch_runs_frag_w8_and_matches_the_reference(dt, m):
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_dispatch_runs_frag_w8_and_matches_the_reference(dt, m, static):
+    """Per-token (quant_rows codes) and static per-tensor activations (the checkpoint's scale) through the W8A8
+    dispatch at a shape of the tile table, against x quantized by quantrt.quant.quantize in float64."""
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.kernels.frag_w8 import tile_for
     from quantrt.quant.kernel import LinearSpec
-    from quantrt.quant.quantize import quantize_act_per_token
+    from quantrt.quant.quantize import quantize_act_per_token, quantize_act_static
     from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
 
     n, k = 4096, 4096
@@ -169,13 +173,52 @@ def test_w8a8_dispatch_runs_frag_w8_and_matches_the_reference(dt, m):
     w = _codes(n, k, dt, gen)
     sw = torch.rand(n, device=DEV, generator=gen) * 0.01 + 1e-3
     wt = IntWeight(w, sw.reshape(-1, 1), 8, k) if dt == torch.int8 else FloatWeight(w, sw, ScaleGranularity.CHANNEL)
-    kern = TritonW8A8Kernel.prepare(LinearSpec(wt, ActScheme(ActKind.DYNAMIC_TOKEN, dt), torch.bfloat16), PLATFORM)
-    assert kern.frag_why(m) == ""
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16, generator=gen)
-    q, s = quantize_act_per_token(x, dt)
+    if static:
+        s_act = torch.tensor(float(x.abs().max()) / (127.0 if dt == torch.int8 else 448.0) * 0.8, device=DEV)
+        act = ActScheme(ActKind.STATIC_TENSOR, dt, scale=s_act)
+        q, s = quantize_act_static(x, s_act, dt), s_act.reshape(1, 1)
+    else:
+        act = ActScheme(ActKind.DYNAMIC_TOKEN, dt)
+        q, s = quantize_act_per_token(x, dt)
+    kern = TritonW8A8Kernel.prepare(LinearSpec(wt, act, torch.bfloat16), PLATFORM)
+    assert kern.frag_why(m) == "" and tile_for(m, k, n, dt == torch.int8) is not None
     ref = (q.double() * s.double()) @ (w.double() * sw.double()[:, None]).t()
     y = kern.apply(x, None)
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 4e-3
+
+
+def test_frag_dispatch_says_why_not():
+    """Block-scaled / weight-only fp8 and the interpreter keep the paths before, with a reason."""
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, ScaleGranularity
+
+    w = torch.zeros(256, 256, dtype=FP8, device=DEV)
+    tok = TritonW8A8Kernel.prepare(LinearSpec(FloatWeight(w, torch.ones(256, device=DEV), ScaleGranularity.CHANNEL),
+                                              ActScheme(ActKind.DYNAMIC_TOKEN, FP8), torch.bfloat16), PLATFORM)
+    assert "outside 2..32" in tok.frag_why(1) and "outside 2..32" in tok.frag_why(33)
+    wonly = TritonW8A8Kernel.prepare(LinearSpec(FloatWeight(w, torch.ones(256, device=DEV), ScaleGranularity.CHANNEL),
+                                                ActScheme(), torch.bfloat16), PLATFORM)
+    assert "per-token/static activations" in wonly.frag_why(4)
+    if DEV == "cpu":
+        assert "Gluon kernel" in tok.frag_why(4)
+
+
+def test_w8a8_refuses_asymmetric_static_int8_activations():
+    """An input zero point (msModelSlim asymmetric static int8) is not computed by any CUDA W8A8 path: the kernel
+    says so, and the platform's selection goes on to the reference kernel, which computes it."""
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec, select_linear_kernel
+    from quantrt.quant.kernels.reference import ReferenceLinearKernel
+    from quantrt.quant.weights import ActKind, ActScheme, IntWeight
+
+    w = IntWeight(torch.ones(256, 256, dtype=torch.int8, device=DEV), torch.ones(256, 1, device=DEV), 8, 256)
+    act = ActScheme(ActKind.STATIC_TENSOR, torch.int8, scale=torch.tensor(0.1), zero=torch.tensor(3.0))
+    spec = LinearSpec(w, act, torch.bfloat16)
+    ok, why = TritonW8A8Kernel.can_implement(spec, PLATFORM)
+    assert not ok and "input zero point" in why
+    assert select_linear_kernel(spec, PLATFORM).kernel is ReferenceLinearKernel
 
 
 @pytest.mark.accelerator

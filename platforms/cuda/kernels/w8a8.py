@@ -30,7 +30,7 @@ from quantrt.platforms.cuda.kernels._common import (
     ring_device_why,
 )
 from quantrt.quant.kernel import LinearKernel, LinearSpec
-from quantrt.quant.quantize import FP8_DTYPES, qmax
+from quantrt.quant.quantize import FP8_DTYPES, qmax, quantize_act_static
 from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ def _why_not(spec: LinearSpec) -> str:
             return "int8 W8A8 needs per-channel weight scales"
         if act.kind not in (ActKind.DYNAMIC_TOKEN, ActKind.STATIC_TENSOR) or act.dtype != torch.int8:
             return f"int8 weights need int8 per-token or static activations, not {act}"
+        if act.zero is not None:
+            return "asymmetric static activations (an input zero point) are not supported: symmetric only"
         return ""
     if not isinstance(w, FloatWeight):
         return f"weight is {type(w).__name__}, not FloatWeight/IntWeight"
@@ -184,8 +186,7 @@ class TritonW8A8Kernel(LinearKernel):
 
             return quant_rows(x2, self.data.dtype, self.qmax)
         sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
-        q = (x2.float() / sa).clamp(-self.qmax, self.qmax)
-        return (q.round() if self.data.dtype == torch.int8 else q).to(self.data.dtype), sa
+        return quantize_act_static(x2, self.act_scale, self.data.dtype), sa
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
