@@ -168,7 +168,7 @@ def test_w8a8_dispatch_runs_frag_w8_and_matches_the_reference(dt, m, static):
     from quantrt.quant.quantize import quantize_act_per_token, quantize_act_static
     from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
 
-    n, k = 4096, 4096
+    n, k = (28672, 4096) if dt == FP8 and m > 8 else (4096, 4096)      # fp8 at 9-16 rows: gate_up only
     gen = torch.Generator(device=DEV).manual_seed(m)
     w = _codes(n, k, dt, gen)
     sw = torch.rand(n, device=DEV, generator=gen) * 0.01 + 1e-3
