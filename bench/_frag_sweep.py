@@ -98,8 +98,8 @@ def main() -> None:
         done = sum(ex.map(_compile, chunks))
     print(f"# compiled {done}/{len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
     out: list[dict] = []
-    print("| kind | M | K x N | bf16 us | dispatch us | best frag_w8 us (reps, warps, waves, prefetch, unroll, hint, pdl) | vs dispatch "
-          "| x bf16 | % of copy |", flush=True)
+    print("| kind | M | K x N | bf16 us | dispatch us | best frag_w8 us (reps, warps, waves, prefetch, unroll, hint, "
+          "pdl) | vs dispatch | x bf16 | % of copy |", flush=True)
     for k, n in shapes:
         copies = max(2, math.ceil(4 * 50e6 / (n * k)))
         wbf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 2))]
@@ -119,7 +119,8 @@ def main() -> None:
                         err = ((_ours(kind, c, x, ws[0], sw).double() - ref).abs().max() / ref.abs().max()).item()
                         if not err < 8e-3:
                             raise AssertionError(f"rel err {err:.3g}")
-                        us = time_us([lambda w=w, c=c, x=x, kd=kind, s=sw: _ours(kd, c, x, w, s) for w in ws], args.rep_ms)
+                        us = time_us([lambda w=w, c=c, x=x, kd=kind, s=sw: _ours(kd, c, x, w, s) for w in ws],
+                                     args.rep_ms)
                     except Exception as e:  # noqa: BLE001 - report the variant and go on
                         print(f"# {kind} {m} {k}x{n} {c}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr,
                               flush=True)

@@ -25,7 +25,7 @@ stands for, as long as A and B agree: the MMA on words (0, 1) of rep 2q (as row 
 g + 8) takes slot 4t + i = byte 16t + i and slot 4t + 16 + i = byte 16t + 4 + i, words (2, 3) the next 8
 bytes. The activation tile [1, 8 W, 16] in the same layout holds token (row % 8) at the same words, so lane
 4 g + t holds token g's bytes 16t..16t+15: B of the same two MMAs. Two token groups (rows 0-7, 8-15) share
-the weight registers; PAIRS 2 runs a second pair for rows 16-31.
+the weight registers; with 17-32 rows (GROUPS 3-4) a second accumulator takes rows 16-31.
 
 A step takes U such 64-code chunks of every row (`FragConfig.unroll`): the tile is [U, REPS, 8 W, 16] words,
 so a thread's U loads of one row are requested together. With U = 1 each warp load touched 8 rows x 64 bytes
@@ -34,13 +34,15 @@ The kernel launches with programmatic dependent launch: step 0's weight words ar
 `griddepcontrol.wait`, i.e. while the activation-code launch before it (`quant_rows`) still runs (8192² M = 2:
 28.3 vs 30.0 us; the L2::256B load hint gained < 2%).
 
-Accumulators have the weight tile's shape and layout (one per U chunk, summed in registers after the MMAs): for each rep and lane, word j of the 4 holds token
-(j >> 1) * 8 + 2t + (j & 1) of that rep's row. fp8 MMAs start from zero and are added in fp32 (Hopper's fp8
-MMA accumulates with a short mantissa; here it sums only 32 products); int8 MMAs chain their exact int32 sum.
+Accumulators are [REPS, 8 W, 16] in the weight tile's layout (the U chunks' MMA results are summed in
+registers): for each rep and lane, word j of the 4 holds token (j >> 1) * 8 + 2t + (j & 1) of that rep's row.
+fp8 MMAs start from zero and are added in fp32 (Hopper's fp8 MMA accumulates with a short mantissa; here it
+sums only 32 products); int8 MMAs chain their exact int32 sum.
 Split-K partials go through the shared last-arriver epilogue (`ring_common.store_split_k`).
-Gluon does not run under TRITON_INTERPRET: the CPU tests check `frag_reference`, the fragment algebra
-(`fragment_token`), the sm_90 PTX (mma.sync count, 16-byte loads, no shared memory, no shuffles) and the
-dispatch; the kernel itself is tested natively (-m accelerator).
+Gluon does not run under TRITON_INTERPRET: the CPU tests emulate a warp's MMAs from the PTX fragment tables
+with the registers each lane holds (`A_WORDS`, `B_WORDS`, `D_OUT`, `fragment_token`) against x @ w^T, check the
+sm_90 PTX (mma.sync count, 16-byte loads, no shared memory, no shuffles, PDL order) and the dispatch; the
+kernel itself is tested natively (-m accelerator) against `frag_reference` (float64).
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def _mma(w, x0, x1, acc, IS_INT: gl.constexpr, TWO: gl.constexpr):
 def _x_group(a_ptr, tok, kw, M, KW, offs_w, w):
     """Token group words, broadcast to w's [U, REPS, 8 W, 16]: row r holds token `tok` (= base + r % 8) at
     words kw + offs_w (0 past M)."""
-    x = gl.load(a_ptr + tok * KW + kw + offs_w, mask=(tok < M) & (offs_w >= 0), other=0)
+    x = gl.load(a_ptr + tok * KW + kw + offs_w, mask=(tok < M) & (offs_w >= 0), other=0)  # mask: full shape
     xb, _ = gl.broadcast(x, w)
     return xb
 
@@ -341,9 +343,8 @@ def frag_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     _frag_w8_kernel[(n_tiles, split)](
         a.view(torch.int32), sa.reshape(-1).contiguous(), w.view(torch.int32), sw.reshape(-1).contiguous(), y, ws,
         cnt, m, n, k // 4, KW_PER_SPLIT=k // 4 // split, SPLIT=split, WSCALE=0 if sw.numel() == 1 else 1,
-        REPS=cfg.reps, WARPS=cfg.warps, U=cfg.unroll, GROUPS=groups, IS_INT=w.dtype == torch.int8, PREFETCH=cfg.prefetch,
-        HINT=cfg.hint, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
-        num_warps=cfg.warps)
+        REPS=cfg.reps, WARPS=cfg.warps, U=cfg.unroll, GROUPS=groups, IS_INT=w.dtype == torch.int8,
+        PREFETCH=cfg.prefetch, HINT=cfg.hint, PDL=pdl, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -5,8 +5,9 @@ Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
 128-group activations); M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of
 `frag_w8._TILES` (measured faster there; Gluon, sm_89+ / sm_80+) -> the activation codes into `frag_w8`
-(mma.sync on fragments loaded straight from memory, ninth session); M = 2..RING_MAX_M of e4m3 per-token/static x tensor/channel on Hopper with
-QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight ring; off by default, slower at 8192²);
+(mma.sync on fragments loaded straight from memory, ninth session); M = 2..RING_MAX_M of e4m3
+per-token/static x tensor/channel on Hopper with QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight
+ring; off by default, slower at 8192²);
 M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped; 128-group activations
 from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches of per-tensor/per-channel FP8 -> cuBLASLt through
 `torch._scaled_mm` (activations quantized per token by one Triton launch, `act_quant_triton`); M = 9..64 of the
