@@ -84,7 +84,7 @@ def test_fragment_algebra_is_the_product(reps, warps, tokens):
 
 
 def _compile(groups: int, is_int: bool, reps: int = 4, warps: int = 4, prefetch: int = 1, unroll: int = 2,
-             hint: int = 0, pdl: int = 0) -> str:
+             hint: int = 0, pdl: int = 0, trigger: bool = False) -> str:
     import quantrt.platforms.cuda.kernels.frag_w8 as F
 
     k, n, split = 4096, 4096, 2
@@ -92,14 +92,14 @@ def _compile(groups: int, is_int: bool, reps: int = 4, warps: int = 4, prefetch:
     f = torch.zeros(16)
     return compile_gluon_sm90(F._frag_w8_kernel, [
         a, f, a, f, torch.zeros(16, n, dtype=torch.bfloat16), f, torch.zeros(16, dtype=torch.int32), 16, n, k // 4,
-        k // 4 // split, split, 1, reps, warps, unroll, groups, is_int, prefetch, hint, pdl], num_warps=warps,
+        k // 4 // split, split, 1, reps, warps, unroll, groups, is_int, prefetch, hint, pdl, trigger], num_warps=warps,
         div16=True)
 
 
 @pytest.mark.parametrize("groups,is_int,reps,unroll,hint,pdl", [(1, False, 4, 1, 0, 1), (2, False, 2, 2, 1, 0),
                                                                 (4, False, 4, 1, 0, 0), (2, True, 4, 2, 1, 1)])
 def test_kernel_compiles_for_sm90_to_vector_loads_and_mma_sync(groups, is_int, reps, unroll, hint, pdl):
-    ptx = _compile(groups, is_int, reps, unroll=unroll, hint=hint, pdl=pdl)
+    ptx = _compile(groups, is_int, reps, unroll=unroll, hint=hint, pdl=pdl, trigger=bool(pdl))
     typ = "s32.s8.s8.s32" if is_int else "f32.e4m3.e4m3.f32"
     calls = unroll * reps // 2 * (2 if groups > 2 else 1)             # per step: one call per chunk, rep pair, pair
     mmas = calls * 2 * min(2, groups)                                  # per call: 2 MMAs per token group
@@ -110,8 +110,10 @@ def test_kernel_compiles_for_sm90_to_vector_loads_and_mma_sync(groups, is_int, r
     assert hinted == hint * unroll * reps                             # weight words, 16 B each
     assert loop.count("ld.global.v4.b32") + hinted == unroll * (reps + groups)  # + token groups
     assert "shfl" not in ptx and "ld.shared" not in loop and "cvt" not in loop
-    if pdl:  # step 0's weight words are requested before the wait for the activation codes
+    if pdl:  # step 0's weight words are requested before the wait for the activation codes; the next PDL op is
+        # released once the loop is done (`pdl_trigger`)
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("Loop Header")
+        assert ptx.rindex("mma.sync") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("atom.")
     else:
         assert "griddepcontrol" not in ptx
 

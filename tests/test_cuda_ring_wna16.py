@@ -79,7 +79,8 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
     assert torch.equal(x_pos, x[:, ks].t())                                  # the B operand in position order
 
 
-def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4) -> str:
+def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
+                  pdl: bool = True) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -92,7 +93,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps))
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-        dtype == torch.bfloat16, asym, True, True, *layouts], num_warps=warps)
+        dtype == torch.bfloat16, asym, pdl, True, *layouts, trigger], num_warps=warps)
 
 
 @pytest.mark.parametrize("bn,bm,dtype,asym,warps", [
@@ -106,6 +107,15 @@ def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     assert f"m64n{bm}k16" in ptx
     assert "shfl" not in ptx                                     # the fragment and scale permutations move no data
     assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128) // (warps // 4)   # one LOP3 per code pair
+
+
+def test_pdl_trigger_after_the_main_loop():
+    """With TRIGGER (and without the start-of-kernel PDL trigger), the next PDL op is released after the last
+    MMA of the K loop, before the split-K epilogue."""
+    ptx = _compile_sm90(64, 8, torch.bfloat16, False, trigger=True, pdl=False)
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    assert ptx.rindex("wgmma.mma_async") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("atom.")
+    assert "griddepcontrol" not in _compile_sm90(64, 8, torch.bfloat16, False, trigger=False, pdl=False)
 
 
 def test_can_run_and_errors_name_the_problem():

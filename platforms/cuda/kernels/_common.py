@@ -61,6 +61,14 @@ def pdl_supported(t: torch.Tensor) -> bool:
             and os.environ.get("QUANTRT_CUDA_PDL", "1") != "0" and sm_major(t.device.index or 0) >= 9)
 
 
+def pdl_trigger(t: torch.Tensor) -> bool:
+    """Whether a weight-streaming kernel calls `griddepcontrol.launch_dependents` once its main loop is done, so
+    that the PDL-launched op after it (norm, rotary, activation: `pdl_triton`) is scheduled while its epilogue
+    drains; the dependent still waits for the whole grid before it reads anything. `pdl_supported` and not
+    switched off with QUANTRT_CUDA_PDL_TRIGGER=0 (read at each launch)."""
+    return pdl_supported(t) and os.environ.get("QUANTRT_CUDA_PDL_TRIGGER", "1") != "0"
+
+
 @functools.cache
 def sm_major(device_index: int) -> int:
     """Compute capability major of a CUDA device (9 = Hopper)."""

@@ -53,7 +53,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, split_counters
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
 from quantrt.platforms.cuda.kernels.ring_common import store_split_k
 
@@ -202,7 +202,7 @@ def _step(w, x0, x1, x2, x3, zero, acc0, acc1, IS_INT: gl.constexpr, GROUPS: gl.
 def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW,
                     KW_PER_SPLIT: gl.constexpr, SPLIT: gl.constexpr, WSCALE: gl.constexpr, REPS: gl.constexpr,
                     WARPS: gl.constexpr, U: gl.constexpr, GROUPS: gl.constexpr, IS_INT: gl.constexpr,
-                    PREFETCH: gl.constexpr, HINT: gl.constexpr, PDL: gl.constexpr):
+                    PREFETCH: gl.constexpr, HINT: gl.constexpr, PDL: gl.constexpr, TRIGGER: gl.constexpr = False):
     # a [M, K] codes and w [N, K] codes viewed as int32 words [M, KW] / [N, KW]; GROUPS token groups of 8
     # (1..4: M <= 8 GROUPS). A step is U chunks of 16 words per row (a thread's U 16-byte loads of one row are
     # 64 bytes apart: the row's 64 U bytes are requested together). KW is a multiple of KW_PER_SPLIT, itself of
@@ -245,6 +245,9 @@ def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
             kn = gl.minimum(kt + STEP, KW_PER_SPLIT - STEP)
             w = _load_w(w_ptrs + kn, HINT)
             x0, x1, x2, x3 = _load_x(a_ptr, g8, kw0 + kn, M, KW, offs_w, w, GROUPS)
+    if TRIGGER:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
     # word j of lane t: token (j >> 1) * 8 + 2t + (j & 1) (+ 16 for the second pair)
     tok = ((c & 3) >> 1) * 8 + 2 * (c >> 2) + (c & 1)
     tok3 = tok[None, None, :]                                                  # [1, 1, 16]
@@ -344,7 +347,8 @@ def frag_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
         a.view(torch.int32), sa.reshape(-1).contiguous(), w.view(torch.int32), sw.reshape(-1).contiguous(), y, ws,
         cnt, m, n, k // 4, KW_PER_SPLIT=k // 4 // split, SPLIT=split, WSCALE=0 if sw.numel() == 1 else 1,
         REPS=cfg.reps, WARPS=cfg.warps, U=cfg.unroll, GROUPS=groups, IS_INT=w.dtype == torch.int8,
-        PREFETCH=cfg.prefetch, HINT=cfg.hint, PDL=pdl, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+        PREFETCH=cfg.prefetch, HINT=cfg.hint, PDL=pdl, TRIGGER=pdl_trigger(a), num_warps=cfg.warps,
+        **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _amax_scale
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
@@ -173,7 +173,8 @@ def _codes_dot(w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT:
 def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KB, K_PER_SPLIT: tl.constexpr,
                     ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
                     SAT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr, KT: tl.constexpr,
-                    WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr):
+                    WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
+                    TRIGGER: tl.constexpr = False):
     # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
     # (itself of BK): no K masks; rows past N are clamped, not stored. WSCALE 2: BN divides 128.
     pid_n = tl.program_id(0)
@@ -203,6 +204,8 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                        SAT, BN, BK, WIDEN, ACC)
         if ACT == 0 or ACT == 2:
             y = y * sx
+    if TRIGGER:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
+        tl.extra.cuda.gdc_launch_dependents()
     if WSCALE == 0:
         y = y * tl.load(sw_ptr)
     elif WSCALE == 1:
@@ -277,5 +280,5 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
     _gemv_w8_kernel[(n_tiles, split)](
         x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act, WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
-        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, num_warps=cfg.num_warps, num_stages=1)
+        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), num_warps=cfg.num_warps, num_stages=1)
     return y

@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from quantrt.platforms.cuda.kernels._common import pdl_supported
+from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger
 from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
 from quantrt.quant.formats.packing import unpack_lsb
 
@@ -145,7 +145,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
                     PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr,
                     X_LAYOUT: gl.constexpr,
-                    MMA: gl.constexpr, X_SMEM: gl.constexpr):
+                    MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -205,6 +205,9 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
         acc = _ring_step(acc, p, s, nz, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA)
         x = xn
+    if TRIGGER and not PDL:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     ym = offs_m2[None, :] * N + offs_n2[:, None]
@@ -296,7 +299,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
