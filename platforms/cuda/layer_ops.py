@@ -22,6 +22,8 @@ one the same way). QUANTRT_CUDA_PDL=0 switches it off.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -33,8 +35,9 @@ PDL_MIN_ROWS = 2  # H100 e2e (docs/PERFORMANCE.md, "dense GEMV" run): batch 64 7
 
 
 def _launch_opts(t: torch.Tensor, rows: int) -> dict:
-    """Launch options and the PDL constexpr for a kernel over `rows` rows of tensors on t's device."""
-    return pdl_launch_opts(t, rows >= PDL_MIN_ROWS)
+    """Launch options and the PDL constexpr for a kernel over `rows` rows of tensors on t's device
+    (QUANTRT_CUDA_PDL_MIN_ROWS overrides PDL_MIN_ROWS, read at each launch: for A/B runs)."""
+    return pdl_launch_opts(t, rows >= int(os.environ.get("QUANTRT_CUDA_PDL_MIN_ROWS", PDL_MIN_ROWS)))
 
 
 @triton.jit
