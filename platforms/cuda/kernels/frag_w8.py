@@ -55,7 +55,7 @@ from triton.experimental.gluon import language as gl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
-from quantrt.platforms.cuda.kernels.ring_common import store_split_k
+from quantrt.platforms.cuda.kernels.ring_common import gdc_launch_dependents, gdc_wait, store_split_k
 
 MAX_M = 32
 STEP_K = 64          # codes per weight row per K step (16 int32 words: 4 lanes x 16 bytes)
@@ -231,7 +231,7 @@ def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
     acc1 = gl.zeros([REPS, R, 16], acc_t, S)
     w = _load_w(w_ptrs, HINT)                                                  # step 0's weight words
     if PDL:  # launched while the activation-code launch before runs: its codes are read only after this wait
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gdc_wait()
     x0, x1, x2, x3 = _load_x(a_ptr, g8, kw0, M, KW, offs_w, w, GROUPS)
     for kt in range(0, KW_PER_SPLIT, STEP):
         if PREFETCH:  # the next step's words are in flight while this step's MMAs run (the last reloads itself)
@@ -246,8 +246,7 @@ def _frag_w8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, 
             w = _load_w(w_ptrs + kn, HINT)
             x0, x1, x2, x3 = _load_x(a_ptr, g8, kw0 + kn, M, KW, offs_w, w, GROUPS)
     if TRIGGER:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        gdc_launch_dependents()
     # word j of lane t: token (j >> 1) * 8 + 2t + (j & 1) (+ 16 for the second pair)
     tok = ((c & 3) >> 1) * 8 + 2 * (c >> 2) + (c & 1)
     tok3 = tok[None, None, :]                                                  # [1, 1, 16]

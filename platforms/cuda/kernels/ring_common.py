@@ -1,5 +1,5 @@
-"""What the Gluon TMA-ring kernels (`ring_wna16`, `ring_fp8`; sm_90) share: cached TMA descriptors and the
-split-K epilogue (imported lazily: Gluon needs triton >= 3.5)."""
+"""What the Gluon kernels (`ring_wna16`, `ring_fp8`, `frag_w8`) share: cached TMA descriptors, the split-K
+epilogue and the PDL grid-dependency instructions (imported lazily: Gluon needs triton >= 3.5)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ def tma_desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[
 
 
 @gluon.jit
+def gdc_wait():
+    """griddepcontrol.wait: until the grid before (a PDL launch) has completed and its writes are visible."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gdc_launch_dependents():
+    """griddepcontrol.launch_dependents: the next PDL-launched grid may be scheduled (it waits for this one)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
 def store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT: gl.constexpr):
     """acc [BN, BM] fp32 -> y (SPLIT 1), or this split's partial into ws [SPLIT, M, N]; the last program of the
     column tile (an acq_rel arrival counter) sums the partials into y and resets its counter."""
@@ -66,4 +79,4 @@ def store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SP
             gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
-__all__ = ["split_k_plan", "store_split_k", "tma_desc"]
+__all__ = ["gdc_launch_dependents", "gdc_wait", "split_k_plan", "store_split_k", "tma_desc"]

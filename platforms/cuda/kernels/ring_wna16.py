@@ -36,7 +36,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
 from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger
-from quantrt.platforms.cuda.kernels.ring_common import split_k_plan, store_split_k, tma_desc
+from quantrt.platforms.cuda.kernels.ring_common import (
+    gdc_launch_dependents,
+    gdc_wait,
+    split_k_plan,
+    store_split_k,
+    tma_desc,
+)
 from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 32
@@ -168,13 +174,12 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     if PDL:  # the next PDL launch may start now: it waits for this grid to complete before reading y
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        gdc_launch_dependents()
     for i in gl.static_range(STAGES):
         _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i), i,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
     if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gdc_wait()
 
     if X_VEC:   # [BM, BK] in k order (16-byte loads), permuted to _frag_k order in registers
         offs_kx = gl.arange(0, BK, layout=gl.SliceLayout(0, X_LAYOUT))
@@ -206,8 +211,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         acc = _ring_step(acc, p, s, nz, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA)
         x = xn
     if TRIGGER and not PDL:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        gdc_launch_dependents()
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     ym = offs_m2[None, :] * N + offs_n2[:, None]
