@@ -98,6 +98,7 @@ def _compile(groups: int, is_int: bool, reps: int = 4, warps: int = 4, prefetch:
 
 @pytest.mark.parametrize("groups,is_int,reps,unroll,hint,pdl", [(1, False, 4, 1, 0, 1), (2, False, 2, 2, 1, 0),
                                                                 (4, False, 4, 1, 0, 0), (2, True, 4, 2, 1, 1)])
+@pytest.mark.gluon_compile
 def test_kernel_compiles_for_sm90_to_vector_loads_and_mma_sync(groups, is_int, reps, unroll, hint, pdl):
     ptx = _compile(groups, is_int, reps, unroll=unroll, hint=hint, pdl=pdl, trigger=bool(pdl))
     typ = "s32.s8.s8.s32" if is_int else "f32.e4m3.e4m3.f32"

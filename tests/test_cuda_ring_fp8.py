@@ -36,6 +36,7 @@ def _weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data.to(DEV), (torch.rand(n, generator=g) * 0.01 + 1e-3).to(DEV)
 
 
+@pytest.mark.gluon_compile
 @pytest.mark.parametrize("bn,bm,act,wscale,dtype", [(64, 8, 0, 1, torch.bfloat16), (128, 16, 2, 0, torch.float16)])
 def test_kernel_compiles_for_sm90(bn, bm, act, wscale, dtype):
     from triton.experimental.gluon import language as gl

@@ -98,6 +98,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
 
 @pytest.mark.parametrize("bn,bm,dtype,asym,warps", [
     (64, 8, torch.bfloat16, False, 4), (128, 16, torch.float16, True, 4), (128, 32, torch.bfloat16, False, 8)])
+@pytest.mark.gluon_compile
 def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     ptx = _compile_sm90(bn, bm, dtype, asym, warps)
     assert "cp.async.bulk.tensor.3d" in ptx and "mbarrier.try_wait" in ptx
@@ -109,6 +110,7 @@ def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128) // (warps // 4)   # one LOP3 per code pair
 
 
+@pytest.mark.gluon_compile
 def test_pdl_trigger_after_the_main_loop():
     """With TRIGGER (and without the start-of-kernel PDL trigger), the next PDL op is released after the last
     MMA of the K loop, before the split-K epilogue."""
