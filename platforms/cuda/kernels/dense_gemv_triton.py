@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_trigger, split_counters
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
 MAX_M = 4
@@ -101,8 +102,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
         for kt in range(BK, K_PER_SPLIT, BK):
             w = tl.load(w_tile + kt)
             acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
-    if TRIGGER and not PDL:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
     rm = tl.arange(0, MP)[:, None]                                             # [MP, 1] output row
     acc = tl.where(rm == 0, acc0[None, :], 0.0)                                # [MP, BN]
     if M > 1:
@@ -153,7 +153,8 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = N
     extra = {"launch_pdl": True} if cfg.pdl else {}
     _dense_gemv_kernel[(n_tiles, split)](
         x, w, y, ws, cnt, n, k, x.stride(0), k // split, M=m, MP=triton.next_power_of_2(m), BN=cfg.block_n,
-        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x), num_warps=cfg.num_warps,
+        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x) and not cfg.pdl,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **extra)
     return y
 

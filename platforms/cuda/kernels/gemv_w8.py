@@ -13,6 +13,7 @@ import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _amax_scale
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
@@ -204,8 +205,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                        SAT, BN, BK, WIDEN, ACC)
         if ACT == 0 or ACT == 2:
             y = y * sx
-    if TRIGGER:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
     if WSCALE == 0:
         y = y * tl.load(sw_ptr)
     elif WSCALE == 1:

@@ -24,10 +24,18 @@ def pdl_enter(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+@triton.jit
+def pdl_release(TRIGGER: tl.constexpr):
+    """After a weight-streaming kernel's main loop: let the next PDL kernel be scheduled (it still waits for this
+    grid to complete before it reads anything). No-op without TRIGGER (`_common.pdl_trigger`)."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def pdl_launch_opts(t: torch.Tensor, on: bool = True) -> dict:
     """Launch options plus the PDL constexpr for a kernel on t's device (PDL where `on` and supported)."""
     pdl = on and pdl_supported(t)
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
-__all__ = ["pdl_enter", "pdl_launch_opts"]
+__all__ = ["pdl_enter", "pdl_launch_opts", "pdl_release"]
