@@ -57,7 +57,7 @@ EXTRA_KINDS = {"tc_w4": ("tc", [128, 256]), "tc_w8": ("tc", [128]), "swap_fp8_wo
 
 
 # third round (`--rows-sweep out.json --rows-round3`): W4A16 at 48 / 64 rows (the batch-64 int4 step), with the
-# narrow one-program-per-SM tiles that won for fp8_codes_mm, register prefetch, 2 / 8 warps
+# narrow one-program-per-SM tiles that won for codes_mm, register prefetch, 2 / 8 warps
 ROUND3_TC = {m: [(32, 128, 0, 4, 3, 4, True, 64, 0), (32, 128, 0, 4, 4, 2, True, 64, 0), (32, 128, 0, 4, 3, 1, True, 64, 0),
                  (64, 128, 0, 4, 3, 4, True, 64, 1), (64, 128, 0, 4, 4, 2, True, 64, 1), (64, 128, 0, 4, 3, 1, True, 64, 0),
                  (64, 64, 0, 4, 4, 4, True, 64, 0), (32, 128, 0, 2, 3, 4, True, 64, 0), (64, 128, 0, 8, 3, 2, True, 64, 0),

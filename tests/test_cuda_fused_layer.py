@@ -229,8 +229,78 @@ def test_cuda_platform_offers_the_fused_ops() -> None:
     assert PLATFORM.fused_add_rms_norm_op() is triton_add_rms_norm
     assert PLATFORM.rotary_kv_store_op() is rotary_kv_store
     assert PLATFORM.act_mul_op() is triton_act_mul
+    assert PLATFORM.fused_add_rms_norm_codes_op() is triton_add_rms_norm
+    assert PLATFORM.act_mul_codes_op() is triton_act_mul
     base = Platform()
     assert base.fused_add_rms_norm_op() is None and base.rotary_kv_store_op() is None and base.act_mul_op() is None
+    assert base.fused_add_rms_norm_codes_op() is None and base.act_mul_codes_op() is None
+
+
+# -- the ops making the next linear's activation codes ----------------------------------------------------------
+CODES = [(torch.float8_e4m3fn, None), (torch.int8, None), (torch.float8_e4m3fn, 0.02), (torch.int8, 0.05)]
+
+
+def _assert_same_codes(got, q: torch.Tensor, sc: torch.Tensor, dtype: torch.dtype, static: float | None) -> None:
+    """Bit-equal codes and scales. The interpreter's fp8 cast is not torch's (numpy's conversion), so on the CPU the
+    fp8 codes of the static scale (torch's cast) are compared natively only; per token both sides are Triton."""
+    assert torch.equal(got.scale, sc)
+    if DEV != "cpu" or static is None or dtype == torch.int8:
+        assert torch.equal(got.codes.view(torch.int8), q.view(torch.int8))
+
+
+def _codes_ref(y: torch.Tensor, dtype: torch.dtype, static: float | None):
+    """What the linear would make of y itself: `quant_rows` (per token) or the static quantizer."""
+    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
+    from quantrt.quant.quantize import qmax, quantize_act_static
+
+    if static is None:
+        return quant_rows(y, dtype, qmax(dtype))
+    sc = torch.tensor([static], device=y.device)
+    return quantize_act_static(y, sc, dtype), sc.reshape(1, 1).expand(y.shape[0], 1)
+
+
+def _row_codes(dtype: torch.dtype, static: float | None):
+    from quantrt.quant.kernel import RowCodes
+    from quantrt.quant.quantize import qmax
+
+    return RowCodes(dtype, qmax(dtype), None if static is None else torch.tensor([static], device=DEV))
+
+
+@pytest.mark.parametrize("dtype,static", CODES, ids=["fp8", "int8", "fp8-static", "int8-static"])
+def test_add_rms_norm_codes_equal_the_linears_own(dtype, static) -> None:
+    """With `codes`, the norm comes back as the codes and scales the consuming linear would make of its output:
+    bit for bit, per token (`quant_rows`) and static (`quantize_act_static`), and the residual is unchanged."""
+    from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm
+    from quantrt.quant.kernel import QuantizedRows
+
+    gen = torch.Generator().manual_seed(3)
+    x, delta = ((torch.randn(5, 96, generator=gen) * 4).to(DEV, torch.bfloat16) for _ in range(2))
+    w = (torch.rand(96, generator=gen) + 0.5).to(DEV, torch.bfloat16)
+    y, s = triton_add_rms_norm(x, delta, w, 1e-6)
+    got, s2 = triton_add_rms_norm(x, delta, w, 1e-6, _row_codes(dtype, static))
+    assert isinstance(got, QuantizedRows) and got.shape == (5, 96) and got.codes.dtype == dtype
+    q, sc = _codes_ref(y, dtype, static)
+    assert torch.equal(s2, s)
+    _assert_same_codes(got, q, sc, dtype, static)
+
+
+@pytest.mark.parametrize("dtype,static", CODES, ids=["fp8", "int8", "fp8-static", "int8-static"])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_act_mul_codes_equal_the_linears_own(dtype, static, gelu) -> None:
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul
+
+    gen = torch.Generator().manual_seed(4)
+    gu = (torch.randn(3, 2 * 80, generator=gen) * 3).to(DEV, torch.bfloat16)
+    got = triton_act_mul(gu, gelu, _row_codes(dtype, static))
+    q, sc = _codes_ref(triton_act_mul(gu, gelu), dtype, static)
+    _assert_same_codes(got, q, sc, dtype, static)
+
+
+def test_codes_ops_reject_rows_wider_than_one_pass() -> None:
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul
+
+    with pytest.raises(ValueError, match="rows of at most 16384, got 16400"):
+        triton_act_mul(torch.zeros(1, 2 * 16400, device=DEV), False, _row_codes(torch.int8, None))
 
 
 # -- engine parity: a tiny model decoded with and without the fused ops ------------------------------------

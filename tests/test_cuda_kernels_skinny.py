@@ -258,9 +258,11 @@ def test_int8_mm_rejects_bad_shapes():
 
     w = torch.zeros(96, 256, dtype=torch.int8, device=DEV)
     with pytest.raises(ValueError, match="M >= 17"):
-        int8_mm(torch.zeros(8, 256, dtype=torch.float16, device=DEV), w, torch.ones(96, device=DEV), 127.0)
-    with pytest.raises(ValueError, match="int8 weights"):
-        int8_mm(torch.zeros(32, 256, dtype=torch.float16, device=DEV), w.float(), torch.ones(96, device=DEV), 127.0)
+        int8_mm(torch.zeros(8, 256, dtype=torch.int8, device=DEV), torch.ones(8, 1, device=DEV), w,
+                torch.ones(96, device=DEV), torch.float16)
+    with pytest.raises(ValueError, match="int8 codes and weights.*weight torch.float32"):
+        int8_mm(torch.zeros(32, 256, dtype=torch.int8, device=DEV), torch.ones(32, 1, device=DEV), w.float(),
+                torch.ones(96, device=DEV), torch.float16)
 
 
 @pytest.mark.parametrize("m", [1, 3])

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from quantrt.platforms.cuda.kernels.act_quant_triton import ONE_PASS_MAX_K, code_values, row_scale
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_launch_opts
+from quantrt.quant.kernel import QuantizedRows, RowCodes
 
 PDL_MIN_ROWS = 2  # H100 e2e (docs/PERFORMANCE.md, "dense GEMV" run): batch 64 7.34 -> 6.93 ms/step with PDL;
                   # at batch 1 PDL (with the GEMV's) measured 5.75 vs 5.53 ms without, so one row launches plainly
@@ -81,8 +83,22 @@ def rne(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_d, stride_y, stride_s, d, eps,
-                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _quant_store(y, q_ptr, qs_ptr, sa_ptr, row, offs, mask, QMAX: tl.constexpr, IS_INT: tl.constexpr,
+                 STATIC: tl.constexpr):
+    """Codes of the row y (fp32 of the rounded output, 0 past the mask) as `quant_rows` makes them, and its scale:
+    the row amax's, or the static one at sa_ptr."""
+    if STATIC:
+        sc = tl.load(sa_ptr)
+    else:
+        sc = row_scale(tl.max(tl.abs(y), axis=0), QMAX)
+    tl.store(qs_ptr + row, sc)
+    tl.store(q_ptr + offs, code_values(y, sc, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_ptr, stride_x, stride_d, stride_y,
+                         stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
+                         QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -94,8 +110,11 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_d, 
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / d + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    y = rne(sf * rstd, x.dtype).to(tl.float32) * w.to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, rne(y, x.dtype), mask=mask)
+    y = rne(rne(sf * rstd, x.dtype).to(tl.float32) * w.to(tl.float32), x.dtype)
+    if QUANT:  # codes [M, d] of the rounded output for the linear that reads it, instead of the output
+        _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
+    else:
+        tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -103,28 +122,49 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                        codes: RowCodes | None = None) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
     """x, delta [..., D] (same dtype), weight [D] in x.dtype -> (y, s): s = x + delta in x.dtype (the new
-    residual), y = s / rms(s) * weight as triton_rms_norm computes it."""
+    residual), y = s / rms(s) * weight as triton_rms_norm computes it. With `codes`: y comes as its activation
+    codes and scales (`QuantizedRows`, bit for bit what `quant_rows` / the static quantizer make of y)."""
     if delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(f"fused add + RMSNorm needs delta like x: x {tuple(x.shape)} {x.dtype}, "
                          f"delta {tuple(delta.shape)} {delta.dtype}")
     d = x.shape[-1]
     x2, d2 = _rows(x, d), _rows(delta, d)
-    y = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
-    s = torch.empty_like(y)
-    if x2.shape[0]:
+    m = x2.shape[0]
+    s = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    y = torch.empty_like(s) if codes is None else s
+    q, qs, sa, quant = _code_buffers(s, codes, d)
+    if m:
         block = triton.next_power_of_2(d)
-        _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, y, s, x2.stride(0), d2.stride(0), y.stride(0),
-                                             s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                             **_launch_opts(x2, x2.shape[0]))
-    return y.reshape(x.shape), s.reshape(x.shape)
+        _add_rms_norm_kernel[(m,)](x2, d2, weight, y, s, q, qs, sa, x2.stride(0), d2.stride(0), y.stride(0),
+                                   s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+                                   **quant, **_launch_opts(x2, m))
+    out = y.reshape(x.shape) if codes is None else QuantizedRows(q, qs)
+    return out, s.reshape(x.shape)
+
+
+def _code_buffers(like: torch.Tensor, codes: RowCodes | None, d: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(codes [M, d], scales [M, 1] fp32, the static scale, the kernel's quant constexprs) for `codes`; stand-ins
+    (never written) without."""
+    if codes is None:
+        return like, like, like, {}
+    if d > ONE_PASS_MAX_K:
+        raise ValueError(f"activation codes in the producing op need rows of at most {ONE_PASS_MAX_K}, got {d}")
+    m = like.shape[0]
+    q = torch.empty((m, d), dtype=codes.dtype, device=like.device)
+    qs = torch.empty((m, 1), dtype=torch.float32, device=like.device)
+    sa = codes.static_scale if codes.static_scale is not None else qs
+    return q, qs, sa, {"QUANT": True, "QMAX": float(codes.qmax), "IS_INT": codes.dtype == torch.int8,
+                       "STATIC": codes.static_scale is not None}
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, o_ptr, stride_g, stride_o, n, GELU: tl.constexpr, BLOCK: tl.constexpr,
-                    PDL: tl.constexpr):
+def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n, GELU: tl.constexpr,
+                    BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False, QMAX: tl.constexpr = 1.0,
+                    IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -137,21 +177,29 @@ def _act_mul_kernel(gu_ptr, o_ptr, stride_g, stride_o, n, GELU: tl.constexpr, BL
         a = gf / (1.0 + tl.exp(-2.0 * z))
     else:     # silu: g / (1 + exp(-g))
         a = gf / (1.0 + tl.exp(-gf))
-    y = rne(a, g.dtype).to(tl.float32) * u.to(tl.float32)
-    tl.store(o_ptr + row * stride_o + offs, rne(y, g.dtype), mask=mask)
+    y = rne(rne(a, g.dtype).to(tl.float32) * u.to(tl.float32), g.dtype)
+    if QUANT:  # one program holds the whole row (BLOCK >= n): its codes instead of the output
+        _quant_store(y.to(tl.float32), q_ptr + row * n, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
+    else:
+        tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
 
 
-def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | None = None
+                   ) -> torch.Tensor | QuantizedRows:
     """gu [T, 2I] (gate columns then up columns, fp16/bf16/fp32) -> act(gate) * up [T, I] in gu.dtype;
-    act = silu, or gelu with the tanh approximation (Gemma)."""
+    act = silu, or gelu with the tanh approximation (Gemma). With `codes` (I <= ONE_PASS_MAX_K): the result as
+    its activation codes and scales (`QuantizedRows`), as `triton_add_rms_norm` makes them."""
     if gu.dim() != 2 or gu.shape[1] % 2:
         raise ValueError(f"act * mul needs the merged gate_up output [T, 2I], got {tuple(gu.shape)}")
     if gu.stride(1) != 1:
         gu = gu.contiguous()
     t, n = gu.shape[0], gu.shape[1] // 2
-    out = torch.empty((t, n), dtype=gu.dtype, device=gu.device)
+    out = torch.empty((t, n), dtype=gu.dtype, device=gu.device) if codes is None else gu
+    q, qs, sa, quant = _code_buffers(out if codes is None else gu[:, :n], codes, n)
     if t:
-        block = min(1024, triton.next_power_of_2(n))
-        _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, GELU=gelu_tanh,
-                                                    BLOCK=block, num_warps=4, **_launch_opts(gu, t))
-    return out
+        block = min(1024, triton.next_power_of_2(n)) if codes is None else triton.next_power_of_2(n)
+        warps = 4 if codes is None else min(16, max(4, block // 512))
+        _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, q, qs, sa, gu.stride(0), out.stride(0), n,
+                                                    GELU=gelu_tanh, BLOCK=block, num_warps=warps, **quant,
+                                                    **_launch_opts(gu, t))
+    return out if codes is None else QuantizedRows(q, qs)

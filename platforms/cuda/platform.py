@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +11,10 @@ import torch
 from quantrt.platform.interface import DeviceCapability, Platform
 
 log = logging.getLogger(__name__)
+
+
+def _fused_codes() -> bool:
+    return os.environ.get("QUANTRT_CUDA_FUSED_CODES", "1") != "0"
 
 
 def _has_triton() -> bool:
@@ -87,6 +92,14 @@ class CudaPlatform(Platform):
         from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm
 
         return triton_add_rms_norm
+
+    def fused_add_rms_norm_codes_op(self) -> Any | None:
+        """The same kernel making the next linear's activation codes (QUANTRT_CUDA_FUSED_CODES=0: off, for A/B)."""
+        return self.fused_add_rms_norm_op() if _fused_codes() else None
+
+    def act_mul_codes_op(self) -> Any | None:
+        """act_mul_op making the down projection's activation codes (QUANTRT_CUDA_FUSED_CODES=0: off)."""
+        return self.act_mul_op() if _fused_codes() else None
 
     def rotary_kv_store_op(self) -> Any | None:
         """Rotary + KV-pool write in one Triton kernel (quantrt.platforms.cuda.kernels.rope_kv_triton)."""

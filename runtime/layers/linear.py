@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantrt.errors import CheckpointError
-from quantrt.quant.kernel import LinearKernel, LinearSpec, WeightInfo, select_linear_kernel
+from quantrt.quant.kernel import LinearKernel, LinearSpec, QuantizedRows, RowCodes, WeightInfo, select_linear_kernel
 from quantrt.quant.merge import concat_n, merge_act_schemes
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
 
@@ -113,7 +113,12 @@ class QuantLinear(nn.Module):
             descs.append(choice.explain())
         self.kernel_desc = descs[0] if len(set(descs)) == 1 else " | ".join(descs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def row_codes(self, m: int) -> RowCodes | None:
+        """The activation codes this layer's one kernel makes of M rows first (`LinearKernel.row_codes`): the op
+        producing x may hand them over as `QuantizedRows`. None with several shard kernels."""
+        return self.kernels[0].row_codes(m) if len(self.kernels) == 1 else None
+
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         if len(self.kernels) == 1:
             return self.kernels[0].apply(x, self.bias)
         y = torch.cat([k.apply(x, None) for k in self.kernels], dim=-1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantrt.quant.kernel import QuantizedRows, RowCodes
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w  (Llama/Qwen), or  * (1 + w) with `offset=True` (Gemma). Computed in fp32.
@@ -22,6 +24,7 @@ class RMSNorm(nn.Module):
         self._bias: torch.Tensor | None = None
         self._op = None  # the platform's RMSNorm op (Platform.rms_norm_op), for plain norms only
         self._add_op = None  # the platform's residual add + RMSNorm (Platform.fused_add_rms_norm_op), likewise
+        self._codes_op = None  # the same making the next linear's codes (Platform.fused_add_rms_norm_codes_op)
 
     def enable_bias(self) -> None:
         """Give the norm a bias parameter [dim] that the checkpoint must then fill (before loading)."""
@@ -32,6 +35,7 @@ class RMSNorm(nn.Module):
         op = platform.rms_norm_op() if platform is not None else None
         self._op = op if not self.offset and self.bias is None else None  # ours for (1 + w) and biased norms
         self._add_op = platform.fused_add_rms_norm_op() if self._op is not None else None
+        self._codes_op = platform.fused_add_rms_norm_codes_op() if self._add_op is not None else None
         dev = platform.device() if platform is not None else self.weight.device
         if self.offset:
             self._scale = 1.0 + self.weight.data.to(dev).float()
@@ -40,12 +44,17 @@ class RMSNorm(nn.Module):
         if self.bias is not None:
             self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None, codes: RowCodes | None = None
+                    ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """The residual add folded into the norm: (norm(x + delta), x + delta), the sum rounded to x.dtype
-        as `x + delta` rounds it; delta None: (norm(x), x). One platform kernel where it has one."""
-        # x, delta: [T, D] -> ([T, D], [T, D])
+        as `x + delta` rounds it; delta None: (norm(x), x). One platform kernel where it has one. `codes`: what
+        the one linear reading the norm asks for (QuantLinear.row_codes); where the platform's kernel makes
+        them, the norm comes back as those codes (QuantizedRows)."""
+        # x, delta: [T, D] -> ([T, D] or its codes, [T, D])
         if delta is None:
             return self(x), x
+        if codes is not None and self._codes_op is not None:
+            return self._codes_op(x, delta, self._scale, self.eps, codes)
         if self._add_op is not None:
             return self._add_op(x, delta, self._scale, self.eps)
         s = x + delta

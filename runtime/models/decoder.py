@@ -22,7 +22,7 @@ from quantrt.layers.linear import QuantLinear
 from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
-from quantrt.quant.kernel import LinearSpec, select_linear_kernel
+from quantrt.quant.kernel import LinearSpec, QuantizedRows, RowCodes, select_linear_kernel
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight
 
 
@@ -68,7 +68,11 @@ class Attention(nn.Module):
         self.attn = PagedAttention(i, self.h, self.hkv, self.d, scale, _window(c, i))
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def input_codes(self, t: int) -> RowCodes | None:
+        """The activation codes qkv_proj makes of T rows first (the input norm may make them instead)."""
+        return self.qkv_proj.row_codes(t)
+
+    def forward(self, x: torch.Tensor | QuantizedRows, fb: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                  # [T, (H + 2Hkv) * D]
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
@@ -89,13 +93,22 @@ class Mlp(nn.Module):
         self.n = n
         self.gelu = spec.gemma
         self._act_mul = None  # the platform's act(gate) * up (Platform.act_mul_op)
+        self._act_mul_codes = None  # the same making down_proj's activation codes (Platform.act_mul_codes_op)
 
     def finish_loading(self, platform) -> None:
         self._act_mul = platform.act_mul_op()
+        self._act_mul_codes = platform.act_mul_codes_op() if self._act_mul is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_codes(self, t: int) -> RowCodes | None:
+        """The activation codes gate_up_proj makes of T rows first (the norm before may make them instead)."""
+        return self.gate_up_proj.row_codes(t)
+
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gu = self.gate_up_proj(x)                               # [T, 2I]
         if self._act_mul is not None and gu.dim() == 2:
+            codes = self.down_proj.row_codes(gu.shape[0]) if self._act_mul_codes is not None else None
+            if codes is not None:
+                return self.down_proj(self._act_mul_codes(gu, self.gelu, codes))
             return self.down_proj(self._act_mul(gu, self.gelu))
         g, u = gu[..., : self.n], gu[..., self.n:]
         a = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
@@ -120,12 +133,21 @@ class DecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream [T, D]; delta: the previous layer's output not yet added to it (None for the
         first layer) -> (x, this layer's output): each residual add runs inside the next norm (add_forward)."""
-        h, x = self.input_layernorm.add_forward(x, delta)
+        t = x.shape[0]
+        h, x = self.input_layernorm.add_forward(x, delta, _input_codes(self.self_attn, t))
         if self.sandwich:
-            h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)))
+            h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)),
+                                                              _input_codes(self.mlp, t))
             return x, self.post_feedforward_layernorm(self.mlp(h))
-        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, fb))
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, fb), _input_codes(self.mlp, t))
         return x, self.mlp(h)
+
+
+def _input_codes(block: nn.Module, t: int) -> RowCodes | None:
+    """The codes the block's first linear makes of T input rows, for blocks that say (Attention, Mlp); None for
+    others (MoE, MLA), whose input stays a tensor."""
+    f = getattr(block, "input_codes", None)
+    return f(t) if f is not None else None
 
 
 class DecoderModel(nn.Module):

@@ -148,6 +148,17 @@ class Platform:
         """(gu [T, 2I], gelu_tanh: bool) -> act(gu[:, :I]) * gu[:, I:] [T, I], act silu or gelu-tanh (gated MLP)."""
         return None
 
+    def fused_add_rms_norm_codes_op(self) -> Any | None:
+        """fused_add_rms_norm_op that also takes `codes` (a RowCodes) and then returns y as the activation codes
+        the next linear asked for (QuantizedRows: LinearKernel.row_codes), saving that linear its quantize launch;
+        None: the norm returns y and the linear quantizes."""
+        return None
+
+    def act_mul_codes_op(self) -> Any | None:
+        """act_mul_op that also takes `codes` (a RowCodes) and then returns its result as QuantizedRows, or None
+        where it does not serve (the row is too wide); None: the op returns the result and the linear quantizes."""
+        return None
+
     def decode_stack_op(self, decoder: Any) -> Any | None:
         """A callable (x [B, hidden] embedding rows, fb) -> the final norm's output [B, hidden], or None to let
         the layers run, that computes every layer of `decoder` (a DecoderModel) for a decode batch in one call
@@ -205,7 +216,8 @@ class Platform:
         }
 
 
-FUSED_LAYER_HOOKS = ("fused_add_rms_norm_op", "rotary_kv_store_op", "act_mul_op", "decode_stack_op")
+FUSED_LAYER_HOOKS = ("fused_add_rms_norm_op", "rotary_kv_store_op", "act_mul_op", "decode_stack_op",
+                     "fused_add_rms_norm_codes_op", "act_mul_codes_op")
 
 
 def without_fused_layer_ops(base: type[Platform]) -> type[Platform]:

@@ -42,6 +42,31 @@ class LinearSpec:
 
 
 @dataclass(frozen=True)
+class RowCodes:
+    """The activation codes a kernel makes of its input rows before its GEMM (`LinearKernel.row_codes`):
+    codes = x / s rounded to `dtype` (clamped to +-qmax; int8 half to even), s = max(amax(row), 1e-12) / qmax
+    per row, or the checkpoint's static scale [1] fp32 when `static_scale` is set: what
+    `quant.quantize.quantize_act_per_token` / `quantize_act_static` compute."""
+
+    dtype: torch.dtype
+    qmax: float
+    static_scale: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Activation rows already quantized by the op that produced them (a norm, act * mul) for the one linear
+    that reads them: codes [M, K] and scales [M, 1] fp32, as the consuming kernel's `row_codes` asked."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+@dataclass(frozen=True)
 class WeightInfo:
     """What callers may inspect of a layer's canonical weight once kernels are prepared (no tensors)."""
 
@@ -72,7 +97,12 @@ class LinearKernel(ABC):
 
     @abstractmethod
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: [..., K] compute_dtype -> [..., N] compute_dtype."""
+        """x: [..., K] compute_dtype -> [..., N] compute_dtype; or `QuantizedRows` where `row_codes` asked."""
+
+    def row_codes(self, m: int) -> RowCodes | None:
+        """The codes this kernel would make of M input rows first, so that the op producing x may make them
+        instead and pass `QuantizedRows` to `apply`; None: pass x (the default: kernels quantize inside)."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,24 @@ ONE_PASS_MAX_K = 16384
 
 
 @triton.jit
+def row_scale(amax, QMAX: tl.constexpr):
+    """The per-row scale max(amax, 1e-12) / QMAX (fp32 `/`, see the module docstring)."""
+    return tl.maximum(amax, 1e-12) / QMAX
+
+
+@triton.jit
+def code_values(x, s, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """fp32 x / s (s broadcast to x) clamped to +-QMAX (int8: rounded half to even), ready for the cast to the
+    code dtype: the quotient as RN32(x * RN64(1 / s)), the correctly rounded one (module docstring)."""
+    inv = 1.0 / s.to(tl.float64)                                             # fp64, div.rn
+    y = (x.to(tl.float64) * inv).to(tl.float32)
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_INT:
+        y = (y + 12582912.0) - 12582912.0                # round half to even (1.5 * 2**23)
+    return y
+
+
+@triton.jit
 def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
                                 IS_INT: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
                                 PDL: tl.constexpr):
@@ -46,13 +64,9 @@ def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constex
     mask = rmask[:, None] & (offs[None, :] < K)                              # [ROWS, BLOCK_K]
     r64 = rows.to(tl.int64)
     x = tl.load(x_ptr + r64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / QMAX                 # [ROWS], see above
+    s = row_scale(tl.max(tl.abs(x), axis=1), QMAX)                           # [ROWS]
     tl.store(s_ptr + rows, s, mask=rmask)
-    inv = 1.0 / s.to(tl.float64)                                             # [ROWS] fp64, div.rn
-    y = (x.to(tl.float64) * inv[:, None]).to(tl.float32)                     # = RN32(x / s), see above
-    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if IS_INT:
-        y = (y + 12582912.0) - 12582912.0                # round half to even (1.5 * 2**23)
+    y = code_values(x, s[:, None], QMAX, IS_INT)
     tl.store(q_ptr + r64[:, None] * K + offs[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -110,4 +124,4 @@ def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
     return q, s
 
 
-__all__ = ["ONE_PASS_MAX_K", "one_pass_config", "quant_rows"]
+__all__ = ["ONE_PASS_MAX_K", "code_values", "one_pass_config", "quant_rows", "row_scale"]

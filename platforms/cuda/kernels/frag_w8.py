@@ -8,7 +8,7 @@ H100 (`bench/_frag_sweep.py`, both sides with their activation launch): fp8 M = 
 (1.67x bf16; the dispatch before 29.7 / 30.0), 4096x28672 43.3 / 44.0 (1.89x; before 52.9 / 54.2), 4096² 10.6 /
 11.4 (before 12.3); int8 M = 2-16 1.04-1.29x the path before at every Llama shape.
 
-Why: at 2-16 rows the tensor-core paths (`swap_fp8`, `fp8_codes_mm`, the TMA ring) stream an fp8 weight at
+Why: at 2-16 rows the tensor-core paths (`swap_fp8`, `codes_mm`, the TMA ring) stream an fp8 weight at
 ~75% of copy (8192²: 29-30 us), while the M = 1 GEMV (`gemv_w8`, plain 16-byte loads, many programs in flight)
 reaches ~87%, but widens every code and spends one FFMA per code and row, so it cannot take 8 or 16 rows.
 Here each thread loads the same 16 contiguous bytes of a weight row per K step as the GEMV does, and those
@@ -273,7 +273,7 @@ _TILES: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int, int]
     ("f8", 8, 4096, 28672): (2, 2, 8, 1, 4, 1, 1),      # 43.3 / 44.0 vs 52.9 / 54.2
     ("f8", 8, 8192, 8192): (2, 4, 4, 0, 4, 1, 1),       # 28.3 / 29.2 vs 29.7 / 30.0
     ("f8", 8, 14336, 4096): (2, 4, 2, 1, 8, 1, 1),      # 26.1 / 27.1 vs 28.0 / 28.6
-    ("f8", 16, 4096, 28672): (2, 2, 8, 1, 4, 1, 1),     # 45.1 vs 46.7 (fp8_codes_mm)
+    ("f8", 16, 4096, 28672): (2, 2, 8, 1, 4, 1, 1),     # 45.1 vs 46.7 (codes_mm)
     ("i8", 8, 4096, 4096): (2, 4, 2, 1, 8, 1, 1),       # 10.6 / 10.7 vs 12.5 / 12.5
     ("i8", 8, 4096, 6144): (2, 4, 4, 0, 4, 1, 1),       # 13.8 / 14.2 vs 15.9 / 16.0
     ("i8", 8, 4096, 28672): (2, 4, 4, 0, 4, 1, 1),      # 42.4 / 43.3 vs 54.4 / 55.6

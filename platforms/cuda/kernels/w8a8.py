@@ -9,12 +9,16 @@ W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `sk
 per-token/static x tensor/channel on Hopper with QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight
 ring; off by default, slower at 8192²);
 M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped; 128-group activations
-from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); large batches of per-tensor/per-channel FP8 -> cuBLASLt through
-`torch._scaled_mm` (activations quantized per token by one Triton launch, `act_quant_triton`); M = 9..64 of the
-same schemes on the shapes where it measured faster than the path before (`fp8_codes_mm.tile_for`) -> the same
-codes into `fp8_codes_mm` (split-K Triton); M >= 64 int8 -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x
-128-group activations -> `block_fp8_mm` (cuBLASLt blockwise); other M = 17..256 -> `swap_fp8` with BM-row
-tiles (fp8 weight-only too); everything else -> the tiled `w8a8_triton` kernel.
+from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); M = 9..256 of e4m3 / int8 per-token or static x tensor / channel
+scales on the shapes where it measured faster than the path before (`codes_mm.tile_for`) -> the activation codes
+into `codes_mm` (split-K Triton, wgmma on K-major 8-bit operands); large batches of per-tensor/per-channel FP8 ->
+cuBLASLt through `torch._scaled_mm` (activations quantized per token by one Triton launch, `act_quant_triton`);
+M >= 64 int8 elsewhere -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x 128-group activations -> `block_fp8_mm`
+(cuBLASLt blockwise); other M = 17..256 -> `swap_fp8` with BM-row tiles (fp8 weight-only too); everything else ->
+the tiled `w8a8_triton` kernel.
+
+The paths on codes (`frag_w8`, `codes_mm`, `_scaled_mm`, `int8_mm`) take them from `row_codes` / `QuantizedRows`
+when the op that produced x made them (the fused residual-add + RMSNorm, act * mul: one launch fewer per linear).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from quantrt.platforms.cuda.kernels._common import (
     interpret_mode,
     ring_device_why,
 )
-from quantrt.quant.kernel import LinearKernel, LinearSpec
+from quantrt.quant.kernel import LinearKernel, LinearSpec, QuantizedRows, RowCodes
 from quantrt.quant.quantize import FP8_DTYPES, qmax, quantize_act_static
 from quantrt.quant.weights import ActKind, FloatWeight, IntWeight, ScaleGranularity
 
@@ -47,6 +51,7 @@ ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
 FRAG_MAX_M = 32       # 2..this: `frag_w8` (mma.sync on fragments loaded from memory) where its tile table has the shape
+_CODE_PATHS = ("frag", "codes", "scaled_mm", "int_mm")  # the paths that run on codes made beforehand
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
@@ -132,17 +137,6 @@ class TritonW8A8Kernel(LinearKernel):
         return cls(spec, w.data.contiguous(), w.scale.to(torch.float32).reshape(-1 if w.scale.dim() < 2
                                                                                else w.scale.shape).contiguous())
 
-    def _scaled_mm(self, x2: torch.Tensor, codes_cfg) -> torch.Tensor:
-        """Activation codes (per-token launch or static scale), then `fp8_codes_mm` with `codes_cfg`, or
-        cuBLASLt `_scaled_mm` when it is None."""
-        xq, sa = self._codes(x2)                                               # [M, K] fp8, [M, 1]
-        if codes_cfg is not None:
-            from quantrt.platforms.cuda.kernels.fp8_codes_mm import fp8_codes_mm
-
-            return fp8_codes_mm(xq, sa, self.data, self.w_scale, self.compute_dtype, codes_cfg)
-        return torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb,
-                                out_dtype=self.compute_dtype)
-
     def _ring_why(self, data: torch.Tensor) -> str:
         """'' when M = 2..RING_MAX_M goes to `ring_fp8` (Gluon, sm_90), else why it does not."""
         if os.environ.get("QUANTRT_CUDA_RING_FP8", "0") != "1":
@@ -189,51 +183,95 @@ class TritonW8A8Kernel(LinearKernel):
         sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
         return quantize_act_static(x2, self.act_scale, self.data.dtype), sa
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _plan(self, m: int) -> tuple[str, object]:
+        """(path, its tile) that `apply` takes at M rows (module docstring)."""
+        n, k = self.data.shape
+        ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
+        if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
+            from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
+
+            cfg = frag_tile(m, k, n, self.data.dtype == torch.int8)
+            if cfg is not None:
+                return "frag", cfg
+        if (self.use_scaled_mm or self.use_int_mm) and not ring:
+            from quantrt.platforms.cuda.kernels.codes_mm import tile_for
+
+            cfg = tile_for(m, k, n, self.data.dtype == torch.int8)
+            if cfg is not None:
+                return "codes", cfg
+        if self.use_scaled_mm and m >= SCALED_MM_MIN_M:
+            return "scaled_mm", None
+        if self.use_block_mm and m >= BLOCK_MM_MIN_M:
+            return "block_mm", None
+        if self.use_int_mm and m >= INT_MM_MIN_M:
+            return "int_mm", None
+        if m == 1 and GEMV_W8 and self._gemv_why() == "":
+            return "gemv", None
+        if m <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES and self.act != 1:
+            return "skinny", None
+        if ring:
+            return "ring", None
+        if m <= SWAP_MAX_M and self.act != 3 or SWAP_MAX_M < m <= ROW_TILE_MAX_M:
+            return "swap", None
+        return "tiled", None
+
+    def row_codes(self, m: int) -> RowCodes | None:
+        """The codes this kernel makes of its M input rows before its GEMM (per-token or static), which the op
+        that produces x may hand over instead (`QuantizedRows`); None where the path at M quantizes inside."""
+        if self.act not in (0, 2) or self._plan(m)[0] not in _CODE_PATHS:
+            return None
+        return RowCodes(self.data.dtype, self.qmax, self.act_scale if self.act == 2 else None)
+
+    def apply(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.w8a8_triton import w8a8_matmul
 
         n, k = self.data.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
-        m = x2.shape[0]
-        ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
-        codes_cfg = frag_cfg = None
-        if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
-            from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
-
-            frag_cfg = frag_tile(m, k, n, self.data.dtype == torch.int8)
-        if self.use_scaled_mm and not ring and frag_cfg is None:
-            from quantrt.platforms.cuda.kernels.fp8_codes_mm import tile_for
-
-            codes_cfg = tile_for(m, k, n)
-        if frag_cfg is not None:
+        pre = isinstance(x, QuantizedRows)
+        if pre:
+            xq, sa = x.codes.reshape(-1, k), x.scale.reshape(-1, 1)            # made by the producing op
+            m = xq.shape[0]
+        else:
+            x2 = x.reshape(-1, k).to(self.compute_dtype)                       # [M, K]
+            m = x2.shape[0]
+        path, cfg = self._plan(m)
+        if pre and (path not in _CODE_PATHS or xq.dtype != self.data.dtype):
+            raise ValueError(f"{self.name}: activation codes {xq.dtype} were handed over at M={m}, where this "
+                             f"layer takes {self.data.dtype} codes on the paths {', '.join(_CODE_PATHS)} (its path "
+                             f"is {path}): ask row_codes(M) first")
+        if path in _CODE_PATHS and not pre:
+            xq, sa = self._codes(x2)                                           # [M, K] codes, [M, 1] fp32
+        if path == "frag":
             from quantrt.platforms.cuda.kernels.frag_w8 import frag_w8
 
-            xq, sa = self._codes(x2)
-            y = frag_w8(xq, sa, self.data, self.w_scale, self.compute_dtype, frag_cfg)
-        elif self.use_scaled_mm and (m >= SCALED_MM_MIN_M or codes_cfg is not None):
-            y = self._scaled_mm(x2, codes_cfg)
-        elif self.use_block_mm and x2.shape[0] >= BLOCK_MM_MIN_M:
+            y = frag_w8(xq, sa, self.data, self.w_scale, self.compute_dtype, cfg)
+        elif path == "codes":
+            from quantrt.platforms.cuda.kernels.codes_mm import codes_mm
+
+            y = codes_mm(xq, sa, self.data, self.w_scale, self.compute_dtype, cfg)
+        elif path == "scaled_mm":
+            y = torch._scaled_mm(xq, self.data.t(), scale_a=sa, scale_b=self._sb, out_dtype=self.compute_dtype)
+        elif path == "int_mm":
+            from quantrt.platforms.cuda.kernels.int8_mm import int8_mm
+
+            y = int8_mm(xq, sa, self.data, self.w_scale, self.compute_dtype)
+        elif path == "block_mm":
             from quantrt.platforms.cuda.kernels.block_fp8_mm import block_fp8_mm
 
             y = block_fp8_mm(x2, self.data, self.w_scale, self.qmax)
-        elif self.use_int_mm and x2.shape[0] >= INT_MM_MIN_M:
-            from quantrt.platforms.cuda.kernels.int8_mm import int8_mm
-
-            y = int8_mm(x2, self.data, self.w_scale, self.qmax, self.act_scale if self.act == 2 else None)
-        elif x2.shape[0] == 1 and GEMV_W8 and self._gemv_why() == "":
+        elif path == "gemv":
             from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
             y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
-        elif x2.shape[0] <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES and self.act != 1:
+        elif path == "skinny":
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
-        elif ring:
+        elif path == "ring":
             from quantrt.platforms.cuda.kernels.ring_fp8 import ring_fp8
 
             y = ring_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.act_scale)
-        elif x2.shape[0] <= SWAP_MAX_M and self.act != 3 or SWAP_MAX_M < x2.shape[0] <= ROW_TILE_MAX_M:
+        elif path == "swap":
             from quantrt.platforms.cuda.kernels.swap_fp8 import swap_fp8
 
             y = swap_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)

@@ -1,4 +1,4 @@
-"""`fp8_codes_mm` (split-K fp8 GEMM on per-token codes) vs float64, its tile rule, and the W8A8 dispatch at
+"""`codes_mm` (split-K fp8 GEMM on per-token codes) vs float64, its tile rule, and the W8A8 dispatch at
 M = 64. Under TRITON_INTERPRET=1 (CI) at tiny shapes; `-m accelerator` runs the Llama shapes natively
 against cuBLASLt `_scaled_mm` on the same codes."""
 
@@ -13,10 +13,14 @@ pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
 
 
-def _operands(m: int, k: int, n: int, channel: bool, seed: int):
+def _operands(m: int, k: int, n: int, channel: bool, seed: int, dtype: torch.dtype = FP8):
     g = torch.Generator().manual_seed(seed)
-    a = (torch.randn(m, k, generator=g) * 60).clamp(-448, 448).to(FP8)
-    w = (torch.randn(n, k, generator=g) * 60).clamp(-448, 448).to(FP8)
+    if dtype == torch.int8:
+        a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+        w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    else:
+        a = (torch.randn(m, k, generator=g) * 60).clamp(-448, 448).to(FP8)
+        w = (torch.randn(n, k, generator=g) * 60).clamp(-448, 448).to(FP8)
     sa = torch.rand(m, 1, generator=g) * 0.01 + 1e-4
     sw = torch.rand(n if channel else 1, generator=g) * 0.01 + 1e-4
     ref = (a.double() * sa.double()) @ (w.double() * sw.double().reshape(-1, 1)).t()    # [M, N] float64
@@ -28,33 +32,37 @@ def _operands(m: int, k: int, n: int, channel: bool, seed: int):
     (64, 256, 80, (64, 64, 128, 0, 4, 2), False),   # no split, N masked, per-tensor weight scale
     (7, 512, 64, (16, 16, 64, 8, 4, 3), True),      # many splits, each last-arriver reduce
 ])
-def test_fp8_codes_mm_matches_float64(m, k, n, cfg, channel) -> None:
-    from quantrt.platforms.cuda.kernels.fp8_codes_mm import Fp8CodesConfig, fp8_codes_mm
+def test_codes_mm_matches_float64(m, k, n, cfg, channel) -> None:
+    from quantrt.platforms.cuda.kernels.codes_mm import CodesConfig, codes_mm
 
     (a, sa, w, sw), ref = _operands(m, k, n, channel, m + k)
-    y = fp8_codes_mm(a, sa, w, sw, torch.bfloat16, Fp8CodesConfig(*cfg))
+    y = codes_mm(a, sa, w, sw, torch.bfloat16, CodesConfig(*cfg))
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     err = (y.double().cpu() - ref).abs().max() / ref.abs().max()
     assert err < 8e-3, err                       # bf16 output rounding; fp32 accumulation of exact products
-    again = fp8_codes_mm(a, sa, w, sw, torch.bfloat16, Fp8CodesConfig(*cfg))
+    again = codes_mm(a, sa, w, sw, torch.bfloat16, CodesConfig(*cfg))
     assert torch.equal(again, y)                 # the split counters were reset by the launch before
 
 
-def test_fp8_codes_mm_rejects_mismatched_operands() -> None:
-    from quantrt.platforms.cuda.kernels.fp8_codes_mm import fp8_codes_mm
+def test_codes_mm_rejects_mismatched_operands() -> None:
+    from quantrt.platforms.cuda.kernels.codes_mm import codes_mm
 
     (a, sa, w, sw), _ = _operands(4, 64, 32, True, 0)
-    with pytest.raises(ValueError, match=r"K-contiguous a \[M, K\] and w \[N, K\] of one fp8 dtype; got a "
-                                         r"\(4, 64\) torch.float8_e4m3fn, w \(32, 32\)"):
-        fp8_codes_mm(a, sa, w[:, :32], sw, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"K-contiguous a \[M, K\] and w \[N, K\] of one 8-bit dtype \(fp8 or "
+                                         r"int8\); got a \(4, 64\) torch.float8_e4m3fn, w \(32, 32\)"):
+        codes_mm(a, sa, w[:, :32], sw, torch.bfloat16)
     with pytest.raises(ValueError, match="torch.float8_e5m2"):
-        fp8_codes_mm(a, sa, w.to(torch.float8_e5m2), sw, torch.bfloat16)
+        codes_mm(a, sa, w.to(torch.float8_e5m2), sw, torch.bfloat16)
+    with pytest.raises(ValueError, match="w \\(32, 64\\) torch.int8"):
+        codes_mm(a, sa, w.float().to(torch.int8), sw, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"sa with M=4 scales and sw with 1 or N=32; got sa \(3, 1\)"):
+        codes_mm(a, sa[:3], w, sw, torch.bfloat16)
 
 
 def test_tile_rule() -> None:
-    from quantrt.platforms.cuda.kernels.fp8_codes_mm import MAX_M, MIN_M, tile_for
+    from quantrt.platforms.cuda.kernels.codes_mm import MAX_M, MIN_M, tile_for
 
-    assert (MIN_M, MAX_M) == (9, 64)
+    assert (MIN_M, MAX_M) == (9, 256)
     assert tile_for(64, 14336, 4096).block_n == 32 and tile_for(48, 14336, 4096) == tile_for(64, 14336, 4096)
     assert tile_for(32, 4096, 4096).block_m == 32 and tile_for(17, 4096, 4096) == tile_for(32, 4096, 4096)
     assert tile_for(16, 4096, 28672).block_m == 16
@@ -71,7 +79,7 @@ def test_tile_rule() -> None:
 def test_w8a8_dispatch_matches_scaled_mm(m, k, n, static) -> None:
     """TritonW8A8Kernel at M = 9..64 takes fp8_codes_mm on these shapes; its output equals cuBLASLt's on the
     same codes up to fp32 summation order."""
-    from quantrt.platforms.cuda.kernels.fp8_codes_mm import tile_for
+    from quantrt.platforms.cuda.kernels.codes_mm import tile_for
     from quantrt.platforms.cuda.kernels.w8a8 import TritonW8A8Kernel
     from quantrt.quant.kernel import LinearSpec
     from quantrt.quant.quantize import quantize_fp8
