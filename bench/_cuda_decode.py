@@ -255,9 +255,9 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
         kw["platform"] = unfused_platform()
     if kw.pop("cublas_dense", False):
         kw["platform"] = cublas_dense_platform()
-    pdl_env = os.environ.get("QUANTRT_CUDA_PDL")
-    if kw.pop("no_pdl", False):    # read at each launch, so it holds for every graph this engine captures
-        os.environ["QUANTRT_CUDA_PDL"] = "0"
+    env = dict(kw.pop("env", {}), **({"QUANTRT_CUDA_PDL": "0"} if kw.pop("no_pdl", False) else {}))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)         # for the engine's whole run (PDL is read at each launch: every graph captured)
     eng = Engine(model_path=str(path), dtype="bfloat16", context_length=2048, max_running_requests=64,
                  max_total_tokens=64 * 256, cuda_graph_max_bs=64, random_seed=0, **kw)
     load_s = time.perf_counter() - t0
@@ -319,10 +319,11 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
                 row["profile"] = profile_steps(gen, bs=bs)
     eng.shutdown()
     eng = runner = None  # noqa: F841 - drop the engine before the next load
-    if pdl_env is None:
-        os.environ.pop("QUANTRT_CUDA_PDL", None)
-    else:
-        os.environ["QUANTRT_CUDA_PDL"] = pdl_env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     gc.collect()
     torch.cuda.empty_cache()
     return outs
@@ -382,7 +383,10 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 
 CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt bf16 (no PDL)": {"no_pdl": True},
            "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
-           "quantrt int4 (gptq g128)": {"gptq": True}}
+           "quantrt int4 (gptq g128)": {"gptq": True},
+           "quantrt fp8 (codes unfused)": {"quantization": "fp8", "env": {"QUANTRT_CUDA_FUSED_CODES": "0"}},
+           "quantrt int8": {"quantization": "w8a8_int8"},
+           "quantrt int8 (codes unfused)": {"quantization": "w8a8_int8", "env": {"QUANTRT_CUDA_FUSED_CODES": "0"}}}
 NO_OVERLAP = " (no overlap)"    # any config + this suffix: the same engine with --disable-overlap-schedule
 
 

@@ -69,6 +69,9 @@ def test_tile_rule() -> None:
     assert tile_for(16, 8192, 8192) is None       # within 2% of swap_fp8: not taken
     assert tile_for(8, 14336, 4096) is None and tile_for(65, 14336, 4096) is None   # unmeasured / cuBLASLt
     assert tile_for(64, 4096, 4097) is None
+    assert tile_for(17, 8192, 8192, is_int=True).block_n == 32 and tile_for(16, 8192, 8192, is_int=True) is None
+    assert tile_for(200, 4096, 28672, is_int=True).block_n == 256              # bucket 256
+    assert tile_for(128, 8192, 8192, is_int=True) is None                      # within 3%: cuBLASLt int8 stays
 
 
 @pytest.mark.accelerator
