@@ -385,6 +385,9 @@ CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "qua
            "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True},
            "quantrt fp8 (codes unfused)": {"quantization": "fp8", "env": {"QUANTRT_CUDA_FUSED_CODES": "0"}},
+           "quantrt fp8 (no PDL)": {"quantization": "fp8", "no_pdl": True},
+           "quantrt fp8 (no PDL; codes unfused)": {"quantization": "fp8", "no_pdl": True,
+                                                   "env": {"QUANTRT_CUDA_FUSED_CODES": "0"}},
            "quantrt int8": {"quantization": "w8a8_int8"},
            "quantrt int8 (codes unfused)": {"quantization": "w8a8_int8", "env": {"QUANTRT_CUDA_FUSED_CODES": "0"}}}
 NO_OVERLAP = " (no overlap)"    # any config + this suffix: the same engine with --disable-overlap-schedule
