@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from quantrt.errors import CheckpointError
-from quantrt.quant.kernel import LinearKernel, LinearSpec, QuantizedRows, RowCodes, WeightInfo, select_linear_kernel
+from quantrt.quant.kernel import (
+    LinearKernel,
+    LinearSpec,
+    QuantizedRows,
+    RowCodes,
+    WeightInfo,
+    select_linear_kernel,
+)
 from quantrt.quant.merge import concat_n, merge_act_schemes
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
 
