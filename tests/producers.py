@@ -147,7 +147,9 @@ for src, dst, spec in json.loads(sys.argv[1]):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src)
     kw = {k: spec[k] for k in ("bits", "group_size", "sym", "layer_config", "to_quant_block_names") if k in spec}
-    ar = AutoRound(model, tok, iters=0, disable_opt_rtn=True, nsamples=2, seqlen=8,
+    # amp=False: fp32 throughout (with amp, auto-round casts the model to bf16 on CPUs that support it, so its
+    # fake-quantized weights would depend on the machine)
+    ar = AutoRound(model, tok, iters=0, disable_opt_rtn=True, nsamples=2, seqlen=8, amp=False,
                    dataset=["the quick brown fox jumps over the lazy dog"] * 4, **kw)
     ar.quantize_and_save(dst, format=spec["format"], inplace=False)
     # auto-round's own dequantized (fake-quantized) weights, what its packers wrote (GGUF export frees them)

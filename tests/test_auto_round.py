@@ -21,7 +21,7 @@ from quantrt.errors import ConfigError, NotSupportedYet
 from quantrt.layers.linear import QuantLinear
 from quantrt.quant.format import get_format
 from tests.helpers_models import max_prompt_logprob_diff
-from tests.producers import AR_PINS, REPO, autoround_produce
+from tests.producers import _AR_PRODUCE, AR_PINS, REPO, autoround_produce
 
 # name -> AutoRound arguments and export format ("src": "wide" = the 256-wide llama, for GGUF K-quants)
 JOBS: dict[str, dict] = {
@@ -78,7 +78,7 @@ def produced(tiny_models, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     out, todo = {}, []
     for name, spec in JOBS.items():
         src = spec.get("src", "llama")
-        key = hashlib.sha1(json.dumps([spec, AR_PINS, weights[src]]).encode()).hexdigest()[:12]
+        key = hashlib.sha1(json.dumps([spec, AR_PINS, weights[src], _AR_PRODUCE]).encode()).hexdigest()[:12]
         out[name] = REPO / ".cache" / "autoround-tests" / f"{name}-{key}"
         if not (out[name] / ".complete").exists():
             shutil.rmtree(out[name], ignore_errors=True)
