@@ -11,7 +11,9 @@ times the weight in x.dtype (fp32 product, rounded).
 the next norm): s = x + delta rounded to x.dtype (the torch add's rounding), y = RMSNorm(s); one kernel where
 the add and the norm were two. `triton_act_mul` is the gated MLP's act(gate) * up over the merged gate_up
 output [T, 2I] in one kernel (torch: silu or gelu-tanh, then a product: two), each step rounded to the dtype
-as torch rounds it. They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compiled in
+as torch rounds it. Given `codes` (a RowCodes: the next W8A8 linear's `row_codes`), both return their output as
+that linear's activation codes and scales instead (`QuantizedRows`: per-row amax or the static scale, the
+quotient and rounding of `act_quant_triton.quant_rows`, bit for bit), so the linear skips its quantize launch. They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compiled in
 on sm_90+ CUDA only).
 
 On sm_90+ CUDA, with at least PDL_MIN_ROWS rows, each is launched with programmatic dependent launch (PDL,

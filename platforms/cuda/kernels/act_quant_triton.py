@@ -1,4 +1,4 @@
-"""Per-token activation quantization in one Triton launch (imported lazily), for `torch._scaled_mm` at large M.
+"""Per-token activation quantization in one Triton launch (imported lazily), for the W8A8 paths on codes.
 
 Computes exactly what `quant.quantize.quantize_act_per_token` computes: scale = max(amax, 1e-12) / QMAX,
 codes = clamp(x / scale, -QMAX, QMAX) cast to fp8 (int8: rounded half to even). The torch version runs as
@@ -16,7 +16,8 @@ That is the correctly rounded quotient for every fp32 x: x / s (s an fp32) is ne
 (relative) of an fp32 rounding midpoint m (m = M 2^a with a 25-bit M, s = S 2^b with a 24-bit S: x - m s
 is a nonzero multiple of 2^(a+b) or of x's last bit, so |x - m s| > 2^-49 m s), while the fp64 product
 is within 2^-51.9 of x / s. Checked exhaustively for every bf16 x, every bf16 amax and both QMAX:
-`bench/_quant_rows_sweep.py --prove`.
+`bench/_quant_rows_sweep.py --prove`. `row_scale` / `code_values` are that math as jit functions, shared with the
+norm and act * mul kernels that make the codes themselves (`layer_ops`).
 
 The scale keeps the plain `/ QMAX` (Triton's fp32 `/`, as the two-pass launch always had it): torch
 divides by a Python scalar as a * RN32(1 / b) on CUDA and as IEEE a / b on the CPU, and `/` matches both
