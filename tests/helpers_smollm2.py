@@ -37,14 +37,14 @@ def windows(ids: list[int], n: int, ctx: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def full_logits(engine, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V] fp32 logits of every position, one prefill through the engine's own runner."""
+    """[len(ids), V] fp32 logits of every position (on the CPU), one prefill through the engine's own runner."""
     alloc = engine.allocator
     pages = alloc.alloc(-(-len(ids) // alloc.page_size))
     if pages is None:
         raise RuntimeError("KV cache too small for the window")
     try:
         req = SimpleNamespace(pages=pages, all_ids=list(ids))
-        return engine.scheduler.runner.run([Work(req, 0, len(ids), list(range(len(ids))))])[0].float()
+        return engine.scheduler.runner.run([Work(req, 0, len(ids), list(range(len(ids))))])[0].float().cpu()
     finally:
         alloc.release(pages, list(ids), 0)  # num_computed=0: nothing enters the prefix cache
 
@@ -69,6 +69,7 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
 def linear_sqnrs(engine, ref_weights: dict[str, torch.Tensor], rows: int = 16, seed: int = 0) -> dict[str, float]:
     """Output SQNR (dB) of every quantized QuantLinear on random x vs x @ W_fp32^T; key = first shard."""
     gen = torch.Generator().manual_seed(seed)
+    dev = engine.platform.device()
     out = {}
     for layer in engine.model.modules():
         if not isinstance(layer, QuantLinear) or not layer.is_quantized:
@@ -76,7 +77,7 @@ def linear_sqnrs(engine, ref_weights: dict[str, torch.Tensor], rows: int = 16, s
         w = torch.cat([ref_weights[f"{p}.weight"] for p in layer.shard_prefixes()])
         x = torch.randn(rows, layer.in_features, generator=gen)
         with torch.inference_mode():
-            out[layer.shard_prefixes()[0]] = sqnr_db(x.double() @ w.double().T, layer(x))
+            out[layer.shard_prefixes()[0]] = sqnr_db(x.double() @ w.double().T, layer(x.to(dev)).cpu())
     return out
 
 

@@ -169,3 +169,48 @@ def test_llama_shapes_on_handed_over_codes_native(dtype, m, k, n) -> None:
     y, _ = triton_add_rms_norm(x, delta, w, 1e-5)
     codes, _ = triton_add_rms_norm(x, delta, w, 1e-5, rc)
     assert torch.equal(kern.apply(codes, None), kern.apply(y, None))
+
+
+# -- dynamic per-tensor activations (torchao fp8dq-per_tensor) -------------------------------------------------
+@pytest.mark.parametrize("m", [1, 3, 40, 70] + ([4, 64] if DEV == "cuda" else []))
+def test_dynamic_per_tensor_fp8_runs_the_static_paths_with_a_per_call_scale(m) -> None:
+    """fp8 weights with one activation scale found per call (max |x| / 448) on every W8A8 path (GEMV, frag_w8,
+    the swapped kernel, cuBLASLt): bit-equal to the static-scale kernel given that scale, for x and for 4x
+    (a new scale each call); natively also vs the reference kernel's fake-quantized product (the interpreter's
+    fp8 cast is not torch's). No codes are asked of the op before: a row-wise kernel cannot find a tensor amax."""
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.kernels.reference import ReferenceLinearKernel
+    from quantrt.quant.quantize import quantize_fp8
+    from quantrt.quant.weights import ActKind, ActScheme
+
+    g = torch.Generator().manual_seed(m)
+    w = quantize_fp8(torch.randn(256, 512, generator=g) * 0.05, "tensor", None)
+    w = type(w)(w.data.to(DEV), w.scale.to(DEV), w.granularity, w.block)
+    spec = LinearSpec(w, ActScheme(ActKind.DYNAMIC_TENSOR, FP8), torch.bfloat16)
+    ok, why = TritonW8A8Kernel.can_implement(spec, PLATFORM)
+    assert ok, why
+    kern = TritonW8A8Kernel.prepare(spec, PLATFORM)
+    assert kern.row_codes(m) is None
+    x = (torch.randn(m, 512, generator=g) * torch.linspace(0.1, 3, 512)).to(DEV, torch.bfloat16)
+    for xi in (x, 4 * x):
+        s = xi.abs().amax().to(torch.float32).clamp(min=1e-12) / 448.0
+        static = TritonW8A8Kernel.prepare(LinearSpec(w, ActScheme(ActKind.STATIC_TENSOR, FP8, scale=s),
+                                                     torch.bfloat16), PLATFORM)
+        y = kern.apply(xi, None)
+        assert torch.equal(y, static.apply(xi, None)), kern._plan(m)
+        if DEV == "cuda":
+            ref = ReferenceLinearKernel.prepare(spec, PLATFORM).apply(xi, None)
+            assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_block_fp8_weights_with_per_tensor_activations_are_declined_with_the_reason() -> None:
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.quantize import quantize_fp8
+    from quantrt.quant.weights import ActKind, ActScheme
+
+    w = quantize_fp8(torch.randn(256, 256), "block", (128, 128))
+    ok, why = TritonW8A8Kernel.can_implement(LinearSpec(w, ActScheme(ActKind.DYNAMIC_TENSOR, FP8), torch.bfloat16),
+                                             PLATFORM)
+    assert not ok and "block-scaled weights with" in why and "are not supported" in why

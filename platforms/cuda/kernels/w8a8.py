@@ -52,7 +52,9 @@ BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cu
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
 FRAG_MAX_M = 32       # 2..this: `frag_w8` (mma.sync on fragments loaded from memory) where its tile table has the shape
 _CODE_PATHS = ("frag", "codes", "scaled_mm", "int_mm")  # the paths that run on codes made beforehand
-_ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.NONE: 3}
+# dynamic per-tensor activations run the static paths (2) with the scale of each call's x (`_tensor_scale`)
+_ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.DYNAMIC_TENSOR: 2,
+        ActKind.NONE: 3}
 _WSCALE = {ScaleGranularity.TENSOR: 0, ScaleGranularity.CHANNEL: 1, ScaleGranularity.BLOCK: 2}
 
 
@@ -80,7 +82,7 @@ def _why_not(spec: LinearSpec) -> str:
         return f"block scales {w.block}: only 128x128 is supported"
     if act.kind is ActKind.DYNAMIC_GROUP and (not block or act.group != 128):
         return "per-token-group activations need 128x128 block weights and group 128"
-    if block and act.kind in (ActKind.DYNAMIC_TOKEN, ActKind.STATIC_TENSOR):
+    if block and act.kind in (ActKind.DYNAMIC_TOKEN, ActKind.STATIC_TENSOR, ActKind.DYNAMIC_TENSOR):
         return f"block-scaled weights with {act} activations are not supported"
     return ""
 
@@ -97,6 +99,7 @@ class TritonW8A8Kernel(LinearKernel):
         w = spec.weight
         self.wscale = 1 if isinstance(w, IntWeight) else _WSCALE[w.granularity]
         self.act = _ACT[spec.act.kind]
+        self.dyn_tensor = spec.act.kind is ActKind.DYNAMIC_TENSOR
         self.qmax = qmax(data.dtype) if spec.act.kind is not ActKind.NONE else 1.0
         self.act_scale = (spec.act.scale.to(data.device, torch.float32).reshape(1)
                           if spec.act.scale is not None else None)
@@ -174,14 +177,21 @@ class TritonW8A8Kernel(LinearKernel):
                                                  self.data.device)
         return self._frag_reason
 
-    def _codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activation codes [M, K] and their scales [M, 1] fp32: per-token launch, or the static scale."""
+    def _codes(self, x2: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation codes [M, K] and their scales [M, 1] fp32: per-token launch, or the one scale."""
         if self.act == 0:
             from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
 
             return quant_rows(x2, self.data.dtype, self.qmax)
-        sa = self.act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
-        return quantize_act_static(x2, self.act_scale, self.data.dtype), sa
+        sa = act_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+        return quantize_act_static(x2, act_scale, self.data.dtype), sa
+
+    def _tensor_scale(self, x2: torch.Tensor) -> torch.Tensor:
+        """[1] fp32 on the device: the static scale, or for dynamic per-tensor activations max(amax(x), 1e-12) /
+        qmax of this call's x (`quant.quantize.fake_quantize_act`'s), found on the device without a host sync."""
+        if not self.dyn_tensor:
+            return self.act_scale
+        return (x2.abs().amax().to(torch.float32).clamp(min=1e-12) / self.qmax).reshape(1)
 
     def _plan(self, m: int) -> tuple[str, object]:
         """(path, its tile) that `apply` takes at M rows (module docstring)."""
@@ -218,7 +228,7 @@ class TritonW8A8Kernel(LinearKernel):
     def row_codes(self, m: int) -> RowCodes | None:
         """The codes this kernel makes of its M input rows before its GEMM (per-token or static), which the op
         that produces x may hand over instead (`QuantizedRows`); None where the path at M quantizes inside."""
-        if self.act not in (0, 2) or self._plan(m)[0] not in _CODE_PATHS:
+        if self.act not in (0, 2) or self.dyn_tensor or self._plan(m)[0] not in _CODE_PATHS:
             return None
         return RowCodes(self.data.dtype, self.qmax, self.act_scale if self.act == 2 else None)
 
@@ -235,12 +245,13 @@ class TritonW8A8Kernel(LinearKernel):
             x2 = x.reshape(-1, k).to(self.compute_dtype)                       # [M, K]
             m = x2.shape[0]
         path, cfg = self._plan(m)
+        act_scale = None if pre else self._tensor_scale(x2)
         if pre and (path not in _CODE_PATHS or xq.dtype != self.data.dtype):
             raise ValueError(f"{self.name}: activation codes {xq.dtype} were handed over at M={m}, where this "
                              f"layer takes {self.data.dtype} codes on the paths {', '.join(_CODE_PATHS)} (its path "
                              f"is {path}): ask row_codes(M) first")
         if path in _CODE_PATHS and not pre:
-            xq, sa = self._codes(x2)                                           # [M, K] codes, [M, 1] fp32
+            xq, sa = self._codes(x2, act_scale)                                # [M, K] codes, [M, 1] fp32
         if path == "frag":
             from quantrt.platforms.cuda.kernels.frag_w8 import frag_w8
 
@@ -262,21 +273,21 @@ class TritonW8A8Kernel(LinearKernel):
         elif path == "gemv":
             from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
-            y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+            y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
         elif path == "skinny":
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
-            y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+            y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
         elif path == "ring":
             from quantrt.platforms.cuda.kernels.ring_fp8 import ring_fp8
 
-            y = ring_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.act_scale)
+            y = ring_fp8(x2, self.data, self.w_scale, self.act, self.wscale, act_scale)
         elif path == "swap":
             from quantrt.platforms.cuda.kernels.swap_fp8 import swap_fp8
 
-            y = swap_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+            y = swap_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
         else:
-            y = w8a8_matmul(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, self.act_scale)
+            y = w8a8_matmul(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)
