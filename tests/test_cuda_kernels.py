@@ -38,6 +38,17 @@ def make_int_weight(n: int, k: int, bits: int, group: int, asym: bool, act_order
                      g_idx=None if g_idx is None else g_idx.to(DEV))
 
 
+def offset_int_weight(n: int, k: int, bits: int, group: int, act_order: bool, gen: torch.Generator) -> IntWeight:
+    """Random IntWeight on DEV with unsigned codes and a float offset per group (GGUF Q4_1/K-quant mins,
+    torchao's float zero point): w = q * s + o."""
+    g = k // group
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen).to(torch.uint8)
+    scale = torch.rand(n, g, generator=gen) * 0.02 + 0.005
+    offset = -(torch.rand(n, g, generator=gen) * 2 ** (bits - 1) + 0.5) * scale      # about -z * s, z fractional
+    g_idx = (torch.randperm(k, generator=gen) // group).to(torch.int32).to(DEV) if act_order else None
+    return IntWeight(codes.to(DEV), scale.to(DEV), bits, group, offset=offset.to(DEV), g_idx=g_idx)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(y).all()
     return float((y.float() - ref.float()).norm() / ref.float().norm())
@@ -71,6 +82,17 @@ def test_wna16_matches_reference(bits, group, asym, act_order, m):
     w = make_int_weight(48, k, bits, group or k, asym, act_order, gen)
     dtype = torch.float16 if m == 5 else torch.bfloat16
     check(LinearSpec(w, ActScheme(), dtype), TritonWNA16Kernel, m, gen, 1e-2, bias=m == 5)
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (4, 128, True), (5, 32, False), (8, 0, False)])
+@pytest.mark.parametrize("m", [1, 5, 40, 130])
+def test_wna16_float_offsets_match_reference(bits, group, act_order, m):
+    """Weights with float offsets (w = q * s + o) run the W4A16/W8A16 kernels plus the (x summed per group) @ o
+    term on every path (GEMV, tensor-core tiles, dequantize + GEMM) instead of the reference kernel."""
+    gen = torch.Generator().manual_seed(bits * 100 + group + m)
+    k = 256
+    w = offset_int_weight(48, k, bits, group or k, act_order, gen)
+    check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2, bias=m == 5)
 
 
 def test_wna16_split_k():
@@ -213,6 +235,17 @@ def test_cuda_kernel_list():
 def test_wna16_native_llama_shape(m, bits, group, asym, act_order):
     gen = torch.Generator().manual_seed(m)
     w = make_int_weight(4096, 4096, bits, group or 4096, asym, act_order, gen)
+    check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2)
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [1, 8, 16, 40, 200])
+@pytest.mark.parametrize("group", [32, 128])
+def test_wna16_float_offsets_native_llama_shape(m, group):
+    """GGUF-style g32 and torchao-style g128 float offsets at a Llama shape: the ring kernel (g128, M <= 32),
+    the GEMV / tensor-core tiles and the offset term, vs the reference kernel."""
+    gen = torch.Generator().manual_seed(m + group)
+    w = offset_int_weight(4096, 4096, 4, group, False, gen)
     check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2)
 
 

@@ -1,7 +1,9 @@
 """`TritonWNA16Kernel`: weight-only grouped-int GEMM (W4A16 / W8A16) for CUDA and ROCm.
 
-Serves every format that becomes an `IntWeight` with bits 2..8 and no float offset: AWQ, GPTQ
-(act-order too), compressed-tensors W4A16/W8A16, auto-round, torchao int4wo, GGUF Q4_0/Q8_0.
+Serves every format that becomes an `IntWeight` with bits 2..8: AWQ, GPTQ (act-order too), compressed-tensors
+W4A16/W8A16, auto-round, torchao int4wo (float zero point), GGUF Q4_0/Q8_0 and, with their float offsets (mins),
+Q4_1/Q5_1/K-quants: w = q * s + o runs the kernels on an integer zero point and adds (x summed per group) @ the
+residual offset (`_offset_split`; two small launches; before, these weights ran the reference kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -83,6 +85,17 @@ def _ring_why(w: IntWeight, container: int, device: torch.device) -> str:
     return ring_device_why(device)
 
 
+def _offset_split(w: IntWeight) -> tuple[IntWeight, torch.Tensor]:
+    """Float offsets (GGUF Q4_1/Q5_1/K-quant mins, torchao's float zero point), w = q * s + o per group, as an
+    integer zero point and a residual: z = round(-o / s) clamped to the code range, r = o + z * s (|r| <= s / 2
+    inside it), so w = (q - z) * s + r. The kernels run the zero-point weight; y gets (x summed over each group)
+    @ r, a small term, so rounding y before adding it costs no more than bf16 output rounding (a zero of 0 would
+    leave y as the difference of two large terms). -> (weight with zero [N, G], r [N, G] fp32)."""
+    s, o = w.scale.to(torch.float32), w.offset.to(torch.float32)
+    z = torch.round(-o / s.clamp(min=torch.finfo(torch.float32).tiny)).clamp(0, (1 << w.bits) - 1)
+    return IntWeight(w.codes, w.scale, w.bits, w.group_size, zero=z.to(torch.int32), g_idx=w.g_idx), o + z * s
+
+
 class TritonWNA16Kernel(LinearKernel):
     """W4A16/W8A16: int codes dequantized in registers, fp16/bf16 activations, fp32 accumulation."""
 
@@ -96,9 +109,12 @@ class TritonWNA16Kernel(LinearKernel):
         self.container = container
         self.perm = perm
         self.group = w.group_size
-        # zero points: a [G, N] array only when the checkpoint has them; else one constant (the sign bias)
-        self.skinny_zero = zero if w.zero is not None else None
+        # zero points: a [G, N] array when the checkpoint has them (or float offsets); else one constant (sign bias)
+        self.skinny_zero = zero if w.zero is not None or w.offset is not None else None
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
+        # float offsets: the residual [G, N] fp32 of `_offset_split` (act-order sorts K by group, so the permuted x
+        # visits the groups in this order too)
+        self.offset = None if w.offset is None else _offset_split(w)[1].t().contiguous()
         self.skinny_why = _skinny_why(w, container)
         self.ring_why = _ring_why(w, container, packed.device)
 
@@ -109,8 +125,6 @@ class TritonWNA16Kernel(LinearKernel):
             return False, f"weight is {type(w).__name__}, not IntWeight"
         if spec.act.kind is not ActKind.NONE:
             return False, f"activations are quantized ({spec.act}); this kernel is weight-only"
-        if w.offset is not None:
-            return False, "float offset (GGUF K-quant min) is not supported"
         n, k = w.shape
         pack = 32 // (4 if w.bits <= 4 else 8)
         if k % pack or w.group_size % pack:
@@ -126,7 +140,7 @@ class TritonWNA16Kernel(LinearKernel):
         assert isinstance(w, IntWeight)
         container = 4 if w.bits <= 4 else 8
         perm, _ = _sorted_groups(w)
-        packed, scale, zero = pack_int_weight(w, container, perm)
+        packed, scale, zero = pack_int_weight(_offset_split(w)[0] if w.offset is not None else w, container, perm)
         return cls(spec, packed, scale, zero, container, perm)
 
     def _tc_ok(self, m: int, k: int) -> bool:
@@ -160,6 +174,9 @@ class TritonWNA16Kernel(LinearKernel):
             y = torch.nn.functional.linear(x2, w.t())                          # w: [K, N] -> [M, N]
         else:
             y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container)
+        if self.offset is not None:  # float offsets: group sums of x [M, G] @ the residual offsets [G, N], fp32
+            corr = x2.reshape(x2.shape[0], -1, self.group).sum(-1, dtype=torch.float32) @ self.offset
+            y = (y + corr).to(y.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)
