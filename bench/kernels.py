@@ -64,6 +64,13 @@ def int_weight(n: int, k: int, bits: int, group: int) -> IntWeight:
     return IntWeight(codes, scale, bits, group)
 
 
+def offset_weight(n: int, k: int, group: int) -> IntWeight:
+    """4-bit unsigned codes with float offsets per group (GGUF Q4_1 / K-quant mins, torchao int4wo): q * s + o."""
+    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
+    scale = torch.rand(n, k // group, device="cuda") * 0.01 + 0.001
+    return IntWeight(codes, scale, 4, group, offset=-(torch.rand_like(scale) * 8 + 4) * scale)
+
+
 def fp8_weight(n: int, k: int, gran: str) -> FloatWeight:
     data = (torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(FP8)  # no NaN codes
     if gran == "block":
@@ -106,6 +113,12 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
                                                       torch.bfloat16), PLATFORM)
                  for _ in range(copies_for(nbytes))]
         return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+    if name in ("w4a16_g128_offset", "w4a16_g32_offset"):  # float offsets: zero-point kernels + the offset term
+        group = 128 if "g128" in name else 32
+        nbytes = n * k // 2 + 3 * n * (k // group) * 4    # words, scales, zeros, residual offsets
+        kerns = [TritonWNA16Kernel.prepare(LinearSpec(offset_weight(n, k, group), ActScheme(), torch.bfloat16),
+                                           PLATFORM) for _ in range(copies_for(nbytes))]
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
     if name in ("fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
         gran = "block" if name == "fp8_blk_grp" else "channel"
         act = {"fp8_ch_tok": ActScheme(ActKind.DYNAMIC_TOKEN, FP8),
@@ -142,7 +155,7 @@ def fp4_weight(n: int, k: int, kind: str) -> MicroWeight:
 
 
 KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp",
-           "fp8_wonly", "int8_ch_tok"]
+           "fp8_wonly", "int8_ch_tok", "w4a16_g128_offset", "w4a16_g32_offset"]
 
 
 def bench(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str],
