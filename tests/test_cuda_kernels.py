@@ -95,27 +95,6 @@ def test_wna16_float_offsets_match_reference(bits, group, act_order, m):
     check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2, bias=m == 5)
 
 
-@pytest.mark.parametrize("m,k,n,group,dtype", [(1, 256, 300, 32, torch.bfloat16), (17, 512, 96, 128, torch.float16),
-                                                (5, 2048, 64, 32, torch.bfloat16)])
-def test_offset_term_launch_equals_the_torch_math(m, k, n, group, dtype):
-    """One launch of y + (x summed per group) @ r equals the torch ops it replaces (fp32 sums, one rounding);
-    ragged N, two row blocks, fp16, 64 groups."""
-    from quantrt.platforms.cuda.kernels.offset_triton import add_offset_term
-
-    gen = torch.Generator().manual_seed(m + k)
-    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
-    y = torch.randn(m, n, generator=gen).to(DEV, dtype)
-    r = (torch.randn(k // group, n, generator=gen) * 0.01).to(DEV)
-    want = (y + x.reshape(m, -1, group).sum(-1, dtype=torch.float32) @ r).to(dtype)
-    got = add_offset_term(y, x, r, group)
-    assert got.dtype == dtype and rel_err(got, want) < 1e-6 and (got.float() - want.float()).abs().max() <= \
-        want.float().abs().max() * 2 ** -7
-    with pytest.raises(ValueError, match=r"power-of-two group; got x \(5, 2048\), y \(5, 64\), r \(63, 64\) "
-                                         r"torch.float32, group 32"):
-        add_offset_term(torch.zeros(5, 64, device=DEV), torch.zeros(5, 2048, device=DEV),
-                        torch.zeros(63, 64, device=DEV), 32)
-
-
 def test_wna16_split_k():
     from quantrt.platforms.cuda.kernels.wna16_triton import WNA16Config, wna16_matmul
 

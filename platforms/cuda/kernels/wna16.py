@@ -23,7 +23,6 @@ _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
 RING_MAX_M = 32     # up to here on Hopper: ring_wna16 (TMA word ring; H100 8192²: 16.3 us at M=1, 16.9-19.8 at 2-16,
                     # 26.6 at 32 vs 30.3 in tc_wna16; 4096x28672 M=32 36.0 vs 49.5)
-OFFSET_LAUNCH_MAX_M = 64  # up to here the float-offset term is one Triton launch (`offset_triton`), above: torch
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
 TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles, 4/8-bit)
 TC8_MAX_M = 128     # 8-bit container: above this dequantize + cuBLAS (8192², M=256: 128 vs 156 us in tc_wna16)
@@ -144,16 +143,6 @@ class TritonWNA16Kernel(LinearKernel):
         packed, scale, zero = pack_int_weight(_offset_split(w)[0] if w.offset is not None else w, container, perm)
         return cls(spec, packed, scale, zero, container, perm)
 
-    def _add_offsets(self, y: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """y + (x summed over each group) @ the residual offsets: one Triton launch (groups of a power of two and
-        up to OFFSET_LAUNCH_MAX_M rows), else torch (group sums, GEMM, add)."""
-        if x2.shape[0] <= OFFSET_LAUNCH_MAX_M and not self.group & (self.group - 1) and x2.stride(1) == 1:
-            from quantrt.platforms.cuda.kernels.offset_triton import add_offset_term
-
-            return add_offset_term(y, x2, self.offset, self.group)
-        corr = x2.reshape(x2.shape[0], -1, self.group).sum(-1, dtype=torch.float32) @ self.offset
-        return (y + corr).to(y.dtype)
-
     def _tc_ok(self, m: int, k: int) -> bool:
         from quantrt.platforms.cuda.kernels.tc_wna16 import can_run
 
@@ -186,7 +175,8 @@ class TritonWNA16Kernel(LinearKernel):
         else:
             y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container)
         if self.offset is not None:  # float offsets: group sums of x [M, G] @ the residual offsets [G, N], fp32
-            y = self._add_offsets(y, x2)
+            corr = x2.reshape(x2.shape[0], -1, self.group).sum(-1, dtype=torch.float32) @ self.offset
+            y = (y + corr).to(y.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)
