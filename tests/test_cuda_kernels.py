@@ -231,7 +231,8 @@ def test_cuda_kernel_list():
 @pytest.mark.accelerator
 @pytest.mark.parametrize("m", [1, 7, 16, 64, 200])
 @pytest.mark.parametrize("bits,group,asym,act_order", [(4, 128, False, False), (4, 128, True, True),
-                                                       (8, 0, False, False)])
+                                                       (8, 0, False, False), (4, 32, False, False),
+                                                       (4, 64, True, False)])
 def test_wna16_native_llama_shape(m, bits, group, asym, act_order):
     gen = torch.Generator().manual_seed(m)
     w = make_int_weight(4096, 4096, bits, group or 4096, asym, act_order, gen)
@@ -340,15 +341,18 @@ def test_tc_wna16_buckets_and_errors():
 
     assert [m_bucket(m) for m in (2, 16, 17, 64, 65, 256)] == [16, 16, 32, 64, 128, 256]
     assert MAX_M == 256 and can_run(256, 4096, 128, 4) and not can_run(257, 4096, 128, 4)
-    assert not can_run(64, 4096, 64, 4) and can_run(64, 4096, 128, 8) and not can_run(8, 4096, 128, 2)
+    assert not can_run(64, 4096, 48, 4) and can_run(64, 4096, 128, 8) and not can_run(8, 4096, 128, 2)
     assert default_config(200, 4096, 4096).block_m >= 64
+    # GGUF-size groups: a K step of 32 / 64 (one scale group per step)
+    assert can_run(64, 4096, 64, 4) and default_config(64, 0, 4096, 4, 64).block_k == 64
+    assert can_run(16, 4096, 32, 4) and default_config(16, 0, 4096, 4, 32).block_k == 32
     with pytest.raises(ValueError, match="MAX_M=256"):
         m_bucket(300)
     x = torch.zeros(8, 512, dtype=torch.float16, device=DEV)
     p = torch.zeros(64, 96, dtype=torch.int32, device=DEV)
     s = torch.zeros(8, 96, device=DEV)
-    with pytest.raises(ValueError, match="group=64"):
-        tc_wna16(x, p, s, s, 64)
+    with pytest.raises(ValueError, match="group=48"):
+        tc_wna16(x, p, s, s, 48)
 
 
 @pytest.mark.accelerator

@@ -29,7 +29,7 @@ with 4 stages and ~2 programs per SM 9-17% faster (8192² M = 64: 35.6 vs 41.1 u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -234,7 +234,7 @@ def can_run(m: int, k: int, group: int, bits: int, cfg: TcConfig | None = None) 
     """True when this kernel applies: 4- or 8-bit container, M <= MAX_M, K steps inside one scale group."""
     if bits not in (4, 8) or not 1 <= m <= MAX_M:
         return False
-    bk = (cfg or default_config(m, 0, k)).block_k
+    bk = (cfg or default_config(m, 0, k, bits, group)).block_k
     return group % bk == 0 and k % bk == 0
 
 
@@ -301,11 +301,19 @@ def m_bucket(m: int) -> int:
     raise ValueError(f"M={m} is above tc_wna16's MAX_M={MAX_M}; use the dequantize + cuBLAS path")
 
 
-def default_config(m: int, n: int, k: int, bits: int = 4) -> TcConfig:
+def default_config(m: int, n: int, k: int, bits: int = 4, group: int | None = None) -> TcConfig:
+    """The swept tile of (M bucket, bits, K, N), else the bucket's default. With `group` below the tile's block_k
+    (GGUF's 32, 64), block_k drops to the largest power of two dividing the group (>= 32): a K step stays
+    inside one scale group."""
     b = m_bucket(m)
     bm, *rest = _TILES.get((b, bits, k, n), _DEFAULT_TILES[b])
     prefetch = rest[7] if len(rest) > 7 and bits == 4 else 0   # measured for 4-bit words only
-    return TcConfig(*rest[:7], block_m=bm, prefetch=prefetch)
+    cfg = TcConfig(*rest[:7], block_m=bm, prefetch=prefetch)
+    if group is not None and group % cfg.block_k:
+        bk = group & -group                                      # the largest power of two dividing the group
+        if bk >= 32:
+            cfg = replace(cfg, block_k=min(bk, cfg.block_k))
+    return cfg
 
 
 def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
@@ -316,7 +324,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     n = packed.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = cfg or default_config(m, n, k, bits)
+    cfg = cfg or default_config(m, n, k, bits, group)
     if not can_run(m, k, group, bits, cfg):
         raise ValueError(f"tc_wna16 needs a 4- or 8-bit container, 1 <= M <= {MAX_M}, K and group multiples "
                          f"of block_k {cfg.block_k}; got bits={bits}, M={m}, K={k}, group={group}")
