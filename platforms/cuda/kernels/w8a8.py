@@ -109,6 +109,7 @@ class TritonW8A8Kernel(LinearKernel):
         n, k = data.shape
         self._gemv_reason: str | None = None
         self._frag_reason: str | None = None
+        self._plans: dict[int, tuple[str, object]] = {}     # M -> (path, tile), see `_plan`
         self.use_int_mm = (data.dtype == torch.int8 and self.act in (0, 2) and k % 8 == 0 and n % 8 == 0
                            and hasattr(torch, "_int_mm"))
         self.use_block_mm = (data.dtype in FP8_DTYPES and self.wscale == 2 and self.act == 1 and k % 128 == 0
@@ -194,7 +195,13 @@ class TritonW8A8Kernel(LinearKernel):
         return (x2.abs().amax().to(torch.float32).clamp(min=1e-12) / self.qmax).reshape(1)
 
     def _plan(self, m: int) -> tuple[str, object]:
-        """(path, its tile) that `apply` takes at M rows (module docstring)."""
+        """(path, its tile) that `apply` takes at M rows (module docstring); found once per M."""
+        plan = self._plans.get(m)
+        if plan is None:
+            plan = self._plans[m] = self._find_plan(m)
+        return plan
+
+    def _find_plan(self, m: int) -> tuple[str, object]:
         n, k = self.data.shape
         ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
         if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
