@@ -127,12 +127,15 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
 def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                         codes: RowCodes | None = None) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
     """x, delta [..., D] (same dtype), weight [D] in x.dtype -> (y, s): s = x + delta in x.dtype (the new
-    residual), y = s / rms(s) * weight as triton_rms_norm computes it. With `codes`: y comes as its activation
-    codes and scales (`QuantizedRows`, bit for bit what `quant_rows` / the static quantizer make of y)."""
+    residual), y = s / rms(s) * weight as triton_rms_norm computes it. With `codes` and D <= ONE_PASS_MAX_K: y
+    comes as its activation codes and scales (`QuantizedRows`, bit for bit what `quant_rows` / the static quantizer
+    make of y); wider rows return y itself (the linear quantizes it)."""
     if delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(f"fused add + RMSNorm needs delta like x: x {tuple(x.shape)} {x.dtype}, "
                          f"delta {tuple(delta.shape)} {delta.dtype}")
     d = x.shape[-1]
+    if d > ONE_PASS_MAX_K:
+        codes = None
     x2, d2 = _rows(x, d), _rows(delta, d)
     m = x2.shape[0]
     s = torch.empty((m, d), dtype=x.dtype, device=x.device)
@@ -153,8 +156,6 @@ def _code_buffers(like: torch.Tensor, codes: RowCodes | None, d: int
     (never written) without."""
     if codes is None:
         return like, like, like, {}
-    if d > ONE_PASS_MAX_K:
-        raise ValueError(f"activation codes in the producing op need rows of at most {ONE_PASS_MAX_K}, got {d}")
     m = like.shape[0]
     q = torch.empty((m, d), dtype=codes.dtype, device=like.device)
     qs = torch.empty((m, 1), dtype=torch.float32, device=like.device)
@@ -189,13 +190,16 @@ def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n,
 def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | None = None
                    ) -> torch.Tensor | QuantizedRows:
     """gu [T, 2I] (gate columns then up columns, fp16/bf16/fp32) -> act(gate) * up [T, I] in gu.dtype;
-    act = silu, or gelu with the tanh approximation (Gemma). With `codes` (I <= ONE_PASS_MAX_K): the result as
-    its activation codes and scales (`QuantizedRows`), as `triton_add_rms_norm` makes them."""
+    act = silu, or gelu with the tanh approximation (Gemma). With `codes` and I <= ONE_PASS_MAX_K (one program
+    holds a row): the result as its activation codes and scales (`QuantizedRows`), as `triton_add_rms_norm` makes
+    them; wider rows return the result itself."""
     if gu.dim() != 2 or gu.shape[1] % 2:
         raise ValueError(f"act * mul needs the merged gate_up output [T, 2I], got {tuple(gu.shape)}")
     if gu.stride(1) != 1:
         gu = gu.contiguous()
     t, n = gu.shape[0], gu.shape[1] // 2
+    if n > ONE_PASS_MAX_K:
+        codes = None
     out = torch.empty((t, n), dtype=gu.dtype, device=gu.device) if codes is None else gu
     q, qs, sa, quant = _code_buffers(out if codes is None else gu[:, :n], codes, n)
     if t:

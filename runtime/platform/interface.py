@@ -150,13 +150,13 @@ class Platform:
 
     def fused_add_rms_norm_codes_op(self) -> Any | None:
         """fused_add_rms_norm_op that also takes `codes` (a RowCodes) and then returns y as the activation codes
-        the next linear asked for (QuantizedRows: LinearKernel.row_codes), saving that linear its quantize launch;
-        None: the norm returns y and the linear quantizes."""
+        the next linear asked for (QuantizedRows: LinearKernel.row_codes), saving that linear its quantize launch,
+        or y itself where it does not serve (a row too wide); None: the norm returns y and the linear quantizes."""
         return None
 
     def act_mul_codes_op(self) -> Any | None:
-        """act_mul_op that also takes `codes` (a RowCodes) and then returns its result as QuantizedRows, or None
-        where it does not serve (the row is too wide); None: the op returns the result and the linear quantizes."""
+        """act_mul_op that also takes `codes` (a RowCodes) and then returns its result as QuantizedRows, or the
+        result itself where it does not serve (a row too wide); None: the linear always quantizes."""
         return None
 
     def decode_stack_op(self, decoder: Any) -> Any | None:
