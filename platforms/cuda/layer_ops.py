@@ -13,8 +13,8 @@ the add and the norm were two. `triton_act_mul` is the gated MLP's act(gate) * u
 output [T, 2I] in one kernel (torch: silu or gelu-tanh, then a product: two), each step rounded to the dtype
 as torch rounds it. Given `codes` (a RowCodes: the next W8A8 linear's `row_codes`), both return their output as
 that linear's activation codes and scales instead (`QuantizedRows`: per-row amax or the static scale, the
-quotient and rounding of `act_quant_triton.quant_rows`, bit for bit), so the linear skips its quantize launch. They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compiled in
-on sm_90+ CUDA only).
+quotient and rounding of `act_quant_triton.quant_rows`, bit for bit), so the linear skips its quantize launch.
+They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compiled in on sm_90+ CUDA only).
 
 On sm_90+ CUDA, with at least PDL_MIN_ROWS rows, each is launched with programmatic dependent launch (PDL,
 `kernels/pdl_triton.py`): it is scheduled while the kernel before it drains and waits (griddepcontrol.wait) for that
@@ -201,7 +201,7 @@ def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | 
     if n > ONE_PASS_MAX_K:
         codes = None
     out = torch.empty((t, n), dtype=gu.dtype, device=gu.device) if codes is None else gu
-    q, qs, sa, quant = _code_buffers(out if codes is None else gu[:, :n], codes, n)
+    q, qs, sa, quant = _code_buffers(out, codes, n)                        # out: stand-in rows [T, ...]
     if t:
         block = min(1024, triton.next_power_of_2(n)) if codes is None else triton.next_power_of_2(n)
         warps = 4 if codes is None else min(16, max(4, block // 512))

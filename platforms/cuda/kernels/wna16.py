@@ -102,7 +102,7 @@ class TritonWNA16Kernel(LinearKernel):
     name = "triton_wna16"
 
     def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 container: int, perm: torch.Tensor | None) -> None:
+                 container: int, perm: torch.Tensor | None, offset: torch.Tensor | None = None) -> None:
         w = spec.weight  # read here, not kept: the packed tensors replace the canonical ones
         self.shape, self.compute_dtype = w.shape, spec.compute_dtype    # (N, K)
         self.packed, self.scale, self.zero = packed, scale, zero
@@ -114,7 +114,7 @@ class TritonWNA16Kernel(LinearKernel):
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
         # float offsets: the residual [G, N] fp32 of `_offset_split` (act-order sorts K by group, so the permuted x
         # visits the groups in this order too)
-        self.offset = None if w.offset is None else _offset_split(w)[1].t().contiguous()
+        self.offset = offset
         self.skinny_why = _skinny_why(w, container)
         self.ring_why = _ring_why(w, container, packed.device)
 
@@ -140,8 +140,12 @@ class TritonWNA16Kernel(LinearKernel):
         assert isinstance(w, IntWeight)
         container = 4 if w.bits <= 4 else 8
         perm, _ = _sorted_groups(w)
-        packed, scale, zero = pack_int_weight(_offset_split(w)[0] if w.offset is not None else w, container, perm)
-        return cls(spec, packed, scale, zero, container, perm)
+        offset = None
+        if w.offset is not None:   # float offsets: an integer zero point plus the residual per group
+            w, r = _offset_split(w)
+            offset = r.t().contiguous()                                       # [G, N] fp32
+        packed, scale, zero = pack_int_weight(w, container, perm)
+        return cls(spec, packed, scale, zero, container, perm, offset)
 
     def _tc_ok(self, m: int, k: int) -> bool:
         from quantrt.platforms.cuda.kernels.tc_wna16 import can_run
