@@ -94,24 +94,43 @@ def sweep(out: str) -> None:
 
 def cube(n: int = 8192) -> None:
     """n³: bf16 cuBLAS, cuBLASLt fp8 rowwise on pre-quantized activations (kernel only), and
-    TritonW8A8Kernel.apply per-channel x per-token (one-launch activation quantization + `_scaled_mm`)."""
+    TritonW8A8Kernel.apply per-channel x per-token (one-launch activation quantization + `_scaled_mm`).
+    Then the linear as the model runs it behind its fused add + RMSNorm: the norm writes the linear's codes
+    (`row_codes`) instead of its bf16 output; the linear's cost there is (norm -> codes + apply) - (plain norm),
+    set against `_scaled_mm` alone."""
     from kernels import PLATFORM, fp8_weight, time_us
 
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm
     from quantrt.quant.kernel import LinearSpec
     from quantrt.quant.weights import ActKind, ActScheme
 
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn_like(x)
+    wn = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
     wb = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     w = fp8_weight(n, n, "channel")
     xq, sa, sb = x.to(FP8), torch.ones(n, 1, device="cuda"), w.scale.reshape(1, -1).contiguous()
     kern = TritonW8A8Kernel.prepare(LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, FP8), torch.bfloat16), PLATFORM)
+    codes = kern.row_codes(n)
     runs = {"bf16": lambda: torch.nn.functional.linear(x, wb),
             "scaled_mm": lambda: torch._scaled_mm(xq, w.data.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
-            "fp8_ch_tok": lambda: kern.apply(x, None)}
+            "fp8_ch_tok": lambda: kern.apply(x, None),
+            "norm": lambda: triton_add_rms_norm(x, delta, wn, 1e-5),
+            "norm+fp8": lambda: kern.apply(triton_add_rms_norm(x, delta, wn, 1e-5)[0], None)}
+    if codes is not None:
+        runs["norm_codes+fp8"] = lambda: kern.apply(triton_add_rms_norm(x, delta, wn, 1e-5, codes)[0], None)
     us = {name: time_us([fn]) for name, fn in runs.items()}
     print(f"| {n}³ | " + " | ".join(f"{name} {t:.0f} µs {2 * n**3 / t / 1e6:.0f} TFLOP/s" for name, t in us.items())
           + f" | fp8_ch_tok / scaled_mm {us['scaled_mm'] / us['fp8_ch_tok']:.2f}x |", flush=True)
+    if codes is None:
+        print(f"# the fp8 kernel at M={n} takes no codes from the norm (row_codes None)", flush=True)
+        return
+    lin = us["norm_codes+fp8"] - us["norm"]
+    print(f"| {n}³ behind add + RMSNorm | norm {us['norm']:.0f} µs | norm + quantize + fp8 {us['norm+fp8']:.0f} µs"
+          f" | norm -> codes + fp8 {us['norm_codes+fp8']:.0f} µs | linear's share {lin:.0f} µs | scaled_mm / share "
+          f"{us['scaled_mm'] / lin:.2f}x (with the quantize launch: "
+          f"{us['scaled_mm'] / (us['norm+fp8'] - us['norm']):.2f}x) |", flush=True)
 
 
 # ---- W4A16 GEMV (skinny_wna16) at M = 1-4: g128 symmetric codes, the benchmark's weight

@@ -105,8 +105,8 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
                 x.to(FP8), w.t(), scale_a=torch.ones(x.shape[0], 1, device="cuda"), scale_b=sb,
                 out_dtype=torch.bfloat16))
         return fns, nbytes
-    if name in ("w4a16_g128", "w8a16_ch", "w4a16_g32"):
-        bits, group = {"w4a16_g128": (4, 128), "w4a16_g32": (4, 32)}.get(name, (8, k))
+    if name in ("w4a16_g128", "w8a16_ch", "w4a16_g32", "w8a16_g32"):
+        bits, group = {"w4a16_g128": (4, 128), "w4a16_g32": (4, 32), "w8a16_g32": (8, 32)}.get(name, (8, k))
         # symmetric codes: the M <= 16 kernels read the fp32 scales only (the zero array is a constant)
         nbytes = n * k * bits // 8 + n * (k // group) * 4
         kerns = [TritonWNA16Kernel.prepare(LinearSpec(int_weight(n, k, bits, group), ActScheme(),
@@ -155,7 +155,7 @@ def fp4_weight(n: int, k: int, kind: str) -> MicroWeight:
 
 
 KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp",
-           "fp8_wonly", "int8_ch_tok", "w4a16_g32", "w4a16_g128_offset", "w4a16_g32_offset"]
+           "fp8_wonly", "int8_ch_tok", "w4a16_g32", "w4a16_g128_offset", "w4a16_g32_offset", "w8a16_g32"]
 
 
 def bench(shapes: list[tuple[int, int]], batches: list[int], kernels: list[str],

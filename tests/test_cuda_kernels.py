@@ -343,9 +343,18 @@ def test_tc_wna16_buckets_and_errors():
     assert MAX_M == 256 and can_run(256, 4096, 128, 4) and not can_run(257, 4096, 128, 4)
     assert not can_run(64, 4096, 48, 4) and can_run(64, 4096, 128, 8) and not can_run(8, 4096, 128, 2)
     assert default_config(200, 4096, 4096).block_m >= 64
-    # GGUF-size groups: a K step of 32 / 64 (one scale group per step)
-    assert can_run(64, 4096, 64, 4) and default_config(64, 0, 4096, 4, 64).block_k == 64
-    assert can_run(16, 4096, 32, 4) and default_config(16, 0, 4096, 4, 32).block_k == 32
+    # GGUF-size groups: K steps spanning 4 / 2 groups (a scale per packed row), or one group per step
+    assert can_run(64, 4096, 64, 4) and default_config(64, 0, 4096, 4, 64).block_k == 128
+    assert can_run(16, 4096, 32, 4) and default_config(16, 0, 4096, 4, 32).block_k == 128
+    assert can_run(16, 4096, 32, 8) and not can_run(16, 4096, 2, 8)   # a group must hold whole packed words
+    # measured slower (one group per step kept): the 8-bit container, M > 64
+    assert default_config(16, 0, 4096, 8, 32).block_k == 32 and default_config(128, 0, 4096, 4, 32).block_k == 32
+    import quantrt.platforms.cuda.kernels.tc_wna16 as T
+    T.MULTI_GROUP_STEPS = False
+    try:
+        assert default_config(64, 0, 4096, 4, 64).block_k == 64 and default_config(16, 0, 4096, 4, 32).block_k == 32
+    finally:
+        T.MULTI_GROUP_STEPS = True
     with pytest.raises(ValueError, match="MAX_M=256"):
         m_bucket(300)
     x = torch.zeros(8, 512, dtype=torch.float16, device=DEV)

@@ -49,6 +49,18 @@ def test_tc_wna16_pipelined(m, bits, cfg):
     assert rel_err(y, ref) < 2e-3
 
 
+# K steps of 128 rows spanning several GGUF-size groups (scale and zero per packed row)
+@pytest.mark.parametrize("m,bits,group,cfg", [
+    (5, 4, 32, (64, 128, 2, 4, 1, 4, True, 16, 1)),     # 4 groups per step, prefetch, 2 ragged splits
+    (3, 4, 64, (32, 128, 0, 4, 1, 4, True, 16, 0)),     # 2 groups per step
+    (20, 4, 32, (64, 128, 0, 4, 1, 4, False, 32, 0)),   # unswapped, 2 BM tiles
+    (6, 8, 32, (64, 128, 2, 4, 1, 4, True, 16, 0)),     # 8-bit container (4 codes a word), 4 groups per step
+])
+def test_tc_wna16_multi_group_steps(m, bits, group, cfg):
+    y, ref = _wna16(m, 96, 640, bits, group, torch.float16, cfg, m)
+    assert rel_err(y, ref) < 2e-3
+
+
 @pytest.mark.parametrize("prefetch", [2, -1, "1"])
 def test_tc_wna16_rejects_bad_prefetch(prefetch):
     from quantrt.platforms.cuda.kernels.tc_wna16 import TcConfig, tc_wna16
@@ -66,4 +78,13 @@ def test_tc_wna16_rejects_bad_prefetch(prefetch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tc_wna16_pipelined_native(m, cfg, dtype):
     y, ref = _wna16(m, 4096, 8192, 4, 128, dtype, cfg, m)
+    assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [2, 16, 40, 64, 130, 256])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32)])
+@pytest.mark.parametrize("cfg", [None, (64, 128, 0, 4, 3, 2, True, 64, 0)])   # None: the dispatch's tile
+def test_tc_wna16_multi_group_native(m, bits, group, cfg):
+    y, ref = _wna16(m, 4096, 4096, bits, group, torch.bfloat16, cfg, m)
     assert rel_err(y, ref) < 1e-2

@@ -2,7 +2,8 @@
 
 Same weight layout as `wna16_triton` (packed [K/8, N] int32, code i of row j is k = 8*j + i at bits 4i;
 scale [G, N] fp32; zero [G, N] fp32 holding 2**23 + zero). A K step of BK rows lies inside one scale
-group (G % BK == 0), so scale and zero are one [BN] vector per step.
+group (G % BK == 0), so scale and zero are one [BN] vector per step, or (MULTI, GGUF's g32 / g64) spans BK / G
+whole groups: scale and zero are then loaded per packed row, [BK/8, BN], and go into the same unpack.
 
 Unpack (ASM True, GPU only): one `inline_asm_elementwise` call takes the packed words of two adjacent
 columns, gathers their low (high) 16 bits into one register with PRMT, and per pair of codes does
@@ -29,6 +30,7 @@ with 4 stages and ~2 programs per SM 9-17% faster (8192² M = 64: 35.6 vs 41.1 u
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -132,31 +134,43 @@ _ASM_BF16_C = tl.constexpr(_ASM_BF16)
 _ASM_F16_C = tl.constexpr(_ASM_F16)
 
 @triton.jit
-def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, PACK: tl.constexpr):
-    """The packed words [BK/PACK, BN] int32 and the group's scale / zero [BN] of the K step at k0 (`ok`
-    False: nothing is read from memory)."""
+def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, PACK: tl.constexpr, MULTI: tl.constexpr):
+    """The packed words [BK/PACK, BN] int32 and the scale / zero of the K step at k0 (`ok` False: nothing is read
+    from memory): the group's [BN] vectors, or (MULTI: BK spans several groups of G >= PACK rows) the [BK/PACK,
+    BN] scale / zero of each packed row's group."""
     p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=ok & mask_n[None, :], other=0)
-    g = k0 // G
-    s = tl.load(s_ptr + g * N + offs_n, mask=ok & mask_n, other=0.0)
-    z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=8388608.0) - 8388608.0
+    if MULTI:
+        g = (k0 + offs_r * PACK) // G                                           # [RK] group of each packed row
+        sz = g[:, None] * N + offs_n[None, :]
+        s = tl.load(s_ptr + sz, mask=ok & mask_n[None, :], other=0.0)
+        z = tl.load(z_ptr + sz, mask=ok & mask_n[None, :], other=8388608.0) - 8388608.0
+    else:
+        g = k0 // G
+        s = tl.load(s_ptr + g * N + offs_n, mask=ok & mask_n, other=0.0)
+        z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=8388608.0) - 8388608.0
     return p, s, z
 
 
 @triton.jit
 def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
               RK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr, ASM: tl.constexpr,
-              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr):
-    """acc ([BN, BM] swapped, else [BM, BN]) += the dequantized step (p, s, z) times x[:, k0:k0 + BK]."""
+              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, MULTI: tl.constexpr):
+    """acc ([BN, BM] swapped, else [BM, BN]) += the dequantized step (p, s, z) times x[:, k0:k0 + BK]; s, z are
+    [BN] (one group per step) or [RK, BN] (MULTI: per packed row)."""
     MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     dt = x_ptr.dtype.element_ty
+    if MULTI:
+        zb = z
+        sf = s
+    else:
+        zb = z[None, :]
+        sf = s[None, :]
     if PACK == 8:
-        nz = tl.broadcast_to((-(z + MAG)).to(dt)[None, :], [RK, BN])
-        sb = tl.broadcast_to(s.to(dt)[None, :], [RK, BN])
+        nz = tl.broadcast_to((-(zb + MAG)).to(dt), [RK, BN])
+        sb = tl.broadcast_to(sf.to(dt), [RK, BN])
         c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ASM, IS_BF16)
         w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
     else:  # 8-bit container, 4 codes per word: fp32 (q - z) * s rounded once (MAGIC + q is not exact in bf16)
-        zb = z[None, :]
-        sf = s[None, :]
         d0 = ((((p >> 0) & 255).to(tl.float32) - zb) * sf).to(dt)
         d1 = ((((p >> 8) & 255).to(tl.float32) - zb) * sf).to(dt)
         d2 = ((((p >> 16) & 255).to(tl.float32) - zb) * sf).to(dt)
@@ -187,7 +201,7 @@ def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
 def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, MULTI: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -204,23 +218,23 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     if PREFETCH:  # registers hold the next step's words while this step is unpacked and multiplied
-        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, PACK)
+        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI)
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
             k1 = k0 + BK
             pn, sn, zn = _load_step(p_ptr, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
-                                    offs_r, offs_n, mask_n, PACK)
+                                    offs_r, offs_n, mask_n, PACK, MULTI)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP)
+                            IS_BF16, DOT_F32, SWAP, MULTI)
             p = pn
             s = sn
             z = zn
     else:
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
-            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, PACK)
+            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP)
+                            IS_BF16, DOT_F32, SWAP, MULTI)
     if SWAP:
         ym = offs_m[None, :] * N + offs_n[:, None]
         ymask = mask_m[None, :] & mask_n[:, None]
@@ -230,12 +244,17 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
     store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_m, pid_n, pid_k, M, N, SPLIT)
 
 
+def _steps_ok(bk: int, k: int, group: int, bits: int) -> bool:
+    """A K step of bk rows lies inside one scale group, or spans whole groups of at least one packed word."""
+    return k % bk == 0 and (group % bk == 0 or bk % group == 0 and group % (32 // bits) == 0)
+
+
 def can_run(m: int, k: int, group: int, bits: int, cfg: TcConfig | None = None) -> bool:
-    """True when this kernel applies: 4- or 8-bit container, M <= MAX_M, K steps inside one scale group."""
+    """True when this kernel applies: 4- or 8-bit container, M <= MAX_M, K steps inside one scale group or
+    spanning whole groups (GGUF's 32)."""
     if bits not in (4, 8) or not 1 <= m <= MAX_M:
         return False
-    bk = (cfg or default_config(m, 0, k, bits, group)).block_k
-    return group % bk == 0 and k % bk == 0
+    return _steps_ok((cfg or default_config(m, 0, k, bits, group)).block_k, k, group, bits)
 
 
 # (block_m, block_n, block_k, split_k, num_warps, num_stages, waves, swap[, prefetch]) per M bucket (upper bound),
@@ -291,6 +310,12 @@ _TILES: dict[tuple[int, int, int, int], tuple] = {
     (256, 8, 14336, 4096): (64, 128, 128, 0, 4, 3, 2, True),  # 175.2 us
 }
 _BUCKETS = sorted(_DEFAULT_TILES)
+# Groups below block_k (GGUF's 32), 4-bit words, M <= MULTI_GROUP_MAX_M: K steps of block_k span several groups
+# (`QUANTRT_CUDA_TC_MULTI_GROUP=0`: block_k = the group, the path before). H100 g32 8192² M = 2 / 16 / 64:
+# 33.3 / 34.0 / 41.8 us vs 40.2 / 41.1 / 66.8 (bf16 47-49); slower at M = 256 (134.5 vs 119.2) and for the
+# 8-bit container (Q8_0 layout, M = 2-64: 58-73 vs 48-58), which keep one group per step.
+MULTI_GROUP_STEPS = os.environ.get("QUANTRT_CUDA_TC_MULTI_GROUP", "1") != "0"
+MULTI_GROUP_MAX_M = 64
 
 
 def m_bucket(m: int) -> int:
@@ -303,13 +328,16 @@ def m_bucket(m: int) -> int:
 
 def default_config(m: int, n: int, k: int, bits: int = 4, group: int | None = None) -> TcConfig:
     """The swept tile of (M bucket, bits, K, N), else the bucket's default. With `group` below the tile's block_k
-    (GGUF's 32, 64), block_k drops to the largest power of two dividing the group (>= 32): a K step stays
-    inside one scale group."""
+    (GGUF's 32, 64): 4-bit words at M <= MULTI_GROUP_MAX_M take K steps spanning block_k / group groups (a scale
+    and zero per packed row); otherwise block_k drops to the largest power of two dividing the group (>= 32): a
+    K step stays inside one scale group."""
     b = m_bucket(m)
     bm, *rest = _TILES.get((b, bits, k, n), _DEFAULT_TILES[b])
     prefetch = rest[7] if len(rest) > 7 and bits == 4 else 0   # measured for 4-bit words only
     cfg = TcConfig(*rest[:7], block_m=bm, prefetch=prefetch)
     if group is not None and group % cfg.block_k:
+        if MULTI_GROUP_STEPS and bits == 4 and b <= MULTI_GROUP_MAX_M and _steps_ok(cfg.block_k, k, group, bits):
+            return cfg
         bk = group & -group                                      # the largest power of two dividing the group
         if bk >= 32:
             cfg = replace(cfg, block_k=min(bk, cfg.block_k))
@@ -326,8 +354,9 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
         x = x.contiguous()
     cfg = cfg or default_config(m, n, k, bits, group)
     if not can_run(m, k, group, bits, cfg):
-        raise ValueError(f"tc_wna16 needs a 4- or 8-bit container, 1 <= M <= {MAX_M}, K and group multiples "
-                         f"of block_k {cfg.block_k}; got bits={bits}, M={m}, K={k}, group={group}")
+        raise ValueError(f"tc_wna16 needs a 4- or 8-bit container, 1 <= M <= {MAX_M}, K a multiple of block_k "
+                         f"{cfg.block_k} and the group a multiple or a divisor of it (of at least {32 // bits} "
+                         f"rows); got bits={bits}, M={m}, K={k}, group={group}")
     if cfg.prefetch not in (0, 1):
         raise ValueError(f"TcConfig.prefetch must be 0 (load each K step's words when it is used) or 1 (prefetch "
                          f"the next step's words into registers); got {cfg.prefetch!r}")
@@ -348,6 +377,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
         x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=bool(cfg.prefetch),
+        MULTI=group < bk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
