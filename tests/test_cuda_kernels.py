@@ -85,14 +85,19 @@ def test_wna16_matches_reference(bits, group, asym, act_order, m):
 
 
 @pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (4, 128, True), (5, 32, False), (8, 0, False)])
-@pytest.mark.parametrize("m", [1, 5, 40, 130])
+@pytest.mark.parametrize("m", [1, 5, 40, 130, 300])
 def test_wna16_float_offsets_match_reference(bits, group, act_order, m):
-    """Weights with float offsets (w = q * s + o) run the W4A16/W8A16 kernels plus the (x summed per group) @ o
-    term on every path (GEMV, tensor-core tiles, dequantize + GEMM) instead of the reference kernel."""
+    """Weights with float offsets (w = q * s + o) run the W4A16/W8A16 kernels on every path (GEMV, tensor-core
+    tiles, dequantize + GEMM) instead of the reference kernel: with the offsets in the unpack (q s + o) where the
+    ring kernel never runs (here: no Hopper), else (act-order) an integer zero plus the (x summed per group) @ r
+    term."""
     gen = torch.Generator().manual_seed(bits * 100 + group + m)
     k = 256
     w = offset_int_weight(48, k, bits, group or k, act_order, gen)
     check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2, bias=m == 5)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)
+    assert kern.raw_offset == (not act_order) and (kern.offset is None) == kern.raw_offset
+    assert not kern.raw_offset or "float offsets" in kern.ring_why
 
 
 def test_wna16_split_k():
@@ -240,13 +245,14 @@ def test_wna16_native_llama_shape(m, bits, group, asym, act_order):
 
 
 @pytest.mark.accelerator
-@pytest.mark.parametrize("m", [1, 8, 16, 40, 200])
-@pytest.mark.parametrize("group", [32, 128])
-def test_wna16_float_offsets_native_llama_shape(m, group):
-    """GGUF-style g32 and torchao-style g128 float offsets at a Llama shape: the ring kernel (g128, M <= 32),
-    the GEMV / tensor-core tiles and the offset term, vs the reference kernel."""
+@pytest.mark.parametrize("m", [1, 8, 16, 40, 200, 300])
+@pytest.mark.parametrize("group,act_order", [(32, False), (128, False), (128, True)])
+def test_wna16_float_offsets_native_llama_shape(m, group, act_order):
+    """GGUF-style g32 and torchao-style g128 float offsets at a Llama shape: the GEMV / tensor-core tiles /
+    dequantize kernels with the offsets in their unpack; with act-order the ring kernel (M <= 32) and the others
+    on an integer zero plus the offset term; vs the reference kernel."""
     gen = torch.Generator().manual_seed(m + group)
-    w = offset_int_weight(4096, 4096, 4, group, False, gen)
+    w = offset_int_weight(4096, 4096, 4, group, act_order, gen)
     check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2)
 
 

@@ -67,8 +67,10 @@ def _xcol(x_ptr, kx, kmask, pos, EVEN: tl.constexpr, IS_BF16: tl.constexpr):
 
 @triton.jit
 def _tile(p_ptr, s_ptr, z_ptr, k0, k_end, rows, offs_g, n2, mask_n, N, K, G, PACK: tl.constexpr,
-          GT: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr, EVEN: tl.constexpr):
-    """Packed words [NG, GR, BN], scale [NG, BN] and zero point [NG, BN] of the step at k0 (zeros past k_end)."""
+          GT: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr, EVEN: tl.constexpr, OFFSET: tl.constexpr):
+    """Packed words [NG, GR, BN], scale [NG, BN] and zero point [NG, BN] (OFFSET: the float offset) of the step
+    at k0 (zeros past k_end)."""
+    ZB: tl.constexpr = 0.0 if OFFSET else 8388608.0
     prow = k0 // PACK + rows                                   # [NG, GR]
     kg = k0 + offs_g * GT                                      # [NG] first k of each tile group
     gofs = (kg // G)[:, None] * N + n2                         # [NG, BN]
@@ -77,7 +79,7 @@ def _tile(p_ptr, s_ptr, z_ptr, k0, k_end, rows, offs_g, n2, mask_n, N, K, G, PAC
         p = tl.load(p_ptr + prow[:, :, None] * N + n2[None, :, :], mask=live, other=0)
         s = tl.load(s_ptr + gofs, mask=live, other=0.0)
         if HAS_ZERO:
-            zc = tl.load(z_ptr + gofs, mask=live, other=8388608.0) - 8388608.0
+            zc = tl.load(z_ptr + gofs, mask=live, other=ZB) - ZB
     else:
         kmask = (prow * PACK < K) & (prow * PACK < k_end)
         p = tl.load(p_ptr + prow[:, :, None] * N + n2[None, :, :],
@@ -85,7 +87,7 @@ def _tile(p_ptr, s_ptr, z_ptr, k0, k_end, rows, offs_g, n2, mask_n, N, K, G, PAC
         gmask = ((kg < K) & (kg < k_end))[:, None] & mask_n[None, :]
         s = tl.load(s_ptr + gofs, mask=gmask, other=0.0)
         if HAS_ZERO:
-            zc = tl.load(z_ptr + gofs, mask=gmask, other=8388608.0) - 8388608.0
+            zc = tl.load(z_ptr + gofs, mask=gmask, other=ZB) - ZB
     if not HAS_ZERO:
         zc = tl.full(s.shape, ZC, tl.float32)
     return p, s, zc
@@ -124,8 +126,11 @@ def _fixup(pid_n, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, N, M: tl.constexpr, SP
 
 
 @triton.jit
-def _group_sum(t, sx, zc, s):
-    """[NG, GR, BN] sums of q x * 2**-64 and [NG, GR] sums of x -> [BN] sum over groups of s * (q - z) . x."""
+def _group_sum(t, sx, zc, s, OFFSET: tl.constexpr):
+    """[NG, GR, BN] sums of q x * 2**-64 and [NG, GR] sums of x -> [BN] sum over groups of s * (q - z) . x, or
+    (OFFSET: zc holds the float offsets o) of (q s + o) . x."""
+    if OFFSET:
+        return tl.sum(tl.sum(t, axis=1) * 18446744073709551616.0 * s + zc * tl.sum(sx, axis=1)[:, None], axis=0)
     return tl.sum((tl.sum(t, axis=1) * 18446744073709551616.0 - zc * tl.sum(sx, axis=1)[:, None]) * s, axis=0)
 
 
@@ -134,7 +139,7 @@ def _skinny_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
                          K_PER_SPLIT: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr,
                          GT: tl.constexpr, NG: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr,
                          REDUCE: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
-                         IS_BF16: tl.constexpr):
+                         IS_BF16: tl.constexpr, OFFSET: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PACK: tl.constexpr = 32 // BITS
@@ -155,24 +160,24 @@ def _skinny_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
     k_end = k_start + K_PER_SPLIT
     if PREFETCH >= 1:
         p_nx, s_nx, z_nx = _tile(p_ptr, s_ptr, z_ptr, k_start, k_end, rows, offs_g, n2, mask_n, N, K, G,
-                                 PACK, GT, HAS_ZERO, ZC, EVEN)
+                                 PACK, GT, HAS_ZERO, ZC, EVEN, OFFSET)
     if PREFETCH >= 2:
         p_n2, s_n2, z_n2 = _tile(p_ptr, s_ptr, z_ptr, k_start + BK, k_end, rows, offs_g, n2, mask_n, N, K, G,
-                                 PACK, GT, HAS_ZERO, ZC, EVEN)
+                                 PACK, GT, HAS_ZERO, ZC, EVEN, OFFSET)
     for kt in range(0, K_PER_SPLIT, BK):
         k0 = k_start + kt
         if PREFETCH >= 2:  # two steps ahead
             p, s, zc = p_nx, s_nx, z_nx
             p_nx, s_nx, z_nx = p_n2, s_n2, z_n2
             p_n2, s_n2, z_n2 = _tile(p_ptr, s_ptr, z_ptr, k0 + 2 * BK, k_end, rows, offs_g, n2, mask_n, N, K, G,
-                                     PACK, GT, HAS_ZERO, ZC, EVEN)
+                                     PACK, GT, HAS_ZERO, ZC, EVEN, OFFSET)
         elif PREFETCH == 1:  # issue the next step's loads first; they are not waited on until the next iteration
             p, s, zc = p_nx, s_nx, z_nx
             p_nx, s_nx, z_nx = _tile(p_ptr, s_ptr, z_ptr, k0 + BK, k_end, rows, offs_g, n2, mask_n, N, K, G,
-                                     PACK, GT, HAS_ZERO, ZC, EVEN)
+                                     PACK, GT, HAS_ZERO, ZC, EVEN, OFFSET)
         else:
             p, s, zc = _tile(p_ptr, s_ptr, z_ptr, k0, k_end, rows, offs_g, n2, mask_n, N, K, G,
-                             PACK, GT, HAS_ZERO, ZC, EVEN)
+                             PACK, GT, HAS_ZERO, ZC, EVEN, OFFSET)
         prow = k0 // PACK + rows                               # [NG, GR]
         kmask = (prow * PACK < K) & (prow * PACK < k_end)
         t0 = tl.zeros([NG, GR, BN], dtype=tl.float32)
@@ -211,13 +216,13 @@ def _skinny_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, 
                 xs = _xcol(x_ptr + 3 * stride_xm, kx, kmask, pos, EVEN, IS_BF16)
                 t3 += v * xs[:, :, None]
                 sx3 += xs * inv
-        acc0 += _group_sum(t0, sx0, zc, s)
+        acc0 += _group_sum(t0, sx0, zc, s, OFFSET)
         if M > 1:
-            acc1 += _group_sum(t1, sx1, zc, s)
+            acc1 += _group_sum(t1, sx1, zc, s, OFFSET)
         if M > 2:
-            acc2 += _group_sum(t2, sx2, zc, s)
+            acc2 += _group_sum(t2, sx2, zc, s, OFFSET)
         if M > 3:
-            acc3 += _group_sum(t3, sx3, zc, s)
+            acc3 += _group_sum(t3, sx3, zc, s, OFFSET)
     _finish(acc0, 0, pid_n, pid_k, y_ptr, ws_ptr, offs_n, mask_n, N, REDUCE, M)
     if M > 1:
         _finish(acc1, 1, pid_n, pid_k, y_ptr, ws_ptr, offs_n, mask_n, N, REDUCE, M)
@@ -260,9 +265,13 @@ def _tile_group(group: int, block_k: int) -> tuple[int, int]:
 
 
 def skinny_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 group: int, bits: int, cfg: SkinnyConfig | None = None, zero_const: int = 0) -> torch.Tensor:
+                 group: int, bits: int, cfg: SkinnyConfig | None = None, zero_const: int = 0, offset: bool = False
+                 ) -> torch.Tensor:
     """x: [M <= 4, K] fp16/bf16; packed [K/PACK, N] int32; scale [G, N]; zero [G, N] (2**23 + z), or None
-    when every zero point is `zero_const` -> [M, N] x.dtype. bits is the container width (4 or 8)."""
+    when every zero point is `zero_const`, or with `offset` the float offsets o [G, N] fp32 (w = q s + o) -> [M, N]
+    x.dtype. bits is the container width (4 or 8)."""
+    if offset and zero is None:
+        raise ValueError("skinny_wna16 with offset=True needs the offsets [G, N] as `zero`")
     m, k = x.shape
     if not 1 <= m <= MAX_M or bits not in (4, 8):
         raise ValueError(f"skinny_wna16 needs 1 <= M <= {MAX_M} rows and a 4- or 8-bit container; "
@@ -288,7 +297,7 @@ def skinny_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         cnt if cnt is not None else packed, n, k, x.stride(0), group,
         k_per_split, M=m, BITS=bits, BN=cfg.block_n, GT=gt, NG=ng, HAS_ZERO=zero is not None,
         ZC=float(zero_const), REDUCE=reduce, SPLIT=split, EVEN=even, PREFETCH=int(cfg.prefetch),
-        IS_BF16=x.dtype == torch.bfloat16,
+        IS_BF16=x.dtype == torch.bfloat16, OFFSET=offset,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x.dtype) if reduce == 1 else y
 

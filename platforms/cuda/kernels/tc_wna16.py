@@ -56,107 +56,99 @@ class TcConfig:
     prefetch: int = 0         # 1: load the next K step's words/scales into registers before this step's unpack
 
 
-_ASM_BF16 = """
-{
-.reg .b32 lo, hi, t, one, nzr;
-mov.b32 one, 0x3F803F80;
-mov.b32 nzr, 0x80008000;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-lop3.b32 t, lo, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $0, t, $11, nzr;
-shr.u32 lo, lo, 4;
-lop3.b32 t, lo, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $1, t, $11, nzr;
-shr.u32 lo, lo, 4;
-lop3.b32 t, lo, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $2, t, $11, nzr;
-shr.u32 lo, lo, 4;
-lop3.b32 t, lo, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $3, t, $11, nzr;
-lop3.b32 t, hi, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $4, t, $11, nzr;
-shr.u32 hi, hi, 4;
-lop3.b32 t, hi, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $5, t, $11, nzr;
-shr.u32 hi, hi, 4;
-lop3.b32 t, hi, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $6, t, $11, nzr;
-shr.u32 hi, hi, 4;
-lop3.b32 t, hi, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 t, t, one, $10;
-fma.rn.bf16x2 $7, t, $11, nzr;
-}
-"""
-_ASM_F16 = (_ASM_BF16.replace("bf16x2", "f16x2").replace("0x43004300", "0x64006400")
-            .replace("0x3F803F80", "0x3C003C00"))
+def _unpack_asm(bf16: bool, offset: bool) -> str:
+    """PTX for 8 packed registers (code pairs of two columns' words $8, $9): LOP3 into MAGIC + q, FMA by 1 with
+    $10 = -(MAGIC + z) -> q - z (exact), FMA by the scale $11 plus -0 -> (q - z) * s, or (`offset`, z = 0)
+    plus the float offset $12 -> q * s + o, rounded once."""
+    ty, one, magic = ("bf16x2", "0x3F803F80", "0x43004300") if bf16 else ("f16x2", "0x3C003C00", "0x64006400")
+    add = "$12" if offset else "nzr"
+    lines = ["{", ".reg .b32 lo, hi, t, one, nzr;", f"mov.b32 one, {one};", "mov.b32 nzr, 0x80008000;",
+             "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    for i in range(8):
+        r = "lo" if i < 4 else "hi"
+        if i % 4:
+            lines.append(f"shr.u32 {r}, {r}, 4;")
+        lines += [f"lop3.b32 t, {r}, 0x000F000F, {magic}, 0xEA;", f"fma.rn.{ty} t, t, one, $10;",
+                  f"fma.rn.{ty} ${i}, t, $11, {add};"]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
 _BF16_MAGIC = 128.0
 _F16_MAGIC = 1024.0
 
 
 @triton.jit
-def _unpack8(p, nz, s, ASM: tl.constexpr, IS_BF16: tl.constexpr):
-    """p [R, BN] int32, nz = -(MAGIC + zero) and s broadcast to [R, BN] in the compute dtype ->
-    8 tensors [R, BN] (code 0..7) of (q - z) * s in the compute dtype."""
-    if ASM:
-        if IS_BF16:
-            return tl.inline_asm_elementwise(
-                _ASM_BF16_C, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [p, nz, s],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+def _unpack8(p, nz, s, o, ASM: tl.constexpr, IS_BF16: tl.constexpr, OFFSET: tl.constexpr):
+    """p [R, BN] int32, nz = -(MAGIC + zero), s (and with OFFSET the float offsets o, zero 0) broadcast to [R, BN]
+    in the compute dtype -> 8 tensors [R, BN] (code 0..7) of (q - z) * s, or q * s + o, in the compute dtype."""
+    if ASM:  # (constexpr branches each end in a return: Triton types every path that can fall through)
+        if OFFSET:
+            if IS_BF16:
+                return tl.inline_asm_elementwise(
+                    _ASM_BF16_O, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [p, nz, s, o],
+                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(
+                    _ASM_F16_O, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [p, nz, s, o],
+                    dtype=(tl.float16,) * 8, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(
-                _ASM_F16_C, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [p, nz, s],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+            if IS_BF16:
+                return tl.inline_asm_elementwise(
+                    _ASM_BF16_C, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [p, nz, s],
+                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(
+                    _ASM_F16_C, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [p, nz, s],
+                    dtype=(tl.float16,) * 8, is_pure=True, pack=2)
     else:
         MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
         zf = nz.to(tl.float32) + MAG                         # -zero
         sf = s.to(tl.float32)
+        of = o.to(tl.float32) if OFFSET else 0.0
         dt = s.dtype
-        c0 = ((((p >> 0) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c1 = ((((p >> 4) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c2 = ((((p >> 8) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c3 = ((((p >> 12) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c4 = ((((p >> 16) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c5 = ((((p >> 20) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c6 = ((((p >> 24) & 15).to(tl.float32) + zf) * sf).to(dt)
-        c7 = ((((p >> 28) & 15).to(tl.float32) + zf) * sf).to(dt)
+        c0 = ((((p >> 0) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c1 = ((((p >> 4) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c2 = ((((p >> 8) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c3 = ((((p >> 12) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c4 = ((((p >> 16) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c5 = ((((p >> 20) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c6 = ((((p >> 24) & 15).to(tl.float32) + zf) * sf + of).to(dt)
+        c7 = ((((p >> 28) & 15).to(tl.float32) + zf) * sf + of).to(dt)
         return c0, c1, c2, c3, c4, c5, c6, c7
 
 
-_ASM_BF16_C = tl.constexpr(_ASM_BF16)
-_ASM_F16_C = tl.constexpr(_ASM_F16)
+_ASM_BF16_C = tl.constexpr(_unpack_asm(True, False))
+_ASM_F16_C = tl.constexpr(_unpack_asm(False, False))
+_ASM_BF16_O = tl.constexpr(_unpack_asm(True, True))
+_ASM_F16_O = tl.constexpr(_unpack_asm(False, True))
 
 @triton.jit
-def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, PACK: tl.constexpr, MULTI: tl.constexpr):
+def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, PACK: tl.constexpr, MULTI: tl.constexpr,
+               OFFSET: tl.constexpr):
     """The packed words [BK/PACK, BN] int32 and the scale / zero of the K step at k0 (`ok` False: nothing is read
     from memory): the group's [BN] vectors, or (MULTI: BK spans several groups of G >= PACK rows) the [BK/PACK,
-    BN] scale / zero of each packed row's group."""
+    BN] scale / zero of each packed row's group. OFFSET: z_ptr holds float offsets (returned as they are)."""
+    ZB: tl.constexpr = 0.0 if OFFSET else 8388608.0
     p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=ok & mask_n[None, :], other=0)
     if MULTI:
         g = (k0 + offs_r * PACK) // G                                           # [RK] group of each packed row
         sz = g[:, None] * N + offs_n[None, :]
         s = tl.load(s_ptr + sz, mask=ok & mask_n[None, :], other=0.0)
-        z = tl.load(z_ptr + sz, mask=ok & mask_n[None, :], other=8388608.0) - 8388608.0
+        z = tl.load(z_ptr + sz, mask=ok & mask_n[None, :], other=ZB) - ZB
     else:
         g = k0 // G
         s = tl.load(s_ptr + g * N + offs_n, mask=ok & mask_n, other=0.0)
-        z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=8388608.0) - 8388608.0
+        z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=ZB) - ZB
     return p, s, z
 
 
 @triton.jit
 def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
               RK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr, ASM: tl.constexpr,
-              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, MULTI: tl.constexpr):
+              IS_BF16: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, MULTI: tl.constexpr,
+              OFFSET: tl.constexpr):
     """acc ([BN, BM] swapped, else [BM, BN]) += the dequantized step (p, s, z) times x[:, k0:k0 + BK]; s, z are
-    [BN] (one group per step) or [RK, BN] (MULTI: per packed row)."""
+    [BN] (one group per step) or [RK, BN] (MULTI: per packed row); OFFSET: z is the float offset o (w = q s + o)."""
     MAG: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     dt = x_ptr.dtype.element_ty
     if MULTI:
@@ -166,10 +158,21 @@ def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
         zb = z[None, :]
         sf = s[None, :]
     if PACK == 8:
-        nz = tl.broadcast_to((-(zb + MAG)).to(dt), [RK, BN])
+        if OFFSET:
+            nz = tl.full([RK, BN], -MAG, tl.float32).to(dt)
+            ob = tl.broadcast_to(zb.to(dt), [RK, BN])
+        else:
+            nz = tl.broadcast_to((-(zb + MAG)).to(dt), [RK, BN])
+            ob = nz
         sb = tl.broadcast_to(sf.to(dt), [RK, BN])
-        c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ASM, IS_BF16)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(p, nz, sb, ob, ASM, IS_BF16, OFFSET)
         w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    elif OFFSET:  # 8-bit container, 4 codes per word: fp32 q * s + o rounded once
+        d0 = (((p >> 0) & 255).to(tl.float32) * sf + zb).to(dt)
+        d1 = (((p >> 8) & 255).to(tl.float32) * sf + zb).to(dt)
+        d2 = (((p >> 16) & 255).to(tl.float32) * sf + zb).to(dt)
+        d3 = (((p >> 24) & 255).to(tl.float32) * sf + zb).to(dt)
+        w = tl.join(tl.join(d0, d2), tl.join(d1, d3))
     else:  # 8-bit container, 4 codes per word: fp32 (q - z) * s rounded once (MAGIC + q is not exact in bf16)
         d0 = ((((p >> 0) & 255).to(tl.float32) - zb) * sf).to(dt)
         d1 = ((((p >> 8) & 255).to(tl.float32) - zb) * sf).to(dt)
@@ -201,7 +204,8 @@ def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
 def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, MULTI: tl.constexpr):
+                     SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, MULTI: tl.constexpr,
+                     OFFSET: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -218,23 +222,25 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     if PREFETCH:  # registers hold the next step's words while this step is unpacked and multiplied
-        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI)
+        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI,
+                             OFFSET)
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
             k1 = k0 + BK
             pn, sn, zn = _load_step(p_ptr, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
-                                    offs_r, offs_n, mask_n, PACK, MULTI)
+                                    offs_r, offs_n, mask_n, PACK, MULTI, OFFSET)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP, MULTI)
+                            IS_BF16, DOT_F32, SWAP, MULTI, OFFSET)
             p = pn
             s = sn
             z = zn
     else:
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
-            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI)
+            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI,
+                                 OFFSET)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
-                            IS_BF16, DOT_F32, SWAP, MULTI)
+                            IS_BF16, DOT_F32, SWAP, MULTI, OFFSET)
     if SWAP:
         ym = offs_m[None, :] * N + offs_n[:, None]
         ymask = mask_m[None, :] & mask_n[:, None]
@@ -345,9 +351,10 @@ def default_config(m: int, n: int, k: int, bits: int = 4, group: int | None = No
 
 
 def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-             cfg: TcConfig | None = None, asm: bool | None = None, bits: int = 4) -> torch.Tensor:
+             cfg: TcConfig | None = None, asm: bool | None = None, bits: int = 4, offset: bool = False
+             ) -> torch.Tensor:
     """x [M <= 256, K] fp16/bf16; packed [K/(32/bits), N] int32 (bits = container 4 or 8); scale,
-    zero (2**23 + z) [G, N] fp32 -> [M, N]."""
+    zero (2**23 + z) [G, N] fp32, or with `offset` the float offsets o [G, N] fp32 (w = q * s + o) -> [M, N]."""
     m, k = x.shape
     n = packed.shape[1]
     if x.stride(1) != 1:
@@ -377,7 +384,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
         x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=bool(cfg.prefetch),
-        MULTI=group < bk,
+        MULTI=group < bk, OFFSET=offset,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 

@@ -2,12 +2,14 @@
 
 Serves every format that becomes an `IntWeight` with bits 2..8: AWQ, GPTQ (act-order too), compressed-tensors
 W4A16/W8A16, auto-round, torchao int4wo (float zero point), GGUF Q4_0/Q8_0 and, with their float offsets (mins),
-Q4_1/Q5_1/K-quants: w = q * s + o runs the kernels on an integer zero point and adds (x summed per group) @ the
-residual offset (`_offset_split`; two small launches; before, these weights ran the reference kernel on CUDA).
+Q4_1/Q5_1/K-quants: w = q * s + o is computed in the unpack of the GEMV, tensor-core and dequantize kernels
+(`raw_offset`; the ring kernel, which has no offset term, is skipped). With act-order they run on an integer zero
+point plus (x summed per group) @ the residual offset (`_offset_split`; two small launches).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -102,7 +104,8 @@ class TritonWNA16Kernel(LinearKernel):
     name = "triton_wna16"
 
     def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 container: int, perm: torch.Tensor | None, offset: torch.Tensor | None = None) -> None:
+                 container: int, perm: torch.Tensor | None, offset: torch.Tensor | None = None,
+                 raw_offset: bool = False) -> None:
         w = spec.weight  # read here, not kept: the packed tensors replace the canonical ones
         self.shape, self.compute_dtype = w.shape, spec.compute_dtype    # (N, K)
         self.packed, self.scale, self.zero = packed, scale, zero
@@ -113,10 +116,14 @@ class TritonWNA16Kernel(LinearKernel):
         self.skinny_zero = zero if w.zero is not None or w.offset is not None else None
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
         # float offsets: the residual [G, N] fp32 of `_offset_split` (act-order sorts K by group, so the permuted x
-        # visits the groups in this order too)
+        # visits the groups in this order too); or (raw_offset, no act-order) `zero` holds the offsets themselves,
+        # w = q s + o, which every kernel but the ring applies in its unpack (H100 8192² g128 at M = 1: the GEMV
+        # with offsets vs the ring + offset term; g32: 23.6 vs 39.1 us)
         self.offset = offset
+        self.raw_offset = raw_offset
         self.skinny_why = _skinny_why(w, container)
-        self.ring_why = _ring_why(w, container, packed.device)
+        self.ring_why = ("float offsets (applied in the other kernels' unpack; the ring has no offset term)"
+                         if raw_offset else _ring_why(w, container, packed.device))
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -141,6 +148,11 @@ class TritonWNA16Kernel(LinearKernel):
         container = 4 if w.bits <= 4 else 8
         perm, _ = _sorted_groups(w)
         offset = None
+        if w.offset is not None and perm is None:   # float offsets in the unpack, w = q s + o': o' = o - bias * s
+            packed, scale, zero = pack_int_weight(replace(w, offset=None), container, perm)
+            bias = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
+            zero = (w.offset.to(torch.float32) - bias * w.scale.to(torch.float32)).t().contiguous()   # [G, N]
+            return cls(spec, packed, scale, zero, container, perm, None, raw_offset=True)
         if w.offset is not None:   # float offsets: an integer zero point plus the residual per group
             w, r = _offset_split(w)
             offset = r.t().contiguous()                                       # [G, N] fp32
@@ -168,16 +180,19 @@ class TritonWNA16Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
 
             y = skinny_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, self.container,
-                             zero_const=self.zero_const)
+                             zero_const=self.zero_const, offset=self.raw_offset)
         elif x2.shape[0] <= TC_MAX_M and self._tc_ok(x2.shape[0], k):
             from quantrt.platforms.cuda.kernels.tc_wna16 import tc_wna16
 
-            y = tc_wna16(x2, self.packed, self.scale, self.zero, self.group, bits=self.container)
+            y = tc_wna16(x2, self.packed, self.scale, self.zero, self.group, bits=self.container,
+                         offset=self.raw_offset)
         elif x2.shape[0] >= DEQUANT_MIN_M:
-            w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype)
+            w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype,
+                                 offset=self.raw_offset)
             y = torch.nn.functional.linear(x2, w.t())                          # w: [K, N] -> [M, N]
         else:
-            y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container)
+            y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container,
+                             offset=self.raw_offset)
         if self.offset is not None:  # float offsets: group sums of x [M, G] @ the residual offsets [G, N], fp32
             corr = x2.reshape(x2.shape[0], -1, self.group).sum(-1, dtype=torch.float32) @ self.offset
             y = (y + corr).to(y.dtype)

@@ -34,10 +34,19 @@ class WNA16Config:
 
 
 @triton.jit
+def _dequant(q, s, z, OFFSET: tl.constexpr):
+    """q = 2**23 + code as int32 bits, s, z (2**23 + zero; OFFSET: the float offset o) -> fp32 (code - zero) * s,
+    or code * s + o."""
+    if OFFSET:
+        return (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
+    return (q.to(tl.float32, bitcast=True) - z) * s
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_cm, G,
                   K_PER_SPLIT: tl.constexpr,                  BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, OFFSET: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -61,10 +70,10 @@ def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_
         p = tl.load(p_ptr + (kj // PACK)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
         g = (kj // G)[:, None] * N + offs_n[None, :]          # group row of each packed row
         s = tl.load(s_ptr + g, mask=mask_w, other=0.0)
-        z = tl.load(z_ptr + g, mask=mask_w, other=8388608.0)
+        z = tl.load(z_ptr + g, mask=mask_w, other=0.0 if OFFSET else 8388608.0)
         for i in tl.static_range(PACK):
             q = ((p >> (BITS * i)) & MASK) | 0x4B000000
-            w = (q.to(tl.float32, bitcast=True) - z) * s      # [RK, BN] fp32
+            w = _dequant(q, s, z, OFFSET)                      # [RK, BN] fp32
             kk = kj + i
             if USE_DOT:
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
@@ -102,8 +111,9 @@ def default_config(m: int, n: int, k: int, bits: int) -> WNA16Config:
 
 
 def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 group: int, bits: int, cfg: WNA16Config | None = None) -> torch.Tensor:
-    """x: [M, K] fp16/bf16; packed: [K/PACK, N] int32; scale/zero: [G, N] fp32 -> [M, N] x.dtype.
+                 group: int, bits: int, cfg: WNA16Config | None = None, offset: bool = False) -> torch.Tensor:
+    """x: [M, K] fp16/bf16; packed: [K/PACK, N] int32; scale/zero: [G, N] fp32 (`offset`: zero holds the float
+    offsets o, w = q s + o) -> [M, N] x.dtype.
 
     bits is the container width (4 or 8).
     """
@@ -127,35 +137,36 @@ def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     _wna16_kernel[grid](x, packed, scale, zero, out, m, n, k, x.stride(0), out.stride(0), group,
                         k_per_split, BITS=bits, PACK=pack, BLOCK_M=bm, BLOCK_N=cfg.block_n,
                         BLOCK_K=cfg.block_k, USE_DOT=use_dot, ATOMIC=atomic,
-                        DOT_F32=interpret_mode(),
+                        DOT_F32=interpret_mode(), OFFSET=offset,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype) if atomic else out
 
 
 @triton.jit
 def _wna16_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, G, BITS: tl.constexpr, PACK: tl.constexpr,
-                          BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = False):
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)     # packed rows
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_j < K // PACK)[:, None] & (offs_n < N)[None, :]
     p = tl.load(p_ptr + offs_j[:, None] * N + offs_n[None, :], mask=mask, other=0)
     g = (offs_j * PACK // G)[:, None] * N + offs_n[None, :]
     s = tl.load(s_ptr + g, mask=mask, other=0.0)
-    z = tl.load(z_ptr + g, mask=mask, other=8388608.0)
+    z = tl.load(z_ptr + g, mask=mask, other=0.0 if OFFSET else 8388608.0)
     for i in tl.static_range(PACK):
         q = ((p >> (BITS * i)) & ((1 << BITS) - 1)) | 0x4B000000
-        w = (q.to(tl.float32, bitcast=True) - z) * s
+        w = _dequant(q, s, z, OFFSET)
         kk = offs_j * PACK + i
         tl.store(w_ptr + kk[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def wna16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """packed [K/PACK, N] int32 -> w [K, N] dtype (row-major; use as F.linear(x, w.t()))."""
+                     dtype: torch.dtype, offset: bool = False) -> torch.Tensor:
+    """packed [K/PACK, N] int32 -> w [K, N] dtype (row-major; use as F.linear(x, w.t())); `offset`: zero holds
+    the float offsets o (w = q s + o)."""
     pack = 32 // bits
     kp, n = packed.shape
     w = torch.empty((kp * pack, n), device=packed.device, dtype=dtype)
     grid = (cdiv(kp, 16), cdiv(n, 128))
     _wna16_dequant_kernel[grid](packed, scale, zero, w, n, kp * pack, group, BITS=bits, PACK=pack,
-                                BLOCK_J=16, BLOCK_N=128, num_warps=4)
+                                BLOCK_J=16, BLOCK_N=128, OFFSET=offset, num_warps=4)
     return w
