@@ -79,6 +79,14 @@ def fp8_weight(n: int, k: int, gran: str) -> FloatWeight:
     return FloatWeight(data, torch.rand(n, device="cuda") * 0.01, ScaleGranularity.CHANNEL)
 
 
+def _read_bytes(kern) -> int:
+    """Bytes a W4A16/W8A16 call streams: the words, the scales, and the zero / offset array where it is read
+    (symmetric weights use a constant zero; raw float offsets and the residual of the split path are read)."""
+    extra = [kern.zero] if kern.raw_offset or kern.skinny_zero is not None else []
+    extra += [kern.offset] if kern.offset is not None else []
+    return sum(t.numel() * t.element_size() for t in [kern.packed, kern.scale, *extra])
+
+
 def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], int]:
     """One callable per weight copy for `name`, and the weight bytes one call reads."""
     if name == "bf16":
@@ -112,13 +120,13 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
         kerns = [TritonWNA16Kernel.prepare(LinearSpec(int_weight(n, k, bits, group), ActScheme(),
                                                       torch.bfloat16), PLATFORM)
                  for _ in range(copies_for(nbytes))]
-        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], _read_bytes(kerns[0])
     if name in ("w4a16_g128_offset", "w4a16_g32_offset"):  # float offsets: zero-point kernels + the offset term
         group = 128 if "g128" in name else 32
         nbytes = n * k // 2 + 3 * n * (k // group) * 4    # words, scales, zeros, residual offsets
         kerns = [TritonWNA16Kernel.prepare(LinearSpec(offset_weight(n, k, group), ActScheme(), torch.bfloat16),
                                            PLATFORM) for _ in range(copies_for(nbytes))]
-        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
+        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], _read_bytes(kerns[0])
     if name in ("fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
         gran = "block" if name == "fp8_blk_grp" else "channel"
         act = {"fp8_ch_tok": ActScheme(ActKind.DYNAMIC_TOKEN, FP8),

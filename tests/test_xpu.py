@@ -55,17 +55,23 @@ def test_xpu_and_cuda_at_once_is_a_clear_error():
     assert type(resolve_platform(builtin_probes={"xpu": lambda: CLASS_PATH})).__name__ == "XpuPlatform"
 
 
-def _int4(n: int, k: int, g: int, zero: bool) -> IntWeight:
+def _int4(n: int, k: int, g: int, zero: bool | str) -> IntWeight:
+    """zero False: signed codes; True: integer zero points; "offset": float offsets (GGUF Q4_1 mins), plain or
+    with act-order (the split path: integer zero plus the residual-offset term)."""
     torch.manual_seed(0)
     codes = torch.randint(0 if zero else -8, 16 if zero else 8, (n, k)).to(torch.uint8 if zero else torch.int8)
+    scale = torch.rand(n, k // g) * 0.02 + 1e-3
+    if zero in ("offset", "offset_act_order"):
+        g_idx = (torch.randperm(k) // g).to(torch.int32) if zero == "offset_act_order" else None
+        return IntWeight(codes, scale, 4, g, offset=-(torch.rand(n, k // g) * 8 + 0.5) * scale, g_idx=g_idx)
     z = torch.randint(6, 10, (n, k // g), dtype=torch.int32) if zero else None
-    return IntWeight(codes, torch.rand(n, k // g) * 0.02 + 1e-3, 4, g, zero=z)
+    return IntWeight(codes, scale, 4, g, zero=z)
 
 
 @pytest.mark.parametrize("m", [3, 64])
-@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("zero", [False, True, "offset", "offset_act_order"])
 def test_shared_wna16_triton_kernel_serves_xpu(m, zero):
-    spec = LinearSpec(_int4(64, 256, 128, zero), WEIGHT_ONLY, BF16)
+    spec = LinearSpec(_int4(64, 256, 32 if zero == "offset" else 128, zero), WEIGHT_ONLY, BF16)
     assert select_linear_kernel(spec, XpuPlatform()).kernel is XpuTritonWNA16Kernel
     k = XpuTritonWNA16Kernel.prepare(spec, XpuPlatform())
     x, b = torch.randn(m, 256).to(BF16), torch.randn(64).to(BF16)

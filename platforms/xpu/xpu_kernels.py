@@ -68,19 +68,19 @@ class XpuTritonWNA16Kernel(TritonWNA16Kernel):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.wna16_triton import wna16_dequantize, wna16_matmul
 
-        n, k = self.shape
+        k = self.shape[1]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k).to(self.compute_dtype)                           # [M, K]
         if self.perm is not None:
             x2 = x2[:, self.perm]
         if x2.shape[0] >= DEQUANT_MIN_M:
-            w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype)
+            w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype,
+                                 offset=self.raw_offset)
             y = torch.nn.functional.linear(x2, w.t())                           # w: [K, N]
         else:
-            y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*lead, n)
+            y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container,
+                             offset=self.raw_offset)
+        return self._finish(x2, y, bias, lead)
 
 
 class XpuTritonW8A8Kernel(TritonW8A8Kernel):
