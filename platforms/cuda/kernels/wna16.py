@@ -67,18 +67,6 @@ def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None
     return packed, scale, (zero + _MAGIC).contiguous()
 
 
-def narrow_scales(t: torch.Tensor) -> torch.Tensor:
-    """[G, N] fp32 scales or float offsets -> fp16 when every nonzero value lies in fp16's normal range (then
-    rounding is within 2**-11 relative, 8x below the bf16 rounding of each dequantized weight; exact for the fp16
-    scales GGUF, GPTQ and AWQ store), else unchanged. Halves the bytes the kernels read per group (GGUF's g32:
-    scales and offsets are half as many bytes as the 4-bit words)."""
-    mag = t.abs()
-    nz = mag[mag != 0]
-    if nz.numel() and (float(nz.min()) < 2.0**-14 or float(nz.max()) > 65504.0) or not torch.isfinite(t).all():
-        return t
-    return t.to(torch.float16)
-
-
 def _skinny_why(w: IntWeight, container: int) -> str:
     """'' when M <= SKINNY_MAX_M goes to the skinny GEMV, else why it stays on the tiled kernel."""
     pack = 32 // container
@@ -164,14 +152,11 @@ class TritonWNA16Kernel(LinearKernel):
             packed, scale, zero = pack_int_weight(replace(w, offset=None), container, perm)
             bias = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
             zero = (w.offset.to(torch.float32) - bias * w.scale.to(torch.float32)).t().contiguous()   # [G, N]
-            return cls(spec, packed, narrow_scales(scale), narrow_scales(zero), container, perm, None,
-                       raw_offset=True)
+            return cls(spec, packed, scale, zero, container, perm, None, raw_offset=True)
         if w.offset is not None:   # float offsets: an integer zero point plus the residual per group
             w, r = _offset_split(w)
             offset = r.t().contiguous()                                       # [G, N] fp32
         packed, scale, zero = pack_int_weight(w, container, perm)
-        if _ring_why(w, container, w.codes.device):   # the ring kernel reads fp32 scales; the others take fp16
-            scale = narrow_scales(scale)
         return cls(spec, packed, scale, zero, container, perm, offset)
 
     def _tc_ok(self, m: int, k: int) -> bool:
