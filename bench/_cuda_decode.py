@@ -384,6 +384,9 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt bf16 (no PDL)": {"no_pdl": True},
            "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True},
+           # float zero points (w = q s + o), the kernels' path for GGUF Q4_1 / K-quant mins at g32
+           "quantrt int4 (torchao int4wo-32)": {"torchao_config": "int4wo-32"},
+           "quantrt int4 (torchao int4wo-128)": {"torchao_config": "int4wo-128"},
            "quantrt fp8 (codes unfused)": {"quantization": "fp8", "env": {"QUANTRT_CUDA_FUSED_CODES": "0"}},
            "quantrt fp8 (no PDL)": {"quantization": "fp8", "no_pdl": True},
            "quantrt fp8 (no PDL; codes unfused)": {"quantization": "fp8", "no_pdl": True,
