@@ -97,7 +97,6 @@ def test_wna16_float_offsets_match_reference(bits, group, act_order, m):
     check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2, bias=m == 5)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)
     assert kern.raw_offset == (not act_order) and (kern.offset is None) == kern.raw_offset
-    assert not kern.raw_offset or "float offsets" in kern.ring_why
 
 
 def test_wna16_split_k():
@@ -248,9 +247,9 @@ def test_wna16_native_llama_shape(m, bits, group, asym, act_order):
 @pytest.mark.parametrize("m", [1, 8, 16, 40, 200, 300])
 @pytest.mark.parametrize("group,act_order", [(32, False), (128, False), (128, True)])
 def test_wna16_float_offsets_native_llama_shape(m, group, act_order):
-    """GGUF-style g32 and torchao-style g128 float offsets at a Llama shape: the GEMV / tensor-core tiles /
-    dequantize kernels with the offsets in their unpack; with act-order the ring kernel (M <= 32) and the others
-    on an integer zero plus the offset term; vs the reference kernel."""
+    """GGUF-style g32 and torchao-style g128 float offsets at a Llama shape: the ring (g128, M <= 32: o times
+    each step's sum of x), GEMV / tensor-core tiles / dequantize kernels with the offsets in their unpack; with
+    act-order an integer zero plus the offset term; vs the reference kernel."""
     gen = torch.Generator().manual_seed(m + group)
     w = offset_int_weight(4096, 4096, 4, group, act_order, gen)
     check(LinearSpec(w, ActScheme(), torch.bfloat16), TritonWNA16Kernel, m, gen, 1e-2)

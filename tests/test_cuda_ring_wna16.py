@@ -80,7 +80,7 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
-                  pdl: bool = True) -> str:
+                  pdl: bool = True, offset: bool = False) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -93,7 +93,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps))
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, scale, packed, 1, n, k, k, 128, 8.0, 512, bn, bk, bm, 3, 2,
-        dtype == torch.bfloat16, asym, pdl, True, *layouts, trigger], num_warps=warps)
+        dtype == torch.bfloat16, asym or offset, pdl, True, *layouts, trigger, offset], num_warps=warps)
 
 
 @pytest.mark.parametrize("bn,bm,dtype,asym,warps", [
@@ -108,6 +108,29 @@ def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     assert f"m64n{bm}k16" in ptx
     assert "shfl" not in ptx                                     # the fragment and scale permutations move no data
     assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128) // (warps // 4)   # one LOP3 per code pair
+
+
+@pytest.mark.parametrize("bn,bm,warps", [(64, 8, 4), (128, 16, 8)])
+@pytest.mark.gluon_compile
+def test_offset_variant_compiles_with_the_same_mmas(bn, bm, warps):
+    """Float offsets: the step's sum of x per row comes from a register reduction (no extra MMA)."""
+    ptx = _compile_sm90(bn, bm, torch.bfloat16, False, warps, offset=True)
+    plain = _compile_sm90(bn, bm, torch.bfloat16, True, warps)
+    assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0
+    assert f"m64n{bm}k16" in ptx and "cp.async.bulk.tensor.3d" in ptx
+
+
+def test_ring_reference_with_offsets_is_x_times_q_s_plus_o():
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (256, 64), generator=gen)
+    packed = sum((q[i::8] << (4 * i)) for i in range(8))
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)             # [K/8, N]
+    s, o = torch.rand(2, 64, generator=gen), torch.randn(2, 64, generator=gen)
+    x = torch.randn(3, 256, generator=gen)
+    w = q.double() * s.double().repeat_interleave(128, 0) + o.double().repeat_interleave(128, 0)
+    assert torch.allclose(ring_reference(x, packed, s, o, 128, offset=True), x.double() @ w)
 
 
 @pytest.mark.gluon_compile
@@ -200,6 +223,21 @@ def test_wna16_dispatch_runs_the_ring_kernel_at_a_llama_shape(m, asym, act_order
     x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(7)).to(DEV, torch.bfloat16)
     ref = x.double() @ w.dequantize().double().t()
     assert rel_err(kern.apply(x, None), ref) < 2e-3
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m,dtype,cfg", [(1, torch.bfloat16, None), (5, torch.float16, (64, 128, 2, 4, 3, 8)),
+                                         (16, torch.bfloat16, None), (24, torch.float16, None),
+                                         (8, torch.bfloat16, (128, 128, 3, 1, 2, 8, False, True, 8))])
+def test_ring_wna16_float_offsets_native(m, dtype, cfg):
+    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, ring_reference, ring_wna16
+
+    gen = torch.Generator().manual_seed(m)
+    _, packed, scale, _ = _packed(96, 640, False, m)
+    off = (-(torch.rand(scale.shape, generator=gen) * 8 + 0.5) * scale.cpu()).to(DEV)
+    x = torch.randn(m, 640, generator=gen).to(DEV, dtype)
+    y = ring_wna16(x, packed, scale, off, 128, cfg=RingConfig(*cfg) if cfg else None, offset=True)
+    assert rel_err(y, ring_reference(x, packed, scale, off, 128, offset=True)) < 2e-3
 
 
 @pytest.mark.accelerator

@@ -113,10 +113,24 @@ def _col_of_row(r):
 
 
 @gluon.jit
-def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, NB: gl.constexpr,
-               RK: gl.constexpr, IS_BF16: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr,
-               MMA: gl.constexpr):
-    """One K step: unpack the words to q - z, the MMA with the activations, scale per column into acc."""
+def _add(a, b):
+    """Sum combiner for gl.reduce (a Gluon function: tl.sum's combiner is interpreted under TRITON_INTERPRET)."""
+    return a + b
+
+
+@gluon.jit
+def _by_row(v, NB: gl.constexpr, BN: gl.constexpr, MMA: gl.constexpr):
+    """[BN] per column [box, c4, c3, c2, c1, c0] -> MMA row order, in the MMA's row slice layout."""
+    v = gl.reshape(gl.permute(gl.reshape(v, [NB, 2, 2, 2, 2, 2]), (0, 2, 3, 1, 4, 5)), [BN])
+    return gl.convert_layout(v, gl.SliceLayout(1, MMA))
+
+
+@gluon.jit
+def _ring_step(acc, p, s, nz, o, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
+               NB: gl.constexpr, RK: gl.constexpr, IS_BF16: gl.constexpr, X_VEC: gl.constexpr,
+               P_LAYOUT: gl.constexpr, MMA: gl.constexpr, OFFSET: gl.constexpr):
+    """One K step: unpack the words to q - z, the MMA with the activations, scale per column into acc; OFFSET
+    (z = 0, float offsets o [BN] by column): + o times the step's sum of x per row (a register reduction)."""
     dt: gl.constexpr = x.dtype
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     nzb = gl.zeros([NB, RK, 32], dt, P_LAYOUT) + gl.expand_dims(nz, 1)
@@ -130,18 +144,21 @@ def _ring_step(acc, p, s, nz, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, BM:
             pack=1)
     w = gl.join(gl.join(gl.join(c0, c4), gl.join(c2, c6)), gl.join(gl.join(c1, c5), gl.join(c3, c7)))
     # the unpacked tile [box, jh, j1, j0, c4, c3, c2, c1, c0, i2, i1, i0] in MMA order
-    # [(box, c3, c2, c4, c1, c0), (jh, i1, i0, j1, j0, i2)]; the scales [box, c4, c3, c2, c1, c0] in MMA row order
+    # [(box, c3, c2, c4, c1, c0), (jh, i1, i0, j1, j0, i2)]
     w = gl.reshape(w, [NB, RK // 4, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
     wt = gl.reshape(gl.permute(w, (0, 5, 6, 4, 7, 8, 1, 10, 11, 2, 3, 9)), [BN, BK])
-    s = gl.reshape(gl.permute(gl.reshape(s, [NB, 2, 2, 2, 2, 2]), (0, 2, 3, 1, 4, 5)), [BN])
     a = gl.convert_layout(wt, A_LAYOUT)
-    s = gl.convert_layout(s, gl.SliceLayout(1, MMA))
+    s = _by_row(s, NB, BN, MMA)
+    if OFFSET:  # [BM] sums of the step's x (k order does not matter)
+        xs = gl.convert_layout(gl.reduce(x.to(gl.float32), 1 if X_VEC else 0, _add), gl.SliceLayout(0, MMA))
     if X_VEC:   # [m, (jh, j1, j0, i2, i1, i0)] -> [(jh, i1, i0, j1, j0, i2), m]
         x = gl.reshape(gl.permute(gl.reshape(x, [BM, BK // 32, 2, 2, 2, 2, 2]), (1, 5, 6, 2, 3, 4, 0)), [BK, BM])
     x_smem.store(x)
     fence_async_shared()
     gl.thread_barrier()
     part = warpgroup_mma(a, x_smem, gl.zeros_like(acc), use_acc=False)
+    if OFFSET:
+        return acc + part * s[:, None] + _by_row(o, NB, BN, MMA)[:, None] * xs[None, :]
     return acc + part * s[:, None]
 
 
@@ -151,7 +168,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
                     PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr,
                     X_LAYOUT: gl.constexpr,
-                    MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False):
+                    MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
+                    OFFSET: gl.constexpr = False):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -201,14 +219,19 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
         p = p_ring.index(slot).load(P_LAYOUT)                               # [NB, RK, 32] int32
         s = s_ring.index(slot).load(S_LAYOUT)                               # [BN] fp32, by column
-        if HAS_ZERO:
+        if OFFSET:    # z_ring holds the float offsets; the zero point is 0 (nz from ZC = 0)
+            o = z_ring.index(slot).load(S_LAYOUT)                           # [BN] fp32, by column
+        elif HAS_ZERO:
             z = z_ring.index(slot).reshape([NB, 32]).load(Z_LAYOUT)
             nz = (-((z - 8388608.0) + MAG)).to(dt)
+            o = s
+        else:
+            o = s
         gl.thread_barrier()                 # every warp holds its words: the slot can be refilled
         fence_async_shared()
         _issue(p_desc, s_desc, z_desc, bars.index(slot), p_ring.index(slot), s_ring.index(slot),
                z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
-        acc = _ring_step(acc, p, s, nz, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA)
+        acc = _ring_step(acc, p, s, nz, o, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA, OFFSET)
         x = xn
     if TRIGGER and not PDL:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
@@ -280,9 +303,12 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
 
 
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-               zero_const: float = 8.0, cfg: RingConfig | None = None) -> torch.Tensor:
+               zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False) -> torch.Tensor:
     """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
-    None with every zero point `zero_const` -> [M, N]."""
+    None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32 (w = q s + o)
+    -> [M, N]."""
+    if offset and zero is None:
+        raise ValueError("ring_wna16 with offset=True needs the offsets [G, N] as `zero`")
     m, k = x.shape
     n = packed.shape[1]
     cfg = cfg or default_config(m, n, k)
@@ -301,9 +327,10 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     pdl = cfg.pdl and pdl_supported(x)
     _ring_w4_kernel[(n_tiles, split)](
-        x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, float(zero_const),
+        x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, 0.0 if offset else float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, num_warps=cfg.warps,
+        **({"launch_pdl": True} if pdl else {}))
     return y
 
 
@@ -323,12 +350,15 @@ def launch_layouts(cfg: RingConfig) -> tuple:
 
 
 def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                   group: int, zero_const: float = 8.0) -> torch.Tensor:
+                   group: int, zero_const: float = 8.0, offset: bool = False) -> torch.Tensor:
     """What the kernel computes, in float64 with torch ops: sum over k of (q - z) * x (both exact in the kernel:
-    q - z in bf16, products in the MMA), times the group scale per step. -> [M, N] fp64."""
+    q - z in bf16, products in the MMA), times the group scale per step; with `offset` (zero holds o, z = 0) plus
+    o times the step's sum of x. -> [M, N] fp64."""
     q = unpack_lsb(packed, 4, 0).to(torch.float64)                                      # [K, N]
-    z = (zero.double() - 2.0 ** 23) if zero is not None else torch.full_like(scale, zero_const, dtype=torch.float64)
     rows = torch.arange(q.shape[0], device=packed.device) // group
+    if offset:
+        return x.double() @ (q * scale.double()[rows] + zero.double()[rows])
+    z = (zero.double() - 2.0 ** 23) if zero is not None else torch.full_like(scale, zero_const, dtype=torch.float64)
     return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 

@@ -3,7 +3,7 @@
 Serves every format that becomes an `IntWeight` with bits 2..8: AWQ, GPTQ (act-order too), compressed-tensors
 W4A16/W8A16, auto-round, torchao int4wo (float zero point), GGUF Q4_0/Q8_0 and, with their float offsets (mins),
 Q4_1/Q5_1/K-quants: w = q * s + o is computed in the unpack of the GEMV, tensor-core and dequantize kernels
-(`raw_offset`; the ring kernel, which has no offset term, is skipped). With act-order they run on an integer zero
+(`raw_offset`; the ring kernel adds o times each step's sum of x). With act-order they run on an integer zero
 point plus (x summed per group) @ the residual offset (`_offset_split`; two small launches).
 """
 
@@ -117,13 +117,11 @@ class TritonWNA16Kernel(LinearKernel):
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
         # float offsets: the residual [G, N] fp32 of `_offset_split` (act-order sorts K by group, so the permuted x
         # visits the groups in this order too); or (raw_offset, no act-order) `zero` holds the offsets themselves,
-        # w = q s + o, which every kernel but the ring applies in its unpack (H100 8192² g128 at M = 1: the GEMV
-        # with offsets vs the ring + offset term; g32: 23.6 vs 39.1 us)
+        # w = q s + o, which the kernels apply in their unpack (the ring: o times each step's sum of x)
         self.offset = offset
         self.raw_offset = raw_offset
         self.skinny_why = _skinny_why(w, container)
-        self.ring_why = ("float offsets (applied in the other kernels' unpack; the ring has no offset term)"
-                         if raw_offset else _ring_why(w, container, packed.device))
+        self.ring_why = _ring_why(w, container, packed.device)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -175,7 +173,8 @@ class TritonWNA16Kernel(LinearKernel):
         if x2.shape[0] <= RING_MAX_M and not self.ring_why:
             from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
-            y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const)
+            y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
+                           offset=self.raw_offset)
         elif x2.shape[0] <= SKINNY_MAX_M and not self.skinny_why:
             from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
 
