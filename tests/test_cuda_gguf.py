@@ -10,35 +10,25 @@ Llama-sized one natively.
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 import torch
 
-from quantrt.quant.formats.gguf_blocks import BLOCKS, decode_blocks
+from quantrt.quant.formats.gguf_blocks import decode_blocks
 from quantrt.quant.kernel import LinearSpec
 from quantrt.quant.weights import WEIGHT_ONLY, IntWeight
 from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
+from tests.test_gguf_native import FP16_AT, random_blocks
 
 pytestmark = NEEDS_TRITON
 
-# byte offsets of the fp16 fields in each block (random bytes there could be NaN / inf)
-FP16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-           "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-
-
-def _blocks(name: str, n: int, k: int, seed: int) -> np.ndarray:
-    be, bb = BLOCKS[name]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (n, k // be, bb), dtype=np.uint8)
-    for o in FP16_AT[name]:
-        raw[..., o:o + 2] = (rng.standard_normal((n, k // be, 1)) * 0.02).astype(np.float16).view(np.uint8)
-    return raw.reshape(n, -1)
+# the GGML types quantrt decodes into an IntWeight (IQ4_NL is a codebook weight)
+INT_TYPES = sorted(t for t in FP16_AT if t != "IQ4_NL")
 
 
 def _run(name: str, n: int, k: int, m: int, seed: int) -> tuple[float, object]:
     from quantrt.platforms.cuda.kernels import TritonWNA16Kernel
 
-    raw = _blocks(name, n, k, seed)
+    raw = random_blocks(name, seed, n, k)
     qw = decode_blocks(torch.from_numpy(raw), name, (n, k))
     assert isinstance(qw, IntWeight)
     qw = IntWeight(qw.codes.to(DEV), qw.scale.to(DEV), qw.bits, qw.group_size,
@@ -54,7 +44,7 @@ def _run(name: str, n: int, k: int, m: int, seed: int) -> tuple[float, object]:
     return float((y - ref).norm() / ref.norm()), kern
 
 
-@pytest.mark.parametrize("name", sorted(FP16_AT))
+@pytest.mark.parametrize("name", INT_TYPES)
 @pytest.mark.parametrize("m", [1, 7, 70])
 def test_gguf_types_on_the_cuda_kernels(name, m):
     err, kern = _run(name, 48, 512, m, m)
@@ -63,7 +53,7 @@ def test_gguf_types_on_the_cuda_kernels(name, m):
 
 
 @pytest.mark.accelerator
-@pytest.mark.parametrize("name", sorted(FP16_AT))
+@pytest.mark.parametrize("name", INT_TYPES)
 @pytest.mark.parametrize("m", [1, 16, 64, 300])
 def test_gguf_types_on_the_cuda_kernels_native(name, m):
     err, _ = _run(name, 4096, 4096, m, m)

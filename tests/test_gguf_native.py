@@ -22,18 +22,19 @@ FP16_AT = {"Q4_0": [0], "IQ4_NL": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 
 N, K = 16, 512
 
 
-def _random_blocks(name: str, seed: int = 0) -> np.ndarray:
+def random_blocks(name: str, seed: int = 0, n: int = N, k: int = K) -> np.ndarray:
+    """[n, k / block elements * block bytes] uint8: random GGML blocks of `name` with finite fp16 fields."""
     be, bb = BLOCKS[name]
     rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (N, K // be, bb), dtype=np.uint8)
+    raw = rng.integers(0, 256, (n, k // be, bb), dtype=np.uint8)
     for o in FP16_AT[name]:
-        raw[..., o:o + 2] = (rng.standard_normal((N, K // be, 1)) * 0.02).astype(np.float16).view(np.uint8)
-    return raw.reshape(N, -1)
+        raw[..., o:o + 2] = (rng.standard_normal((n, k // be, 1)) * 0.02).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_decode_bit_exact(name):
-    raw = _random_blocks(name)
+    raw = random_blocks(name)
     ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]))
     assert torch.equal(decode_blocks(torch.from_numpy(raw), name, (N, K)).dequantize(), ref)
 
@@ -54,7 +55,7 @@ INT4 = "cpu_native_int" if cpu_ext.load() else "cpu_int4_packed"   # the native 
 @pytest.mark.parametrize("name,kernel", [("Q4_0", INT4), ("Q4_1", INT4),
                                          ("Q4_K", INT4), ("IQ4_NL", "cpu_codebook_dequant_once")])
 def test_kernel_choice_bf16(name, kernel):
-    qw = decode_blocks(torch.from_numpy(_random_blocks(name)), name, (N, K))
+    qw = decode_blocks(torch.from_numpy(random_blocks(name)), name, (N, K))
     spec = LinearSpec(qw, WEIGHT_ONLY, torch.bfloat16)
     choice = select_linear_kernel(spec, current_platform())
     assert choice.kernel.name == kernel, choice.explain()
@@ -73,7 +74,7 @@ def test_float_linear_stays_dense_and_bad_inputs():
         fmt.make_weight("l", {"qweight": torch.zeros(1), "qweight_type": torch.tensor(999)}, (N, K))
     with pytest.raises(NotSupportedYet, match="IQ2_XXS is not supported natively"):
         fmt.make_weight("l", {"qweight": torch.zeros(1), "qweight_type": torch.tensor(16)}, (N, K))
-    raw = torch.from_numpy(_random_blocks("Q4_0"))[:, :-18]
+    raw = torch.from_numpy(random_blocks("Q4_0"))[:, :-18]
     with pytest.raises(CheckpointError, match="bytes, expected"):
         fmt.make_weight("l", {"qweight": raw, "qweight_type": torch.tensor(2)}, (N, K))
     with pytest.raises(CheckpointError, match="not a multiple of the 256-element block"):
