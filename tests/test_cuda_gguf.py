@@ -54,7 +54,7 @@ def test_gguf_types_on_the_cuda_kernels(name, m):
 
 @pytest.mark.accelerator
 @pytest.mark.parametrize("name", INT_TYPES)
-@pytest.mark.parametrize("m", [1, 16, 64, 300])
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 300])
 def test_gguf_types_on_the_cuda_kernels_native(name, m):
     err, _ = _run(name, 4096, 4096, m, m)
     assert err < 1e-2, (name, m, err)

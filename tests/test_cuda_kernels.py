@@ -383,3 +383,20 @@ def test_tc_wna16_native(m, dtype, bits):
     y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, bits=bits)
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 1e-2
 
+
+
+def test_two_rows_take_the_gemv_where_it_measured_faster():
+    """M = 2 off the ring: the GEMV for N <= 8192 with 8-bit codes, or 4-bit codes at K >= 8192; else the tiles.
+    Both paths agree with the reference (the GEMV's result is what the dispatch returns)."""
+    from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
+
+    gen = torch.Generator().manual_seed(11)
+    for bits, n, k, want in ((8, 64, 256, True), (4, 64, 256, False), (4, 64, 8192, True), (8, 8256, 256, False)):
+        w = make_int_weight(n, k, bits, 32, False, False, gen)
+        kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)
+        assert kern._skinny_m2(k) is want, (bits, n, k)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(make_int_weight(64, 256, 8, 32, True, False, gen), ActScheme(),
+                                                torch.bfloat16), PLATFORM)
+    x = torch.randn(2, 256, generator=gen).to(DEV, torch.bfloat16)
+    y = kern.apply(x, None)
+    assert torch.equal(y, skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, 32, 8, zero_const=kern.zero_const))

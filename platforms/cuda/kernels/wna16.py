@@ -26,6 +26,10 @@ DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K,
 RING_MAX_M = 32     # up to here on Hopper: ring_wna16 (TMA word ring; H100 8192²: 16.3 us at M=1, 16.9-19.8 at 2-16,
                     # 26.6 at 32 vs 30.3 in tc_wna16; 4096x28672 M=32 36.0 vs 49.5)
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
+# M = 2 off the ring (GGUF g32, per-channel, 8-bit, no Hopper): the GEMV where it measured faster than tc_wna16
+# (H100, same call; 8-bit g32 8192² 35.4 vs 48.1 us, 14336x4096 34.2 vs 46.5, 4096² 12.9 vs 17.1; 4-bit g32
+# 8192² 26.7 vs 33.7): N <= 8192, and K >= 8192 for 4-bit words (4096x28672 and 4-bit at K = 4096 lost)
+SKINNY_M2_MAX_N = 8192
 TC_MAX_M = 256      # SKINNY_MAX_M < M <= this, group % 128 == 0: tc_wna16 (tensor cores, BM-row tiles, 4/8-bit)
 TC8_MAX_M = 128     # 8-bit container: above this dequantize + cuBLAS (8192², M=256: 128 vs 156 us in tc_wna16)
 
@@ -157,6 +161,10 @@ class TritonWNA16Kernel(LinearKernel):
         packed, scale, zero = pack_int_weight(w, container, perm)
         return cls(spec, packed, scale, zero, container, perm, offset)
 
+    def _skinny_m2(self, k: int) -> bool:
+        """Two rows take the GEMV (one FFMA per code and row) where it beat the tensor-core tiles (above)."""
+        return self.shape[0] <= SKINNY_M2_MAX_N and (self.container == 8 or k >= 8192)
+
     def _tc_ok(self, m: int, k: int) -> bool:
         from quantrt.platforms.cuda.kernels.tc_wna16 import can_run
 
@@ -175,7 +183,7 @@ class TritonWNA16Kernel(LinearKernel):
 
             y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
                            offset=self.raw_offset)
-        elif x2.shape[0] <= SKINNY_MAX_M and not self.skinny_why:
+        elif (x2.shape[0] <= SKINNY_MAX_M or x2.shape[0] == 2 and self._skinny_m2(k)) and not self.skinny_why:
             from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
 
             y = skinny_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, self.container,
