@@ -10,6 +10,7 @@ columns, gathers their low (high) 16 bits into one register with PRMT, and per p
   LOP3 (r >> 4i) & 0x000F000F | MAGIC      -> two fp16/bf16 values MAGIC + q (exact)
   FMA  v * 1 + (-(MAGIC + z))              -> q - z (exact)
   FMA  v * s + (-0)                        -> (q - z) * s rounded once to the compute dtype
+(OFFSET, float offsets o in the zero array: z = 0 and the last FMA adds o, giving q * s + o rounded once)
 i.e. about 2 instructions per 4-bit value instead of the fp32 path's 4-5. The 8 code planes are
 interleaved with tl.join into [BK/8, BN, 8]; with SWAP (default) the [BN, BK] tile is the A operand of
 tl.dot(W^T, x^T) and x^T [BK, 16] the B operand; unswapped, the [BK, BN] permute ran ~2.3x slower on the
