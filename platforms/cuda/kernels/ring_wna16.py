@@ -16,7 +16,8 @@ a K slice of K_PER_SPLIT rows in BK-row steps (BK divides the scale group):
   unchanged) and the columns of a box are permuted (`_col_of_row`, undone at the store) so that these
   registers already are the wgmma m64nBMk16 A operand (the `convert_layout` moves no data);
 - the step's MMA starts from zero and its [BN, BM] fp32 result is scaled by the group scale once per column
-  (s * sum (q - z) x): no per-code scale multiply and no rounding of the dequantized weight;
+  (s * sum (q - z) x): no per-code scale multiply and no rounding of the dequantized weight; with float
+  offsets (OFFSET: w = q s + o, zero 0) it adds o times the step's sum of x per row (a register reduction);
 - the activations [BK, BM] (permuted, zero columns past M) are loaded into registers one step ahead and
   stored to a small shared buffer, the wgmma B operand (BM = 8 for M <= 8, 16 for M <= 16, else 32).
 Split-K partials are summed by the last program per column tile (the `split_k_triton` protocol).
