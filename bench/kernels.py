@@ -79,12 +79,18 @@ def fp8_weight(n: int, k: int, gran: str) -> FloatWeight:
     return FloatWeight(data, torch.rand(n, device="cuda") * 0.01, ScaleGranularity.CHANNEL)
 
 
-def _read_bytes(kern) -> int:
-    """Bytes a W4A16/W8A16 call streams: the words, the scales, and the zero / offset array where it is read
-    (symmetric weights use a constant zero; raw float offsets and the residual of the split path are read)."""
-    extra = [kern.zero] if kern.raw_offset or kern.skinny_zero is not None else []
-    extra += [kern.offset] if kern.offset is not None else []
-    return sum(t.numel() * t.element_size() for t in [kern.packed, kern.scale, *extra])
+def _wna16_kernels(make: Callable[[], IntWeight]) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], int]:
+    """Prepared W4A16/W8A16 kernels over enough weight copies (from `make`) and the bytes one call streams: the
+    words, the scales, and the zero / float-offset array where one is read (symmetric weights use a constant
+    zero), plus the residual offsets of the split path."""
+    kerns = [TritonWNA16Kernel.prepare(LinearSpec(make(), ActScheme(), torch.bfloat16), PLATFORM)]
+    k0 = kerns[0]
+    arrays = [k0.packed, k0.scale] + ([k0.zero] if k0.skinny_zero is not None else [])
+    arrays += [k0.offset] if k0.offset is not None else []
+    nbytes = sum(t.numel() * t.element_size() for t in arrays)
+    kerns += [TritonWNA16Kernel.prepare(LinearSpec(make(), ActScheme(), torch.bfloat16), PLATFORM)
+              for _ in range(copies_for(nbytes) - 1)]
+    return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], nbytes
 
 
 def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], int]:
@@ -113,20 +119,11 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
                 x.to(FP8), w.t(), scale_a=torch.ones(x.shape[0], 1, device="cuda"), scale_b=sb,
                 out_dtype=torch.bfloat16))
         return fns, nbytes
-    if name in ("w4a16_g128", "w8a16_ch", "w4a16_g32", "w8a16_g32"):
+    if name in ("w4a16_g128", "w8a16_ch", "w4a16_g32", "w8a16_g32"):   # symmetric codes
         bits, group = {"w4a16_g128": (4, 128), "w4a16_g32": (4, 32), "w8a16_g32": (8, 32)}.get(name, (8, k))
-        # symmetric codes: the M <= 16 kernels read the fp32 scales only (the zero array is a constant)
-        nbytes = n * k * bits // 8 + n * (k // group) * 4
-        kerns = [TritonWNA16Kernel.prepare(LinearSpec(int_weight(n, k, bits, group), ActScheme(),
-                                                      torch.bfloat16), PLATFORM)
-                 for _ in range(copies_for(nbytes))]
-        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], _read_bytes(kerns[0])
-    if name in ("w4a16_g128_offset", "w4a16_g32_offset"):  # float offsets: zero-point kernels + the offset term
-        group = 128 if "g128" in name else 32
-        nbytes = n * k // 2 + 3 * n * (k // group) * 4    # words, scales, zeros, residual offsets
-        kerns = [TritonWNA16Kernel.prepare(LinearSpec(offset_weight(n, k, group), ActScheme(), torch.bfloat16),
-                                           PLATFORM) for _ in range(copies_for(nbytes))]
-        return [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], _read_bytes(kerns[0])
+        return _wna16_kernels(lambda: int_weight(n, k, bits, group))
+    if name in ("w4a16_g128_offset", "w4a16_g32_offset"):  # float offsets (GGUF mins, torchao int4wo)
+        return _wna16_kernels(lambda: offset_weight(n, k, 128 if "g128" in name else 32))
     if name in ("fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
         gran = "block" if name == "fp8_blk_grp" else "channel"
         act = {"fp8_ch_tok": ActScheme(ActKind.DYNAMIC_TOKEN, FP8),

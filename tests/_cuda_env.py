@@ -27,24 +27,7 @@ NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 
 def compile_gluon_sm90(fn, vals: list, num_warps: int = 4, div16: bool = False) -> str:
-    """PTX of a Gluon kernel compiled for sm_90 on this machine (no GPU needed: the triton wheel's ptxas), with
-    `vals` the kernel's arguments in order (tensors, TMA descriptors, ints, floats, constexprs; trailing parameters
-    with defaults may be left out). `div16`: tensor
-    pointers and ints that are multiples of 16 carry `tt.divisibility` 16, as a real launch specializes them
-    (what lets loads vectorize)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
+    """PTX of a Gluon kernel compiled for sm_90 on this machine (`tests._sm90.compile_sm90`)."""
+    from tests._sm90 import compile_sm90
 
-    sig, consts, attrs = {}, {}, {}
-    vals = list(vals) + [p.default for p in fn.params[len(vals):]]   # trailing parameters: their defaults
-    for i, (p, v) in enumerate(zip(fn.params, vals, strict=True)):
-        sig[p.name] = "constexpr" if p.is_constexpr else mangle_type(v)
-        if p.is_constexpr:
-            consts[(i,)] = v
-        elif div16 and (isinstance(v, torch.Tensor) or (type(v) is int and v % 16 == 0)):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    ck = triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": num_warps})
-    return ck.asm["ptx"]
+    return compile_sm90(fn, vals, num_warps, div16)

@@ -91,13 +91,10 @@ def test_tc_wna16_multi_group_native(m, bits, group, cfg):
 
 
 _COMPILE_SM90 = r'''
-import itertools, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import mangle_type
+import itertools, sys, torch
 from quantrt.platforms.cuda.kernels import tc_wna16 as T
+from tests._sm90 import compile_sm90
 
-fn = T._tc_wna16_kernel
 failed = []
 for bf16, offset, multi, pack, swap in itertools.product((True, False), (True, False), (True, False), (8, 4),
                                                          (True, False)):
@@ -105,18 +102,11 @@ for bf16, offset, multi, pack, swap in itertools.product((True, False), (True, F
         continue
     dt = torch.bfloat16 if bf16 else torch.float16
     x, p, s = torch.zeros(16, 1024, dtype=dt), torch.zeros(1024 // pack, 256, dtype=torch.int32), torch.zeros(8, 256)
-    vals = [x, p, s, s, x, s, p, 16, 256, 1024, 1024, 32 if multi else 128, 512]
-    consts = dict(BM=16, BN=64, BK=128, SPLIT=2, ASM=True, IS_BF16=bf16, DOT_F32=False, SWAP=swap, PACK=pack,
-                  PREFETCH=True, MULTI=multi, OFFSET=offset)
-    names = [q.name for q in fn.params]
-    sig, cst = {}, {}
-    for i, (q, v) in enumerate(zip(fn.params, vals + [consts[n] for n in names[len(vals):]])):
-        sig[q.name] = "constexpr" if q.is_constexpr else mangle_type(v)
-        if q.is_constexpr:
-            cst[(i,)] = v
+    vals = [x, p, s, s, x, s, p, 16, 256, 1024, 1024, 32 if multi else 128, 512, 16, 64, 128, 2, True, bf16, False,
+            swap, pack, True, multi, offset]   # K_PER_SPLIT, BM, BN, BK, SPLIT, ASM, IS_BF16, DOT_F32, SWAP, PACK,
+    #                                    PREFETCH, MULTI, OFFSET
     try:
-        ptx = triton.compile(ASTSource(fn, sig, cst, {}), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+        ptx = compile_sm90(T._tc_wna16_kernel, vals, gluon=False, options={"num_stages": 3})
         want = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"
         if pack == 8 and want not in ptx:
             failed.append((bf16, offset, multi, pack, swap, "no packed FMA"))

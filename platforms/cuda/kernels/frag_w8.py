@@ -55,7 +55,7 @@ from triton.experimental.gluon import language as gl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_supported, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
-from quantrt.platforms.cuda.kernels.ring_common import gdc_launch_dependents, gdc_wait, store_split_k
+from quantrt.platforms.cuda.kernels.ring_common import gdc_launch_dependents, gdc_wait, gsum, store_split_k
 
 MAX_M = 32
 STEP_K = 64          # codes per weight row per K step (16 int32 words: 4 lanes x 16 bytes)
@@ -172,29 +172,18 @@ def _load_x(a_ptr, g8, kw, M, KW, offs_w, w, GROUPS: gl.constexpr):
     return x0, x1, x2, x3
 
 
-@gluon.jit
-def _add(a, b):
-    return a + b
-
-
-@gluon.jit
-def _sum_u(t):
-    """Sum over the U chunks (axis 0, in-thread registers). `gl.sum`'s combine function is a triton.jit one,
-    which the CPU tests' TRITON_INTERPRET turns into an interpreter object that Gluon cannot compile."""
-    return gl.reduce(t, 0, _add)
-
 
 @gluon.jit
 def _step(w, x0, x1, x2, x3, zero, acc0, acc1, IS_INT: gl.constexpr, GROUPS: gl.constexpr):
     """acc0 (token groups 0, 1) and acc1 (2, 3) [REPS, 8 W, 16] += the step's MMAs, summed over its U chunks."""
     if GROUPS >= 2:
-        acc0 += _sum_u(_mma(w, x0, x1, zero, IS_INT, True))
+        acc0 += gsum(_mma(w, x0, x1, zero, IS_INT, True), 0)
     else:
-        acc0 += _sum_u(_mma(w, x0, x0, zero, IS_INT, False))
+        acc0 += gsum(_mma(w, x0, x0, zero, IS_INT, False), 0)
     if GROUPS == 4:
-        acc1 += _sum_u(_mma(w, x2, x3, zero, IS_INT, True))
+        acc1 += gsum(_mma(w, x2, x3, zero, IS_INT, True), 0)
     elif GROUPS == 3:
-        acc1 += _sum_u(_mma(w, x2, x2, zero, IS_INT, False))
+        acc1 += gsum(_mma(w, x2, x2, zero, IS_INT, False), 0)
     return acc0, acc1
 
 

@@ -48,6 +48,18 @@ def tma_desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[
 
 
 @gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def gsum(t, axis: gl.constexpr):
+    """Sum of t along `axis`. `gl.sum`'s combine function is a triton.jit one, which the CPU tests'
+    TRITON_INTERPRET turns into an interpreter object that Gluon cannot compile."""
+    return gl.reduce(t, axis, _add)
+
+
+@gluon.jit
 def gdc_wait():
     """griddepcontrol.wait: until the grid before (a PDL launch) has completed and its writes are visible."""
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
@@ -79,4 +91,4 @@ def store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SP
             gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
-__all__ = ["gdc_launch_dependents", "gdc_wait", "split_k_plan", "store_split_k", "tma_desc"]
+__all__ = ["gdc_launch_dependents", "gdc_wait", "gsum", "split_k_plan", "store_split_k", "tma_desc"]

@@ -40,6 +40,7 @@ from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger
 from quantrt.platforms.cuda.kernels.ring_common import (
     gdc_launch_dependents,
     gdc_wait,
+    gsum,
     split_k_plan,
     store_split_k,
     tma_desc,
@@ -114,12 +115,6 @@ def _col_of_row(r):
 
 
 @gluon.jit
-def _add(a, b):
-    """Sum combiner for gl.reduce (a Gluon function: tl.sum's combiner is interpreted under TRITON_INTERPRET)."""
-    return a + b
-
-
-@gluon.jit
 def _by_row(v, NB: gl.constexpr, BN: gl.constexpr, MMA: gl.constexpr):
     """[BN] per column [box, c4, c3, c2, c1, c0] -> MMA row order, in the MMA's row slice layout."""
     v = gl.reshape(gl.permute(gl.reshape(v, [NB, 2, 2, 2, 2, 2]), (0, 2, 3, 1, 4, 5)), [BN])
@@ -151,7 +146,7 @@ def _ring_step(acc, p, s, nz, o, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, 
     a = gl.convert_layout(wt, A_LAYOUT)
     s = _by_row(s, NB, BN, MMA)
     if OFFSET:  # [BM] sums of the step's x (k order does not matter)
-        xs = gl.convert_layout(gl.reduce(x.to(gl.float32), 1 if X_VEC else 0, _add), gl.SliceLayout(0, MMA))
+        xs = gl.convert_layout(gsum(x.to(gl.float32), 1 if X_VEC else 0), gl.SliceLayout(0, MMA))
     if X_VEC:   # [m, (jh, j1, j0, i2, i1, i0)] -> [(jh, i1, i0, j1, j0, i2), m]
         x = gl.reshape(gl.permute(gl.reshape(x, [BM, BK // 32, 2, 2, 2, 2, 2]), (1, 5, 6, 2, 3, 4, 0)), [BK, BM])
     x_smem.store(x)

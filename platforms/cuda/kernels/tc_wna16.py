@@ -74,10 +74,6 @@ def _unpack_asm(bf16: bool, offset: bool) -> str:
     return "\n".join(lines + ["}"]) + "\n"
 
 
-_BF16_MAGIC = 128.0
-_F16_MAGIC = 1024.0
-
-
 @triton.jit
 def _unpack8(p, nz, s, o, ASM: tl.constexpr, IS_BF16: tl.constexpr, OFFSET: tl.constexpr):
     """p [R, BN] int32, nz = -(MAGIC + zero), s (and with OFFSET the float offsets o, zero 0) broadcast to [R, BN]
