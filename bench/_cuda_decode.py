@@ -396,6 +396,27 @@ CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "qua
 NO_OVERLAP = " (no overlap)"    # any config + this suffix: the same engine with --disable-overlap-schedule
 
 
+def config_kw(name: str) -> dict:
+    """The engine arguments of a config name: a CONFIGS key, optionally + NO_OVERLAP, optionally + " [K=V;...]"
+    environment overrides for that engine's run (A/B of a switch in one call, e.g. "quantrt int4 (gptq g128)
+    [QUANTRT_CUDA_STREAM_PDL=ring;QUANTRT_CUDA_PDL_MIN_ROWS=1]")."""
+    env: dict[str, str] = {}
+    if name.endswith("]") and " [" in name:
+        name, spec = name[:-1].rsplit(" [", 1)
+        for item in filter(None, spec.split(";")):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"config env override {item!r} is not KEY=VALUE")
+            env[key.strip()] = value.strip()
+    base = name.removesuffix(NO_OVERLAP)
+    if base not in CONFIGS:
+        raise ValueError(f"unknown config {base!r}; configs: {', '.join(CONFIGS)}, hf transformers bf16")
+    kw = dict(CONFIGS[base], **({"disable_overlap_schedule": True} if base != name else {}))
+    if env:
+        kw["env"] = dict(kw.get("env", {}), **env)
+    return kw
+
+
 def print_table(rows: list[dict], bw: float) -> None:
     """One row per (config, batch). `median` columns: the median decode step (robust to a noisy host); `steady`:
     the difference of two runs' totals (the older method, kept for comparison with earlier tables)."""
@@ -431,8 +452,7 @@ def run_cuda(args) -> list[dict]:
             if name == "hf transformers bf16":
                 bench_hf(path, args, bw, rows, ref)
             else:
-                base = name.removesuffix(NO_OVERLAP)
-                kw = dict(CONFIGS[base], **({"disable_overlap_schedule": True} if base != name else {}))
+                kw = config_kw(name)
                 src = path
                 if kw.pop("gptq", False):
                     t0 = time.perf_counter()

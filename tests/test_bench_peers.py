@@ -129,3 +129,16 @@ def test_grid_int4_is_exact_and_spans_every_group(monkeypatch):
     assert torch.equal(torch.log2(scale), torch.log2(scale).round())       # powers of two
     assert torch.equal(w.to(torch.bfloat16).float(), w)                    # exact in bf16
     assert torch.equal(w.view(8, 2, 128), (g.float() - 8) * scale[..., None])
+
+
+def test_cuda_decode_config_names_take_env_overrides():
+    from bench._cuda_decode import config_kw
+
+    assert config_kw("quantrt fp8") == {"quantization": "fp8"}
+    kw = config_kw("quantrt fp8 (codes unfused) (no overlap) [QUANTRT_CUDA_STREAM_PDL=w8; QUANTRT_X=]")
+    assert kw["disable_overlap_schedule"] is True
+    assert kw["env"] == {"QUANTRT_CUDA_FUSED_CODES": "0", "QUANTRT_CUDA_STREAM_PDL": "w8", "QUANTRT_X": ""}
+    with pytest.raises(ValueError, match="unknown config 'quantrt fp9'.*quantrt bf16"):
+        config_kw("quantrt fp9")
+    with pytest.raises(ValueError, match="'QUANTRT_CUDA_PDL' is not KEY=VALUE"):
+        config_kw("quantrt fp8 [QUANTRT_CUDA_PDL]")

@@ -185,7 +185,8 @@ def test_native_pdl_chain_in_cuda_graph():
     import torch.nn.functional as F
 
     from quantrt.platforms.cuda.kernels.dense_gemv_triton import default_config, dense_gemv
-    from quantrt.platforms.cuda.layer_ops import PDL_MIN_ROWS, triton_act_mul, triton_add_rms_norm
+    from quantrt.platforms.cuda.kernels.pdl_triton import PDL_MIN_ROWS
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul, triton_add_rms_norm
 
     d, i, rows = 4096, 14336, 2
     assert rows >= PDL_MIN_ROWS

@@ -133,13 +133,18 @@ def test_ring_reference_with_offsets_is_x_times_q_s_plus_o():
     assert torch.allclose(ring_reference(x, packed, s, o, 128, offset=True), x.double() @ w)
 
 
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.gluon_compile
-def test_pdl_trigger_after_the_main_loop():
-    """With TRIGGER (and without the start-of-kernel PDL trigger), the next PDL op is released after the last
-    MMA of the K loop, before the split-K epilogue."""
-    ptx = _compile_sm90(64, 8, torch.bfloat16, False, trigger=True, pdl=False)
+def test_pdl_trigger_after_the_main_loop(pdl):
+    """With TRIGGER, launched with PDL or not, the next PDL op is released once, after the last MMA of the K loop
+    and before the split-K epilogue; with PDL the first weight copies are issued before the wait for x."""
+    ptx = _compile_sm90(64, 8, torch.bfloat16, False, trigger=True, pdl=pdl)
     assert ptx.count("griddepcontrol.launch_dependents") == 1
     assert ptx.rindex("wgmma.mma_async") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("atom.")
+    if pdl:
+        assert ptx.index("cp.async.bulk.tensor") < ptx.index("griddepcontrol.wait") < ptx.index("wgmma.mma_async")
+    else:
+        assert "griddepcontrol.wait" not in ptx
     assert "griddepcontrol" not in _compile_sm90(64, 8, torch.bfloat16, False, trigger=False, pdl=False)
 
 

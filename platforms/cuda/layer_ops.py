@@ -24,24 +24,13 @@ one the same way). QUANTRT_CUDA_PDL=0 switches it off.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels.act_quant_triton import ONE_PASS_MAX_K, code_values, row_scale
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_launch_opts
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
 from quantrt.quant.kernel import QuantizedRows, RowCodes
-
-PDL_MIN_ROWS = 2  # H100 e2e (docs/PERFORMANCE.md, "dense GEMV" run): batch 64 7.34 -> 6.93 ms/step with PDL;
-                  # at batch 1 PDL (with the GEMV's) measured 5.75 vs 5.53 ms without, so one row launches plainly
-
-
-def _launch_opts(t: torch.Tensor, rows: int) -> dict:
-    """Launch options and the PDL constexpr for a kernel over `rows` rows of tensors on t's device
-    (QUANTRT_CUDA_PDL_MIN_ROWS overrides PDL_MIN_ROWS, read at each launch: for A/B runs)."""
-    return pdl_launch_opts(t, rows >= int(os.environ.get("QUANTRT_CUDA_PDL_MIN_ROWS", PDL_MIN_ROWS)))
 
 
 @triton.jit
@@ -68,7 +57,7 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), d, eps, BLOCK=block,
-                                         num_warps=4 if block <= 2048 else 8, **_launch_opts(x2, x2.shape[0]))
+                                         num_warps=4 if block <= 2048 else 8, **pdl_row_opts(x2, x2.shape[0]))
     return y.reshape(x.shape)
 
 
@@ -145,7 +134,7 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
         block = triton.next_power_of_2(d)
         _add_rms_norm_kernel[(m,)](x2, d2, weight, y, s, q, qs, sa, x2.stride(0), d2.stride(0), y.stride(0),
                                    s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                   **quant, **_launch_opts(x2, m))
+                                   **quant, **pdl_row_opts(x2, m))
     out = y.reshape(x.shape) if codes is None else QuantizedRows(q, qs)
     return out, s.reshape(x.shape)
 
@@ -207,5 +196,5 @@ def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | 
         warps = 4 if codes is None else min(16, max(4, block // 512))
         _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, q, qs, sa, gu.stride(0), out.stride(0), n,
                                                     GELU=gelu_tanh, BLOCK=block, num_warps=warps, **quant,
-                                                    **_launch_opts(gu, t))
+                                                    **pdl_row_opts(gu, t))
     return out if codes is None else QuantizedRows(q, qs)

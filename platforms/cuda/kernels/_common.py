@@ -69,6 +69,19 @@ def pdl_trigger(t: torch.Tensor) -> bool:
     return pdl_supported(t) and os.environ.get("QUANTRT_CUDA_PDL_TRIGGER", "1") != "0"
 
 
+STREAM_PDL = "ring,dense,w8"  # H100 e2e A/B (PERFORMANCE.md, twelfth session), with the layer ops on PDL from
+# one row: fp8 batch 1 3.50 -> 3.26 ms/step, bf16 5.60 -> 5.44, int4 batch 2-8 -5 to -2.5% (ring only to 8 rows)
+
+
+def stream_pdl(t: torch.Tensor, kind: str) -> bool:
+    """Whether the weight-streaming kernel `kind` ("ring": ring_wna16, "dense": the bf16 GEMV, "w8": gemv_w8) is
+    launched with PDL: scheduled while the op before it runs, it issues its first weight loads and then waits
+    (griddepcontrol.wait) before it reads x; its dependents are released only after its main loop
+    (`pdl_trigger`), never at its start. `pdl_supported` and `kind` in the comma list QUANTRT_CUDA_STREAM_PDL
+    (default STREAM_PDL; read at each launch, graphs keep what they captured)."""
+    return pdl_supported(t) and kind in os.environ.get("QUANTRT_CUDA_STREAM_PDL", STREAM_PDL).split(",")
+
+
 @functools.cache
 def sm_major(device_index: int) -> int:
     """Compute capability major of a CUDA device (9 = Hopper)."""

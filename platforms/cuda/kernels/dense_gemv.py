@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quantrt.platforms.cuda.kernels._common import check_runtime, pdl_supported
+from quantrt.platforms.cuda.kernels._common import check_runtime, stream_pdl
 from quantrt.quant.kernel import LinearKernel, LinearSpec
 from quantrt.quant.weights import DenseWeight
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 GEMV_MAX_M = 1   # up to here the Triton GEMV; above, cuBLAS (F.linear)
 K_MULTIPLE = 64  # K must be a multiple of this (16-byte row loads, K steps of at least 64)
-USE_PDL = False  # PDL launch (sm_90+): H100 batch-1 decode 5.75 ms/step with it vs 5.53 without (PERFORMANCE.md)
 
 
 class TritonDenseGemvKernel(LinearKernel):
@@ -32,7 +31,6 @@ class TritonDenseGemvKernel(LinearKernel):
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight  # [N, K] compute dtype, K contiguous
-        self.pdl = USE_PDL and pdl_supported(weight)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -56,7 +54,7 @@ class TritonDenseGemvKernel(LinearKernel):
             return F.linear(x, self.weight, bias)
         from quantrt.platforms.cuda.kernels.dense_gemv_triton import default_config, dense_gemv
 
-        y = dense_gemv(x2, self.weight, default_config(x2.shape[0], n, k, pdl=self.pdl))
+        y = dense_gemv(x2, self.weight, default_config(x2.shape[0], n, k, pdl=stream_pdl(x2, "dense")))
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)

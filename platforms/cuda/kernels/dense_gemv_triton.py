@@ -11,9 +11,9 @@ there is no reduce kernel and the result is deterministic.
 PDL (Hopper+, programmatic dependent launch): the kernel is launched with the programmatic-serialization
 attribute and loads its first weight tile before `griddepcontrol.wait`, so that while the kernel before it
 (which produced x) finishes, the weight reads have started; x, the workspace and the split counters are only
-touched after the wait. The weight is never written by a kernel, so reading it early is safe. The kernel also
-lets the next PDL kernel launch at its start (`griddepcontrol.launch_dependents`): that kernel's own wait
-holds it until this one has completed, and it only launches once every program here has started.
+touched after the wait. The weight is never written by a kernel, so reading it early is safe. Like every
+weight streamer, it lets the next PDL kernel launch (`griddepcontrol.launch_dependents`) only after its main
+loop: released at the start, the next kernel took SM slots during the stream (PERFORMANCE.md, twelfth session).
 """
 
 from __future__ import annotations
@@ -86,8 +86,6 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     acc1 = tl.zeros([BN], dtype=tl.float32)
     acc2 = tl.zeros([BN], dtype=tl.float32)
     acc3 = tl.zeros([BN], dtype=tl.float32)
-    if PDL:  # the next PDL kernel may launch now: it waits for this one to complete before reading y
-        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         w = tl.load(w_tile)                                                    # before the wait (PDL)
         _gdc_wait(PDL)
@@ -153,7 +151,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = N
     extra = {"launch_pdl": True} if cfg.pdl else {}
     _dense_gemv_kernel[(n_tiles, split)](
         x, w, y, ws, cnt, n, k, x.stride(0), k // split, M=m, MP=triton.next_power_of_2(m), BN=cfg.block_n,
-        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x) and not cfg.pdl,
+        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **extra)
     return y

@@ -11,7 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, pdl_trigger, split_counters
+from quantrt.platforms.cuda.kernels._common import (
+    cdiv,
+    interpret_mode,
+    num_sms,
+    pdl_trigger,
+    split_counters,
+    stream_pdl,
+)
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _amax_scale
@@ -118,12 +125,12 @@ def _act_slice(x_ptr, sw_ptr, k0, offs_k, inv, rb, KB, ACT: tl.constexpr, WSCALE
 
 
 @triton.jit
-def _step(w_tile, kt, x_ptr, sw_ptr, k0, offs_k, inv, rb, KB, ACT: tl.constexpr, WSCALE: tl.constexpr,
+def _step(codes, x_ptr, sw_ptr, k0, offs_k, inv, rb, KB, ACT: tl.constexpr, WSCALE: tl.constexpr,
           QMAX: tl.constexpr, IS_INT: tl.constexpr, SAT: tl.constexpr, W_DTYPE: tl.constexpr, BN: tl.constexpr,
           BK: tl.constexpr, WIDEN: tl.constexpr, ACC: tl.constexpr):
-    """One K step: the products of the [BN, BK] codes with the activation slice, summed per ACC: over the whole
-    step ([BN]; 0), per thread's 16 consecutive codes ([BN, BK / 16], no cross-thread sum; 1), or not ([BN, BK])."""
-    w = _widen(tl.load(w_tile + kt), WIDEN, IS_INT)
+    """One K step: the products of the step's [BN, BK] codes with the activation slice, summed per ACC: over the
+    whole step ([BN]; 0), per thread's 16 consecutive codes ([BN, BK / 16], no cross-thread sum; 1), or not."""
+    w = _widen(codes, WIDEN, IS_INT)
     a = _act_slice(x_ptr, sw_ptr, k0, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE, BK)
     p = w * a[None, :]
     if ACC == 0:
@@ -153,16 +160,17 @@ def _dp4a(w, x, acc):
 
 
 @triton.jit
-def _codes_dot(w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT: tl.constexpr, ACT: tl.constexpr,
-               WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, SAT: tl.constexpr,
+def _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT: tl.constexpr,
+               ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, SAT: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, WIDEN: tl.constexpr, ACC: tl.constexpr):
-    """sum_k w[n, k] * a[k] over the program's K slice in fp32 -> [BN] (codes widened to fp32, one FFMA each)."""
+    """sum_k w[n, k] * a[k] over the program's K slice in fp32 -> [BN] (codes widened to fp32, one FFMA each);
+    w0: step 0's codes, loaded by the caller."""
     W_DTYPE = w_tile.dtype.element_ty
-    acc = _step(w_tile, 0, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE,
+    acc = _step(w0, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE,
                 BN, BK, WIDEN, ACC)
     for kt in range(BK, K_PER_SPLIT, BK):
-        acc += _step(w_tile, kt, x_ptr, sw_ptr, k_start + kt, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT,
-                     W_DTYPE, BN, BK, WIDEN, ACC)
+        acc += _step(tl.load(w_tile + kt), x_ptr, sw_ptr, k_start + kt, offs_k, inv, rb, KB, ACT, WSCALE, QMAX,
+                     IS_INT, SAT, W_DTYPE, BN, BK, WIDEN, ACC)
     if ACC == 0:
         y = acc
     else:
@@ -175,7 +183,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                     ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
                     SAT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr, KT: tl.constexpr,
                     WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
-                    TRIGGER: tl.constexpr = False):
+                    TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
     # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
     # (itself of BK): no K masks; rows past N are clamped, not stored. WSCALE 2: BN divides 128.
     pid_n = tl.program_id(0)
@@ -186,22 +194,29 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
     offs_k = tl.arange(0, BK)
     k_start = pid_k * K_PER_SPLIT
     w_tile = w_ptr + rows[:, None] * K + (k_start + offs_k)[None, :]           # [BN, BK] pointers of step 0
+    if DP4A:  # int8 x int8: w holds 4 codes per int32 word [N, K / 4]; exact int32 sums of dp4a
+        offs_w = tl.arange(0, BK // 4)
+        wt = w_ptr + rows[:, None] * (K // 4) + (k_start // 4 + offs_w)[None, :]  # [BN, BK / 4] words of step 0
+        w0 = tl.load(wt)
+    else:
+        w0 = tl.load(w_tile)
+    if PDL:  # step 0's weights are requested; x and the split-K buffers only after the kernel before completes
+        tl.extra.cuda.gdc_wait()
     sx = 1.0
     if ACT == 0:
         sx = _amax_scale(x_ptr, K, KT, BKA, QMAX)
     elif ACT == 2:
         sx = tl.load(sa_ptr)
     inv = 1.0 / sx
-    if DP4A:  # int8 x int8: w holds 4 codes per int32 word [N, K / 4]; exact int32 sums of dp4a
-        offs_w = tl.arange(0, BK // 4)
-        wt = w_ptr + rows[:, None] * (K // 4) + (k_start // 4 + offs_w)[None, :]  # [BN, BK / 4] words of step 0
-        iacc = tl.zeros([BN, BK // 4], dtype=tl.int32)
-        for kt in range(0, K_PER_SPLIT, BK):
+    if DP4A:
+        xw = _x_words(x_ptr, k_start, inv, QMAX, BK)
+        iacc = _dp4a(w0, tl.broadcast_to(xw[None, :], [BN, BK // 4]), tl.zeros([BN, BK // 4], dtype=tl.int32))
+        for kt in range(BK, K_PER_SPLIT, BK):
             xw = _x_words(x_ptr, k_start + kt, inv, QMAX, BK)
             iacc = _dp4a(tl.load(wt + kt // 4), tl.broadcast_to(xw[None, :], [BN, BK // 4]), iacc)
         y = tl.sum(iacc, axis=1).to(tl.float32) * sx
     else:
-        y = _codes_dot(w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT, ACT, WSCALE, QMAX, IS_INT,
+        y = _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT, ACT, WSCALE, QMAX, IS_INT,
                        SAT, BN, BK, WIDEN, ACC)
         if ACT == 0 or ACT == 2:
             y = y * sx
@@ -277,8 +292,10 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
     bka = min(cfg.amax_block, triton.next_power_of_2(k))
     sat = w.dtype == torch.float8_e4m3fn and qmax == 448.0 and not interpret_mode()  # the cast saturates to 448
     dp4a = w.dtype == torch.int8 and act in (0, 2) and cfg.widen == 1
+    pdl = stream_pdl(x, "w8")
     _gemv_w8_kernel[(n_tiles, split)](
         x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act, WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
-        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), num_warps=cfg.num_warps, num_stages=1)
+        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, num_warps=cfg.num_warps,
+        num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y

@@ -17,6 +17,8 @@ KV formats (KV_FMT), all decoded exactly into bf16/fp16 operands of tl.dot:
     the fp16 trick of fp4_triton (value * 2**-14), the block scale times 2**14 is exact in fp32.
 Masking: keys j < kv_len and, with a sliding window W, j > kv_len - 1 - W (ForwardBatch.decode_mask).
 kv_lens is read on the device, so a CUDA graph replays the launch for any lengths within the bucket.
+Both kernels are launched like the per-layer ops (`pdl_triton.pdl_row_opts`: PDL on sm_90+ from PDL_MIN_ROWS
+sequences): scheduled while the kernel before drains, they wait for it before reading anything.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import triton.language as tl
 
 from quantrt.engine.kv_quant import KVKind
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
 
 _NEG = tl.constexpr(-1.0e30)  # a global read inside @triton.jit must be a constexpr
 _FP8_FMT = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2, torch.float8_e4m3fnuz: 3}
@@ -103,7 +106,8 @@ def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_sca
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_ptr, l_ptr, o_ptr, out_ptr,
                    stride_sb, qk_scale, v_factor, CHUNK, WINDOW, NBLK_C: tl.constexpr, HKV: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr,
-                   DOT_F32: tl.constexpr, FINAL: tl.constexpr):
+                   DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -143,7 +147,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptr, v_factor, H, S: tl.constexpr, SP: tl.constexpr,
-                    D: tl.constexpr, HAS_SINK: tl.constexpr):
+                    D: tl.constexpr, HAS_SINK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     bh = tl.program_id(0)                                                      # b * H + h
     offs_s = tl.arange(0, SP)
     mask_s = offs_s < S
@@ -210,11 +215,13 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                                 float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
-                                DOT_F32=interpret_mode(), FINAL=final, num_warps=num_warps, num_stages=2)
+                                DOT_F32=interpret_mode(), FINAL=final, num_warps=num_warps, num_stages=2,
+                                **pdl_row_opts(q, b))
     if final:
         return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,
-                              S=s, SP=triton.next_power_of_2(s), D=d, HAS_SINK=sinks is not None, num_warps=4)
+                              S=s, SP=triton.next_power_of_2(s), D=d, HAS_SINK=sinks is not None, num_warps=4,
+                              **pdl_row_opts(q, b))
     return out
 
 

@@ -8,6 +8,8 @@ kernel (cuBLAS) or precede one lose nothing: the wait then returns when the prev
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -38,4 +40,15 @@ def pdl_launch_opts(t: torch.Tensor, on: bool = True) -> dict:
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
-__all__ = ["pdl_enter", "pdl_launch_opts", "pdl_release"]
+PDL_MIN_ROWS = 1  # H100 e2e (PERFORMANCE.md): batch 64 7.34 -> 6.93 ms/step with PDL; at batch 1 it pays since the
+                  # GEMVs are PDL-launched themselves and release their dependents only after the weight stream
+                  # (twelfth session; with the early release it was 5.75 vs 5.53 ms for bf16)
+
+
+def pdl_row_opts(t: torch.Tensor, rows: int) -> dict:
+    """`pdl_launch_opts` for a small per-layer op (norm, rotary, activation, attention) over `rows` rows: PDL
+    from PDL_MIN_ROWS rows (QUANTRT_CUDA_PDL_MIN_ROWS overrides it, read at each launch: for A/B runs)."""
+    return pdl_launch_opts(t, rows >= int(os.environ.get("QUANTRT_CUDA_PDL_MIN_ROWS", PDL_MIN_ROWS)))
+
+
+__all__ = ["PDL_MIN_ROWS", "pdl_enter", "pdl_launch_opts", "pdl_release", "pdl_row_opts"]

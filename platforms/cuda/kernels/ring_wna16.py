@@ -36,7 +36,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger
+from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, stream_pdl
 from quantrt.platforms.cuda.kernels.ring_common import (
     gdc_launch_dependents,
     gdc_wait,
@@ -48,6 +48,8 @@ from quantrt.platforms.cuda.kernels.ring_common import (
 from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 32
+PDL_MAX_M = 8   # PDL launch (`_common.stream_pdl`) up to here: H100 e2e int4 batch 2 / 4 / 8 -5 / -4 / -2.5% a step,
+                # batch 16 +2% (PERFORMANCE.md, twelfth session)
 
 
 def _asm_qz(magic: str, one: str, fma: str) -> str:
@@ -76,7 +78,7 @@ class RingConfig:
     waves: int = 4           # split K to about this many programs per SM
     split_k: int = 0         # fixed split (0: from waves)
     block_m: int = 8         # wgmma N: 8 (M <= 8), 16 or 32
-    pdl: bool = False        # programmatic dependent launch (measured slower on the H100: off)
+    pdl: bool = False        # PDL launch; also on with "ring" in QUANTRT_CUDA_STREAM_PDL (`_common.stream_pdl`)
     x_vec: bool = True       # activations loaded as 16-byte vectors in k order, permuted in registers
     warps: int = 4           # 4, or 8 with block_n 128: one warpgroup per 64 columns, sharing the activations
 
@@ -187,8 +189,6 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
-    if PDL:  # the next PDL launch may start now: it waits for this grid to complete before reading y
-        gdc_launch_dependents()
     for i in gl.static_range(STAGES):
         _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i), i,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
@@ -229,7 +229,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
         acc = _ring_step(acc, p, s, nz, o, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA, OFFSET)
         x = xn
-    if TRIGGER and not PDL:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
+    if TRIGGER:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
@@ -321,7 +321,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
-    pdl = cfg.pdl and pdl_supported(x)
+    pdl = (cfg.pdl and pdl_supported(x)) or (m <= PDL_MAX_M and stream_pdl(x, "ring"))
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, 0.0 if offset else float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,

@@ -1,0 +1,73 @@
+"""PDL launch of the weight-streaming GEMVs (`_common.stream_pdl`): the switch, and in the sm_90 PTX the order
+that makes it safe and useful: step 0's weight loads before `griddepcontrol.wait` (the weights are never written
+by the kernel before), every read of x after it, and the next PDL op released once, after the main loop.
+Compiled with the triton wheel's ptxas in a subprocess without TRITON_INTERPRET (no GPU needed)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_COMPILE = r'''
+import sys, torch
+from quantrt.platforms.cuda.kernels import dense_gemv_triton as D, gemv_w8 as G
+from tests._sm90 import compile_sm90
+
+n, k, bn, bk = 256, 4096, 16, 1024
+x, y = torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(1, n, dtype=torch.bfloat16)
+ws, cnt = torch.zeros(2, 1, n), torch.zeros(16, dtype=torch.int32)
+out = {}
+for name, w, is_int, dp4a in (("fp8", torch.zeros(n, k, dtype=torch.float8_e4m3fn), False, False),
+                              ("int8", torch.zeros(n, k // 4, dtype=torch.int32), True, True)):
+    for pdl in (False, True):
+        vals = [x, w, ws, ws, y, ws, cnt, n, k, k // 128, k // 2, 0, 1, 127.0 if is_int else 448.0, is_int,
+                not is_int, bn, bk, 4096, 4096, 1, 1, dp4a, 2, True, pdl]
+        out[name, pdl] = compile_sm90(G._gemv_w8_kernel, vals, num_warps=8, div16=True, gluon=False,
+                                      options={"num_stages": 1})
+for pdl in (False, True):
+    vals = [x, torch.zeros(n, k, dtype=torch.bfloat16), y, ws, cnt, n, k, k, k // 2, 1, 1, 8, bk, False, pdl, 2,
+            True]
+    out["dense", pdl] = compile_sm90(D._dense_gemv_kernel, vals, num_warps=8, div16=True, gluon=False)
+for (name, pdl), ptx in out.items():
+    body = ptx[ptx.index(".entry"):]
+    print(name, pdl, body.count("griddepcontrol.wait"), body.count("griddepcontrol.launch_dependents"),
+          body.find("ld.global"), body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents"),
+          max(body[:body.find("atom.")].rfind(v) for v in ("ld.global.v4", "ld.global.nc.v4")), body.find("atom."))
+'''
+
+
+def test_stream_pdl_switch(monkeypatch):
+    from quantrt.platforms.cuda.kernels import _common
+
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("QUANTRT_CUDA_STREAM_PDL", "ring,w8")
+    assert not _common.stream_pdl(cpu, "ring")        # not a CUDA sm_90 tensor: never
+    monkeypatch.setattr(_common, "pdl_supported", lambda t: True)
+    assert _common.stream_pdl(cpu, "ring") and _common.stream_pdl(cpu, "w8")
+    assert not _common.stream_pdl(cpu, "dense")
+    monkeypatch.setenv("QUANTRT_CUDA_STREAM_PDL", "")
+    assert not _common.stream_pdl(cpu, "ring")
+
+
+@pytest.mark.gluon_compile
+def test_gemv_ptx_orders_weight_loads_wait_and_release():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {}
+    for line in r.stdout.splitlines():
+        name, pdl, *nums = line.split()
+        rows[name, pdl == "True"] = [int(v) for v in nums]
+    assert len(rows) == 6, r.stdout
+    for (name, pdl), (waits, releases, first_ld, wait, release, last_ld, atom) in rows.items():
+        assert releases == 1, (name, pdl)                 # once, after the weight stream, before the split-K sums
+        assert last_ld < release < atom, (name, pdl)      # last_ld: the last 16-byte load before the split-K epilogue
+        if pdl:
+            assert waits == 1 and first_ld < wait < release, (name, pdl)
+        else:
+            assert waits == 0, (name, pdl)
