@@ -69,33 +69,10 @@ def test_codes_at_a_path_that_quantizes_inside_are_refused() -> None:
     q = torch.zeros(2, 256, dtype=torch.int8, device=DEV)
     with pytest.raises(ValueError, match=r"triton_w8a8: activation codes torch.int8 were handed over at M=2, where "
                                          r"this layer takes torch.int8 codes on the paths frag, codes, scaled_mm, "
-                                         r"int_mm, gemv \(its path is swap\): ask row_codes\(M\) first"):
+                                         r"int_mm \(its path is swap\): ask row_codes\(M\) first"):
         kern.apply(QuantizedRows(q, torch.ones(2, 1, device=DEV)), None)
     with pytest.raises(ValueError, match="activation codes torch.float8_e4m3fn were handed over at M=64"):
         kern.apply(QuantizedRows(torch.zeros(64, 256, device=DEV).to(FP8), torch.ones(64, 1, device=DEV)), None)
-
-
-@pytest.mark.parametrize("dtype", [FP8, torch.int8], ids=["fp8", "int8"])
-def test_one_row_gemv_takes_handed_over_codes(dtype) -> None:
-    """At M = 1 the GEMV asks for codes (per-token and static) and, given them, skips its own quantization: the
-    result equals the float64 product of those codes (and their scale) with the dequantized weight, and the GEMV
-    on bf16 x within the rounding of its own fp32 quotient."""
-    from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
-    from quantrt.quant.kernel import QuantizedRows
-
-    kern = _kernel(96, 256, dtype)
-    assert kern._plan(1)[0] == "gemv"
-    rc = kern.row_codes(1)
-    assert rc is not None and rc.dtype == dtype and rc.static_scale is None
-    assert _kernel(96, 256, dtype, static=True).row_codes(1).static_scale is not None
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
-    q, s = quant_rows(x, dtype, rc.qmax)
-    y = kern.apply(QuantizedRows(q, s), None)
-    assert y.dtype == torch.bfloat16 and y.shape == (1, 96)
-    ref = (q.double() * s.double()) @ (kern.data.double() * kern.w_scale.double().reshape(-1, 1)).T
-    assert torch.allclose(y.double(), ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item())
-    own = kern.apply(x, None).double()
-    assert (y.double() - own).abs().max() <= 2e-2 * own.abs().max()
 
 
 # -- engine: the norms / act * mul make the codes vs the linears make them ---------------------------------------
@@ -144,8 +121,8 @@ LONG = [[(7 * i) % 60 + 3 for i in range(70)]]    # a 70-token prefill: M >= 64,
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's engine test; on a GPU the native one runs")
 def test_engine_int8_codes_from_the_norms_equal_the_linears_own(tiny_models) -> None:
     """A tiny Llama quantized online to w8a8_int8, the CUDA W8A8 kernel in the interpreter: the 70-token prefill's
-    qkv / gate_up / down (and the decode steps' GEMVs) take codes made by the add + norm and act * mul; tokens and
-    logprobs equal bit for bit to the engine whose linears quantize themselves."""
+    qkv / gate_up / down take codes made by the add + norm and act * mul; tokens and logprobs equal bit for bit
+    to the engine whose linears quantize themselves."""
     from quantrt.engine.engine import Engine
     from quantrt.platforms.xpu.cpu_platform import CpuPlatform
 
@@ -155,8 +132,7 @@ def test_engine_int8_codes_from_the_norms_equal_the_linears_own(tiny_models) -> 
     eng = Engine(platform=_platform(CpuPlatform, True, counts), **kw)
     assert eng.model.model.layers[0].mlp.down_proj.kernel_desc.startswith("triton_w8a8")
     fused = _generate(eng, LONG, 3)
-    assert counts["codes"] == 3 * 5       # per forward: 3 add + norms (not layer 0's input norm), 2 act * mul;
-    #                                       the prefill's M >= 64 paths and the two decode steps' M = 1 GEMV
+    assert counts["codes"] == 5           # prefill: 3 add + norms (not layer 0's input norm), 2 act * mul
     plain = _generate(Engine(platform=_platform(CpuPlatform, False, {}), **kw), LONG, 3)
     assert fused == plain
 

@@ -121,8 +121,6 @@ def _act_slice(x_ptr, sw_ptr, k0, offs_k, inv, rb, KB, ACT: tl.constexpr, WSCALE
         if WSCALE == 2:
             return a * tl.load(sw_ptr + rb * KB + kk // 128)
         return a
-    if ACT == 4:  # x holds the codes already (made by the op before): exact in fp32
-        return a
     return _codes32(a, inv, QMAX, IS_INT, SAT, W_DTYPE)
 
 
@@ -145,12 +143,9 @@ def _step(codes, x_ptr, sw_ptr, k0, offs_k, inv, rb, KB, ACT: tl.constexpr, WSCA
 
 
 @triton.jit
-def _x_words(x_ptr, k0, inv, QMAX: tl.constexpr, BK: tl.constexpr, CODES: tl.constexpr = False):
+def _x_words(x_ptr, k0, inv, QMAX: tl.constexpr, BK: tl.constexpr):
     """int8 codes of the activation slice k0 .. k0 + BK (x * inv clamped, rounded half to even), 4 per int32
-    word in memory order [BK / 4]: the low byte of the float bits of q + 1.5 * 2**23 is q as int8. CODES: x
-    is the int8 codes already, viewed as int32 words."""
-    if CODES:
-        return tl.load(x_ptr + k0 // 4 + tl.arange(0, BK // 4))
+    word in memory order [BK / 4]: the low byte of the float bits of q + 1.5 * 2**23 is q as int8."""
     a = tl.load(x_ptr + k0 + tl.arange(0, BK)).to(tl.float32)
     q = tl.minimum(tl.maximum(a * inv, -QMAX), QMAX) + 12582912.0
     b = tl.reshape(q.to(tl.int32, bitcast=True) & 0xFF, [BK // 4, 4])
@@ -210,20 +205,20 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
     sx = 1.0
     if ACT == 0:
         sx = _amax_scale(x_ptr, K, KT, BKA, QMAX)
-    elif ACT == 2 or ACT == 4:
+    elif ACT == 2:
         sx = tl.load(sa_ptr)
     inv = 1.0 / sx
     if DP4A:
-        xw = _x_words(x_ptr, k_start, inv, QMAX, BK, ACT == 4)
+        xw = _x_words(x_ptr, k_start, inv, QMAX, BK)
         iacc = _dp4a(w0, tl.broadcast_to(xw[None, :], [BN, BK // 4]), tl.zeros([BN, BK // 4], dtype=tl.int32))
         for kt in range(BK, K_PER_SPLIT, BK):
-            xw = _x_words(x_ptr, k_start + kt, inv, QMAX, BK, ACT == 4)
+            xw = _x_words(x_ptr, k_start + kt, inv, QMAX, BK)
             iacc = _dp4a(tl.load(wt + kt // 4), tl.broadcast_to(xw[None, :], [BN, BK // 4]), iacc)
         y = tl.sum(iacc, axis=1).to(tl.float32) * sx
     else:
         y = _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT, ACT, WSCALE, QMAX, IS_INT,
                        SAT, BN, BK, WIDEN, ACC)
-        if ACT == 0 or ACT == 2 or ACT == 4:
+        if ACT == 0 or ACT == 2:
             y = y * sx
     pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
     if WSCALE == 0:
@@ -275,17 +270,12 @@ def gemv_w8_config(n: int, k: int, act: int, wscale: int, is_int: bool = False) 
 
 
 def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int, qmax: float,
-            act_scale: torch.Tensor | None = None, cfg: GemvW8Config | None = None,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            act_scale: torch.Tensor | None = None, cfg: GemvW8Config | None = None) -> torch.Tensor:
     """x: [1, K] fp16/bf16; w: [N, K] fp8/int8 (K contiguous); modes and scales as in `w8a8_triton`
-    (`gemv_w8_why_not` must be '') -> [1, N] x.dtype. act 4: x is already the activation codes (w's dtype,
-    made by the op before: `QuantizedRows`) with their scale `act_scale` [1] fp32, and y is `out_dtype`."""
+    (`gemv_w8_why_not` must be '') -> [1, N] x.dtype."""
     m, k = x.shape
     n = w.shape[0]
     is_int = w.dtype == torch.int8
-    if act == 4 and (x.dtype != w.dtype or act_scale is None or out_dtype is None):
-        raise ValueError(f"gemv_w8 on handed-over codes needs x in the weight's dtype {w.dtype} (got {x.dtype}), "
-                         f"their scale and an output dtype")
     cfg = cfg or gemv_w8_config(n, k, act, wscale, is_int)
     why = gemv_w8_why_not(n, k, act, wscale, is_int, cfg)
     if m != 1 or why:
@@ -295,16 +285,16 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
     bk = cfg.block_k
     n_tiles = cdiv(n, cfg.block_n)
     split = plan_split(k, bk, n_tiles, cfg.waves * num_sms(x.device.index or 0))
-    y = torch.empty((1, n), device=x.device, dtype=out_dtype or x.dtype)
+    y = torch.empty((1, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, 1, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles) if split > 1 else y
     sa = act_scale if act_scale is not None else w_scale
     bka = min(cfg.amax_block, triton.next_power_of_2(k))
     sat = w.dtype == torch.float8_e4m3fn and qmax == 448.0 and not interpret_mode()  # the cast saturates to 448
-    dp4a = w.dtype == torch.int8 and act in (0, 2, 4) and cfg.widen == 1
+    dp4a = w.dtype == torch.int8 and act in (0, 2) and cfg.widen == 1
     pdl = stream_pdl(x, "w8")
     _gemv_w8_kernel[(n_tiles, split)](
-        x.view(torch.int32) if dp4a and act == 4 else x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act, WSCALE=wscale, QMAX=qmax,
+        x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act, WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
         ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, num_warps=cfg.num_warps,
         num_stages=1, **({"launch_pdl": True} if pdl else {}))

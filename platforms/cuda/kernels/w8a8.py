@@ -19,8 +19,6 @@ the tiled `w8a8_triton` kernel.
 
 The paths on codes (`frag_w8`, `codes_mm`, `_scaled_mm`, `int8_mm`) take them from `row_codes` / `QuantizedRows`
 when the op that produced x made them (the fused residual-add + RMSNorm, act * mul: one launch fewer per linear).
-The M = 1 GEMV takes them too (no per-program amax pass over x before its weight stream); given bf16 x (after
-attention) it quantizes x itself, without an extra launch.
 """
 
 from __future__ import annotations
@@ -54,8 +52,6 @@ BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cu
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
 FRAG_MAX_M = 32       # 2..this: `frag_w8` (mma.sync on fragments loaded from memory) where its tile table has the shape
 _CODE_PATHS = ("frag", "codes", "scaled_mm", "int_mm")  # the paths that run on codes made beforehand
-_HANDED_PATHS = (*_CODE_PATHS, "gemv")  # ... and those that take them when the op before makes them (the M = 1
-# GEMV quantizes x itself otherwise: after attention no launch is added)
 # dynamic per-tensor activations run the static paths (2) with the scale of each call's x (`_tensor_scale`)
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.DYNAMIC_TENSOR: 2,
         ActKind.NONE: 3}
@@ -239,7 +235,7 @@ class TritonW8A8Kernel(LinearKernel):
     def row_codes(self, m: int) -> RowCodes | None:
         """The codes this kernel makes of its M input rows before its GEMM (per-token or static), which the op
         that produces x may hand over instead (`QuantizedRows`); None where the path at M quantizes inside."""
-        if self.act not in (0, 2) or self.dyn_tensor or self._plan(m)[0] not in _HANDED_PATHS:
+        if self.act not in (0, 2) or self.dyn_tensor or self._plan(m)[0] not in _CODE_PATHS:
             return None
         return RowCodes(self.data.dtype, self.qmax, self.act_scale if self.act == 2 else None)
 
@@ -257,9 +253,9 @@ class TritonW8A8Kernel(LinearKernel):
             m = x2.shape[0]
         path, cfg = self._plan(m)
         act_scale = None if pre else self._tensor_scale(x2)
-        if pre and (path not in _HANDED_PATHS or xq.dtype != self.data.dtype):
+        if pre and (path not in _CODE_PATHS or xq.dtype != self.data.dtype):
             raise ValueError(f"{self.name}: activation codes {xq.dtype} were handed over at M={m}, where this "
-                             f"layer takes {self.data.dtype} codes on the paths {', '.join(_HANDED_PATHS)} (its path "
+                             f"layer takes {self.data.dtype} codes on the paths {', '.join(_CODE_PATHS)} (its path "
                              f"is {path}): ask row_codes(M) first")
         if path in _CODE_PATHS and not pre:
             xq, sa = self._codes(x2, act_scale)                                # [M, K] codes, [M, 1] fp32
@@ -281,11 +277,6 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.block_fp8_mm import block_fp8_mm
 
             y = block_fp8_mm(x2, self.data, self.w_scale, self.qmax)
-        elif path == "gemv" and pre:
-            from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
-
-            y = gemv_w8(xq, self.data, self.w_scale, 4, self.wscale, self.qmax, sa.reshape(1),
-                        out_dtype=self.compute_dtype)
         elif path == "gemv":
             from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
