@@ -18,7 +18,7 @@ or a CPU->GPU copy from pageable memory) disables the runner with the reason; de
 Overlapped greedy steps (`launch_greedy` -> `GreedyStep.tokens()`, the scheduler's overlap schedule): a step is
 queued without waiting for the GPU: its inputs go through a pinned host buffer (two per graph, used
 in turn, so the buffer of the step still in flight is never rewritten), the argmax after the replay
-writes the device token buffer `[max_bs]`, and an async copy of it to a pinned host row plus an event
+(`kernels/argmax_triton.row_argmax`: one launch, torch.argmax's result) writes the device token buffer `[max_bs]`, and an async copy of it to a pinned host row plus an event
 tell the host when the tokens can be read. A chained step names, per row, the row of the previous
 launch whose token is its input: one gather on the device fills the ids column, so a sequence's
 token never has to reach the host before the next step is queued.
@@ -238,7 +238,12 @@ class DecodeGraphRunner:
         self.backend.replay(g.handle)
         self.replays += 1
         b = d.batch
-        torch.argmax(g.out[:b], dim=-1, out=self._tokens[:b])
+        if self._pinned:   # CUDA: one launch (argmax_triton); the CPU stand-in keeps torch's
+            from quantrt.platforms.cuda.kernels.argmax_triton import row_argmax
+
+            row_argmax(g.out[:b], out=self._tokens[:b])
+        else:
+            torch.argmax(g.out[:b], dim=-1, out=self._tokens[:b])
         host = self._tokens_host[self._launches % 2][:b]
         host.copy_(self._tokens[:b], non_blocking=self._pinned)
         self._launches += 1

@@ -12,7 +12,8 @@ Grid (T, H + Hkv); program (t, j) takes token t:
 Rotation, neox (rotate halves) or gptj (adjacent pairs), rounded as quantrt.layers.rotary rounds it:
 y = round(round(x * cos) + x_partner * (-+sin)) in x.dtype (torch's x * cos, then addcmul). cos/sin are the
 [P, D/2] tables of RotaryEmbedding (llama3 / yarn scaling already applied), read at positions[t].
-No inline PTX: the same kernel compiles for ROCm.
+No inline PTX: the same kernel compiles for ROCm. Launched like the other per-layer ops (`pdl_triton.pdl_row_opts`:
+PDL on sm_90+), so the qkv GEMV -> this -> attention chain keeps its launches overlapped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from quantrt.engine.kv_quant import FP4_BLOCK, KVKind
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
 from quantrt.platforms.cuda.layer_ops import rne
 
 _FP8 = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
@@ -107,7 +109,8 @@ def _store_kv(buf_ptr, sc_ptr, slot, kvh, x, scale, HKV: tl.constexpr, D: tl.con
 def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, kb_ptr, vb_ptr,
                           ksc_ptr, vsc_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, k_scale, v_scale,
                           H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
-                          FMT: tl.constexpr):
+                          FMT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -187,7 +190,7 @@ def rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     _rope_kv_store_kernel[(t, h + hkv)](q, k, v, out, cos, sin, positions, slots, kb, vb, ksc, vsc,
                                         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                         cos.stride(0), float(k_scale), float(v_scale), H=h, HKV=hkv, D=d,
-                                        NEOX=neox, FMT=fmt, num_warps=1 if d <= 128 else 2)
+                                        NEOX=neox, FMT=fmt, num_warps=1 if d <= 128 else 2, **pdl_row_opts(q, t))
     return out
 
 
