@@ -30,6 +30,15 @@ for pdl in (False, True):
     vals = [x, torch.zeros(n, k, dtype=torch.bfloat16), y, ws, cnt, n, k, k, k // 2, 1, 1, 8, bk, False, pdl, 2,
             True]
     out["dense", pdl] = compile_sm90(D._dense_gemv_kernel, vals, num_warps=8, div16=True, gluon=False)
+from quantrt.platforms.cuda import layer_ops as L
+norm = {}
+for pdl in (False, True):
+    xb = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    vals = [xb, xb, xb[0], xb, xb, xb, ws, ws, 4096, 4096, 4096, 4096, 4096, 1e-5, 4096, pdl]
+    norm[pdl] = compile_sm90(L._add_rms_norm_kernel, vals, num_warps=8, div16=True, gluon=False)
+body = norm[True][norm[True].index(".entry"):]
+print("NORM", body.find("griddepcontrol.launch_dependents"), body.find("ld.global"), body.find("griddepcontrol.wait"),
+      body.rfind("ld.global"), "griddepcontrol" in norm[False])
 for (name, pdl), ptx in out.items():
     body = ptx[ptx.index(".entry"):]
     print(name, pdl, body.count("griddepcontrol.wait"), body.count("griddepcontrol.launch_dependents"),
@@ -60,7 +69,12 @@ def test_gemv_ptx_orders_weight_loads_wait_and_release():
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {}
-    for line in r.stdout.splitlines():
+    lines = r.stdout.splitlines()
+    norm = next(line for line in lines if line.startswith("NORM "))
+    release, first_ld, wait, last_ld, plain_has_gdc = norm.split()[1:]
+    # add + RMSNorm: release the next op, request the weight, wait, then read x and the residual
+    assert -1 < int(release) < int(first_ld) < int(wait) < int(last_ld) and plain_has_gdc == "False"
+    for line in (line for line in lines if not line.startswith("NORM ")):
         name, pdl, *nums = line.split()
         rows[name, pdl == "True"] = [int(v) for v in nums]
     assert len(rows) == 6, r.stdout

@@ -19,7 +19,8 @@ They compile for ROCm too (the only inline PTX, PDL's griddepcontrol, is compile
 On sm_90+ CUDA, with at least PDL_MIN_ROWS rows, each is launched with programmatic dependent launch (PDL,
 `kernels/pdl_triton.py`): it is scheduled while the kernel before it drains and waits (griddepcontrol.wait) for that
 kernel's results before reading; it also lets the next PDL kernel launch at once (that kernel waits for this
-one the same way). QUANTRT_CUDA_PDL=0 switches it off.
+one the same way). The norms request their weight before that wait (no kernel writes it). QUANTRT_CUDA_PDL=0
+switches PDL off.
 """
 
 from __future__ import annotations
@@ -29,20 +30,21 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels.act_quant_triton import ONE_PASS_MAX_K, code_values, row_scale
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
 from quantrt.quant.kernel import QuantizedRows, RowCodes
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)         # the weight is no kernel's output: before the wait
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, y.to(x.dtype), mask=mask)
 
@@ -90,17 +92,18 @@ def _quant_store(y, q_ptr, qs_ptr, sa_ptr, row, offs, mask, QMAX: tl.constexpr, 
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_ptr, stride_x, stride_d, stride_y,
                          stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
                          QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False):
-    pdl_enter(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)         # the weight is no kernel's output: before the wait
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     dd = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
     s = rne(x.to(tl.float32) + dd.to(tl.float32), x.dtype)
     tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / d + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = rne(rne(sf * rstd, x.dtype).to(tl.float32) * w.to(tl.float32), x.dtype)
     if QUANT:  # codes [M, d] of the rounded output for the linear that reads it, instead of the output
         _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)

@@ -27,9 +27,18 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """The second half of `pdl_enter`, for kernels that first request what no kernel writes (a norm's weight):
+    `pdl_release(PDL)`, those loads, then this."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def pdl_release(TRIGGER: tl.constexpr):
-    """After a weight-streaming kernel's main loop: let the next PDL kernel be scheduled (it still waits for this
-    grid to complete before it reads anything). No-op without TRIGGER (`_common.pdl_trigger`)."""
+    """Let the next PDL kernel be scheduled (it still waits for this grid to complete before it reads anything):
+    after a weight-streaming kernel's main loop (TRIGGER: `_common.pdl_trigger`), or at a small op's start (its
+    PDL flag, then `pdl_wait`). No-op when false."""
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -51,4 +60,4 @@ def pdl_row_opts(t: torch.Tensor, rows: int) -> dict:
     return pdl_launch_opts(t, rows >= int(os.environ.get("QUANTRT_CUDA_PDL_MIN_ROWS", PDL_MIN_ROWS)))
 
 
-__all__ = ["PDL_MIN_ROWS", "pdl_enter", "pdl_launch_opts", "pdl_release", "pdl_row_opts"]
+__all__ = ["PDL_MIN_ROWS", "pdl_enter", "pdl_launch_opts", "pdl_release", "pdl_row_opts", "pdl_wait"]
