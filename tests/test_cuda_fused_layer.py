@@ -375,7 +375,8 @@ def test_engine_greedy_tokens_equal_with_and_without_fused_ops_native(tiny_model
     kw = dict(model_path=str(tiny_models["llama"][0]), dtype="bfloat16", kv_cache_dtype=kv, max_total_tokens=2048,
               page_size=16, random_seed=0)
     fast_eng = Engine(**kw)
-    assert fast_eng.model.model.layers[0].self_attn.attn._rotary_store is not None
+    attn = fast_eng.model.model.layers[0].self_attn.attn
+    assert attn._rotary_store is not None and attn._rotary_attend is not None    # decode: one launch for both
     fast = _decode(fast_eng, PROMPTS, 12)
     del fast_eng
     slow = _decode(Engine(platform=without_fused_layer_ops(CudaPlatform)(), **kw), PROMPTS, 12)

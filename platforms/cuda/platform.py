@@ -109,6 +109,14 @@ class CudaPlatform(Platform):
 
         return rotary_kv_store
 
+    def decode_rotary_attention_op(self) -> Any | None:
+        """Decode rotary + KV write + paged attention in one Triton launch (paged_attention_triton)."""
+        if not _has_triton():
+            return None
+        from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_rotary_attention
+
+        return decode_rotary_attention
+
     def act_mul_op(self) -> Any | None:
         """silu/gelu-tanh(gate) * up in one Triton kernel (quantrt.platforms.cuda.layer_ops)."""
         if not _has_triton():

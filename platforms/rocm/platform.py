@@ -42,6 +42,11 @@ class RocmPlatform(AiterLayerOps, CudaPlatform):
         self._aiter: Any = None
         self._petit: Any = None
 
+    def decode_rotary_attention_op(self) -> Any | None:
+        """None: the decode attention goes through `decode_attention_ref` (aiter when it is on), so the rotary +
+        KV write stays its own op here (the CUDA platform's one-launch fusion never ran on AMD hardware)."""
+        return None
+
     def aiter_ops(self) -> Any:
         """aiter's ops when SGLANG_USE_AITER=1 / QUANTRT_USE_AITER=1, else None (absent aiter = PlatformError)."""
         from quantrt.platforms.rocm.aiter_adapter import RealAiterOps, aiter_requested

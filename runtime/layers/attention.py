@@ -48,18 +48,25 @@ class PagedAttention(nn.Module):
         self.v_scale = 1.0
         self.platform: Platform | None = None    # the engine's platform (finish_loading); None = current_platform()
         self._rotary_store = None                # the platform's rotary + KV write (Platform.rotary_kv_store_op)
+        self._rotary_attend = None               # ... and its decode step with the attention in one op
 
     def finish_loading(self, platform: Platform) -> None:
         """Remember the platform the engine runs on (its decode attention, e.g. an emulated NPU's, is looked up
         on it rather than on the process-wide current platform) and its fused rotary + KV-write op."""
         self.platform = platform
         self._rotary_store = platform.rotary_kv_store_op()
+        self._rotary_attend = platform.decode_rotary_attention_op()
 
     def rotary_forward(self, rotary, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
                        sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate q and k at fb.positions (`rotary`: a neox RotaryEmbedding), write k and v, attend: one platform
         kernel for the rotation and the write where it serves this pool, else the rotary's math and forward()."""
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H*D]
+        if fb.is_decode and self._rotary_attend is not None and (
+                q.device.type != "cpu" or getattr(self._rotary_attend, "runs_on_cpu", False)):
+            o = self._rotary_attend(self, q, k, v, *rotary.half_tables(), fb, sinks)
+            if o is not None:
+                return o
         if self._rotary_store is not None:
             qr = self._rotary_store(q, k, v, *rotary.half_tables(), fb.positions, fb.kv_pool, self.layer_id,
                                     fb.out_slots, self.k_scale, self.v_scale)

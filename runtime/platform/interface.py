@@ -144,6 +144,12 @@ class Platform:
         the KV pool at `slots`; or None (nothing written) where it does not serve (PagedAttention.rotary_forward)."""
         return None
 
+    def decode_rotary_attention_op(self) -> Any | None:
+        """(layer, q [B, H, D], k [B, Hkv, D], v, cos [P, D/2], sin, fb, sinks) -> [B, H*D]: a decode step's
+        rotary_kv_store_op and decode attention in one step (k, v written at fb.out_slots); None from the call,
+        with nothing written, where it does not serve (PagedAttention.rotary_forward then runs them apart)."""
+        return None
+
     def act_mul_op(self) -> Any | None:
         """(gu [T, 2I], gelu_tanh: bool) -> act(gu[:, :I]) * gu[:, I:] [T, I], act silu or gelu-tanh (gated MLP)."""
         return None
@@ -217,7 +223,7 @@ class Platform:
 
 
 FUSED_LAYER_HOOKS = ("fused_add_rms_norm_op", "rotary_kv_store_op", "act_mul_op", "decode_stack_op",
-                     "fused_add_rms_norm_codes_op", "act_mul_codes_op")
+                     "fused_add_rms_norm_codes_op", "act_mul_codes_op", "decode_rotary_attention_op")
 
 
 def without_fused_layer_ops(base: type[Platform]) -> type[Platform]:

@@ -23,6 +23,8 @@ sequences): scheduled while the kernel before drains, they wait for it before re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,14 @@ import triton.language as tl
 from quantrt.engine.kv_quant import KVKind
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
+from quantrt.platforms.cuda.kernels.rope_kv_triton import (
+    can_fuse_rotary_kv_store,
+    pool_format,
+    rope_apply,
+    rope_cols,
+    rope_store_kv,
+)
+from quantrt.platforms.cuda.layer_ops import rne
 
 _NEG = tl.constexpr(-1.0e30)  # a global read inside @triton.jit must be a constexpr
 _FP8_FMT = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2, torch.float8_e4m3fnuz: 3}
@@ -104,9 +114,11 @@ def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_sca
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_ptr, l_ptr, o_ptr, out_ptr,
-                   stride_sb, qk_scale, v_factor, CHUNK, WINDOW, NBLK_C: tl.constexpr, HKV: tl.constexpr,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr,
-                   DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False):
+                   stride_sb, qk_scale, v_factor, CHUNK, WINDOW, kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
+                   oslot_ptr, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, s_cs, k_wscale, v_wscale, NBLK_C: tl.constexpr,
+                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+                   FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
+                   ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0):
     pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -117,8 +129,22 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
     mask_g = offs_g < G
     offs_d = tl.arange(0, D)
     heads = kvh * G + offs_g                                                   # [GP] query heads
-    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
     length = tl.load(len_ptr + b).to(tl.int32)
+    if ROPE:  # q, k, v: this token's unrotated rows (strided views of the qkv output)
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        cos_row, sin_row = cos_ptr + pos * s_cs, sin_ptr + pos * s_cs
+        partner, c, sn = rope_cols(cos_row, sin_row, D, NEOX)
+        q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h                     # [GP, 1]
+        x = tl.load(q_rows + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+        xp = tl.load(q_rows + partner[None, :], mask=mask_g[:, None], other=0.0)
+        q = rne(rope_apply(x, xp, c[None, :], sn[None, :]), x.dtype)           # as rotary_kv_store rounds it
+        if (length - 1 >= sp * CHUNK) & (length - 1 < sp * CHUNK + CHUNK):   # this chunk holds the new token
+            rope_store_kv(kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h, k_ptr, v_ptr, ksc_ptr,
+                          vsc_ptr, cos_row, sin_row, tl.load(oslot_ptr + b).to(tl.int64), kvh, k_wscale, v_wscale,
+                          HKV, D, NEOX, FMT_W)
+        tl.debug_barrier()                                # the CTA reads the row it wrote below
+    else:
+        q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
     lo = sp * CHUNK
     hi = tl.minimum(lo + CHUNK, length)
     if WINDOW > 0:
@@ -185,18 +211,38 @@ def default_splits(batch: int, hkv: int, max_len: int, block_l: int) -> int:
     return max(1, min(want, cdiv(max_len, 4 * block_l), 64))
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """This step's unrotated k, v [B, Hkv, D] and what `paged_decode_attention` needs to rotate q and k and to
+    write k, v into the pages itself (`rope_kv_triton.rotary_kv_store`'s work, in the attention launch)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor        # [P, D/2] tables (unit stride along D/2)
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B]
+    slots: torch.Tensor      # [B] out slots
+    fmt: int                 # rope_kv_triton.pool_format
+    neox: bool = True
+
+
 def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kv_slots: torch.Tensor,
                            kv_lens: torch.Tensor, scale: float, kv_fmt: int, window: int | None = None,
                            k_scale: float = 1.0, v_scale: float = 1.0, k_sc: torch.Tensor | None = None,
                            v_sc: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                           splits: int = 0, block_l: int = 64, num_warps: int = 4) -> torch.Tensor:
+                           splits: int = 0, block_l: int = 64, num_warps: int = 4,
+                           new: NewToken | None = None) -> torch.Tensor:
     """q [B, H, D] fp16/bf16; k_buf/v_buf [slots, Hkv, D] (or [slots, Hkv, D/2] fp4 with k_sc/v_sc
-    [slots, Hkv*D/16]); kv_slots [B, L] slot table (padded); kv_lens [B] on the device -> [B, H, D]."""
+    [slots, Hkv*D/16]); kv_slots [B, L] slot table (padded); kv_lens [B] on the device -> [B, H, D].
+    With `new`: q is unrotated (rows may be strided) and this step's k, v are not in the pages yet: the program
+    whose chunk holds position kv_len - 1 rotates k and writes k, v there before reading (each sequence's
+    k_scale / v_scale as the pool write uses them)."""
     b, h, d = q.shape
     hkv = k_buf.shape[1]
     g = h // hkv
     assert h % hkv == 0 and d >= 16 and d & (d - 1) == 0, "head_dim must be a power of two >= 16"
-    q = q.contiguous()
+    if new is None or q.stride(2) != 1:
+        q = q.contiguous()
     max_len = kv_slots.shape[1]
     if kv_slots.stride(1) != 1:
         kv_slots = kv_slots.contiguous()
@@ -207,16 +253,20 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     m = torch.empty((0 if final else b * h * s,), device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     o = torch.empty((0 if final else b * h * s, d), device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
     factor = _FMT_FACTOR[kv_fmt]
     k_sc = k_sc if k_sc is not None else k_buf
     v_sc = v_sc if v_sc is not None else v_buf
+    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+    nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
                                 float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
+                                nw.k, nw.v, nw.cos, nw.sin, nw.positions, nw.slots, q.stride(0), q.stride(1),
+                                nw.k.stride(0), nw.k.stride(1), nw.v.stride(0), nw.v.stride(1),
+                                nw.cos.stride(0) if new else 0, float(k_scale), float(v_scale),
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
-                                DOT_F32=interpret_mode(), FINAL=final, num_warps=num_warps, num_stages=2,
-                                **pdl_row_opts(q, b))
+                                DOT_F32=interpret_mode(), FINAL=final, ROPE=new is not None, NEOX=nw.neox,
+                                FMT_W=nw.fmt, num_warps=num_warps, num_stages=2, **pdl_row_opts(q, b))
     if final:
         return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,
@@ -225,28 +275,56 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     return out
 
 
-def decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The CUDA platform's decode attention for `PagedAttention` (see `Platform.decode_attention_ref`):
-    q [B, H, D] -> [B, H*D], or None when this pool/layer is not served (the layer then runs SDPA)."""
+def _served(layer, q: torch.Tensor, fb) -> tuple | None:
+    """(KV_FMT, kv_lens on the device, k_sc, v_sc) when this kernel serves the layer's decode over fb's pool, else
+    None (the layer then runs SDPA)."""
     pool = fb.kv_pool
     fmt, _ = kv_format(pool)
     d = layer.head_dim
     if fmt < 0 or d < 16 or d & (d - 1) or q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    lens = fb.kv_lens_t if getattr(fb, "kv_lens_t", None) is not None else fb.cache.get("kv_lens_dev")
-    if lens is None:
-        lens = fb.cache["kv_lens_dev"] = torch.tensor(fb.kv_lens, dtype=torch.int32, device=q.device)
     i = layer.layer_id
     if not getattr(pool, "has_v", True):
         return None                                      # MLA latent cache: no V rows
     kd = pool.k[i].shape[-1] * (2 if fmt == 4 else 1)
     if q.dim() != 3 or q.shape[-1] != d or kd != d or pool.v[i].shape != pool.k[i].shape:
         return None                                      # another layout (e.g. MLA latents): not this kernel
-    k_sc = pool.k_sc[i] if fmt == 4 else None
-    v_sc = pool.v_sc[i] if fmt == 4 else None
+    lens = fb.kv_lens_t if getattr(fb, "kv_lens_t", None) is not None else fb.cache.get("kv_lens_dev")
+    if lens is None:
+        lens = fb.cache["kv_lens_dev"] = torch.tensor(fb.kv_lens, dtype=torch.int32, device=q.device)
+    return fmt, lens, pool.k_sc[i] if fmt == 4 else None, pool.v_sc[i] if fmt == 4 else None
+
+
+def decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The CUDA platform's decode attention for `PagedAttention` (see `Platform.decode_attention_ref`):
+    q [B, H, D] -> [B, H*D], or None when this pool/layer is not served (the layer then runs SDPA)."""
+    served = _served(layer, q, fb)
+    if served is None:
+        return None
+    fmt, lens, k_sc, v_sc = served
+    pool, i = fb.kv_pool, layer.layer_id
     o = paged_decode_attention(q, pool.k[i], pool.v[i], fb.kv_slots, lens, layer.scale, fmt, layer.window,
                                layer.k_scale, layer.v_scale, k_sc, v_sc, sinks)
     return o.reshape(q.shape[0], -1)
 
 
-__all__ = ["decode_attention", "default_splits", "kv_format", "paged_decode_attention"]
+def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, fb, sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`Platform.decode_rotary_attention_op` on CUDA: a decode step's rotary (neox), KV write and attention in one
+    launch. q [B, H, D], k, v [B, Hkv, D] unrotated (views of the qkv output) -> [B, H*D], the same as
+    `rotary_kv_store` then `decode_attention`; None, with nothing written, where either declines."""
+    pool, i = fb.kv_pool, layer.layer_id
+    served = _served(layer, q, fb)
+    ok, _ = can_fuse_rotary_kv_store(q, k, v, cos, sin, pool, i)
+    wfmt, _ = pool_format(pool)
+    if served is None or not ok or wfmt != served[0] or fb.positions.shape[0] != q.shape[0]:
+        return None
+    fmt, lens, k_sc, v_sc = served
+    new = NewToken(k, v, cos, sin, fb.positions, fb.out_slots, wfmt)
+    o = paged_decode_attention(q, pool.k[i], pool.v[i], fb.kv_slots, lens, layer.scale, fmt, layer.window,
+                               layer.k_scale, layer.v_scale, k_sc, v_sc, sinks, new=new)
+    return o.reshape(q.shape[0], -1)
+
+
+__all__ = ["NewToken", "decode_attention", "decode_rotary_attention", "default_splits", "kv_format",
+           "paged_decode_attention"]

@@ -31,8 +31,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
-    """One head row x [D] rotated -> fp32 [D] (not yet rounded to x's dtype). cos_ptr/sin_ptr: the table row."""
+def rope_cols(cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
+    """For the D columns of a head row: the partner column each is rotated with, and the fp32 cos and signed sin
+    it is multiplied by (cos_ptr/sin_ptr: the [D/2] table row of the position) -> (partner, c, s), each [D]."""
     e = tl.arange(0, D)
     half: tl.constexpr = D // 2
     if NEOX:
@@ -43,13 +44,33 @@ def _rope(x_ptr, cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
         first = (e % 2) == 0
         partner = e ^ 1
         f = e // 2
-    x = tl.load(x_ptr + e)
-    xp = tl.load(x_ptr + partner).to(tl.float32)
     c = tl.load(cos_ptr + f).to(tl.float32)
     s = tl.load(sin_ptr + f).to(tl.float32)
-    s = tl.where(first, -s, s)
-    xc = rne(x.to(tl.float32) * c, x.dtype).to(tl.float32)
-    return xc + xp * s
+    return partner, c, tl.where(first, -s, s)
+
+
+@triton.jit
+def rope_apply(x, xp, c, s):
+    """x rotated (x, its partner columns xp: the model dtype; c, s from `rope_cols`) -> fp32, not yet rounded to
+    x's dtype: round(x * cos) + x_partner * (-+sin), torch's x * cos then addcmul."""
+    return rne(x.to(tl.float32) * c, x.dtype).to(tl.float32) + xp.to(tl.float32) * s
+
+
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
+    """One head row x [D] rotated -> fp32 [D] (not yet rounded to x's dtype). cos_ptr/sin_ptr: the table row."""
+    partner, c, s = rope_cols(cos_ptr, sin_ptr, D, NEOX)
+    return rope_apply(tl.load(x_ptr + tl.arange(0, D)), tl.load(x_ptr + partner), c, s)
+
+
+@triton.jit
+def rope_store_kv(k_ptr, v_ptr, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr, cos_row, sin_row, slot, kvh, k_scale, v_scale,
+                  HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr, FMT: tl.constexpr):
+    """KV head kvh of one token (k_ptr / v_ptr: its rows): k rotated and rounded to the model dtype, written with v
+    into the pool at `slot` as the pool stores them."""
+    y = _rope(k_ptr, cos_row, sin_row, D, NEOX)
+    _store_kv(kb_ptr, ksc_ptr, slot, kvh, rne(y, k_ptr.dtype.element_ty).to(tl.float32), k_scale, HKV, D, FMT)
+    _store_kv(vb_ptr, vsc_ptr, slot, kvh, tl.load(v_ptr + tl.arange(0, D)).to(tl.float32), v_scale, HKV, D, FMT)
 
 
 @triton.jit
@@ -122,10 +143,8 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr
     else:
         kvh = j - H
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        y = _rope(k_ptr + t * sk_t + kvh * sk_h, c_row, s_row, D, NEOX)
-        _store_kv(kb_ptr, ksc_ptr, slot, kvh, rne(y, k_ptr.dtype.element_ty).to(tl.float32), k_scale, HKV, D, FMT)
-        x = tl.load(v_ptr + t * sv_t + kvh * sv_h + e).to(tl.float32)
-        _store_kv(vb_ptr, vsc_ptr, slot, kvh, x, v_scale, HKV, D, FMT)
+        rope_store_kv(k_ptr + t * sk_t + kvh * sk_h, v_ptr + t * sv_t + kvh * sv_h, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr,
+                      c_row, s_row, slot, kvh, k_scale, v_scale, HKV, D, NEOX, FMT)
 
 
 def pool_format(pool) -> tuple[int, str]:
@@ -194,4 +213,4 @@ def rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return out
 
 
-__all__ = ["can_fuse_rotary_kv_store", "pool_format", "rotary_kv_store"]
+__all__ = ["can_fuse_rotary_kv_store", "pool_format", "rope_apply", "rope_cols", "rope_store_kv", "rotary_kv_store"]
