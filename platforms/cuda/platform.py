@@ -110,8 +110,9 @@ class CudaPlatform(Platform):
         return rotary_kv_store
 
     def decode_rotary_attention_op(self) -> Any | None:
-        """Decode rotary + KV write + paged attention in one Triton launch (paged_attention_triton)."""
-        if not _has_triton():
+        """Decode rotary + KV write + paged attention in one Triton launch (paged_attention_triton);
+        QUANTRT_CUDA_FUSED_ATTENTION=0: off (the two launches), for A/B."""
+        if not _has_triton() or os.environ.get("QUANTRT_CUDA_FUSED_ATTENTION", "1") == "0":
             return None
         from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_rotary_attention
 
