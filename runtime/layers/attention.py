@@ -62,8 +62,8 @@ class PagedAttention(nn.Module):
         """Rotate q and k at fb.positions (`rotary`: a neox RotaryEmbedding), write k and v, attend: one platform
         kernel for the rotation and the write where it serves this pool, else the rotary's math and forward()."""
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H*D]
-        if fb.is_decode and self._rotary_attend is not None and (
-                q.device.type != "cpu" or getattr(self._rotary_attend, "runs_on_cpu", False)):
+        if fb.is_decode and self._rotary_attend is not None and platform_decode_attention(self.platform) and (
+                q.device.type != "cpu" or getattr(self._rotary_attend, "runs_on_cpu", False)):  # as attend() decides
             o = self._rotary_attend(self, q, k, v, *rotary.half_tables(), fb, sinks)
             if o is not None:
                 return o
