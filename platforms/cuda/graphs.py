@@ -18,7 +18,8 @@ or a CPU->GPU copy from pageable memory) disables the runner with the reason; de
 Overlapped greedy steps (`launch_greedy` -> `GreedyStep.tokens()`, the scheduler's overlap schedule): a step is
 queued without waiting for the GPU: its inputs go through a pinned host buffer (two per graph, used
 in turn, so the buffer of the step still in flight is never rewritten), the argmax after the replay
-(`kernels/argmax_triton.row_argmax`: one launch, torch.argmax's result) writes the device token buffer `[max_bs]`, and an async copy of it to a pinned host row plus an event
+(`kernels/argmax_triton.row_argmax` on CUDA: one launch, torch.argmax's result) writes the device token
+buffer `[max_bs]`, and an async copy of it to a pinned host row plus an event
 tell the host when the tokens can be read. A chained step names, per row, the row of the previous
 launch whose token is its input: one gather on the device fills the ids column, so a sequence's
 token never has to reach the host before the next step is queued.
@@ -148,6 +149,16 @@ class GreedyStep:
         return self.host.tolist()
 
 
+def _greedy_argmax(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """(logits [B, V], out [B] int64) -> out = argmax per row: one Triton launch on CUDA (`argmax_triton`), torch's
+    on the CPU stand-in."""
+    if device.type == "cuda":
+        from quantrt.platforms.cuda.kernels.argmax_triton import row_argmax
+
+        return lambda logits, out: row_argmax(logits, out=out)
+    return lambda logits, out: torch.argmax(logits, dim=-1, out=out)
+
+
 class DecodeGraphRunner:
     """Pads decode batches to capture sizes and KV lengths to buckets, captures lazily, replays.
 
@@ -168,6 +179,7 @@ class DecodeGraphRunner:
         self._tokens = torch.zeros(max_bs, dtype=torch.long, device=device)  # [max_bs] last greedy step's tokens
         self._tokens_host = [self._host_buffer((max_bs,)) for _ in range(2)]   # its host copies, used in turn
         self._launches = 0                   # greedy launches so far (picks the host buffers in turn)
+        self._argmax = _greedy_argmax(device)
 
     def key(self, batch: int, length: int) -> tuple[int, int] | None:
         """(padded batch, length bucket) for a step, or None when it must run eagerly."""
@@ -238,12 +250,7 @@ class DecodeGraphRunner:
         self.backend.replay(g.handle)
         self.replays += 1
         b = d.batch
-        if self._pinned:   # CUDA: one launch (argmax_triton); the CPU stand-in keeps torch's
-            from quantrt.platforms.cuda.kernels.argmax_triton import row_argmax
-
-            row_argmax(g.out[:b], out=self._tokens[:b])
-        else:
-            torch.argmax(g.out[:b], dim=-1, out=self._tokens[:b])
+        self._argmax(g.out[:b], self._tokens[:b])
         host = self._tokens_host[self._launches % 2][:b]
         host.copy_(self._tokens[:b], non_blocking=self._pinned)
         self._launches += 1

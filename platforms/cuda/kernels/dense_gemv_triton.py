@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_trigger, split_counters
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_wait
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
 MAX_M = 4
@@ -40,12 +40,6 @@ class DenseGemvConfig:
     num_stages: int = 1
     prefetch: bool = False    # load step i+1's weight tile before multiplying step i's
     pdl: bool = False         # programmatic dependent launch (sm_90+, not the interpreter, not ROCm)
-
-
-@triton.jit
-def _gdc_wait(PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -88,14 +82,14 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     acc3 = tl.zeros([BN], dtype=tl.float32)
     if PREFETCH:
         w = tl.load(w_tile)                                                    # before the wait (PDL)
-        _gdc_wait(PDL)
+        pdl_wait(PDL)
         for kt in range(0, K_PER_SPLIT, BK):
             nxt = tl.load(w_tile + (kt + BK), mask=kt + BK < K_PER_SPLIT, other=0.0)  # scalar mask
             acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
             w = nxt
     else:  # step 0 peeled: its weight tile is loaded before the wait (PDL), the others as they come
         w = tl.load(w_tile)
-        _gdc_wait(PDL)
+        pdl_wait(PDL)
         acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + offs_k, w, acc0, acc1, acc2, acc3, M)
         for kt in range(BK, K_PER_SPLIT, BK):
             w = tl.load(w_tile + kt)

@@ -20,7 +20,7 @@ from quantrt.platforms.cuda.kernels._common import (
     stream_pdl,
 )
 from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_wait
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _amax_scale
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 
@@ -200,8 +200,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
         w0 = tl.load(wt)
     else:
         w0 = tl.load(w_tile)
-    if PDL:  # step 0's weights are requested; x and the split-K buffers only after the kernel before completes
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(PDL)  # step 0's weights are requested; x and the split-K buffers only after the kernel before ends
     sx = 1.0
     if ACT == 0:
         sx = _amax_scale(x_ptr, K, KT, BKA, QMAX)

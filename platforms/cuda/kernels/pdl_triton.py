@@ -18,15 +18,6 @@ from quantrt.platforms.cuda.kernels._common import pdl_supported
 
 
 @triton.jit
-def pdl_enter(PDL: tl.constexpr):
-    """Start of a PDL-launched kernel: let the next PDL kernel launch (it waits for this one to complete
-    before it reads anything this one writes), then wait for the kernel before this one. No-op with PDL off."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """The second half of `pdl_enter`, for kernels that first request what no kernel writes (a norm's weight):
     `pdl_release(PDL)`, those loads, then this."""
@@ -41,6 +32,14 @@ def pdl_release(TRIGGER: tl.constexpr):
     PDL flag, then `pdl_wait`). No-op when false."""
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Start of a PDL-launched kernel: let the next PDL kernel launch (it waits for this one to complete
+    before it reads anything this one writes), then wait for the kernel before this one. No-op with PDL off."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
 
 
 def pdl_launch_opts(t: torch.Tensor, on: bool = True) -> dict:
