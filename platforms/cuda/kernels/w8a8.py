@@ -161,6 +161,18 @@ class TritonW8A8Kernel(LinearKernel):
             self._gemv_reason = gemv_w8_why_not(*self.data.shape, self.act, self.wscale, self.data.dtype == torch.int8)
         return self._gemv_reason
 
+    def rows_why(self, m: int) -> str:
+        """Why the row GEMV `gemv_w8_rows` (M = 2..16 on `gemv_w8`'s structure) cannot take these rows ('' when it
+        can; whether it does depends on its measured tile table)."""
+        if torch.version.hip is not None:
+            return "ROCm: the row GEMV was only built and measured for CUDA (PTX widening, dp4a)"
+        if self.data.dtype not in (torch.float8_e4m3fn, torch.int8):
+            return f"the row GEMV takes e4m3 or int8 codes, not {self.data.dtype}"
+        from quantrt.platforms.cuda.kernels.gemv_w8_rows import config, gemv_w8_rows_why_not
+
+        return gemv_w8_rows_why_not(m, *self.data.shape, self.act, self.wscale, self.data.dtype == torch.int8,
+                                    config((16, 64, 4), self.data.shape[1]))
+
     def frag_why(self, m: int) -> str:
         """Why `frag_w8` (M = 2..32 on mma.sync fragments) cannot take these rows ('' when it can; whether it
         does depends on its measured tile table)."""
@@ -204,6 +216,12 @@ class TritonW8A8Kernel(LinearKernel):
     def _find_plan(self, m: int) -> tuple[str, object]:
         n, k = self.data.shape
         ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
+        if m >= 2 and not ring and self.rows_why(m) == "":
+            from quantrt.platforms.cuda.kernels.gemv_w8_rows import tile_for as rows_tile
+
+            cfg = rows_tile(m, k, n, self.data.dtype == torch.int8)
+            if cfg is not None and k % cfg.block_k == 0:
+                return "rows", cfg
         if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
             from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
 
@@ -281,6 +299,10 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
             y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
+        elif path == "rows":
+            from quantrt.platforms.cuda.kernels.gemv_w8_rows import gemv_w8_rows
+
+            y = gemv_w8_rows(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale, cfg)
         elif path == "skinny":
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
