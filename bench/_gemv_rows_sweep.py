@@ -8,7 +8,10 @@
 Schemes as in `_fp8_gemv_sweep.py` (tok: fp8 per channel x per token; i8: int8 per channel x per token). Every
 variant is checked against the float64 quantize-then-matmul first; timed as `bench/kernels.py` times (median
 CUDA-graph replay over weight copies that overflow the L2). Prints the best tile per (kind, K, N, M) with its
-ratio to bf16 cuBLAS, then `before` and the best tile side by side.
+ratio to bf16 cuBLAS, then `before` and the best tile side by side; then the linear as the model runs it behind
+the op that makes its input (add + RMSNorm, or act * mul for K = 14336): (producer + linear) - producer, the path
+before taking its codes from the producer where it can (`row_codes`), the row GEMV the producer's bf16 rows
+(default tile). `--no-model` skips that part.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ MS = [2, 3, 4, 8, 16]
 # (block_n, block_k, warps)
 CFGS = [(16, 512, 8), (16, 1024, 8), (8, 1024, 4), (8, 512, 4), (32, 512, 8)]
 KINDS = ["rows:tok", "rows:i8"]
+MODEL = True   # also the linear behind its producer (`model_cells`); --no-model: kernels only
 
 
 def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
@@ -58,6 +62,11 @@ def sweep(cells: Cells, out: str) -> None:
                     kk._plan(m)                                                # the path before, cached
                 cells.timed(f"before:{scheme}", k, n, m, (kerns[0]._plan(m)[0],),
                             [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], x, ref)
+                if MODEL:
+                    os.environ["QUANTRT_CUDA_GEMV_ROWS"] = f"{scheme.replace('tok', 'fp8')}:16"
+                    rk = [_kernel(scheme, wt) for wt in wts] if _fits(kind, m) else []
+                    model_cells(cells, scheme, k, n, m, kerns, rk)
+                    os.environ["QUANTRT_CUDA_GEMV_ROWS"] = "0"
                 if _fits(kind, m):
                     for cfg in CFGS:
                         fns = [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in wts]
@@ -66,6 +75,53 @@ def sweep(cells: Cells, out: str) -> None:
             del wts, kerns
             torch.cuda.empty_cache()
         cells.save(out)
+
+
+def _producer(k: int, m: int):
+    """The op that makes a linear's input in the model, and its codes variant: add + RMSNorm (qkv, o's K = 4096
+    rows, gate_up) or act * mul (down, K = 14336)."""
+    from quantrt.platforms.cuda.layer_ops import ONE_PASS_MAX_K, triton_act_mul, triton_add_rms_norm
+
+    if k <= ONE_PASS_MAX_K:
+        x, delta = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(m, k, device="cuda",
+                                                                                       dtype=torch.bfloat16)
+        wn = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        return lambda codes=None: triton_add_rms_norm(x, delta, wn, 1e-5, codes)[0]
+    gu = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+    return lambda codes=None: triton_act_mul(gu, False, codes)
+
+
+def model_cells(cells: Cells, kind: str, k: int, n: int, m: int, kerns: list, rows_kerns: list) -> None:
+    """The linear as the model runs it behind the op that makes its input: (producer + linear) - producer, with
+    the dispatch before (codes from the producer where the path takes them, `row_codes`) and the row GEMV (the
+    producer's bf16 output; the kernel quantizes its rows)."""
+    make = _producer(k, m)
+    x = torch.zeros(1)
+    cells.timed(f"model_prod:{kind}", k, n, m, None, [lambda x, f=make: f() for _ in kerns], x)
+    codes = kerns[0].row_codes(m)
+    cells.timed(f"model_before:{kind}", k, n, m, (kerns[0]._plan(m)[0], codes is not None),
+                [lambda x, kk=kk, f=make, c=codes: kk.apply(f(c), None) for kk in kerns], x)
+    if rows_kerns:
+        cells.timed(f"model_rows:{kind}", k, n, m, (rows_kerns[0]._plan(m)[0],),
+                    [lambda x, kk=kk, f=make: kk.apply(f(), None) for kk in rows_kerns], x)
+
+
+def _share(t: float | None, prod: float, bf: float) -> str:
+    return "-" if t is None else f"{t - prod:.2f} {bf / (t - prod):.2f}x"
+
+
+def compare_model(res: list[dict]) -> None:
+    """Per (scheme, K, N, M): the linear's share behind its producer, before vs the row GEMV (µs, x bf16)."""
+    at = {(r["kind"], r["k"], r["n"], r["m"]): r["us"] for r in res}
+    print("| scheme | (K, N) | M | bf16 | producer | before's share | rows' share |")
+    for kind, k, n, m in sorted(at):
+        if not kind.startswith("model_prod:"):
+            continue
+        scheme = kind.split(":")[1]
+        prod, bf = at[kind, k, n, m], at.get(("bf16", k, n, m), float("nan"))
+        before, rows = at.get((f"model_before:{scheme}", k, n, m)), at.get((f"model_rows:{scheme}", k, n, m))
+        print(f"| {scheme} | {k}x{n} | {m} | {bf:.2f} | {prod:.2f} | {_share(before, prod, bf)} | "
+              f"{_share(rows, prod, bf)} |")
 
 
 def compare(res: list[dict]) -> None:
@@ -89,13 +145,16 @@ def compare(res: list[dict]) -> None:
 
 
 def main() -> None:
-    a = sweep_args(__doc__, "rows.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "kinds": KINDS})
+    global MODEL
+    a = sweep_args(__doc__, "rows.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "kinds": KINDS}, ("no_model",))
+    MODEL = not a.no_model
     variants = [(kind, k, n, m, c) for k, n in SHAPES for kind in KINDS for m in MS if _fits(kind, m) for c in CFGS]
     precompile("_gemv_rows_sweep", variants, 12)
     cells = Cells(functools.partial(time_us, rep_ms=a.rep_ms))
     sweep(cells, a.json)
     cells.report()
     compare(cells.res)
+    compare_model(cells.res)
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}", file=sys.stderr)
 
 

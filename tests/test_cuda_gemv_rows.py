@@ -85,8 +85,16 @@ def test_rows_dispatch_switch_and_messages(monkeypatch):
     assert kern._plan(5)[0] != "rows"
     monkeypatch.setenv("QUANTRT_CUDA_GEMV_ROWS", "0")
     assert _kernel(spec)._plan(2)[0] != "rows"
+    # unset: the measured table decides ("0" switches even a table entry off)
+    monkeypatch.setitem(R._TILES, (256, 48), {"i8": ((2, (16, 128, 4)),)})
+    assert R.tile_for(2, 256, 48, True) is None
+    monkeypatch.delenv("QUANTRT_CUDA_GEMV_ROWS")
+    assert R.tile_for(2, 256, 48, True).block_k == 128 and R.tile_for(3, 256, 48, True) is None
+    kern = _kernel(spec)
+    assert kern._plan(2)[0] == "rows" and kern._plan(3)[0] != "rows"
+    assert R.tile_for(2, 256, 48, False) is None                               # no fp8 entry for this shape
     monkeypatch.setenv("QUANTRT_CUDA_GEMV_ROWS", "fp4:4")
-    with pytest.raises(ValueError, match="QUANTRT_CUDA_GEMV_ROWS='fp4:4': expected e.g. 'fp8:4,i8:16'"):
+    with pytest.raises(ValueError, match=r"ROWS='fp4:4': expected '' \(the tile table\), '0' \(off\) or e\.g\."):
         R.tile_for(2, 256, 48, False)
     monkeypatch.setenv("QUANTRT_CUDA_GEMV_ROWS", "fp8")
     with pytest.raises(ValueError, match="kinds fp8, i8"):

@@ -212,18 +212,21 @@ _TILES: dict[tuple[int, int], dict[str, tuple]] = {}
 DEFAULT_TILE = (16, 512, 8)
 
 
-def _forced() -> dict[str, int]:
-    """QUANTRT_CUDA_GEMV_ROWS="fp8:4,i8:16": every shape up to those rows on the default tile (A/B and sweeps);
-    "0" or "": the tile table only."""
+def _forced() -> dict[str, int] | None:
+    """QUANTRT_CUDA_GEMV_ROWS: unset or "": the tile table; "0": never; "fp8:4,i8:16": every shape up to those rows
+    on the default tile (A/B and sweeps)."""
     spec = os.environ.get("QUANTRT_CUDA_GEMV_ROWS", "").strip()
-    if spec in ("", "0"):
+    if spec == "":
+        return None
+    if spec == "0":
         return {}
     try:
         out = {kind.strip(): int(top) for kind, top in (part.split(":") for part in spec.split(","))}
     except ValueError:
         out = None
     if out is None or not set(out) <= {"fp8", "i8"}:
-        raise ValueError(f"QUANTRT_CUDA_GEMV_ROWS={spec!r}: expected e.g. 'fp8:4,i8:16' (kinds fp8, i8; rows)")
+        raise ValueError(f"QUANTRT_CUDA_GEMV_ROWS={spec!r}: expected '' (the tile table), '0' (off) or e.g. "
+                         "'fp8:4,i8:16' (kinds fp8, i8; rows)")
     return out
 
 
@@ -239,10 +242,11 @@ def tile_for(m: int, k: int, n: int, is_int: bool) -> GemvW8Config | None:
     """The row GEMV's tile for M rows of (K, N), or None where the sweep found it no faster than the path before
     (`_TILES`; `QUANTRT_CUDA_GEMV_ROWS` overrides)."""
     kind = "i8" if is_int else "fp8"
-    forced = _forced().get(kind)
-    tile = DEFAULT_TILE if forced is not None and m <= forced else None
+    forced = _forced()
     if forced is None:
         tile = next((t for top, t in _TILES.get((k, n), {}).get(kind, ()) if m <= top), None)
+    else:
+        tile = DEFAULT_TILE if m <= forced.get(kind, 0) else None
     return None if tile is None else config(tile, k)
 
 
