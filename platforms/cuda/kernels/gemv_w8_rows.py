@@ -208,7 +208,19 @@ def gemv_w8_rows_why_not(m: int, n: int, k: int, act: int, wscale: int, is_int: 
 
 # H100 sweep (docs/PERFORMANCE.md, thirteenth session, `bench/_gemv_rows_sweep.py`): per (K, N) and scheme
 # (fp8 / i8), (up to M rows, (block_n, block_k, warps)) in increasing M, where it beat the path before.
-_TILES: dict[tuple[int, int], dict[str, tuple]] = {}
+# Kept where the kernel table (the path before with its activation-code launch) was >= 3% faster and the linear
+# behind its producer (the path before on the producer's codes, the row GEMV on the default tile) was not slower;
+# µs rows / before in the kernel table at M = 2 in the comments. At 3-8 rows fp8 costs 1.2-2.5x `frag_w8` (one
+# FFMA per code and row plus per-row activation work: ~13 instructions per code at 4 rows).
+_TILES: dict[tuple[int, int], dict[str, tuple]] = {
+    (4096, 4096): {"fp8": ((2, (8, 1024, 4)),),                        # 9.73 / 11.10
+                   "i8": ((2, (16, 1024, 8)),)},                       # 8.30 / 9.51
+    (4096, 6144): {"fp8": ((2, (8, 1024, 4)),),                        # 11.98 / 13.73
+                   "i8": ((4, (32, 512, 8)),)},                        # 11.01 / 13.86; M = 4 11.60 / 14.00
+    (8192, 8192): {"fp8": ((2, (16, 512, 8)),),                        # 28.18 / 28.97
+                   "i8": ((2, (32, 512, 8)),)},                        # 25.17 / 28.93
+    (14336, 4096): {"i8": ((2, (16, 1024, 8)),)},                      # 24.96 / 27.24
+}
 DEFAULT_TILE = (16, 512, 8)
 
 
