@@ -29,8 +29,6 @@ SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)
 MS = [2, 3, 4, 8, 16]
 # (block_n, block_k, warps)
 CFGS = [(16, 512, 8), (16, 1024, 8), (8, 1024, 4), (8, 512, 4), (32, 512, 8)]
-GL_CFGS = [(16, 512, 8, 2), (32, 512, 8, 2), (16, 1024, 8, 2), (16, 512, 4, 2), (32, 1024, 8, 2), (64, 512, 8, 2),
-           (16, 512, 8, 4)]   # F8RowsConfig (block_n, block_k, warps, waves) of the Gluon fp8 kernel ("rowsgl:tok")
 KINDS = ["rows:tok", "rows:i8"]
 MODEL = True   # also the linear behind its producer (`model_cells`); --no-model: kernels only
 
@@ -39,15 +37,7 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     from quantrt.platforms.cuda.kernels.gemv_w8_rows import config, gemv_w8_rows
 
     act, wscale, qmax = SCHEMES[kind.split(":")[-1]]
-    if kind.startswith("rowsgl:"):
-        from quantrt.platforms.cuda.kernels.gemv_f8_rows_gluon import F8RowsConfig, gemv_f8_rows
-
-        return gemv_f8_rows(x, wt[0], wt[1], wscale, qmax, F8RowsConfig(*cfg))
     return gemv_w8_rows(x, wt[0], wt[1], act, wscale, qmax, None, config(cfg, x.shape[1]))
-
-
-def _cfgs(kind: str) -> list[tuple]:
-    return GL_CFGS if kind.startswith("rowsgl:") else CFGS
 
 
 def _fits(kind: str, m: int) -> bool:
@@ -73,13 +63,12 @@ def sweep(cells: Cells, out: str) -> None:
                 cells.timed(f"before:{scheme}", k, n, m, (kerns[0]._plan(m)[0],),
                             [lambda x, kk=kk: kk.apply(x, None) for kk in kerns], x, ref)
                 if MODEL:
-                    os.environ["QUANTRT_CUDA_GEMV_ROWS"] = ("gl8:8" if kind.startswith("rowsgl:") else
-                                                            f"{scheme.replace('tok', 'fp8')}:16")
+                    os.environ["QUANTRT_CUDA_GEMV_ROWS"] = f"{scheme.replace('tok', 'fp8')}:16"
                     rk = [_kernel(scheme, wt) for wt in wts] if _fits(kind, m) else []
                     model_cells(cells, scheme, k, n, m, kerns, rk)
                     os.environ["QUANTRT_CUDA_GEMV_ROWS"] = "0"
                 if _fits(kind, m):
-                    for cfg in _cfgs(kind):
+                    for cfg in CFGS:
                         fns = [lambda x, wt=wt, c=cfg, kd=kind: _call(kd, c, x, wt) for wt in wts]
                         cells.timed(kind, k, n, m, cfg, fns, x, ref)
             os.environ.pop("QUANTRT_CUDA_GEMV_ROWS")
@@ -142,30 +131,24 @@ def compare(res: list[dict]) -> None:
         key = (r["kind"], r["k"], r["n"], r["m"])
         if r["err"] < 2e-2 and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-    print("| scheme | (K, N) | M | bf16 | before (path) | best rows (tile) | best Gluon rows (tile) | best / before |")
+    print("| scheme | (K, N) | M | bf16 | before (path) | best rows (tile) | rows / before |")
     for kind, k, n, m in sorted(best):
         if not kind.startswith("before:"):
             continue
         scheme = kind.split(":")[1]
-        b, bf = best[kind, k, n, m], best.get(("bf16", k, n, m))
+        b, bf, rw = best[kind, k, n, m], best.get(("bf16", k, n, m)), best.get((f"rows:{scheme}", k, n, m))
         bfu = bf["us"] if bf else float("nan")
-        cells, top = [], None
-        for rk in ("rows", "rowsgl"):
-            rw = best.get((f"{rk}:{scheme}", k, n, m))
-            cells.append(f"{rw['us']:.2f} {bfu / rw['us']:.2f}x {tuple(rw['cfg'])}" if rw else "-")
-            top = rw["us"] if rw and (top is None or rw["us"] < top) else top
-        ratio = f"{top / b['us']:.3f}" if top else "-"
-        print(f"| {scheme} | {k}x{n} | {m} | {bfu:.2f} | {b['us']:.2f} {bfu / b['us']:.2f}x {b['cfg'][0]} | "
-              f"{' | '.join(cells)} | {ratio} |")
+        row = f"{rw['us']:.2f} {bfu / rw['us']:.2f}x {tuple(rw['cfg'])}" if rw else "-"
+        ratio = f"{rw['us'] / b['us']:.3f}" if rw else "-"
+        print(f"| {scheme} | {k}x{n} | {m} | {bfu:.2f} | {b['us']:.2f} {bfu / b['us']:.2f}x {b['cfg'][0]} | {row} | "
+              f"{ratio} |")
 
 
 def main() -> None:
     global MODEL
-    a = sweep_args(__doc__, "rows.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "gl_cfgs": GL_CFGS, "kinds": KINDS},
-                   ("no_model",))
+    a = sweep_args(__doc__, "rows.json", {"shapes": SHAPES, "ms": MS, "cfgs": CFGS, "kinds": KINDS}, ("no_model",))
     MODEL = not a.no_model
-    variants = [(kind, k, n, m, c) for k, n in SHAPES for kind in KINDS for m in MS if _fits(kind, m)
-                for c in _cfgs(kind)]
+    variants = [(kind, k, n, m, c) for k, n in SHAPES for kind in KINDS for m in MS if _fits(kind, m) for c in CFGS]
     precompile("_gemv_rows_sweep", variants, 12)
     cells = Cells(functools.partial(time_us, rep_ms=a.rep_ms))
     sweep(cells, a.json)

@@ -55,17 +55,9 @@ def code_values(x, s, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 
 @triton.jit
-def _code_out(y, q_ptr, VALUES: tl.constexpr):
-    """What is stored of the clamped quotient y: the code (q's dtype), or (VALUES) the e4m3 code's value in fp32."""
-    if VALUES:
-        y = y.to(tl.float8e4nv).to(tl.float32)
-    return y.to(q_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
                                 IS_INT: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
-                                PDL: tl.constexpr, VALUES: tl.constexpr = False):
+                                PDL: tl.constexpr):
     pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                     # [ROWS]
     offs = tl.arange(0, BLOCK_K)                                             # [BLOCK_K]
@@ -76,12 +68,12 @@ def _quant_rows_one_pass_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, K: tl.constex
     s = row_scale(tl.max(tl.abs(x), axis=1), QMAX)                           # [ROWS]
     tl.store(s_ptr + rows, s, mask=rmask)
     y = code_values(x, s[:, None], QMAX, IS_INT)
-    tl.store(q_ptr + r64[:, None] * K + offs[None, :], _code_out(y, q_ptr, VALUES), mask=mask)
+    tl.store(q_ptr + r64[:, None] * K + offs[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
-                       IS_INT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, VALUES: tl.constexpr = False):
+                       IS_INT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -98,7 +90,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, stride_xm, K: tl.constexpr, QMAX: tl
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         if IS_INT:
             y = (y + 12582912.0) - 12582912.0            # round half to even (1.5 * 2**23)
-        tl.store(q_ptr + row * K + k0 + offs, _code_out(y, q_ptr, VALUES), mask=mk)
+        tl.store(q_ptr + row * K + k0 + offs, y.to(q_ptr.dtype.element_ty), mask=mk)
 
 
 def one_pass_config(m: int, k: int) -> tuple[int, int]:
@@ -107,13 +99,10 @@ def one_pass_config(m: int, k: int) -> tuple[int, int]:
 
 
 def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
-               config: tuple[int, int] | None = None, values: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] fp16/bf16 -> (codes [M, K] dtype, scale [M, 1] fp32), as `quantize_act_per_token`.
-    `config` (rows per program, warps) overrides `one_pass_config` (K <= ONE_PASS_MAX_K only; for sweeps).
-    `values` (e4m3 only): the codes' values as fp32 instead (`gemv_f8_rows_gluon`)."""
+    `config` (rows per program, warps) overrides `one_pass_config` (K <= ONE_PASS_MAX_K only; for sweeps)."""
     m, k = x.shape
-    if values and dtype != torch.float8_e4m3fn:
-        raise ValueError(f"quant_rows(values=True) gives e4m3 code values as fp32; got dtype {dtype}")
     if config is not None:
         rows, warps = config
         if k > ONE_PASS_MAX_K or rows not in (1, 2, 4, 8, 16) or warps not in (1, 2, 4, 8, 16, 32):
@@ -121,18 +110,18 @@ def quant_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float,
                              f"1, 2, 4, 8, 16 and warps in 1, 2, 4, 8, 16, 32; got K={k}, config={config}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    q = torch.empty((m, k), device=x.device, dtype=torch.float32 if values else dtype)
+    q = torch.empty((m, k), device=x.device, dtype=dtype)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     is_int = dtype == torch.int8
     if k <= ONE_PASS_MAX_K:
         rows, warps = config or one_pass_config(m, k)
         _quant_rows_one_pass_kernel[(cdiv(m, rows),)](x, q, s, m, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int,
                                                        BLOCK_K=triton.next_power_of_2(k), ROWS=rows,
-                                                       VALUES=values, num_warps=warps, **pdl_launch_opts(x))
+                                                       num_warps=warps, **pdl_launch_opts(x))
     else:
         block = min(4096, max(256, triton.next_power_of_2(cdiv(k, 4))))
-        _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int, BLOCK=block, VALUES=values,
-                                 num_warps=4, **pdl_launch_opts(x))
+        _quant_rows_kernel[(m,)](x, q, s, x.stride(0), K=k, QMAX=qmax, IS_INT=is_int, BLOCK=block, num_warps=4,
+                                 **pdl_launch_opts(x))
     return q, s
 
 

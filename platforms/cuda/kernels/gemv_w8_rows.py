@@ -193,21 +193,6 @@ def _gemv_w8_rows_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, M
                   SPLIT)
 
 
-def gl_tile_for(m: int, k: int, n: int):
-    """The Gluon fp8 kernel's `F8RowsConfig` for M rows of (K, N), or None where it is not dispatched (`_GL_TILES`;
-    `QUANTRT_CUDA_GEMV_ROWS` overrides)."""
-    forced = _forced()
-    if forced is None:
-        tile = next((t for top, t in _GL_TILES.get((k, n), ()) if m <= top), None)
-    else:
-        tile = GL_DEFAULT if m <= forced.get("gl8", 0) else None
-    if tile is None:
-        return None
-    from quantrt.platforms.cuda.kernels.gemv_f8_rows_gluon import F8RowsConfig
-
-    return F8RowsConfig(*tile)
-
-
 def gemv_w8_rows_why_not(m: int, n: int, k: int, act: int, wscale: int, is_int: bool, cfg: GemvW8Config) -> str:
     """'' when `gemv_w8_rows` computes M rows of this shape and mode, else the reason."""
     top = ROWS_MAX if is_int and cfg.widen == 1 else FLOAT_ROWS_MAX
@@ -237,14 +222,11 @@ _TILES: dict[tuple[int, int], dict[str, tuple]] = {
     (14336, 4096): {"i8": ((2, (16, 1024, 8)),)},                      # 24.96 / 27.24
 }
 DEFAULT_TILE = (16, 512, 8)
-# The Gluon fp8 kernel (`gemv_f8_rows_gluon`, per-token activations): (up to M rows, F8RowsConfig fields) per (K, N)
-_GL_TILES: dict[tuple[int, int], tuple] = {}
-GL_DEFAULT = (16, 512, 8, 2)
 
 
 def _forced() -> dict[str, int] | None:
-    """QUANTRT_CUDA_GEMV_ROWS: unset or "": the tile tables; "0": never; "gl8:4,i8:16": every shape up to those rows
-    on the default tile of that kernel (fp8 / i8: `gemv_w8_rows`, gl8: the Gluon fp8 kernel; A/B and sweeps)."""
+    """QUANTRT_CUDA_GEMV_ROWS: unset or "": the tile table; "0": never; "fp8:4,i8:16": every shape up to those rows
+    on the default tile (A/B and sweeps)."""
     spec = os.environ.get("QUANTRT_CUDA_GEMV_ROWS", "").strip()
     if spec == "":
         return None
@@ -254,9 +236,9 @@ def _forced() -> dict[str, int] | None:
         out = {kind.strip(): int(top) for kind, top in (part.split(":") for part in spec.split(","))}
     except ValueError:
         out = None
-    if out is None or not set(out) <= {"fp8", "i8", "gl8"}:
-        raise ValueError(f"QUANTRT_CUDA_GEMV_ROWS={spec!r}: expected '' (the tile tables), '0' (off) or e.g. "
-                         "'gl8:4,i8:16' (kinds: fp8 and i8 for the Triton kernel, gl8 for the Gluon fp8 one; rows)")
+    if out is None or not set(out) <= {"fp8", "i8"}:
+        raise ValueError(f"QUANTRT_CUDA_GEMV_ROWS={spec!r}: expected '' (the tile table), '0' (off) or e.g. "
+                         "'fp8:4,i8:16' (kinds fp8, i8; rows)")
     return out
 
 

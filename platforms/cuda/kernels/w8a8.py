@@ -219,17 +219,7 @@ class TritonW8A8Kernel(LinearKernel):
         n, k = self.data.shape
         ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
         if m >= 2 and not ring and self.rows_why(m) == "":
-            from quantrt.platforms.cuda.kernels.gemv_w8_rows import gl_tile_for
             from quantrt.platforms.cuda.kernels.gemv_w8_rows import tile_for as rows_tile
-
-            if self.data.dtype == torch.float8_e4m3fn and self.act == 0 and gluon_available() \
-                    and not interpret_mode():
-                cfg = gl_tile_for(m, k, n)
-                if cfg is not None:
-                    from quantrt.platforms.cuda.kernels.gemv_f8_rows_gluon import gemv_f8_rows_why_not
-
-                    if gemv_f8_rows_why_not(m, n, k, self.data.dtype, self.act, self.wscale, cfg) == "":
-                        return "rowsgl", cfg
 
             cfg = rows_tile(m, k, n, self.data.dtype == torch.int8)
             if cfg is not None and k % cfg.block_k == 0:
@@ -311,10 +301,6 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
             y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
-        elif path == "rowsgl":
-            from quantrt.platforms.cuda.kernels.gemv_f8_rows_gluon import gemv_f8_rows
-
-            y = gemv_f8_rows(x2, self.data, self.w_scale, self.wscale, self.qmax, cfg)
         elif path == "rows":
             from quantrt.platforms.cuda.kernels.gemv_w8_rows import gemv_w8_rows
 
