@@ -2,15 +2,17 @@
 per-token or static activations, tensor / channel weight scales). Imported lazily (needs Triton).
 
 Why (docs/PERFORMANCE.md, thirteenth session): at one row `gemv_w8` streams the codes at ~92% of copy with plain
-16-byte loads; the tensor-core paths at 2-16 rows (`frag_w8`, `swap_fp8`) reach ~80%, and they need the
-activation codes from a separate launch. Here each program loads a [BN, BK] tile of codes once per K step and
-multiplies it with every row's activation codes:
+16-byte loads; the tensor-core paths at 2-16 rows (`frag_w8`, `swap_fp8`) reach ~80%. Here each program loads a
+[BN, BK] tile of codes once per K step and multiplies it with every row's activation codes:
   fp8:  widened once per code (2 SASS instructions), then one FFMA per code and row;
   int8: the weight words go straight into `dp4a` with the row's packed activation codes (one instruction per 4
         codes and row, exact int32 sums).
 Each program finds its rows' per-token scales itself (x is L2-resident: BM x K reads, no extra launch), quantizes
 its K slice of every row as `fake_quantize_act` does (`gemv_w8._codes32`), and sums products per thread's 16
 consecutive codes (fp32) or 4-code words (int32) across the K steps; one cross-thread sum at the end.
+Measured on the H100 it wins at 2 rows (fp8 1.67-1.73x bf16 at three Llama shapes, int8 1.79-1.99x at four) and
+for int8 up to 4 rows at 4096x6144; fp8 at 3-8 rows costs ~13 instructions a code (per-row activation work) and
+loses to `frag_w8`, so the dispatch (`tile_for`) takes it only where `_TILES` says.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def _rows_scale(x_ptr, sa_ptr, rows_m, stride_xm, K, ACT: tl.constexpr, KT: tl.c
 def _row_step(w, x_ptr, k0, offs_k, inv, QMAX: tl.constexpr, IS_INT: tl.constexpr, SAT: tl.constexpr,
               W_DTYPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One row's products with the step's widened codes w [BN, BK], summed per thread's 16 codes -> [BN, BK / 16].
-    A 1-D activation load per row: Triton loads it in the weight's slice layout (as `gemv_w8` at M = 1); a
-    [BM, BK] activation tile makes it move the weight tile through shared memory instead."""
+    A 1-D activation load per row: Triton quantizes it in a compact layout and moves the 1-byte codes through
+    shared memory into the weight tile's slice layout (as `gemv_w8` at M = 1); a [BM, BK] activation tile made it
+    move the whole widened weight tile through shared memory instead."""
     a = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
     p = w * _codes32(a, inv, QMAX, IS_INT, SAT, W_DTYPE)[None, :]
     return tl.sum(tl.reshape(p, [BN, BK // 16, 16]), axis=2)
