@@ -5,8 +5,9 @@ Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
 128-group activations); M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales where the row
 GEMV's tile table has the shape (`gemv_w8_rows.tile_for`: 2 rows, int8 up to 4 at 4096x6144; thirteenth session)
--> `gemv_w8_rows` (the GEMV's structure, all rows per weight load, activations quantized inside); M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of
-`frag_w8._TILES` (measured faster there; Gluon, sm_89+ / sm_80+) -> the activation codes into `frag_w8`
+-> `gemv_w8_rows` (the GEMV's structure, all rows per weight load, activations quantized inside); other M = 2..16
+of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of `frag_w8._TILES` (measured faster
+there; Gluon, sm_89+ / sm_80+) -> the activation codes into `frag_w8`
 (mma.sync on fragments loaded straight from memory, ninth session); M = 2..RING_MAX_M of e4m3
 per-token/static x tensor/channel on Hopper with QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight
 ring; off by default, slower at 8192²);
@@ -222,7 +223,7 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.gemv_w8_rows import tile_for as rows_tile
 
             cfg = rows_tile(m, k, n, self.data.dtype == torch.int8)
-            if cfg is not None and k % cfg.block_k == 0:
+            if cfg is not None:
                 return "rows", cfg
         if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
             from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
