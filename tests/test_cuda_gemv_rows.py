@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests._cuda_env import DEV, NEEDS_TRITON
-from tests.test_cuda_fp8_gemv import LLAMA, NATIVE, _kernel, _ref64, _spec
+from tests.test_cuda_fp8_gemv import FP8, LLAMA, NATIVE, _kernel, _ref64, _spec
 from tests.test_cuda_kernels import rel_err
 
 pytestmark = NEEDS_TRITON
@@ -197,6 +197,30 @@ def test_rows_modes_native(scheme, gran, waves):
     for m in (2, 7):
         x = _xm(m, 2048, waves + m)
         assert rel_err(_rows(kern, x, _cfg(16, 512, waves, 8)), _ref64(spec, x)) < 1e-2, m
+
+
+@pytest.mark.accelerator
+def test_rows_dynamic_per_tensor_native(monkeypatch):
+    """Dynamic per-tensor fp8 activations on the row GEMV: the scale of each call's x (found on the device) runs
+    the static path, equal to a static kernel given that scale, and to the float64 reference."""
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import ActKind, ActScheme
+    from tests._cuda_env import PLATFORM
+
+    monkeypatch.setenv("QUANTRT_CUDA_GEMV_ROWS", "fp8:4")
+    base = _spec("tok", 1024, 4096, 21, "tensor")
+    spec = LinearSpec(base.weight, ActScheme(ActKind.DYNAMIC_TENSOR, FP8), torch.bfloat16)
+    kern = _kernel(spec)
+    for m in (2, 3):
+        x = _xm(m, 4096, 30 + m, 3.0)
+        assert kern._plan(m)[0] == "rows"
+        s = x.abs().amax().to(torch.float32).clamp(min=1e-12) / 448.0
+        static = TritonW8A8Kernel.prepare(LinearSpec(base.weight, ActScheme(ActKind.STATIC_TENSOR, FP8, scale=s),
+                                                     torch.bfloat16), PLATFORM)
+        y = kern.apply(x, None)
+        assert torch.equal(y, static.apply(x, None))
+        assert rel_err(y, _ref64(spec, x)) < 1e-2
 
 
 @pytest.mark.accelerator
