@@ -55,7 +55,6 @@ class GemvW8Config:
     widen: int = 1            # 1: inline-PTX widening of the codes; 0: Triton's casts
     amax_block: int = 4096    # x elements per load step of the per-token amax pass
     acc: int = 1              # products summed per step (0), per thread's 16 codes (1, summed at the end), never (2)
-    prefetch: int = 0         # 1: step t + 1's codes are requested before step t is computed (fp8 / widened path)
 
 
 @triton.jit
@@ -163,27 +162,15 @@ def _dp4a(w, x, acc):
 @triton.jit
 def _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT: tl.constexpr,
                ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, SAT: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, WIDEN: tl.constexpr, ACC: tl.constexpr,
-               PREFETCH: tl.constexpr = False, w1=None):
+               BN: tl.constexpr, BK: tl.constexpr, WIDEN: tl.constexpr, ACC: tl.constexpr):
     """sum_k w[n, k] * a[k] over the program's K slice in fp32 -> [BN] (codes widened to fp32, one FFMA each);
-    w0: step 0's codes, loaded by the caller (PREFETCH: and w1, step 1's; each step then requests the codes of
-    the step after next before it computes, the last ones re-read the final step)."""
+    w0: step 0's codes, loaded by the caller."""
     W_DTYPE = w_tile.dtype.element_ty
-    if PREFETCH:
-        acc = _step(w0, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE,
-                    BN, BK, WIDEN, ACC)
-        cur = w1
-        for kt in range(BK, K_PER_SPLIT, BK):
-            nxt = tl.load(w_tile + tl.minimum(kt + BK, K_PER_SPLIT - BK))
-            acc += _step(cur, x_ptr, sw_ptr, k_start + kt, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT,
-                         W_DTYPE, BN, BK, WIDEN, ACC)
-            cur = nxt
-    else:
-        acc = _step(w0, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE,
-                    BN, BK, WIDEN, ACC)
-        for kt in range(BK, K_PER_SPLIT, BK):
-            acc += _step(tl.load(w_tile + kt), x_ptr, sw_ptr, k_start + kt, offs_k, inv, rb, KB, ACT, WSCALE, QMAX,
-                         IS_INT, SAT, W_DTYPE, BN, BK, WIDEN, ACC)
+    acc = _step(w0, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE,
+                BN, BK, WIDEN, ACC)
+    for kt in range(BK, K_PER_SPLIT, BK):
+        acc += _step(tl.load(w_tile + kt), x_ptr, sw_ptr, k_start + kt, offs_k, inv, rb, KB, ACT, WSCALE, QMAX,
+                     IS_INT, SAT, W_DTYPE, BN, BK, WIDEN, ACC)
     if ACC == 0:
         y = acc
     else:
@@ -196,7 +183,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                     ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
                     SAT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr, KT: tl.constexpr,
                     WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
-                    TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                    TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
     # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
     # (itself of BK): no K masks; rows past N are clamped, not stored. WSCALE 2: BN divides 128.
     pid_n = tl.program_id(0)
@@ -213,9 +200,6 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
         w0 = tl.load(wt)
     else:
         w0 = tl.load(w_tile)
-    w1 = w0
-    if PREFETCH and not DP4A:  # step 1's codes (step 0's again when the slice has one step) before the wait too
-        w1 = tl.load(w_tile + tl.minimum(BK, K_PER_SPLIT - BK))
     pdl_wait(PDL)  # step 0's weights are requested; x and the split-K buffers only after the kernel before ends
     sx = 1.0
     if ACT == 0:
@@ -232,7 +216,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
         y = tl.sum(iacc, axis=1).to(tl.float32) * sx
     else:
         y = _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT, ACT, WSCALE, QMAX, IS_INT,
-                       SAT, BN, BK, WIDEN, ACC, PREFETCH, w1)
+                       SAT, BN, BK, WIDEN, ACC)
         if ACT == 0 or ACT == 2:
             y = y * sx
     pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
@@ -311,7 +295,6 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
     _gemv_w8_kernel[(n_tiles, split)](
         x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act, WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
-        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, PREFETCH=bool(cfg.prefetch),
-        num_warps=cfg.num_warps,
+        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, num_warps=cfg.num_warps,
         num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y
