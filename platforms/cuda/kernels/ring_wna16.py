@@ -283,7 +283,8 @@ _TILES: dict[tuple[int, int, int], tuple] = {
     (1, 4096, 4096): (128, 128, 2, 2, 0, 8),      # 7.7-8.0 us; 7.2 launched with PDL
     (1, 8192, 8192): (128, 128, 2, 2, 0, 8),      # with PDL (twelfth session): 15.7 us vs 16.0-16.5 for the default
     (1, 4096, 6144): (128, 128, 2, 2, 0, 8),      # with PDL: 8.5 us vs 8.7
-    (1, 4096, 28672): (128, 128, 4, 1, 0, 8),     # 24.6-26.8 us
+    (1, 4096, 28672): (128, 128, 2, 2, 0, 8),     # with PDL (thirteenth session): 24.9 us vs 26.5 for 4 stages, 1 wave
+    (1, 14336, 4096): (128, 128, 2, 2, 0, 8),     # with PDL: 14.9 us vs 15.1 for the default
     (8, 4096, 28672): (128, 128, 2, 2, 0, 8),     # 28.1 us at M = 8
     (8, 8192, 8192): (128, 128, 2, 2, 0, 8),      # M = 8: 18.5 us with PDL vs 19.2 for the default (thirteenth session)
     (16, 4096, 4096): (64, 128, 3, 2, 0, 16),     # 9.4 us
