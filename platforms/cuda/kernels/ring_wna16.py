@@ -286,6 +286,8 @@ _TILES: dict[tuple[int, int, int], tuple] = {
     (1, 4096, 28672): (128, 128, 2, 2, 0, 8),     # with PDL (thirteenth session): 24.9 us vs 26.5 for 4 stages, 1 wave
     (1, 14336, 4096): (128, 128, 2, 2, 0, 8),     # with PDL: 14.9 us vs 15.1 for the default
     (8, 4096, 28672): (128, 128, 2, 2, 0, 8),     # 28.1 us at M = 8
+    (8, 4096, 4096): (64, 128, 2, 2, 0, 8),       # with PDL, M = 2 / 8: 7.7 / 8.2 us vs 8.0 / 8.4 (thirteenth session)
+    (8, 4096, 6144): (128, 128, 2, 2, 0, 8),      # with PDL, M = 2 / 8: 9.4 / 10.3 us vs 10.1 / 10.6
     (8, 8192, 8192): (128, 128, 2, 2, 0, 8),      # M = 8: 18.5 us with PDL vs 19.2 for the default (thirteenth session)
     (16, 4096, 4096): (64, 128, 3, 2, 0, 16),     # 9.4 us
     (32, 4096, 28672): (128, 128, 2, 1, 0, 32, False, True, 8),   # 36.0 us (4 warps: 46+)
