@@ -171,10 +171,10 @@ class TritonW8A8Kernel(LinearKernel):
             return "ROCm: the row GEMV was only built and measured for CUDA (PTX widening, dp4a)"
         if self.data.dtype not in (torch.float8_e4m3fn, torch.int8):
             return f"the row GEMV takes e4m3 or int8 codes, not {self.data.dtype}"
-        from quantrt.platforms.cuda.kernels.gemv_w8_rows import config, gemv_w8_rows_why_not
+        from quantrt.platforms.cuda.kernels.gemv_w8_rows import DEFAULT_TILE, config, gemv_w8_rows_why_not
 
         return gemv_w8_rows_why_not(m, *self.data.shape, self.act, self.wscale, self.data.dtype == torch.int8,
-                                    config((16, 64, 4), self.data.shape[1]))
+                                    config(DEFAULT_TILE, self.data.shape[1]))   # K steps shortened to divide K
 
     def frag_why(self, m: int) -> str:
         """Why `frag_w8` (M = 2..32 on mma.sync fragments) cannot take these rows ('' when it can; whether it
