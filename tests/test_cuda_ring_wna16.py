@@ -80,7 +80,7 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
-                  pdl: bool = True, offset: bool = False, split: int = 2, one_row: bool = False) -> str:
+                  pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -88,13 +88,13 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     x = torch.zeros(1, k, dtype=dtype)
     packed = torch.zeros(k // 8, n, dtype=torch.int32)
     scale = torch.zeros(k // 128, n)
-    ws, cnt = (torch.zeros(8, dtype=torch.int64),) * 2 if one_row else (scale, packed)
+    ws, cnt = (torch.zeros(8, dtype=torch.int64),) * 2 if tagged else (scale, packed)
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
     layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps))
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, ws, cnt, 1, n, k, k, 128, 8.0, -(-k // bk // split) * bk, bn, bk, bm, 3, split,
-        dtype == torch.bfloat16, asym or offset, pdl, True, *layouts, trigger, offset, one_row], num_warps=warps)
+        dtype == torch.bfloat16, asym or offset, pdl, True, *layouts, trigger, offset, tagged], num_warps=warps)
 
 
 @pytest.mark.parametrize("bn,bm,dtype,asym,warps", [
@@ -123,15 +123,15 @@ def test_offset_variant_compiles_with_the_same_mmas(bn, bm, warps):
 
 @pytest.mark.parametrize("bn", [64, 128])
 @pytest.mark.gluon_compile
-def test_one_row_split_k_epilogue_is_tagged_words_without_atomics_or_fences(bn):
-    """M = 1 with split K: the partials are 64-bit words with the tag in the high half, read back by the last
+def test_few_rows_split_k_epilogue_is_tagged_words_without_atomics_or_fences(bn):
+    """M <= 2 with split K: the partials are 64-bit words with the tag in the high half, read back by the last
     split with volatile loads; no arrival counter (atomics), no gpu-scope fence, and no register spills (the splits
     ride the tile's BM axis, so the gather costs one partial's registers)."""
-    ptx = _compile_sm90(bn, 8, torch.bfloat16, False, split=9, one_row=True)
+    ptx = _compile_sm90(bn, 8, torch.bfloat16, False, split=9, tagged=True)
     assert "st.global.b64" in ptx and "ld.volatile.global.b64" in ptx and "4294967296" in ptx
     assert "atom." not in ptx and "membar" not in ptx and "fence.acq_rel" not in ptx and "fence.sc" not in ptx
     assert "local" not in ptx                                    # nothing spilled to local memory
-    plain = _compile_sm90(bn, 8, torch.bfloat16, False, split=9)   # M > 1: the last-arriver counter
+    plain = _compile_sm90(bn, 8, torch.bfloat16, False, split=9)   # M > 2: the last-arriver counter
     assert "ld.volatile" not in plain and "atom." in plain
 
 
@@ -279,8 +279,8 @@ def test_ring_wna16_replays_in_a_cuda_graph():
 
 @pytest.mark.accelerator
 def test_split_k_partials_are_exact_and_left_zero_over_many_launches():
-    """Back-to-back PDL launches at one row with 2-32 splits (up to 4 gather rounds) share the tagged partial words,
-    with an M = 3 launch (the counter epilogue) between them: every result equals the same product with one split
+    """Back-to-back PDL launches at one and two rows with 2-32 splits (up to 4 gather rounds a row) share the tagged
+    partial words, with an M = 3 launch (the counter epilogue) between them: every result equals the same product with one split
     (and itself, bit for bit, launch after launch), and the words are zero once the stream is idle."""
     from dataclasses import replace
 
@@ -288,7 +288,8 @@ def test_split_k_partials_are_exact_and_left_zero_over_many_launches():
     from quantrt.platforms.cuda.kernels.ring_wna16 import default_config, ring_wna16
 
     cases = []
-    for m, k, n in [(1, 4096, 4096), (3, 14336, 4096), (1, 4096, 256), (1, 14336, 4096), (1, 4096, 28672)]:
+    for m, k, n in [(1, 4096, 4096), (3, 14336, 4096), (1, 4096, 256), (2, 4096, 256), (1, 14336, 4096),
+                    (2, 14336, 4096), (1, 4096, 28672)]:
         _, packed, scale, zero = _packed(n, k, m % 2 == 1, m + n)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEV, torch.bfloat16)
         cfg = replace(default_config(m, n, k), pdl=True)

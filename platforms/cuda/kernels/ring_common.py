@@ -11,7 +11,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
 
 _DESC_CACHE: dict[tuple, TensorDescriptor] = {}
-TAG = gl.constexpr(1 << 32)      # high word of a landed one-row partial (`store_split_k_row`)
+TAG = gl.constexpr(1 << 32)      # high word of a landed partial (`store_split_k_row`)
+TAGGED_MAX_M = 2                 # rows up to which split K ends in `store_split_k_row` (one round trip a row)
 _PARTIALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
 
@@ -114,46 +115,48 @@ def _min(a, b):
 
 
 @gluon.jit
-def _gather_row(ws_ptr, offs_n, offs_j, nmask, c0, N, SPLIT: gl.constexpr):
-    """(sum of the tagged one-row partials of splits c0 + j, j < BM, below SPLIT - 1, [BN] by column; 1 if every
-    word carried its tag, else 0): splits on the tile's BM axis, all requested at once (one L2 round trip)."""
+def _gather_row(ws_ptr, offs_n, offs_j, nmask, c0, m, M, N, SPLIT: gl.constexpr):
+    """(sum of row m's tagged partials of splits c0 + j, j < BM, below SPLIT - 1, [BN] by column; 1 if every word
+    carried its tag, else 0): splits on the tile's BM axis, all requested at once (one L2 round trip)."""
     sp = c0 + offs_j
-    w = gl.load(ws_ptr + sp[None, :] * N + offs_n[:, None], mask=nmask[:, None] & (sp < SPLIT - 1)[None, :],
-                other=TAG, volatile=True)                                           # [BN, BM] int64
+    w = gl.load(ws_ptr + (sp[None, :] * M + m) * N + offs_n[:, None],
+                mask=nmask[:, None] & (sp < SPLIT - 1)[None, :], other=TAG, volatile=True)    # [BN, BM] int64
     part = gsum((w & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True), 1)
     landed = gl.reduce(gl.reduce((w >> 32).to(gl.int32), 1, _min), 0, _min)
     return part, landed
 
 
 @gluon.jit
-def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, N, SPLIT: gl.constexpr):
-    """One row (M = 1): acc [BN, BM] fp32 with its column offs_m == 0 the row, offs_n [BN] its output columns
-    -> y [1, N]. Splits 0..SPLIT-2 store their partial as tagged words (fp32 bits | TAG, one 64-bit store: value
-    and tag land together) in ws [SPLIT - 1, N] (`tagged_partials`, zero between launches) and exit; the last
-    split requests them all at once (up to BM splits per round trip, laid on the tile's BM axis), again until
-    every tag is there, adds its own partial, stores y and zeroes the words. No fence and no
-    arrival counter: it waits one L2 round trip past the last partial to land instead of three (release, arrival,
-    reload), for ~1.5-2 µs less per launch (H100). The sum is in a fixed order (deterministic), not split order.
-    The last split waits only on programs of lower launch index, which the block scheduler dispatches first, so a
-    waiting program never holds a slot that a program it waits on needs."""
+def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl.constexpr):
+    """A few rows (M <= TAGGED_MAX_M): acc [BN, BM] fp32 with column offs_m == m row m, offs_n [BN] its output
+    columns -> y [M, N]. Splits 0..SPLIT-2 store their partial as tagged words (fp32 bits | TAG, one 64-bit store:
+    value and tag land together) in ws [SPLIT - 1, M, N] (`tagged_partials`, zero between launches) and exit; the
+    last split requests each row's partials at once (up to BM splits per round trip, laid on the tile's BM axis),
+    again until every tag is there, adds its own partial, stores y and zeroes the words. No fence and no arrival
+    counter: at one row it waits one L2 round trip past the last partial to land instead of three (release,
+    arrival, reload), for 1.0-1.5 µs less per launch (H100); a round trip per row after that. The sum is in a fixed
+    order (deterministic), not split order. The last split waits only on programs of lower launch index, which
+    the block scheduler dispatches first, so a waiting program never holds a slot that a program it waits on
+    needs."""
     nmask = offs_n < N
-    row = (offs_m == 0)[None, :]
     if pid_k < SPLIT - 1:
         word = (acc.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | TAG
-        gl.store(ws_ptr + pid_k * N + offs_n[:, None] + 0 * offs_m[None, :], word, mask=nmask[:, None] & row)
+        gl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], word,
+                 mask=nmask[:, None] & (offs_m < M)[None, :])
     else:
-        tot = gl.zeros_like(offs_n.to(gl.float32))
-        for c0 in range(0, SPLIT - 1, acc.shape[1]):
-            part, landed = _gather_row(ws_ptr, offs_n, offs_m, nmask, c0, N, SPLIT)
-            while landed == 0:   # ask again at once (H100: a 256 ns sleep between polls cost 0.3-0.9 us)
-                part, landed = _gather_row(ws_ptr, offs_n, offs_m, nmask, c0, N, SPLIT)
-            tot += part
-            sp = c0 + offs_m
-            gl.store(ws_ptr + sp[None, :] * N + offs_n[:, None], gl.zeros_like(acc).to(gl.int64),
-                     mask=nmask[:, None] & (sp < SPLIT - 1)[None, :])
-        tot += gsum(gl.where(row, acc, 0.0), 1)
-        gl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
+        for m in range(M):
+            tot = gl.zeros_like(offs_n.to(gl.float32))
+            for c0 in range(0, SPLIT - 1, acc.shape[1]):
+                part, landed = _gather_row(ws_ptr, offs_n, offs_m, nmask, c0, m, M, N, SPLIT)
+                while landed == 0:   # ask again at once (H100: a 256 ns sleep between polls cost 0.3-0.9 us)
+                    part, landed = _gather_row(ws_ptr, offs_n, offs_m, nmask, c0, m, M, N, SPLIT)
+                tot += part
+                sp = c0 + offs_m
+                gl.store(ws_ptr + (sp[None, :] * M + m) * N + offs_n[:, None], gl.zeros_like(acc).to(gl.int64),
+                         mask=nmask[:, None] & (sp < SPLIT - 1)[None, :])
+            tot += gsum(gl.where((offs_m == m)[None, :], acc, 0.0), 1)
+            gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-__all__ = ["gdc_launch_dependents", "gdc_wait", "gsum", "split_k_plan", "store_split_k", "store_split_k_row",
+__all__ = ["TAGGED_MAX_M", "gdc_launch_dependents", "gdc_wait", "gsum", "split_k_plan", "store_split_k", "store_split_k_row",
            "tagged_partials", "tma_desc"]

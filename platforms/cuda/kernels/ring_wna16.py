@@ -20,8 +20,9 @@ a K slice of K_PER_SPLIT rows in BK-row steps (BK divides the scale group):
   offsets (OFFSET: w = q s + o, zero 0) it adds o times the step's sum of x per row (a register reduction);
 - the activations [BK, BM] (permuted, zero columns past M) are loaded into registers one step ahead and
   stored to a small shared buffer, the wgmma B operand (BM = 8 for M <= 8, 16 for M <= 16, else 32).
-Split-K partials are summed by the last program per column tile (the `split_k_triton` protocol); at M = 1 by
-the last split from tagged words, with no fence or counter (`ring_common.store_split_k_row`, ~1.5-2 us less).
+Split-K partials are summed by the last program per column tile (the `split_k_triton` protocol); at M <= 2 by
+the last split from tagged words, with no fence or counter (`ring_common.store_split_k_row`, 1.0-1.5 us less at
+M = 1).
 H100, M = 1 (bf16 cuBLAS in the same run): 8192² 16.4 us (47.0), 4096 x 28672 24.6 us (81.5, 85% of copy).
 Gluon does not run under TRITON_INTERPRET: the CPU tests check `ring_reference` (the same scale-after-MMA
 product with torch ops), the index algebra of the layouts, and that the kernel compiles for sm_90; the kernel
@@ -39,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, stream_pdl
 from quantrt.platforms.cuda.kernels.ring_common import (
+    TAGGED_MAX_M,
     gdc_launch_dependents,
     gdc_wait,
     gsum,
@@ -170,7 +172,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr,
                     X_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
-                    OFFSET: gl.constexpr = False, ONE_ROW: gl.constexpr = False):
+                    OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -238,8 +240,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     ym = offs_m2[None, :] * N + offs_n2[:, None]
     ymask = (offs_m2 < M)[None, :] & (offs_n2 < N)[:, None]
-    if ONE_ROW:   # M = 1: tagged partials, no arrival counter (`store_split_k_row`)
-        store_split_k_row(acc, y_ptr, ws_ptr, offs_n2, offs_m2, pid_k, N, SPLIT)
+    if TAGGED:   # M <= TAGGED_MAX_M: tagged partials, no arrival counter (`store_split_k_row`)
+        store_split_k_row(acc, y_ptr, ws_ptr, offs_n2, offs_m2, pid_k, M, N, SPLIT)
     else:
         store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
@@ -334,13 +336,13 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     pdl = (cfg.pdl and pdl_supported(x)) or (m <= PDL_MAX_M and stream_pdl(x, "ring"))
-    one_row = m == 1 and split > 1
-    if one_row:
-        ws = cnt = tagged_partials(x.device, (split - 1) * n)
+    tagged = m <= TAGGED_MAX_M and split > 1
+    if tagged:
+        ws = cnt = tagged_partials(x.device, (split - 1) * m * n)
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, 0.0 if offset else float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, ONE_ROW=one_row, num_warps=cfg.warps,
+        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged, num_warps=cfg.warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
 
