@@ -135,6 +135,25 @@ def test_few_rows_split_k_epilogue_is_tagged_words_without_atomics_or_fences(bn)
     assert "ld.volatile" not in plain and "atom." in plain
 
 
+def test_tagged_partials_grow_outside_capture_only(monkeypatch):
+    """The shared words grow to what a launch needs, keep the older buffers alive (graphs captured on them still
+    replay), and refuse to grow during CUDA-graph capture with a message that says what to do."""
+    from quantrt.platforms.cuda.kernels import ring_common as R
+
+    monkeypatch.setattr(R, "_PARTIALS", {})
+    cpu = torch.device("cpu")
+    a = R.tagged_partials(cpu, 1000)
+    assert a.dtype == torch.int64 and a.numel() >= 1000 and int(a.abs().sum()) == 0
+    assert R.tagged_partials(cpu, a.numel()) is a
+    b = R.tagged_partials(cpu, a.numel() + 1)
+    held = R._PARTIALS[("cpu", 0)]
+    assert b.numel() >= 2 * a.numel() and len(held) == 2 and held[0] is a and held[1] is b
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="must grow to .* during CUDA-graph capture; run the step once eagerly"):
+        R.tagged_partials(torch.device("cuda", 0), 10 ** 9)
+    assert ("cuda", 0) not in R._PARTIALS or not R._PARTIALS[("cuda", 0)]
+
+
 def test_ring_reference_with_offsets_is_x_times_q_s_plus_o():
     from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
 
