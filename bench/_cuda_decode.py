@@ -245,7 +245,8 @@ def exposed_time(prof, steps: int, top: int = 24, layers: int = 32) -> list[dict
     """Where the GPU's wall clock goes when kernels overlap (PDL): kernels in start order, each charged with the
     time from the latest end before it to its own end (0 when it ends inside an earlier kernel), and the idle time
     before a kernel that starts after every earlier one ended charged to "(idle before) <kernel>"; per step,
-    heaviest first (`layers`: decoder layers, to number the linears of a layer). Durations alone double-count: a PDL kernel is resident (waiting) while the one before runs."""
+    heaviest first (`layers`: decoder layers, to number the linears of a layer). Durations alone double-count:
+    a PDL kernel is resident (waiting) while the one before runs."""
     from torch.autograd import DeviceType
 
     evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.end > 0),
@@ -268,7 +269,8 @@ def exposed_time(prof, steps: int, top: int = 24, layers: int = 32) -> list[dict
         base = t0 if last_end is None else max(t0, last_end)
         charged[name] = charged.get(name, 0.0) + max(0.0, t1 - base)
         last_end = t1 if last_end is None else max(last_end, t1)
-    rows = sorted(({"kernel": k, "us_per_step": v / steps} for k, v in charged.items()), key=lambda r: -r["us_per_step"])
+    rows = sorted(({"kernel": k, "us_per_step": v / steps} for k, v in charged.items()),
+                  key=lambda r: -r["us_per_step"])
     wall = sum(r["us_per_step"] for r in rows)
     print(f"    exposed (wall clock of the GPU, PDL overlap counted once): {wall:.0f} µs per step", flush=True)
     for r in rows[:top]:

@@ -299,8 +299,8 @@ def test_ring_wna16_replays_in_a_cuda_graph():
 @pytest.mark.accelerator
 def test_split_k_partials_are_exact_and_left_zero_over_many_launches():
     """Back-to-back PDL launches at one and two rows with 2-32 splits (up to 4 gather rounds a row) share the tagged
-    partial words, with an M = 3 launch (the counter epilogue) between them: every result equals the same product with one split
-    (and itself, bit for bit, launch after launch), and the words are zero once the stream is idle."""
+    partial words, with an M = 3 launch (the counter epilogue) between them: every result equals the same product
+    with one split (and itself, bit for bit, launch after launch), and the words are zero once the stream is idle."""
     from dataclasses import replace
 
     from quantrt.platforms.cuda.kernels.ring_common import _PARTIALS

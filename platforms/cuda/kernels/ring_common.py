@@ -1,5 +1,6 @@
 """What the Gluon kernels (`ring_wna16`, `ring_fp8`, `frag_w8`) share: cached TMA descriptors, the split-K
-epilogues (last arriver; tagged one-row partials) and the PDL grid-dependency instructions (imported lazily: Gluon needs triton >= 3.5)."""
+epilogues (the last arriver's sum; tagged partials at 1-2 rows) and the PDL grid-dependency instructions (imported
+lazily: Gluon needs triton >= 3.5)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ TAGGED_MAX_M = 2                 # rows up to which split K ends in `store_split
 _PARTIALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
 
-def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves: int
+def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves: int, tagged_rows: int = 0
                  ) -> tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(column tiles, splits, K rows per split, y [M, N], fp32 workspace [split, M, N], arrival counters) for a
-    ring launch over x [M, K]: `split_k` splits, or K split so that about `waves` programs run per SM. With one
-    split the workspace and counters are y itself (never read)."""
+    """(column tiles, splits, K rows per split, y [M, N], workspace, counters) for a ring launch over x [M, K]:
+    `split_k` splits, or K split so that about `waves` programs run per SM. Workspace and counters: fp32 partials
+    [split, M, N] and arrival counters (`store_split_k`), or with M <= `tagged_rows` the tagged partial words
+    (`store_split_k_row`) as both; with one split y itself (never read)."""
     m, k = x.shape
     n_tiles = cdiv(n, bn)
     k_steps = k // bk
@@ -30,6 +32,9 @@ def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves:
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if split == 1:
         return n_tiles, 1, k_per_split, y, y, y
+    if m <= tagged_rows:
+        words = tagged_partials(x.device, (split - 1) * m * n)
+        return n_tiles, split, k_per_split, y, words, words
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     return n_tiles, split, k_per_split, y, ws, split_counters(x.device, n_tiles)
 
@@ -158,5 +163,5 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
             gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-__all__ = ["TAGGED_MAX_M", "gdc_launch_dependents", "gdc_wait", "gsum", "split_k_plan", "store_split_k", "store_split_k_row",
-           "tagged_partials", "tma_desc"]
+__all__ = ["TAGGED_MAX_M", "gdc_launch_dependents", "gdc_wait", "gsum", "split_k_plan", "store_split_k",
+           "store_split_k_row", "tagged_partials", "tma_desc"]

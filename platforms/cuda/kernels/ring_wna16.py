@@ -47,7 +47,6 @@ from quantrt.platforms.cuda.kernels.ring_common import (
     split_k_plan,
     store_split_k,
     store_split_k_row,
-    tagged_partials,
     tma_desc,
 )
 from quantrt.quant.formats.packing import unpack_lsb
@@ -330,15 +329,13 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if x.stride(1) != 1:
         x = x.contiguous()
     bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
-    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x, n, bn, bk, cfg.split_k, cfg.waves)
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x, n, bn, bk, cfg.split_k, cfg.waves, TAGGED_MAX_M)
     g = scale.shape[0]
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     pdl = (cfg.pdl and pdl_supported(x)) or (m <= PDL_MAX_M and stream_pdl(x, "ring"))
-    tagged = m <= TAGGED_MAX_M and split > 1
-    if tagged:
-        ws = cnt = tagged_partials(x.device, (split - 1) * m * n)
+    tagged = m <= TAGGED_MAX_M and split > 1      # ws / cnt: the tagged partial words (split_k_plan)
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, 0.0 if offset else float(zero_const),
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
