@@ -1,4 +1,4 @@
-"""bench/_cuda_decode.exposed_time: the wall clock a decode step's kernels add when PDL overlaps them.
+"""bench/_cuda_profile.exposed_time: the wall clock a decode step's kernels add when PDL overlaps them.
 
 CPU only: synthetic profiler events (start, end in µs) with known overlaps and gaps; the charges must add up to
 the span of the step and number a layer's repeated kernels by their place in the layer.
@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import _cuda_decode  # noqa: E402
+import _cuda_profile  # noqa: E402
 
 
 def _prof(events: list[tuple[str, float, float]]) -> SimpleNamespace:
@@ -28,7 +28,7 @@ def _prof(events: list[tuple[str, float, float]]) -> SimpleNamespace:
 
 def test_overlap_is_charged_once_and_idle_time_to_the_kernel_after_it():
     # a 0-10; b launched early (PDL) at 8, ends 14; c starts after a 2 µs gap; d runs inside c
-    rows = _cuda_decode.exposed_time(_prof([("a", 0, 10), ("b", 8, 14), ("c", 16, 20), ("d", 17, 19)]), steps=1,
+    rows = _cuda_profile.exposed_time(_prof([("a", 0, 10), ("b", 8, 14), ("c", 16, 20), ("d", 17, 19)]), steps=1,
                                      layers=1)
     got = {r["kernel"]: r["us_per_step"] for r in rows}
     assert got == {"a": 10, "b": 4, "c": 4, "(idle before) c": 2, "d": 0}
@@ -42,5 +42,5 @@ def test_a_layers_linears_are_numbered_by_their_place_in_the_layer():
         for name, dur in (("ring", 3.0), ("norm", 1.0), ("ring", 5.0)):
             events.append((name, t, t + dur))
             t += dur
-    got = {r["kernel"]: r["us_per_step"] for r in _cuda_decode.exposed_time(_prof(events), steps=1, layers=2)}
+    got = {r["kernel"]: r["us_per_step"] for r in _cuda_profile.exposed_time(_prof(events), steps=1, layers=2)}
     assert got == {"ring #0": 12.0, "ring #1": 20.0, "norm": 4.0}
