@@ -120,12 +120,10 @@ def _min(a, b):
 
 
 @gluon.jit
-def _gather_row(ws_ptr, offs_n, offs_j, nmask, c0, m, M, N, SPLIT: gl.constexpr):
-    """(sum of row m's tagged partials of splits c0 + j, j < BM, below SPLIT - 1, [BN] by column; 1 if every word
-    carried its tag, else 0): splits on the tile's BM axis, all requested at once (one L2 round trip)."""
-    sp = c0 + offs_j
-    w = gl.load(ws_ptr + (sp[None, :] * M + m) * N + offs_n[:, None],
-                mask=nmask[:, None] & (sp < SPLIT - 1)[None, :], other=TAG, volatile=True)    # [BN, BM] int64
+def _gather(ptrs, mask):
+    """(the sum over the BM axis of the tagged words at ptrs [BN, BM], [BN] by column; 1 if every word carried its
+    tag, else 0): all requested at once (one L2 round trip)."""
+    w = gl.load(ptrs, mask=mask, other=TAG, volatile=True)                     # [BN, BM] int64
     part = gsum((w & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True), 1)
     landed = gl.reduce(gl.reduce((w >> 32).to(gl.int32), 1, _min), 0, _min)
     return part, landed
@@ -151,14 +149,15 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
     else:
         for m in range(M):
             tot = gl.zeros_like(offs_n.to(gl.float32))
-            for c0 in range(0, SPLIT - 1, acc.shape[1]):
-                part, landed = _gather_row(ws_ptr, offs_n, offs_m, nmask, c0, m, M, N, SPLIT)
-                while landed == 0:   # ask again at once (H100: a 256 ns sleep between polls cost 0.3-0.9 us)
-                    part, landed = _gather_row(ws_ptr, offs_n, offs_m, nmask, c0, m, M, N, SPLIT)
-                tot += part
+            for c0 in range(0, SPLIT - 1, acc.shape[1]):   # splits c0 + j (j < BM) on the BM axis
                 sp = c0 + offs_m
-                gl.store(ws_ptr + (sp[None, :] * M + m) * N + offs_n[:, None], gl.zeros_like(acc).to(gl.int64),
-                         mask=nmask[:, None] & (sp < SPLIT - 1)[None, :])
+                ptrs = ws_ptr + (sp[None, :] * M + m) * N + offs_n[:, None]
+                pmask = nmask[:, None] & (sp < SPLIT - 1)[None, :]
+                part, landed = _gather(ptrs, pmask)
+                while landed == 0:   # ask again at once (H100: a 256 ns sleep between polls cost 0.3-0.9 us)
+                    part, landed = _gather(ptrs, pmask)
+                tot += part
+                gl.store(ptrs, gl.zeros_like(acc).to(gl.int64), mask=pmask)
             tot += gsum(gl.where((offs_m == m)[None, :], acc, 0.0), 1)
             gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
