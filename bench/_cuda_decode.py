@@ -55,9 +55,11 @@ def gptq4(w: torch.Tensor) -> dict[str, torch.Tensor]:
 GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
 
 
-def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = False) -> Path:
+def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = False, shape: dict | None = None,
+                     norm_std: float = 0.0) -> Path:
     """Random Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer:
-    bf16, or with every decoder linear in GPTQ 4-bit g128 (the same random weights, RTN)."""
+    bf16, or with every decoder linear in GPTQ 4-bit g128 (the same random weights, RTN). `shape`: LlamaConfig
+    fields to override (a smaller model for tests); `norm_std`: norm weights 1 + N(0, norm_std) instead of ones."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -65,9 +67,10 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers})
+    cfg = LlamaConfig(**{**LLAMA_8B, **(shape or {}), "num_hidden_layers": layers})
     cfg.torch_dtype = "bfloat16"
-    v, h, i, kv = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * 128
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    v, h, i, kv = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * hd
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
@@ -78,6 +81,9 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
             return {name + ".weight": rnd(*shape, std=std)}
         w = (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).float()
         return {f"{name}.{k}": t for k, t in gptq4(w).items()}
+
+    def norm_w(n: int) -> torch.Tensor:
+        return 1 + rnd(n, std=norm_std) if norm_std else torch.ones(n, dtype=torch.bfloat16)
 
     weight_map: dict[str, str] = {}
     total = 0
@@ -90,15 +96,15 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
             total += t.numel() * t.element_size()
 
     save({"model.embed_tokens.weight": rnd(v, h), "lm_head.weight": rnd(v, h),
-          "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}, "model-head.safetensors")
+          "model.norm.weight": norm_w(h)}, "model-head.safetensors")
     for n in range(layers):
         p = f"model.layers.{n}."
         save({**lin(p + "self_attn.q_proj", h, h), **lin(p + "self_attn.k_proj", kv, h),
               **lin(p + "self_attn.v_proj", kv, h), **lin(p + "self_attn.o_proj", h, h),
               **lin(p + "mlp.gate_proj", i, h), **lin(p + "mlp.up_proj", i, h),
               **lin(p + "mlp.down_proj", h, i, std=0.01),
-              p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-              p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)},
+              p + "input_layernorm.weight": norm_w(h),
+              p + "post_attention_layernorm.weight": norm_w(h)},
              f"model-{n:05d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))

@@ -80,7 +80,8 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
-                  pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False) -> str:
+                  pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
+                  rows: int = 1) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -93,8 +94,21 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
     layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps))
     return compile_gluon_sm90(R._ring_w4_kernel, [
-        x, p_desc, s_desc, s_desc, x, ws, cnt, 1, n, k, k, 128, 8.0, -(-k // bk // split) * bk, bn, bk, bm, 3, split,
-        dtype == torch.bfloat16, asym or offset, pdl, True, *layouts, trigger, offset, tagged], num_warps=warps)
+        x, p_desc, s_desc, s_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, x, x, x, k, k, 1e-6,
+        -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, True, *layouts,
+        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps)], num_warps=warps)
+
+
+def _pro_consts(pro: int, rows: int, k: int, warps: int) -> list:
+    """The kernel's trailing prologue constexprs (PRO, NR, KP, ROW) as `ring_wna16._prologue_opts` makes them."""
+    from quantrt.platforms.cuda.kernels.ring_prologue import RingPrologue
+    from quantrt.platforms.cuda.kernels.ring_wna16 import _prologue_opts
+
+    if pro == 0:
+        return []
+    d = torch.zeros(rows, k)
+    o = _prologue_opts(RingPrologue(pro, d, d[0], d), k, warps)
+    return [o["PRO"], o.get("NR", 1), o.get("KP", 1024), o.get("ROW")]
 
 
 @pytest.mark.parametrize("bn,bm,dtype,asym,warps", [

@@ -23,6 +23,7 @@ from quantrt.quant.kernel import (
     select_linear_kernel,
 )
 from quantrt.quant.merge import concat_n, merge_act_schemes
+from quantrt.quant.pending import PendingRows
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -125,7 +126,14 @@ class QuantLinear(nn.Module):
         producing x may hand them over as `QuantizedRows`. None with several shard kernels."""
         return self.kernels[0].row_codes(m) if len(self.kernels) == 1 else None
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    def takes_pending(self, m: int, kind: str) -> bool:
+        """Whether this layer's one kernel computes M input rows from the producing op's inputs (`quant.pending`);
+        False with several shard kernels."""
+        return len(self.kernels) == 1 and self.kernels[0].takes_pending(m, kind)
+
+    def forward(self, x: torch.Tensor | QuantizedRows | PendingRows) -> torch.Tensor:
+        if isinstance(x, PendingRows) and not self.takes_pending(x.shape[0], x.kind):
+            x = x.materialize()
         if len(self.kernels) == 1:
             return self.kernels[0].apply(x, self.bias)
         y = torch.cat([k.apply(x, None) for k in self.kernels], dim=-1)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from quantrt.quant.kernel import QuantizedRows, RowCodes
+from quantrt.quant.pending import PendingNorm
 
 
 class RMSNorm(nn.Module):
@@ -44,15 +45,20 @@ class RMSNorm(nn.Module):
         if self.bias is not None:
             self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None, codes: RowCodes | None = None
-                    ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None, codes: RowCodes | None = None,
+                    pending: bool = False) -> tuple[torch.Tensor | QuantizedRows | PendingNorm, torch.Tensor]:
         """The residual add folded into the norm: (norm(x + delta), x + delta), the sum rounded to x.dtype
         as `x + delta` rounds it; delta None: (norm(x), x). One platform kernel where it has one. `codes`: what
         the one linear reading the norm asks for (QuantLinear.row_codes); where the platform's kernel makes
-        them, the norm comes back as those codes (QuantizedRows)."""
-        # x, delta: [T, D] -> ([T, D] or its codes, [T, D])
+        them, the norm comes back as those codes (QuantizedRows). `pending`: that linear computes the norm in
+        its own kernel (QuantLinear.takes_pending): where this norm has the platform's op, it comes back as
+        `PendingNorm`, and x + delta is written when the linear runs."""
+        # x, delta: [T, D] -> ([T, D] or its codes or PendingNorm, [T, D])
         if delta is None:
             return self(x), x
+        if pending and self._add_op is not None:
+            s = torch.empty_like(x)
+            return PendingNorm(x, delta, self._scale, self.eps, s, self._add_op), s
         if codes is not None and self._codes_op is not None:
             return self._codes_op(x, delta, self._scale, self.eps, codes)
         if self._add_op is not None:

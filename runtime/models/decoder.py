@@ -23,6 +23,7 @@ from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
 from quantrt.quant.kernel import LinearSpec, QuantizedRows, RowCodes, select_linear_kernel
+from quantrt.quant.pending import ADD_RMS_NORM, GELU_MUL, SILU_MUL, PendingActMul, PendingNorm
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight
 
 
@@ -72,7 +73,11 @@ class Attention(nn.Module):
         """The activation codes qkv_proj makes of T rows first (the input norm may make them instead)."""
         return self.qkv_proj.row_codes(t)
 
-    def forward(self, x: torch.Tensor | QuantizedRows, fb: ForwardBatch) -> torch.Tensor:
+    def takes_norm(self, t: int) -> bool:
+        """Whether qkv_proj computes the input norm of T rows itself (`quant.pending`)."""
+        return self.qkv_proj.takes_pending(t, ADD_RMS_NORM)
+
+    def forward(self, x: torch.Tensor | QuantizedRows | PendingNorm, fb: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                  # [T, (H + 2Hkv) * D]
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
@@ -103,9 +108,15 @@ class Mlp(nn.Module):
         """The activation codes gate_up_proj makes of T rows first (the norm before may make them instead)."""
         return self.gate_up_proj.row_codes(t)
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    def takes_norm(self, t: int) -> bool:
+        """Whether gate_up_proj computes the norm before it of T rows itself (`quant.pending`)."""
+        return self.gate_up_proj.takes_pending(t, ADD_RMS_NORM)
+
+    def forward(self, x: torch.Tensor | QuantizedRows | PendingNorm) -> torch.Tensor:
         gu = self.gate_up_proj(x)                               # [T, 2I]
         if self._act_mul is not None and gu.dim() == 2:
+            if self.down_proj.takes_pending(gu.shape[0], GELU_MUL if self.gelu else SILU_MUL):
+                return self.down_proj(PendingActMul(gu, self.gelu, self._act_mul))   # act * mul in down's load
             codes = self.down_proj.row_codes(gu.shape[0]) if self._act_mul_codes is not None else None
             if codes is not None:
                 return self.down_proj(self._act_mul_codes(gu, self.gelu, codes))
@@ -134,12 +145,14 @@ class DecoderLayer(nn.Module):
         """x: the residual stream [T, D]; delta: the previous layer's output not yet added to it (None for the
         first layer) -> (x, this layer's output): each residual add runs inside the next norm (add_forward)."""
         t = x.shape[0]
-        h, x = self.input_layernorm.add_forward(x, delta, _input_codes(self.self_attn, t))
+        h, x = self.input_layernorm.add_forward(x, delta, _input_codes(self.self_attn, t),
+                                                _takes_norm(self.self_attn, t))
         if self.sandwich:
             h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)),
                                                               _input_codes(self.mlp, t))
             return x, self.post_feedforward_layernorm(self.mlp(h))
-        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, fb), _input_codes(self.mlp, t))
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, fb), _input_codes(self.mlp, t),
+                                                         _takes_norm(self.mlp, t))
         return x, self.mlp(h)
 
 
@@ -148,6 +161,12 @@ def _input_codes(block: nn.Module, t: int) -> RowCodes | None:
     others (MoE, MLA), whose input stays a tensor."""
     f = getattr(block, "input_codes", None)
     return f(t) if f is not None else None
+
+
+def _takes_norm(block: nn.Module, t: int) -> bool:
+    """Whether the block's first linear computes the norm before it of T rows itself (Attention, Mlp say)."""
+    f = getattr(block, "takes_norm", None)
+    return f is not None and f(t)
 
 
 class DecoderModel(nn.Module):

@@ -104,6 +104,11 @@ class LinearKernel(ABC):
         instead and pass `QuantizedRows` to `apply`; None: pass x (the default: kernels quantize inside)."""
         return None
 
+    def takes_pending(self, m: int, kind: str) -> bool:
+        """True when `apply` computes M input rows itself from the inputs of the op `kind` would run
+        (`quant.pending`: a `PendingRows` instead of x); the default: never."""
+        return False
+
 
 @dataclass(frozen=True)
 class KernelChoice:

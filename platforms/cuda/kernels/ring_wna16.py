@@ -49,6 +49,13 @@ from quantrt.platforms.cuda.kernels.ring_common import (
     store_split_k_row,
     tma_desc,
 )
+from quantrt.platforms.cuda.kernels.ring_prologue import (
+    PRO_NORM,
+    RingPrologue,
+    act_x,
+    norm_rstd,
+    norm_x,
+)
 from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 32
@@ -166,12 +173,14 @@ def _ring_step(acc, p, s, nz, o, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, 
 
 @gluon.jit
 def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
+                    d_ptr, nw_ptr, r_ptr, stride_dm, stride_rm, eps,
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
                     PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr,
                     X_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
-                    OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False):
+                    OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
+                    NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -211,11 +220,35 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         x_mask = (offs_mx < M)[None, :]
     x_smem = gl.allocate_shared_memory(dt, [BK, BM], X_SMEM)
     x = gl.load(x_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
+    # prologues (X_VEC only, `ring_prologue`): b is the delta (norm) or the up half (act), w the norm weight
+    b_ptrs = x_ptrs
+    if PRO == 1:     # PRO_NORM
+        b_ptrs = d_ptr + offs_mx[:, None] * stride_dm + (k_start + offs_kx)[None, :]
+    elif PRO != 0:   # PRO_SILU / PRO_GELU: gate_up [M, 2K]
+        b_ptrs = x_ptrs + K
+    w_ptrs = nw_ptr + k_start + offs_kx
+    r_ptrs = r_ptr + offs_mx[:, None] * stride_rm + (k_start + offs_kx)[None, :]
+    r_mask = x_mask & (pid_n == 0)               # column tile 0 writes the new residual stream
+    k_all = offs_kx >= 0
+    b = x
+    w = gl.zeros([BK], dt, gl.SliceLayout(0, X_LAYOUT))
+    rs = gl.zeros([BM], gl.float32, gl.SliceLayout(1, X_LAYOUT))
+    if PRO != 0:
+        b = gl.load(b_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
+    if PRO == 1:
+        w = gl.load(w_ptrs, mask=k_all & (n_steps > 0), other=0.0)
+        rs = norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, offs_mx, NR, KP, ROW)
     nz = (gl.zeros([NB, 32], gl.float32, Z_LAYOUT) - (MAG + ZC)).to(dt)
     acc = gl.zeros([BN, BM], gl.float32, MMA)
     for t in range(n_steps):
         slot = t % STAGES
         xn = gl.load(x_ptrs + (t + 1) * BK, mask=x_mask & (t + 1 < n_steps), other=0.0)
+        bn = b
+        wn = w
+        if PRO != 0:
+            bn = gl.load(b_ptrs + (t + 1) * BK, mask=x_mask & (t + 1 < n_steps), other=0.0)
+        if PRO == 1:
+            wn = gl.load(w_ptrs + (t + 1) * BK, mask=k_all & (t + 1 < n_steps), other=0.0)
         mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
         p = p_ring.index(slot).load(P_LAYOUT)                               # [NB, RK, 32] int32
         s = s_ring.index(slot).load(S_LAYOUT)                               # [BN] fp32, by column
@@ -231,8 +264,16 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         fence_async_shared()
         _issue(p_desc, s_desc, z_desc, bars.index(slot), p_ring.index(slot), s_ring.index(slot),
                z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
-        acc = _ring_step(acc, p, s, nz, o, x, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA, OFFSET)
+        xin = x
+        if PRO == 1:
+            xin, sres = norm_x(x, b, w, rs)
+            gl.store(r_ptrs + t * BK, sres, mask=r_mask)
+        elif PRO != 0:
+            xin = act_x(x, b, PRO == 3)
+        acc = _ring_step(acc, p, s, nz, o, xin, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA, OFFSET)
         x = xn
+        b = bn
+        w = wn
     if TRIGGER:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
@@ -312,16 +353,24 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
 
 
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-               zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False) -> torch.Tensor:
+               zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False,
+               pro: RingPrologue | None = None) -> torch.Tensor:
     """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
     None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32 (w = q s + o)
-    -> [M, N]."""
+    -> [M, N]. With `pro` the input is made from x in the activation load (`ring_prologue`): RMSNorm(x + delta)
+    (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output [M, 2K])."""
     if offset and zero is None:
         raise ValueError("ring_wna16 with offset=True needs the offsets [G, N] as `zero`")
-    m, k = x.shape
-    n = packed.shape[1]
+    n, k = packed.shape[1], packed.shape[0] * 8
+    m = x.shape[0]
+    if pro is not None:
+        pro.check(x, k)
+    elif x.shape[1] != k:
+        raise ValueError(f"ring_wna16: x {tuple(x.shape)} does not match the packed weight's K={k}")
     cfg = cfg or default_config(m, n, k)
     ok, why = can_run(m, n, k, group, 4, x.dtype, cfg)
+    if pro is not None and not cfg.x_vec:
+        ok, why = False, "a prologue needs x_vec (k-order activation loads)"
     if (not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16, 32) or not 32 <= cfg.block_k <= 128
             or cfg.warps not in (4, 8) or cfg.warps == 8 and cfg.block_n != 128):
         raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16/32, "
@@ -329,19 +378,33 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if x.stride(1) != 1:
         x = x.contiguous()
     bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
-    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x, n, bn, bk, cfg.split_k, cfg.waves, TAGGED_MAX_M)
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x[:, :k], n, bn, bk, cfg.split_k, cfg.waves,
+                                                           TAGGED_MAX_M)
     g = scale.shape[0]
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     pdl = (cfg.pdl and pdl_supported(x)) or (m <= PDL_MAX_M and stream_pdl(x, "ring"))
     tagged = m <= TAGGED_MAX_M and split > 1      # ws / cnt: the tagged partial words (split_k_plan)
+    norm = pro is not None and pro.kind == PRO_NORM
+    d, nw, r = (pro.delta, pro.weight, pro.residual) if norm else (x, x, x)
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, 0.0 if offset else float(zero_const),
+        d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0,
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged, num_warps=cfg.warps,
+        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
+        **(_prologue_opts(pro, k, cfg.warps) if pro is not None else {}), num_warps=cfg.warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+def _prologue_opts(pro: RingPrologue, k: int, warps: int) -> dict:
+    """The kernel's prologue constexprs: PRO, and for the norm the rows, the padded row length and its layout."""
+    if pro.kind != PRO_NORM:
+        return {"PRO": pro.kind}
+    row = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[warps], order=[0])
+    return {"PRO": PRO_NORM, "NR": pro.delta.shape[0], "KP": max(1 << (k - 1).bit_length(), 8 * 32 * warps),
+            "ROW": row}
 
 
 def launch_layouts(cfg: RingConfig) -> tuple:

@@ -9,6 +9,7 @@ point plus (x summed per group) @ the residual offset (`_offset_split`; two smal
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import torch
 
 from quantrt.platforms.cuda.kernels._common import check_runtime, ring_device_why
 from quantrt.quant.kernel import LinearKernel, LinearSpec
+from quantrt.quant.pending import ADD_RMS_NORM, GELU_MUL, SILU_MUL, PendingNorm, PendingRows
 from quantrt.quant.weights import ActKind, IntWeight
 
 if TYPE_CHECKING:
@@ -170,9 +172,43 @@ class TritonWNA16Kernel(LinearKernel):
 
         return can_run(m, k, self.group, self.container) and (self.container == 4 or m <= TC8_MAX_M)
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def takes_pending(self, m: int, kind: str) -> bool:
+        """M rows of add + RMSNorm (M <= ring_prologue.NORM_MAX_M) or act * mul (M <= RING_MAX_M) are computed in
+        the ring kernel's activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128)
+        and the layer has no act-order permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE=0: never."""
+        if self.ring_why or self.perm is not None or self.offset is not None or m < 1:
+            return False
+        if os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1") == "0":
+            return False
+        from quantrt.platforms.cuda.kernels.ring_prologue import NORM_MAX_M
+        from quantrt.platforms.cuda.kernels.ring_wna16 import can_run, default_config
+
+        if not (kind == ADD_RMS_NORM and m <= NORM_MAX_M or kind in (SILU_MUL, GELU_MUL) and m <= RING_MAX_M):
+            return False
+        n, k = self.shape
+        cfg = default_config(m, n, k)
+        return can_run(m, n, k, self.group, self.container, self.compute_dtype, cfg)[0] and cfg.x_vec
+
+    def _apply_pending(self, x: PendingRows, bias: torch.Tensor | None) -> torch.Tensor:
+        """The ring over rows it makes itself (`takes_pending`); rows it does not take are materialized first."""
+        if not self.takes_pending(x.shape[0], x.kind):
+            return self.apply(x.materialize(), bias)
+        from quantrt.platforms.cuda.kernels.ring_prologue import PRO_GELU, PRO_NORM, PRO_SILU, RingPrologue
+        from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+        if isinstance(x, PendingNorm):
+            src, pro = x.x, RingPrologue(PRO_NORM, x.delta, x.weight, x.residual, x.eps)
+        else:
+            src, pro = x.gu, RingPrologue(PRO_GELU if x.gelu else PRO_SILU)
+        y = ring_wna16(src, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
+                       offset=self.raw_offset, pro=pro)
+        return self._finish(src, y, bias, x.shape[:-1])
+
+    def apply(self, x: torch.Tensor | PendingRows, bias: torch.Tensor | None) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.wna16_triton import wna16_dequantize, wna16_matmul
 
+        if isinstance(x, PendingRows):
+            return self._apply_pending(x, bias)
         k = self.shape[1]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k).to(self.compute_dtype)                         # [M, K]

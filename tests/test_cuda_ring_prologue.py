@@ -1,0 +1,235 @@
+"""The W4A16 ring computing its own input (`ring_prologue`): residual add + RMSNorm before q/k/v and gate/up, act *
+up before down, handed over as `quant.pending` rows instead of a launch of their own.
+
+On the CPU (CI): the prologue's torch reference against the CUDA platform's own add + RMSNorm / act * up kernels
+(Triton interpreter), the argument checks, that the kernel with each prologue compiles for sm_90 with the same
+MMAs and no spills, and the decoder's hand-over (a CPU engine whose linears take the rows and materialize them
+decodes the same tokens, bit for bit). Natively (`-m accelerator`): the ring with each prologue against the
+ring on the reference's input, the residual it writes, and an int4 engine with and without the prologues.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+from quantrt.quant.pending import ADD_RMS_NORM, GELU_MUL, SILU_MUL, PendingActMul, PendingNorm  # noqa: E402
+from tests._cuda_env import DEV  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.experimental.gluon") is None,
+    reason="triton with Gluon (>= 3.5) is not installed")
+
+
+def _rows(m: int, k: int, seed: int, dtype=torch.bfloat16, dev=DEV):
+    gen = torch.Generator().manual_seed(seed)
+    x, d = (torch.randn(m, k, generator=gen).to(dev, dtype) for _ in range(2))
+    w = (torch.rand(k, generator=gen) + 0.5).to(dev, dtype)
+    return x, d, w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prologue_reference_is_the_platform_ops(dtype):
+    """What the kernel's prologue computes (its torch reference) equals the CUDA platform's add + RMSNorm (s bit
+    for bit, y to the last bit of 1 / rms) and act * up (bit for bit), which the unfused decode step runs."""
+    from quantrt.platforms.cuda.kernels.ring_prologue import PRO_GELU, PRO_NORM, PRO_SILU, RingPrologue
+    from quantrt.platforms.cuda.kernels.ring_prologue import prologue_reference as ref
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul, triton_add_rms_norm
+
+    k = 256
+    x, d, w = _rows(2, k, 1, dtype)
+    y, s = triton_add_rms_norm(x, d, w, 1e-5)
+    ry, rs = ref(x, RingPrologue(PRO_NORM, d, w, torch.empty_like(x), 1e-5), k)
+    assert torch.equal(rs, s)
+    torch.testing.assert_close(ry, y, atol=0, rtol=2 ** -7)
+    assert (ry == y).float().mean().item() > 0.95
+    gu = torch.cat(_rows(3, k, 2, dtype)[:2], dim=1)                                   # [3, 2K]
+    for kind, gelu in ((PRO_SILU, False), (PRO_GELU, True)):
+        got, none = ref(gu, RingPrologue(kind), k)
+        assert none is None and torch.equal(got, triton_act_mul(gu, gelu))
+
+
+def test_prologue_check_names_the_problem():
+    from quantrt.platforms.cuda.kernels.ring_prologue import PRO_NORM, PRO_SILU, RingPrologue
+
+    x, d, w = _rows(1, 256, 3, dev="cpu")
+    RingPrologue(PRO_NORM, d, w, torch.empty_like(x), 1e-5).check(x, 256)
+    with pytest.raises(ValueError, match=r"add \+ RMSNorm prologue needs .* got delta \(1, 128\)"):
+        RingPrologue(PRO_NORM, d[:, :128], w, torch.empty_like(x), 1e-5).check(x, 256)
+    with pytest.raises(ValueError, match=r"got weight \(\(256,\), torch.float32\)"):
+        RingPrologue(PRO_NORM, d, w.float(), torch.empty_like(x), 1e-5).check(x, 256)
+    with pytest.raises(ValueError, match=r"M <= 2; got M=3"):
+        x3 = torch.zeros(3, 256, dtype=x.dtype)
+        RingPrologue(PRO_NORM, x3, w, x3, 1e-5).check(x3, 256)
+    with pytest.raises(ValueError, match=r"act \* mul prologue needs the merged gate_up output \[M, 512\], got "
+                                         r"\(1, 256\)"):
+        RingPrologue(PRO_SILU).check(x, 256)
+    with pytest.raises(ValueError, match="unknown ring prologue kind 7"):
+        RingPrologue(7).check(x, 256)
+
+
+@pytest.mark.parametrize("pro,rows", [(1, 1), (1, 2), (2, 1), (3, 8)])
+@pytest.mark.gluon_compile
+def test_kernel_with_a_prologue_compiles_with_the_same_mmas(pro, rows):
+    """Each prologue compiles for sm_90 with the plain kernel's MMAs and registers' worth of work: no spills; the
+    norm has its 1 / rms (rsqrt) and the activations their exp."""
+    from tests.test_cuda_ring_wna16 import _compile_sm90
+
+    tagged = rows <= 2
+    ptx = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged, pro=pro, rows=rows)
+    plain = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged)
+    assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0
+    assert "local" not in ptx
+    assert ("rsqrt" in ptx) == (pro == 1) and ("ex2.approx" in ptx) == (pro != 1)
+    assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")      # every activation read after the wait
+
+
+def _cpu_engine(tiny_models):
+    from quantrt.engine.engine import Engine
+    from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+
+    return Engine(platform=CpuPlatform(), model_path=str(tiny_models["llama"][0]), dtype="bfloat16",
+                  max_total_tokens=256, page_size=4, random_seed=0)
+
+
+def _greedy(eng):
+    outs = eng.generate(input_ids=[[5, 17, 99, 3, 42], [7] * 9], return_logprob=True,
+                        sampling_params={"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
+    return [o["output_ids"] for o in outs], [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+                                             for o in outs]
+
+
+def test_decoder_hands_the_norms_and_act_mul_to_linears_that_take_them(tiny_models, monkeypatch):
+    """A CPU engine whose linears say they take pending rows (and materialize them) decodes the same tokens and
+    logprobs, bit for bit, as one whose norms and act * mul run themselves; each layer hands over two norms and
+    one act * mul per step, and the residual each norm leaves for later is the one the linear wrote."""
+    ref = _greedy(_cpu_engine(tiny_models))
+    eng = _cpu_engine(tiny_models)
+    layers = eng.model.model.layers
+    kinds: dict[str, int] = {}
+    cls = type(layers[0].self_attn.qkv_proj.kernels[0])
+    assert all(type(lin.kernels[0]) is cls for lin in (layers[0].mlp.gate_up_proj, layers[0].mlp.down_proj))
+    apply = cls.apply
+
+    def takes(self, m, kind):
+        return kind in (ADD_RMS_NORM, SILU_MUL)
+
+    def apply_pending(self, x, bias):
+        if isinstance(x, (PendingNorm, PendingActMul)):
+            kinds[x.kind] = kinds.get(x.kind, 0) + 1
+            x = x.materialize()
+        return apply(self, x, bias)
+
+    monkeypatch.setattr(cls, "takes_pending", takes, raising=False)
+    monkeypatch.setattr(cls, "apply", apply_pending)
+    assert _greedy(eng) == ref
+    n = len(layers)
+    assert kinds[SILU_MUL] > 0 and kinds[ADD_RMS_NORM] == 2 * kinds[SILU_MUL] - kinds[SILU_MUL] // n
+    assert GELU_MUL not in kinds
+
+
+def test_linear_materializes_rows_its_kernel_does_not_take():
+    """QuantLinear.forward given pending rows its kernel declines computes them with the producing op first."""
+    from quantrt.layers.linear import QuantLinear
+    from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+
+    lin = QuantLinear("", [("down_proj", 8)], 16)
+    lin.load([{"weight": torch.randn(8, 16).to(torch.bfloat16)}], None, CpuPlatform(), torch.bfloat16)
+    assert not lin.takes_pending(2, SILU_MUL)
+    gu = torch.randn(2, 32).to(torch.bfloat16)
+    calls = []
+
+    def op(g, gelu):
+        calls.append(gelu)
+        return torch.nn.functional.silu(g[:, :16]) * g[:, 16:]
+
+    got = lin(PendingActMul(gu, False, op))
+    assert calls == [False]
+    torch.testing.assert_close(got, lin(op(gu, False)), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------- on the GPU
+def _ring_case(m: int, n: int, k: int, seed: int):
+    from tests.test_cuda_ring_wna16 import _packed
+
+    _, packed, scale, _ = _packed(n, k, False, seed)
+    return packed, scale
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (512, 256), (4096, 4096)])
+def test_ring_norm_prologue_native(m, n, k):
+    """RMSNorm(x + delta) in the ring's load vs the ring on the reference's normalized rows: within the last bit of
+    1 / rms; the residual x + delta bit for bit (written once, by column tile 0)."""
+    from quantrt.platforms.cuda.kernels.ring_prologue import PRO_NORM, RingPrologue, prologue_reference
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+    packed, scale = _ring_case(m, n, k, 5)
+    x, d, w = _rows(m, k, 6)
+    res = torch.full_like(x, float("nan"))
+    pro = RingPrologue(PRO_NORM, d, w, res, 1e-5)
+    got = ring_wna16(x, packed, scale, None, 128, pro=pro)
+    xin, s = prologue_reference(x, pro, k)
+    want = ring_wna16(xin, packed, scale, None, 128)
+    assert torch.equal(res, s)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.float().abs().mean().item(), rtol=2e-2)
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("m", [1, 2, 8, 32])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_ring_act_prologue_native(m, gelu):
+    """act(gate) * up in the ring's load (down projection 14336 -> 4096) equals the ring on the platform op's
+    output, bit for bit (the same fp32 math and roundings; the MMA sees the same operands)."""
+    from quantrt.platforms.cuda.kernels.ring_prologue import PRO_GELU, PRO_SILU, RingPrologue
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+    from quantrt.platforms.cuda.layer_ops import triton_act_mul
+
+    n, k = 4096, 14336
+    packed, scale = _ring_case(m, n, k, 7)
+    gu = torch.randn(m, 2 * k, generator=torch.Generator().manual_seed(8)).to(DEV, torch.bfloat16)
+    got = ring_wna16(gu, packed, scale, None, 128, pro=RingPrologue(PRO_GELU if gelu else PRO_SILU))
+    assert torch.equal(got, ring_wna16(triton_act_mul(gu, gelu), packed, scale, None, 128))
+
+
+@pytest.mark.accelerator
+def test_int4_engine_with_and_without_ring_prologues_native(tmp_path, monkeypatch):
+    """A 2-layer GPTQ g128 Llama (hidden 512, noisy norm weights), decode graphs on: the ring computing the norms
+    and act * up gives the greedy tokens of the engine that launches them, logprobs within bf16 noise."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from _cuda_decode import write_checkpoint
+
+    from quantrt.engine.engine import Engine
+
+    shape = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    path = write_checkpoint(tmp_path / "int4", layers=2, gptq=True, shape=shape, norm_std=0.1)
+    prompts = [[5, 17, 99, 3, 42], [7] * 9]
+
+    def run(on: str):
+        monkeypatch.setenv("QUANTRT_CUDA_RING_PROLOGUE", on)
+        eng = Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=1024, page_size=16, random_seed=0)
+        lin = eng.model.model.layers[0].mlp.down_proj
+        assert lin.takes_pending(1, SILU_MUL) == (on == "1") and lin.takes_pending(2, SILU_MUL) == (on == "1")
+        outs = [eng.generate(input_ids=p, sampling_params={"max_new_tokens": 12, "temperature": 0,
+                                                            "ignore_eos": True}, return_logprob=True)
+                for p in prompts + [prompts]]
+        del eng
+        return outs
+
+    fast, slow = run("1"), run("0")
+    for f, s in zip(fast, slow):
+        for a, b in zip(f if isinstance(f, list) else [f], s if isinstance(s, list) else [s]):
+            assert a["output_ids"] == b["output_ids"]
+            lp = [abs(x[0] - y[0]) for x, y in zip(a["meta_info"]["output_token_logprobs"],
+                                                   b["meta_info"]["output_token_logprobs"])]
+            assert max(lp) < 5e-2
