@@ -69,14 +69,14 @@ def test_prologue_check_names_the_problem():
     with pytest.raises(ValueError, match=r"M <= 2; got M=3"):
         x3 = torch.zeros(3, 256, dtype=x.dtype)
         RingPrologue(PRO_NORM, x3, w, x3, 1e-5).check(x3, 256)
-    with pytest.raises(ValueError, match=r"act \* mul prologue needs the merged gate_up output \[M, 512\], got "
+    with pytest.raises(ValueError, match=r"act \* mul prologue needs the merged gate_up output \[M <= 2, 512\], got "
                                          r"\(1, 256\)"):
         RingPrologue(PRO_SILU).check(x, 256)
     with pytest.raises(ValueError, match="unknown ring prologue kind 7"):
         RingPrologue(7).check(x, 256)
 
 
-@pytest.mark.parametrize("pro,rows", [(1, 1), (1, 2), (2, 1), (3, 8)])
+@pytest.mark.parametrize("pro,rows", [(1, 1), (1, 2), (2, 1), (3, 2)])
 @pytest.mark.gluon_compile
 def test_kernel_with_a_prologue_compiles_with_the_same_mmas(pro, rows):
     """Each prologue compiles for sm_90 with the plain kernel's MMAs and registers' worth of work: no spills; the
@@ -84,7 +84,7 @@ def test_kernel_with_a_prologue_compiles_with_the_same_mmas(pro, rows):
     from tests.test_cuda_ring_wna16 import _compile_sm90
 
     tagged = rows <= 2
-    ptx = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged, pro=pro, rows=rows)
+    ptx = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged, pro=pro, rows=rows, x_vec=False)
     plain = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged)
     assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0
     assert "local" not in ptx
@@ -185,7 +185,7 @@ def test_ring_norm_prologue_native(m, n, k):
 
 
 @pytest.mark.accelerator
-@pytest.mark.parametrize("m", [1, 2, 8, 32])
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_ring_act_prologue_native(m, gelu):
     """act(gate) * up in the ring's load (down projection 14336 -> 4096) equals the ring on the platform op's

@@ -81,7 +81,7 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
-                  rows: int = 1) -> str:
+                  rows: int = 1, x_vec: bool = True) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -92,10 +92,10 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     ws, cnt = (torch.zeros(8, dtype=torch.int64),) * 2 if tagged else (scale, packed)
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
-    layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps))
+    layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps, x_vec=x_vec))
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, x, x, x, k, k, 1e-6,
-        -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, True, *layouts,
+        -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
         trigger, offset, tagged, *_pro_consts(pro, rows, k, warps)], num_warps=warps)
 
 
@@ -107,7 +107,7 @@ def _pro_consts(pro: int, rows: int, k: int, warps: int) -> list:
     if pro == 0:
         return []
     d = torch.zeros(rows, k)
-    o = _prologue_opts(RingPrologue(pro, d, d[0], d), k, warps)
+    o = _prologue_opts(RingPrologue(pro, d, d[0], d), rows, k, warps)
     return [o["PRO"], o.get("NR", 1), o.get("KP", 1024), o.get("ROW")]
 
 

@@ -5,7 +5,7 @@ before q/k/v and gate/up, and act(gate) * up before down: three of a Llama layer
 PRO (a kernel constexpr):
 - PRO_NORM: x [M, K] is the residual stream, d [M, K] the delta (the last sub-layer's output), w [K] the norm
   weight. The ring's input is RMSNorm(s) * w with s = x + d, and the programs of column tile 0 write s (the new
-  residual stream) to the residual buffer. Every program first sums s^2 over the whole row (M <= NORM_MAX_M
+  residual stream) to the residual buffer. Every program first sums s^2 over the whole row (M <= PRO_MAX_M
   rows), so all programs use the same 1 / rms; the order of that sum is not the norm kernel's, so 1 / rms can
   differ from `triton_add_rms_norm`'s in its last bit.
 - PRO_SILU / PRO_GELU: x is the merged gate_up output [M, 2K]; the input is act(gate) * up (silu, or gelu with the
@@ -26,7 +26,7 @@ from triton.experimental.gluon import language as gl
 from quantrt.platforms.cuda.kernels.ring_common import gsum
 
 PRO_NONE, PRO_NORM, PRO_SILU, PRO_GELU = 0, 1, 2, 3
-NORM_MAX_M = 2       # rows whose 1 / rms every program computes from the whole row (the batch-1/2 decode steps)
+PRO_MAX_M = 2        # rows a prologue computes (the batch-1/2 decode steps): per row one element a thread a step
 
 
 @dataclass(frozen=True)
@@ -50,57 +50,85 @@ class RingPrologue:
                    if t is None or tuple(t.shape) != want or t.dtype != x.dtype or t.stride(-1) != 1]
             if self.weight is None or tuple(self.weight.shape) != (k,) or self.weight.dtype != x.dtype:
                 bad.append(f"weight {None if self.weight is None else (tuple(self.weight.shape), self.weight.dtype)}")
-            if bad or m > NORM_MAX_M:
+            if bad or m > PRO_MAX_M:
                 raise ValueError(f"ring add + RMSNorm prologue needs x, delta, residual [{m}, {k}] {x.dtype} with "
-                                 f"unit stride along K, weight [{k}] {x.dtype}, M <= {NORM_MAX_M}; got "
+                                 f"unit stride along K, weight [{k}] {x.dtype}, M <= {PRO_MAX_M}; got "
                                  f"{', '.join(bad) or f'M={m}'}")
         elif self.kind in (PRO_SILU, PRO_GELU):
-            if x.dim() != 2 or x.shape[1] != 2 * k:
-                raise ValueError(f"ring act * mul prologue needs the merged gate_up output [M, {2 * k}], got "
-                                 f"{tuple(x.shape)}")
+            if x.dim() != 2 or x.shape[1] != 2 * k or m > PRO_MAX_M:
+                raise ValueError(f"ring act * mul prologue needs the merged gate_up output [M <= {PRO_MAX_M}, "
+                                 f"{2 * k}], got {tuple(x.shape)}")
         else:
             raise ValueError(f"unknown ring prologue kind {self.kind} (PRO_NORM {PRO_NORM}, PRO_SILU {PRO_SILU}, "
                              f"PRO_GELU {PRO_GELU})")
 
 
 @gluon.jit
-def norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, offs_m, NR: gl.constexpr, KP: gl.constexpr,
-              ROW: gl.constexpr):
-    """[BM] (offs_m's layout): 1 / rms(x + d) of rows 0..NR-1 (the sum rounded to x's dtype, as the norm kernel
-    rounds it), 0 for the other rows; the whole row [KP >= K] read in this program's ROW layout."""
+def _rstd(x_ptr, d_ptr, offs, km, K, eps):
+    """1 / rms(x + d) of one row (the sum rounded to x's dtype, as the norm kernel rounds it)."""
+    xr = gl.load(x_ptr + offs, mask=km, other=0.0)
+    dr = gl.load(d_ptr + offs, mask=km, other=0.0)
+    s = (xr.to(gl.float32) + dr.to(gl.float32)).to(xr.dtype).to(gl.float32)
+    return gl.rsqrt(gsum(s * s, 0) / K + eps)
+
+
+@gluon.jit
+def norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, NR: gl.constexpr, KP: gl.constexpr, ROW: gl.constexpr):
+    """(1 / rms(x + d) of row 0, of row 1 (NR 2) or row 0's again), each whole row [KP >= K] read in this
+    program's ROW layout."""
     offs = gl.arange(0, KP, layout=ROW)
     km = offs < K
-    rs = offs_m.to(gl.float32) * 0.0
-    for r in gl.static_range(NR):
-        xr = gl.load(x_ptr + r * stride_xm + offs, mask=km, other=0.0)
-        dr = gl.load(d_ptr + r * stride_dm + offs, mask=km, other=0.0)
-        s = (xr.to(gl.float32) + dr.to(gl.float32)).to(xr.dtype).to(gl.float32)
-        rs = gl.where(offs_m == r, gl.rsqrt(gsum(s * s, 0) / K + eps), rs)
-    return rs
+    r0 = _rstd(x_ptr, d_ptr, offs, km, K, eps)
+    r1 = r0
+    if NR == 2:
+        r1 = _rstd(x_ptr + stride_xm, d_ptr + stride_dm, offs, km, K, eps)
+    return r0, r1
 
 
 @gluon.jit
-def norm_x(x, d, w, rs):
-    """One step's activations: x, d [BM, BK] (residual, delta), w [BK] the norm weight, rs [BM] 1 / rms ->
-    (RMSNorm(s) * w, s) with s = x + d, both [BM, BK] in x's dtype."""
+def pro_load(x_ptr, b_ptr, w_ptr, stride_xm, stride_bm, kk, ok, NR: gl.constexpr, PRO: gl.constexpr):
+    """One step's raw inputs at the K offsets kk [BK]: (x, b) of row 0, of row 1 (NR 2; else row 0's again),
+    and the norm weight w (PRO_NORM; else row 0's x). x: residual or gate; b: delta or up."""
+    m = (kk >= 0) & ok
+    x0 = gl.load(x_ptr + kk, mask=m, other=0.0)
+    b0 = gl.load(b_ptr + kk, mask=m, other=0.0)
+    x1 = x0
+    b1 = b0
+    if NR == 2:
+        x1 = gl.load(x_ptr + stride_xm + kk, mask=m, other=0.0)
+        b1 = gl.load(b_ptr + stride_bm + kk, mask=m, other=0.0)
+    w = x0
+    if PRO == 1:
+        w = gl.load(w_ptr + kk, mask=m, other=0.0)
+    return x0, b0, x1, b1, w
+
+
+@gluon.jit
+def _row(x, b, w, r, res_ptr, write_res, PRO: gl.constexpr):
+    """One row's activations [BK]; PRO_NORM also writes s = x + b at res_ptr (where write_res [BK])."""
     dt: gl.constexpr = x.dtype
-    s = (x.to(gl.float32) + d.to(gl.float32)).to(dt)
-    y = ((s.to(gl.float32) * gl.expand_dims(rs, 1)).to(dt).to(gl.float32) * gl.expand_dims(w.to(gl.float32), 0))
-    return y.to(dt), s
+    if PRO == 1:
+        s = (x.to(gl.float32) + b.to(gl.float32)).to(dt)
+        gl.store(res_ptr, s, mask=write_res)
+        return ((s.to(gl.float32) * r).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt)
+    g = x.to(gl.float32)
+    if PRO == 3:  # gelu-tanh as g / (1 + exp(-2z)), z = sqrt(2/pi) (g + 0.044715 g^3): no cancellation
+        a = g / (1.0 + gl.exp(-2.0 * (0.7978845608028654 * (g + 0.044715 * g * g * g))))
+    else:         # silu
+        a = g / (1.0 + gl.exp(-g))
+    return (a.to(dt).to(gl.float32) * b.to(gl.float32)).to(dt)
 
 
 @gluon.jit
-def act_x(g, u, GELU: gl.constexpr):
-    """One step's activations: act(g) * u, [BM, BK] in g's dtype (act: silu, or gelu with the tanh
-    approximation written as g / (1 + exp(-2z)), z = sqrt(2/pi) (g + 0.044715 g^3))."""
-    dt: gl.constexpr = g.dtype
-    gf = g.to(gl.float32)
-    if GELU:
-        z = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
-        a = gf / (1.0 + gl.exp(-2.0 * z))
-    else:
-        a = gf / (1.0 + gl.exp(-gf))
-    return (a.to(dt).to(gl.float32) * u.to(gl.float32)).to(dt)
+def pro_tile(x0, b0, x1, b1, w, r0, r1, mm, res_ptr, stride_rm, write_res, NR: gl.constexpr, PRO: gl.constexpr):
+    """The step's B operand [BK, BM] (rows 0..NR-1 from the raw inputs, zeros past them; mm: the BM axis offsets)
+    from `pro_load`'s vectors; PRO_NORM writes the new residual rows at res_ptr [BK] (+ stride_rm for row 1)."""
+    y = _row(x0, b0, w, r0, res_ptr, write_res, PRO)
+    tile = gl.where(gl.expand_dims(mm, 0) == 0, gl.expand_dims(y, 1), 0.0)
+    if NR == 2:
+        y1 = _row(x1, b1, w, r1, res_ptr + stride_rm, write_res, PRO)
+        tile = gl.where(gl.expand_dims(mm, 0) == 1, gl.expand_dims(y1, 1), tile)
+    return tile.to(x0.dtype)
 
 
 def prologue_reference(x: torch.Tensor, pro: RingPrologue | None, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,5 +148,5 @@ def prologue_reference(x: torch.Tensor, pro: RingPrologue | None, k: int) -> tup
     return (a.to(dt).float() * u).to(dt), None
 
 
-__all__ = ["NORM_MAX_M", "PRO_GELU", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue", "act_x", "norm_rstd",
-           "norm_x", "prologue_reference"]
+__all__ = ["PRO_GELU", "PRO_MAX_M", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue", "norm_rstd", "pro_load",
+           "pro_tile", "prologue_reference"]

@@ -31,7 +31,7 @@ itself is tested natively (-m accelerator).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from triton.experimental import gluon
@@ -52,9 +52,9 @@ from quantrt.platforms.cuda.kernels.ring_common import (
 from quantrt.platforms.cuda.kernels.ring_prologue import (
     PRO_NORM,
     RingPrologue,
-    act_x,
     norm_rstd,
-    norm_x,
+    pro_load,
+    pro_tile,
 )
 from quantrt.quant.formats.packing import unpack_lsb
 
@@ -219,36 +219,40 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         x_ptrs = x_ptr + offs_mx[None, :] * stride_xm + (k_start + offs_kx)[:, None]
         x_mask = (offs_mx < M)[None, :]
     x_smem = gl.allocate_shared_memory(dt, [BK, BM], X_SMEM)
-    x = gl.load(x_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
-    # prologues (X_VEC only, `ring_prologue`): b is the delta (norm) or the up half (act), w the norm weight
-    b_ptrs = x_ptrs
-    if PRO == 1:     # PRO_NORM
-        b_ptrs = d_ptr + offs_mx[:, None] * stride_dm + (k_start + offs_kx)[None, :]
-    elif PRO != 0:   # PRO_SILU / PRO_GELU: gate_up [M, 2K]
-        b_ptrs = x_ptrs + K
-    w_ptrs = nw_ptr + k_start + offs_kx
-    r_ptrs = r_ptr + offs_mx[:, None] * stride_rm + (k_start + offs_kx)[None, :]
-    r_mask = x_mask & (pid_n == 0)               # column tile 0 writes the new residual stream
-    k_all = offs_kx >= 0
-    b = x
-    w = gl.zeros([BK], dt, gl.SliceLayout(0, X_LAYOUT))
-    rs = gl.zeros([BM], gl.float32, gl.SliceLayout(1, X_LAYOUT))
-    if PRO != 0:
-        b = gl.load(b_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
-    if PRO == 1:
-        w = gl.load(w_ptrs, mask=k_all & (n_steps > 0), other=0.0)
-        rs = norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, offs_mx, NR, KP, ROW)
+    if PRO == 0:
+        x = gl.load(x_ptrs, mask=x_mask & (n_steps > 0), other=0.0)
+        b = x
+        x1 = x
+        b1 = x
+        w = x
+        r0 = 0.0
+        r1 = 0.0
+    else:       # `ring_prologue`: rows 0..NR-1 as [BK] vectors in _frag_k order (layout without x_vec)
+        kk = k_start + offs_kx
+        res_mask = (offs_kx >= 0) & (pid_n == 0)            # column tile 0 writes the new residual rows
+        if PRO == 1:
+            b_ptr = d_ptr
+            stride_bm = stride_dm
+            r0, r1 = norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, NR, KP, ROW)
+        else:   # gate_up [M, 2K]: up at column K + k
+            b_ptr = x_ptr + K
+            stride_bm = stride_xm
+            r0 = 0.0
+            r1 = 0.0
+        x, b, x1, b1, w = pro_load(x_ptr, b_ptr, nw_ptr, stride_xm, stride_bm, kk, n_steps > 0, NR, PRO)
     nz = (gl.zeros([NB, 32], gl.float32, Z_LAYOUT) - (MAG + ZC)).to(dt)
     acc = gl.zeros([BN, BM], gl.float32, MMA)
     for t in range(n_steps):
         slot = t % STAGES
-        xn = gl.load(x_ptrs + (t + 1) * BK, mask=x_mask & (t + 1 < n_steps), other=0.0)
-        bn = b
-        wn = w
-        if PRO != 0:
-            bn = gl.load(b_ptrs + (t + 1) * BK, mask=x_mask & (t + 1 < n_steps), other=0.0)
-        if PRO == 1:
-            wn = gl.load(w_ptrs + (t + 1) * BK, mask=k_all & (t + 1 < n_steps), other=0.0)
+        if PRO == 0:
+            xn = gl.load(x_ptrs + (t + 1) * BK, mask=x_mask & (t + 1 < n_steps), other=0.0)
+            bn = b
+            x1n = x1
+            b1n = b1
+            wn = w
+        else:
+            xn, bn, x1n, b1n, wn = pro_load(x_ptr, b_ptr, nw_ptr, stride_xm, stride_bm, kk + (t + 1) * BK,
+                                            t + 1 < n_steps, NR, PRO)
         mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
         p = p_ring.index(slot).load(P_LAYOUT)                               # [NB, RK, 32] int32
         s = s_ring.index(slot).load(S_LAYOUT)                               # [BN] fp32, by column
@@ -264,15 +268,15 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         fence_async_shared()
         _issue(p_desc, s_desc, z_desc, bars.index(slot), p_ring.index(slot), s_ring.index(slot),
                z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
-        xin = x
-        if PRO == 1:
-            xin, sres = norm_x(x, b, w, rs)
-            gl.store(r_ptrs + t * BK, sres, mask=r_mask)
-        elif PRO != 0:
-            xin = act_x(x, b, PRO == 3)
+        if PRO == 0:
+            xin = x
+        else:
+            xin = pro_tile(x, b, x1, b1, w, r0, r1, offs_mx, r_ptr + kk + t * BK, stride_rm, res_mask, NR, PRO)
         acc = _ring_step(acc, p, s, nz, o, xin, x_smem, BN, BK, BM, NB, RK, IS_BF16, X_VEC, P_LAYOUT, MMA, OFFSET)
         x = xn
         b = bn
+        x1 = x1n
+        b1 = b1n
         w = wn
     if TRIGGER:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
@@ -368,9 +372,9 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     elif x.shape[1] != k:
         raise ValueError(f"ring_wna16: x {tuple(x.shape)} does not match the packed weight's K={k}")
     cfg = cfg or default_config(m, n, k)
+    if pro is not None:     # rows as [BK] vectors: the gathered activation layout
+        cfg = replace(cfg, x_vec=False)
     ok, why = can_run(m, n, k, group, 4, x.dtype, cfg)
-    if pro is not None and not cfg.x_vec:
-        ok, why = False, "a prologue needs x_vec (k-order activation loads)"
     if (not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16, 32) or not 32 <= cfg.block_k <= 128
             or cfg.warps not in (4, 8) or cfg.warps == 8 and cfg.block_n != 128):
         raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16/32, "
@@ -393,18 +397,17 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0,
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
         *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
-        **(_prologue_opts(pro, k, cfg.warps) if pro is not None else {}), num_warps=cfg.warps,
+        **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), num_warps=cfg.warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
 
 
-def _prologue_opts(pro: RingPrologue, k: int, warps: int) -> dict:
-    """The kernel's prologue constexprs: PRO, and for the norm the rows, the padded row length and its layout."""
+def _prologue_opts(pro: RingPrologue, rows: int, k: int, warps: int) -> dict:
+    """The kernel's prologue constexprs: PRO, the rows, and for the norm the padded row length and its layout."""
     if pro.kind != PRO_NORM:
-        return {"PRO": pro.kind}
+        return {"PRO": pro.kind, "NR": rows}
     row = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[warps], order=[0])
-    return {"PRO": PRO_NORM, "NR": pro.delta.shape[0], "KP": max(1 << (k - 1).bit_length(), 8 * 32 * warps),
-            "ROW": row}
+    return {"PRO": PRO_NORM, "NR": rows, "KP": max(1 << (k - 1).bit_length(), 8 * 32 * warps), "ROW": row}
 
 
 def launch_layouts(cfg: RingConfig) -> tuple:

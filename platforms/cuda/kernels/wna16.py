@@ -173,21 +173,20 @@ class TritonWNA16Kernel(LinearKernel):
         return can_run(m, k, self.group, self.container) and (self.container == 4 or m <= TC8_MAX_M)
 
     def takes_pending(self, m: int, kind: str) -> bool:
-        """M rows of add + RMSNorm (M <= ring_prologue.NORM_MAX_M) or act * mul (M <= RING_MAX_M) are computed in
-        the ring kernel's activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128)
-        and the layer has no act-order permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE=0: never."""
+        """M <= ring_prologue.PRO_MAX_M rows of add + RMSNorm or act * mul are computed in the ring kernel's
+        activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128) and the layer has no
+        act-order permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE=0: never."""
         if self.ring_why or self.perm is not None or self.offset is not None or m < 1:
             return False
         if os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1") == "0":
             return False
-        from quantrt.platforms.cuda.kernels.ring_prologue import NORM_MAX_M
-        from quantrt.platforms.cuda.kernels.ring_wna16 import can_run, default_config
+        from quantrt.platforms.cuda.kernels.ring_prologue import PRO_MAX_M
+        from quantrt.platforms.cuda.kernels.ring_wna16 import can_run
 
-        if not (kind == ADD_RMS_NORM and m <= NORM_MAX_M or kind in (SILU_MUL, GELU_MUL) and m <= RING_MAX_M):
+        if kind not in (ADD_RMS_NORM, SILU_MUL, GELU_MUL) or m > PRO_MAX_M:
             return False
         n, k = self.shape
-        cfg = default_config(m, n, k)
-        return can_run(m, n, k, self.group, self.container, self.compute_dtype, cfg)[0] and cfg.x_vec
+        return can_run(m, n, k, self.group, self.container, self.compute_dtype)[0]
 
     def _apply_pending(self, x: PendingRows, bias: torch.Tensor | None) -> torch.Tensor:
         """The ring over rows it makes itself (`takes_pending`); rows it does not take are materialized first."""
