@@ -31,3 +31,22 @@ def compile_sm90(fn, vals: list, num_warps: int = 4, div16: bool = False, gluon:
     ck = triton.compile(Source(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options={"num_warps": num_warps, **(options or {})})
     return ck.asm["ptx"]
+
+
+def ptxas_registers(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spilled bytes stored) of `ptx` assembled for sm_90a by the triton wheel's ptxas."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    ptxas = next((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*"))
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    return regs, int(re.search(r"(\d+) bytes spill stores", out).group(1))

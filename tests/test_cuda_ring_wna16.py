@@ -81,11 +81,11 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
-                  rows: int = 1, x_vec: bool = True) -> str:
+                  rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
-    n, k, bk = 256, 1024, 128
+    n, bk = 256, 128
     x = torch.zeros(1, k, dtype=dtype)
     packed = torch.zeros(k // 8, n, dtype=torch.int32)
     scale = torch.zeros(k // 128, n)
@@ -96,7 +96,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, s_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, x, x, x, k, k, 1e-6,
         -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
-        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps)], num_warps=warps)
+        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps)], num_warps=warps, div16=div16)
 
 
 def _pro_consts(pro: int, rows: int, k: int, warps: int) -> list:

@@ -27,6 +27,7 @@ from quantrt.platforms.cuda.kernels.ring_common import gsum
 
 PRO_NONE, PRO_NORM, PRO_SILU, PRO_GELU = 0, 1, 2, 3
 PRO_MAX_M = 2        # rows a prologue computes (the batch-1/2 decode steps): per row one element a thread a step
+NORM_MAX_M = 1       # the norm's two whole rows in flight take 168 registers (ptxas, K 4096): fewer programs per SM
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ class RingPrologue:
                    if t is None or tuple(t.shape) != want or t.dtype != x.dtype or t.stride(-1) != 1]
             if self.weight is None or tuple(self.weight.shape) != (k,) or self.weight.dtype != x.dtype:
                 bad.append(f"weight {None if self.weight is None else (tuple(self.weight.shape), self.weight.dtype)}")
-            if bad or m > PRO_MAX_M:
+            if bad or m > NORM_MAX_M:
                 raise ValueError(f"ring add + RMSNorm prologue needs x, delta, residual [{m}, {k}] {x.dtype} with "
-                                 f"unit stride along K, weight [{k}] {x.dtype}, M <= {PRO_MAX_M}; got "
+                                 f"unit stride along K, weight [{k}] {x.dtype}, M <= {NORM_MAX_M}; got "
                                  f"{', '.join(bad) or f'M={m}'}")
         elif self.kind in (PRO_SILU, PRO_GELU):
             if x.dim() != 2 or x.shape[1] != 2 * k or m > PRO_MAX_M:
@@ -148,5 +149,5 @@ def prologue_reference(x: torch.Tensor, pro: RingPrologue | None, k: int) -> tup
     return (a.to(dt).float() * u).to(dt), None
 
 
-__all__ = ["PRO_GELU", "PRO_MAX_M", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue", "norm_rstd", "pro_load",
+__all__ = ["NORM_MAX_M", "PRO_GELU", "PRO_MAX_M", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue", "norm_rstd", "pro_load",
            "pro_tile", "prologue_reference"]

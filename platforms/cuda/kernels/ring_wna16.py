@@ -233,13 +233,15 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         if PRO == 1:
             b_ptr = d_ptr
             stride_bm = stride_dm
-            r0, r1 = norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, NR, KP, ROW)
         else:   # gate_up [M, 2K]: up at column K + k
             b_ptr = x_ptr + K
             stride_bm = stride_xm
-            r0 = 0.0
-            r1 = 0.0
+        # the first step's loads go out before the norm's row reads and reduction (one L2 round trip for both)
         x, b, x1, b1, w = pro_load(x_ptr, b_ptr, nw_ptr, stride_xm, stride_bm, kk, n_steps > 0, NR, PRO)
+        r0 = 0.0
+        r1 = 0.0
+        if PRO == 1:
+            r0, r1 = norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, NR, KP, ROW)
     nz = (gl.zeros([NB, 32], gl.float32, Z_LAYOUT) - (MAG + ZC)).to(dt)
     acc = gl.zeros([BN, BM], gl.float32, MMA)
     for t in range(n_steps):

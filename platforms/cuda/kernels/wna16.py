@@ -173,17 +173,19 @@ class TritonWNA16Kernel(LinearKernel):
         return can_run(m, k, self.group, self.container) and (self.container == 4 or m <= TC8_MAX_M)
 
     def takes_pending(self, m: int, kind: str) -> bool:
-        """M <= ring_prologue.PRO_MAX_M rows of add + RMSNorm or act * mul are computed in the ring kernel's
+        """M <= ring_prologue.NORM_MAX_M rows of add + RMSNorm, or PRO_MAX_M of act * mul, are computed in the ring's
         activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128) and the layer has no
-        act-order permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE=0: never."""
+        act-order permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE: "norm" or "act" takes only that
+        kind, "0" none (A/B runs)."""
         if self.ring_why or self.perm is not None or self.offset is not None or m < 1:
             return False
-        if os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1") == "0":
+        only = os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1")
+        if only == "0" or only == "norm" and kind != ADD_RMS_NORM or only == "act" and kind == ADD_RMS_NORM:
             return False
-        from quantrt.platforms.cuda.kernels.ring_prologue import PRO_MAX_M
+        from quantrt.platforms.cuda.kernels.ring_prologue import NORM_MAX_M, PRO_MAX_M
         from quantrt.platforms.cuda.kernels.ring_wna16 import can_run
 
-        if kind not in (ADD_RMS_NORM, SILU_MUL, GELU_MUL) or m > PRO_MAX_M:
+        if kind not in (ADD_RMS_NORM, SILU_MUL, GELU_MUL) or m > (NORM_MAX_M if kind == ADD_RMS_NORM else PRO_MAX_M):
             return False
         n, k = self.shape
         return can_run(m, n, k, self.group, self.container, self.compute_dtype)[0]
