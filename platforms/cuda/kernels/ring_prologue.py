@@ -5,14 +5,20 @@ before q/k/v and gate/up, and act(gate) * up before down: three of a Llama layer
 PRO (a kernel constexpr):
 - PRO_NORM: x [M, K] is the residual stream, d [M, K] the delta (the last sub-layer's output), w [K] the norm
   weight. The ring's input is RMSNorm(s) * w with s = x + d, and the programs of column tile 0 write s (the new
-  residual stream) to the residual buffer. Every program first sums s^2 over the whole row (M <= PRO_MAX_M
-  rows), so all programs use the same 1 / rms; the order of that sum is not the norm kernel's, so 1 / rms can
-  differ from `triton_add_rms_norm`'s in its last bit.
+  residual stream) to the residual buffer. Every program first sums s^2 over the whole row, so all programs use
+  the same 1 / rms; the order of that sum is not the norm kernel's, so 1 / rms can differ from
+  `triton_add_rms_norm`'s in its last bit.
 - PRO_SILU / PRO_GELU: x is the merged gate_up output [M, 2K]; the input is act(gate) * up (silu, or gelu with the
   tanh approximation).
 Each value is computed and rounded as layer_ops' kernels do (`_add_rms_norm_kernel`, `_act_mul_kernel`): fp32
 math, the sum rounded to the model dtype, the normalized value rounded before the weight product, act(gate)
 rounded before the product with up.
+
+Cost: the ring's loop is near its instruction-issue limit at one row, and every column-tile program makes the
+activations of its K slice again. So only the real rows are computed (KERNEL_MAX_M, one element a thread a step,
+not the [BK, BM] tile; the rows past them are zeros in the MMA operand), and the linear takes them only at one
+row (NORM_MAX_M, PRO_MAX_M), where the three saved launches outweigh that work: H100 int4 Llama-8B-shaped decode
+2.24 -> 2.19 ms a step. The first version computed the whole [BM, BK] tile: 2.24 -> 2.56 ms.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from triton.experimental.gluon import language as gl
 from quantrt.platforms.cuda.kernels.ring_common import gsum
 
 PRO_NONE, PRO_NORM, PRO_SILU, PRO_GELU = 0, 1, 2, 3
-PRO_MAX_M = 2        # rows a prologue computes (the batch-1/2 decode steps): per row one element a thread a step
-NORM_MAX_M = 1       # the norm's two whole rows in flight take 168 registers (ptxas, K 4096): fewer programs per SM
+KERNEL_MAX_M = 2     # rows the kernel's prologue computes, each one element a thread a step
+# rows up to which the linear takes them (`TritonWNA16Kernel.takes_pending`), H100 int4 end to end:
+PRO_MAX_M = 1        # act * up: batch 2 2.46 ms a step in the ring vs 2.43 launched; batch 1 2.21 vs 2.24
+NORM_MAX_M = 1       # norm: two whole rows in flight take 168 registers (ptxas, K 4096), fewer programs per SM
 
 
 @dataclass(frozen=True)
@@ -51,13 +59,13 @@ class RingPrologue:
                    if t is None or tuple(t.shape) != want or t.dtype != x.dtype or t.stride(-1) != 1]
             if self.weight is None or tuple(self.weight.shape) != (k,) or self.weight.dtype != x.dtype:
                 bad.append(f"weight {None if self.weight is None else (tuple(self.weight.shape), self.weight.dtype)}")
-            if bad or m > NORM_MAX_M:
+            if bad or m > KERNEL_MAX_M:
                 raise ValueError(f"ring add + RMSNorm prologue needs x, delta, residual [{m}, {k}] {x.dtype} with "
-                                 f"unit stride along K, weight [{k}] {x.dtype}, M <= {NORM_MAX_M}; got "
+                                 f"unit stride along K, weight [{k}] {x.dtype}, M <= {KERNEL_MAX_M}; got "
                                  f"{', '.join(bad) or f'M={m}'}")
         elif self.kind in (PRO_SILU, PRO_GELU):
-            if x.dim() != 2 or x.shape[1] != 2 * k or m > PRO_MAX_M:
-                raise ValueError(f"ring act * mul prologue needs the merged gate_up output [M <= {PRO_MAX_M}, "
+            if x.dim() != 2 or x.shape[1] != 2 * k or m > KERNEL_MAX_M:
+                raise ValueError(f"ring act * mul prologue needs the merged gate_up output [M <= {KERNEL_MAX_M}, "
                                  f"{2 * k}], got {tuple(x.shape)}")
         else:
             raise ValueError(f"unknown ring prologue kind {self.kind} (PRO_NORM {PRO_NORM}, PRO_SILU {PRO_SILU}, "
@@ -149,5 +157,5 @@ def prologue_reference(x: torch.Tensor, pro: RingPrologue | None, k: int) -> tup
     return (a.to(dt).float() * u).to(dt), None
 
 
-__all__ = ["NORM_MAX_M", "PRO_GELU", "PRO_MAX_M", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue", "norm_rstd", "pro_load",
-           "pro_tile", "prologue_reference"]
+__all__ = ["KERNEL_MAX_M", "NORM_MAX_M", "PRO_GELU", "PRO_MAX_M", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue",
+           "norm_rstd", "pro_load", "pro_tile", "prologue_reference"]
