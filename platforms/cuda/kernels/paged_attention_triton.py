@@ -18,15 +18,11 @@ KV formats (KV_FMT), all decoded exactly into bf16/fp16 operands of tl.dot:
 Masking: keys j < kv_len and, with a sliding window W, j > kv_len - 1 - W (ForwardBatch.decode_mask).
 kv_lens is read on the device, so a CUDA graph replays the launch for any lengths within the bucket.
 Both kernels are launched like the per-layer ops (`pdl_triton.pdl_row_opts`: PDL on sm_90+ from PDL_MIN_ROWS
-sequences): scheduled while the kernel before drains, they wait for it before reading its output. The decode
-kernel reads before that wait what no kernel of the step writes: the lengths, slot table, positions and rope
-tables, and (rotary + plain KV, `NewToken`) its first block of keys and values, whose one stale row, this step's
-new token, it replaces by the values it writes (QUANTRT_CUDA_ATTN_EARLY=0: everything after the wait, for A/B).
+sequences): scheduled while the kernel before drains, they wait for it before reading anything.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,14 +31,13 @@ import triton.language as tl
 
 from quantrt.engine.kv_quant import KVKind
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
 from quantrt.platforms.cuda.kernels.rope_kv_triton import (
     can_fuse_rotary_kv_store,
     pool_format,
     rope_apply,
     rope_cols,
-    rope_kv_row,
-    store_kv_row,
+    rope_store_kv,
 )
 from quantrt.platforms.cuda.layer_ops import rne
 
@@ -93,22 +88,13 @@ def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV: tl.constexpr,
-                D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr):
-    """The keys j0 .. j0 + BL of the sequence (those in [lo, hi)): (their positions, mask, K, V [BL, D] fp32)."""
+def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale, j0, lo, hi, m_i, l_i, acc,
+          HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
+    """One block of BL keys: online-softmax update of (running max, running sum, P.V accumulator)."""
     offs_l = j0 + tl.arange(0, BL)
     mask_l = (offs_l >= lo) & (offs_l < hi)
     slots = tl.load(slot_ptr + b * stride_sb + offs_l, mask=mask_l, other=0)
-    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT)
-    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT)
-    return offs_l, mask_l, k, v
-
-
-@triton.jit
-def _attend(q, k, v, mask_l, qk_scale, m_i, l_i, acc, DOT_F32: tl.constexpr):
-    """One block of keys (K, V [BL, D] fp32, exact in q's dtype): online-softmax update of (running max, running
-    sum, P.V accumulator)."""
-    k = k.to(q.dtype)
+    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)   # [BL, D]
     if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
@@ -118,7 +104,7 @@ def _attend(q, k, v, mask_l, qk_scale, m_i, l_i, acc, DOT_F32: tl.constexpr):
     alpha = tl.exp(m_i - m_new)
     p = tl.where(mask_l[None, :], tl.exp(s - m_new[:, None]), 0.0)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = v.to(q.dtype)
+    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
     else:
@@ -127,23 +113,13 @@ def _attend(q, k, v, mask_l, qk_scale, m_i, l_i, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale, j0, lo, hi, m_i, l_i, acc,
-          HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
-    """One block of BL keys read from the pool and attended."""
-    _, mask_l, k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV, D,
-                                  BL, FMT)
-    return _attend(q, k, v, mask_l, qk_scale, m_i, l_i, acc, DOT_F32)
-
-
-@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_ptr, l_ptr, o_ptr, out_ptr,
                    stride_sb, qk_scale, v_factor, CHUNK, WINDOW, kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
                    oslot_ptr, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, s_cs, k_wscale, v_wscale, NBLK_C: tl.constexpr,
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
                    FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
-                   ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0,
-                   EARLY: tl.constexpr = True):
-    pdl_release(PDL)
+                   ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -153,51 +129,35 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
     mask_g = offs_g < G
     offs_d = tl.arange(0, D)
     heads = kvh * G + offs_g                                                   # [GP] query heads
-    # before the wait: what no kernel of this step writes (lengths, slot table, positions, rope tables and, with
-    # PREFETCH, the first block of keys: only this step's new key, written below, is stale there)
     length = tl.load(len_ptr + b).to(tl.int32)
-    lo = sp * CHUNK
-    hi = tl.minimum(lo + CHUNK, length)
-    if WINDOW > 0:
-        lo = tl.maximum(lo, length - WINDOW)
-    j_first = sp * CHUNK if NBLK_C > 0 else lo // BL * BL
-    PREFETCH: tl.constexpr = EARLY and ROPE and FMT == 0 and FMT_W == 0
-    if PREFETCH:
-        offs_l, mask_l, k0, v0 = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j_first,
-                                             lo, hi, HKV, D, BL, FMT)
-    if ROPE:
+    if ROPE:  # q, k, v: this token's unrotated rows (strided views of the qkv output)
         pos = tl.load(pos_ptr + b).to(tl.int64)
         cos_row, sin_row = cos_ptr + pos * s_cs, sin_ptr + pos * s_cs
         partner, c, sn = rope_cols(cos_row, sin_row, D, NEOX)
-        new_slot = tl.load(oslot_ptr + b).to(tl.int64)
-    pdl_wait(PDL)
-    if ROPE:  # q, k, v: this token's unrotated rows (strided views of the qkv output)
         q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h                     # [GP, 1]
         x = tl.load(q_rows + offs_d[None, :], mask=mask_g[:, None], other=0.0)
         xp = tl.load(q_rows + partner[None, :], mask=mask_g[:, None], other=0.0)
         q = rne(rope_apply(x, xp, c[None, :], sn[None, :]), x.dtype)           # as rotary_kv_store rounds it
-        kn, vn = rope_kv_row(kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h, cos_row, sin_row, D,
-                             NEOX)
         if (length - 1 >= sp * CHUNK) & (length - 1 < sp * CHUNK + CHUNK):   # this chunk holds the new token
-            store_kv_row(k_ptr, v_ptr, ksc_ptr, vsc_ptr, new_slot, kvh, kn, vn, k_wscale, v_wscale, HKV, D, FMT_W)
+            rope_store_kv(kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h, k_ptr, v_ptr, ksc_ptr,
+                          vsc_ptr, cos_row, sin_row, tl.load(oslot_ptr + b).to(tl.int64), kvh, k_wscale, v_wscale,
+                          HKV, D, NEOX, FMT_W)
         tl.debug_barrier()                                # the CTA reads the row it wrote below
-        if PREFETCH:  # the new key's row as just written (plain pool: the rounded values themselves)
-            is_new = (offs_l == length - 1)[:, None]
-            k0 = tl.where(is_new, kn[None, :], k0)
-            v0 = tl.where(is_new, vn[None, :], v0)
     else:
         q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, length)
+    if WINDOW > 0:
+        lo = tl.maximum(lo, length - WINDOW)
     m_i = tl.full([GP], _NEG, tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    if PREFETCH:
-        m_i, l_i, acc = _attend(q, k0, v0, mask_l, qk_scale, m_i, l_i, acc, DOT_F32)
     if NBLK_C > 0:  # the interpreter cannot loop to a run-time bound: the block count as a constant there
-        for it in range(1 if PREFETCH else 0, NBLK_C):
+        for it in range(0, NBLK_C):
             m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
-                                  j_first + it * BL, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
+                                  sp * CHUNK + it * BL, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
     else:  # only the key blocks this sequence (and window) reaches within the chunk
-        for j0 in range(j_first + BL if PREFETCH else j_first, hi, BL):
+        for j0 in range(lo // BL * BL, hi, BL):
             m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
                                   j0, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
     if FINAL:  # one split, no sinks: the combine's result directly (its weight exp(m - m) is 1)
@@ -306,8 +266,7 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
                                 DOT_F32=interpret_mode(), FINAL=final, ROPE=new is not None, NEOX=nw.neox,
-                                FMT_W=nw.fmt, EARLY=os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0",
-                                num_warps=num_warps, num_stages=2, **pdl_row_opts(q, b))
+                                FMT_W=nw.fmt, num_warps=num_warps, num_stages=2, **pdl_row_opts(q, b))
     if final:
         return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,

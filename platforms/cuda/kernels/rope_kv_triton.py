@@ -64,18 +64,13 @@ def _rope(x_ptr, cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
 
 
 @triton.jit
-def rope_kv_row(k_ptr, v_ptr, cos_row, sin_row, D: tl.constexpr, NEOX: tl.constexpr):
-    """KV head rows of one token (k_ptr / v_ptr) -> (k rotated and rounded to the model dtype, v), fp32 [D]."""
+def rope_store_kv(k_ptr, v_ptr, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr, cos_row, sin_row, slot, kvh, k_scale, v_scale,
+                  HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr, FMT: tl.constexpr):
+    """KV head kvh of one token (k_ptr / v_ptr: its rows): k rotated and rounded to the model dtype, written with v
+    into the pool at `slot` as the pool stores them."""
     y = _rope(k_ptr, cos_row, sin_row, D, NEOX)
-    return rne(y, k_ptr.dtype.element_ty).to(tl.float32), tl.load(v_ptr + tl.arange(0, D)).to(tl.float32)
-
-
-@triton.jit
-def store_kv_row(kb_ptr, vb_ptr, ksc_ptr, vsc_ptr, slot, kvh, k, v, k_scale, v_scale, HKV: tl.constexpr,
-                 D: tl.constexpr, FMT: tl.constexpr):
-    """`rope_kv_row`'s k, v written into the pool at (slot, kvh) as the pool stores them."""
-    _store_kv(kb_ptr, ksc_ptr, slot, kvh, k, k_scale, HKV, D, FMT)
-    _store_kv(vb_ptr, vsc_ptr, slot, kvh, v, v_scale, HKV, D, FMT)
+    _store_kv(kb_ptr, ksc_ptr, slot, kvh, rne(y, k_ptr.dtype.element_ty).to(tl.float32), k_scale, HKV, D, FMT)
+    _store_kv(vb_ptr, vsc_ptr, slot, kvh, tl.load(v_ptr + tl.arange(0, D)).to(tl.float32), v_scale, HKV, D, FMT)
 
 
 @triton.jit
@@ -148,8 +143,8 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr
     else:
         kvh = j - H
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        k, v = rope_kv_row(k_ptr + t * sk_t + kvh * sk_h, v_ptr + t * sv_t + kvh * sv_h, c_row, s_row, D, NEOX)
-        store_kv_row(kb_ptr, vb_ptr, ksc_ptr, vsc_ptr, slot, kvh, k, v, k_scale, v_scale, HKV, D, FMT)
+        rope_store_kv(k_ptr + t * sk_t + kvh * sk_h, v_ptr + t * sv_t + kvh * sv_h, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr,
+                      c_row, s_row, slot, kvh, k_scale, v_scale, HKV, D, NEOX, FMT)
 
 
 def pool_format(pool) -> tuple[int, str]:
@@ -218,5 +213,4 @@ def rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return out
 
 
-__all__ = ["can_fuse_rotary_kv_store", "pool_format", "rope_apply", "rope_cols", "rope_kv_row", "rotary_kv_store",
-           "store_kv_row"]
+__all__ = ["can_fuse_rotary_kv_store", "pool_format", "rope_apply", "rope_cols", "rope_store_kv", "rotary_kv_store"]
