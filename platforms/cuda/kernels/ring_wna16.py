@@ -31,6 +31,7 @@ itself is tested natively (-m accelerator).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -351,11 +352,28 @@ _DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 2,
 
 
 def default_config(m: int, n: int, k: int) -> RingConfig:
-    """The swept tile for (M bucket, K, N), else the bucket's default (8192² / 14336 x 4096 took it too)."""
+    """The swept tile for (M bucket, K, N), else the bucket's default (8192² / 14336 x 4096 took it too).
+    QUANTRT_CUDA_RING_TILES="b:K:N=field:...+..." overrides entries (RingConfig fields in order; A/B runs)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
     b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
-    return RingConfig(*_TILES.get((b, k, n), _DEFAULT[b]))
+    return RingConfig(*_env_tiles().get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
+
+
+def _env_tiles() -> dict[tuple[int, int, int], tuple]:
+    """QUANTRT_CUDA_RING_TILES="b:K:N=field:field:...+..." -> {(b, K, N): RingConfig fields} (A/B runs)."""
+    out = {}
+    for item in filter(None, os.environ.get("QUANTRT_CUDA_RING_TILES", "").split("+")):
+        key, _, val = item.partition("=")
+        try:
+            b_k_n = tuple(int(v) for v in key.split(":"))
+            fields = tuple(v == "True" if v in ("True", "False") else int(v) for v in val.split(":"))
+        except ValueError:
+            b_k_n, fields = (), ()
+        if len(b_k_n) != 3 or not fields:
+            raise ValueError(f"QUANTRT_CUDA_RING_TILES entry {item!r} is not 'b:K:N=block_n:block_k:stages:...'")
+        out[b_k_n] = fields
+    return out
 
 
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
