@@ -202,8 +202,7 @@ def test_can_run_and_errors_name_the_problem():
     assert can_run(16, 4096, 4096, 128, 4, torch.bfloat16) == (True, "")
     assert "8-bit container" in can_run(1, 4096, 4096, 128, 8, torch.bfloat16)[1]
     assert can_run(32, 4096, 4096, 128, 4, torch.bfloat16) == (True, "")
-    assert "M=65 is outside 1..64" in can_run(65, 4096, 4096, 128, 4, torch.bfloat16)[1]
-    assert "M=33 is outside 1..32" in can_run(33, 4096, 4096, 128, 4, torch.bfloat16, RingConfig(block_m=32))[1]
+    assert "M=33 is outside 1..32" in can_run(33, 4096, 4096, 128, 4, torch.bfloat16)[1]
     assert "M=17 is outside 1..16" in can_run(17, 4096, 4096, 128, 4, torch.bfloat16, RingConfig(block_m=16))[1]
     assert "M=9 is outside 1..8" in can_run(9, 4096, 4096, 128, 4, torch.bfloat16, RingConfig(block_m=8))[1]
     assert "not bf16/fp16" in can_run(1, 4096, 4096, 128, 4, torch.float32)[1]
@@ -211,8 +210,7 @@ def test_can_run_and_errors_name_the_problem():
     assert "N=48 is not a multiple of 32" in can_run(1, 48, 4096, 128, 4, torch.bfloat16)[1]
     assert default_config(1, 4096, 4096).block_n == 128 and default_config(16, 8192, 8192).block_m == 16
     assert default_config(17, 8192, 8192).block_m == 32 and default_config(32, 28672, 4096).warps == 8
-    assert default_config(33, 4096, 4096).block_m == 64
-    with pytest.raises(ValueError, match=r"ring_wna16 runs 1 <= M <= 64; got M=0"):
+    with pytest.raises(ValueError, match=r"ring_wna16 runs 1 <= M <= 32; got M=0"):
         default_config(0, 64, 128)
     x = torch.zeros(2, 256, dtype=torch.bfloat16)
     p, s = torch.zeros(32, 48, dtype=torch.int32), torch.zeros(2, 48)
