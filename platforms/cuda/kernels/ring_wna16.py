@@ -59,7 +59,7 @@ from quantrt.platforms.cuda.kernels.ring_prologue import (
 )
 from quantrt.quant.formats.packing import unpack_lsb
 
-MAX_M = 64
+MAX_M = 32
 PDL_MAX_M = 8   # PDL launch (`_common.stream_pdl`) up to here: H100 e2e int4 batch 2 / 4 / 8 -5 / -4 / -2.5% a step,
                 # batch 16 +2% (PERFORMANCE.md, twelfth session)
 
@@ -348,7 +348,7 @@ _TILES: dict[tuple[int, int, int], tuple] = {
     (32, 4096, 28672): (128, 128, 2, 1, 0, 32, False, True, 8),   # 36.0 us (4 warps: 46+)
 }
 _DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 2, 3, 0, 16),
-            32: (64, 128, 2, 2, 0, 32), 64: (128, 128, 2, 1, 0, 64, False, True, 8)}
+            32: (64, 128, 2, 2, 0, 32)}
 
 
 def default_config(m: int, n: int, k: int) -> RingConfig:
@@ -356,7 +356,7 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
     QUANTRT_CUDA_RING_TILES="b:K:N=field:...+..." overrides entries (RingConfig fields in order; A/B runs)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
-    b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
     return RingConfig(*_env_tiles().get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
 
 
@@ -395,9 +395,9 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if pro is not None:     # rows as [BK] vectors: the gathered activation layout
         cfg = replace(cfg, x_vec=False)
     ok, why = can_run(m, n, k, group, 4, x.dtype, cfg)
-    if (not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16, 32, 64) or not 32 <= cfg.block_k <= 128
+    if (not ok or cfg.block_n not in (64, 128) or cfg.block_m not in (8, 16, 32) or not 32 <= cfg.block_k <= 128
             or cfg.warps not in (4, 8) or cfg.warps == 8 and cfg.block_n != 128):
-        raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16/32/64, "
+        raise ValueError(f"ring_wna16 cannot run this call: {why or cfg} (needs block_n 64/128, block_m 8/16/32, "
                          f"block_k 32..128, warps 4, or 8 with block_n 128)")
     if x.stride(1) != 1:
         x = x.contiguous()
