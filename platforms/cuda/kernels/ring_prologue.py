@@ -17,8 +17,8 @@ rounded before the product with up.
 Cost: the ring's loop is near its instruction-issue limit at one row, and every column-tile program makes the
 activations of its K slice again. So only the real rows are computed (KERNEL_MAX_M, one element a thread a step,
 not the [BK, BM] tile; the rows past them are zeros in the MMA operand), and the linear takes them only at one
-row (NORM_MAX_M, PRO_MAX_M), where the three saved launches outweigh that work: H100 int4 Llama-8B-shaped decode
-2.24 -> 2.19 ms a step. The first version computed the whole [BM, BK] tile: 2.24 -> 2.56 ms.
+row (`wna16.RING_PRO_MAX_M`), where the three saved launches outweigh that work: H100 int4 Llama-8B-shaped
+decode 2.24 -> 2.19 ms a step. The first version computed the whole [BM, BK] tile: 2.24 -> 2.56 ms.
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ from triton.experimental.gluon import language as gl
 from quantrt.platforms.cuda.kernels.ring_common import gsum
 
 PRO_NONE, PRO_NORM, PRO_SILU, PRO_GELU = 0, 1, 2, 3
-KERNEL_MAX_M = 2     # rows the kernel's prologue computes, each one element a thread a step
-# rows up to which the linear takes them (`TritonWNA16Kernel.takes_pending`), H100 int4 end to end:
-PRO_MAX_M = 1        # act * up: batch 2 2.46 ms a step in the ring vs 2.43 launched; batch 1 2.21 vs 2.24
-NORM_MAX_M = 1       # norm: two whole rows in flight take 168 registers (ptxas, K 4096), fewer programs per SM
+KERNEL_MAX_M = 2     # rows the prologue computes, each one element a thread a step (the linear takes them at one
+                     # row: wna16.RING_PRO_MAX_M)
 
 
 @dataclass(frozen=True)
@@ -157,5 +155,5 @@ def prologue_reference(x: torch.Tensor, pro: RingPrologue | None, k: int) -> tup
     return (a.to(dt).float() * u).to(dt), None
 
 
-__all__ = ["KERNEL_MAX_M", "NORM_MAX_M", "PRO_GELU", "PRO_MAX_M", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue",
-           "norm_rstd", "pro_load", "pro_tile", "prologue_reference"]
+__all__ = ["KERNEL_MAX_M", "PRO_GELU", "PRO_NONE", "PRO_NORM", "PRO_SILU", "RingPrologue", "norm_rstd", "pro_load",
+           "pro_tile", "prologue_reference"]

@@ -27,6 +27,9 @@ _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
 RING_MAX_M = 32     # up to here on Hopper: ring_wna16 (TMA word ring; H100 8192²: 16.3 us at M=1, 16.9-19.8 at 2-16,
                     # 26.6 at 32 vs 30.3 in tc_wna16; 4096x28672 M=32 36.0 vs 49.5)
+RING_PRO_MAX_M = 1  # up to here the ring makes its input (add + RMSNorm, act * up: `takes_pending`). H100 int4 e2e:
+                    # batch 1 2.19 ms a step vs 2.24 launched; act * up at 2 rows 2.46 vs 2.43, and the norm's two
+                    # whole rows in flight take 168 registers (ptxas, K 4096) instead of 128
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
 # M = 2 off the ring (GGUF g32, per-channel, 8-bit, no Hopper): the GEMV where it measured faster than tc_wna16
 # (H100, same call; 8-bit g32 8192² 35.4 vs 48.1 us, 14336x4096 34.2 vs 46.5, 4096² 12.9 vs 17.1; 4-bit g32
@@ -173,20 +176,19 @@ class TritonWNA16Kernel(LinearKernel):
         return can_run(m, k, self.group, self.container) and (self.container == 4 or m <= TC8_MAX_M)
 
     def takes_pending(self, m: int, kind: str) -> bool:
-        """M <= ring_prologue.NORM_MAX_M rows of add + RMSNorm, or PRO_MAX_M of act * mul, are computed in the ring's
-        activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128) and the layer has no
-        act-order permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE: "norm" or "act" takes only that
-        kind, "0" none (A/B runs)."""
-        if self.ring_why or self.perm is not None or self.offset is not None or m < 1:
+        """Up to RING_PRO_MAX_M rows of add + RMSNorm or act * mul are computed in the ring's activation load
+        (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128) and the layer has no act-order
+        permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE: "norm" or "act" takes only that kind, "0"
+        none (A/B runs)."""
+        if not 1 <= m <= RING_PRO_MAX_M or kind not in (ADD_RMS_NORM, SILU_MUL, GELU_MUL):
+            return False
+        if self.ring_why or self.perm is not None or self.offset is not None:
             return False
         only = os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1")
         if only == "0" or only == "norm" and kind != ADD_RMS_NORM or only == "act" and kind == ADD_RMS_NORM:
             return False
-        from quantrt.platforms.cuda.kernels.ring_prologue import NORM_MAX_M, PRO_MAX_M
         from quantrt.platforms.cuda.kernels.ring_wna16 import can_run
 
-        if kind not in (ADD_RMS_NORM, SILU_MUL, GELU_MUL) or m > (NORM_MAX_M if kind == ADD_RMS_NORM else PRO_MAX_M):
-            return False
         n, k = self.shape
         return can_run(m, n, k, self.group, self.container, self.compute_dtype)[0]
 
