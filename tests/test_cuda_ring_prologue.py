@@ -159,6 +159,32 @@ def test_linear_materializes_rows_its_kernel_does_not_take():
     torch.testing.assert_close(got, lin(op(gu, False)), atol=0, rtol=0)
 
 
+def test_w4a16_kernel_takes_the_rows_where_its_ring_would_run(monkeypatch):
+    """TritonWNA16Kernel.takes_pending: one row, the three kinds, only where the ring runs (here faked: a CPU has
+    no ring), not with act-order; QUANTRT_CUDA_RING_PROLOGUE narrows it to one kind or none."""
+    from quantrt.platforms.cuda.kernels.wna16 import TritonWNA16Kernel
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import ActScheme
+    from tests.test_cuda_kernels import PLATFORM, make_int_weight
+
+    gen = torch.Generator().manual_seed(0)
+    kern = TritonWNA16Kernel.prepare(LinearSpec(make_int_weight(256, 512, 4, 128, False, False, gen), ActScheme(),
+                                                torch.bfloat16), PLATFORM)
+    if DEV == "cpu":
+        assert kern.ring_why and not kern.takes_pending(1, ADD_RMS_NORM)          # no ring on a CPU: never
+    kern.ring_why = ""
+    assert all(kern.takes_pending(1, kind) for kind in (ADD_RMS_NORM, SILU_MUL, GELU_MUL))
+    assert not kern.takes_pending(2, SILU_MUL) and not kern.takes_pending(1, "rms_norm")
+    for only, kinds in (("norm", {ADD_RMS_NORM}), ("act", {SILU_MUL, GELU_MUL}), ("0", set())):
+        monkeypatch.setenv("QUANTRT_CUDA_RING_PROLOGUE", only)
+        assert {k for k in (ADD_RMS_NORM, SILU_MUL, GELU_MUL) if kern.takes_pending(1, k)} == kinds
+    monkeypatch.delenv("QUANTRT_CUDA_RING_PROLOGUE")
+    ordered = TritonWNA16Kernel.prepare(LinearSpec(make_int_weight(256, 512, 4, 128, False, True, gen), ActScheme(),
+                                                   torch.bfloat16), PLATFORM)
+    ordered.ring_why = ""
+    assert ordered.perm is not None and not ordered.takes_pending(1, ADD_RMS_NORM)
+
+
 # --------------------------------------------------------------------- on the GPU
 def _ring_case(m: int, n: int, k: int, seed: int):
     from tests.test_cuda_ring_wna16 import _packed

@@ -223,6 +223,22 @@ def test_can_run_and_errors_name_the_problem():
         ring_wna16(x, p, s, None, 128, cfg=RingConfig(block_n=64, warps=8))
 
 
+def test_ring_tiles_env_overrides_entries_and_names_a_bad_one(monkeypatch):
+    """QUANTRT_CUDA_RING_TILES (A/B runs) replaces the named (bucket, K, N) entries only; a malformed entry is an
+    error that shows the expected form."""
+    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, default_config
+
+    plain = default_config(1, 6144, 4096)
+    monkeypatch.setenv("QUANTRT_CUDA_RING_TILES", "1:4096:4096=64:128:3:1:0:8+8:4096:6144=128:128:2:2:0:8:False:True:8")
+    assert default_config(1, 4096, 4096) == RingConfig(64, 128, 3, 1, 0, 8)
+    assert default_config(4, 6144, 4096) == RingConfig(128, 128, 2, 2, 0, 8, False, True, 8)
+    assert default_config(1, 6144, 4096) == plain
+    for bad in ("1:4096=64:128", "1:4096:4096=", "1:4096:4096=64:x"):
+        monkeypatch.setenv("QUANTRT_CUDA_RING_TILES", bad)
+        with pytest.raises(ValueError, match=r"QUANTRT_CUDA_RING_TILES entry .* is not 'b:K:N=block_n:block_k"):
+            default_config(1, 4096, 4096)
+
+
 def test_dispatch_says_why_the_ring_kernel_is_not_used():
     from quantrt.platforms.cuda.kernels.wna16 import _ring_why
 
