@@ -21,7 +21,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
-from quantrt.quant.pending import ADD_RMS_NORM, GELU_MUL, SILU_MUL, PendingActMul, PendingNorm  # noqa: E402
+from quantrt.quant.pending import (  # noqa: E402
+    ADD_RMS_NORM,
+    GELU_MUL,
+    NORM_PARTS,
+    RESIDUAL_ADD,
+    SILU_MUL,
+    PendingActMul,
+    PendingRows,
+    SummedRows,
+)
 from tests._cuda_env import DEV  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -76,23 +85,26 @@ def test_prologue_check_names_the_problem():
         RingPrologue(7).check(x, 256)
 
 
-@pytest.mark.parametrize("pro,rows", [(1, 1), (2, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("pro,rows,res", [(1, 1, False), (2, 1, False), (2, 2, False), (3, 2, False), (4, 1, False),
+                                          (4, 1, True), (2, 1, True), (0, 1, True)])
 @pytest.mark.gluon_compile
-def test_kernel_with_a_prologue_compiles_with_the_same_mmas(pro, rows):
-    """Each prologue compiles for sm_90 (K 4096, as launched) with the plain kernel's MMAs and registers, no spills;
-    the norm has its 1 / rms (rsqrt) and the activations their exp."""
+def test_kernel_with_a_prologue_compiles_with_the_same_mmas(pro, rows, res):
+    """Each prologue (and the residual epilogue) compiles for sm_90 (K 4096, as launched) with the plain kernel's
+    MMAs and registers, no spills; the norms have their 1 / rms (rsqrt) and the activations their exp."""
     from tests._sm90 import ptxas_registers
     from tests.test_cuda_ring_wna16 import _compile_sm90
 
     tagged = rows <= 2
-    ptx = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged, pro=pro, rows=rows, x_vec=False,
-                        div16=True, k=4096)
+    ptx = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged, pro=pro, rows=rows, x_vec=pro == 0,
+                        div16=True, k=4096, res=res)
     plain = _compile_sm90(128, 8, torch.bfloat16, False, split=9, tagged=tagged)
     assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0
     assert "local" not in ptx
     assert ptxas_registers(ptx) == (128, 0)                   # the plain kernel's 127-128: four programs per SM
-    assert ("rsqrt" in ptx) == (pro == 1) and ("ex2.approx" in ptx) == (pro != 1)
+    assert ("rsqrt" in ptx) == (pro in (1, 4)) and ("ex2.approx" in ptx) == (pro in (2, 3))
     assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")      # every activation read after the wait
+    if res:   # the residual is read after the last MMA (in the last split's store)
+        assert ptx.rindex("ld.global") > ptx.rindex("wgmma.mma_async")
 
 
 def _cpu_engine(tiny_models):
@@ -110,10 +122,13 @@ def _greedy(eng):
                                              for o in outs]
 
 
-def test_decoder_hands_the_norms_and_act_mul_to_linears_that_take_them(tiny_models, monkeypatch):
+@pytest.mark.parametrize("summed", [False, True])
+def test_decoder_hands_the_norms_and_act_mul_to_linears_that_take_them(tiny_models, monkeypatch, summed):
     """A CPU engine whose linears say they take pending rows (and materialize them) decodes the same tokens and
     logprobs, bit for bit, as one whose norms and act * mul run themselves; each layer hands over two norms and
-    one act * mul per step, and the residual each norm leaves for later is the one the linear wrote."""
+    one act * mul per step, and the residual each norm leaves for later is the one the linear wrote. `summed`: the
+    o and down projections also add the residual themselves (RESIDUAL_ADD, with partial sums of squares), and
+    the norms after them are handed over as RMSNorm-from-partials (NORM_PARTS)."""
     ref = _greedy(_cpu_engine(tiny_models))
     eng = _cpu_engine(tiny_models)
     layers = eng.model.model.layers
@@ -121,22 +136,33 @@ def test_decoder_hands_the_norms_and_act_mul_to_linears_that_take_them(tiny_mode
     cls = type(layers[0].self_attn.qkv_proj.kernels[0])
     assert all(type(lin.kernels[0]) is cls for lin in (layers[0].mlp.gate_up_proj, layers[0].mlp.down_proj))
     apply = cls.apply
+    taken = {ADD_RMS_NORM, SILU_MUL} | ({RESIDUAL_ADD, NORM_PARTS} if summed else set())
 
-    def takes(self, m, kind):
-        return kind in (ADD_RMS_NORM, SILU_MUL)
+    def count(kind):
+        kinds[kind] = kinds.get(kind, 0) + 1
 
     def apply_pending(self, x, bias):
-        if isinstance(x, (PendingNorm, PendingActMul)):
-            kinds[x.kind] = kinds.get(x.kind, 0) + 1
+        if isinstance(x, PendingRows):
+            count(x.kind)
             x = x.materialize()
         return apply(self, x, bias)
 
-    monkeypatch.setattr(cls, "takes_pending", takes, raising=False)
+    def apply_residual(self, x, residual):       # as the ring does it: r + y, and partials of 16 columns
+        count(RESIDUAL_ADD)
+        s = residual + apply_pending(self, x, None)
+        return SummedRows(s, s.float().pow(2).reshape(s.shape[0], -1, 16).sum(-1))
+
+    monkeypatch.setattr(cls, "takes_pending", lambda self, m, kind: kind in taken, raising=False)
     monkeypatch.setattr(cls, "apply", apply_pending)
+    monkeypatch.setattr(cls, "apply_residual", apply_residual, raising=False)
     assert _greedy(eng) == ref
-    n = len(layers)
-    assert kinds[SILU_MUL] > 0 and kinds[ADD_RMS_NORM] == 2 * kinds[SILU_MUL] - kinds[SILU_MUL] // n
-    assert GELU_MUL not in kinds
+    n, acts = len(layers), kinds[SILU_MUL]
+    assert acts > 0 and GELU_MUL not in kinds
+    if summed:   # every norm but the first reads partials; the first layer's input norm has no delta
+        assert kinds[NORM_PARTS] == 2 * acts - acts // n and kinds[RESIDUAL_ADD] == 2 * acts
+        assert ADD_RMS_NORM not in kinds
+    else:
+        assert kinds[ADD_RMS_NORM] == 2 * acts - acts // n and RESIDUAL_ADD not in kinds
 
 
 def test_linear_materializes_rows_its_kernel_does_not_take():
@@ -175,6 +201,10 @@ def test_w4a16_kernel_takes_the_rows_where_its_ring_would_run(monkeypatch):
     kern.ring_why = ""
     assert all(kern.takes_pending(1, kind) for kind in (ADD_RMS_NORM, SILU_MUL, GELU_MUL))
     assert not kern.takes_pending(2, SILU_MUL) and not kern.takes_pending(1, "rms_norm")
+    assert kern.takes_pending(1, RESIDUAL_ADD) and kern.takes_pending(1, NORM_PARTS)   # K splits at one row
+    monkeypatch.setenv("QUANTRT_CUDA_RING_TILES", "1:512:256=64:128:2:4:1:8")          # one split: no epilogue
+    assert not kern.takes_pending(1, RESIDUAL_ADD) and kern.takes_pending(1, NORM_PARTS)
+    monkeypatch.delenv("QUANTRT_CUDA_RING_TILES")
     for only, kinds in (("norm", {ADD_RMS_NORM}), ("act", {SILU_MUL, GELU_MUL}), ("0", set())):
         monkeypatch.setenv("QUANTRT_CUDA_RING_PROLOGUE", only)
         assert {k for k in (ADD_RMS_NORM, SILU_MUL, GELU_MUL) if kern.takes_pending(1, k)} == kinds
@@ -231,6 +261,43 @@ def test_ring_act_prologue_native(m, gelu):
 
 
 @pytest.mark.accelerator
+@pytest.mark.parametrize("n,k,act", [(4096, 4096, False), (4096, 14336, True), (512, 1536, True)])
+def test_ring_residual_epilogue_native(n, k, act):
+    """residual + y in the ring's last split (o / down projections, down with its act * up prologue): bit for bit
+    torch's r + y, and each 128-column tile's sum of squares of it."""
+    from quantrt.platforms.cuda.kernels.ring_prologue import PRO_SILU, RingPrologue
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+    packed, scale = _ring_case(1, n, k, 11)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 2 * k if act else k, generator=gen).to(DEV, torch.bfloat16)
+    r = torch.randn(1, n, generator=gen).to(DEV, torch.bfloat16)
+    pro = RingPrologue(PRO_SILU) if act else None
+    s, parts = ring_wna16(x, packed, scale, None, 128, pro=pro, residual=r)
+    assert torch.equal(s, r + ring_wna16(x, packed, scale, None, 128, pro=pro))
+    torch.testing.assert_close(parts, s.float().pow(2).reshape(1, parts.shape[1], -1).sum(-1), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="residual epilogue needs M <= 2 rows with K split"):
+        ring_wna16(x[:, :k].repeat(3, 1), packed, scale, None, 128, residual=r.repeat(3, 1))
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
+def test_ring_norm_from_partials_native(n, k):
+    """RMSNorm of a summed residual with 1 / rms from 32 partial sums of squares, in the ring's load, vs the ring on
+    the reference's rows (to the last bit of 1 / rms)."""
+    from quantrt.platforms.cuda.kernels.ring_prologue import PRO_NORM_PARTS, RingPrologue, prologue_reference
+    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+    packed, scale = _ring_case(1, n, k, 13)
+    s, _, w = _rows(1, k, 14)
+    parts = s.float().pow(2).reshape(1, 32, -1).sum(-1)
+    pro = RingPrologue(PRO_NORM_PARTS, weight=w, eps=1e-5, parts=parts)
+    got = ring_wna16(s, packed, scale, None, 128, pro=pro)
+    want = ring_wna16(prologue_reference(s, pro, k)[0], packed, scale, None, 128)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.float().abs().mean().item(), rtol=2e-2)
+
+
+@pytest.mark.accelerator
 def test_int4_engine_with_and_without_ring_prologues_native(tmp_path, monkeypatch):
     """A 2-layer GPTQ g128 Llama (hidden 512, noisy norm weights), decode graphs on: the ring computing the norms
     and act * up gives the greedy tokens of the engine that launches them, logprobs within bf16 noise."""
@@ -248,17 +315,19 @@ def test_int4_engine_with_and_without_ring_prologues_native(tmp_path, monkeypatc
         monkeypatch.setenv("QUANTRT_CUDA_RING_PROLOGUE", on)
         eng = Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=1024, page_size=16, random_seed=0)
         lin = eng.model.model.layers[0].mlp.down_proj
-        assert lin.takes_pending(1, SILU_MUL) == (on == "1") and not lin.takes_pending(2, SILU_MUL)
+        assert lin.takes_pending(1, SILU_MUL) == (on != "0") and not lin.takes_pending(2, SILU_MUL)
+        assert lin.takes_pending(1, RESIDUAL_ADD) == (on == "1")
         outs = [eng.generate(input_ids=p, sampling_params={"max_new_tokens": 12, "temperature": 0,
                                                             "ignore_eos": True}, return_logprob=True)
                 for p in prompts + [prompts]]
         del eng
         return outs
 
-    fast, slow = run("1"), run("0")
-    for f, s in zip(fast, slow):
-        for a, b in zip(f if isinstance(f, list) else [f], s if isinstance(s, list) else [s]):
-            assert a["output_ids"] == b["output_ids"]
-            lp = [abs(x[0] - y[0]) for x, y in zip(a["meta_info"]["output_token_logprobs"],
-                                                   b["meta_info"]["output_token_logprobs"])]
-            assert max(lp) < 5e-2
+    slow = run("0")
+    for fast in (run("1"), run("norm,act")):      # with the residual epilogue + partials, and without
+        for f, s in zip(fast, slow):
+            for a, b in zip(f if isinstance(f, list) else [f], s if isinstance(s, list) else [s]):
+                assert a["output_ids"] == b["output_ids"]
+                lp = [abs(x[0] - y[0]) for x, y in zip(a["meta_info"]["output_token_logprobs"],
+                                                       b["meta_info"]["output_token_logprobs"])]
+                assert max(lp) < 5e-2

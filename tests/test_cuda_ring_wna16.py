@@ -81,7 +81,7 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
-                  rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024) -> str:
+                  rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024, res: bool = False) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -94,20 +94,27 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
     layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps, x_vec=x_vec))
     return compile_gluon_sm90(R._ring_w4_kernel, [
-        x, p_desc, s_desc, s_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, x, x, x, k, k, 1e-6,
+        x, p_desc, s_desc, s_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, *_pro_args(pro, rows, k, x),
         -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
-        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps)], num_warps=warps, div16=div16)
+        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res], num_warps=warps, div16=div16)
+
+
+def _pro_args(pro: int, rows: int, k: int, x: torch.Tensor) -> list:
+    """The kernel's prologue / residual-epilogue arguments after ZC: d, nw, r, their strides, eps, the partials'
+    count, the epilogue's residual and partials (stand-ins where unused)."""
+    d = torch.zeros(rows, 32) if pro == 4 else x
+    return [d, x, x, d.shape[1] if pro == 4 else k, k, 1e-6, 32 if pro == 4 else 0, x, torch.zeros(rows, 8)]
 
 
 def _pro_consts(pro: int, rows: int, k: int, warps: int) -> list:
-    """The kernel's trailing prologue constexprs (PRO, NR, KP, ROW) as `ring_wna16._prologue_opts` makes them."""
+    """The kernel's prologue constexprs (PRO, NR, KP, ROW) as `ring_wna16._prologue_opts` makes them."""
     from quantrt.platforms.cuda.kernels.ring_prologue import RingPrologue
     from quantrt.platforms.cuda.kernels.ring_wna16 import _prologue_opts
 
     if pro == 0:
-        return []
+        return [0, 1, 1024, None]
     d = torch.zeros(rows, k)
-    o = _prologue_opts(RingPrologue(pro, d, d[0], d), rows, k, warps)
+    o = _prologue_opts(RingPrologue(pro, d, d[0], d, parts=torch.zeros(rows, 32)), rows, k, warps)
     return [o["PRO"], o.get("NR", 1), o.get("KP", 1024), o.get("ROW")]
 
 

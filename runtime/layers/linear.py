@@ -23,7 +23,7 @@ from quantrt.quant.kernel import (
     select_linear_kernel,
 )
 from quantrt.quant.merge import concat_n, merge_act_schemes
-from quantrt.quant.pending import PendingRows
+from quantrt.quant.pending import RESIDUAL_ADD, PendingRows, SummedRows
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -127,9 +127,23 @@ class QuantLinear(nn.Module):
         return self.kernels[0].row_codes(m) if len(self.kernels) == 1 else None
 
     def takes_pending(self, m: int, kind: str) -> bool:
-        """Whether this layer's one kernel computes M input rows from the producing op's inputs (`quant.pending`);
-        False with several shard kernels."""
+        """Whether this layer's one kernel computes M input rows from the producing op's inputs, or (RESIDUAL_ADD)
+        adds the residual to its output itself (`quant.pending`); False with several shard kernels, and for
+        RESIDUAL_ADD with a bias (the kernel adds the residual before the bias could be)."""
+        if kind == RESIDUAL_ADD and self.bias is not None:
+            return False
         return len(self.kernels) == 1 and self.kernels[0].takes_pending(m, kind)
+
+    def forward_residual(self, x: torch.Tensor | PendingRows, residual: torch.Tensor) -> SummedRows:
+        """residual + this layer's output (x [M, K], residual [M, N]) as `SummedRows`: added in the kernel's
+        epilogue, with the partial sums of squares for the next norm, where the kernel takes RESIDUAL_ADD; else
+        with torch's add (no partials)."""
+        m = x.shape[0]
+        if self.takes_pending(m, RESIDUAL_ADD):
+            if isinstance(x, PendingRows) and not self.takes_pending(m, x.kind):
+                x = x.materialize()
+            return self.kernels[0].apply_residual(x, residual)
+        return SummedRows(residual + self(x))
 
     def forward(self, x: torch.Tensor | QuantizedRows | PendingRows) -> torch.Tensor:
         if isinstance(x, PendingRows) and not self.takes_pending(x.shape[0], x.kind):

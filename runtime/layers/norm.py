@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from quantrt.quant.kernel import QuantizedRows, RowCodes
-from quantrt.quant.pending import PendingNorm
+from quantrt.quant.pending import (
+    ADD_RMS_NORM,
+    NORM_PARTS,
+    PendingNorm,
+    PendingNormParts,
+    PendingRows,
+    SummedRows,
+)
 
 
 class RMSNorm(nn.Module):
@@ -45,18 +52,26 @@ class RMSNorm(nn.Module):
         if self.bias is not None:
             self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None, codes: RowCodes | None = None,
-                    pending: bool = False) -> tuple[torch.Tensor | QuantizedRows | PendingNorm, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | SummedRows | None, codes: RowCodes | None = None,
+                    reader=None) -> tuple[torch.Tensor | QuantizedRows | PendingRows, torch.Tensor]:
         """The residual add folded into the norm: (norm(x + delta), x + delta), the sum rounded to x.dtype
-        as `x + delta` rounds it; delta None: (norm(x), x). One platform kernel where it has one. `codes`: what
-        the one linear reading the norm asks for (QuantLinear.row_codes); where the platform's kernel makes
-        them, the norm comes back as those codes (QuantizedRows). `pending`: that linear computes the norm in
-        its own kernel (QuantLinear.takes_pending): where this norm has the platform's op, it comes back as
-        `PendingNorm`, and x + delta is written when the linear runs."""
-        # x, delta: [T, D] -> ([T, D] or its codes or PendingNorm, [T, D])
+        as `x + delta` rounds it; delta None: (norm(x), x); delta `SummedRows` (a linear added x already):
+        (norm(delta.s), delta.s). One platform kernel where it has one. `codes`: what the one linear reading the
+        norm asks for (QuantLinear.row_codes); where the platform's kernel makes them, the norm comes back as those
+        codes (QuantizedRows). `reader`: that linear (QuantLinear); where it computes the norm in its own kernel
+        (`takes_pending`), the norm comes back as `PendingNorm` (x + delta is written when the linear runs) or
+        `PendingNormParts` (from the partial sums of squares the summing linear left)."""
+        # x, delta: [T, D] -> ([T, D] or its codes or pending rows, [T, D])
         if delta is None:
             return self(x), x
-        if pending and self._add_op is not None:
+        t = x.shape[0]
+        if isinstance(delta, SummedRows):
+            s = delta.s
+            if (delta.parts is not None and reader is not None and self._op is not None
+                    and reader.takes_pending(t, NORM_PARTS)):
+                return PendingNormParts(s, delta.parts, self._scale, self.eps, self._op), s
+            return self(s), s
+        if reader is not None and self._add_op is not None and reader.takes_pending(t, ADD_RMS_NORM):
             s = torch.empty_like(x)
             return PendingNorm(x, delta, self._scale, self.eps, s, self._add_op), s
         if codes is not None and self._codes_op is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
 from quantrt.quant.kernel import LinearSpec, QuantizedRows, RowCodes, select_linear_kernel
-from quantrt.quant.pending import ADD_RMS_NORM, GELU_MUL, SILU_MUL, PendingActMul, PendingNorm
+from quantrt.quant.pending import GELU_MUL, RESIDUAL_ADD, SILU_MUL, PendingActMul, PendingRows, SummedRows
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight
 
 
@@ -73,18 +74,25 @@ class Attention(nn.Module):
         """The activation codes qkv_proj makes of T rows first (the input norm may make them instead)."""
         return self.qkv_proj.row_codes(t)
 
-    def takes_norm(self, t: int) -> bool:
-        """Whether qkv_proj computes the input norm of T rows itself (`quant.pending`)."""
-        return self.qkv_proj.takes_pending(t, ADD_RMS_NORM)
+    def input_linear(self) -> QuantLinear:
+        """The linear reading this block's input (its norm may leave it the norm's work: `quant.pending`)."""
+        return self.qkv_proj
 
-    def forward(self, x: torch.Tensor | QuantizedRows | PendingNorm, fb: ForwardBatch) -> torch.Tensor:
+    def output_linear(self) -> QuantLinear:
+        """The linear making this block's output (it may add the residual itself: `forward(residual=)`)."""
+        return self.o_proj
+
+    def forward(self, x: torch.Tensor | QuantizedRows | PendingRows, fb: ForwardBatch,
+                residual: torch.Tensor | None = None) -> torch.Tensor | SummedRows:
+        """x [T, D] -> the attention output [T, D]; with `residual`, residual + it (`SummedRows`)."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                  # [T, (H + 2Hkv) * D]
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn.rotary_forward(self.rotary, q, k, v, fb))
+        o = self.attn.rotary_forward(self.rotary, q, k, v, fb)
+        return self.o_proj(o) if residual is None else self.o_proj.forward_residual(o, residual)
 
 
 class Mlp(nn.Module):
@@ -108,22 +116,29 @@ class Mlp(nn.Module):
         """The activation codes gate_up_proj makes of T rows first (the norm before may make them instead)."""
         return self.gate_up_proj.row_codes(t)
 
-    def takes_norm(self, t: int) -> bool:
-        """Whether gate_up_proj computes the norm before it of T rows itself (`quant.pending`)."""
-        return self.gate_up_proj.takes_pending(t, ADD_RMS_NORM)
+    def input_linear(self) -> QuantLinear:
+        """The linear reading this block's input (its norm may leave it the norm's work: `quant.pending`)."""
+        return self.gate_up_proj
 
-    def forward(self, x: torch.Tensor | QuantizedRows | PendingNorm) -> torch.Tensor:
+    def output_linear(self) -> QuantLinear:
+        """The linear making this block's output (it may add the residual itself: `forward(residual=)`)."""
+        return self.down_proj
+
+    def forward(self, x: torch.Tensor | QuantizedRows | PendingRows, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | SummedRows:
+        """x [T, D] -> the MLP output [T, D]; with `residual`, residual + it (`SummedRows`)."""
         gu = self.gate_up_proj(x)                               # [T, 2I]
+        down = self.down_proj if residual is None else partial(self.down_proj.forward_residual, residual=residual)
         if self._act_mul is not None and gu.dim() == 2:
             if self.down_proj.takes_pending(gu.shape[0], GELU_MUL if self.gelu else SILU_MUL):
-                return self.down_proj(PendingActMul(gu, self.gelu, self._act_mul))   # act * mul in down's load
+                return down(PendingActMul(gu, self.gelu, self._act_mul))   # act * mul in down's load
             codes = self.down_proj.row_codes(gu.shape[0]) if self._act_mul_codes is not None else None
             if codes is not None:
-                return self.down_proj(self._act_mul_codes(gu, self.gelu, codes))
-            return self.down_proj(self._act_mul(gu, self.gelu))
+                return down(self._act_mul_codes(gu, self.gelu, codes))
+            return down(self._act_mul(gu, self.gelu))
         g, u = gu[..., : self.n], gu[..., self.n:]
         a = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
-        return self.down_proj(a * u)
+        return down(a * u)
 
 
 class DecoderLayer(nn.Module):
@@ -145,15 +160,14 @@ class DecoderLayer(nn.Module):
         """x: the residual stream [T, D]; delta: the previous layer's output not yet added to it (None for the
         first layer) -> (x, this layer's output): each residual add runs inside the next norm (add_forward)."""
         t = x.shape[0]
-        h, x = self.input_layernorm.add_forward(x, delta, _input_codes(self.self_attn, t),
-                                                _takes_norm(self.self_attn, t))
+        h, x = self.input_layernorm.add_forward(x, delta, _input_codes(self.self_attn, t), _reader(self.self_attn))
         if self.sandwich:
             h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)),
                                                               _input_codes(self.mlp, t))
             return x, self.post_feedforward_layernorm(self.mlp(h))
-        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, fb), _input_codes(self.mlp, t),
-                                                         _takes_norm(self.mlp, t))
-        return x, self.mlp(h)
+        attn = self.self_attn(h, fb, residual=x) if _adds_residual(self.self_attn, t) else self.self_attn(h, fb)
+        h, x = self.post_attention_layernorm.add_forward(x, attn, _input_codes(self.mlp, t), _reader(self.mlp))
+        return x, self.mlp(h, residual=x) if _adds_residual(self.mlp, t) else self.mlp(h)
 
 
 def _input_codes(block: nn.Module, t: int) -> RowCodes | None:
@@ -163,10 +177,17 @@ def _input_codes(block: nn.Module, t: int) -> RowCodes | None:
     return f(t) if f is not None else None
 
 
-def _takes_norm(block: nn.Module, t: int) -> bool:
-    """Whether the block's first linear computes the norm before it of T rows itself (Attention, Mlp say)."""
-    f = getattr(block, "takes_norm", None)
-    return f is not None and f(t)
+def _reader(block: nn.Module) -> QuantLinear | None:
+    """The linear reading the block's input, for blocks that say (Attention, Mlp); None for others (MoE, MLA)."""
+    f = getattr(block, "input_linear", None)
+    return f() if f is not None else None
+
+
+def _adds_residual(block: nn.Module, t: int) -> bool:
+    """Whether the block's last linear adds the residual to T output rows in its kernel (`quant.pending`
+    RESIDUAL_ADD; Attention and Mlp then take `residual=`): the next norm then reads partial sums of squares."""
+    f = getattr(block, "output_linear", None)
+    return f is not None and f().takes_pending(t, RESIDUAL_ADD)
 
 
 class DecoderModel(nn.Module):

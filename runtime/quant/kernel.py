@@ -106,8 +106,13 @@ class LinearKernel(ABC):
 
     def takes_pending(self, m: int, kind: str) -> bool:
         """True when `apply` computes M input rows itself from the inputs of the op `kind` would run
-        (`quant.pending`: a `PendingRows` instead of x); the default: never."""
+        (`quant.pending`: a `PendingRows` instead of x), or for kind RESIDUAL_ADD when `apply_residual` adds the
+        residual in the kernel; the default: never."""
         return False
+
+    def apply_residual(self, x, residual: torch.Tensor):
+        """`SummedRows` of residual + x @ W^T (no bias), where takes_pending(M, RESIDUAL_ADD) said yes."""
+        raise NotImplementedError(f"{self.name} does not add the residual in its kernel (takes_pending)")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ kernels are latency, not bytes).
 
 The producer asks first (`QuantLinear.takes_pending(m, kind)`, from `LinearKernel.takes_pending`); a linear
 handed rows it does not take calls `materialize()`, which runs the producer's own op: the same numbers either way.
+The other direction: a linear whose output is added to the residual stream next can add it itself
+(`QuantLinear.forward_residual`, kind RESIDUAL_ADD) and leave the next norm its partial sums of squares
+(`SummedRows`), so that norm reads a few partials instead of the whole row (`PendingNormParts`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import ClassVar
 import torch
 
 ADD_RMS_NORM = "add_rms_norm"
+NORM_PARTS = "rms_norm_parts"    # RMSNorm of a residual a producer already summed, from its partial sums of squares
 SILU_MUL = "silu_mul"
 GELU_MUL = "gelu_mul"
+RESIDUAL_ADD = "residual_add"    # not rows: a producer that adds the residual to its output (`SummedRows`)
 
 
 class PendingRows:
@@ -58,6 +63,36 @@ class PendingNorm(PendingRows):
 
 
 @dataclass(frozen=True)
+class SummedRows:
+    """A linear's output already added to the residual stream (`QuantLinear.forward_residual`): s [M, N] = r + y,
+    rounded as r + y rounds it, and where the kernel made them, the sums of squares of s over its column tiles
+    (parts [M, P] fp32) for the norm that reads s next (`PendingNormParts`)."""
+
+    s: torch.Tensor
+    parts: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PendingNormParts(PendingRows):
+    """RMSNorm(s) * weight where s already is the summed residual (`SummedRows`) and parts its sums of squares:
+    1 / rms comes from the P partials instead of the row. `op` is the platform's RMSNorm: (s, weight, eps) -> y."""
+
+    s: torch.Tensor
+    parts: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    op: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    kind: ClassVar[str] = NORM_PARTS
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.s.shape
+
+    def materialize(self) -> torch.Tensor:
+        return self.op(self.s, self.weight, self.eps)
+
+
+@dataclass(frozen=True)
 class PendingActMul(PendingRows):
     """act(gate) * up over the merged gate_up output gu [M, 2I] (silu, or with `gelu` gelu-tanh). `op` is the
     platform's act_mul op: (gu, gelu) -> [M, I]."""
@@ -78,4 +113,5 @@ class PendingActMul(PendingRows):
         return self.op(self.gu, self.gelu)
 
 
-__all__ = ["ADD_RMS_NORM", "GELU_MUL", "SILU_MUL", "PendingActMul", "PendingNorm", "PendingRows"]
+__all__ = ["ADD_RMS_NORM", "GELU_MUL", "NORM_PARTS", "RESIDUAL_ADD", "SILU_MUL", "PendingActMul", "PendingNorm",
+           "PendingNormParts", "PendingRows", "SummedRows"]

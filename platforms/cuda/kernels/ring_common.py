@@ -25,10 +25,7 @@ def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves:
     (`store_split_k_row`) as both; with one split y itself (never read)."""
     m, k = x.shape
     n_tiles = cdiv(n, bn)
-    k_steps = k // bk
-    split = split_k or max(1, min(k_steps, cdiv(waves * num_sms(x.device.index or 0), n_tiles)))
-    k_per_split = cdiv(k_steps, split) * bk
-    split = cdiv(k, k_per_split)
+    split, k_per_split = split_count(k, n_tiles, bk, split_k, waves, x.device.index or 0)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if split == 1:
         return n_tiles, 1, k_per_split, y, y, y
@@ -37,6 +34,14 @@ def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves:
         return n_tiles, split, k_per_split, y, words, words
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     return n_tiles, split, k_per_split, y, ws, split_counters(x.device, n_tiles)
+
+
+def split_count(k: int, n_tiles: int, bk: int, split_k: int, waves: int, device_index: int) -> tuple[int, int]:
+    """(splits, K rows per split) of a ring launch: `split_k`, or about `waves` programs per SM."""
+    k_steps = k // bk
+    split = split_k or max(1, min(k_steps, cdiv(waves * num_sms(device_index), n_tiles)))
+    k_per_split = cdiv(k_steps, split) * bk
+    return cdiv(k, k_per_split), k_per_split
 
 
 def tagged_partials(device: torch.device, numel: int) -> torch.Tensor:
@@ -130,7 +135,20 @@ def _gather(ptrs, mask):
 
 
 @gluon.jit
-def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl.constexpr):
+def residual_out(tot, r_ptrs, mask, part_ptr):
+    """The residual epilogue of one row's columns: tot [BN] fp32 (this tile's y) -> s = r + y in r's dtype, rounded
+    as torch's r + y.to(dtype) (the add of the next add + RMSNorm), and sum(s^2) over these columns stored at
+    part_ptr (fp32), the next norm's partial: `ring_prologue`'s PRO_NORM_PARTS reads it instead of the whole row."""
+    dt: gl.constexpr = r_ptrs.dtype.element_ty
+    s = (gl.load(r_ptrs, mask=mask, other=0.0).to(gl.float32) + tot.to(dt).to(gl.float32)).to(dt)
+    sf = gl.where(mask, s.to(gl.float32), 0.0)
+    gl.store(part_ptr, gsum(sf * sf, 0))
+    return s
+
+
+@gluon.jit
+def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl.constexpr, RES: gl.constexpr = False,
+                      res_ptr=None, parts_ptr=None, n_tiles=1, pid_n=0):
     """A few rows (M <= TAGGED_MAX_M): acc [BN, BM] fp32 with column offs_m == m row m, offs_n [BN] its output
     columns -> y [M, N]. Splits 0..SPLIT-2 store their partial as tagged words (fp32 bits | TAG, one 64-bit store:
     value and tag land together) in ws [SPLIT - 1, M, N] (`tagged_partials`, zero between launches) and exit; the
@@ -140,7 +158,8 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
     arrival, reload), for 1.0-1.5 µs less per launch (H100); a round trip per row after that. The sum is in a fixed
     order (deterministic), not split order. The last split waits only on programs of lower launch index, which
     the block scheduler dispatches first, so a waiting program never holds a slot that a program it waits on
-    needs."""
+    needs. RES: y is r + y, the residual stream with this layer's output added (`residual_out`; r at res_ptr [M, N],
+    each column tile's sum of squares of it in parts_ptr [M, n_tiles])."""
     nmask = offs_n < N
     if pid_k < SPLIT - 1:
         word = (acc.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | TAG
@@ -159,8 +178,12 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 tot += part
                 gl.store(ptrs, gl.zeros_like(acc).to(gl.int64), mask=pmask)
             tot += gsum(gl.where((offs_m == m)[None, :], acc, 0.0), 1)
-            gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
+            if RES:     # y is the new residual stream r + y, with this tile's sum of squares (`residual_out`)
+                gl.store(y_ptr + m * N + offs_n, residual_out(tot, res_ptr + m * N + offs_n, nmask,
+                                                              parts_ptr + m * n_tiles + pid_n), mask=nmask)
+            else:
+                gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-__all__ = ["TAGGED_MAX_M", "gdc_launch_dependents", "gdc_wait", "gsum", "split_k_plan", "store_split_k",
-           "store_split_k_row", "tagged_partials", "tma_desc"]
+__all__ = ["TAGGED_MAX_M", "gdc_launch_dependents", "gdc_wait", "gsum", "residual_out", "split_count", "split_k_plan",
+           "store_split_k", "store_split_k_row", "tagged_partials", "tma_desc"]

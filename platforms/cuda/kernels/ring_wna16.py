@@ -45,6 +45,7 @@ from quantrt.platforms.cuda.kernels.ring_common import (
     gdc_launch_dependents,
     gdc_wait,
     gsum,
+    split_count,
     split_k_plan,
     store_split_k,
     store_split_k_row,
@@ -52,8 +53,10 @@ from quantrt.platforms.cuda.kernels.ring_common import (
 )
 from quantrt.platforms.cuda.kernels.ring_prologue import (
     PRO_NORM,
+    PRO_NORM_PARTS,
     RingPrologue,
     norm_rstd,
+    parts_rstd,
     pro_load,
     pro_tile,
 )
@@ -174,14 +177,15 @@ def _ring_step(acc, p, s, nz, o, x, x_smem, BN: gl.constexpr, BK: gl.constexpr, 
 
 @gluon.jit
 def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
-                    d_ptr, nw_ptr, r_ptr, stride_dm, stride_rm, eps,
+                    d_ptr, nw_ptr, r_ptr, stride_dm, stride_rm, eps, n_parts, e_res_ptr, e_parts_ptr,
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, IS_BF16: gl.constexpr, HAS_ZERO: gl.constexpr,
                     PDL: gl.constexpr, X_VEC: gl.constexpr, P_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr,
                     X_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
                     OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
-                    NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None):
+                    NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None,
+                    RES: gl.constexpr = False):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -234,6 +238,9 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         if PRO == 1:
             b_ptr = d_ptr
             stride_bm = stride_dm
+        elif PRO == 4:  # d_ptr: the partial sums of squares [M, n_parts]; x already holds the delta
+            b_ptr = x_ptr
+            stride_bm = stride_xm
         else:   # gate_up [M, 2K]: up at column K + k
             b_ptr = x_ptr + K
             stride_bm = stride_xm
@@ -243,6 +250,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         r1 = 0.0
         if PRO == 1:
             r0, r1 = norm_rstd(x_ptr, d_ptr, stride_xm, stride_dm, K, eps, NR, KP, ROW)
+        elif PRO == 4:
+            r0, r1 = parts_rstd(d_ptr, stride_dm, n_parts, K, eps, NR, KP, ROW)
     nz = (gl.zeros([NB, 32], gl.float32, Z_LAYOUT) - (MAG + ZC)).to(dt)
     acc = gl.zeros([BN, BM], gl.float32, MMA)
     for t in range(n_steps):
@@ -288,7 +297,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     ym = offs_m2[None, :] * N + offs_n2[:, None]
     ymask = (offs_m2 < M)[None, :] & (offs_n2 < N)[:, None]
     if TAGGED:   # M <= TAGGED_MAX_M: tagged partials, no arrival counter (`store_split_k_row`)
-        store_split_k_row(acc, y_ptr, ws_ptr, offs_n2, offs_m2, pid_k, M, N, SPLIT)
+        store_split_k_row(acc, y_ptr, ws_ptr, offs_n2, offs_m2, pid_k, M, N, SPLIT, RES, e_res_ptr, e_parts_ptr,
+                          gl.num_programs(0), pid_n)
     else:
         store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
@@ -376,13 +386,24 @@ def _env_tiles() -> dict[tuple[int, int, int], tuple]:
     return out
 
 
+def tagged_launch(m: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether a launch at M rows over [K, N] ends in the tagged split-K epilogue (M <= 2, K split), the one with
+    the residual epilogue (`ring_common.residual_out`)."""
+    cfg = default_config(m, n, k)
+    split, _ = split_count(k, -(-n // cfg.block_n), cfg.block_k, cfg.split_k, cfg.waves, device.index or 0)
+    return m <= TAGGED_MAX_M and split > 1
+
+
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False,
-               pro: RingPrologue | None = None) -> torch.Tensor:
+               pro: RingPrologue | None = None, residual: torch.Tensor | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
     None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32 (w = q s + o)
     -> [M, N]. With `pro` the input is made from x in the activation load (`ring_prologue`): RMSNorm(x + delta)
-    (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output [M, 2K])."""
+    (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output [M, 2K]). With
+    `residual` r [M, N]: (r + y, its column tiles' sums of squares [M, N / block_n] fp32), the residual epilogue
+    (`ring_common.residual_out`; M <= 2 with K split, the tagged path) for a next ring's PRO_NORM_PARTS."""
     if offset and zero is None:
         raise ValueError("ring_wna16 with offset=True needs the offsets [G, N] as `zero`")
     n, k = packed.shape[1], packed.shape[0] * 8
@@ -410,20 +431,33 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     pdl = (cfg.pdl and pdl_supported(x)) or (m <= PDL_MAX_M and stream_pdl(x, "ring"))
     tagged = m <= TAGGED_MAX_M and split > 1      # ws / cnt: the tagged partial words (split_k_plan)
-    norm = pro is not None and pro.kind == PRO_NORM
-    d, nw, r = (pro.delta, pro.weight, pro.residual) if norm else (x, x, x)
+    parts = None
+    if residual is not None:
+        if not tagged or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+            raise ValueError(f"the ring's residual epilogue needs M <= {TAGGED_MAX_M} rows with K split (got M={m}, "
+                             f"{split} split(s)) and a contiguous residual [{m}, {n}] {x.dtype} (got "
+                             f"{tuple(residual.shape)} {residual.dtype})")
+        parts = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
+    norm = pro is not None and pro.kind in (PRO_NORM, PRO_NORM_PARTS)
+    d = pro.parts if norm and pro.kind == PRO_NORM_PARTS else pro.delta if norm else x
+    nw, r = (pro.weight, pro.residual if pro.residual is not None else x) if norm else (x, x)
     _ring_w4_kernel[(n_tiles, split)](
         x, p_desc, s_desc, z_desc, y, ws, cnt, m, n, k, x.stride(0), group, 0.0 if offset else float(zero_const),
-        d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0,
+        d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0, d.shape[1] if norm else 0,
+        residual if parts is not None else x, parts if parts is not None else x,
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
         *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
-        **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), num_warps=cfg.warps,
-        **({"launch_pdl": True} if pdl else {}))
-    return y
+        **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), RES=parts is not None,
+        num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+    return (y, parts) if parts is not None else y
 
 
 def _prologue_opts(pro: RingPrologue, rows: int, k: int, warps: int) -> dict:
     """The kernel's prologue constexprs: PRO, the rows, and for the norm the padded row length and its layout."""
+    if pro.kind == PRO_NORM_PARTS:     # KP: the partials' padded count
+        row = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[warps], order=[0])
+        return {"PRO": PRO_NORM_PARTS, "NR": rows, "KP": 1 << max(0, (pro.parts.shape[1] - 1).bit_length()),
+                "ROW": row}
     if pro.kind != PRO_NORM:
         return {"PRO": pro.kind, "NR": rows}
     row = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[warps], order=[0])
@@ -458,4 +492,5 @@ def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 
-__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "launch_layouts", "ring_reference", "ring_wna16"]
+__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "launch_layouts", "ring_reference", "ring_wna16",
+           "tagged_launch"]

@@ -17,7 +17,17 @@ import torch
 
 from quantrt.platforms.cuda.kernels._common import check_runtime, ring_device_why
 from quantrt.quant.kernel import LinearKernel, LinearSpec
-from quantrt.quant.pending import ADD_RMS_NORM, GELU_MUL, SILU_MUL, PendingNorm, PendingRows
+from quantrt.quant.pending import (
+    ADD_RMS_NORM,
+    GELU_MUL,
+    NORM_PARTS,
+    RESIDUAL_ADD,
+    SILU_MUL,
+    PendingNorm,
+    PendingNormParts,
+    PendingRows,
+    SummedRows,
+)
 from quantrt.quant.weights import ActKind, IntWeight
 
 if TYPE_CHECKING:
@@ -30,6 +40,9 @@ RING_MAX_M = 32     # up to here on Hopper: ring_wna16 (TMA word ring; H100 8192
 RING_PRO_MAX_M = 1  # up to here the ring makes its input (add + RMSNorm, act * up: `takes_pending`). H100 int4 e2e:
                     # batch 1 2.19 ms a step vs 2.24 launched; act * up at 2 rows 2.46 vs 2.43, and the norm's two
                     # whole rows in flight take 168 registers (ptxas, K 4096) instead of 128
+_RING_KINDS = (ADD_RMS_NORM, NORM_PARTS, SILU_MUL, GELU_MUL, RESIDUAL_ADD)
+_RING_KINDS_OF = {"norm": (ADD_RMS_NORM,), "act": (SILU_MUL, GELU_MUL), "parts": (NORM_PARTS, RESIDUAL_ADD),
+                  "norm,act": (ADD_RMS_NORM, SILU_MUL, GELU_MUL)}   # QUANTRT_CUDA_RING_PROLOGUE values (A/B)
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
 # M = 2 off the ring (GGUF g32, per-channel, 8-bit, no Hopper): the GEMV where it measured faster than tc_wna16
 # (H100, same call; 8-bit g32 8192² 35.4 vs 48.1 us, 14336x4096 34.2 vs 46.5, 4096² 12.9 vs 17.1; 4-bit g32
@@ -176,33 +189,58 @@ class TritonWNA16Kernel(LinearKernel):
         return can_run(m, k, self.group, self.container) and (self.container == 4 or m <= TC8_MAX_M)
 
     def takes_pending(self, m: int, kind: str) -> bool:
-        """Up to RING_PRO_MAX_M rows of add + RMSNorm or act * mul are computed in the ring's activation load
-        (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of 128) and the layer has no act-order
-        permutation or residual offsets. QUANTRT_CUDA_RING_PROLOGUE: "norm" or "act" takes only that kind, "0"
-        none (A/B runs)."""
-        if not 1 <= m <= RING_PRO_MAX_M or kind not in (ADD_RMS_NORM, SILU_MUL, GELU_MUL):
+        """Up to RING_PRO_MAX_M rows of add + RMSNorm (or RMSNorm from partial sums of squares) or act * mul are
+        computed in the ring's activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of
+        128) and the layer has no act-order permutation or residual offsets; RESIDUAL_ADD (the residual added in
+        the epilogue, leaving the next norm its partials) where the launch also splits K.
+        QUANTRT_CUDA_RING_PROLOGUE "norm", "act", "parts" or "norm,act" takes only those kinds, "0" none (A/B)."""
+        if not 1 <= m <= RING_PRO_MAX_M or kind not in _RING_KINDS:
             return False
         if self.ring_why or self.perm is not None or self.offset is not None:
             return False
         only = os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1")
-        if only == "0" or only == "norm" and kind != ADD_RMS_NORM or only == "act" and kind == ADD_RMS_NORM:
+        if only == "0" or only != "1" and kind not in _RING_KINDS_OF.get(only, ()):
             return False
-        from quantrt.platforms.cuda.kernels.ring_wna16 import can_run
+        from quantrt.platforms.cuda.kernels.ring_wna16 import can_run, tagged_launch
 
         n, k = self.shape
+        if kind == RESIDUAL_ADD and not tagged_launch(m, n, k, self.packed.device):
+            return False        # the residual epilogue is the tagged split-K path's (one row, K split)
         return can_run(m, n, k, self.group, self.container, self.compute_dtype)[0]
+
+    def apply_residual(self, x: torch.Tensor | PendingRows, residual: torch.Tensor) -> SummedRows:
+        """residual + x @ W^T in the ring's epilogue, with its column tiles' sums of squares (`takes_pending`
+        RESIDUAL_ADD said yes; x may be rows the ring makes itself)."""
+        from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
+
+        src, pro = self._source(x) if isinstance(x, PendingRows) else (x.reshape(-1, self.shape[1]), None)
+        s, parts = ring_wna16(src, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
+                              offset=self.raw_offset, pro=pro, residual=residual)
+        return SummedRows(s, parts)
+
+    def _source(self, x: PendingRows) -> tuple:
+        """(the ring's x, its RingPrologue) for rows it makes itself."""
+        from quantrt.platforms.cuda.kernels.ring_prologue import (
+            PRO_GELU,
+            PRO_NORM,
+            PRO_NORM_PARTS,
+            PRO_SILU,
+            RingPrologue,
+        )
+
+        if isinstance(x, PendingNorm):
+            return x.x, RingPrologue(PRO_NORM, x.delta, x.weight, x.residual, x.eps)
+        if isinstance(x, PendingNormParts):
+            return x.s, RingPrologue(PRO_NORM_PARTS, weight=x.weight, eps=x.eps, parts=x.parts)
+        return x.gu, RingPrologue(PRO_GELU if x.gelu else PRO_SILU)
 
     def _apply_pending(self, x: PendingRows, bias: torch.Tensor | None) -> torch.Tensor:
         """The ring over rows it makes itself (`takes_pending`); rows it does not take are materialized first."""
         if not self.takes_pending(x.shape[0], x.kind):
             return self.apply(x.materialize(), bias)
-        from quantrt.platforms.cuda.kernels.ring_prologue import PRO_GELU, PRO_NORM, PRO_SILU, RingPrologue
         from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
-        if isinstance(x, PendingNorm):
-            src, pro = x.x, RingPrologue(PRO_NORM, x.delta, x.weight, x.residual, x.eps)
-        else:
-            src, pro = x.gu, RingPrologue(PRO_GELU if x.gelu else PRO_SILU)
+        src, pro = self._source(x)
         y = ring_wna16(src, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
                        offset=self.raw_offset, pro=pro)
         return self._finish(src, y, bias, x.shape[:-1])
