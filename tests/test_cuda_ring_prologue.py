@@ -324,7 +324,7 @@ def test_int4_engine_with_and_without_ring_prologues_native(tmp_path, monkeypatc
         return outs
 
     slow = run("0")
-    for fast in (run("1"), run("norm,act")):      # with the residual epilogue + partials, and without
+    for fast in (run("1"), run("norm+act")):      # with the residual epilogue + partials, and without
         for f, s in zip(fast, slow):
             for a, b in zip(f if isinstance(f, list) else [f], s if isinstance(s, list) else [s]):
                 assert a["output_ids"] == b["output_ids"]

@@ -42,7 +42,7 @@ RING_PRO_MAX_M = 1  # up to here the ring makes its input (add + RMSNorm, act * 
                     # whole rows in flight take 168 registers (ptxas, K 4096) instead of 128
 _RING_KINDS = (ADD_RMS_NORM, NORM_PARTS, SILU_MUL, GELU_MUL, RESIDUAL_ADD)
 _RING_KINDS_OF = {"norm": (ADD_RMS_NORM,), "act": (SILU_MUL, GELU_MUL), "parts": (NORM_PARTS, RESIDUAL_ADD),
-                  "norm,act": (ADD_RMS_NORM, SILU_MUL, GELU_MUL)}   # QUANTRT_CUDA_RING_PROLOGUE values (A/B)
+                  "norm+act": (ADD_RMS_NORM, SILU_MUL, GELU_MUL)}   # QUANTRT_CUDA_RING_PROLOGUE values (A/B)
 SKINNY_MAX_M = 1    # up to here: the GEMV in skinny_wna16 (H100 8192²: 19.5 us at M=1; M=2 25.0 vs tc 26.1, M=4 38.8 vs 26.3)
 # M = 2 off the ring (GGUF g32, per-channel, 8-bit, no Hopper): the GEMV where it measured faster than tc_wna16
 # (H100, same call; 8-bit g32 8192² 35.4 vs 48.1 us, 14336x4096 34.2 vs 46.5, 4096² 12.9 vs 17.1; 4-bit g32
@@ -193,7 +193,7 @@ class TritonWNA16Kernel(LinearKernel):
         computed in the ring's activation load (`ring_prologue`), where the ring runs (Hopper, 4-bit, groups of
         128) and the layer has no act-order permutation or residual offsets; RESIDUAL_ADD (the residual added in
         the epilogue, leaving the next norm its partials) where the launch also splits K.
-        QUANTRT_CUDA_RING_PROLOGUE "norm", "act", "parts" or "norm,act" takes only those kinds, "0" none (A/B)."""
+        QUANTRT_CUDA_RING_PROLOGUE "norm", "act", "parts" or "norm+act" takes only those kinds, "0" none (A/B)."""
         if not 1 <= m <= RING_PRO_MAX_M or kind not in _RING_KINDS:
             return False
         if self.ring_why or self.perm is not None or self.offset is not None:
