@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantrt.quant.kernel import QuantizedRows, RowCodes
+from quantrt.quant.kernel import QuantizedRows
 from quantrt.quant.pending import (
     ADD_RMS_NORM,
     NORM_PARTS,
@@ -52,15 +52,15 @@ class RMSNorm(nn.Module):
         if self.bias is not None:
             self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | SummedRows | None, codes: RowCodes | None = None,
-                    reader=None) -> tuple[torch.Tensor | QuantizedRows | PendingRows, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | SummedRows | None, reader=None
+                    ) -> tuple[torch.Tensor | QuantizedRows | PendingRows, torch.Tensor]:
         """The residual add folded into the norm: (norm(x + delta), x + delta), the sum rounded to x.dtype
         as `x + delta` rounds it; delta None: (norm(x), x); delta `SummedRows` (a linear added x already):
-        (norm(delta.s), delta.s). One platform kernel where it has one. `codes`: what the one linear reading the
-        norm asks for (QuantLinear.row_codes); where the platform's kernel makes them, the norm comes back as those
-        codes (QuantizedRows). `reader`: that linear (QuantLinear); where it computes the norm in its own kernel
-        (`takes_pending`), the norm comes back as `PendingNorm` (x + delta is written when the linear runs) or
-        `PendingNormParts` (from the partial sums of squares the summing linear left)."""
+        (norm(delta.s), delta.s). One platform kernel where it has one. `reader`: the one linear (QuantLinear)
+        reading the norm. Where it computes the norm in its own kernel (`takes_pending`), the norm comes back as
+        `PendingNorm` (x + delta is written when the linear runs) or `PendingNormParts` (from the partial sums of
+        squares the summing linear left); where it asks for activation codes (`row_codes`) and the platform's
+        kernel makes them, as those codes (QuantizedRows)."""
         # x, delta: [T, D] -> ([T, D] or its codes or pending rows, [T, D])
         if delta is None:
             return self(x), x
@@ -74,7 +74,8 @@ class RMSNorm(nn.Module):
         if reader is not None and self._add_op is not None and reader.takes_pending(t, ADD_RMS_NORM):
             s = torch.empty_like(x)
             return PendingNorm(x, delta, self._scale, self.eps, s, self._add_op), s
-        if codes is not None and self._codes_op is not None:
+        codes = reader.row_codes(t) if reader is not None and self._codes_op is not None else None
+        if codes is not None:
             return self._codes_op(x, delta, self._scale, self.eps, codes)
         if self._add_op is not None:
             return self._add_op(x, delta, self._scale, self.eps)

@@ -23,7 +23,7 @@ from quantrt.layers.linear import QuantLinear
 from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.norm import RMSNorm
 from quantrt.layers.rotary import RotaryEmbedding
-from quantrt.quant.kernel import LinearSpec, QuantizedRows, RowCodes, select_linear_kernel
+from quantrt.quant.kernel import LinearSpec, QuantizedRows, select_linear_kernel
 from quantrt.quant.pending import GELU_MUL, RESIDUAL_ADD, SILU_MUL, PendingActMul, PendingRows, SummedRows
 from quantrt.quant.weights import WEIGHT_ONLY, DenseWeight
 
@@ -70,12 +70,9 @@ class Attention(nn.Module):
         self.attn = PagedAttention(i, self.h, self.hkv, self.d, scale, _window(c, i))
         self.rotary = rotary
 
-    def input_codes(self, t: int) -> RowCodes | None:
-        """The activation codes qkv_proj makes of T rows first (the input norm may make them instead)."""
-        return self.qkv_proj.row_codes(t)
-
     def input_linear(self) -> QuantLinear:
-        """The linear reading this block's input (its norm may leave it the norm's work: `quant.pending`)."""
+        """The linear reading this block's input: the norm before may make its activation codes
+        (`row_codes`) or leave it the norm's work (`quant.pending`)."""
         return self.qkv_proj
 
     def output_linear(self) -> QuantLinear:
@@ -112,12 +109,9 @@ class Mlp(nn.Module):
         self._act_mul = platform.act_mul_op()
         self._act_mul_codes = platform.act_mul_codes_op() if self._act_mul is not None else None
 
-    def input_codes(self, t: int) -> RowCodes | None:
-        """The activation codes gate_up_proj makes of T rows first (the norm before may make them instead)."""
-        return self.gate_up_proj.row_codes(t)
-
     def input_linear(self) -> QuantLinear:
-        """The linear reading this block's input (its norm may leave it the norm's work: `quant.pending`)."""
+        """The linear reading this block's input: the norm before may make its activation codes
+        (`row_codes`) or leave it the norm's work (`quant.pending`)."""
         return self.gate_up_proj
 
     def output_linear(self) -> QuantLinear:
@@ -160,25 +154,19 @@ class DecoderLayer(nn.Module):
         """x: the residual stream [T, D]; delta: the previous layer's output not yet added to it (None for the
         first layer) -> (x, this layer's output): each residual add runs inside the next norm (add_forward)."""
         t = x.shape[0]
-        h, x = self.input_layernorm.add_forward(x, delta, _input_codes(self.self_attn, t), _reader(self.self_attn))
+        h, x = self.input_layernorm.add_forward(x, delta, _reader(self.self_attn))
         if self.sandwich:
             h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)),
-                                                              _input_codes(self.mlp, t))
+                                                              _reader(self.mlp))
             return x, self.post_feedforward_layernorm(self.mlp(h))
         attn = self.self_attn(h, fb, residual=x) if _adds_residual(self.self_attn, t) else self.self_attn(h, fb)
-        h, x = self.post_attention_layernorm.add_forward(x, attn, _input_codes(self.mlp, t), _reader(self.mlp))
+        h, x = self.post_attention_layernorm.add_forward(x, attn, _reader(self.mlp))
         return x, self.mlp(h, residual=x) if _adds_residual(self.mlp, t) else self.mlp(h)
 
 
-def _input_codes(block: nn.Module, t: int) -> RowCodes | None:
-    """The codes the block's first linear makes of T input rows, for blocks that say (Attention, Mlp); None for
-    others (MoE, MLA), whose input stays a tensor."""
-    f = getattr(block, "input_codes", None)
-    return f(t) if f is not None else None
-
-
 def _reader(block: nn.Module) -> QuantLinear | None:
-    """The linear reading the block's input, for blocks that say (Attention, Mlp); None for others (MoE, MLA)."""
+    """The linear reading the block's input, for blocks that say (Attention, Mlp); None for others (MoE, MLA),
+    whose input stays a tensor."""
     f = getattr(block, "input_linear", None)
     return f() if f is not None else None
 
