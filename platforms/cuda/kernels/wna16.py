@@ -37,9 +37,9 @@ _MAGIC = float(2**23)  # (q | 0x4B000000) as fp32 == 2**23 + q
 DEQUANT_MIN_M = 64  # from here (unless tc_wna16 runs): Triton dequantize to [K, N] + cuBLAS (8192², bs128: 114 vs 1146 us fused)
 RING_MAX_M = 32     # up to here on Hopper: ring_wna16 (TMA word ring; H100 8192²: 16.3 us at M=1, 16.9-19.8 at 2-16,
                     # 26.6 at 32 vs 30.3 in tc_wna16; 4096x28672 M=32 36.0 vs 49.5)
-RING_PRO_MAX_M = 1  # up to here the ring makes its input (add + RMSNorm, act * up: `takes_pending`). H100 int4 e2e:
-                    # batch 1 2.19 ms a step vs 2.24 launched; act * up at 2 rows 2.46 vs 2.43, and the norm's two
-                    # whole rows in flight take 168 registers (ptxas, K 4096) instead of 128
+RING_PRO_MAX_M = 1  # up to here the ring makes its input (add + RMSNorm, act * up) and adds the residual
+                    # (`takes_pending`). H100 int4 e2e: batch 1 2.18 ms a step vs 2.24 launched; act * up at 2 rows
+                    # 2.46 vs 2.43, and the norm's two whole rows in flight take 168 registers (K 4096) instead of 128
 _RING_KINDS = (ADD_RMS_NORM, NORM_PARTS, SILU_MUL, GELU_MUL, RESIDUAL_ADD)
 _RING_KINDS_OF = {"norm": (ADD_RMS_NORM,), "act": (SILU_MUL, GELU_MUL), "parts": (NORM_PARTS, RESIDUAL_ADD),
                   "norm+act": (ADD_RMS_NORM, SILU_MUL, GELU_MUL)}   # QUANTRT_CUDA_RING_PROLOGUE values (A/B)
@@ -213,7 +213,8 @@ class TritonWNA16Kernel(LinearKernel):
         RESIDUAL_ADD said yes; x may be rows the ring makes itself)."""
         from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
-        src, pro = self._source(x) if isinstance(x, PendingRows) else (x.reshape(-1, self.shape[1]), None)
+        src, pro = (self._source(x) if isinstance(x, PendingRows)
+                    else (x.reshape(-1, self.shape[1]).to(self.compute_dtype), None))
         s, parts = ring_wna16(src, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
                               offset=self.raw_offset, pro=pro, residual=residual)
         return SummedRows(s, parts)
