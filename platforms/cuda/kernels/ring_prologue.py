@@ -143,11 +143,11 @@ def pro_load(x_ptr, b_ptr, w_ptr, stride_xm, stride_bm, kk, ok, NR: gl.constexpr
 def _row(x, b, w, r, res_ptr, write_res, PRO: gl.constexpr):
     """One row's activations [BK]; PRO_NORM also writes s = x + b at res_ptr (where write_res [BK])."""
     dt: gl.constexpr = x.dtype
-    if PRO == 4:  # x already is the residual stream with the delta added
-        return ((x.to(gl.float32) * r).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt)
-    if PRO == 1:
-        s = (x.to(gl.float32) + b.to(gl.float32)).to(dt)
-        gl.store(res_ptr, s, mask=write_res)
+    if PRO == 1 or PRO == 4:
+        s = x             # PRO_NORM_PARTS: x already is the residual stream with the delta added
+        if PRO == 1:
+            s = (x.to(gl.float32) + b.to(gl.float32)).to(dt)
+            gl.store(res_ptr, s, mask=write_res)
         return ((s.to(gl.float32) * r).to(dt).to(gl.float32) * w.to(gl.float32)).to(dt)
     g = x.to(gl.float32)
     if PRO == 3:  # gelu-tanh as g / (1 + exp(-2z)), z = sqrt(2/pi) (g + 0.044715 g^3): no cancellation
@@ -174,13 +174,11 @@ def prologue_reference(x: torch.Tensor, pro: RingPrologue | None, k: int) -> tup
     if pro is None:
         return x, None
     dt = x.dtype
-    if pro.kind == PRO_NORM_PARTS:
-        rs = torch.rsqrt(pro.parts.sum(-1, keepdim=True) / k + pro.eps)
-        return ((x.float() * rs).to(dt).float() * pro.weight.float()).to(dt), None
-    if pro.kind == PRO_NORM:
-        s = (x.float() + pro.delta.float()).to(dt)
-        rs = torch.rsqrt(s.float().pow(2).sum(-1, keepdim=True) / k + pro.eps)
-        return ((s.float() * rs).to(dt).float() * pro.weight.float()).to(dt), s
+    if pro.kind in (PRO_NORM, PRO_NORM_PARTS):
+        s = (x.float() + pro.delta.float()).to(dt) if pro.kind == PRO_NORM else x
+        sq = pro.parts if pro.kind == PRO_NORM_PARTS else s.float().pow(2)
+        rs = torch.rsqrt(sq.sum(-1, keepdim=True) / k + pro.eps)
+        return ((s.float() * rs).to(dt).float() * pro.weight.float()).to(dt), s if pro.kind == PRO_NORM else None
     g, u = x[:, :k].float(), x[:, k:].float()
     if pro.kind == PRO_GELU:
         a = g / (1.0 + torch.exp(-2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g)))

@@ -144,6 +144,7 @@ class TritonWNA16Kernel(LinearKernel):
         self.raw_offset = raw_offset
         self.skinny_why = _skinny_why(w, container)
         self.ring_why = _ring_why(w, container, packed.device)
+        self._takes: dict[tuple, bool] = {}     # takes_pending's shape checks by (M, kind, tile override)
 
     @classmethod
     def can_implement(cls, spec: LinearSpec, platform: Platform) -> tuple[bool, str]:
@@ -201,12 +202,15 @@ class TritonWNA16Kernel(LinearKernel):
         only = os.environ.get("QUANTRT_CUDA_RING_PROLOGUE", "1")
         if only == "0" or only != "1" and kind not in _RING_KINDS_OF.get(only, ()):
             return False
-        from quantrt.platforms.cuda.kernels.ring_wna16 import can_run, tagged_launch
+        key = (m, kind, os.environ.get("QUANTRT_CUDA_RING_TILES"))   # asked several times a layer and step
+        if key not in self._takes:
+            from quantrt.platforms.cuda.kernels.ring_wna16 import can_run, tagged_launch
 
-        n, k = self.shape
-        if kind == RESIDUAL_ADD and not tagged_launch(m, n, k, self.packed.device):
-            return False        # the residual epilogue is the tagged split-K path's (one row, K split)
-        return can_run(m, n, k, self.group, self.container, self.compute_dtype)[0]
+            n, k = self.shape
+            # the residual epilogue is the tagged split-K path's (one row, K split)
+            self._takes[key] = ((kind != RESIDUAL_ADD or tagged_launch(m, n, k, self.packed.device))
+                                and can_run(m, n, k, self.group, self.container, self.compute_dtype)[0])
+        return self._takes[key]
 
     def apply_residual(self, x: torch.Tensor | PendingRows, residual: torch.Tensor) -> SummedRows:
         """residual + x @ W^T in the ring's epilogue, with its column tiles' sums of squares (`takes_pending`
