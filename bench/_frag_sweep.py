@@ -1,13 +1,15 @@
-"""Tile sweep of `frag_w8` (8-bit W8A8 at 2..32 rows through mma.sync on fragments loaded straight from
-memory) against the W8A8 dispatch it would replace and bf16 cuBLAS, at the Llama-3.1-8B shapes (H100; run
-from bench/).
+"""Tile sweep of the 8-bit W8A8 kernels on codes at 2..32 rows, `frag_w8` (mma.sync on fragments loaded straight
+from memory) or with `--kernel ring` `ring_w8` (TMA ring, wgmma from shared memory), against the W8A8 dispatch
+it would replace and bf16 cuBLAS, at the Llama-3.1-8B shapes (H100; run from bench/).
 
-    python _frag_sweep.py --json out.json [--ms 2,8,16,32] [--kinds fp8,int8] [--shapes 8192x8192,...]
+    python _frag_sweep.py --json out.json [--kernel frag|ring] [--ms 2,8,16,32] [--kinds fp8,int8] \
+        [--shapes 8192x8192,...] [--cfgs "[...]"]
 
 Both sides include their per-token activation launch (`quant_rows` here). Every cell is a CUDA-graph replay
 over weight copies that overflow the L2 (`kernels.time_us`); every variant's output is checked against the
-float64 product of the same codes first. Prints the best tile per (kind, M, K, N) as `frag_w8._TILES` stores
-it: (reps, warps, waves, prefetch, unroll, hint, pdl).
+float64 product of the same codes first. Prints the best tile per (kind, M, K, N) as the kernel's `_TILES`
+stores it: frag (reps, warps, waves, prefetch, unroll, hint, pdl); ring `RingW8Config` (block_n, block_k, stages,
+waves, split_k, block_m, pdl). The dispatch column runs with QUANTRT_CUDA_RING_W8=0 (the path before the ring).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -24,8 +27,12 @@ import torch.nn.functional as F
 
 SHAPES = [(8192, 8192), (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 # (reps, warps, waves, prefetch, unroll, hint, pdl)
-CFGS = [(2, 4, 4, 1, 4, 1, 1), (2, 4, 4, 1, 4, 1, 0), (2, 4, 2, 1, 8, 1, 1), (2, 2, 8, 1, 4, 1, 1),
-        (2, 4, 4, 0, 16, 1, 1), (2, 4, 4, 0, 4, 1, 1), (2, 4, 2, 0, 8, 1, 1), (2, 8, 2, 1, 4, 1, 1)]
+CFGS = {"frag": [(2, 4, 4, 1, 4, 1, 1), (2, 4, 4, 1, 4, 1, 0), (2, 4, 2, 1, 8, 1, 1), (2, 2, 8, 1, 4, 1, 1),
+                 (2, 4, 4, 0, 16, 1, 1), (2, 4, 4, 0, 4, 1, 1), (2, 4, 2, 0, 8, 1, 1), (2, 8, 2, 1, 4, 1, 1)],
+        # (block_n, block_k, stages, waves, split_k, block_m, pdl); block_m is raised to the row bucket
+        "ring": [(128, 128, 4, 2, 0, 8, 1), (128, 128, 6, 2, 0, 8, 1), (128, 128, 8, 1, 0, 8, 1),
+                 (128, 128, 4, 3, 0, 8, 1), (64, 128, 6, 3, 0, 8, 1), (64, 128, 8, 2, 0, 8, 1),
+                 (128, 128, 10, 1, 0, 8, 1), (128, 128, 6, 2, 0, 8, 0)]}
 DT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
@@ -50,23 +57,30 @@ def _dispatch(kind: str, w: torch.Tensor, sw: torch.Tensor):
                                     PLATFORM)
 
 
-def _ours(kind: str, cfg: tuple, x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+def _ours(kernel: str, kind: str, cfg: tuple, x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
-    from quantrt.platforms.cuda.kernels.frag_w8 import FragConfig, frag_w8
 
     q, s = quant_rows(x, DT[kind], 127.0 if kind == "int8" else 448.0)
+    if kernel == "ring":
+        from quantrt.platforms.cuda.kernels.ring_w8 import RingW8Config, ring_w8
+
+        m = x.shape[0]
+        bm = max(cfg[5], 8 if m <= 8 else 16 if m <= 16 else 32)
+        return ring_w8(q, s, w, sw, torch.bfloat16, RingW8Config(*cfg[:5], bm, *cfg[6:]))
+    from quantrt.platforms.cuda.kernels.frag_w8 import FragConfig, frag_w8
+
     return frag_w8(q, s, w, sw, torch.bfloat16, FragConfig(*cfg))
 
 
 def _compile(chunk: list) -> int:
     done = 0
-    for kind, k, n, m, cfg in chunk:
+    for kernel, kind, k, n, m, cfg in chunk:
         try:
-            _ours(kind, cfg, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), _weight(kind, n, k),
+            _ours(kernel, kind, cfg, torch.randn(m, k, device="cuda", dtype=torch.bfloat16), _weight(kind, n, k),
                   torch.rand(n, device="cuda"))
             done += 1
         except Exception as e:  # noqa: BLE001
-            print(f"# compile {kind} {m} {k}x{n} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            print(f"# compile {kernel} {kind} {m} {k}x{n} {cfg}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
     torch.cuda.synchronize()
     return done
 
@@ -74,32 +88,34 @@ def _compile(chunk: list) -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default=None)
+    p.add_argument("--kernel", default="frag", choices=["frag", "ring"])
     p.add_argument("--ms", default="2,8,16,32")
     p.add_argument("--kinds", default="fp8,int8")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    p.add_argument("--cfgs", default=None, help="python list of (reps, warps, waves, prefetch, unroll, hint, pdl)")
+    p.add_argument("--cfgs", default=None, help="python list of the kernel's config tuples (module docstring)")
     p.add_argument("--rep-ms", type=float, default=30.0)
     p.add_argument("--workers", type=int, default=14)
     args = p.parse_args()
+    os.environ["QUANTRT_CUDA_RING_W8"] = "0"    # the dispatch column: the path before the ring
     from kernels import time_us  # bench/ is sys.path[0]
 
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
     from quantrt.platforms.cuda.kernels.frag_w8 import frag_reference
 
-    cfgs = eval(args.cfgs) if args.cfgs else CFGS  # noqa: S307 - a sweep's own command line
+    cfgs = eval(args.cfgs) if args.cfgs else CFGS[args.kernel]  # noqa: S307 - a sweep's own command line
     ms = [int(v) for v in args.ms.split(",")]
     kinds = args.kinds.split(",")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     t0 = time.perf_counter()
-    variants = [(kd, k, n, m, c) for k, n in shapes for kd in kinds for m in ms for c in cfgs]
+    variants = [(args.kernel, kd, k, n, m, c) for k, n in shapes for kd in kinds for m in ms for c in cfgs]
     chunks = [variants[i::args.workers] for i in range(args.workers)]
     ctx = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx) as ex:
         done = sum(ex.map(_compile, chunks))
     print(f"# compiled {done}/{len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
     out: list[dict] = []
-    print("| kind | M | K x N | bf16 us | dispatch us | best frag_w8 us (reps, warps, waves, prefetch, unroll, hint, "
-          "pdl) | vs dispatch | x bf16 | % of copy |", flush=True)
+    print(f"| kind | M | K x N | bf16 us | dispatch us | best {args.kernel} us (tile) | vs dispatch | x bf16 | "
+          "% of copy |", flush=True)
     for k, n in shapes:
         copies = max(2, math.ceil(4 * 50e6 / (n * k)))
         wbf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 2))]
@@ -116,18 +132,19 @@ def main() -> None:
                 cells = []
                 for c in cfgs:
                     try:
-                        err = ((_ours(kind, c, x, ws[0], sw).double() - ref).abs().max() / ref.abs().max()).item()
+                        y = _ours(args.kernel, kind, c, x, ws[0], sw).double()
+                        err = ((y - ref).abs().max() / ref.abs().max()).item()
                         if not err < 8e-3:
                             raise AssertionError(f"rel err {err:.3g}")
-                        us = time_us([lambda w=w, c=c, x=x, kd=kind, s=sw: _ours(kd, c, x, w, s) for w in ws],
-                                     args.rep_ms)
+                        us = time_us([lambda w=w, c=c, x=x, kd=kind, s=sw: _ours(args.kernel, kd, c, x, w, s)
+                                      for w in ws], args.rep_ms)
                     except Exception as e:  # noqa: BLE001 - report the variant and go on
                         print(f"# {kind} {m} {k}x{n} {c}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr,
                               flush=True)
                         continue
                     cells.append((us, c))
-                    out.append({"kind": kind, "m": m, "k": k, "n": n, "cfg": c, "us": us, "base_us": base,
-                                "bf16_us": bf16, "err": err})
+                    out.append({"kernel": args.kernel, "kind": kind, "m": m, "k": k, "n": n, "cfg": c, "us": us,
+                                "base_us": base, "bf16_us": bf16, "err": err})
                 best = min(cells) if cells else (float("nan"), None)
                 pct = (n * k + m * k + 2 * m * n) / (best[0] * 1e-6) / 3.0e12 * 100
                 print(f"| {kind} | {m} | {k}x{n} | {bf16:.1f} | {base:.1f} | {best[0]:.1f} {best[1]} | "

@@ -1,12 +1,11 @@
-"""Sweep of the Gluon TMA-ring kernels on the H100: `ring_wna16` (W4A16 g128, M <= 32) next to bf16 cuBLAS,
-torch's tinygemm and the W4A16 dispatch (`w4a16_g128`), and `ring_fp8` (W8A8 per-channel x per-token) next to
-the fp8 dispatch (`fp8_ch_tok`; run with QUANTRT_CUDA_RING=0 so the baselines keep their old paths).
+"""Sweep of the Gluon TMA-ring kernel `ring_wna16` (W4A16 g128, M <= 32) on the H100 next to bf16 cuBLAS,
+torch's tinygemm and the W4A16 dispatch (`w4a16_g128`). (`ring_w8`, W8A8 on codes: `_frag_sweep.py --kernel ring`.)
 
     cd bench && python _ring_sweep.py --json ring.json [--shapes "[(8192, 8192)]"] [--ms "[1, 16]"] \
-        [--cfgs "[(64, 128, 2, 4, 0, 8), ('default', 0)]"] [--kinds "['ring_fp8']"] [--baselines "['bf16']"]
+        [--cfgs "[(64, 128, 2, 4, 0, 8), ('default', 0)]"] [--kinds "['ring_w4z']"] [--baselines "['bf16']"]
 
 Every config is checked against the float64 product (x @ the dequantized weight; fake-quantized activations
-for fp8) before it is timed (kernels.time_us: CUDA-graph replay over weight copies that overflow the L2).
+before it is timed (kernels.time_us: CUDA-graph replay over weight copies that overflow the L2).
 `ring_w4` has symmetric weights (no zero array, the GPTQ-sym case), `ring_w4z` an asymmetric zero array.
 Prints the best config per (kind, K, N, M), its ratio to bf16 and its share of the 3.0 TB/s copy ceiling.
 """
@@ -24,7 +23,7 @@ MS = [1, 2, 8, 16]
 CFGS = [(64, 128, 4, 2, 0, 8), (64, 128, 6, 2, 0, 8), (64, 128, 8, 2, 0, 8), (64, 128, 6, 1, 0, 8),
         (64, 128, 6, 4, 0, 8), (64, 128, 8, 1, 0, 8), (128, 128, 4, 1, 0, 8), (128, 128, 6, 1, 0, 8),
         (64, 64, 8, 2, 0, 8), (64, 128, 6, 2, 0, 16), (64, 128, 8, 1, 0, 16), (128, 128, 4, 1, 0, 16)]
-KINDS = ["ring_w4", "ring_w4z"]          # and "ring_fp8" (W8A8 per-channel x per-token, bench/kernels.py's fp8_ch_tok)
+KINDS = ["ring_w4", "ring_w4z"]
 BASELINES = ["bf16", "tinygemm", "w4a16_g128"]
 
 
@@ -33,9 +32,6 @@ def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
     from quantrt.quant.weights import IntWeight
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    if kind == "ring_fp8":   # e4m3 [N, K] + channel scales (no NaN codes)
-        data = (torch.randn(n, k, device="cuda", generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-        return data, torch.rand(n, device="cuda", generator=g) * 0.01, None
     scale = torch.rand(n, k // 128, device="cuda", generator=g) * 0.01 + 0.001
     if kind == "ring_w4z":
         codes = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.uint8)
@@ -54,10 +50,6 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, default_config, ring_wna16
 
     packed, sc, z = wt
-    if kind == "ring_fp8":
-        from quantrt.platforms.cuda.kernels.ring_fp8 import RingFp8Config, ring_fp8
-
-        return ring_fp8(x, packed, sc, 0, 1, cfg=None if cfg[0] == "default" else RingFp8Config(*cfg))
     if cfg and cfg[0] == "default":
         c = replace(default_config(x.shape[0], packed.shape[1], x.shape[1]), pdl=bool(cfg[1]))
     else:
@@ -67,12 +59,8 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
 
 def _reference(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
     from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
-    from quantrt.quant.quantize import quantize_act_per_token
 
     packed, sc, z = wt
-    if kind == "ring_fp8":
-        q, sx = quantize_act_per_token(x, torch.float8_e4m3fn)
-        return (q.float() * sx) @ (packed.float() * sc[:, None]).t()
     return ring_reference(x, packed, sc, z, 128, 8.0).float()
 
 
@@ -97,12 +85,12 @@ def main() -> None:
         cells.baselines(kernels.build, tuple(BASELINES), k, n, MS)
         for kind in KINDS:
             cells.configs(sys.modules[__name__], kind, k, n, MS, {m: _cfgs_for(m) for m in MS},
-                          kernels.copies_for(n * k if kind == "ring_fp8" else n * k // 2))
+                          kernels.copies_for(n * k // 2))
         cells.save(a.json)
     cells.report()
     for r in cells.res:
         k, n, m = r["k"], r["n"], r["m"]
-        if r["kind"] in ("bf16", "ring_fp8", "fp8_ch_tok"):
+        if r["kind"] in ("bf16", "fp8_ch_tok"):
             wb = n * k * (2 if r["kind"] == "bf16" else 1)
         else:
             wb = n * k // 2 + 4 * n * k // 128 * (2 if r["kind"] == "ring_w4z" else 1)

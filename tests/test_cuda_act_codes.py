@@ -68,7 +68,7 @@ def test_codes_at_a_path_that_quantizes_inside_are_refused() -> None:
     kern = _kernel(96, 256, torch.int8)
     q = torch.zeros(2, 256, dtype=torch.int8, device=DEV)
     with pytest.raises(ValueError, match=r"triton_w8a8: activation codes torch.int8 were handed over at M=2, where "
-                                         r"this layer takes torch.int8 codes on the paths frag, codes, scaled_mm, "
+                                         r"this layer takes torch.int8 codes on the paths ring, frag, codes, scaled_mm, "
                                          r"int_mm \(its path is swap\): ask row_codes\(M\) first"):
         kern.apply(QuantizedRows(q, torch.ones(2, 1, device=DEV)), None)
     with pytest.raises(ValueError, match="activation codes torch.float8_e4m3fn were handed over at M=64"):

@@ -89,7 +89,7 @@ def sm_major(device_index: int) -> int:
 
 
 def ring_device_why(device: torch.device) -> str:
-    """'' when the Gluon TMA-ring kernels (`ring_wna16`, `ring_fp8`: TMA + wgmma, sm_90) can run on `device`,
+    """'' when the Gluon TMA-ring kernels (`ring_wna16`, `ring_w8`: TMA + wgmma, sm_90) can run on `device`,
     else why not; QUANTRT_CUDA_RING=0 switches them off (read when a linear is prepared)."""
     if device.type != "cuda" or interpret_mode() or torch.version.hip is not None:
         return "not a CUDA device (Gluon/TMA kernel)"

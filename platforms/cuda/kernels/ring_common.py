@@ -1,4 +1,4 @@
-"""What the Gluon kernels (`ring_wna16`, `ring_fp8`, `frag_w8`) share: cached TMA descriptors, the split-K
+"""What the Gluon kernels (`ring_wna16`, `ring_w8`, `frag_w8`) share: cached TMA descriptors, the split-K
 epilogues (the last arriver's sum; tagged partials at 1-2 rows) and the PDL grid-dependency instructions (imported
 lazily: Gluon needs triton >= 3.5)."""
 
@@ -17,16 +17,17 @@ TAGGED_MAX_M = 2                 # rows up to which split K ends in `store_split
 _PARTIALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
 
-def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves: int, tagged_rows: int = 0
-                 ) -> tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(column tiles, splits, K rows per split, y [M, N], workspace, counters) for a ring launch over x [M, K]:
+def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves: int, tagged_rows: int = 0,
+                 dtype: torch.dtype | None = None) -> tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(column tiles, splits, K rows per split, y [M, N] in `dtype` (x's by default), workspace, counters) for a
+    ring launch over x [M, K]:
     `split_k` splits, or K split so that about `waves` programs run per SM. Workspace and counters: fp32 partials
     [split, M, N] and arrival counters (`store_split_k`), or with M <= `tagged_rows` the tagged partial words
     (`store_split_k_row`) as both; with one split y itself (never read)."""
     m, k = x.shape
     n_tiles = cdiv(n, bn)
     split, k_per_split = split_count(k, n_tiles, bk, split_k, waves, x.device.index or 0)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=dtype or x.dtype)
     if split == 1:
         return n_tiles, 1, k_per_split, y, y, y
     if m <= tagged_rows:

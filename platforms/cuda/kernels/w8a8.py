@@ -3,14 +3,14 @@ FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantiza
 
 Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_w8` (every fp8 mode and int8
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
-128-group activations); M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales where the row
-GEMV's tile table has the shape (`gemv_w8_rows.tile_for`: 2 rows, int8 up to 4 at 4096x6144; thirteenth session)
--> `gemv_w8_rows` (the GEMV's structure, all rows per weight load, activations quantized inside); other M = 2..16
-of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of `frag_w8._TILES` (measured faster
+128-group activations); M = 2..RING_MAX_M of e4m3 / int8 per-token or static x tensor / channel scales on Hopper
+where `ring_w8._TILES` has the shape (measured faster there) -> the activation codes into `ring_w8` (weight and
+code tiles streamed by TMA, wgmma from shared memory; sixteenth session); other M = 2..16 of e4m3 / int8
+per-token or static x tensor / channel scales where the row GEMV's tile table has the shape
+(`gemv_w8_rows.tile_for`: 2 rows, int8 up to 4 at 4096x6144; thirteenth session) -> `gemv_w8_rows` (the
+GEMV's structure, all rows per weight load, activations quantized inside); other M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of `frag_w8._TILES` (measured faster
 there; Gluon, sm_89+ / sm_80+) -> the activation codes into `frag_w8`
-(mma.sync on fragments loaded straight from memory, ninth session); M = 2..RING_MAX_M of e4m3
-per-token/static x tensor/channel on Hopper with QUANTRT_CUDA_RING_FP8=1 -> `ring_fp8` (Gluon, TMA weight
-ring; off by default, slower at 8192²);
+(mma.sync on fragments loaded straight from memory, ninth session);
 M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped; 128-group activations
 from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); M = 9..256 of e4m3 / int8 per-token or static x tensor / channel
 scales on the shapes where it measured faster than the path before (`codes_mm.tile_for`) -> the activation codes
@@ -20,13 +20,13 @@ M >= 64 int8 elsewhere -> `int8_mm` (cuBLASLt int8), fp8 128x128 blocks x 128-gr
 (cuBLASLt blockwise); other M = 17..256 -> `swap_fp8` with BM-row tiles (fp8 weight-only too); everything else ->
 the tiled `w8a8_triton` kernel.
 
-The paths on codes (`frag_w8`, `codes_mm`, `_scaled_mm`, `int8_mm`) take them from `row_codes` / `QuantizedRows`
-when the op that produced x made them (the fused residual-add + RMSNorm, act * mul: one launch fewer per linear).
+The paths on codes (`ring_w8`, `frag_w8`, `codes_mm`, `_scaled_mm`, `int8_mm`) take them from `row_codes` /
+`QuantizedRows` when the op that produced x made them (the fused residual-add + RMSNorm, act * mul: one launch
+fewer per linear).
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,13 +48,12 @@ SCALED_MM_MIN_M = 64
 SKINNY_MAX_M = 1  # up to here fp8 weights go to the GEMV in skinny_fp8 (H100 8192²: M=4 47 us vs 33 tiled)
 GEMV_W8 = True    # M = 1: `gemv_w8.gemv_w8` (dense-GEMV structure) where it takes the shape; False: as before
 SWAP_MAX_M = 16   # up to here quantized activations go to swap_fp8 (8192², per token, M=16: 31 us vs 45 tiled)
-RING_MAX_M = 16   # 2..this with QUANTRT_CUDA_RING_FP8=1 on Hopper: ring_fp8 (TMA weight ring; off by default:
-                  # H100 8192² M = 2-16 31.1-33.1 us vs swap_fp8 29.0-29.8, 4096x28672 48.6-51.9 vs 52.3-55.2)
+RING_MAX_M = 32   # 2..this: `ring_w8` (TMA ring on codes, Hopper) where its tile table has the shape
 ROW_TILE_MAX_M = 256  # SWAP_MAX_M < M <= this (and not cuBLASLt): swap_fp8 with BM-row tiles, weight-only too
 BLOCK_MM_MIN_M = 64   # from here fp8 128x128 blocks x 128-group activations: cuBLASLt blockwise (`block_fp8_mm`)
 INT_MM_MIN_M = 64     # from here int8 W8A8 goes to cuBLASLt int8 (`int8_mm`; 8192², M=64: swap_fp8 57 us, bf16 49)
 FRAG_MAX_M = 32       # 2..this: `frag_w8` (mma.sync on fragments loaded from memory) where its tile table has the shape
-_CODE_PATHS = ("frag", "codes", "scaled_mm", "int_mm")  # the paths that run on codes made beforehand
+_CODE_PATHS = ("ring", "frag", "codes", "scaled_mm", "int_mm")  # the paths that run on codes made beforehand
 # dynamic per-tensor activations run the static paths (2) with the scale of each call's x (`_tensor_scale`)
 _ACT = {ActKind.DYNAMIC_TOKEN: 0, ActKind.DYNAMIC_GROUP: 1, ActKind.STATIC_TENSOR: 2, ActKind.DYNAMIC_TENSOR: 2,
         ActKind.NONE: 3}
@@ -145,13 +144,14 @@ class TritonW8A8Kernel(LinearKernel):
                                                                                else w.scale.shape).contiguous())
 
     def _ring_why(self, data: torch.Tensor) -> str:
-        """'' when M = 2..RING_MAX_M goes to `ring_fp8` (Gluon, sm_90), else why it does not."""
-        if os.environ.get("QUANTRT_CUDA_RING_FP8", "0") != "1":
-            return "off by default (slower than swap_fp8 at 8192² on the H100; QUANTRT_CUDA_RING_FP8=1 turns it on)"
-        if data.dtype != torch.float8_e4m3fn or self.act not in (0, 2) or self.wscale not in (0, 1):
-            return "ring_fp8 takes e4m3 weights, per-token/static activations and tensor/channel weight scales"
+        """'' when M = 2..RING_MAX_M may go to `ring_w8` (Gluon, sm_90; whether it does depends on its measured
+        tile table), else why it does not."""
+        if data.dtype not in (torch.float8_e4m3fn, torch.int8) or self.act not in (0, 2) or self.wscale not in (0, 1):
+            return "ring_w8 takes e4m3 / int8 weights, per-token/static activations and tensor/channel weight scales"
         if data.shape[1] % 128:
             return f"K={data.shape[1]} is not a multiple of 128"
+        if interpret_mode() or not gluon_available():
+            return "ring_w8 is a Gluon kernel: it needs a GPU and triton >= 3.5"
         return ring_device_why(data.device)
 
     def _gemv_why(self) -> str:
@@ -218,20 +218,25 @@ class TritonW8A8Kernel(LinearKernel):
 
     def _find_plan(self, m: int) -> tuple[str, object]:
         n, k = self.data.shape
-        ring = 2 <= m <= RING_MAX_M and not self.ring_why                      # opt-in: QUANTRT_CUDA_RING_FP8=1
-        if m >= 2 and not ring and self.rows_why(m) == "":
+        if 2 <= m <= RING_MAX_M and not self.ring_why:
+            from quantrt.platforms.cuda.kernels.ring_w8 import tile_for as ring_tile
+
+            cfg = ring_tile(m, k, n, self.data.dtype == torch.int8)
+            if cfg is not None:
+                return "ring", cfg
+        if m >= 2 and self.rows_why(m) == "":
             from quantrt.platforms.cuda.kernels.gemv_w8_rows import tile_for as rows_tile
 
             cfg = rows_tile(m, k, n, self.data.dtype == torch.int8)
             if cfg is not None:
                 return "rows", cfg
-        if 2 <= m <= FRAG_MAX_M and not ring and self.frag_why(m) == "":
+        if 2 <= m <= FRAG_MAX_M and self.frag_why(m) == "":
             from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
 
             cfg = frag_tile(m, k, n, self.data.dtype == torch.int8)
             if cfg is not None:
                 return "frag", cfg
-        if (self.use_scaled_mm or self.use_int_mm) and not ring:
+        if self.use_scaled_mm or self.use_int_mm:
             from quantrt.platforms.cuda.kernels.codes_mm import tile_for
 
             cfg = tile_for(m, k, n, self.data.dtype == torch.int8)
@@ -247,8 +252,6 @@ class TritonW8A8Kernel(LinearKernel):
             return "gemv", None
         if m <= SKINNY_MAX_M and self.data.dtype in FP8_DTYPES and self.act != 1:
             return "skinny", None
-        if ring:
-            return "ring", None
         if m <= SWAP_MAX_M and self.act != 3 or SWAP_MAX_M < m <= ROW_TILE_MAX_M:
             return "swap", None
         return "tiled", None
@@ -280,7 +283,11 @@ class TritonW8A8Kernel(LinearKernel):
                              f"is {path}): ask row_codes(M) first")
         if path in _CODE_PATHS and not pre:
             xq, sa = self._codes(x2, act_scale)                                # [M, K] codes, [M, 1] fp32
-        if path == "frag":
+        if path == "ring":
+            from quantrt.platforms.cuda.kernels.ring_w8 import ring_w8
+
+            y = ring_w8(xq, sa, self.data, self.w_scale, self.compute_dtype, cfg)
+        elif path == "frag":
             from quantrt.platforms.cuda.kernels.frag_w8 import frag_w8
 
             y = frag_w8(xq, sa, self.data, self.w_scale, self.compute_dtype, cfg)
@@ -310,10 +317,6 @@ class TritonW8A8Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.skinny_fp8 import skinny_fp8
 
             y = skinny_fp8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
-        elif path == "ring":
-            from quantrt.platforms.cuda.kernels.ring_fp8 import ring_fp8
-
-            y = ring_fp8(x2, self.data, self.w_scale, self.act, self.wscale, act_scale)
         elif path == "swap":
             from quantrt.platforms.cuda.kernels.swap_fp8 import swap_fp8
 

@@ -1,0 +1,199 @@
+"""8-bit W8A8 at 2..32 rows on Hopper: weight and activation codes streamed by TMA through a shared-memory ring,
+wgmma reading both operands there (Gluon; sm_90).
+
+y [M, N] = (a [M, K] codes * sa [M] per-token / static scales) @ (w [N, K] codes * sw [1] or [N])^T, with a and w
+of one 8-bit dtype (e4m3 or int8), as `frag_w8` computes it, on codes made beforehand (`quant_rows`, or the op
+that produced x: `row_codes`).
+
+Why: `frag_w8` (mma.sync on fragments loaded straight from memory) streams an fp8 weight at ~80% of copy at 2-16
+rows, the GEMV `gemv_w8` reaches 92-95% at one row but pays per code and row. The sixth session's `ring_fp8`
+quantized the activations inside every K step (IEEE division, a shared-memory store and a barrier per step,
+3 x 8 KB in flight per program) and ran at ~70%. Here a step is only: wait for the slot's mbarrier, one wgmma
+over the [BN, BK] weight tile and the [BM, BK] code tile (both K-major, 128-byte swizzled, TMA-written), a
+barrier, and the slot's refill STAGES steps ahead, so STAGES x (BN + BM) x BK bytes per program are in flight
+and cost no registers.
+
+- Per program: BN = 64 or 128 weight rows (one warpgroup; two m64 MMAs at 128), a K slice of K_PER_SPLIT codes
+  in BK = 128-code steps; grid (N / BN, splits), the split chosen so that about `waves` programs run per SM.
+- The code tile's rows past M are zeros (TMA fills out-of-bounds rows), so there is no mask in the loop.
+- Each slot has one mbarrier that expects both tiles' bytes: with PDL the weight tiles of the first STAGES steps
+  are requested before `griddepcontrol.wait` (the codes are written by the launch before), the code tiles after.
+- fp8: each step's wgmma starts from zero and is added to the fp32 accumulator (Hopper's fp8 MMA accumulates
+  with a short mantissa: it sums only 128 products here); int8: exact int32 sums, chained.
+- Epilogue: times sw per weight row and sa per token; split-K partials through `ring_common` (tagged words at
+  1-2 rows, the last arriver's sum above).
+Gluon does not run under TRITON_INTERPRET: the CPU tests compile the kernel for sm_90 (PTX: TMA, wgmma on e4m3 /
+s8 from shared memory, the PDL order) and check the dispatch; the kernel is tested natively against the float64
+product of the codes (-m accelerator).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+
+from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, ring_device_why
+from quantrt.platforms.cuda.kernels.ring_common import (
+    TAGGED_MAX_M,
+    gdc_launch_dependents,
+    gdc_wait,
+    split_k_plan,
+    store_split_k,
+    store_split_k_row,
+    tma_desc,
+)
+
+MAX_M = 32
+
+
+@dataclass(frozen=True)
+class RingW8Config:
+    block_n: int = 128       # weight rows per program: 64 or 128 (one warpgroup)
+    block_k: int = 128       # codes per K step: 64 or 128 (one 128-byte swizzled row)
+    stages: int = 4          # K steps in flight per program
+    waves: int = 2           # split K to about this many programs per SM
+    split_k: int = 0         # fixed split (0: from waves)
+    block_m: int = 16        # wgmma N: 8, 16 or 32 (>= M)
+    pdl: int = 1             # 1: programmatic dependent launch on sm_90 (weights requested before the wait)
+
+
+@gluon.jit
+def _issue_w(w_desc, a_desc, bar, w_buf, k0, n0, pred):
+    """A slot's weight tile; its mbarrier expects the code tile's bytes too (`_issue_a`)."""
+    mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [n0, k0], bar, w_buf, pred=pred)
+
+
+@gluon.jit
+def _issue_a(a_desc, bar, a_buf, k0, pred):
+    tma.async_copy_global_to_shared(a_desc, [0, k0], bar, a_buf, pred=pred)
+
+
+@gluon.jit
+def _ring_w8_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                    K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
+                    STAGES: gl.constexpr, SPLIT: gl.constexpr, WSCALE: gl.constexpr, IS_INT: gl.constexpr,
+                    PDL: gl.constexpr, TAGGED: gl.constexpr, MMA: gl.constexpr, TRIGGER: gl.constexpr = False):
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n0 = pid_n * BN
+    k_start = pid_k * K_PER_SPLIT
+    n_steps = gl.minimum(K_PER_SPLIT, K - k_start) // BK
+
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)      # weight rows x k
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)      # tokens x k
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    for i in gl.static_range(STAGES):
+        _issue_w(w_desc, a_desc, bars.index(i), w_ring.index(i), k_start + i * BK, n0, i < n_steps)
+    if PDL:  # the weights are not written by the launch before; the codes (and split-K buffers) are
+        gdc_wait()
+    for i in gl.static_range(STAGES):
+        _issue_a(a_desc, bars.index(i), a_ring.index(i), k_start + i * BK, i < n_steps)
+
+    acc_t: gl.constexpr = gl.int32 if IS_INT else gl.float32
+    acc = gl.zeros([BN, BM], acc_t, MMA)
+    zero = gl.zeros([BN, BM], acc_t, MMA)
+    for t in range(n_steps):
+        slot = t % STAGES
+        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+        if IS_INT:     # exact int32 sums: chained
+            acc = warpgroup_mma(w_ring.index(slot), a_ring.index(slot).permute((1, 0)), acc)
+        else:          # 128 products per MMA, added in fp32
+            acc += warpgroup_mma(w_ring.index(slot), a_ring.index(slot).permute((1, 0)), zero, use_acc=False)
+        gl.thread_barrier()             # every warp's MMA has read the slot: refill it STAGES steps ahead
+        nxt = t + STAGES
+        _issue_w(w_desc, a_desc, bars.index(slot), w_ring.index(slot), k_start + nxt * BK, n0, nxt < n_steps)
+        _issue_a(a_desc, bars.index(slot), a_ring.index(slot), k_start + nxt * BK, nxt < n_steps)
+    if TRIGGER:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
+        gdc_launch_dependents()
+    offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    offs_m = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+    nmask = offs_n < N
+    mmask = offs_m < M
+    if WSCALE == 0:
+        sw = gl.load(sw_ptr + offs_n * 0)
+    else:
+        sw = gl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
+    y = acc.to(gl.float32) * sw[:, None] * gl.load(sa_ptr + offs_m, mask=mmask, other=0.0)[None, :]
+    if TAGGED:   # M <= TAGGED_MAX_M with K split: tagged partials, no arrival counter
+        store_split_k_row(y, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT)
+    else:
+        store_split_k(y, y_ptr, ws_ptr, cnt_ptr, offs_m[None, :] * N + offs_n[:, None],
+                      mmask[None, :] & nmask[:, None], pid_n, pid_k, M, N, SPLIT)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+def ring_w8_why_not(m: int, n: int, k: int, a_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device,
+                    cfg: RingW8Config | None = None) -> str:
+    """'' when `ring_w8` computes this call, else the reason."""
+    cfg = cfg or RingW8Config(block_m=_bucket(m) if 1 <= m <= MAX_M else 16)
+    if cfg.block_n not in (64, 128) or cfg.block_k not in (64, 128) or cfg.block_m not in (8, 16, 32) \
+            or not 1 <= cfg.stages <= 12:
+        return f"RingW8Config needs block_n 64/128, block_k 64/128, block_m 8/16/32 and 1-12 stages; got {cfg}"
+    if not 1 <= m <= cfg.block_m:
+        return f"M={m} is outside 1..{cfg.block_m} (block_m)"
+    if a_dtype != w_dtype or w_dtype not in (torch.float8_e4m3fn, torch.int8):
+        return f"needs e4m3 or int8 codes of one dtype for both operands, got {a_dtype} x {w_dtype}"
+    if k % cfg.block_k:
+        return f"K={k} is not a multiple of block_k {cfg.block_k}"
+    return ring_device_why(device)
+
+
+def _bucket(m: int) -> int:
+    return 8 if m <= 8 else 16 if m <= 16 else 32
+
+
+# (codes, row bucket 8 / 16 / 32, K, N) -> RingW8Config fields, each measured faster on the H100 than what the
+# W8A8 dispatch ran there before (`bench/_frag_sweep.py --kernel ring`). A missing entry keeps the path before.
+_TILES: dict[tuple[str, int, int, int], tuple] = {}
+
+
+def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
+    """The measured tile when this kernel beat the dispatch before at [M, K] x [K, N], else None.
+    QUANTRT_CUDA_RING_W8=all: the default tile at every shape (A/B runs, sweeps); =0: never."""
+    if not 2 <= m <= MAX_M:
+        return None
+    mode = os.environ.get("QUANTRT_CUDA_RING_W8", "")
+    if mode == "0":
+        return None
+    if mode == "all":
+        return RingW8Config(block_m=_bucket(m))
+    t = _TILES.get(("i8" if is_int else "f8", _bucket(m), k, n))
+    return None if t is None else RingW8Config(*t)
+
+
+def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, out_dtype: torch.dtype,
+            cfg: RingW8Config | None = None) -> torch.Tensor:
+    """a [M <= 32, K] e4m3/int8 codes, sa [M] or [M, 1] fp32; w [N, K] same dtype, sw [1] or [N] fp32 -> [M, N]."""
+    m, k = a.shape
+    n = w.shape[0]
+    cfg = cfg or RingW8Config(block_m=_bucket(m) if m <= MAX_M else 16)
+    why = ring_w8_why_not(m, n, k, a.dtype, w.dtype, a.device, cfg)
+    if why or w.shape[1] != k:
+        raise ValueError(f"ring_w8 cannot compute a {tuple(a.shape)} x w {tuple(w.shape)}: "
+                         f"{why or 'K differs between the operands'}")
+    a = a.contiguous()
+    w = w.contiguous()
+    bn, bk, bm = cfg.block_n, cfg.block_k, cfg.block_m
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(a, n, bn, bk, cfg.split_k, cfg.waves, TAGGED_MAX_M,
+                                                           out_dtype)
+    pdl = bool(cfg.pdl) and pdl_supported(a)
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
+    _ring_w8_kernel[(n_tiles, split)](
+        tma_desc(a, [m, k], [k, 1], [bm, bk], swizzle=bk), tma_desc(w, [n, k], [k, 1], [bn, bk], swizzle=bk),
+        sa.reshape(-1).contiguous(), sw.reshape(-1).contiguous(), y, ws, cnt, m, n, k, k_per_split, bn, bk, bm,
+        cfg.stages, split, 0 if sw.numel() == 1 else 1, w.dtype == torch.int8, pdl, m <= TAGGED_MAX_M and split > 1,
+        mma, TRIGGER=pdl_trigger(a), num_warps=4, **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+__all__ = ["MAX_M", "RingW8Config", "ring_w8", "ring_w8_why_not", "tile_for"]
