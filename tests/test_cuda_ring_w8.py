@@ -20,7 +20,7 @@ pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
 
 
-def _compile(dt: torch.dtype, bn: int, bm: int, stages: int, pdl: bool, split: int = 2) -> str:
+def _compile(dt: torch.dtype, bn: int, bm: int, stages: int, pdl: bool, boxes: int, split: int = 2) -> str:
     from triton.experimental.gluon import language as gl
 
     from quantrt.platforms.cuda.kernels import ring_w8 as R
@@ -32,23 +32,25 @@ def _compile(dt: torch.dtype, bn: int, bm: int, stages: int, pdl: bool, split: i
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
     return compile_gluon_sm90(R._ring_w8_kernel, [
         tma_desc(a, [4, k], [k, 1], [bm, 128], 128), tma_desc(w, [n, k], [k, 1], [bn, 128], 128), sc, sc, y, sc, sc,
-        4, n, k, k // split, bn, 128, bm, stages, split, 1, dt == torch.int8, pdl, False, mma, pdl])
+        4, n, k, k // split, bn, 128, bm, stages, split, 1, dt == torch.int8, pdl, False, mma, pdl, boxes])
 
 
 @pytest.mark.gluon_compile
-@pytest.mark.parametrize("dt,bn,bm,stages,pdl", [(FP8, 128, 16, 4, True), (torch.int8, 64, 8, 6, True),
-                                                 (FP8, 64, 32, 3, False)])
-def test_kernel_compiles_for_sm90_to_tma_and_wgmma(dt, bn, bm, stages, pdl):
-    ptx = _compile(dt, bn, bm, stages, pdl)
+@pytest.mark.parametrize("dt,bn,bm,stages,pdl,boxes", [(FP8, 128, 16, 4, True, 1), (torch.int8, 64, 8, 6, True, 2),
+                                                       (FP8, 64, 32, 3, False, 4)])
+def test_kernel_compiles_for_sm90_to_tma_and_wgmma(dt, bn, bm, stages, pdl, boxes):
+    ptx = _compile(dt, bn, bm, stages, pdl, boxes)
     typ = "s32.s8.s8" if dt == torch.int8 else "f32.e4m3.e4m3"
-    assert len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bm}k32\.{typ}", ptx)) == (bn // 64) * (128 // 32)
-    # per slot a weight and a code copy before the loop, and one of each in it; no operand goes through registers
-    assert ptx.count("cp.async.bulk.tensor.2d") == 2 * stages + 2
+    wgmma = len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bm}k32\.{typ}", ptx))
+    assert wgmma == boxes * (bn // 64) * (128 // 32)
+    # per slot and box a weight and a code copy before the loop, and one of each in it; no operand goes through
+    # registers
+    assert ptx.count("cp.async.bulk.tensor.2d") == boxes * (2 * stages + 2)
     loop = ptx[ptx.index("wgmma.fence"):ptx.rindex("wgmma.wait_group")]
     assert "ld.global" not in loop and "ld.shared" not in loop and "shfl" not in ptx
     if pdl:   # the weight tiles go out before the wait for the codes; the next op is released after the loop
         first_tma, wait = ptx.index("cp.async.bulk.tensor"), ptx.index("griddepcontrol.wait")
-        assert first_tma < wait and ptx[first_tma:wait].count("cp.async.bulk.tensor") == stages
+        assert first_tma < wait and ptx[first_tma:wait].count("cp.async.bulk.tensor") == boxes * stages
         assert ptx.rindex("wgmma.mma_async") < ptx.index("griddepcontrol.launch_dependents")
     else:
         assert "griddepcontrol" not in ptx
@@ -60,7 +62,9 @@ def test_errors_name_the_problem():
     cpu = torch.device("cpu")
     assert "M=33 is outside 1..32" in ring_w8_why_not(33, 4096, 4096, FP8, FP8, cpu, RingW8Config(block_m=32))
     assert "M=9 is outside 1..8" in ring_w8_why_not(9, 4096, 4096, FP8, FP8, cpu, RingW8Config(block_m=8))
-    assert "K=4000 is not a multiple of block_k 128" in ring_w8_why_not(2, 4096, 4000, FP8, FP8, cpu)
+    assert "K=4000 is not a multiple of block_k 128 x boxes 1" in ring_w8_why_not(2, 4096, 4000, FP8, FP8, cpu)
+    assert "K=4224 is not a multiple of block_k 128 x boxes 4" in ring_w8_why_not(2, 64, 4224, FP8, FP8, cpu,
+                                                                                 RingW8Config(boxes=4))
     assert "e4m3 or int8 codes of one dtype" in ring_w8_why_not(2, 4096, 4096, torch.int8, FP8, cpu)
     assert "block_n 64/128" in ring_w8_why_not(2, 4096, 4096, FP8, FP8, cpu, RingW8Config(block_n=32))
     assert "1-12 stages" in ring_w8_why_not(2, 4096, 4096, FP8, FP8, cpu, RingW8Config(stages=13))
@@ -108,15 +112,17 @@ def _codes(m: int, k: int, dt: torch.dtype, gen: torch.Generator) -> torch.Tenso
     return (torch.randn(m, k, device=DEV, generator=gen) * 60).clamp(-448, 448).to(dt)
 
 
-# RingW8Config(block_n, block_k, stages, waves, split_k, block_m, pdl)
+# RingW8Config(block_n, block_k, stages, waves, split_k, block_m, pdl, boxes)
 @pytest.mark.accelerator
 @pytest.mark.parametrize("dt", [FP8, torch.int8])
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17, 32])
 @pytest.mark.parametrize("n,k,cfg", [
     (4096, 4096, None),
-    (200, 1024, (128, 128, 4, 2, 3, 8, 1)),      # ragged column tile, 3 splits of 8 steps (3, 3, 2)
-    (384, 14336, (64, 128, 6, 2, 0, 8, 0)),       # no PDL, split from waves
-    (1000, 640, (128, 64, 12, 1, 1, 8, 1)),       # one split, a ring deeper than the slice, BK 64
+    (200, 1024, (128, 128, 4, 2, 3, 8, 1, 1)),   # ragged column tile, 3 splits of 8 steps (3, 3, 2)
+    (384, 14336, (64, 128, 6, 2, 0, 8, 0, 1)),    # no PDL, split from waves
+    (1000, 640, (128, 64, 12, 1, 1, 8, 1, 1)),    # one split, a ring deeper than the slice, BK 64
+    (320, 2816, (64, 128, 3, 2, 4, 8, 1, 2)),     # 2 boxes a step, 4 splits of 11 steps (3, 3, 3, 2)
+    (4096, 4096, (64, 128, 3, 2, 0, 8, 1, 4)),    # 4 boxes a step
 ])
 def test_ring_w8_native(dt, m, n, k, cfg):
     from quantrt.platforms.cuda.kernels.frag_w8 import frag_reference
@@ -126,7 +132,7 @@ def test_ring_w8_native(dt, m, n, k, cfg):
     a, w = _codes(m, k, dt, gen), _codes(n, k, dt, gen)
     sa = torch.rand(m, 1, device=DEV, generator=gen) * 0.01 + 1e-3
     if cfg is not None:
-        cfg = RingW8Config(*cfg[:5], max(cfg[5], 8 if m <= 8 else 16 if m <= 16 else 32), cfg[6])
+        cfg = RingW8Config(*cfg[:5], max(cfg[5], 8 if m <= 8 else 16 if m <= 16 else 32), *cfg[6:])
     for sw in (torch.rand(n, device=DEV, generator=gen) * 0.01 + 1e-3, torch.full((1,), 0.003, device=DEV)):
         y = ring_w8(a, sa, w, sw, torch.bfloat16, cfg)
         ref = frag_reference(a, sa, w, sw)

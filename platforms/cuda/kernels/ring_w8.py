@@ -60,43 +60,50 @@ class RingW8Config:
     split_k: int = 0         # fixed split (0: from waves)
     block_m: int = 16        # wgmma N: 8, 16 or 32 (>= M)
     pdl: int = 1             # 1: programmatic dependent launch on sm_90 (weights requested before the wait)
+    boxes: int = 1           # [BN, BK] boxes per K step and slot (1, 2, 4): boxes x BK contiguous bytes of a row
+                             # requested together
 
 
 @gluon.jit
-def _issue_w(w_desc, a_desc, bar, w_buf, k0, n0, pred):
-    """A slot's weight tile; its mbarrier expects the code tile's bytes too (`_issue_a`)."""
-    mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(w_desc, [n0, k0], bar, w_buf, pred=pred)
+def _issue_w(w_desc, a_desc, bar, w_ring, slot, k0, n0, pred, BK: gl.constexpr, KB: gl.constexpr):
+    """A slot's KB weight boxes (ring entries KB slot + j, k0 + j BK); its mbarrier expects the code boxes' bytes
+    too (`_issue_a`)."""
+    mbarrier.expect(bar, KB * (w_desc.block_type.nbytes + a_desc.block_type.nbytes), pred=pred)
+    for j in gl.static_range(KB):
+        tma.async_copy_global_to_shared(w_desc, [n0, k0 + j * BK], bar, w_ring.index(slot * KB + j), pred=pred)
 
 
 @gluon.jit
-def _issue_a(a_desc, bar, a_buf, k0, pred):
-    tma.async_copy_global_to_shared(a_desc, [0, k0], bar, a_buf, pred=pred)
+def _issue_a(a_desc, bar, a_ring, slot, k0, pred, BK: gl.constexpr, KB: gl.constexpr):
+    for j in gl.static_range(KB):
+        tma.async_copy_global_to_shared(a_desc, [0, k0 + j * BK], bar, a_ring.index(slot * KB + j), pred=pred)
 
 
 @gluon.jit
 def _ring_w8_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, WSCALE: gl.constexpr, IS_INT: gl.constexpr,
-                    PDL: gl.constexpr, TAGGED: gl.constexpr, MMA: gl.constexpr, TRIGGER: gl.constexpr = False):
+                    PDL: gl.constexpr, TAGGED: gl.constexpr, MMA: gl.constexpr, TRIGGER: gl.constexpr = False,
+                    KB: gl.constexpr = 1):
+    SK: gl.constexpr = KB * BK                               # codes per K step
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     n0 = pid_n * BN
     k_start = pid_k * K_PER_SPLIT
-    n_steps = gl.minimum(K_PER_SPLIT, K - k_start) // BK
+    n_steps = gl.minimum(K_PER_SPLIT, K - k_start) // SK
 
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)      # weight rows x k
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)      # tokens x k
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KB, BN, BK], w_desc.layout)     # weight rows x k
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KB, BM, BK], a_desc.layout)     # tokens x k
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     for i in gl.static_range(STAGES):
-        _issue_w(w_desc, a_desc, bars.index(i), w_ring.index(i), k_start + i * BK, n0, i < n_steps)
+        _issue_w(w_desc, a_desc, bars.index(i), w_ring, i, k_start + i * SK, n0, i < n_steps, BK, KB)
     if PDL:  # the weights are not written by the launch before; the codes (and split-K buffers) are
         gdc_wait()
     for i in gl.static_range(STAGES):
-        _issue_a(a_desc, bars.index(i), a_ring.index(i), k_start + i * BK, i < n_steps)
+        _issue_a(a_desc, bars.index(i), a_ring, i, k_start + i * SK, i < n_steps, BK, KB)
 
     acc_t: gl.constexpr = gl.int32 if IS_INT else gl.float32
     acc = gl.zeros([BN, BM], acc_t, MMA)
@@ -104,14 +111,17 @@ def _ring_w8_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     for t in range(n_steps):
         slot = t % STAGES
         mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-        if IS_INT:     # exact int32 sums: chained
-            acc = warpgroup_mma(w_ring.index(slot), a_ring.index(slot).permute((1, 0)), acc)
-        else:          # 128 products per MMA, added in fp32
-            acc += warpgroup_mma(w_ring.index(slot), a_ring.index(slot).permute((1, 0)), zero, use_acc=False)
-        gl.thread_barrier()             # every warp's MMA has read the slot: refill it STAGES steps ahead
+        for j in gl.static_range(KB):
+            wb = w_ring.index(slot * KB + j)
+            ab = a_ring.index(slot * KB + j).permute((1, 0))
+            if IS_INT:     # exact int32 sums: chained
+                acc = warpgroup_mma(wb, ab, acc)
+            else:          # BK products per MMA, added in fp32
+                acc += warpgroup_mma(wb, ab, zero, use_acc=False)
+        gl.thread_barrier()             # every warp's MMAs have read the slot: refill it STAGES steps ahead
         nxt = t + STAGES
-        _issue_w(w_desc, a_desc, bars.index(slot), w_ring.index(slot), k_start + nxt * BK, n0, nxt < n_steps)
-        _issue_a(a_desc, bars.index(slot), a_ring.index(slot), k_start + nxt * BK, nxt < n_steps)
+        _issue_w(w_desc, a_desc, bars.index(slot), w_ring, slot, k_start + nxt * SK, n0, nxt < n_steps, BK, KB)
+        _issue_a(a_desc, bars.index(slot), a_ring, slot, k_start + nxt * SK, nxt < n_steps, BK, KB)
     if TRIGGER:  # weights streamed: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
     offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
@@ -137,14 +147,15 @@ def ring_w8_why_not(m: int, n: int, k: int, a_dtype: torch.dtype, w_dtype: torch
     """'' when `ring_w8` computes this call, else the reason."""
     cfg = cfg or RingW8Config(block_m=_bucket(m) if 1 <= m <= MAX_M else 16)
     if cfg.block_n not in (64, 128) or cfg.block_k not in (64, 128) or cfg.block_m not in (8, 16, 32) \
-            or not 1 <= cfg.stages <= 12:
-        return f"RingW8Config needs block_n 64/128, block_k 64/128, block_m 8/16/32 and 1-12 stages; got {cfg}"
+            or not 1 <= cfg.stages <= 12 or cfg.boxes not in (1, 2, 4):
+        return (f"RingW8Config needs block_n 64/128, block_k 64/128, block_m 8/16/32, 1-12 stages and 1, 2 or 4 "
+                f"boxes; got {cfg}")
     if not 1 <= m <= cfg.block_m:
         return f"M={m} is outside 1..{cfg.block_m} (block_m)"
     if a_dtype != w_dtype or w_dtype not in (torch.float8_e4m3fn, torch.int8):
         return f"needs e4m3 or int8 codes of one dtype for both operands, got {a_dtype} x {w_dtype}"
-    if k % cfg.block_k:
-        return f"K={k} is not a multiple of block_k {cfg.block_k}"
+    if k % (cfg.block_k * cfg.boxes):
+        return f"K={k} is not a multiple of block_k {cfg.block_k} x boxes {cfg.boxes}"
     return ring_device_why(device)
 
 
@@ -184,15 +195,15 @@ def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     a = a.contiguous()
     w = w.contiguous()
     bn, bk, bm = cfg.block_n, cfg.block_k, cfg.block_m
-    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(a, n, bn, bk, cfg.split_k, cfg.waves, TAGGED_MAX_M,
-                                                           out_dtype)
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(a, n, bn, bk * cfg.boxes, cfg.split_k, cfg.waves,
+                                                           TAGGED_MAX_M, out_dtype)
     pdl = bool(cfg.pdl) and pdl_supported(a)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
     _ring_w8_kernel[(n_tiles, split)](
         tma_desc(a, [m, k], [k, 1], [bm, bk], swizzle=bk), tma_desc(w, [n, k], [k, 1], [bn, bk], swizzle=bk),
         sa.reshape(-1).contiguous(), sw.reshape(-1).contiguous(), y, ws, cnt, m, n, k, k_per_split, bn, bk, bm,
         cfg.stages, split, 0 if sw.numel() == 1 else 1, w.dtype == torch.int8, pdl, m <= TAGGED_MAX_M and split > 1,
-        mma, TRIGGER=pdl_trigger(a), num_warps=4, **({"launch_pdl": True} if pdl else {}))
+        mma, TRIGGER=pdl_trigger(a), KB=cfg.boxes, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
