@@ -163,9 +163,24 @@ def _bucket(m: int) -> int:
     return 8 if m <= 8 else 16 if m <= 16 else 32
 
 
-# (codes, row bucket 8 / 16 / 32, K, N) -> RingW8Config fields, each measured faster on the H100 than what the
-# W8A8 dispatch ran there before (`bench/_frag_sweep.py --kernel ring`). A missing entry keeps the path before.
-_TILES: dict[tuple[str, int, int, int], tuple] = {}
+# (codes, row bucket 8 / 16 / 32, K, N) -> RingW8Config fields (block_n, block_k, stages, waves, split_k, block_m,
+# pdl, boxes), each measured on the H100 against what the W8A8 dispatch ran there before, both with their
+# activation-code launch (`bench/_frag_sweep.py --kernel ring`, sixteenth session; us M = 2 / 8 or 16, ring vs
+# before). A missing entry keeps the path before. At 2 rows the path before on 4096-wide shapes is the row GEMV,
+# which quantizes inside: equal here, but the ring takes the codes the norm makes in the model (~1-1.5 us less).
+_TILES: dict[tuple[str, int, int, int], tuple] = {
+    ("f8", 8, 8192, 8192): (64, 128, 4, 2, 0, 8, 1, 2),        # 27.1 / 28.1 vs 28.0 / 30.2
+    ("f8", 16, 8192, 8192): (64, 128, 4, 1, 0, 16, 1, 2),      # M = 16: 29.0 vs 30.5
+    ("f8", 8, 4096, 6144): (64, 128, 4, 2, 0, 8, 1, 2),        # 11.9 / 13.1 vs 12.0 / 14.5
+    ("f8", 16, 4096, 6144): (64, 128, 4, 1, 0, 16, 1, 2),      # 13.9 vs 14.6
+    ("f8", 8, 4096, 4096): (64, 128, 3, 2, 0, 8, 1, 4),        # 9.6 / 10.3 vs 9.5 / 11.4
+    ("f8", 16, 4096, 4096): (64, 128, 4, 2, 0, 16, 1, 2),      # 11.8 vs 12.6
+    ("f8", 8, 14336, 4096): (64, 128, 4, 2, 0, 8, 1, 2),       # 24.3 / 27.1 vs 27.5 / 28.2
+    ("f8", 16, 14336, 4096): (64, 128, 4, 1, 0, 16, 1, 2),     # 28.1 vs 29.3
+    ("i8", 8, 8192, 8192): (64, 128, 4, 2, 0, 8, 1, 2),        # 27.1 / 27.6 vs 25.3 (row GEMV) / 29.8
+    ("i8", 8, 4096, 6144): (64, 128, 4, 2, 0, 8, 1, 2),        # 12.1 / 13.1 vs 11.0 (row GEMV) / 14.4
+    ("i8", 8, 14336, 4096): (64, 128, 4, 2, 0, 8, 1, 2),       # 23.9 / 27.7 vs 25.0 / 28.6
+}
 
 
 def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
