@@ -183,9 +183,12 @@ _TILES: dict[tuple[str, int, int, int], tuple] = {
 }
 
 
+MIN_M = 3   # from here the tile table (H100 e2e, 2 rows: fp8 3.63 vs 3.55 ms a step with the row GEMV / frag_w8)
+
+
 def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
-    """The measured tile when this kernel beat the dispatch before at [M, K] x [K, N], else None.
-    QUANTRT_CUDA_RING_W8=all: the default tile at every shape (A/B runs, sweeps); =0: never."""
+    """The measured tile when this kernel beat the dispatch before at [M, K] x [K, N] (MIN_M..MAX_M rows), else
+    None. QUANTRT_CUDA_RING_W8=all: the default tile at every shape from 2 rows (A/B runs, sweeps); =0: never."""
     if not 2 <= m <= MAX_M:
         return None
     mode = os.environ.get("QUANTRT_CUDA_RING_W8", "")
@@ -193,7 +196,7 @@ def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
         return None
     if mode == "all":
         return RingW8Config(block_m=_bucket(m))
-    t = _TILES.get(("i8" if is_int else "f8", _bucket(m), k, n))
+    t = _TILES.get(("i8" if is_int else "f8", _bucket(m), k, n)) if m >= MIN_M else None
     return None if t is None else RingW8Config(*t)
 
 
@@ -222,4 +225,4 @@ def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     return y
 
 
-__all__ = ["MAX_M", "RingW8Config", "ring_w8", "ring_w8_why_not", "tile_for"]
+__all__ = ["MAX_M", "MIN_M", "RingW8Config", "ring_w8", "ring_w8_why_not", "tile_for"]
