@@ -20,8 +20,7 @@ pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
 
 
-def _compile(dt: torch.dtype, bn: int, bm: int, stages: int, pdl: bool, boxes: int, split: int = 2,
-             tagged: int = 0, chunk: int = 4) -> str:
+def _compile(dt: torch.dtype, bn: int, bm: int, stages: int, pdl: bool, boxes: int, split: int = 2) -> str:
     from triton.experimental.gluon import language as gl
 
     from quantrt.platforms.cuda.kernels import ring_w8 as R
@@ -29,11 +28,11 @@ def _compile(dt: torch.dtype, bn: int, bm: int, stages: int, pdl: bool, boxes: i
 
     n, k = 256, 1024
     a, w = torch.zeros(4, k, dtype=dt), torch.zeros(n, k, dtype=dt)
-    sc, y, ws = torch.zeros(n), torch.zeros(4, n, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64)
+    sc, y = torch.zeros(n), torch.zeros(4, n, dtype=torch.bfloat16)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
     return compile_gluon_sm90(R._ring_w8_kernel, [
-        tma_desc(a, [4, k], [k, 1], [bm, 128], 128), tma_desc(w, [n, k], [k, 1], [bn, 128], 128), sc, sc, y, ws, ws,
-        4, n, k, k // split, bn, 128, bm, stages, split, 1, dt == torch.int8, pdl, tagged, mma, pdl, boxes, chunk])
+        tma_desc(a, [4, k], [k, 1], [bm, 128], 128), tma_desc(w, [n, k], [k, 1], [bn, 128], 128), sc, sc, y, sc, sc,
+        4, n, k, k // split, bn, 128, bm, stages, split, 1, dt == torch.int8, pdl, False, mma, pdl, boxes])
 
 
 @pytest.mark.gluon_compile
@@ -55,21 +54,6 @@ def test_kernel_compiles_for_sm90_to_tma_and_wgmma(dt, bn, bm, stages, pdl, boxe
         assert ptx.rindex("wgmma.mma_async") < ptx.index("griddepcontrol.launch_dependents")
     else:
         assert "griddepcontrol" not in ptx
-
-
-@pytest.mark.gluon_compile
-@pytest.mark.parametrize("bn,bm,split,chunk", [(64, 8, 9, 4), (64, 16, 7, 2), (128, 16, 3, 1)])
-def test_tagged_tile_epilogue_compiles_without_a_counter(bn, bm, split, chunk):
-    """Above 2 rows the splits end in tagged tiles (`ring_common.store_split_k_tile`): no atomic, the last split's
-    gathers as volatile 64-bit loads (C splits per round trip), and the register budget `tile_chunk` chose for."""
-    from quantrt.platforms.cuda.kernels.ring_common import tile_chunk
-    from tests._sm90 import ptxas_registers
-
-    assert tile_chunk(bn, bm, 4) == chunk and tile_chunk(128, 32, 4) == 0
-    ptx = _compile(FP8, bn, bm, 4, True, 1, split, tagged=2, chunk=chunk)
-    assert "atom." not in ptx and "ld.volatile.global" in ptx
-    regs, spill = ptxas_registers(ptx)
-    assert spill == 0 and regs <= 160
 
 
 def test_errors_name_the_problem():

@@ -4,8 +4,6 @@ lazily: Gluon needs triton >= 3.5)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -16,42 +14,27 @@ from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
 _DESC_CACHE: dict[tuple, TensorDescriptor] = {}
 TAG = gl.constexpr(1 << 32)      # high word of a landed partial (`store_split_k_row`)
 TAGGED_MAX_M = 2                 # rows up to which split K ends in `store_split_k_row` (one round trip a row)
-TILE_TAGGED_MAX_M = 32           # and from there up to here in `store_split_k_tile` (QUANTRT_CUDA_TAGGED_TILES=0: off)
 _PARTIALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
 
 def split_k_plan(x: torch.Tensor, n: int, bn: int, bk: int, split_k: int, waves: int, tagged_rows: int = 0,
-                 dtype: torch.dtype | None = None, tile_chunk: int = 0
-                 ) -> tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype | None = None) -> tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(column tiles, splits, K rows per split, y [M, N] in `dtype` (x's by default), workspace, counters) for a
     ring launch over x [M, K]:
     `split_k` splits, or K split so that about `waves` programs run per SM. Workspace and counters: fp32 partials
-    [split, M, N] and arrival counters (`store_split_k`), or where `tagged_mode` (with the kernel's `tile_chunk`)
-    says so up to M = `tagged_rows` the tagged partial words (`store_split_k_row` / `_tile`) as both; with one split
-    y itself (never read)."""
+    [split, M, N] and arrival counters (`store_split_k`), or with M <= `tagged_rows` the tagged partial words
+    (`store_split_k_row`) as both; with one split y itself (never read)."""
     m, k = x.shape
     n_tiles = cdiv(n, bn)
     split, k_per_split = split_count(k, n_tiles, bk, split_k, waves, x.device.index or 0)
     y = torch.empty((m, n), device=x.device, dtype=dtype or x.dtype)
     if split == 1:
         return n_tiles, 1, k_per_split, y, y, y
-    if tagged_mode(m, split, tile_chunk) and m <= max(tagged_rows, TAGGED_MAX_M):
+    if m <= tagged_rows:
         words = tagged_partials(x.device, (split - 1) * m * n)
         return n_tiles, split, k_per_split, y, words, words
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     return n_tiles, split, k_per_split, y, ws, split_counters(x.device, n_tiles)
-
-
-def tagged_mode(m: int, split: int, chunk: int = 0) -> int:
-    """The split-K epilogue of a launch at M rows: 0 none or the arrival counter (`store_split_k`), 1 tagged words
-    by row (`store_split_k_row`), 2 tagged tiles (`store_split_k_tile`, where the kernel takes them: `chunk` =
-    `tile_chunk` > 0; QUANTRT_CUDA_TAGGED_TILES=0 turns them off, read at each launch: A/B runs)."""
-    if split == 1:
-        return 0
-    if m <= TAGGED_MAX_M:
-        return 1
-    on = chunk > 0 and m <= TILE_TAGGED_MAX_M and os.environ.get("QUANTRT_CUDA_TAGGED_TILES", "1") != "0"
-    return 2 if on else 0
 
 
 def split_count(k: int, n_tiles: int, bk: int, split_k: int, waves: int, device_index: int) -> tuple[int, int]:
@@ -75,23 +58,6 @@ def tagged_partials(device: torch.device, numel: int) -> torch.Tensor:
         bufs.append(torch.zeros(max(numel, 1 << 18, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int64,
                                 device=device))
     return bufs[-1]
-
-
-def env_tiles(var: str) -> dict[tuple[int, int, int], tuple]:
-    """var="b:K:N=field:field:...+..." -> {(b, K, N): config fields} (tile-table overrides for A/B runs; ints, or
-    True / False)."""
-    out = {}
-    for item in filter(None, os.environ.get(var, "").split("+")):
-        key, _, val = item.partition("=")
-        try:
-            b_k_n = tuple(int(v) for v in key.split(":"))
-            fields = tuple(v == "True" if v in ("True", "False") else int(v) for v in val.split(":"))
-        except ValueError:
-            b_k_n, fields = (), ()
-        if len(b_k_n) != 3 or not fields:
-            raise ValueError(f"{var} entry {item!r} is not 'b:K:N=block_n:block_k:stages:...'")
-        out[b_k_n] = fields
-    return out
 
 
 def tma_desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int], swizzle: int = 0
@@ -220,71 +186,5 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-@gluon.jit
-def _gather_tile(ws_ptr, off, mask, sp, NSP: gl.constexpr, MN):
-    """(split sp's partial [BN, BM] fp32 from its tagged words at ws + sp M N + off, 1 if they all carried their
-    tag else 0); (0, 1) for sp >= NSP (no such split)."""
-    w = gl.load(ws_ptr + sp * MN + off, mask=mask & (sp < NSP), other=TAG, volatile=True)   # [BN, BM] int64
-    part = (w & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
-    landed = gl.reduce(gl.reduce((w >> 32).to(gl.int32), 1, _min), 0, _min)
-    return part, landed
-
-
-@gluon.jit
-def _gather_tiles(ws_ptr, off, mask, c0, NSP: gl.constexpr, MN, C: gl.constexpr):
-    """Splits c0..c0+C-1 (C = 1, 2 or 4): (the sum of their partial tiles in a fixed order, 1 if every tag was
-    there else 0), all C tiles requested before any is used (one L2 round trip)."""
-    p, lnd = _gather_tile(ws_ptr, off, mask, c0, NSP, MN)
-    if C >= 2:
-        p1, l1 = _gather_tile(ws_ptr, off, mask, c0 + 1, NSP, MN)
-        p = p + p1
-        lnd = gl.minimum(lnd, l1)
-    if C >= 4:
-        p2, l2 = _gather_tile(ws_ptr, off, mask, c0 + 2, NSP, MN)
-        p3, l3 = _gather_tile(ws_ptr, off, mask, c0 + 3, NSP, MN)
-        p = p + (p2 + p3)
-        lnd = gl.minimum(lnd, gl.minimum(l2, l3))
-    return p, lnd
-
-
-@gluon.jit
-def store_split_k_tile(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl.constexpr, C: gl.constexpr):
-    """`store_split_k_row` for a tile of rows (TAGGED_MAX_M < M <= TILE_TAGGED_MAX_M): acc [BN, BM] fp32 (column
-    offs_m == m is row m, offs_n [BN] its output columns) -> y [M, N]. Splits 0..SPLIT-2 store their partial tile
-    as tagged words in ws [SPLIT - 1, M, N] and exit; the last split requests C splits' tiles at once (`tile_chunk`:
-    as many as 32 words a thread hold), again until every tag is there, adds them and its own in a fixed order,
-    stores y and zeroes the words: one L2 round trip per C splits instead of the arrival counter's three (release,
-    arrival, reload)."""
-    off = offs_m[None, :] * N + offs_n[:, None]                                  # [BN, BM]
-    mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
-    MN = M * N
-    if pid_k < SPLIT - 1:
-        word = (acc.to(gl.int32, bitcast=True).to(gl.int64) & 0xFFFFFFFF) | TAG
-        gl.store(ws_ptr + pid_k * MN + off, word, mask=mask)
-    else:
-        NSP: gl.constexpr = SPLIT - 1
-        tot = acc
-        zero = gl.zeros_like(acc).to(gl.int64)
-        for c0 in gl.static_range(0, NSP, C):
-            part, landed = _gather_tiles(ws_ptr, off, mask, c0, NSP, MN, C)
-            while landed == 0:   # ask again at once
-                part, landed = _gather_tiles(ws_ptr, off, mask, c0, NSP, MN, C)
-            tot += part
-            for j in gl.static_range(C):
-                if c0 + j < NSP:
-                    gl.store(ws_ptr + (c0 + j) * MN + off, zero, mask=mask)
-        gl.store(y_ptr + off, tot.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def tile_chunk(bn: int, bm: int, warps: int) -> int:
-    """Splits `store_split_k_tile` gathers per round trip, by the tile's words a thread: 4 up to 4 words, 2 up to 8,
-    1 up to 16, else 0 (the arrival counter). More would cost registers that the whole kernel pays for (sm_90
-    ptxas, ring_w8 fp8 at 7-9 splits: 64 x 8 96 registers, 64 x 16 106-111 (172 gathering 4), 128 x 16 150;
-    128 x 32 spills)."""
-    words = bn * bm // (32 * warps)
-    return 4 if words <= 4 else 2 if words <= 8 else 1 if words <= 16 else 0
-
-
-__all__ = ["TAGGED_MAX_M", "TILE_TAGGED_MAX_M", "env_tiles", "gdc_launch_dependents", "gdc_wait", "gsum", "residual_out",
-           "split_count", "split_k_plan", "store_split_k", "store_split_k_row", "store_split_k_tile", "tagged_mode",
-           "tagged_partials", "tile_chunk", "tma_desc"]
+__all__ = ["TAGGED_MAX_M", "gdc_launch_dependents", "gdc_wait", "gsum", "residual_out", "split_count", "split_k_plan",
+           "store_split_k", "store_split_k_row", "tagged_partials", "tma_desc"]

@@ -20,8 +20,8 @@ and cost no registers.
   are requested before `griddepcontrol.wait` (the codes are written by the launch before), the code tiles after.
 - fp8: each step's wgmma starts from zero and is added to the fp32 accumulator (Hopper's fp8 MMA accumulates
   with a short mantissa: it sums only 128 products here); int8: exact int32 sums, chained.
-- Epilogue: times sw per weight row and sa per token; split-K partials through `ring_common` (tagged words by
-  row at 1-2 rows, by tile above: `tagged_mode`).
+- Epilogue: times sw per weight row and sa per token; split-K partials through `ring_common` (tagged words at
+  1-2 rows, the last arriver's sum above).
 Gluon does not run under TRITON_INTERPRET: the CPU tests compile the kernel for sm_90 (PTX: TMA, wgmma on e4m3 /
 s8 from shared memory, the PDL order) and check the dispatch; the kernel is tested natively against the float64
 product of the codes (-m accelerator).
@@ -39,14 +39,12 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, ring_device_why
 from quantrt.platforms.cuda.kernels.ring_common import (
+    TAGGED_MAX_M,
     gdc_launch_dependents,
     gdc_wait,
     split_k_plan,
     store_split_k,
     store_split_k_row,
-    store_split_k_tile,
-    tagged_mode,
-    tile_chunk,
     tma_desc,
 )
 
@@ -86,7 +84,7 @@ def _ring_w8_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                     K_PER_SPLIT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                     STAGES: gl.constexpr, SPLIT: gl.constexpr, WSCALE: gl.constexpr, IS_INT: gl.constexpr,
                     PDL: gl.constexpr, TAGGED: gl.constexpr, MMA: gl.constexpr, TRIGGER: gl.constexpr = False,
-                    KB: gl.constexpr = 1, TC: gl.constexpr = 4):
+                    KB: gl.constexpr = 1):
     SK: gl.constexpr = KB * BK                               # codes per K step
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -135,10 +133,8 @@ def _ring_w8_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     else:
         sw = gl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
     y = acc.to(gl.float32) * sw[:, None] * gl.load(sa_ptr + offs_m, mask=mmask, other=0.0)[None, :]
-    if TAGGED == 1:     # tagged partials, no arrival counter (`ring_common.tagged_mode`)
+    if TAGGED:   # M <= TAGGED_MAX_M with K split: tagged partials, no arrival counter
         store_split_k_row(y, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT)
-    elif TAGGED == 2:
-        store_split_k_tile(y, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT, TC)
     else:
         store_split_k(y, y_ptr, ws_ptr, cnt_ptr, offs_m[None, :] * N + offs_n[:, None],
                       mmask[None, :] & nmask[:, None], pid_n, pid_k, M, N, SPLIT)
@@ -217,17 +213,15 @@ def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     a = a.contiguous()
     w = w.contiguous()
     bn, bk, bm = cfg.block_n, cfg.block_k, cfg.block_m
-    chunk = tile_chunk(bn, bm, 4)
     n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(a, n, bn, bk * cfg.boxes, cfg.split_k, cfg.waves,
-                                                           MAX_M, out_dtype, chunk)
+                                                           TAGGED_MAX_M, out_dtype)
     pdl = bool(cfg.pdl) and pdl_supported(a)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
     _ring_w8_kernel[(n_tiles, split)](
         tma_desc(a, [m, k], [k, 1], [bm, bk], swizzle=bk), tma_desc(w, [n, k], [k, 1], [bn, bk], swizzle=bk),
         sa.reshape(-1).contiguous(), sw.reshape(-1).contiguous(), y, ws, cnt, m, n, k, k_per_split, bn, bk, bm,
-        cfg.stages, split, 0 if sw.numel() == 1 else 1, w.dtype == torch.int8, pdl, tagged_mode(m, split, chunk),
-        mma, TRIGGER=pdl_trigger(a), KB=cfg.boxes, TC=max(chunk, 1), num_warps=4,
-        **({"launch_pdl": True} if pdl else {}))
+        cfg.stages, split, 0 if sw.numel() == 1 else 1, w.dtype == torch.int8, pdl, m <= TAGGED_MAX_M and split > 1,
+        mma, TRIGGER=pdl_trigger(a), KB=cfg.boxes, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

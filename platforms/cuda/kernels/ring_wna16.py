@@ -20,9 +20,9 @@ a K slice of K_PER_SPLIT rows in BK-row steps (BK divides the scale group):
   offsets (OFFSET: w = q s + o, zero 0) it adds o times the step's sum of x per row (a register reduction);
 - the activations [BK, BM] (permuted, zero columns past M) are loaded into registers one step ahead and
   stored to a small shared buffer, the wgmma B operand (BM = 8 for M <= 8, 16 for M <= 16, else 32).
-Split-K partials are summed by the last split from tagged words, with no fence or counter: by row at M <= 2
-(`ring_common.store_split_k_row`, 1.0-1.5 us less at M = 1), by tile above (`store_split_k_tile`) where the tile is
-at most 16 words a thread; else by the last program per column tile (the `split_k_triton` protocol).
+Split-K partials are summed by the last program per column tile (the `split_k_triton` protocol); at M <= 2 by
+the last split from tagged words, with no fence or counter (`ring_common.store_split_k_row`, 1.0-1.5 us less at
+M = 1).
 H100, M = 1 (bf16 cuBLAS in the same run): 8192² 16.4 us (47.0), 4096 x 28672 24.6 us (81.5, 85% of copy).
 Gluon does not run under TRITON_INTERPRET: the CPU tests check `ring_reference` (the same scale-after-MMA
 product with torch ops), the index algebra of the layouts, and that the kernel compiles for sm_90; the kernel
@@ -31,6 +31,7 @@ itself is tested natively (-m accelerator).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,7 +42,6 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, stream_pdl
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
-    env_tiles,
     gdc_launch_dependents,
     gdc_wait,
     gsum,
@@ -49,9 +49,6 @@ from quantrt.platforms.cuda.kernels.ring_common import (
     split_k_plan,
     store_split_k,
     store_split_k_row,
-    store_split_k_tile,
-    tagged_mode,
-    tile_chunk,
     tma_desc,
 )
 from quantrt.platforms.cuda.kernels.ring_prologue import (
@@ -188,7 +185,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
                     OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
                     NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None,
-                    RES: gl.constexpr = False, TC: gl.constexpr = 4):
+                    RES: gl.constexpr = False):
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -299,11 +296,9 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     offs_m2 = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     ym = offs_m2[None, :] * N + offs_n2[:, None]
     ymask = (offs_m2 < M)[None, :] & (offs_n2 < N)[:, None]
-    if TAGGED == 1:     # tagged partials, no arrival counter (`ring_common.tagged_mode`)
+    if TAGGED:   # M <= TAGGED_MAX_M: tagged partials, no arrival counter (`store_split_k_row`)
         store_split_k_row(acc, y_ptr, ws_ptr, offs_n2, offs_m2, pid_k, M, N, SPLIT, RES, e_res_ptr, e_parts_ptr,
                           gl.num_programs(0), pid_n)
-    elif TAGGED == 2:
-        store_split_k_tile(acc, y_ptr, ws_ptr, offs_n2, offs_m2, pid_k, M, N, SPLIT, TC)
     else:
         store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
@@ -372,7 +367,23 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
     if not 1 <= m <= MAX_M:
         raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
     b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
-    return RingConfig(*env_tiles("QUANTRT_CUDA_RING_TILES").get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
+    return RingConfig(*_env_tiles().get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
+
+
+def _env_tiles() -> dict[tuple[int, int, int], tuple]:
+    """QUANTRT_CUDA_RING_TILES="b:K:N=field:field:...+..." -> {(b, K, N): RingConfig fields} (A/B runs)."""
+    out = {}
+    for item in filter(None, os.environ.get("QUANTRT_CUDA_RING_TILES", "").split("+")):
+        key, _, val = item.partition("=")
+        try:
+            b_k_n = tuple(int(v) for v in key.split(":"))
+            fields = tuple(v == "True" if v in ("True", "False") else int(v) for v in val.split(":"))
+        except ValueError:
+            b_k_n, fields = (), ()
+        if len(b_k_n) != 3 or not fields:
+            raise ValueError(f"QUANTRT_CUDA_RING_TILES entry {item!r} is not 'b:K:N=block_n:block_k:stages:...'")
+        out[b_k_n] = fields
+    return out
 
 
 def tagged_launch(m: int, n: int, k: int, device: torch.device) -> bool:
@@ -412,18 +423,17 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if x.stride(1) != 1:
         x = x.contiguous()
     bk, bn, bm = cfg.block_k, cfg.block_n, cfg.block_m
-    chunk = tile_chunk(bn, bm, cfg.warps)
-    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x[:, :k], n, bn, bk, cfg.split_k, cfg.waves, MAX_M,
-                                                           None, chunk)
+    n_tiles, split, k_per_split, y, ws, cnt = split_k_plan(x[:, :k], n, bn, bk, cfg.split_k, cfg.waves,
+                                                           TAGGED_MAX_M)
     g = scale.shape[0]
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [g * n], [1], [bn])
     z_desc = tma_desc(zero, [g * n], [1], [bn]) if zero is not None else s_desc
     pdl = (cfg.pdl and pdl_supported(x)) or (m <= PDL_MAX_M and stream_pdl(x, "ring"))
-    tagged = tagged_mode(m, split, chunk)       # 1, 2: ws / cnt are the tagged partial words (split_k_plan)
+    tagged = m <= TAGGED_MAX_M and split > 1      # ws / cnt: the tagged partial words (split_k_plan)
     parts = None
     if residual is not None:
-        if tagged != 1 or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
+        if not tagged or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype or not residual.is_contiguous():
             raise ValueError(f"the ring's residual epilogue needs M <= {TAGGED_MAX_M} rows with K split (got M={m}, "
                              f"{split} split(s)) and a contiguous residual [{m}, {n}] {x.dtype} (got "
                              f"{tuple(residual.shape)} {residual.dtype})")
@@ -436,7 +446,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0, d.shape[1] if norm else 0,
         residual if parts is not None else x, parts if parts is not None else x,
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged, TC=max(chunk, 1),
+        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
         **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), RES=parts is not None,
         num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return (y, parts) if parts is not None else y
