@@ -5,8 +5,9 @@ it would replace and bf16 cuBLAS, at the Llama-3.1-8B shapes (H100; run from ben
     python _frag_sweep.py --json out.json [--kernel frag|ring] [--ms 2,8,16,32] [--kinds fp8,int8] \
         [--shapes 8192x8192,...] [--cfgs "[...]"]
 
-Both sides include their per-token activation launch (`quant_rows` here). Every cell is a CUDA-graph replay
-over weight copies that overflow the L2 (`kernels.time_us`); every variant's output is checked against the
+Both sides include their per-token activation launch (`quant_rows` here); with `--given` the codes are made before
+the timed calls, as the norm makes them in the model (the dispatch then takes them where its path runs on codes).
+Every cell is a CUDA-graph replay over weight copies that overflow the L2 (`kernels.time_us`); every variant's output is checked against the
 float64 product of the same codes first. Prints the best tile per (kind, M, K, N) as the kernel's `_TILES`
 stores it: frag (reps, warps, waves, prefetch, unroll, hint, pdl); ring `RingW8Config` (block_n, block_k, stages,
 waves, split_k, block_m, pdl). The dispatch column runs with QUANTRT_CUDA_RING_W8=0 (the path before the ring).
@@ -57,14 +58,15 @@ def _dispatch(kind: str, w: torch.Tensor, sw: torch.Tensor):
                                     PLATFORM)
 
 
-def _ours(kernel: str, kind: str, cfg: tuple, x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+def _ours(kernel: str, kind: str, cfg: tuple, x, w: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 (quantized here, the launch timed too) or its (codes, scales) made beforehand (`--given`)."""
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
 
-    q, s = quant_rows(x, DT[kind], 127.0 if kind == "int8" else 448.0)
+    q, s = x if isinstance(x, tuple) else quant_rows(x, DT[kind], 127.0 if kind == "int8" else 448.0)
     if kernel == "ring":
         from quantrt.platforms.cuda.kernels.ring_w8 import RingW8Config, ring_w8
 
-        m = x.shape[0]
+        m = q.shape[0]
         bm = max(cfg[5], 8 if m <= 8 else 16 if m <= 16 else 32)
         return ring_w8(q, s, w, sw, torch.bfloat16, RingW8Config(*cfg[:5], bm, *cfg[6:]))
     from quantrt.platforms.cuda.kernels.frag_w8 import FragConfig, frag_w8
@@ -89,6 +91,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default=None)
     p.add_argument("--kernel", default="frag", choices=["frag", "ring"])
+    p.add_argument("--given", action="store_true", help="codes made before the timed calls (as in the model): "
+                   "ours, and the dispatch where its path takes codes")
     p.add_argument("--ms", default="2,8,16,32")
     p.add_argument("--kinds", default="fp8,int8")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
@@ -101,6 +105,7 @@ def main() -> None:
 
     from quantrt.platforms.cuda.kernels.act_quant_triton import quant_rows
     from quantrt.platforms.cuda.kernels.frag_w8 import frag_reference
+    from quantrt.quant.kernel import QuantizedRows
 
     cfgs = eval(args.cfgs) if args.cfgs else CFGS[args.kernel]  # noqa: S307 - a sweep's own command line
     ms = [int(v) for v in args.ms.split(",")]
@@ -128,15 +133,21 @@ def main() -> None:
                 q, s = quant_rows(x, DT[kind], 127.0 if kind == "int8" else 448.0)
                 ref = frag_reference(q, s, ws[0], sw)
                 bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
-                base = time_us([lambda kr=kr, x=x: kr.apply(x, None) for kr in kerns], args.rep_ms)
+                xin = x
+                if args.given:   # codes made beforehand (as the norm makes them in the model) where the path takes them
+                    xin = (q, s)
+                    pre = QuantizedRows(q, s) if kerns[0].row_codes(m) is not None else x
+                    base = time_us([lambda kr=kr, p=pre: kr.apply(p, None) for kr in kerns], args.rep_ms)
+                else:
+                    base = time_us([lambda kr=kr, x=x: kr.apply(x, None) for kr in kerns], args.rep_ms)
                 cells = []
                 for c in cfgs:
                     try:
-                        y = _ours(args.kernel, kind, c, x, ws[0], sw).double()
+                        y = _ours(args.kernel, kind, c, xin, ws[0], sw).double()
                         err = ((y - ref).abs().max() / ref.abs().max()).item()
                         if not err < 8e-3:
                             raise AssertionError(f"rel err {err:.3g}")
-                        us = time_us([lambda w=w, c=c, x=x, kd=kind, s=sw: _ours(args.kernel, kd, c, x, w, s)
+                        us = time_us([lambda w=w, c=c, x=xin, kd=kind, s=sw: _ours(args.kernel, kd, c, x, w, s)
                                       for w in ws], args.rep_ms)
                     except Exception as e:  # noqa: BLE001 - report the variant and go on
                         print(f"# {kind} {m} {k}x{n} {c}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr,
