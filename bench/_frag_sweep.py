@@ -7,10 +7,10 @@ it would replace and bf16 cuBLAS, at the Llama-3.1-8B shapes (H100; run from ben
 
 Both sides include their per-token activation launch (`quant_rows` here); with `--given` the codes are made before
 the timed calls, as the norm makes them in the model (the dispatch then takes them where its path runs on codes).
-Every cell is a CUDA-graph replay over weight copies that overflow the L2 (`kernels.time_us`); every variant's output is checked against the
-float64 product of the same codes first. Prints the best tile per (kind, M, K, N) as the kernel's `_TILES`
-stores it: frag (reps, warps, waves, prefetch, unroll, hint, pdl); ring `RingW8Config` (block_n, block_k, stages,
-waves, split_k, block_m, pdl). The dispatch column runs with QUANTRT_CUDA_RING_W8=0 (the path before the ring).
+Every cell is a CUDA-graph replay over weight copies that overflow the L2 (`kernels.time_us`); every variant's
+output is checked against the float64 product of the same codes first. Prints the best tile per (kind, M, K, N)
+as the kernel's `_TILES` stores it: frag (reps, warps, waves, prefetch, unroll, hint, pdl); ring `RingW8Config`
+(block_n, block_k, stages, waves, split_k, block_m, pdl, boxes). The dispatch column runs with QUANTRT_CUDA_RING_W8=0 (the path before the ring).
 """
 
 from __future__ import annotations
