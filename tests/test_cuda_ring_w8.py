@@ -146,16 +146,17 @@ def test_ring_w8_native(dt, m, n, k, cfg):
 @pytest.mark.parametrize("dt", [FP8, torch.int8])
 @pytest.mark.parametrize("m", [2, 8, 16])
 @pytest.mark.parametrize("handed_over", [False, True])
-def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, monkeypatch):
-    """Per-token activations through the W8A8 dispatch with the ring on (QUANTRT_CUDA_RING_W8=all): codes made by
-    the kernel, or handed over by the producing op (`row_codes` / `QuantizedRows`), against the float64 product
-    of x quantized by quantrt.quant.quantize."""
+@pytest.mark.parametrize("mode", ["", "all"])
+def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, mode, monkeypatch):
+    """Per-token activations through the W8A8 dispatch on the ring (its tile table at this Llama shape, or every
+    shape's default tile with QUANTRT_CUDA_RING_W8=all): codes made by the kernel, or handed over by the producing
+    op (`row_codes` / `QuantizedRows`), against the float64 product of x quantized by quantrt.quant.quantize."""
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
     from quantrt.quant.kernel import LinearSpec, QuantizedRows
     from quantrt.quant.quantize import quantize_act_per_token
     from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
 
-    monkeypatch.setenv("QUANTRT_CUDA_RING_W8", "all")
+    monkeypatch.setenv("QUANTRT_CUDA_RING_W8", mode)
     n, k = 6144, 4096
     gen = torch.Generator(device=DEV).manual_seed(m)
     w = _codes(n, k, dt, gen)

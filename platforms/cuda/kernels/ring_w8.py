@@ -164,26 +164,31 @@ def _bucket(m: int) -> int:
 
 
 # (codes, row bucket 8 / 16 / 32, K, N) -> RingW8Config fields (block_n, block_k, stages, waves, split_k, block_m,
-# pdl, boxes), each measured on the H100 against what the W8A8 dispatch ran there before, both with their
-# activation-code launch (`bench/_frag_sweep.py --kernel ring`, sixteenth session; us M = 2 / 8 or 16, ring vs
-# before). A missing entry keeps the path before. At 2 rows the path before on 4096-wide shapes is the row GEMV,
-# which quantizes inside: equal here, but the ring takes the codes the norm makes in the model (~1-1.5 us less).
+# pdl, boxes), each measured on the H100 against what the W8A8 dispatch ran there before, both on codes made
+# beforehand as the norm makes them in the model (`bench/_frag_sweep.py --kernel ring --given`, sixteenth session;
+# us at M = 4 / 8 or 16, ring vs before). Most are one split (split_k 1: no split-K epilogue) with a deep ring:
+# the arrival counter's three L2 round trips cost more than the SMs left idle (128 or 64 column tiles).
+# A missing entry (4096 x 28672: equal; int8 4096² at 3-8 rows: the path before is faster) keeps the path before.
 _TILES: dict[tuple[str, int, int, int], tuple] = {
-    ("f8", 8, 8192, 8192): (64, 128, 4, 2, 0, 8, 1, 2),        # 27.1 / 28.1 vs 28.0 / 30.2
-    ("f8", 16, 8192, 8192): (64, 128, 4, 1, 0, 16, 1, 2),      # M = 16: 29.0 vs 30.5
-    ("f8", 8, 4096, 6144): (64, 128, 4, 2, 0, 8, 1, 2),        # 11.9 / 13.1 vs 12.0 / 14.5
-    ("f8", 16, 4096, 6144): (64, 128, 4, 1, 0, 16, 1, 2),      # 13.9 vs 14.6
-    ("f8", 8, 4096, 4096): (64, 128, 3, 2, 0, 8, 1, 4),        # 9.6 / 10.3 vs 9.5 / 11.4
-    ("f8", 16, 4096, 4096): (64, 128, 4, 2, 0, 16, 1, 2),      # 11.8 vs 12.6
-    ("f8", 8, 14336, 4096): (64, 128, 4, 2, 0, 8, 1, 2),       # 24.3 / 27.1 vs 27.5 / 28.2
-    ("f8", 16, 14336, 4096): (64, 128, 4, 1, 0, 16, 1, 2),     # 28.1 vs 29.3
-    ("i8", 8, 8192, 8192): (64, 128, 4, 2, 0, 8, 1, 2),        # 27.1 / 27.6 vs 25.3 (row GEMV) / 29.8
-    ("i8", 8, 4096, 6144): (64, 128, 4, 2, 0, 8, 1, 2),        # 12.1 / 13.1 vs 11.0 (row GEMV) / 14.4
-    ("i8", 8, 14336, 4096): (64, 128, 4, 2, 0, 8, 1, 2),       # 23.9 / 27.7 vs 25.0 / 28.6
+    ("f8", 8, 8192, 8192): (128, 128, 4, 1, 1, 8, 1, 2),      # 25.3 / 25.3 vs 28.4 / 29.0 (89% of copy)
+    ("f8", 16, 8192, 8192): (128, 128, 4, 1, 1, 16, 1, 2),    # 25.7 vs 30.4
+    ("f8", 8, 4096, 6144): (128, 128, 4, 1, 1, 8, 1, 2),      # 11.4 / 11.2 vs 12.7 / 13.0
+    ("f8", 16, 4096, 6144): (128, 128, 4, 1, 1, 16, 1, 2),    # 11.2 vs 12.2
+    ("f8", 8, 4096, 4096): (64, 128, 3, 2, 0, 8, 1, 4),       # 8.9 / 8.6 vs 10.1 / 10.0
+    ("f8", 16, 4096, 4096): (64, 128, 6, 1, 2, 16, 1, 2),     # 8.4 vs 12.3
+    ("f8", 8, 14336, 4096): (64, 128, 5, 1, 1, 8, 1, 4),      # 23.6 / 23.5 vs 25.3 / 26.0
+    ("f8", 16, 14336, 4096): (64, 128, 6, 1, 2, 16, 1, 2),    # 23.5 vs 25.4
+    ("i8", 8, 8192, 8192): (64, 128, 5, 1, 1, 8, 1, 4),       # 25.2 / 25.3 vs 28.1 / 28.8
+    ("i8", 16, 8192, 8192): (64, 128, 10, 1, 1, 16, 1, 2),    # 25.5 vs 27.6
+    ("i8", 8, 4096, 6144): (128, 128, 4, 1, 1, 8, 1, 2),      # 11.1 / 11.3 vs 11.6 / 12.9
+    ("i8", 16, 4096, 6144): (64, 128, 5, 1, 1, 16, 1, 4),     # 11.3 vs 13.0
+    ("i8", 16, 4096, 4096): (64, 128, 6, 1, 2, 16, 1, 2),     # 8.3 vs 9.3
+    ("i8", 8, 14336, 4096): (64, 128, 5, 1, 1, 8, 1, 4),      # 23.3 / 23.3 vs 25.0 / 25.8
+    ("i8", 16, 14336, 4096): (64, 128, 6, 1, 2, 16, 1, 2),    # 23.7 vs 25.4
 }
 
 
-MIN_M = 3   # from here the tile table (H100 e2e, 2 rows: fp8 3.63 vs 3.55 ms a step with the row GEMV / frag_w8)
+MIN_M = 2   # from here the tile table
 
 
 def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
