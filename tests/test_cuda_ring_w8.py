@@ -144,7 +144,7 @@ def test_ring_w8_native(dt, m, n, k, cfg):
 
 @pytest.mark.accelerator
 @pytest.mark.parametrize("dt", [FP8, torch.int8])
-@pytest.mark.parametrize("m", [2, 8, 16])
+@pytest.mark.parametrize("m", [3, 8, 16])
 @pytest.mark.parametrize("handed_over", [False, True])
 @pytest.mark.parametrize("mode", ["", "all"])
 def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, mode, monkeypatch):
@@ -156,8 +156,12 @@ def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, mode, monkeypatch):
     from quantrt.quant.quantize import quantize_act_per_token
     from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
 
+    from quantrt.platforms.cuda.kernels.ring_w8 import tile_for
+
     monkeypatch.setenv("QUANTRT_CUDA_RING_W8", mode)
     n, k = 6144, 4096
+    if not mode and tile_for(m, k, n, dt == torch.int8) is None:
+        pytest.skip("the tile table keeps the path before here (int8 at 9-16 rows)")
     gen = torch.Generator(device=DEV).manual_seed(m)
     w = _codes(n, k, dt, gen)
     sw = torch.rand(n, device=DEV, generator=gen) * 0.01 + 1e-3

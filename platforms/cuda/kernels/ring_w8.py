@@ -168,7 +168,9 @@ def _bucket(m: int) -> int:
 # beforehand as the norm makes them in the model (`bench/_frag_sweep.py --kernel ring --given`, sixteenth session;
 # us at M = 4 / 8 or 16, ring vs before). Most are one split (split_k 1: no split-K epilogue) with a deep ring:
 # the arrival counter's three L2 round trips cost more than the SMs left idle (128 or 64 column tiles).
-# A missing entry (4096 x 28672: equal; int8 4096² at 3-8 rows: the path before is faster) keeps the path before.
+# A missing entry keeps the path before: 4096 x 28672 (equal), int8 4096² at 3-8 rows (the path before is faster),
+# int8 at 9-16 rows (faster here, 8192² 25.5 vs 27.6, but the batch-16 step was 4.08 vs 3.93 ms with them: their
+# 120-200 KB rings leave no room on the SM for the next PDL-launched kernel).
 _TILES: dict[tuple[str, int, int, int], tuple] = {
     ("f8", 8, 8192, 8192): (128, 128, 4, 1, 1, 8, 1, 2),      # 25.3 / 25.3 vs 28.4 / 29.0 (89% of copy)
     ("f8", 16, 8192, 8192): (128, 128, 4, 1, 1, 16, 1, 2),    # 25.7 vs 30.4
@@ -179,16 +181,12 @@ _TILES: dict[tuple[str, int, int, int], tuple] = {
     ("f8", 8, 14336, 4096): (64, 128, 5, 1, 1, 8, 1, 4),      # 23.6 / 23.5 vs 25.3 / 26.0
     ("f8", 16, 14336, 4096): (64, 128, 6, 1, 2, 16, 1, 2),    # 23.5 vs 25.4
     ("i8", 8, 8192, 8192): (64, 128, 5, 1, 1, 8, 1, 4),       # 25.2 / 25.3 vs 28.1 / 28.8
-    ("i8", 16, 8192, 8192): (64, 128, 10, 1, 1, 16, 1, 2),    # 25.5 vs 27.6
     ("i8", 8, 4096, 6144): (128, 128, 4, 1, 1, 8, 1, 2),      # 11.1 / 11.3 vs 11.6 / 12.9
-    ("i8", 16, 4096, 6144): (64, 128, 5, 1, 1, 16, 1, 4),     # 11.3 vs 13.0
-    ("i8", 16, 4096, 4096): (64, 128, 6, 1, 2, 16, 1, 2),     # 8.3 vs 9.3
     ("i8", 8, 14336, 4096): (64, 128, 5, 1, 1, 8, 1, 4),      # 23.3 / 23.3 vs 25.0 / 25.8
-    ("i8", 16, 14336, 4096): (64, 128, 6, 1, 2, 16, 1, 2),    # 23.7 vs 25.4
 }
 
 
-MIN_M = 2   # from here the tile table
+MIN_M = 3   # from here the tile table (H100 e2e at 2 rows with it: fp8 3.63 vs 3.55 ms a step, int8 3.42 vs 3.36)
 
 
 def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
