@@ -152,11 +152,10 @@ def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, mode, monkeypatch):
     shape's default tile with QUANTRT_CUDA_RING_W8=all): codes made by the kernel, or handed over by the producing
     op (`row_codes` / `QuantizedRows`), against the float64 product of x quantized by quantrt.quant.quantize."""
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.kernels.ring_w8 import tile_for
     from quantrt.quant.kernel import LinearSpec, QuantizedRows
     from quantrt.quant.quantize import quantize_act_per_token
     from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, IntWeight, ScaleGranularity
-
-    from quantrt.platforms.cuda.kernels.ring_w8 import tile_for
 
     monkeypatch.setenv("QUANTRT_CUDA_RING_W8", mode)
     n, k = 6144, 4096
