@@ -9,12 +9,15 @@ Why: `frag_w8` (mma.sync on fragments loaded straight from memory) streams an fp
 rows, the GEMV `gemv_w8` reaches 92-95% at one row but pays per code and row. The sixth session's `ring_fp8`
 quantized the activations inside every K step (IEEE division, a shared-memory store and a barrier per step,
 3 x 8 KB in flight per program) and ran at ~70%. Here a step is only: wait for the slot's mbarrier, one wgmma
-over the [BN, BK] weight tile and the [BM, BK] code tile (both K-major, 128-byte swizzled, TMA-written), a
-barrier, and the slot's refill STAGES steps ahead, so STAGES x (BN + BM) x BK bytes per program are in flight
-and cost no registers.
+per box over the [BN, BK] weight box and the [BM, BK] code box (both K-major, 128-byte swizzled, TMA-written), a
+barrier, and the slot's refill STAGES steps ahead, so STAGES x boxes x (BN + BM) x BK bytes per program are in
+flight and cost no registers. H100 (PERFORMANCE.md, sixteenth session), fp8 8192² at 4-16 rows on codes made
+beforehand: 25.3-25.7 us, 89% of copy, 1.86-1.89x bf16 cuBLAS (`frag_w8` 28.4-30.4).
 
 - Per program: BN = 64 or 128 weight rows (one warpgroup; two m64 MMAs at 128), a K slice of K_PER_SPLIT codes
-  in BK = 128-code steps; grid (N / BN, splits), the split chosen so that about `waves` programs run per SM.
+  in steps of `boxes` x BK codes (a row's 256-512 contiguous bytes requested together: 3-5% faster than one box);
+  grid (N / BN, splits), split_k fixed or about `waves` programs per SM. The measured tiles are mostly one split
+  with a deep ring: the split-K arrival counter costs more than the SMs that leaves idle.
 - The code tile's rows past M are zeros (TMA fills out-of-bounds rows), so there is no mask in the loop.
 - Each slot has one mbarrier that expects both tiles' bytes: with PDL the weight tiles of the first STAGES steps
   are requested before `griddepcontrol.wait` (the codes are written by the launch before), the code tiles after.
