@@ -86,6 +86,13 @@ def test_tile_table_and_its_switch(monkeypatch):
     assert R.tile_for(R.MIN_M, 8192, 8192, False).boxes == 2 and R.tile_for(R.MIN_M - 1, 8192, 8192, False) is None
     monkeypatch.setenv("QUANTRT_CUDA_RING_W8", "0")
     assert R.tile_for(12, 8192, 8192, False) is None
+    monkeypatch.delenv("QUANTRT_CUDA_RING_W8")
+    monkeypatch.setenv("QUANTRT_CUDA_RING_W8_TILES", "i8:16:4096:6144=128:128:4:1:1:16:1:2")
+    assert R.tile_for(12, 4096, 6144, True) == R.RingW8Config(128, 128, 4, 1, 1, 16, 1, 2)
+    monkeypatch.setenv("QUANTRT_CUDA_RING_W8_TILES", "i4:16:4096:6144=128")
+    with pytest.raises(ValueError, match=r"entry 'i4:16:4096:6144=128' is not 'f8\|i8:bucket:K:N=block_n"):
+        R.tile_for(12, 4096, 6144, True)
+    monkeypatch.delenv("QUANTRT_CUDA_RING_W8_TILES")
     monkeypatch.setenv("QUANTRT_CUDA_RING_W8", "all")
     assert R.tile_for(3, 4096, 6144, True) == R.RingW8Config(block_m=8)
     assert R.tile_for(20, 4096, 6144, False).block_m == 32

@@ -202,8 +202,25 @@ def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
         return None
     if mode == "all":
         return RingW8Config(block_m=_bucket(m))
-    t = _TILES.get(("i8" if is_int else "f8", _bucket(m), k, n)) if m >= MIN_M else None
+    key = ("i8" if is_int else "f8", _bucket(m), k, n)
+    t = (_env_tiles().get(key) or _TILES.get(key)) if m >= MIN_M else None
     return None if t is None else RingW8Config(*t)
+
+
+def _env_tiles() -> dict[tuple[str, int, int, int], tuple]:
+    """QUANTRT_CUDA_RING_W8_TILES="f8|i8:bucket:K:N=block_n:block_k:...+..." -> table entries that replace or add
+    to `_TILES` (A/B runs; RingW8Config fields in order)."""
+    out = {}
+    for item in filter(None, os.environ.get("QUANTRT_CUDA_RING_W8_TILES", "").split("+")):
+        key, _, val = item.partition("=")
+        parts = key.split(":")
+        try:
+            out[(parts[0], *(int(v) for v in parts[1:]))] = tuple(int(v) for v in val.split(":"))
+        except ValueError:
+            parts = []
+        if len(parts) != 4 or parts[0] not in ("f8", "i8") or not val:
+            raise ValueError(f"QUANTRT_CUDA_RING_W8_TILES entry {item!r} is not 'f8|i8:bucket:K:N=block_n:block_k:...'")
+    return out
 
 
 def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, out_dtype: torch.dtype,
