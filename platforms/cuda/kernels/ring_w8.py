@@ -172,8 +172,8 @@ def _bucket(m: int) -> int:
 # us at M = 4 / 8 or 16, ring vs before). Most are one split (split_k 1: no split-K epilogue) with a deep ring:
 # the arrival counter's three L2 round trips cost more than the SMs left idle (128 or 64 column tiles).
 # A missing entry keeps the path before: 4096 x 28672 (equal), int8 4096² at 3-8 rows (the path before is faster),
-# int8 at 9-16 rows (faster here, 8192² 25.5 vs 27.6, but the batch-16 step was 4.08 vs 3.93 ms with them: their
-# 120-200 KB rings leave no room on the SM for the next PDL-launched kernel).
+# int8 at 9-16 rows (faster here, 8192² 25.5 vs 27.6, but the batch-16 step was 4.08 vs 3.93 ms with them, and
+# 4.12 vs 3.95-4.02 with the fp8 tiles of those shapes: `frag_w8` holds up better there in the model than alone).
 _TILES: dict[tuple[str, int, int, int], tuple] = {
     ("f8", 8, 8192, 8192): (128, 128, 4, 1, 1, 8, 1, 2),      # 25.3 / 25.3 vs 28.4 / 29.0 (89% of copy)
     ("f8", 16, 8192, 8192): (128, 128, 4, 1, 1, 16, 1, 2),    # 25.7 vs 30.4
