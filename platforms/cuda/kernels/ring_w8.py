@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, ring_device_why
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
+    env_tiles,
     gdc_launch_dependents,
     gdc_wait,
     split_k_plan,
@@ -192,6 +193,13 @@ _TILES: dict[tuple[str, int, int, int], tuple] = {
 MIN_M = 3   # from here the tile table (H100 e2e at 2 rows with it: fp8 3.63 vs 3.55 ms a step, int8 3.42 vs 3.36)
 
 
+def _env_tiles() -> dict[tuple, tuple]:
+    """QUANTRT_CUDA_RING_W8_TILES="f8|i8:bucket:K:N=block_n:block_k:...+...": entries that replace or add to
+    `_TILES` (A/B runs; RingW8Config fields in order)."""
+    return env_tiles("QUANTRT_CUDA_RING_W8_TILES", "f8|i8:bucket:K:N",
+                     lambda key: len(key) == 4 and key[0] in ("f8", "i8") and all(isinstance(v, int) for v in key[1:]))
+
+
 def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
     """The measured tile when this kernel beat the dispatch before at [M, K] x [K, N] (MIN_M..MAX_M rows), else
     None. QUANTRT_CUDA_RING_W8=all: the default tile at every shape from 2 rows (A/B runs, sweeps); =0: never."""
@@ -205,22 +213,6 @@ def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
     key = ("i8" if is_int else "f8", _bucket(m), k, n)
     t = (_env_tiles().get(key) or _TILES.get(key)) if m >= MIN_M else None
     return None if t is None else RingW8Config(*t)
-
-
-def _env_tiles() -> dict[tuple[str, int, int, int], tuple]:
-    """QUANTRT_CUDA_RING_W8_TILES="f8|i8:bucket:K:N=block_n:block_k:...+..." -> table entries that replace or add
-    to `_TILES` (A/B runs; RingW8Config fields in order)."""
-    out = {}
-    for item in filter(None, os.environ.get("QUANTRT_CUDA_RING_W8_TILES", "").split("+")):
-        key, _, val = item.partition("=")
-        parts = key.split(":")
-        try:
-            out[(parts[0], *(int(v) for v in parts[1:]))] = tuple(int(v) for v in val.split(":"))
-        except ValueError:
-            parts = []
-        if len(parts) != 4 or parts[0] not in ("f8", "i8") or not val:
-            raise ValueError(f"QUANTRT_CUDA_RING_W8_TILES entry {item!r} is not 'f8|i8:bucket:K:N=block_n:block_k:...'")
-    return out
 
 
 def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, out_dtype: torch.dtype,

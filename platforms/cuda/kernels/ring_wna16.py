@@ -31,7 +31,6 @@ itself is tested natively (-m accelerator).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, stream_pdl
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
+    env_tiles,
     gdc_launch_dependents,
     gdc_wait,
     gsum,
@@ -367,23 +367,8 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
     if not 1 <= m <= MAX_M:
         raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
     b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
-    return RingConfig(*_env_tiles().get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
-
-
-def _env_tiles() -> dict[tuple[int, int, int], tuple]:
-    """QUANTRT_CUDA_RING_TILES="b:K:N=field:field:...+..." -> {(b, K, N): RingConfig fields} (A/B runs)."""
-    out = {}
-    for item in filter(None, os.environ.get("QUANTRT_CUDA_RING_TILES", "").split("+")):
-        key, _, val = item.partition("=")
-        try:
-            b_k_n = tuple(int(v) for v in key.split(":"))
-            fields = tuple(v == "True" if v in ("True", "False") else int(v) for v in val.split(":"))
-        except ValueError:
-            b_k_n, fields = (), ()
-        if len(b_k_n) != 3 or not fields:
-            raise ValueError(f"QUANTRT_CUDA_RING_TILES entry {item!r} is not 'b:K:N=block_n:block_k:stages:...'")
-        out[b_k_n] = fields
-    return out
+    env = env_tiles("QUANTRT_CUDA_RING_TILES", "b:K:N", lambda key: len(key) == 3 and all(isinstance(v, int) for v in key))
+    return RingConfig(*env.get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
 
 
 def tagged_launch(m: int, n: int, k: int, device: torch.device) -> bool:
