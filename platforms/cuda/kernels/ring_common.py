@@ -207,5 +207,5 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-__all__ = ["TAGGED_MAX_M", "env_tiles", "gdc_launch_dependents", "gdc_wait", "gsum", "residual_out", "split_count", "split_k_plan",
-           "store_split_k", "store_split_k_row", "tagged_partials", "tma_desc"]
+__all__ = ["TAGGED_MAX_M", "env_tiles", "gdc_launch_dependents", "gdc_wait", "gsum", "residual_out", "split_count",
+           "split_k_plan", "store_split_k", "store_split_k_row", "tagged_partials", "tma_desc"]

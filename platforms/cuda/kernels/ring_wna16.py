@@ -367,7 +367,8 @@ def default_config(m: int, n: int, k: int) -> RingConfig:
     if not 1 <= m <= MAX_M:
         raise ValueError(f"ring_wna16 runs 1 <= M <= {MAX_M}; got M={m}")
     b = 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
-    env = env_tiles("QUANTRT_CUDA_RING_TILES", "b:K:N", lambda key: len(key) == 3 and all(isinstance(v, int) for v in key))
+    env = env_tiles("QUANTRT_CUDA_RING_TILES", "b:K:N",
+                    lambda key: len(key) == 3 and all(isinstance(v, int) for v in key))
     return RingConfig(*env.get((b, k, n)) or _TILES.get((b, k, n), _DEFAULT[b]))
 
 
