@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM, compile_gluon_sm90
+from tests.test_cuda_frag_w8 import _codes  # e4m3 / int8 codes on the device, no NaN
 
 pytestmark = NEEDS_TRITON
 FP8 = torch.float8_e4m3fn
@@ -113,12 +114,6 @@ def test_dispatch_says_why_not():
                       ScaleGranularity.CHANNEL)
     odd_k = TritonW8A8Kernel.prepare(LinearSpec(odd, ActScheme(ActKind.DYNAMIC_TOKEN, FP8), torch.bfloat16), PLATFORM)
     assert "K=320 is not a multiple of 128" in odd_k.ring_why
-
-
-def _codes(m: int, k: int, dt: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    if dt == torch.int8:
-        return torch.randint(-127, 128, (m, k), device=DEV, generator=gen, dtype=torch.int8)
-    return (torch.randn(m, k, device=DEV, generator=gen) * 60).clamp(-448, 448).to(dt)
 
 
 # RingW8Config(block_n, block_k, stages, waves, split_k, block_m, pdl, boxes)
