@@ -116,6 +116,25 @@ def test_dispatch_says_why_not():
     assert "K=320 is not a multiple of 128" in odd_k.ring_why
 
 
+def test_rows_handed_over_as_bf16_take_the_row_gemv_at_two_rows(monkeypatch):
+    """Where the row GEMV has a tile (it quantizes inside), bf16 rows go there and codes to the ring: the ring on
+    bf16 rows would need a code launch first (the o projection after attention)."""
+    from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
+    from quantrt.platforms.cuda.kernels import ring_w8 as R
+    from quantrt.quant.kernel import LinearSpec
+    from quantrt.quant.weights import ActKind, ActScheme, FloatWeight, ScaleGranularity
+
+    monkeypatch.delenv("QUANTRT_CUDA_RING_W8", raising=False)
+    monkeypatch.setenv("QUANTRT_CUDA_GEMV_ROWS", "fp8:2")
+    monkeypatch.setattr(R, "_TILES", {("f8", 8, 256, 64): (64, 128, 2, 1, 1, 8, 1, 1)})
+    w = FloatWeight(torch.zeros(64, 256, dtype=FP8, device=DEV), torch.ones(64, device=DEV), ScaleGranularity.CHANNEL)
+    kern = TritonW8A8Kernel.prepare(LinearSpec(w, ActScheme(ActKind.DYNAMIC_TOKEN, FP8), torch.bfloat16), PLATFORM)
+    kern.ring_why = ""                                  # as on an H100
+    assert kern._plan(2, codes=True)[0] == "ring" and kern.row_codes(2) is not None
+    assert kern._plan(2, codes=False)[0] == "rows"
+    assert kern._plan(3, codes=False)[0] == "ring"      # no row GEMV tile at 3 rows: a code launch, then the ring
+
+
 # RingW8Config(block_n, block_k, stages, waves, split_k, block_m, pdl, boxes)
 @pytest.mark.accelerator
 @pytest.mark.parametrize("dt", [FP8, torch.int8])

@@ -190,7 +190,7 @@ _TILES: dict[tuple[str, int, int, int], tuple] = {
 }
 
 
-MIN_M = 3   # from here the tile table (H100 e2e at 2 rows with it: fp8 3.63 vs 3.55 ms a step, int8 3.42 vs 3.36)
+MIN_M = 2   # from here the tile table (W8A8 takes the row GEMV instead where x comes as bf16 rows at 2 rows)
 
 
 def _env_tiles() -> dict[tuple, tuple]:

@@ -209,27 +209,31 @@ class TritonW8A8Kernel(LinearKernel):
             return self.act_scale
         return (x2.abs().amax().to(torch.float32).clamp(min=1e-12) / self.qmax).reshape(1)
 
-    def _plan(self, m: int) -> tuple[str, object]:
-        """(path, its tile) that `apply` takes at M rows (module docstring); found once per M."""
-        plan = self._plans.get(m)
+    def _plan(self, m: int, codes: bool = True) -> tuple[str, object]:
+        """(path, its tile) that `apply` takes at M rows (module docstring), with the codes handed over (`codes`,
+        what `row_codes` answers for) or from bf16 rows; found once per (M, codes)."""
+        plan = self._plans.get((m, codes))
         if plan is None:
-            plan = self._plans[m] = self._find_plan(m)
+            plan = self._plans[(m, codes)] = self._find_plan(m, codes)
         return plan
 
-    def _find_plan(self, m: int) -> tuple[str, object]:
+    def _find_plan(self, m: int, codes: bool = True) -> tuple[str, object]:
         n, k = self.data.shape
-        if 2 <= m <= RING_MAX_M and not self.ring_why:
+        rows = None
+        if m >= 2 and self.rows_why(m) == "":
+            from quantrt.platforms.cuda.kernels.gemv_w8_rows import tile_for as rows_tile
+
+            rows = rows_tile(m, k, n, self.data.dtype == torch.int8)
+        # the ring on codes, unless x comes as bf16 rows that the row GEMV quantizes inside (the ring would need a
+        # code launch first: the o projection after attention at 2 rows)
+        if 2 <= m <= RING_MAX_M and not self.ring_why and (codes or rows is None):
             from quantrt.platforms.cuda.kernels.ring_w8 import tile_for as ring_tile
 
             cfg = ring_tile(m, k, n, self.data.dtype == torch.int8)
             if cfg is not None:
                 return "ring", cfg
-        if m >= 2 and self.rows_why(m) == "":
-            from quantrt.platforms.cuda.kernels.gemv_w8_rows import tile_for as rows_tile
-
-            cfg = rows_tile(m, k, n, self.data.dtype == torch.int8)
-            if cfg is not None:
-                return "rows", cfg
+        if rows is not None:
+            return "rows", rows
         if 2 <= m <= FRAG_MAX_M and self.frag_why(m) == "":
             from quantrt.platforms.cuda.kernels.frag_w8 import tile_for as frag_tile
 
@@ -275,7 +279,7 @@ class TritonW8A8Kernel(LinearKernel):
         else:
             x2 = x.reshape(-1, k).to(self.compute_dtype)                       # [M, K]
             m = x2.shape[0]
-        path, cfg = self._plan(m)
+        path, cfg = self._plan(m, pre)
         act_scale = None if pre else self._tensor_scale(x2)
         if pre and (path not in _CODE_PATHS or xq.dtype != self.data.dtype):
             raise ValueError(f"{self.name}: activation codes {xq.dtype} were handed over at M={m}, where this "
