@@ -84,7 +84,9 @@ def test_tile_table_and_its_switch(monkeypatch):
     assert R.tile_for(12, 8192, 8192, True) is None and R.tile_for(4, 8192, 8192, False) is None
     assert R.tile_for(1, 8192, 8192, False) is None and R.tile_for(33, 8192, 8192, False) is None
     monkeypatch.setitem(R._TILES, ("f8", 8, 8192, 8192), (64, 128, 4, 2, 0, 8, 1, 2))
-    assert R.tile_for(R.MIN_M, 8192, 8192, False).boxes == 2 and R.tile_for(R.MIN_M - 1, 8192, 8192, False) is None
+    assert R.tile_for(2, 8192, 8192, False).boxes == 2
+    monkeypatch.setitem(R._TILES, ("i8", 8, 8192, 8192), (64, 128, 4, 2, 0, 8, 1, 2))
+    assert R.tile_for(R.MIN_M["i8"], 8192, 8192, True).boxes == 2 and R.tile_for(2, 8192, 8192, True) is None
     monkeypatch.setenv("QUANTRT_CUDA_RING_W8", "0")
     assert R.tile_for(12, 8192, 8192, False) is None
     monkeypatch.delenv("QUANTRT_CUDA_RING_W8")

@@ -4,8 +4,11 @@ FP8 weight-only, and INT8 W8A8 per-channel x per-token, with activation quantiza
 Paths by batch rows M (H100 sweep, docs/PERFORMANCE.md): M = 1 -> `gemv_w8.gemv_w8` (every fp8 mode and int8
 W8A8, on CUDA, K a multiple of 64: "Sixth pass"), else M = 1 fp8 -> the GEMV `skinny_fp8.skinny_fp8` (not
 128-group activations); M = 2..RING_MAX_M of e4m3 / int8 per-token or static x tensor / channel scales on Hopper
-where `ring_w8._TILES` has the shape (measured faster there) -> the activation codes into `ring_w8` (weight and
-code tiles streamed by TMA, wgmma from shared memory; sixteenth session); other M = 2..16 of e4m3 / int8
+where `ring_w8._TILES` has the shape (measured faster there; fp8 from 2 rows, int8 from 3) -> the activation codes
+into `ring_w8` (weight and code tiles streamed by TMA, wgmma from shared memory; sixteenth session), except that
+bf16 rows (no codes handed over: the o projection after attention) go to the row GEMV where it has a tile, since it
+quantizes inside and the ring would need a code launch first (the plan is per M and whether codes come with x);
+other M = 2..16 of e4m3 / int8
 per-token or static x tensor / channel scales where the row GEMV's tile table has the shape
 (`gemv_w8_rows.tile_for`: 2 rows, int8 up to 4 at 4096x6144; thirteenth session) -> `gemv_w8_rows` (the
 GEMV's structure, all rows per weight load, activations quantized inside); other M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of `frag_w8._TILES` (measured faster
