@@ -172,8 +172,9 @@ def test_ring_w8_native(dt, m, n, k, cfg):
 @pytest.mark.parametrize("mode", ["", "all"])
 def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, mode, monkeypatch):
     """Per-token activations through the W8A8 dispatch on the ring (its tile table at this Llama shape, or every
-    shape's default tile with QUANTRT_CUDA_RING_W8=all): codes made by the kernel, or handed over by the producing
-    op (`row_codes` / `QuantizedRows`), against the float64 product of x quantized by quantrt.quant.quantize."""
+    shape's default tile with QUANTRT_CUDA_RING_W8=all; where the table keeps the path before, that path): codes
+    made by the kernel, or handed over by the producing op (`row_codes` / `QuantizedRows`), against the float64
+    product of x quantized by quantrt.quant.quantize."""
     from quantrt.platforms.cuda.kernels import TritonW8A8Kernel
     from quantrt.platforms.cuda.kernels.ring_w8 import tile_for
     from quantrt.quant.kernel import LinearSpec, QuantizedRows
@@ -182,14 +183,13 @@ def test_w8a8_dispatch_runs_ring_w8(dt, m, handed_over, mode, monkeypatch):
 
     monkeypatch.setenv("QUANTRT_CUDA_RING_W8", mode)
     n, k = 6144, 4096
-    if not mode and tile_for(m, k, n, dt == torch.int8) is None:
-        pytest.skip("the tile table keeps the path before here (int8 at 9-16 rows)")
     gen = torch.Generator(device=DEV).manual_seed(m)
     w = _codes(n, k, dt, gen)
     sw = torch.rand(n, device=DEV, generator=gen) * 0.01 + 1e-3
     wt = IntWeight(w, sw.reshape(-1, 1), 8, k) if dt == torch.int8 else FloatWeight(w, sw, ScaleGranularity.CHANNEL)
     kern = TritonW8A8Kernel.prepare(LinearSpec(wt, ActScheme(ActKind.DYNAMIC_TOKEN, dt), torch.bfloat16), PLATFORM)
-    assert kern._plan(m)[0] == "ring" and kern.row_codes(m) is not None
+    on_ring = bool(mode) or tile_for(m, k, n, dt == torch.int8) is not None     # the table: not int8 at 9-16 rows
+    assert (kern._plan(m)[0] == "ring") == on_ring and kern.row_codes(m) is not None   # frag_w8 takes codes too
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16, generator=gen)
     q, s = quantize_act_per_token(x, dt)
     ref = (q.double() * s.double()) @ (w.double() * sw.double()[:, None]).t()
