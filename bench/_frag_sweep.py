@@ -10,7 +10,8 @@ the timed calls, as the norm makes them in the model (the dispatch then takes th
 Every cell is a CUDA-graph replay over weight copies that overflow the L2 (`kernels.time_us`); every variant's
 output is checked against the float64 product of the same codes first. Prints the best tile per (kind, M, K, N)
 as the kernel's `_TILES` stores it: frag (reps, warps, waves, prefetch, unroll, hint, pdl); ring `RingW8Config`
-(block_n, block_k, stages, waves, split_k, block_m, pdl, boxes). The dispatch column runs with QUANTRT_CUDA_RING_W8=0 (the path before the ring).
+(block_n, block_k, stages, waves, split_k, block_m, pdl, boxes). The dispatch column runs with
+QUANTRT_CUDA_RING_W8=0 (the path before the ring).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def main() -> None:
                 ref = frag_reference(q, s, ws[0], sw)
                 bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
                 xin = x
-                if args.given:   # codes made beforehand (as the norm makes them in the model) where the path takes them
+                if args.given:   # codes made beforehand, as the norm makes them in the model (where the path takes them)
                     xin = (q, s)
                     pre = QuantizedRows(q, s) if kerns[0].row_codes(m) is not None else x
                     base = time_us([lambda kr=kr, p=pre: kr.apply(p, None) for kr in kerns], args.rep_ms)

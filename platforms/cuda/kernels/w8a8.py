@@ -8,12 +8,12 @@ where `ring_w8._TILES` has the shape (measured faster there; fp8 from 2 rows, in
 into `ring_w8` (weight and code tiles streamed by TMA, wgmma from shared memory; sixteenth session), except that
 bf16 rows (no codes handed over: the o projection after attention) go to the row GEMV where it has a tile, since it
 quantizes inside and the ring would need a code launch first (the plan is per M and whether codes come with x);
-other M = 2..16 of e4m3 / int8
-per-token or static x tensor / channel scales where the row GEMV's tile table has the shape
-(`gemv_w8_rows.tile_for`: 2 rows, int8 up to 4 at 4096x6144; thirteenth session) -> `gemv_w8_rows` (the
-GEMV's structure, all rows per weight load, activations quantized inside); other M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales on the shapes of `frag_w8._TILES` (measured faster
-there; Gluon, sm_89+ / sm_80+) -> the activation codes into `frag_w8`
-(mma.sync on fragments loaded straight from memory, ninth session);
+other M = 2..16 of e4m3 / int8 per-token or static x tensor / channel scales where the row GEMV's tile table has
+the shape (`gemv_w8_rows.tile_for`: 2 rows, int8 up to 4 at 4096x6144; thirteenth session) -> `gemv_w8_rows` (the
+GEMV's structure, all rows per weight load, activations quantized inside); other M = 2..16 of e4m3 / int8
+per-token or static x tensor / channel scales on the shapes of `frag_w8._TILES` (measured faster there; Gluon,
+sm_89+ / sm_80+) -> the activation codes into `frag_w8` (mma.sync on fragments loaded straight from memory, ninth
+session);
 M <= SWAP_MAX_M with quantized activations -> `swap_fp8` (tensor cores, operands swapped; 128-group activations
 from M = 1: 8192² 29.4 vs 32.4 us in the GEMV); M = 9..256 of e4m3 / int8 per-token or static x tensor / channel
 scales on the shapes where it measured faster than the path before (`codes_mm.tile_for`) -> the activation codes
