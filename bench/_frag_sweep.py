@@ -135,7 +135,7 @@ def main() -> None:
                 ref = frag_reference(q, s, ws[0], sw)
                 bf16 = time_us([lambda w=w, x=x: F.linear(x, w) for w in wbf], args.rep_ms)
                 xin = x
-                if args.given:   # codes made beforehand, as the norm makes them in the model (where the path takes them)
+                if args.given:   # codes made beforehand, as the norm makes them (where the path takes them)
                     xin = (q, s)
                     pre = QuantizedRows(q, s) if kerns[0].row_codes(m) is not None else x
                     base = time_us([lambda kr=kr, p=pre: kr.apply(p, None) for kr in kerns], args.rep_ms)
