@@ -57,6 +57,20 @@ def test_kernel_compiles_for_sm90_to_tma_and_wgmma(dt, bn, bm, stages, pdl, boxe
         assert "griddepcontrol" not in ptx
 
 
+@pytest.mark.gluon_compile
+def test_activation_descriptors_are_not_cached():
+    """The weight's TMA descriptor is cached by pointer (CUDA graphs replay it); the codes' is made per call, since
+    a cached descriptor keeps its tensor alive (eager decode would pile up a code tensor a call)."""
+    from quantrt.platforms.cuda.kernels import ring_common as C
+
+    t = torch.zeros(4, 256, dtype=FP8)
+    before = len(C._DESC_CACHE)
+    C.tma_desc(t, [4, 256], [256, 1], [8, 128], swizzle=128, cache=False)
+    assert len(C._DESC_CACHE) == before
+    d = C.tma_desc(t, [4, 256], [256, 1], [8, 128], swizzle=128)
+    assert C.tma_desc(t, [4, 256], [256, 1], [8, 128], swizzle=128) is d and len(C._DESC_CACHE) == before + 1
+
+
 def test_errors_name_the_problem():
     from quantrt.platforms.cuda.kernels.ring_w8 import RingW8Config, ring_w8, ring_w8_why_not
 

@@ -81,16 +81,19 @@ def env_tiles(var: str, form: str, valid: Callable[[tuple], bool]) -> dict[tuple
     return out
 
 
-def tma_desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int], swizzle: int = 0
-             ) -> TensorDescriptor:
+def tma_desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int], swizzle: int = 0,
+             cache: bool = True) -> TensorDescriptor:
     """TMA descriptor of a view (shape, strides in elements) of `t` with an NVMMA shared layout of `swizzle`
-    bytes, cached by pointer, view and block (a CUDA graph replays the descriptor it captured)."""
+    bytes, cached by pointer, view and block (a CUDA graph replays the descriptor it captured). `cache` False for
+    a tensor made anew each call (activations): a cached descriptor keeps its tensor alive."""
     key = (t.data_ptr(), t.dtype, tuple(shape), tuple(strides), tuple(block), swizzle)
-    d = _DESC_CACHE.get(key)
+    d = _DESC_CACHE.get(key) if cache else None
     if d is None:
         layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=t.element_size() * 8,
                                       rank=len(shape))
         d = TensorDescriptor(t, shape, strides, block, layout)
+        if not cache:
+            return d
         if len(_DESC_CACHE) > 4096:
             _DESC_CACHE.clear()
         _DESC_CACHE[key] = d

@@ -234,9 +234,10 @@ def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
                                                            TAGGED_MAX_M, out_dtype)
     pdl = bool(cfg.pdl) and pdl_supported(a)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bm, 32])
+    a_desc = tma_desc(a, [m, k], [k, 1], [bm, bk], swizzle=bk, cache=False)     # codes: new each call
     _ring_w8_kernel[(n_tiles, split)](
-        tma_desc(a, [m, k], [k, 1], [bm, bk], swizzle=bk), tma_desc(w, [n, k], [k, 1], [bn, bk], swizzle=bk),
-        sa.reshape(-1).contiguous(), sw.reshape(-1).contiguous(), y, ws, cnt, m, n, k, k_per_split, bn, bk, bm,
+        a_desc, tma_desc(w, [n, k], [k, 1], [bn, bk], swizzle=bk), sa.reshape(-1).contiguous(),
+        sw.reshape(-1).contiguous(), y, ws, cnt, m, n, k, k_per_split, bn, bk, bm,
         cfg.stages, split, 0 if sw.numel() == 1 else 1, w.dtype == torch.int8, pdl, m <= TAGGED_MAX_M and split > 1,
         mma, TRIGGER=pdl_trigger(a), KB=cfg.boxes, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return y
