@@ -84,9 +84,15 @@ def test_errors_name_the_problem():
     assert "block_n 64/128" in ring_w8_why_not(2, 4096, 4096, FP8, FP8, cpu, RingW8Config(block_n=32))
     assert "1-12 stages" in ring_w8_why_not(2, 4096, 4096, FP8, FP8, cpu, RingW8Config(stages=13))
     assert "not a CUDA device" in ring_w8_why_not(2, 4096, 4096, FP8, FP8, cpu)
-    a = torch.zeros(2, 256, dtype=FP8)
+    a, w = torch.zeros(2, 256, dtype=FP8), torch.zeros(64, 256, dtype=FP8)
     with pytest.raises(ValueError, match=r"ring_w8 cannot compute a \(2, 256\) x w \(64, 256\): not a CUDA device"):
-        ring_w8(a, torch.ones(2), torch.zeros(64, 256, dtype=FP8), torch.ones(1), torch.bfloat16)
+        ring_w8(a, torch.ones(2), w, torch.ones(1), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x w \(64, 384\): K differs between the operands"):
+        ring_w8(a, torch.ones(2), torch.zeros(64, 384, dtype=FP8), torch.ones(1), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"1 activation scales for 2 rows"):
+        ring_w8(a, torch.ones(1), w, torch.ones(1), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"32 weight scales for 64 weight rows \(needs 1 or 64\)"):
+        ring_w8(a, torch.ones(2, 1), w, torch.ones(32), torch.bfloat16)
 
 
 def test_tile_table_and_its_switch(monkeypatch):

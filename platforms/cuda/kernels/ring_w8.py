@@ -223,10 +223,12 @@ def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     m, k = a.shape
     n = w.shape[0]
     cfg = cfg or RingW8Config(block_m=_bucket(m) if m <= MAX_M else 16)
-    why = ring_w8_why_not(m, n, k, a.dtype, w.dtype, a.device, cfg)
-    if why or w.shape[1] != k:
-        raise ValueError(f"ring_w8 cannot compute a {tuple(a.shape)} x w {tuple(w.shape)}: "
-                         f"{why or 'K differs between the operands'}")
+    why = ("K differs between the operands" if w.shape[1] != k
+           else f"{sa.numel()} activation scales for {m} rows" if sa.numel() != m
+           else f"{sw.numel()} weight scales for {n} weight rows (needs 1 or {n})" if sw.numel() not in (1, n)
+           else ring_w8_why_not(m, n, k, a.dtype, w.dtype, a.device, cfg))
+    if why:
+        raise ValueError(f"ring_w8 cannot compute a {tuple(a.shape)} x w {tuple(w.shape)}: {why}")
     a = a.contiguous()
     w = w.contiguous()
     bn, bk, bm = cfg.block_n, cfg.block_k, cfg.block_m
