@@ -149,7 +149,7 @@ def _ring_w8_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
 def ring_w8_why_not(m: int, n: int, k: int, a_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device,
                     cfg: RingW8Config | None = None) -> str:
     """'' when `ring_w8` computes this call, else the reason."""
-    cfg = cfg or RingW8Config(block_m=_bucket(m) if 1 <= m <= MAX_M else 16)
+    cfg = cfg or _default(m)
     if cfg.block_n not in (64, 128) or cfg.block_k not in (64, 128) or cfg.block_m not in (8, 16, 32) \
             or not 1 <= cfg.stages <= 12 or cfg.boxes not in (1, 2, 4):
         return (f"RingW8Config needs block_n 64/128, block_k 64/128, block_m 8/16/32, 1-12 stages and 1, 2 or 4 "
@@ -165,6 +165,11 @@ def ring_w8_why_not(m: int, n: int, k: int, a_dtype: torch.dtype, w_dtype: torch
 
 def _bucket(m: int) -> int:
     return 8 if m <= 8 else 16 if m <= 16 else 32
+
+
+def _default(m: int) -> RingW8Config:
+    """The default tile with wgmma N for M rows (16 outside 1..MAX_M: `ring_w8_why_not` then names M)."""
+    return RingW8Config(block_m=_bucket(m) if 1 <= m <= MAX_M else 16)
 
 
 # (codes, row bucket 8 / 16 / 32, K, N) -> RingW8Config fields (block_n, block_k, stages, waves, split_k, block_m,
@@ -211,7 +216,7 @@ def tile_for(m: int, k: int, n: int, is_int: bool) -> RingW8Config | None:
     if mode == "0":
         return None
     if mode == "all":
-        return RingW8Config(block_m=_bucket(m))
+        return _default(m)
     key = ("i8" if is_int else "f8", _bucket(m), k, n)
     t = (_env_tiles().get(key) or _TILES.get(key)) if m >= MIN_M[key[0]] else None
     return None if t is None else RingW8Config(*t)
@@ -222,7 +227,7 @@ def ring_w8(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor
     """a [M <= 32, K] e4m3/int8 codes, sa [M] or [M, 1] fp32; w [N, K] same dtype, sw [1] or [N] fp32 -> [M, N]."""
     m, k = a.shape
     n = w.shape[0]
-    cfg = cfg or RingW8Config(block_m=_bucket(m) if m <= MAX_M else 16)
+    cfg = cfg or _default(m)
     why = ("K differs between the operands" if w.shape[1] != k
            else f"{sa.numel()} activation scales for {m} rows" if sa.numel() != m
            else f"{sw.numel()} weight scales for {n} weight rows (needs 1 or {n})" if sw.numel() not in (1, n)
