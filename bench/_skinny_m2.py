@@ -25,7 +25,7 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
                 def gemv(kk, x=x):
-                    return skinny_wna16(x, kk.packed, kk.scale, kk.skinny_zero, kk.group, kk.container,
+                    return skinny_wna16(x, kk.packed, kk.scale, kk.zero, kk.group, kk.container,
                                         zero_const=kk.zero_const, offset=kk.raw_offset)
 
                 ref = kerns[0].apply(x, None).float()

@@ -165,7 +165,7 @@ def _w4_call(kind: str, cfg: tuple | None, x: torch.Tensor, wt: tuple) -> torch.
 
     kern = wt[0]
     if kind == "w4_tc":
-        return tc_wna16(x, kern.packed, kern.scale, kern.zero, 128)
+        return tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, zero_const=kern.zero_const)
     return skinny_wna16(x, kern.packed, kern.scale, None, 128, 4, SkinnyConfig(*cfg) if cfg else None,
                         zero_const=kern.zero_const)
 

@@ -99,7 +99,7 @@ def skinny_sweep(out: str, budget_s: float = 470.0) -> None:
                                       (64, 512, 4, 3)]:
             cfg = WNA16Config(16, bn, bk, 0, warps, stages)
             run("tiled_w4", k, n, 16, cfg, [lambda x, kk=kk, c=cfg: wna16_matmul(
-                x, kk.packed, kk.scale, kk.zero, 128, 4, c) for kk in kerns], ref, x)
+                x, kk.packed, kk.scale, kk.zero, 128, 4, c, zero_const=kk.zero_const) for kk in kerns], ref, x)
         save()
         del kerns, wq
         torch.cuda.empty_cache()

@@ -60,7 +60,7 @@ def time_us(fns: list[Callable[[], object]], rep_ms: float | None = None) -> flo
 
 def int_weight(n: int, k: int, bits: int, group: int) -> IntWeight:
     codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), device="cuda", dtype=torch.int8)
-    scale = torch.rand(n, k // group, device="cuda") * 0.01 + 0.001
+    scale = (torch.rand(n, k // group, device="cuda") * 0.01 + 0.001).half().float()   # fp16 values, as GPTQ / AWQ store
     return IntWeight(codes, scale, bits, group)
 
 
@@ -85,7 +85,7 @@ def _wna16_kernels(make: Callable[[], IntWeight]) -> tuple[list[Callable[[torch.
     zero), plus the residual offsets of the split path."""
     kerns = [TritonWNA16Kernel.prepare(LinearSpec(make(), ActScheme(), torch.bfloat16), PLATFORM)]
     k0 = kerns[0]
-    arrays = [k0.packed, k0.scale] + ([k0.zero] if k0.skinny_zero is not None else [])
+    arrays = [k0.packed, k0.scale] + ([k0.zero] if k0.zero is not None else [])
     arrays += [k0.offset] if k0.offset is not None else []
     nbytes = sum(t.numel() * t.element_size() for t in arrays)
     kerns += [TritonWNA16Kernel.prepare(LinearSpec(make(), ActScheme(), torch.bfloat16), PLATFORM)
@@ -299,7 +299,8 @@ def tune(out: str) -> None:
                     break
                 cfg = WNA16Config(bm, bn, bk, split, warps, stages)
                 try:
-                    us = time_us([lambda kk=kk, c=cfg, x=x: wna16_matmul(x, kk.packed, kk.scale, kk.zero, 128, 4, c)
+                    us = time_us([lambda kk=kk, c=cfg, x=x: wna16_matmul(x, kk.packed, kk.scale, kk.zero, 128, 4, c,
+                                                                         zero_const=kk.zero_const)
                                   for kk in kerns])
                 except Exception as e:
                     print(f"# tune {cfg}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)

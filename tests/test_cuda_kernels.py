@@ -109,7 +109,7 @@ def test_wna16_split_k():
     ref = x.float() @ w.dequantize().t()
     for cfg in (WNA16Config(1, 32, 128, 4), WNA16Config(16, 32, 128, 2)):
         xs = x[:1] if cfg.block_m == 1 else x
-        y = wna16_matmul(xs, kern.packed, kern.scale, kern.zero, 64, 4, cfg)
+        y = wna16_matmul(xs, kern.packed, kern.scale, kern.zero, 64, 4, cfg, zero_const=kern.zero_const)
         assert rel_err(y, ref[: xs.shape[0]]) < 1e-2
 
 
@@ -132,7 +132,7 @@ def test_skinny_wna16(bits, group, asym, m, cfg):
     x = torch.randn(m, 256, generator=gen).to(DEV, torch.float16)
     ref = x.float() @ w.dequantize().t()
     for _ in range(2):  # the second call reuses the split-K counters the first one reset
-        y = skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, group, kern.container,
+        y = skinny_wna16(x, kern.packed, kern.scale, kern.zero, group, kern.container,
                          SkinnyConfig(*cfg), zero_const=kern.zero_const)
         assert y.dtype == torch.float16 and rel_err(y, ref) < 2e-3
 
@@ -290,7 +290,7 @@ def test_skinny_wna16_native(m):
     w = make_int_weight(4096, 4096, 4, 128, True, False, gen)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.bfloat16)
-    y = skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, 128, 4, zero_const=kern.zero_const)
+    y = skinny_wna16(x, kern.packed, kern.scale, kern.zero, 128, 4, zero_const=kern.zero_const)
     assert rel_err(y, x.float() @ w.dequantize().t()) < 1e-2
 
 
@@ -305,7 +305,7 @@ def test_tc_wna16(m, group, asym, dtype, cfg):
     w = make_int_weight(128, 512, 4, group, asym, False, gen)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
     x = torch.randn(m, 512, generator=gen).to(DEV, dtype)
-    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(*cfg))
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(*cfg), zero_const=kern.zero_const)
     # bf16 casts in the interpreter truncate (no round-to-nearest): looser there
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
 
@@ -323,7 +323,7 @@ def test_tc_wna16_row_tiles(m, cfg):
     w = make_int_weight(96, 512, 4, 128, True, False, gen)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.float16), PLATFORM)
     x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
-    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, TcConfig(*cfg))
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, TcConfig(*cfg), zero_const=kern.zero_const)
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 2e-3
 
 
@@ -337,7 +337,8 @@ def test_tc_wna16_8bit(m, group, asym):
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.float16), PLATFORM)
     assert kern.container == 8
     x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
-    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(64, 128, 2, 4, 1, 4, m < 16, 32), bits=8)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(64, 128, 2, 4, 1, 4, m < 16, 32), bits=8,
+                 zero_const=kern.zero_const)
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 2e-3
 
 
@@ -380,7 +381,7 @@ def test_tc_wna16_native(m, dtype, bits):
     w = make_int_weight(4096, 4096, bits, 128, True, False, gen)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
     x = torch.randn(m, 4096, generator=gen).to(DEV, dtype)
-    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, bits=bits)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, 128, bits=bits, zero_const=kern.zero_const)
     assert rel_err(y, x.float() @ w.dequantize().float().t()) < 1e-2
 
 
@@ -399,4 +400,4 @@ def test_two_rows_take_the_gemv_where_it_measured_faster():
                                                 torch.bfloat16), PLATFORM)
     x = torch.randn(2, 256, generator=gen).to(DEV, torch.bfloat16)
     y = kern.apply(x, None)
-    assert torch.equal(y, skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, 32, 8, zero_const=kern.zero_const))
+    assert torch.equal(y, skinny_wna16(x, kern.packed, kern.scale, kern.zero, 32, 8, zero_const=kern.zero_const))

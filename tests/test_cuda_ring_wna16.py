@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
@@ -81,20 +82,22 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
-                  rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024, res: bool = False) -> str:
+                  rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024, res: bool = False,
+                  scale_dtype: torch.dtype = torch.float32) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
     n, bk = 256, 128
     x = torch.zeros(1, k, dtype=dtype)
     packed = torch.zeros(k // 8, n, dtype=torch.int32)
-    scale = torch.zeros(k // 128, n)
-    ws, cnt = (torch.zeros(8, dtype=torch.int64),) * 2 if tagged else (scale, packed)
+    scale, zero = torch.zeros(k // 128, n, dtype=scale_dtype), torch.zeros(k // 128, n)
+    ws, cnt = (torch.zeros(8, dtype=torch.int64),) * 2 if tagged else (zero, packed)
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
+    z_desc = tma_desc(zero, [zero.numel()], [1], [bn])
     layouts = R.launch_layouts(R.RingConfig(block_n=bn, block_k=bk, block_m=bm, warps=warps, x_vec=x_vec))
     return compile_gluon_sm90(R._ring_w4_kernel, [
-        x, p_desc, s_desc, s_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, *_pro_args(pro, rows, k, x),
+        x, p_desc, s_desc, z_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, *_pro_args(pro, rows, k, x),
         -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
         trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res], num_warps=warps, div16=div16)
 
@@ -130,6 +133,25 @@ def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     assert f"m64n{bm}k16" in ptx
     assert "shfl" not in ptx                                     # the fragment and scale permutations move no data
     assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128) // (warps // 4)   # one LOP3 per code pair
+
+
+@pytest.mark.parametrize("sdt,asym", [(torch.float16, False), (torch.bfloat16, True)])
+@pytest.mark.gluon_compile
+def test_16_bit_scales_stream_half_the_scale_bytes(sdt, asym):
+    """Compact scales (`pack_int_weight(compact=True)`): the scale box is a 16-bit TMA copy (the step's expected
+    bytes drop by BN * 2), widened to fp32 in registers; the MMAs are the fp32-scale kernel's."""
+    bn = 128
+    ptx = _compile_sm90(bn, 8, torch.bfloat16, asym, scale_dtype=sdt)
+    plain = _compile_sm90(bn, 8, torch.bfloat16, asym)
+    assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0
+    words = bn * 128 // 2                                           # a step's [BN, BK] 4-bit codes
+    zero = 4 * bn if asym else 0
+
+    def expected(src: str) -> set[int]:
+        return {int(v) for v in re.findall(r"expect_tx\S* _, \[%r\d+\], (\d+);", src)}
+
+    assert expected(ptx) == {words + 2 * bn + zero} and expected(plain) == {words + 4 * bn + zero}
+    assert ("cvt.f32.f16" if sdt == torch.float16 else "cvt.f32.bf16") in ptx
 
 
 @pytest.mark.parametrize("bn,bm,warps", [(64, 8, 4), (128, 16, 8)])

@@ -31,7 +31,8 @@ def _wna16(m: int, n: int, k: int, bits: int, group: int, dtype: torch.dtype, cf
     w = make_int_weight(n, k, bits, group, True, False, gen)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), dtype), PLATFORM)
     x = torch.randn(m, k, generator=gen).to(DEV, dtype)
-    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(*cfg) if cfg else None, bits=bits)
+    y = tc_wna16(x, kern.packed, kern.scale, kern.zero, group, TcConfig(*cfg) if cfg else None, bits=bits,
+                 zero_const=kern.zero_const)
     ref = x.double() @ w.dequantize().to(DEV).double().t()
     return y, ref
 
@@ -102,9 +103,10 @@ for bf16, offset, multi, pack, swap in itertools.product((True, False), (True, F
         continue
     dt = torch.bfloat16 if bf16 else torch.float16
     x, p, s = torch.zeros(16, 1024, dtype=dt), torch.zeros(1024 // pack, 256, dtype=torch.int32), torch.zeros(8, 256)
-    vals = [x, p, s, s, x, s, p, 16, 256, 1024, 1024, 32 if multi else 128, 512, 16, 64, 128, 2, True, bf16, False,
-            swap, pack, True, multi, offset]   # K_PER_SPLIT, BM, BN, BK, SPLIT, ASM, IS_BF16, DOT_F32, SWAP, PACK,
-    #                                    PREFETCH, MULTI, OFFSET
+    vals = [x, p, s, s, x, s, p, 16, 256, 1024, 1024, 32 if multi else 128, 8.0, 512, 16, 64, 128, 2, True, bf16,
+            False, swap, pack, True, multi, offset, offset or not bf16]
+    # ... G, ZC, K_PER_SPLIT, BM, BN, BK, SPLIT, ASM, IS_BF16, DOT_F32, SWAP, PACK, PREFETCH, MULTI, OFFSET, HAS_ZERO
+    # (bf16 without offsets: one zero point for every code, no zero array)
     try:
         ptx = compile_sm90(T._tc_wna16_kernel, vals, gluon=False, options={"num_stages": 3})
         want = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"

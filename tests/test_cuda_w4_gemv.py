@@ -76,7 +76,7 @@ def test_w4_gemv_matches_float64(bits, group, asym, act_order, m, dtype, cfg):
     xp = x[:, kern.perm] if kern.perm is not None else x
     ref = _ref64(x, w)
     for _ in range(2):  # the second call reuses the split-K counters the first one reset
-        y = skinny_wna16(xp, kern.packed, kern.scale, kern.skinny_zero, kern.group, kern.container,
+        y = skinny_wna16(xp, kern.packed, kern.scale, kern.zero, kern.group, kern.container,
                          SkinnyConfig(*cfg), zero_const=kern.zero_const)
         assert y.dtype == dtype and y.shape == (m, n)
         assert _rel(y, ref) < TOL[dtype]
@@ -90,7 +90,7 @@ def test_w4_gemv_activation_range():
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.bfloat16), PLATFORM)
     for e in (-40, -12, 0, 20, 40):
         x = (torch.randn(1, 256, generator=torch.Generator().manual_seed(e + 50)) * 2.0**e).to(DEV, torch.bfloat16)
-        y = skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, 128, 4, SkinnyConfig(64, 64, 2, 1),
+        y = skinny_wna16(x, kern.packed, kern.scale, kern.zero, 128, 4, SkinnyConfig(64, 64, 2, 1),
                          zero_const=kern.zero_const)
         assert _rel(y, _ref64(x, w)) < TOL[torch.bfloat16], e
 
@@ -122,7 +122,7 @@ def test_w4_gemv_native(m, bits, group, asym, act_order):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV, torch.bfloat16)
     xp = x[:, kern.perm] if kern.perm is not None else x
     ref = _ref64(x, w)
-    y = skinny_wna16(xp, kern.packed, kern.scale, kern.skinny_zero, kern.group, kern.container,
+    y = skinny_wna16(xp, kern.packed, kern.scale, kern.zero, kern.group, kern.container,
                      zero_const=kern.zero_const)
     assert _rel(y, ref) < TOL[torch.bfloat16]
     assert _rel(kern.apply(x, None), ref) < 1e-2
@@ -137,5 +137,5 @@ def test_w4_gemv_native_shapes(k, n):
     w = _weight(n, k, 4, 128, True, False, seed=k + n)
     kern = TritonWNA16Kernel.prepare(LinearSpec(w, ActScheme(), torch.float16), PLATFORM)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).to(DEV, torch.float16)
-    y = skinny_wna16(x, kern.packed, kern.scale, kern.skinny_zero, 128, 4, zero_const=kern.zero_const)
+    y = skinny_wna16(x, kern.packed, kern.scale, kern.zero, 128, 4, zero_const=kern.zero_const)
     assert _rel(y, _ref64(x, w)) < TOL[torch.float16]

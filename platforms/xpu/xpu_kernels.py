@@ -75,11 +75,11 @@ class XpuTritonWNA16Kernel(TritonWNA16Kernel):
             x2 = x2[:, self.perm]
         if x2.shape[0] >= DEQUANT_MIN_M:
             w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype,
-                                 offset=self.raw_offset)
+                                 offset=self.raw_offset, zero_const=self.zero_const)
             y = torch.nn.functional.linear(x2, w.t())                           # w: [K, N]
         else:
             y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container,
-                             offset=self.raw_offset)
+                             offset=self.raw_offset, zero_const=self.zero_const)
         return self._finish(x2, y, bias, lead)
 
 

@@ -1,7 +1,8 @@
 """W4A16 at M <= 32 on Hopper: packed words streamed by TMA through a shared-memory ring (Gluon; sm_90).
 
 Same weights as `tc_wna16` / `skinny_wna16` (packed [K/8, N] int32, code i of row j is k = 8j + i at bits 4i;
-scale [G, N] fp32; zero [G, N] fp32 holding 2**23 + zero, or one constant for symmetric checkpoints).
+scale [G, N] fp32, or fp16 / bf16 (half the scale bytes; `pack_int_weight`'s compact form); zero [G, N] fp32
+holding 2**23 + zero, or one constant for symmetric checkpoints).
 The register-prefetch kernels were limited by the weight bytes in flight per SM (PERFORMANCE.md, seventh pass):
 here the next STAGES K steps of words, scales and zeros are in flight as TMA copies into shared memory, which
 costs no registers, and each step waits on its own mbarrier.
@@ -198,7 +199,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     n_steps = gl.minimum(K_PER_SPLIT, K - k_start) // BK
 
     p_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NB, RK, 32], p_desc.layout)
-    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BN], s_desc.layout)
+    s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BN], s_desc.layout)      # fp32, or fp16 / bf16
     if HAS_ZERO:
         z_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BN], z_desc.layout)
     else:
@@ -267,7 +268,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                                             t + 1 < n_steps, NR, PRO)
         mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
         p = p_ring.index(slot).load(P_LAYOUT)                               # [NB, RK, 32] int32
-        s = s_ring.index(slot).load(S_LAYOUT)                               # [BN] fp32, by column
+        s = s_ring.index(slot).load(S_LAYOUT).to(gl.float32)                # [BN] fp32, by column
         if OFFSET:    # z_ring holds the float offsets; the zero point is 0 (nz from ZC = 0)
             o = z_ring.index(slot).load(S_LAYOUT)                           # [BN] fp32, by column
         elif HAS_ZERO:
@@ -384,7 +385,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False,
                pro: RingPrologue | None = None, residual: torch.Tensor | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32; zero [G, N] fp32 (2**23 + z) or
+    """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32/fp16/bf16; zero [G, N] fp32 (2**23 + z) or
     None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32 (w = q s + o)
     -> [M, N]. With `pro` the input is made from x in the activation load (`ring_prologue`): RMSNorm(x + delta)
     (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output [M, 2K]). With

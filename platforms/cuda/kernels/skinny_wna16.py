@@ -2,9 +2,9 @@
 
 Imported lazily (needs triton). Same weight layout as `wna16_triton` (made by `pack_int_weight`):
 packed [K/PACK, N] int32 with k = PACK*j + i in bits [BITS*i, BITS*i + BITS) of row j, scale [G, N]
-fp32, zero [G, N] fp32 holding 2**23 + zero. Rows along N are contiguous: each thread loads 16 B (4
-columns) per packed row and a warp reads 512 contiguous bytes; with BN >= 128 * num_warps every warp
-owns its own columns and each thread holds all rows of a step, so no sum crosses threads in the loop.
+fp32 (or fp16 / bf16), zero [G, N] fp32 holding 2**23 + zero, or one constant. Rows along N are contiguous:
+each thread loads 16 B (4 columns) per packed row and a warp reads 512 contiguous bytes; with BN >= 128 * num_warps
+every warp owns its own columns and each thread holds all rows of a step, so no sum crosses threads in the loop.
 
 Per code the kernel spends one LOP3 and one FFMA per activation row (plus one shift per word):
   - codes in bits 0..23 (6 of 8 4-bit codes, 3 of 4 8-bit ones) stay in place, the rest after one shift
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_k_buffers
+from quantrt.platforms.cuda.kernels.wna16_triton import load_scale_zero
 
 MAX_M = 4
 
@@ -70,26 +71,19 @@ def _tile(p_ptr, s_ptr, z_ptr, k0, k_end, rows, offs_g, n2, mask_n, N, K, G, PAC
           GT: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr, EVEN: tl.constexpr, OFFSET: tl.constexpr):
     """Packed words [NG, GR, BN], scale [NG, BN] and zero point [NG, BN] (OFFSET: the float offset) of the step
     at k0 (zeros past k_end)."""
-    ZB: tl.constexpr = 0.0 if OFFSET else 8388608.0
     prow = k0 // PACK + rows                                   # [NG, GR]
     kg = k0 + offs_g * GT                                      # [NG] first k of each tile group
     gofs = (kg // G)[:, None] * N + n2                         # [NG, BN]
     if EVEN:
         live = k0 < k_end
         p = tl.load(p_ptr + prow[:, :, None] * N + n2[None, :, :], mask=live, other=0)
-        s = tl.load(s_ptr + gofs, mask=live, other=0.0)
-        if HAS_ZERO:
-            zc = tl.load(z_ptr + gofs, mask=live, other=ZB) - ZB
+        s, zc = load_scale_zero(s_ptr, z_ptr, gofs, live, ZC, HAS_ZERO, OFFSET)
     else:
         kmask = (prow * PACK < K) & (prow * PACK < k_end)
         p = tl.load(p_ptr + prow[:, :, None] * N + n2[None, :, :],
                     mask=kmask[:, :, None] & mask_n[None, None, :], other=0)
         gmask = ((kg < K) & (kg < k_end))[:, None] & mask_n[None, :]
-        s = tl.load(s_ptr + gofs, mask=gmask, other=0.0)
-        if HAS_ZERO:
-            zc = tl.load(z_ptr + gofs, mask=gmask, other=ZB) - ZB
-    if not HAS_ZERO:
-        zc = tl.full(s.shape, ZC, tl.float32)
+        s, zc = load_scale_zero(s_ptr, z_ptr, gofs, gmask, ZC, HAS_ZERO, OFFSET)
     return p, s, zc
 
 

@@ -1,9 +1,10 @@
 """Small-M (M <= 16) W4A16 GEMM on tensor cores: one [16, BK] x [BK, BN] dot per K step (imported lazily).
 
 Same weight layout as `wna16_triton` (packed [K/8, N] int32, code i of row j is k = 8*j + i at bits 4i;
-scale [G, N] fp32; zero [G, N] fp32 holding 2**23 + zero). A K step of BK rows lies inside one scale
-group (G % BK == 0), so scale and zero are one [BN] vector per step, or (MULTI, GGUF's g32 / g64) spans BK / G
-whole groups: scale and zero are then loaded per packed row, [BK/8, BN], and go into the same unpack.
+scale [G, N] fp32 or fp16 / bf16; zero [G, N] fp32 holding 2**23 + zero, or one constant). A K step of BK rows
+lies inside one scale group (G % BK == 0), so scale and zero are one [BN] vector per step, or (MULTI, GGUF's
+g32 / g64) spans BK / G whole groups: scale and zero are then loaded per packed row, [BK/8, BN], and go into the
+same unpack.
 
 Unpack (ASM True, GPU only): one `inline_asm_elementwise` call takes the packed words of two adjacent
 columns, gathers their low (high) 16 bits into one register with PRMT, and per pair of codes does
@@ -40,6 +41,7 @@ import triton.language as tl
 
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
+from quantrt.platforms.cuda.kernels.wna16_triton import load_scale_zero, zero_args
 
 MAX_M = 256
 
@@ -120,22 +122,18 @@ _ASM_BF16_O = tl.constexpr(_unpack_asm(True, True))
 _ASM_F16_O = tl.constexpr(_unpack_asm(False, True))
 
 @triton.jit
-def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, PACK: tl.constexpr, MULTI: tl.constexpr,
-               OFFSET: tl.constexpr):
-    """The packed words [BK/PACK, BN] int32 and the scale / zero of the K step at k0 (`ok` False: nothing is read
-    from memory): the group's [BN] vectors, or (MULTI: BK spans several groups of G >= PACK rows) the [BK/PACK,
-    BN] scale / zero of each packed row's group. OFFSET: z_ptr holds float offsets (returned as they are)."""
-    ZB: tl.constexpr = 0.0 if OFFSET else 8388608.0
+def _load_step(p_ptr, s_ptr, z_ptr, k0, ok, N, G, offs_r, offs_n, mask_n, ZC, PACK: tl.constexpr,
+               MULTI: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """The packed words [BK/PACK, BN] int32 and the scale (fp32) / zero of the K step at k0 (`ok` False: nothing is
+    read from memory): the group's [BN] vectors, or (MULTI: BK spans several groups of G >= PACK rows) the [BK/PACK,
+    BN] scale / zero of each packed row's group. OFFSET: z_ptr holds float offsets; no HAS_ZERO: every zero is ZC."""
     p = tl.load(p_ptr + (k0 // PACK + offs_r)[:, None] * N + offs_n[None, :], mask=ok & mask_n[None, :], other=0)
     if MULTI:
         g = (k0 + offs_r * PACK) // G                                           # [RK] group of each packed row
-        sz = g[:, None] * N + offs_n[None, :]
-        s = tl.load(s_ptr + sz, mask=ok & mask_n[None, :], other=0.0)
-        z = tl.load(z_ptr + sz, mask=ok & mask_n[None, :], other=ZB) - ZB
+        s, z = load_scale_zero(s_ptr, z_ptr, g[:, None] * N + offs_n[None, :], ok & mask_n[None, :], ZC, HAS_ZERO,
+                               OFFSET)
     else:
-        g = k0 // G
-        s = tl.load(s_ptr + g * N + offs_n, mask=ok & mask_n, other=0.0)
-        z = tl.load(z_ptr + g * N + offs_n, mask=ok & mask_n, other=ZB) - ZB
+        s, z = load_scale_zero(s_ptr, z_ptr, k0 // G * N + offs_n, ok & mask_n, ZC, HAS_ZERO, OFFSET)
     return p, s, z
 
 
@@ -198,11 +196,11 @@ def _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k,
 
 
 @triton.jit
-def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G,
+def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, G, ZC,
                      K_PER_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr,
                      SWAP: tl.constexpr, PACK: tl.constexpr, PREFETCH: tl.constexpr, MULTI: tl.constexpr,
-                     OFFSET: tl.constexpr):
+                     OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr = True):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -219,13 +217,13 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     if PREFETCH:  # registers hold the next step's words while this step is unpacked and multiplied
-        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI,
-                             OFFSET)
+        p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k_start, k_start < K, N, G, offs_r, offs_n, mask_n, ZC, PACK,
+                             MULTI, OFFSET, HAS_ZERO)
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
             k1 = k0 + BK
             pn, sn, zn = _load_step(p_ptr, s_ptr, z_ptr, k1, (k1 < K) & (kt + BK < K_PER_SPLIT), N, G,
-                                    offs_r, offs_n, mask_n, PACK, MULTI, OFFSET)
+                                    offs_r, offs_n, mask_n, ZC, PACK, MULTI, OFFSET, HAS_ZERO)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
                             IS_BF16, DOT_F32, SWAP, MULTI, OFFSET)
             p = pn
@@ -234,8 +232,8 @@ def _tc_wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K
     else:
         for kt in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kt
-            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, PACK, MULTI,
-                                 OFFSET)
+            p, s, z = _load_step(p_ptr, s_ptr, z_ptr, k0, k0 < K, N, G, offs_r, offs_n, mask_n, ZC, PACK, MULTI,
+                                 OFFSET, HAS_ZERO)
             acc = _mma_step(acc, p, s, z, x_ptr, k0, K, stride_xm, offs_m, mask_m, offs_k, RK, BN, BK, PACK, ASM,
                             IS_BF16, DOT_F32, SWAP, MULTI, OFFSET)
     if SWAP:
@@ -347,11 +345,12 @@ def default_config(m: int, n: int, k: int, bits: int = 4, group: int | None = No
     return cfg
 
 
-def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-             cfg: TcConfig | None = None, asm: bool | None = None, bits: int = 4, offset: bool = False
-             ) -> torch.Tensor:
-    """x [M <= 256, K] fp16/bf16; packed [K/(32/bits), N] int32 (bits = container 4 or 8); scale,
-    zero (2**23 + z) [G, N] fp32, or with `offset` the float offsets o [G, N] fp32 (w = q * s + o) -> [M, N]."""
+def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+             cfg: TcConfig | None = None, asm: bool | None = None, bits: int = 4, offset: bool = False,
+             zero_const: float | None = None) -> torch.Tensor:
+    """x [M <= 256, K] fp16/bf16; packed [K/(32/bits), N] int32 (bits = container 4 or 8); scale [G, N]
+    fp32/fp16/bf16; zero (2**23 + z) [G, N] fp32, or with `offset` the float offsets o [G, N] fp32 (w = q * s + o),
+    or None with every zero point `zero_const` -> [M, N]."""
     m, k = x.shape
     n = packed.shape[1]
     if x.stride(1) != 1:
@@ -364,6 +363,7 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     if cfg.prefetch not in (0, 1):
         raise ValueError(f"TcConfig.prefetch must be 0 (load each K step's words when it is used) or 1 (prefetch "
                          f"the next step's words into registers); got {cfg.prefetch!r}")
+    zp, zc = zero_args(scale, zero, zero_const, offset, "tc_wna16")
     interp = interpret_mode()
     if asm is None:
         asm = not interp
@@ -378,10 +378,10 @@ def tc_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: t
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles * m_tiles) if split > 1 else packed
     _tc_wna16_kernel[(n_tiles, split, m_tiles)](
-        x, packed, scale, zero, y, ws, cnt, m, n, k, x.stride(0), group, k_per_split,
+        x, packed, scale, zp, y, ws, cnt, m, n, k, x.stride(0), group, zc, k_per_split,
         BM=cfg.block_m, BN=cfg.block_n, BK=bk, SPLIT=split, ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         DOT_F32=interp, SWAP=cfg.swap, PACK=32 // bits, PREFETCH=bool(cfg.prefetch),
-        MULTI=group < bk, OFFSET=offset,
+        MULTI=group < bk, OFFSET=offset, HAS_ZERO=zero is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 

@@ -64,12 +64,24 @@ def _sorted_groups(w: IntWeight) -> tuple[torch.Tensor | None, bool]:
     return perm, bool(torch.equal(g_idx[perm], want))
 
 
-def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compact_scale(scale: torch.Tensor) -> torch.Tensor:
+    """fp32 scales -> fp16, else bf16, where that type holds every value exactly (a checkpoint's own 16-bit scales:
+    half the scale bytes held and streamed, the same products), else unchanged."""
+    for dt in (torch.float16, torch.bfloat16):
+        s = scale.to(dt)
+        if torch.equal(s.to(scale.dtype), scale):
+            return s
+    return scale
+
+
+def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None, compact: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """IntWeight -> (packed [K/PACK, N] int32, scale [G, N] fp32, zero [G, N] fp32 + 2**23).
 
     Signed codes (int8 dtype) are shifted by 2**(bits-1) into 0..2**bits-1 with the same shift added
-    to the zero point, so the kernel always computes (u - zero) * scale.
+    to the zero point, so the kernel always computes (u - zero) * scale. `compact` (the linear kernels): the
+    scales in 16 bits where exact (`compact_scale`) and no zero array when every zero point is the one constant
+    2**(bits-1) (signed codes) or 0 (zero None: the kernels take it as `zero_const`).
     """
     n, k = w.shape
     pack = 32 // container
@@ -85,8 +97,10 @@ def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None
     words = torch.where(words >= 2**31, words - 2**32, words)
     packed = words.to(torch.int32).t().contiguous()                   # [K/PACK, N]
     scale = w.scale.to(torch.float32).t().contiguous()                # [G, N]
+    if compact and w.zero is None:
+        return packed, compact_scale(scale), None
     zero = torch.full_like(scale, float(bias)) if w.zero is None else w.zero.to(torch.float32).t() + bias
-    return packed, scale, (zero + _MAGIC).contiguous()
+    return packed, compact_scale(scale) if compact else scale, (zero + _MAGIC).contiguous()
 
 
 def _skinny_why(w: IntWeight, container: int) -> str:
@@ -125,17 +139,17 @@ class TritonWNA16Kernel(LinearKernel):
 
     name = "triton_wna16"
 
-    def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    def __init__(self, spec: LinearSpec, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  container: int, perm: torch.Tensor | None, offset: torch.Tensor | None = None,
                  raw_offset: bool = False) -> None:
         w = spec.weight  # read here, not kept: the packed tensors replace the canonical ones
         self.shape, self.compute_dtype = w.shape, spec.compute_dtype    # (N, K)
+        # zero: [G, N] (2**23 + z) when the checkpoint has zero points, the float offsets (raw_offset), or None
+        # when every zero point is `zero_const` (the compact form of `pack_int_weight`)
         self.packed, self.scale, self.zero = packed, scale, zero
         self.container = container
         self.perm = perm
         self.group = w.group_size
-        # zero points: a [G, N] array when the checkpoint has them (or float offsets); else one constant (sign bias)
-        self.skinny_zero = zero if w.zero is not None or w.offset is not None else None
         self.zero_const = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
         # float offsets: the residual [G, N] fp32 of `_offset_split` (act-order sorts K by group, so the permuted x
         # visits the groups in this order too); or (raw_offset, no act-order) `zero` holds the offsets themselves,
@@ -170,14 +184,14 @@ class TritonWNA16Kernel(LinearKernel):
         perm, _ = _sorted_groups(w)
         offset = None
         if w.offset is not None and perm is None:   # float offsets in the unpack, w = q s + o': o' = o - bias * s
-            packed, scale, zero = pack_int_weight(replace(w, offset=None), container, perm)
+            packed, scale, zero = pack_int_weight(replace(w, offset=None), container, perm, compact=True)
             bias = (1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0
             zero = (w.offset.to(torch.float32) - bias * w.scale.to(torch.float32)).t().contiguous()   # [G, N]
             return cls(spec, packed, scale, zero, container, perm, None, raw_offset=True)
         if w.offset is not None:   # float offsets: an integer zero point plus the residual per group
             w, r = _offset_split(w)
             offset = r.t().contiguous()                                       # [G, N] fp32
-        packed, scale, zero = pack_int_weight(w, container, perm)
+        packed, scale, zero = pack_int_weight(w, container, perm, compact=True)
         return cls(spec, packed, scale, zero, container, perm, offset)
 
     def _skinny_m2(self, k: int) -> bool:
@@ -219,7 +233,7 @@ class TritonWNA16Kernel(LinearKernel):
 
         src, pro = (self._source(x) if isinstance(x, PendingRows)
                     else (x.reshape(-1, self.shape[1]).to(self.compute_dtype), None))
-        s, parts = ring_wna16(src, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
+        s, parts = ring_wna16(src, self.packed, self.scale, self.zero, self.group, zero_const=self.zero_const,
                               offset=self.raw_offset, pro=pro, residual=residual)
         return SummedRows(s, parts)
 
@@ -246,7 +260,7 @@ class TritonWNA16Kernel(LinearKernel):
         from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
         src, pro = self._source(x)
-        y = ring_wna16(src, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
+        y = ring_wna16(src, self.packed, self.scale, self.zero, self.group, zero_const=self.zero_const,
                        offset=self.raw_offset, pro=pro)
         return self._finish(src, y, bias, x.shape[:-1])
 
@@ -263,25 +277,25 @@ class TritonWNA16Kernel(LinearKernel):
         if x2.shape[0] <= RING_MAX_M and not self.ring_why:
             from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
-            y = ring_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, zero_const=self.zero_const,
+            y = ring_wna16(x2, self.packed, self.scale, self.zero, self.group, zero_const=self.zero_const,
                            offset=self.raw_offset)
         elif (x2.shape[0] <= SKINNY_MAX_M or x2.shape[0] == 2 and self._skinny_m2(k)) and not self.skinny_why:
             from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
 
-            y = skinny_wna16(x2, self.packed, self.scale, self.skinny_zero, self.group, self.container,
+            y = skinny_wna16(x2, self.packed, self.scale, self.zero, self.group, self.container,
                              zero_const=self.zero_const, offset=self.raw_offset)
         elif x2.shape[0] <= TC_MAX_M and self._tc_ok(x2.shape[0], k):
             from quantrt.platforms.cuda.kernels.tc_wna16 import tc_wna16
 
             y = tc_wna16(x2, self.packed, self.scale, self.zero, self.group, bits=self.container,
-                         offset=self.raw_offset)
+                         offset=self.raw_offset, zero_const=self.zero_const)
         elif x2.shape[0] >= DEQUANT_MIN_M:
             w = wna16_dequantize(self.packed, self.scale, self.zero, self.group, self.container, x2.dtype,
-                                 offset=self.raw_offset)
+                                 offset=self.raw_offset, zero_const=self.zero_const)
             y = torch.nn.functional.linear(x2, w.t())                          # w: [K, N] -> [M, N]
         else:
             y = wna16_matmul(x2, self.packed, self.scale, self.zero, self.group, self.container,
-                             offset=self.raw_offset)
+                             offset=self.raw_offset, zero_const=self.zero_const)
         return self._finish(x2, y, bias, lead)
 
     def _finish(self, x2: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, lead: torch.Size

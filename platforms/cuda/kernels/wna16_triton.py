@@ -2,7 +2,9 @@
 
 Layout made by `pack_int_weight` (in `wna16.py`): codes, made unsigned, are packed PACK per int32
 along K — packed: [K/PACK, N] int32, value of k = PACK*j + i in bits [BITS*i, BITS*i + BITS) of row j.
-scale: [G, N] fp32; zero: [G, N] fp32 holding 2**23 + zero (the float trick below folds it in).
+scale: [G, N] fp32, or fp16 / bf16 where that holds the scales exactly (`pack_int_weight`'s compact form: read
+as fp32); zero: [G, N] fp32 holding 2**23 + zero (the float trick below folds it in), or None when every zero
+point is one constant (symmetric checkpoints: the kernels take it as a number, no [G, N] array is held or read).
 
 Dequantization avoids int->float conversion instructions: (q | 0x4B000000) reinterpreted as fp32 is
 exactly 2**23 + q, so w = (bits_as_f32 - (2**23 + zero)) * scale is two float ops per element.
@@ -34,19 +36,31 @@ class WNA16Config:
 
 
 @triton.jit
-def _dequant(q, s, z, OFFSET: tl.constexpr):
-    """q = 2**23 + code as int32 bits, s, z (2**23 + zero; OFFSET: the float offset o) -> fp32 (code - zero) * s,
-    or code * s + o."""
-    if OFFSET:
-        return (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
-    return (q.to(tl.float32, bitcast=True) - z) * s
+def load_scale_zero(s_ptr, z_ptr, offs, mask, ZC, HAS_ZERO: tl.constexpr, OFFSET: tl.constexpr):
+    """The scales (fp32, from an fp32 / fp16 / bf16 array) and the zero points (the stored value less 2**23; with
+    OFFSET the float offsets) at offs; without HAS_ZERO every zero point is ZC and z_ptr is not read."""
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0 if OFFSET else 8388608.0) - (0.0 if OFFSET else 8388608.0)
+    else:
+        z = tl.zeros(s.shape, tl.float32) + ZC
+    return s, z
 
 
 @triton.jit
-def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_cm, G,
-                  K_PER_SPLIT: tl.constexpr,                  BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
-                  DOT_F32: tl.constexpr, OFFSET: tl.constexpr = False):
+def _dequant(q, s, z, OFFSET: tl.constexpr):
+    """q = 2**23 + code as int32 bits, s, z (the zero point; OFFSET: the float offset o) -> fp32 (code - zero) * s,
+    or code * s + o."""
+    if OFFSET:
+        return (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
+    return (q.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
+
+
+@triton.jit
+def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_cm, G, ZC,
+                  K_PER_SPLIT: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
+                  DOT_F32: tl.constexpr, OFFSET: tl.constexpr = False, HAS_ZERO: tl.constexpr = True):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -69,8 +83,7 @@ def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_
         mask_w = (kj < k_end)[:, None] & mask_n[None, :]
         p = tl.load(p_ptr + (kj // PACK)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
         g = (kj // G)[:, None] * N + offs_n[None, :]          # group row of each packed row
-        s = tl.load(s_ptr + g, mask=mask_w, other=0.0)
-        z = tl.load(z_ptr + g, mask=mask_w, other=0.0 if OFFSET else 8388608.0)
+        s, z = load_scale_zero(s_ptr, z_ptr, g, mask_w, ZC, HAS_ZERO, OFFSET)
         for i in tl.static_range(PACK):
             q = ((p >> (BITS * i)) & MASK) | 0x4B000000
             w = _dequant(q, s, z, OFFSET)                      # [RK, BN] fp32
@@ -97,6 +110,15 @@ def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_
         tl.store(c_ptr + c_off, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+def zero_args(scale: torch.Tensor, zero: torch.Tensor | None, zero_const: float | None, offset: bool,
+              fn: str) -> tuple[torch.Tensor, float]:
+    """(the zero pointer the kernel gets, ZC): a kernel without a zero array needs the constant zero point."""
+    if zero is None and (zero_const is None or offset):
+        raise ValueError(f"{fn}: zero is None, so pass zero_const (the zero point every code shares: 2**(bits-1) for "
+                         f"symmetric signed codes, 0 for unsigned ones); offsets (offset=True) need the [G, N] array")
+    return (scale if zero is None else zero), float(zero_const or 0.0)
+
+
 def default_config(m: int, n: int, k: int, bits: int) -> WNA16Config:
     """Tile shapes by batch size (tuned on the H100, see docs/PERFORMANCE.md)."""
     if m == 1:  # 27.5 us at 8192x8192 (64 int4 + 128 scale rows per packed tile)
@@ -110,10 +132,11 @@ def default_config(m: int, n: int, k: int, bits: int) -> WNA16Config:
     return WNA16Config(128, 128, 128 if bits == 4 else 64, 1, 8, 3)
 
 
-def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 group: int, bits: int, cfg: WNA16Config | None = None, offset: bool = False) -> torch.Tensor:
-    """x: [M, K] fp16/bf16; packed: [K/PACK, N] int32; scale/zero: [G, N] fp32 (`offset`: zero holds the float
-    offsets o, w = q s + o) -> [M, N] x.dtype.
+def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 group: int, bits: int, cfg: WNA16Config | None = None, offset: bool = False,
+                 zero_const: float | None = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16; packed: [K/PACK, N] int32; scale [G, N] fp32/fp16/bf16; zero [G, N] fp32 (2**23 + z;
+    `offset`: the float offsets o, w = q s + o), or None with every zero point `zero_const` -> [M, N] x.dtype.
 
     bits is the container width (4 or 8).
     """
@@ -134,24 +157,24 @@ def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic
            else torch.empty((m, n), device=x.device, dtype=x.dtype))
     grid = (cdiv(n, cfg.block_n), split, cdiv(m, bm))
-    _wna16_kernel[grid](x, packed, scale, zero, out, m, n, k, x.stride(0), out.stride(0), group,
-                        k_per_split, BITS=bits, PACK=pack, BLOCK_M=bm, BLOCK_N=cfg.block_n,
-                        BLOCK_K=cfg.block_k, USE_DOT=use_dot, ATOMIC=atomic,
-                        DOT_F32=interpret_mode(), OFFSET=offset,
+    zp, zc = zero_args(scale, zero, zero_const, offset, "wna16_matmul")
+    _wna16_kernel[grid](x, packed, scale, zp, out, m, n, k, x.stride(0), out.stride(0), group, zc, k_per_split,
+                        BITS=bits, PACK=pack, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=use_dot,
+                        ATOMIC=atomic, DOT_F32=interpret_mode(), OFFSET=offset, HAS_ZERO=zero is not None,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype) if atomic else out
 
 
 @triton.jit
-def _wna16_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, G, BITS: tl.constexpr, PACK: tl.constexpr,
-                          BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = False):
+def _wna16_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, G, ZC, BITS: tl.constexpr, PACK: tl.constexpr,
+                          BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = False,
+                          HAS_ZERO: tl.constexpr = True):
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)     # packed rows
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_j < K // PACK)[:, None] & (offs_n < N)[None, :]
     p = tl.load(p_ptr + offs_j[:, None] * N + offs_n[None, :], mask=mask, other=0)
     g = (offs_j * PACK // G)[:, None] * N + offs_n[None, :]
-    s = tl.load(s_ptr + g, mask=mask, other=0.0)
-    z = tl.load(z_ptr + g, mask=mask, other=0.0 if OFFSET else 8388608.0)
+    s, z = load_scale_zero(s_ptr, z_ptr, g, mask, ZC, HAS_ZERO, OFFSET)
     for i in tl.static_range(PACK):
         q = ((p >> (BITS * i)) & ((1 << BITS) - 1)) | 0x4B000000
         w = _dequant(q, s, z, OFFSET)
@@ -159,14 +182,15 @@ def _wna16_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, G, BITS: tl.constexp
         tl.store(w_ptr + kk[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def wna16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int,
-                     dtype: torch.dtype, offset: bool = False) -> torch.Tensor:
-    """packed [K/PACK, N] int32 -> w [K, N] dtype (row-major; use as F.linear(x, w.t())); `offset`: zero holds
-    the float offsets o (w = q s + o)."""
+def wna16_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, bits: int,
+                     dtype: torch.dtype, offset: bool = False, zero_const: float | None = None) -> torch.Tensor:
+    """packed [K/PACK, N] int32 -> w [K, N] dtype (row-major; use as F.linear(x, w.t())); scale / zero as in
+    `wna16_matmul` (`offset`: zero holds the float offsets o, w = q s + o; None: every zero point `zero_const`)."""
     pack = 32 // bits
     kp, n = packed.shape
     w = torch.empty((kp * pack, n), device=packed.device, dtype=dtype)
     grid = (cdiv(kp, 16), cdiv(n, 128))
-    _wna16_dequant_kernel[grid](packed, scale, zero, w, n, kp * pack, group, BITS=bits, PACK=pack,
-                                BLOCK_J=16, BLOCK_N=128, OFFSET=offset, num_warps=4)
+    zp, zc = zero_args(scale, zero, zero_const, offset, "wna16_dequantize")
+    _wna16_dequant_kernel[grid](packed, scale, zp, w, n, kp * pack, group, zc, BITS=bits, PACK=pack, BLOCK_J=16,
+                                BLOCK_N=128, OFFSET=offset, HAS_ZERO=zero is not None, num_warps=4)
     return w
