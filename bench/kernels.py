@@ -58,9 +58,15 @@ def time_us(fns: list[Callable[[], object]], rep_ms: float | None = None) -> flo
     return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / len(fns)
 
 
-def int_weight(n: int, k: int, bits: int, group: int) -> IntWeight:
+def int_weight(n: int, k: int, bits: int, group: int, asym: bool = False) -> IntWeight:
+    """Random codes with fp16-valued scales, as GPTQ / AWQ store them: symmetric (signed codes), or (asym, AWQ)
+    unsigned codes with an integer zero point per group."""
+    scale = (torch.rand(n, k // group, device="cuda") * 0.01 + 0.001).half().float()
+    if asym:
+        codes = torch.randint(0, 2 ** bits, (n, k), device="cuda", dtype=torch.uint8)
+        zero = torch.randint(0, 2 ** bits, (n, k // group), device="cuda", dtype=torch.int32)
+        return IntWeight(codes, scale, bits, group, zero=zero)
     codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), device="cuda", dtype=torch.int8)
-    scale = (torch.rand(n, k // group, device="cuda") * 0.01 + 0.001).half().float()   # fp16 values, as GPTQ / AWQ store
     return IntWeight(codes, scale, bits, group)
 
 
@@ -122,6 +128,8 @@ def build(name: str, k: int, n: int) -> tuple[list[Callable[[torch.Tensor], torc
     if name in ("w4a16_g128", "w8a16_ch", "w4a16_g32", "w8a16_g32"):   # symmetric codes
         bits, group = {"w4a16_g128": (4, 128), "w4a16_g32": (4, 32), "w8a16_g32": (8, 32)}.get(name, (8, k))
         return _wna16_kernels(lambda: int_weight(n, k, bits, group))
+    if name == "w4a16_g128_asym":   # AWQ: zero points per group
+        return _wna16_kernels(lambda: int_weight(n, k, 4, 128, asym=True))
     if name in ("w4a16_g128_offset", "w4a16_g32_offset"):  # float offsets (GGUF mins, torchao int4wo)
         return _wna16_kernels(lambda: offset_weight(n, k, 128 if "g128" in name else 32))
     if name in ("fp8_ch_tok", "fp8_blk_grp", "fp8_wonly"):
@@ -159,7 +167,7 @@ def fp4_weight(n: int, k: int, kind: str) -> MicroWeight:
     return MicroWeight(codes, sc, 16, torch.tensor(1e-4, device="cuda"))
 
 
-KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w8a16_ch", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp",
+KERNELS = ["bf16", "tinygemm", "w4a16_g128", "w4a16_g128_asym", "w8a16_ch", "scaled_mm", "fp8_ch_tok", "fp8_blk_grp",
            "fp8_wonly", "int8_ch_tok", "w4a16_g32", "w4a16_g128_offset", "w4a16_g32_offset", "w8a16_g32"]
 
 

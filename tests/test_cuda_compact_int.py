@@ -1,5 +1,5 @@
 """The compact int weight of the W4A16/W8A16 kernels (`pack_int_weight(compact=True)`): scales in 16 bits where
-that type holds them exactly, no zero array when every zero point is one constant.
+that type holds them exactly, zero points as uint8, no zero array when every zero point is one constant.
 
 Each kernel must give the same bits from the compact weight as from the fp32 one (the scale values are equal,
 only their storage differs). Under TRITON_INTERPRET in CI (the Triton kernels); the Gluon ring natively.
@@ -48,7 +48,9 @@ def test_symmetric_weight_holds_no_zero_array_and_half_the_scale_bytes():
     assert held == 256 * 64 // 2 + 4 * 64 * 2                          # 4-bit codes + 16-bit scales, nothing else
     asym = _fp16_scales(make_int_weight(64, 256, 4, 64, True, False, gen))
     ka = TritonWNA16Kernel.prepare(LinearSpec(asym, ActScheme(), torch.bfloat16), PLATFORM)
-    assert ka.zero is not None and ka.zero.dtype is torch.float32 and ka.scale.dtype is torch.float16
+    assert ka.zero.dtype is torch.uint8 and ka.scale.dtype is torch.float16
+    assert torch.equal(ka.zero.t().long(), asym.zero.long())                 # the zero points themselves
+    assert ka.packed.nbytes + ka.scale.nbytes + ka.zero.nbytes == 256 * 64 // 2 + 4 * 64 * 3
 
 
 @pytest.mark.parametrize("asym", [False, True])
@@ -63,7 +65,7 @@ def test_triton_kernels_give_the_same_bits_from_the_compact_weight(asym, bits):
     p, s, z = pack_int_weight(w, bits, None)
     pc, sc, zc = pack_int_weight(w, bits, None, compact=True)
     zconst = 0 if asym else 1 << (bits - 1)
-    assert torch.equal(p, pc) and sc.dtype is torch.float16 and (zc is None) == (not asym)
+    assert torch.equal(p, pc) and sc.dtype is torch.float16 and (zc is None if not asym else zc.dtype == torch.uint8)
     x1 = torch.randn(1, 256, generator=gen).to(DEV, torch.bfloat16)
     x4 = torch.randn(4, 256, generator=gen).to(DEV, torch.bfloat16)
     for x in (x1, x4):

@@ -83,14 +83,14 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
                   rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024, res: bool = False,
-                  scale_dtype: torch.dtype = torch.float32) -> str:
+                  scale_dtype: torch.dtype = torch.float32, zero_dtype: torch.dtype = torch.float32) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
     n, bk = 256, 128
     x = torch.zeros(1, k, dtype=dtype)
     packed = torch.zeros(k // 8, n, dtype=torch.int32)
-    scale, zero = torch.zeros(k // 128, n, dtype=scale_dtype), torch.zeros(k // 128, n)
+    scale, zero = torch.zeros(k // 128, n, dtype=scale_dtype), torch.zeros(k // 128, n, dtype=zero_dtype)
     ws, cnt = (torch.zeros(8, dtype=torch.int64),) * 2 if tagged else (zero, packed)
     p_desc = tma_desc(packed, [n // 32, k // 8, 32], [32, n, 1], [bn // 32, bk // 8, 32], swizzle=128)
     s_desc = tma_desc(scale, [scale.numel()], [1], [bn])
@@ -137,20 +137,21 @@ def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
 
 @pytest.mark.parametrize("sdt,asym", [(torch.float16, False), (torch.bfloat16, True)])
 @pytest.mark.gluon_compile
-def test_16_bit_scales_stream_half_the_scale_bytes(sdt, asym):
-    """Compact scales (`pack_int_weight(compact=True)`): the scale box is a 16-bit TMA copy (the step's expected
-    bytes drop by BN * 2), widened to fp32 in registers; the MMAs are the fp32-scale kernel's."""
+def test_compact_scales_and_zeros_stream_fewer_bytes(sdt, asym):
+    """The compact weight (`pack_int_weight(compact=True)`): the scale box is a 16-bit TMA copy and the zero box
+    uint8 (a step's expected bytes drop by BN * 2, and BN * 3 more with zeros), widened to fp32 in registers; the
+    MMAs are the fp32 kernel's."""
     bn = 128
-    ptx = _compile_sm90(bn, 8, torch.bfloat16, asym, scale_dtype=sdt)
+    ptx = _compile_sm90(bn, 8, torch.bfloat16, asym, scale_dtype=sdt, zero_dtype=torch.uint8)
     plain = _compile_sm90(bn, 8, torch.bfloat16, asym)
     assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0
     words = bn * 128 // 2                                           # a step's [BN, BK] 4-bit codes
-    zero = 4 * bn if asym else 0
 
     def expected(src: str) -> set[int]:
         return {int(v) for v in re.findall(r"expect_tx\S* _, \[%r\d+\], (\d+);", src)}
 
-    assert expected(ptx) == {words + 2 * bn + zero} and expected(plain) == {words + 4 * bn + zero}
+    assert expected(ptx) == {words + 2 * bn + (bn if asym else 0)}
+    assert expected(plain) == {words + 4 * bn + (4 * bn if asym else 0)}
     assert ("cvt.f32.f16" if sdt == torch.float16 else "cvt.f32.bf16") in ptx
 
 

@@ -1,8 +1,8 @@
 """W4A16 at M <= 32 on Hopper: packed words streamed by TMA through a shared-memory ring (Gluon; sm_90).
 
 Same weights as `tc_wna16` / `skinny_wna16` (packed [K/8, N] int32, code i of row j is k = 8j + i at bits 4i;
-scale [G, N] fp32, or fp16 / bf16 (half the scale bytes; `pack_int_weight`'s compact form); zero [G, N] fp32
-holding 2**23 + zero, or one constant for symmetric checkpoints).
+scale [G, N] fp32, or fp16 / bf16 (half the scale bytes; `pack_int_weight`'s compact form); zero [G, N] uint8
+z (compact) or fp32 2**23 + z, or one constant for symmetric checkpoints).
 The register-prefetch kernels were limited by the weight bytes in flight per SM (PERFORMANCE.md, seventh pass):
 here the next STAGES K steps of words, scales and zeros are in flight as TMA copies into shared memory, which
 costs no registers, and each step waits on its own mbarrier.
@@ -201,7 +201,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     p_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NB, RK, 32], p_desc.layout)
     s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BN], s_desc.layout)      # fp32, or fp16 / bf16
     if HAS_ZERO:
-        z_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BN], z_desc.layout)
+        z_ring = gl.allocate_shared_memory(z_desc.dtype, [STAGES, BN], z_desc.layout)  # uint8 z or fp32
     else:
         z_ring = s_ring
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -273,7 +273,10 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
             o = z_ring.index(slot).load(S_LAYOUT)                           # [BN] fp32, by column
         elif HAS_ZERO:
             z = z_ring.index(slot).reshape([NB, 32]).load(Z_LAYOUT)
-            nz = (-((z - 8388608.0) + MAG)).to(dt)
+            if z_desc.dtype == gl.uint8:      # compact zero points: z itself
+                nz = (-(z.to(gl.float32) + MAG)).to(dt)
+            else:                             # fp32 2**23 + z
+                nz = (-((z - 8388608.0) + MAG)).to(dt)
             o = s
         else:
             o = s
@@ -385,12 +388,13 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False,
                pro: RingPrologue | None = None, residual: torch.Tensor | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32/fp16/bf16; zero [G, N] fp32 (2**23 + z) or
-    None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32 (w = q s + o)
-    -> [M, N]. With `pro` the input is made from x in the activation load (`ring_prologue`): RMSNorm(x + delta)
-    (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output [M, 2K]). With
-    `residual` r [M, N]: (r + y, its column tiles' sums of squares [M, N / block_n] fp32), the residual epilogue
-    (`ring_common.residual_out`; M <= 2 with K split, the tagged path) for a next ring's PRO_NORM_PARTS."""
+    """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32/fp16/bf16; zero [G, N] uint8 z or fp32
+    2**23 + z, or None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32
+    (w = q s + o) -> [M, N]. With `pro` the input is made from x in the activation load (`ring_prologue`):
+    RMSNorm(x + delta) (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output
+    [M, 2K]). With `residual` r [M, N]: (r + y, its column tiles' sums of squares [M, N / block_n] fp32), the
+    residual epilogue (`ring_common.residual_out`; M <= 2 with K split, the tagged path) for a next ring's
+    PRO_NORM_PARTS."""
     if offset and zero is None:
         raise ValueError("ring_wna16 with offset=True needs the offsets [G, N] as `zero`")
     n, k = packed.shape[1], packed.shape[0] * 8
@@ -475,7 +479,10 @@ def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     rows = torch.arange(q.shape[0], device=packed.device) // group
     if offset:
         return x.double() @ (q * scale.double()[rows] + zero.double()[rows])
-    z = (zero.double() - 2.0 ** 23) if zero is not None else torch.full_like(scale, zero_const, dtype=torch.float64)
+    if zero is None:
+        z = torch.full(scale.shape, zero_const, dtype=torch.float64, device=scale.device)
+    else:
+        z = zero.double() if zero.dtype == torch.uint8 else zero.double() - 2.0 ** 23
     return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 

@@ -2,7 +2,7 @@
 
 Imported lazily (needs triton). Same weight layout as `wna16_triton` (made by `pack_int_weight`):
 packed [K/PACK, N] int32 with k = PACK*j + i in bits [BITS*i, BITS*i + BITS) of row j, scale [G, N]
-fp32 (or fp16 / bf16), zero [G, N] fp32 holding 2**23 + zero, or one constant. Rows along N are contiguous:
+fp32 (or fp16 / bf16), zero [G, N] uint8 z or fp32 2**23 + z, or one constant. Rows along N are contiguous:
 each thread loads 16 B (4 columns) per packed row and a warp reads 512 contiguous bytes; with BN >= 128 * num_warps
 every warp owns its own columns and each thread holds all rows of a step, so no sum crosses threads in the loop.
 

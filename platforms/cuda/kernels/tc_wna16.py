@@ -1,7 +1,7 @@
 """Small-M (M <= 16) W4A16 GEMM on tensor cores: one [16, BK] x [BK, BN] dot per K step (imported lazily).
 
 Same weight layout as `wna16_triton` (packed [K/8, N] int32, code i of row j is k = 8*j + i at bits 4i;
-scale [G, N] fp32 or fp16 / bf16; zero [G, N] fp32 holding 2**23 + zero, or one constant). A K step of BK rows
+scale [G, N] fp32 or fp16 / bf16; zero [G, N] uint8 z or fp32 2**23 + z, or one constant). A K step of BK rows
 lies inside one scale group (G % BK == 0), so scale and zero are one [BN] vector per step, or (MULTI, GGUF's
 g32 / g64) spans BK / G whole groups: scale and zero are then loaded per packed row, [BK/8, BN], and go into the
 same unpack.

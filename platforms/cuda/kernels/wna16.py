@@ -80,8 +80,10 @@ def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None, com
 
     Signed codes (int8 dtype) are shifted by 2**(bits-1) into 0..2**bits-1 with the same shift added
     to the zero point, so the kernel always computes (u - zero) * scale. `compact` (the linear kernels): the
-    scales in 16 bits where exact (`compact_scale`) and no zero array when every zero point is the one constant
-    2**(bits-1) (signed codes) or 0 (zero None: the kernels take it as `zero_const`).
+    scales in 16 bits where exact (`compact_scale`); zero points as uint8 (the zero itself, no 2**23), or no zero
+    array when every zero point is the one constant 2**(bits-1) (signed codes) or 0 (zero None: the kernels take
+    it as `zero_const`). H100 int4 g128, one row: a step streams 8 KB of words and 0.25 KB of scales + 0.125 KB of
+    zeros instead of 0.5 + 0.5 KB.
     """
     n, k = w.shape
     pack = 32 // container
@@ -99,6 +101,8 @@ def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None, com
     scale = w.scale.to(torch.float32).t().contiguous()                # [G, N]
     if compact and w.zero is None:
         return packed, compact_scale(scale), None
+    if compact and 0 <= int(w.zero.min()) + bias and int(w.zero.max()) + bias <= 255:
+        return packed, compact_scale(scale), (w.zero.t().to(torch.int32) + bias).to(torch.uint8).contiguous()
     zero = torch.full_like(scale, float(bias)) if w.zero is None else w.zero.to(torch.float32).t() + bias
     return packed, compact_scale(scale) if compact else scale, (zero + _MAGIC).contiguous()
 
@@ -144,8 +148,8 @@ class TritonWNA16Kernel(LinearKernel):
                  raw_offset: bool = False) -> None:
         w = spec.weight  # read here, not kept: the packed tensors replace the canonical ones
         self.shape, self.compute_dtype = w.shape, spec.compute_dtype    # (N, K)
-        # zero: [G, N] (2**23 + z) when the checkpoint has zero points, the float offsets (raw_offset), or None
-        # when every zero point is `zero_const` (the compact form of `pack_int_weight`)
+        # zero: [G, N] uint8 z (or fp32 2**23 + z) when the checkpoint has zero points, the float offsets fp32
+        # (raw_offset), or None when every zero point is `zero_const` (the compact form of `pack_int_weight`)
         self.packed, self.scale, self.zero = packed, scale, zero
         self.container = container
         self.perm = perm

@@ -3,7 +3,7 @@
 Layout made by `pack_int_weight` (in `wna16.py`): codes, made unsigned, are packed PACK per int32
 along K — packed: [K/PACK, N] int32, value of k = PACK*j + i in bits [BITS*i, BITS*i + BITS) of row j.
 scale: [G, N] fp32, or fp16 / bf16 where that holds the scales exactly (`pack_int_weight`'s compact form: read
-as fp32); zero: [G, N] fp32 holding 2**23 + zero (the float trick below folds it in), or None when every zero
+as fp32); zero: [G, N] uint8 zero points (compact), or fp32 holding 2**23 + zero, or None when every zero
 point is one constant (symmetric checkpoints: the kernels take it as a number, no [G, N] array is held or read).
 
 Dequantization avoids int->float conversion instructions: (q | 0x4B000000) reinterpreted as fp32 is
@@ -37,10 +37,12 @@ class WNA16Config:
 
 @triton.jit
 def load_scale_zero(s_ptr, z_ptr, offs, mask, ZC, HAS_ZERO: tl.constexpr, OFFSET: tl.constexpr):
-    """The scales (fp32, from an fp32 / fp16 / bf16 array) and the zero points (the stored value less 2**23; with
-    OFFSET the float offsets) at offs; without HAS_ZERO every zero point is ZC and z_ptr is not read."""
+    """The scales (fp32, from an fp32 / fp16 / bf16 array) and the zero points (fp32: from uint8 z, or fp32 2**23 + z;
+    with OFFSET the float offsets) at offs; without HAS_ZERO every zero point is ZC and z_ptr is not read."""
     s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
+    if HAS_ZERO and z_ptr.dtype.element_ty == tl.uint8:     # the compact zero points: z itself
+        z = tl.load(z_ptr + offs, mask=mask, other=0).to(tl.float32)
+    elif HAS_ZERO:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0 if OFFSET else 8388608.0) - (0.0 if OFFSET else 8388608.0)
     else:
         z = tl.zeros(s.shape, tl.float32) + ZC
