@@ -97,8 +97,9 @@ def test_a_kernel_without_the_zero_array_asks_for_the_constant():
 
 @pytest.mark.accelerator
 @pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("m", [1, 2, 8, 32])
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 32])
 def test_ring_gives_the_same_bits_from_the_compact_weight(m, asym):
+    """Every tile bucket (64 and 128 columns: a uint8 zero box of 64 bytes lands on every other ring row)."""
     from quantrt.platforms.cuda.kernels._common import ring_device_why
     from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 

@@ -135,13 +135,14 @@ def test_kernel_compiles_for_sm90_without_shuffles(bn, bm, dtype, asym, warps):
     assert ptx.count("lop3.b32") >= 4 * (bn * 16 // 128) // (warps // 4)   # one LOP3 per code pair
 
 
-@pytest.mark.parametrize("sdt,asym", [(torch.float16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("sdt,asym,bn", [(torch.float16, False, 128), (torch.bfloat16, True, 128),
+                                         (torch.float16, True, 64)])
 @pytest.mark.gluon_compile
-def test_compact_scales_and_zeros_stream_fewer_bytes(sdt, asym):
+def test_compact_scales_and_zeros_stream_fewer_bytes(sdt, asym, bn):
     """The compact weight (`pack_int_weight(compact=True)`): the scale box is a 16-bit TMA copy and the zero box
     uint8 (a step's expected bytes drop by BN * 2, and BN * 3 more with zeros), widened to fp32 in registers; the
-    MMAs are the fp32 kernel's."""
-    bn = 128
+    MMAs are the fp32 kernel's (64 uint8 zeros take every other 64-byte row of their ring: TMA writes 128-byte
+    aligned rows)."""
     ptx = _compile_sm90(bn, 8, torch.bfloat16, asym, scale_dtype=sdt, zero_dtype=torch.uint8)
     plain = _compile_sm90(bn, 8, torch.bfloat16, asym)
     assert ptx.count("wgmma.mma_async") == plain.count("wgmma.mma_async") > 0

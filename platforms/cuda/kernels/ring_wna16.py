@@ -201,15 +201,18 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     p_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NB, RK, 32], p_desc.layout)
     s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BN], s_desc.layout)      # fp32, or fp16 / bf16
     if HAS_ZERO:
-        z_ring = gl.allocate_shared_memory(z_desc.dtype, [STAGES, BN], z_desc.layout)  # uint8 z or fp32
+        # uint8 z or fp32; a TMA destination must be 128-byte aligned: 64 uint8 zeros take every other row
+        ZS: gl.constexpr = 2 if BN * z_desc.dtype.primitive_bitwidth < 1024 else 1
+        z_ring = gl.allocate_shared_memory(z_desc.dtype, [STAGES * ZS, BN], z_desc.layout)
     else:
         z_ring = s_ring
+        ZS: gl.constexpr = 1
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     for i in gl.static_range(STAGES):
-        _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i), i,
+        _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i * ZS), i,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
     if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
         gdc_wait()
@@ -270,9 +273,9 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         p = p_ring.index(slot).load(P_LAYOUT)                               # [NB, RK, 32] int32
         s = s_ring.index(slot).load(S_LAYOUT).to(gl.float32)                # [BN] fp32, by column
         if OFFSET:    # z_ring holds the float offsets; the zero point is 0 (nz from ZC = 0)
-            o = z_ring.index(slot).load(S_LAYOUT)                           # [BN] fp32, by column
+            o = z_ring.index(slot * ZS).load(S_LAYOUT)                      # [BN] fp32, by column
         elif HAS_ZERO:
-            z = z_ring.index(slot).reshape([NB, 32]).load(Z_LAYOUT)
+            z = z_ring.index(slot * ZS).reshape([NB, 32]).load(Z_LAYOUT)
             if z_desc.dtype == gl.uint8:      # compact zero points: z itself
                 nz = (-(z.to(gl.float32) + MAG)).to(dt)
             else:                             # fp32 2**23 + z
@@ -283,7 +286,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         gl.thread_barrier()                 # every warp holds its words: the slot can be refilled
         fence_async_shared()
         _issue(p_desc, s_desc, z_desc, bars.index(slot), p_ring.index(slot), s_ring.index(slot),
-               z_ring.index(slot), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
+               z_ring.index(slot * ZS), t + STAGES, k_start, n0, N, G, BK, HAS_ZERO, t + STAGES < n_steps)
         if PRO == 0:
             xin = x
         else:
