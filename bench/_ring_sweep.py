@@ -32,15 +32,14 @@ def _weights(kind: str, n: int, k: int, seed: int = 0) -> tuple:
     from quantrt.quant.weights import IntWeight
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    scale = torch.rand(n, k // 128, device="cuda", generator=g) * 0.01 + 0.001
+    # fp16-valued scales, as GPTQ / AWQ store them: the compact weight the model holds (fp16 scales, uint8 zeros)
+    scale = (torch.rand(n, k // 128, device="cuda", generator=g) * 0.01 + 0.001).half().float()
     if kind == "ring_w4z":
         codes = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.uint8)
         zero = torch.randint(0, 16, (n, k // 128), device="cuda", generator=g, dtype=torch.int32)
-        packed, sc, z = pack_int_weight(IntWeight(codes, scale, 4, 128, zero=zero), 4, None)
-        return packed, sc, z
+        return pack_int_weight(IntWeight(codes, scale, 4, 128, zero=zero), 4, None, compact=True)
     codes = torch.randint(-8, 8, (n, k), device="cuda", generator=g, dtype=torch.int8)
-    packed, sc, _ = pack_int_weight(IntWeight(codes, scale, 4, 128), 4, None)
-    return packed, sc, None
+    return pack_int_weight(IntWeight(codes, scale, 4, 128), 4, None, compact=True)
 
 
 def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
@@ -93,7 +92,7 @@ def main() -> None:
         if r["kind"] in ("bf16", "fp8_ch_tok"):
             wb = n * k * (2 if r["kind"] == "bf16" else 1)
         else:
-            wb = n * k // 2 + 4 * n * k // 128 * (2 if r["kind"] == "ring_w4z" else 1)
+            wb = n * k // 2 + n * k // 128 * (3 if r["kind"] == "ring_w4z" else 2)   # fp16 scales (+ uint8 zeros)
         r["copy_pct"] = round(100 * (wb + 2 * m * (k + n)) / (r["us"] * 1e-6) / 3.0e12, 1)
     best: dict = {}
     for r in cells.res:
