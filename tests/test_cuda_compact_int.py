@@ -113,3 +113,21 @@ def test_ring_gives_the_same_bits_from_the_compact_weight(m, asym):
     zarg = z if asym else None
     assert torch.equal(ring_wna16(x, p, s, zarg, 128, zero_const=8.0 if not asym else 0.0),
                        ring_wna16(x, pc, sc, zc, 128, zero_const=8.0 if not asym else 0.0))
+
+
+def test_fused_moe_experts_stack_compact_or_fall_back_to_the_full_form():
+    from quantrt.platforms.cuda.kernels.moe import _stack_int
+
+    gen = torch.Generator().manual_seed(5)
+    sym = [_fp16_scales(make_int_weight(64, 128, 4, 64, False, False, gen)) for _ in range(2)]
+    asym = [_fp16_scales(make_int_weight(64, 128, 4, 64, True, False, gen)) for _ in range(2)]
+    (p, s), zc = _stack_int([(w,) for w in sym], torch.device(DEV))
+    assert s.dtype is torch.float16 and tuple(s.shape) == (2, 2, 64) and zc == 8.0 and tuple(p.shape) == (2, 16, 64)
+    (_, s, z), zc = _stack_int([(w,) for w in asym], torch.device(DEV))
+    assert z.dtype is torch.uint8 and zc == 0.0 and torch.equal(z[1].t().long(), asym[1].zero.long())
+    (_, s, z), _ = _stack_int([(sym[0],), (asym[0],)], torch.device(DEV))     # zero array and none: full form
+    assert z.dtype is torch.float32 and s.dtype is torch.float32
+    assert torch.equal(z[0], torch.full_like(z[0], 8.0 + 2**23))
+    raw = make_int_weight(64, 128, 4, 64, False, False, gen)                  # fp32 scales beside fp16 ones
+    (_, s), zc = _stack_int([(sym[0],), (raw,)], torch.device(DEV))
+    assert s.dtype is torch.float32 and torch.equal(s[0].t(), sym[0].scale) and zc == 8.0

@@ -185,6 +185,8 @@ def make_experts(scheme: str, e: int, h: int, i: int, gen: torch.Generator):
                              "int4-g64": (4, 64, False)}[scheme]
         g = k // group
         scale = (torch.rand(n, g, generator=gen) * 0.02 + 0.005).to(DEV)
+        if scheme == "int4-g64":        # fp16-valued, as GPTQ / AWQ store them: the 16-bit scale path
+            scale = scale.half().float()
         if asym:
             codes = torch.randint(0, 2**bits, (n, k), generator=gen).to(torch.uint8)
             zero = torch.randint(0, 2**bits, (n, g), generator=gen).to(torch.int32).to(DEV)

@@ -83,14 +83,23 @@ def _container(w: IntWeight) -> int:
     return 4 if w.bits <= 4 else 8
 
 
-def _stack_int(parts: list[tuple[IntWeight, ...]], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per expert the weights of one GEMM ((gate, up) or (down,)) -> packed [E, K/PACK, N], scale and
-    zero (2**23 + z) [E, G, N], each expert's parts concatenated along N (`pack_int_weight` layout)."""
-    out = []
-    for ws in parts:
-        packs = [pack_int_weight(w, _container(w), None) for w in ws]     # (packed, scale, zero) each
-        out.append(tuple(torch.cat(t, dim=1) for t in zip(*packs)))
-    return tuple(torch.stack(t).to(device).contiguous() for t in zip(*out))
+def _stack_int(parts: list[tuple[IntWeight, ...]], device: torch.device) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Per expert the weights of one GEMM ((gate, up) or (down,)) -> ((packed [E, K/PACK, N], scale [E, G, N][,
+    zero [E, G, N]]), the zero point every code shares when there is no zero array), each expert's parts
+    concatenated along N, in `pack_int_weight`'s compact form: 16-bit scales where every expert's are exact in one
+    16-bit type, uint8 zero points, or none. Experts whose forms differ take the full form (fp32, 2**23 + z)."""
+    packs = [[pack_int_weight(w, _container(w), None, compact=True) for w in ws] for ws in parts]
+    consts = {(1 << (w.bits - 1)) if w.codes.dtype.is_signed else 0 for ws in parts for w in ws}
+    zeros = {None if pk[2] is None else pk[2].dtype for ex in packs for pk in ex}
+    if len(zeros) > 1 or None in zeros and len(consts) > 1:
+        packs = [[pack_int_weight(w, _container(w), None) for w in ws] for ws in parts]
+        zeros = {torch.float32}
+    sdt = {pk[1].dtype for ex in packs for pk in ex}
+    sdt = sdt.pop() if len(sdt) == 1 else torch.float32           # fp16 / bf16 / fp32 -> fp32 is exact
+    out = [[torch.cat([pk[i].to(sdt) if i == 1 else pk[i] for pk in ex], dim=1) for i in range(3)
+            if ex[0][i] is not None] for ex in packs]
+    tensors = tuple(torch.stack(t).to(device).contiguous() for t in zip(*out))
+    return tensors, float(consts.pop()) if None in zeros else 0.0
 
 
 def _stack_fp4(parts: list[tuple[MicroWeight, ...]], device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
@@ -143,8 +152,9 @@ class TritonMoEKernel(MoEKernel):
     graph_safe = True
 
     def __init__(self, spec: MoESpec, wkind: int, w13: tuple, w2: tuple) -> None:
-        """w13 / w2: (tensors, fp8 block or None, int container bits) of the gate+up and down GEMMs, gate
-        and up concatenated; stored with interleaved gate/up columns (the fused activation reads pairs)."""
+        """w13 / w2: (tensors, fp8 block or None, int container bits[, int zero point without a zero array]) of
+        the gate+up and down GEMMs, gate and up concatenated; stored with interleaved gate/up columns (the fused
+        activation reads pairs)."""
         block = w13[1] if wkind == WKIND_FP8 else None
         w13 = (_interleave_w13(wkind, w13[0], block), *w13[1:])
         self.wkind, self.w13, self.w2 = wkind, w13, w2   # not the spec: its canonical experts are repacked
@@ -192,23 +202,24 @@ class TritonMoEKernel(MoEKernel):
                                     _stack_fp4([(d,) for _, _, d in ex], dev))
             return cls(spec, WKIND_FP4, (w13, (w0.block, k13), 4), (w2, (ex[0][2].block, k2), 4))
         assert isinstance(w0, IntWeight)
-        w13 = _stack_int([(g, u) for g, u, _ in ex], dev)
-        w2 = _stack_int([(d,) for _, _, d in ex], dev)
-        return cls(spec, WKIND_INT, (w13, None, _container(w0)), (w2, None, _container(ex[0][2])))
+        w13, z13 = _stack_int([(g, u) for g, u, _ in ex], dev)
+        w2, z2 = _stack_int([(d,) for _, _, d in ex], dev)
+        return cls(spec, WKIND_INT, (w13, None, _container(w0), z13), (w2, None, _container(ex[0][2]), z2))
 
     def _gemm(self, a: torch.Tensor, proj: tuple, n: int, sorted_ids, expert_ids, p: int, a_div: int,
               topk_weights: torch.Tensor | None, cfg, bias: torch.Tensor | None, act: str | tuple = "",
               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from quantrt.platforms.cuda.kernels.moe_triton import moe_gemm
 
-        w, block, bits = proj
+        w, block, bits = proj[:3]
+        zero_const = proj[3] if len(proj) > 3 else 0.0      # int without a zero array: the one zero point
         scale = w[1] if len(w) > 1 else None
         zero = w[2] if len(w) > 2 else None
         fp4 = (16, 0)
         if self.wkind == WKIND_FP4:  # block holds (micro block, scale kind)
             fp4, block = block, None
         return moe_gemm(a, w[0], sorted_ids, expert_ids, n, p, a_div, self.wkind, scale, zero, block, bits,
-                        topk_weights, out_dtype, cfg, fp4, bias, act, proj is self.w13)
+                        topk_weights, out_dtype, cfg, fp4, bias, act, proj is self.w13, zero_const)
 
     def config(self, pairs: int):
         """The launch configuration for `pairs` = T * k routed rows (a function of the shape only)."""

@@ -15,8 +15,9 @@ between the two launches. Weights per WKIND:
   1 fp8    W [E, N, K] fp8 with CHANNEL scales [E, N] (applied to the accumulator) or BLOCK scales
            [E, N/bn, K/bk] (applied to the tile per K step; BK divides bk; kept in gate-then-up row order,
            so with PAIRED columns a scale row is mapped back from the interleaved index);
-  2 int    packed [E, K/PACK, N] int32, scale / zero (2**23 + z) [E, G, N] fp32 (`pack_int_weight`
-           layout): code planes dequantized in registers, PACK tl.dot calls per K step;
+  2 int    packed [E, K/PACK, N] int32, scale [E, G, N] fp32 / fp16 / bf16, zero [E, G, N] uint8 z or fp32
+           2**23 + z, or none (one zero point for all) (`pack_int_weight` layout): code planes dequantized in
+           registers, PACK tl.dot calls per K step;
   3 fp4    NVFP4 / MXFP4: packed e2m1 [E, K/8, N] int32 and block scales [E, K/FB, N] (`pack_micro_weight`
            layout, SCALE_KIND e8m0 / e4m3 / fp32), per-column global scales [E, N] on the accumulator.
 """
@@ -32,6 +33,7 @@ import triton.language as tl
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode
 from quantrt.platforms.cuda.kernels.fp4_triton import _e2m1_pair
 from quantrt.platforms.cuda.kernels.fp4_triton import _scale as _fp4_scale
+from quantrt.platforms.cuda.kernels.wna16_triton import load_scale_zero
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
                 MUL_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 DOT_F32: tl.constexpr, EARLY_EXIT: tl.constexpr, FB: tl.constexpr = 16,
                 SCALE_KIND: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0,
-                PAIRED: tl.constexpr = False, alpha=1.0, limit=0.0):
+                PAIRED: tl.constexpr = False, alpha=1.0, limit=0.0, ZC=0.0, HAS_ZERO: tl.constexpr = True):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(eid_ptr + pid_b)
@@ -106,11 +108,10 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
             p = tl.load(w_ptr + e64 * (K // PACK) * N + (kj // PACK)[:, None] * N + offs_n[None, :],
                         mask=mw, other=0)
             g = e64 * G * N + (kj // (K // G))[:, None] * N + offs_n[None, :]
-            s = tl.load(s_ptr + g, mask=mw, other=0.0)
-            z = tl.load(z_ptr + g, mask=mw, other=8388608.0)
+            s, z = load_scale_zero(s_ptr, z_ptr, g, mw, ZC, HAS_ZERO, False)
             for i in tl.static_range(PACK):
                 q = ((p >> (BITS * i)) & MASK) | 0x4B000000
-                w = ((q.to(tl.float32, bitcast=True) - z) * s).to(dt)     # [RK, BN]
+                w = ((q.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s).to(dt)     # [RK, BN]
                 a = tl.load(a_ptr + arow[:, None] * stride_am + (kj + i)[None, :],
                             mask=mask_m[:, None] & (kj < K)[None, :], other=0.0)   # [BM, RK]
                 if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
@@ -190,13 +191,14 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
              zero: torch.Tensor | None = None, block: tuple[int, int] | None = None, bits: int = 4,
              topk_weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
              cfg: MoeConfig | None = None, fp4: tuple[int, int] = (16, 0), bias: torch.Tensor | None = None,
-             act: str | tuple = "", paired: bool | None = None) -> torch.Tensor:
+             act: str | tuple = "", paired: bool | None = None, zero_const: float = 0.0) -> torch.Tensor:
     """a [rows, K] compute dtype -> C [P, N] (out_dtype, default a.dtype); see the module docstring.
     bias: per-expert [E, N] fp32 added to the accumulator in the epilogue (before the routing weight).
     act: "" (none), "silu" or ("swiglu_clamped", alpha, limit) on interleaved gate/up columns -> H [P, N/2].
     paired: the N columns interleave gate and up (default: when act is set; needed for fp8 block scales).
 
-    block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale/zero [E, G, N];
+    block: the fp8 BLOCK scale shape (bn, bk) or None (channel scales [E, N]); int: scale [E, G, N] (fp32 / fp16 /
+    bf16) and zero [E, G, N] (uint8 z or fp32 2**23 + z), or None with every zero point `zero_const`;
     fp4: (micro block, scale kind) with scale [E, K/B, N] and zero = the global scales [E, N]."""
     cfg = cfg or MoeConfig()
     k = a.shape[1]
@@ -229,7 +231,8 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, sorted_ids: torch.Tensor, expert_
                       sn, sk, bn_, bk_, A_DIV=a_div, WKIND=wkind, BLOCK_SCALE=block is not None, BITS=bits,
                       MUL_W=topk_weights is not None, BM=sorted_ids.numel() // expert_ids.numel(),
                       BN=cfg.block_n, BK=bk, DOT_F32=interpret_mode(), EARLY_EXIT=not interpret_mode(), FB=fp4[0], SCALE_KIND=fp4[1],
-                      HAS_BIAS=bias is not None, ACT=code, PAIRED=paired, alpha=alpha, limit=limit, num_warps=cfg.num_warps,
+                      HAS_BIAS=bias is not None, ACT=code, PAIRED=paired, alpha=alpha, limit=limit,
+                      ZC=float(zero_const), HAS_ZERO=zero is not None or wkind != 2, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
     return c
 
