@@ -52,14 +52,31 @@ def gptq4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": qweight.cpu(), "qzeros": qzeros, "scales": s.t().half().contiguous().cpu()}
 
 
+def awq4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RTN AWQ (GEMM layout) 4-bit, asymmetric, group 128: w [N, K] fp32 (GPU) -> qweight [K, N/8] and qzeros
+    [K/128, N/8] int32 in AWQ's interleaved column order, scales [K/128, N] fp16, on the CPU."""
+    from quantrt.quant.formats.packing import pack_awq
+
+    n, k = w.shape
+    wg = w.reshape(n, k // 128, 128)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    s = ((hi - lo) / 15).clamp(min=1e-8).half().float()                         # [N, G]
+    z = (-lo / s).round().clamp(0, 15)
+    q = (wg / s[..., None] + z[..., None]).round().clamp(0, 15).reshape(n, k)
+    return {"qweight": pack_awq(q.t().to(torch.uint8).contiguous()).cpu(),
+            "qzeros": pack_awq(z.t().to(torch.uint8).contiguous()).cpu(), "scales": s.t().half().contiguous().cpu()}
+
+
 GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
 
 def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = False, shape: dict | None = None,
-                     norm_std: float = 0.0) -> Path:
+                     norm_std: float = 0.0, awq: bool = False) -> Path:
     """Random Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer:
-    bf16, or with every decoder linear in GPTQ 4-bit g128 (the same random weights, RTN). `shape`: LlamaConfig
-    fields to override (a smaller model for tests); `norm_std`: norm weights 1 + N(0, norm_std) instead of ones."""
+    bf16, or with every decoder linear in GPTQ 4-bit g128 sym (`gptq`) or AWQ 4-bit g128 (`awq`; the same random
+    weights, RTN). `shape`: LlamaConfig fields to override (a smaller model for tests); `norm_std`: norm weights
+    1 + N(0, norm_std) instead of ones."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -77,10 +94,10 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
         return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).cpu()
 
     def lin(name: str, *shape: int, std: float = 0.02) -> dict[str, torch.Tensor]:
-        if not gptq:
+        if not (gptq or awq):
             return {name + ".weight": rnd(*shape, std=std)}
         w = (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).float()
-        return {f"{name}.{k}": t for k, t in gptq4(w).items()}
+        return {f"{name}.{k}": t for k, t in (awq4(w) if awq else gptq4(w)).items()}
 
     def norm_w(n: int) -> torch.Tensor:
         return 1 + rnd(n, std=norm_std) if norm_std else torch.ones(n, dtype=torch.bfloat16)
@@ -108,8 +125,8 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
              f"model-{n:05d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
-    if gptq:
-        cfg.quantization_config = GPTQ_CONFIG
+    if gptq or awq:
+        cfg.quantization_config = AWQ_CONFIG if awq else GPTQ_CONFIG
     cfg.save_pretrained(out)
     tok = Tokenizer(models.WordLevel({f"t{k}": k for k in range(v)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -396,6 +413,7 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt bf16 (no PDL)": {"no_pdl": True},
            "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True},
+           "quantrt int4 (awq g128)": {"awq": True},      # zero points per group (uint8 in the kernels)
            # float zero points (w = q s + o), the kernels' path for GGUF Q4_1 / K-quant mins at g32
            "quantrt int4 (torchao int4wo-32)": {"torchao_config": "int4wo-32"},
            "quantrt int4 (torchao int4wo-128)": {"torchao_config": "int4wo-128"},
@@ -466,10 +484,11 @@ def run_cuda(args) -> list[dict]:
             else:
                 kw = config_kw(name)
                 src = path
-                if kw.pop("gptq", False):
-                    t0 = time.perf_counter()
-                    src = write_checkpoint(Path(args.checkpoint + "-gptq"), args.layers, gptq=True)
-                    print(f"gptq checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+                for fmt in ("gptq", "awq"):
+                    if kw.pop(fmt, False):
+                        t0 = time.perf_counter()
+                        src = write_checkpoint(Path(f"{args.checkpoint}-{fmt}"), args.layers, **{fmt: True})
+                        print(f"{fmt} checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
                 outs = bench_quantrt(src, name, kw, args, bw, rows, ref)
                 if name == "quantrt bf16":
                     ref = outs
