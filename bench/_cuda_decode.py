@@ -63,8 +63,8 @@ def awq4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     s = ((hi - lo) / 15).clamp(min=1e-8).half().float()                         # [N, G]
     z = (-lo / s).round().clamp(0, 15)
     q = (wg / s[..., None] + z[..., None]).round().clamp(0, 15).reshape(n, k)
-    return {"qweight": pack_awq(q.t().to(torch.uint8).contiguous()).cpu(),
-            "qzeros": pack_awq(z.t().to(torch.uint8).contiguous()).cpu(), "scales": s.t().half().contiguous().cpu()}
+    return {"qweight": pack_awq(q.t().to(torch.uint8).cpu().contiguous()),
+            "qzeros": pack_awq(z.t().to(torch.uint8).cpu().contiguous()), "scales": s.t().half().contiguous().cpu()}
 
 
 GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
