@@ -73,10 +73,9 @@ AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point":
 
 def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = False, shape: dict | None = None,
                      norm_std: float = 0.0, awq: bool = False) -> Path:
-    """Random Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer:
-    bf16, or with every decoder linear in GPTQ 4-bit g128 sym (`gptq`) or AWQ 4-bit g128 (`awq`; the same random
-    weights, RTN). `shape`: LlamaConfig fields to override (a smaller model for tests); `norm_std`: norm weights
-    1 + N(0, norm_std) instead of ones."""
+    """Random Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer: bf16, or every
+    decoder linear in GPTQ 4-bit g128 sym (`gptq`) or AWQ 4-bit g128 (`awq`; the same random weights, RTN). `shape`:
+    LlamaConfig fields to override (a smaller model); `norm_std`: norm weights 1 + N(0, norm_std), not ones."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
