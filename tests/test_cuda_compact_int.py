@@ -103,8 +103,9 @@ def test_ring_gives_the_same_bits_from_the_compact_weight(m, asym):
     from quantrt.platforms.cuda.kernels._common import ring_device_why
     from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
-    if ring_device_why(torch.device(DEV)):
-        pytest.skip(ring_device_why(torch.device(DEV)))
+    why = ring_device_why(torch.device(DEV))
+    if why:
+        pytest.skip(f"the ring kernel cannot run here: {why}")
     gen = torch.Generator().manual_seed(m)
     w = _fp16_scales(make_int_weight(4096, 4096, 4, 128, asym, False, gen))
     p, s, z = pack_int_weight(w, 4, None)

@@ -109,9 +109,10 @@ def _moe_kernel(a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sid_ptr, eid_ptr, tw_ptr, b_p
                         mask=mw, other=0)
             g = e64 * G * N + (kj // (K // G))[:, None] * N + offs_n[None, :]
             s, z = load_scale_zero(s_ptr, z_ptr, g, mw, ZC, HAS_ZERO, False)
+            z = z + 8388608.0                                              # 2**23 + zero, once per step
             for i in tl.static_range(PACK):
                 q = ((p >> (BITS * i)) & MASK) | 0x4B000000
-                w = ((q.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s).to(dt)     # [RK, BN]
+                w = ((q.to(tl.float32, bitcast=True) - z) * s).to(dt)     # [RK, BN]
                 a = tl.load(a_ptr + arow[:, None] * stride_am + (kj + i)[None, :],
                             mask=mask_m[:, None] & (kj < K)[None, :], other=0.0)   # [BM, RK]
                 if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot

@@ -99,12 +99,13 @@ def pack_int_weight(w: IntWeight, container: int, perm: torch.Tensor | None, com
     words = torch.where(words >= 2**31, words - 2**32, words)
     packed = words.to(torch.int32).t().contiguous()                   # [K/PACK, N]
     scale = w.scale.to(torch.float32).t().contiguous()                # [G, N]
+    s = compact_scale(scale) if compact else scale
     if compact and w.zero is None:
-        return packed, compact_scale(scale), None
+        return packed, s, None
     if compact and 0 <= int(w.zero.min()) + bias and int(w.zero.max()) + bias <= 255:
-        return packed, compact_scale(scale), (w.zero.t().to(torch.int32) + bias).to(torch.uint8).contiguous()
+        return packed, s, (w.zero.t().to(torch.int32) + bias).to(torch.uint8).contiguous()
     zero = torch.full_like(scale, float(bias)) if w.zero is None else w.zero.to(torch.float32).t() + bias
-    return packed, compact_scale(scale) if compact else scale, (zero + _MAGIC).contiguous()
+    return packed, s, (zero + _MAGIC).contiguous()
 
 
 def _skinny_why(w: IntWeight, container: int) -> str:

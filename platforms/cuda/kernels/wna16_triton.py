@@ -51,11 +51,19 @@ def load_scale_zero(s_ptr, z_ptr, offs, mask, ZC, HAS_ZERO: tl.constexpr, OFFSET
 
 @triton.jit
 def _dequant(q, s, z, OFFSET: tl.constexpr):
-    """q = 2**23 + code as int32 bits, s, z (the zero point; OFFSET: the float offset o) -> fp32 (code - zero) * s,
-    or code * s + o."""
+    """q = 2**23 + code as int32 bits, s, z (2**23 + zero, `_magic_zero`; OFFSET: the float offset o) -> fp32
+    (code - zero) * s, or code * s + o."""
     if OFFSET:
         return (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
-    return (q.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
+    return (q.to(tl.float32, bitcast=True) - z) * s
+
+
+@triton.jit
+def _magic_zero(z, OFFSET: tl.constexpr):
+    """`load_scale_zero`'s zero point -> 2**23 + zero for `_dequant`, once per load (offsets unchanged)."""
+    if OFFSET:
+        return z
+    return z + 8388608.0
 
 
 @triton.jit
@@ -86,6 +94,7 @@ def _wna16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_xm, stride_
         p = tl.load(p_ptr + (kj // PACK)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
         g = (kj // G)[:, None] * N + offs_n[None, :]          # group row of each packed row
         s, z = load_scale_zero(s_ptr, z_ptr, g, mask_w, ZC, HAS_ZERO, OFFSET)
+        z = _magic_zero(z, OFFSET)
         for i in tl.static_range(PACK):
             q = ((p >> (BITS * i)) & MASK) | 0x4B000000
             w = _dequant(q, s, z, OFFSET)                      # [RK, BN] fp32
@@ -177,6 +186,7 @@ def _wna16_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, G, ZC, BITS: tl.cons
     p = tl.load(p_ptr + offs_j[:, None] * N + offs_n[None, :], mask=mask, other=0)
     g = (offs_j * PACK // G)[:, None] * N + offs_n[None, :]
     s, z = load_scale_zero(s_ptr, z_ptr, g, mask, ZC, HAS_ZERO, OFFSET)
+    z = _magic_zero(z, OFFSET)
     for i in tl.static_range(PACK):
         q = ((p >> (BITS * i)) & ((1 << BITS) - 1)) | 0x4B000000
         w = _dequant(q, s, z, OFFSET)
