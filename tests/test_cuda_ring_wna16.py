@@ -83,7 +83,8 @@ def test_unpacked_tile_is_the_wgmma_fragment_of_the_permuted_product(bn, bk):
 def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int = 4, trigger: bool = False,
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
                   rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024, res: bool = False,
-                  scale_dtype: torch.dtype = torch.float32, zero_dtype: torch.dtype = torch.float32) -> str:
+                  scale_dtype: torch.dtype = torch.float32, zero_dtype: torch.dtype = torch.float32,
+                  trace: bool = False) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -99,7 +100,8 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, z_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, *_pro_args(pro, rows, k, x),
         -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
-        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res], num_warps=warps, div16=div16)
+        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res, torch.zeros(8, dtype=torch.int64), trace],
+        num_warps=warps, div16=div16)
 
 
 def _pro_args(pro: int, rows: int, k: int, x: torch.Tensor) -> list:

@@ -160,12 +160,13 @@ def _gather(ptrs, mask):
 
 
 @gluon.jit
-def residual_out(tot, r_ptrs, mask, part_ptr):
-    """The residual epilogue of one row's columns: tot [BN] fp32 (this tile's y) -> s = r + y in r's dtype, rounded
-    as torch's r + y.to(dtype) (the add of the next add + RMSNorm), and sum(s^2) over these columns stored at
+def residual_out(tot, r, mask, part_ptr):
+    """The residual epilogue of one row's columns: tot [BN] fp32 (this tile's y), r [BN] the residual's values
+    (requested by the caller before it gathers the partials: they do not depend on them) -> s = r + y in r's dtype,
+    rounded as torch's r + y.to(dtype) (the add of the next add + RMSNorm), and sum(s^2) over these columns stored at
     part_ptr (fp32), the next norm's partial: `ring_prologue`'s PRO_NORM_PARTS reads it instead of the whole row."""
-    dt: gl.constexpr = r_ptrs.dtype.element_ty
-    s = (gl.load(r_ptrs, mask=mask, other=0.0).to(gl.float32) + tot.to(dt).to(gl.float32)).to(dt)
+    dt: gl.constexpr = r.dtype
+    s = (r.to(gl.float32) + tot.to(dt).to(gl.float32)).to(dt)
     sf = gl.where(mask, s.to(gl.float32), 0.0)
     gl.store(part_ptr, gsum(sf * sf, 0))
     return s
@@ -192,6 +193,8 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                  mask=nmask[:, None] & (offs_m < M)[None, :])
     else:
         for m in range(M):
+            if RES:     # the residual row, in flight while the partials are gathered (H100 e2e int4 batch 1: the
+                r = gl.load(res_ptr + m * N + offs_n, mask=nmask, other=0.0)  # down ring's tail 1.8 -> 1.3 us)
             tot = gl.zeros_like(offs_n.to(gl.float32))
             for c0 in range(0, SPLIT - 1, acc.shape[1]):   # splits c0 + j (j < BM) on the BM axis
                 sp = c0 + offs_m
@@ -204,8 +207,8 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 gl.store(ptrs, gl.zeros_like(acc).to(gl.int64), mask=pmask)
             tot += gsum(gl.where((offs_m == m)[None, :], acc, 0.0), 1)
             if RES:     # y is the new residual stream r + y, with this tile's sum of squares (`residual_out`)
-                gl.store(y_ptr + m * N + offs_n, residual_out(tot, res_ptr + m * N + offs_n, nmask,
-                                                              parts_ptr + m * n_tiles + pid_n), mask=nmask)
+                gl.store(y_ptr + m * N + offs_n, residual_out(tot, r, nmask, parts_ptr + m * n_tiles + pid_n),
+                         mask=nmask)
             else:
                 gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 

@@ -61,6 +61,7 @@ from quantrt.platforms.cuda.kernels.ring_prologue import (
     pro_load,
     pro_tile,
 )
+from quantrt.platforms.cuda.kernels.trace import g_marks, g_stamp, trace_slot
 from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 32
@@ -186,7 +187,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
                     OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
                     NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None,
-                    RES: gl.constexpr = False):
+                    RES: gl.constexpr = False, tr_ptr=None, TRACE: gl.constexpr = False):
+    t_e = g_stamp(TRACE)                                     # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -216,6 +218,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
     if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
         gdc_wait()
+    t_w = g_stamp(TRACE)
 
     if X_VEC:   # [BM, BK] in k order (16-byte loads), permuted to _frag_k order in registers
         offs_kx = gl.arange(0, BK, layout=gl.SliceLayout(0, X_LAYOUT))
@@ -297,6 +300,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         x1 = x1n
         b1 = b1n
         w = wn
+    t_l = g_stamp(TRACE)
     if TRIGGER:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
@@ -310,6 +314,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
+    g_marks(tr_ptr, pid_k * gl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
 
 
 def _p_layout(rk: int, bn: int, warps: int = 4) -> gl.DistributedLinearLayout:
@@ -433,6 +438,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                              f"{tuple(residual.shape)} {residual.dtype})")
         parts = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
     norm = pro is not None and pro.kind in (PRO_NORM, PRO_NORM_PARTS)
+    tr = trace_slot(x, "ring", m=m, n=n, k=k, pro=pro.kind if pro is not None else 0, tiles=n_tiles, split=split)
     d = pro.parts if norm and pro.kind == PRO_NORM_PARTS else pro.delta if norm else x
     nw, r = (pro.weight, pro.residual if pro.residual is not None else x) if norm else (x, x)
     _ring_w4_kernel[(n_tiles, split)](
@@ -442,7 +448,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
         *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
         **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), RES=parts is not None,
-        num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+        tr_ptr=tr, TRACE=tr is not None, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return (y, parts) if parts is not None else y
 
 
