@@ -3,7 +3,8 @@
 when its first program's grid dependency was met after the previous kernel's last program ended, how long it
 streamed, and its tail.
 
-    cd bench && python _cuda_timeline.py [--configs "quantrt int4 (gptq g128),,quantrt int4 (gptq g128) [K=V]"] [--layers 32]
+    cd bench && python _cuda_timeline.py [--layers 32] \
+        [--configs "quantrt int4 (gptq g128),,quantrt int4 (gptq g128) [K=V]"]    (configs separated by ",,")
 """
 
 from __future__ import annotations

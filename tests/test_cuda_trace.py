@@ -51,6 +51,17 @@ def test_slots_and_the_latest_step_in_entry_order(trace, monkeypatch):
     assert tl[0]["t0"] == base and int(tl[0]["t"][:, 3].max()) == base + 2002
 
 
+def test_a_reused_slot_reports_its_latest_launch(trace, monkeypatch):
+    monkeypatch.setenv("QUANTRT_CUDA_TRACE", "1")
+    monkeypatch.setattr(trace, "SLOTS", 3)
+    x = torch.zeros(1)
+    slots = [trace.trace_slot(x, "ring", n=i) for i in range(5)]             # launches 3, 4 reuse slots 0, 1
+    assert slots[3].data_ptr() == slots[0].data_ptr() and slots[4].data_ptr() == slots[1].data_ptr()
+    for i, s in ((3, slots[3]), (4, slots[4]), (2, slots[2])):
+        s[:4] = torch.tensor([1000 + i, 1001 + i, 1002 + i, 1003 + i])
+    assert [o["meta"]["n"] for o in trace.timeline(0)] == [2, 3, 4]
+
+
 def test_traced_ring_reads_the_timer_four_times():
     from tests.test_cuda_ring_wna16 import _compile_sm90
 

@@ -40,16 +40,16 @@ def trace_slot(t: torch.Tensor, kind: str, **meta) -> torch.Tensor | None:
 
 
 def timeline(device_index: int = 0) -> list[dict]:
-    """The traced launches of the latest step: [{kind, meta, t [progs, 4] ns}] in entry order (slots whose first
-    entry is within 50 ms of the latest one; older slots belong to earlier replays)."""
+    """The traced launches of the latest step: [{kind, meta, t [progs, 4] ns, t0}] in entry order (slots whose first
+    entry is within 50 ms of the latest one; older slots belong to earlier replays). A slot reused after SLOTS
+    launches holds its latest launch."""
     buf = _BUF[device_index].view(SLOTS, PROGS, 4).cpu()
     out = []
-    n = min(len(_META), SLOTS)
-    for slot in range(n):
+    for slot in range(min(len(_META), SLOTS)):
         t = buf[slot]
         t = t[t[:, 0] > 0]
         if len(t):
-            kind, meta = _META[len(_META) - n + slot] if len(_META) > SLOTS else _META[slot]
+            kind, meta = _META[slot + SLOTS * ((len(_META) - 1 - slot) // SLOTS)]
             out.append({"kind": kind, "meta": meta, "t": t, "t0": int(t[:, 0].min())})
     if not out:
         return []
