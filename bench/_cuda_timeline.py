@@ -1,7 +1,7 @@
 """Timeline of one graph-replayed batch-1 decode step from per-program timestamps (QUANTRT_CUDA_TRACE=1,
-`platforms/cuda/kernels/trace.py`): for each kernel of a layer (the four W4A16 rings and the decode attention),
-when its first program's grid dependency was met after the previous kernel's last program ended, how long it
-streamed, and its tail.
+`platforms/cuda/kernels/trace.py`): for each traced kernel of a layer (W4A16 rings, `gemv_w8`, the bf16 GEMV, add +
+RMSNorm, act * up and the decode attention), when its first program's grid dependency was met after the previous
+kernel's last program ended, how long it streamed, and its tail.
 
     cd bench && python _cuda_timeline.py [--layers 32] \
         [--configs "quantrt int4 (gptq g128),,quantrt int4 (gptq g128) [K=V]"]    (configs separated by ",,")
@@ -19,43 +19,48 @@ import torch
 os.environ["QUANTRT_CUDA_TRACE"] = "1"
 
 
+def _name(o: dict) -> str:
+    m = o["meta"]
+    if "k" in m and "n" in m:
+        return f"{o['kind']} {m['k']}x{m['n']}" + (f" pro {m['pro']}" if m.get("pro") else "")
+    return o["kind"]
+
+
+def _grid(o: dict) -> str:
+    m = o["meta"]
+    return f"{m['tiles']}x{m['split']}" if "tiles" in m else f"{m['b']}x{m['hkv']}" if "hkv" in m else "-"
+
+
 def per_layer(launches: list[dict], layers: int) -> None:
-    step = launches[-5 * layers:]
-    kinds = [o["kind"] for o in step]
-    print(f"  last step: {len(step)} traced launches; pattern of the first layer: {kinds[:5]}", flush=True)
+    """Means over the step's layer cycles (the launches after one decode attention up to and including the next:
+    every cycle has the same kernels), each kernel timed against the end of the kernel before it."""
+    att = [i for i, o in enumerate(launches) if o["kind"] == "attn"][-layers:]
+    cycles = [launches[a + 1:b + 1] for a, b in zip(att, att[1:])]
+    if not cycles or len({tuple(o["kind"] for o in c) for c in cycles}) != 1:
+        print(f"  no repeating layer pattern in the last step's {len(launches)} traced launches", flush=True)
+        return
+    print(f"  {len(cycles)} layer cycles of {len(cycles[0])} traced launches: {[_name(o) for o in cycles[0]]}")
     rows: dict[int, list[dict]] = {}
-    prev_end = None
-    for i, o in enumerate(step):
-        t = o["t"].double()
-        e0, w0, w1 = t[:, 0].min(), t[:, 1].min(), t[:, 1].max()
-        l1, x1, xmed = t[:, 2].max(), t[:, 3].max(), t[:, 3].median()
-        r = {"entry_before_prev_end": float(prev_end - e0) if prev_end is not None else 0.0,
-             "wait_after_prev_end": float(w0 - prev_end) if prev_end is not None else 0.0,
-             "wait_spread": float(w1 - w0), "loop": float(l1 - w0), "tail": float(x1 - l1),
-             "median_end": float(xmed - w0), "span": float(x1 - w0),
-             "exposed": float(x1 - prev_end) if prev_end is not None else float(x1 - w0)}
-        rows.setdefault(i % 5, []).append((o, r))
-        prev_end = x1
-    names = {}
-    print("| # | kernel | grid | entry before prev end | wait after prev end | wait spread | loop | tail | "
+    for a, cyc in zip(att, cycles):
+        prev_end = launches[a]["t"][:, 3].max().double()
+        for pos, o in enumerate(cyc):
+            t = o["t"].double()
+            e0, w0, w1 = t[:, 0].min(), t[:, 1].min(), t[:, 1].max()
+            l1, x1, xmed = t[:, 2].max(), t[:, 3].max(), t[:, 3].median()
+            rows.setdefault(pos, []).append({
+                "entry_before_prev_end": float(prev_end - e0), "wait_after_prev_end": float(w0 - prev_end),
+                "wait_spread": float(w1 - w0), "loop": float(l1 - w0), "tail": float(x1 - l1),
+                "median_end": float(xmed - w0), "exposed": float(x1 - prev_end)})
+            prev_end = torch.maximum(prev_end, x1)
+    keys = ["entry_before_prev_end", "wait_after_prev_end", "wait_spread", "loop", "tail", "median_end", "exposed"]
+    print("| # | kernel | grid | entered before prev end | wait after prev end | wait spread | loop | tail | "
           "median end | exposed (us) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for pos, lst in sorted(rows.items()):
-        o = lst[0][0]
-        meta = o["meta"]
-        names[pos] = (f"ring {meta['k']}x{meta['n']} pro {meta['pro']}" if o["kind"] == "ring" else "attention")
-        grid = f"{meta.get('tiles', meta.get('b'))}x{meta.get('split', meta.get('hkv'))}"
-
-        def med(key: str, lst: list = lst) -> str:   # the mean over layers 1.. (the timer ticks in 256 ns)
-            return f"{statistics.fmean(r[key] for _, r in lst[1:]) / 1e3:.2f}"
-
-        print(f"| {pos} | {names[pos]} | {grid} | {med('entry_before_prev_end')} | {med('wait_after_prev_end')} | "
-              f"{med('wait_spread')} | {med('loop')} | {med('tail')} | {med('median_end')} | {med('exposed')} |")
-    t_all = torch.cat([o["t"].flatten() for o in step])
-    d = torch.diff(torch.unique(t_all % 10_000))
-    print(f"  timer granularity: smallest step between distinct values mod 10 us: {int(d.min()) if len(d) else -1} ns")
-    total = float(step[-1]["t"][:, 3].max() - step[0]["t"][:, 1].min()) / 1e3
-    print(f"  first wait to last end of the step's traced kernels: {total:.1f} us ({total / layers:.2f} per layer)")
+    for pos, lst in sorted(rows.items()):   # the mean over layers (the timer ticks in 256 ns)
+        vals = " | ".join(f"{statistics.fmean(r[k] for r in lst) / 1e3:.2f}" for k in keys)
+        print(f"| {pos} | {_name(cycles[0][pos])} | {_grid(cycles[0][pos])} | {vals} |")
+    total = sum(statistics.fmean(r["exposed"] for r in lst) for lst in rows.values()) / 1e3
+    print(f"  a layer: {total:.2f} us (the sum of the exposed times)", flush=True)
 
 
 def main() -> None:
@@ -64,7 +69,7 @@ def main() -> None:
     from quantrt.platforms.cuda.kernels import trace
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--configs", default="quantrt int4 (gptq g128)")
+    p.add_argument("--configs", default="quantrt int4 (gptq g128)", help="configs separated by ',,'")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--checkpoint", default="/tmp/llama8b-random")
     p.add_argument("--new", type=int, default=24)

@@ -36,6 +36,14 @@ for pdl in (False, True):
     xb = torch.zeros(1, 4096, dtype=torch.bfloat16)
     vals = [xb, xb, xb[0], xb, xb, xb, ws, ws, 4096, 4096, 4096, 4096, 4096, 1e-5, 4096, pdl]
     norm[pdl] = compile_sm90(L._add_rms_norm_kernel, vals, num_warps=8, div16=True, gluon=False)
+tr = torch.zeros(8, dtype=torch.int64)   # QUANTRT_CUDA_TRACE: %globaltimer reads (entry, wait, loop end, exit)
+vals = [x, out_w := torch.zeros(n, k, dtype=torch.float8_e4m3fn), ws, ws, y, ws, cnt, n, k, k // 128, k // 2, 0, 1,
+        448.0, False, True, bn, bk, 4096, 4096, 1, 1, False, 2, True, True, tr, True]
+traced = compile_sm90(G._gemv_w8_kernel, vals, num_warps=8, div16=True, gluon=False, options={"num_stages": 1})
+vals = [xb, xb, xb[0], xb, xb, xb, ws, ws, 4096, 4096, 4096, 4096, 4096, 1e-5, 4096, True, False, 1.0, False, False,
+        tr, True]
+traced_norm = compile_sm90(L._add_rms_norm_kernel, vals, num_warps=8, div16=True, gluon=False)
+print("TRACE", traced.count("%globaltimer"), traced_norm.count("%globaltimer"), out["fp8", True].count("globaltimer"))
 body = norm[True][norm[True].index(".entry"):]
 print("NORM", body.find("griddepcontrol.launch_dependents"), body.find("ld.global"), body.find("griddepcontrol.wait"),
       body.rfind("ld.global"), "griddepcontrol" in norm[False])
@@ -74,7 +82,8 @@ def test_gemv_ptx_orders_weight_loads_wait_and_release():
     release, first_ld, wait, last_ld, plain_has_gdc = norm.split()[1:]
     # add + RMSNorm: release the next op, request the weight, wait, then read x and the residual
     assert -1 < int(release) < int(first_ld) < int(wait) < int(last_ld) and plain_has_gdc == "False"
-    for line in (line for line in lines if not line.startswith("NORM ")):
+    assert next(line for line in lines if line.startswith("TRACE ")).split()[1:] == ["4", "3", "0"]
+    for line in (line for line in lines if not line.startswith(("NORM ", "TRACE "))):
         name, pdl, *nums = line.split()
         rows[name, pdl == "True"] = [int(v) for v in nums]
     assert len(rows) == 6, r.stdout

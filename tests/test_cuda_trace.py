@@ -62,6 +62,7 @@ def test_a_reused_slot_reports_its_latest_launch(trace, monkeypatch):
     assert [o["meta"]["n"] for o in trace.timeline(0)] == [2, 3, 4]
 
 
+@pytest.mark.gluon_compile
 def test_traced_ring_reads_the_timer_four_times():
     from tests.test_cuda_ring_wna16 import _compile_sm90
 

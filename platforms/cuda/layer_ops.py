@@ -31,6 +31,7 @@ import triton.language as tl
 
 from quantrt.platforms.cuda.kernels.act_quant_triton import ONE_PASS_MAX_K, code_values, row_scale
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
+from quantrt.platforms.cuda.kernels.trace import t_marks, t_stamp, trace_slot
 from quantrt.quant.kernel import QuantizedRows, RowCodes
 
 
@@ -91,13 +92,16 @@ def _quant_store(y, q_ptr, qs_ptr, sa_ptr, row, offs, mask, QMAX: tl.constexpr, 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_ptr, stride_x, stride_d, stride_y,
                          stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
-                         QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False):
+                         QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False,
+                         tr_ptr=None, TRACE: tl.constexpr = False):
+    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)         # the weight is no kernel's output: before the wait
     pdl_wait(PDL)
+    t_w = t_stamp(TRACE)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     dd = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
     s = rne(x.to(tl.float32) + dd.to(tl.float32), x.dtype)
@@ -109,6 +113,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
         _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
         tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+    t_marks(tr_ptr, row, t_e, t_w, t_w, TRACE)
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -135,9 +140,10 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     q, qs, sa, quant = _code_buffers(s, codes, d)
     if m:
         block = triton.next_power_of_2(d)
+        tr = trace_slot(x2, "add_rms_norm", m=m, d=d)
         _add_rms_norm_kernel[(m,)](x2, d2, weight, y, s, q, qs, sa, x2.stride(0), d2.stride(0), y.stride(0),
                                    s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                   **quant, **pdl_row_opts(x2, m))
+                                   **quant, tr_ptr=tr, TRACE=tr is not None, **pdl_row_opts(x2, m))
     out = y.reshape(x.shape) if codes is None else QuantizedRows(q, qs)
     return out, s.reshape(x.shape)
 
@@ -159,8 +165,11 @@ def _code_buffers(like: torch.Tensor, codes: RowCodes | None, d: int
 @triton.jit
 def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n, GELU: tl.constexpr,
                     BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False, QMAX: tl.constexpr = 1.0,
-                    IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False):
+                    IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False, tr_ptr=None,
+                    TRACE: tl.constexpr = False):
+    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     pdl_enter(PDL)
+    t_w = t_stamp(TRACE)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -177,6 +186,7 @@ def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n,
         _quant_store(y.to(tl.float32), q_ptr + row * n, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
         tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
+    t_marks(tr_ptr, row * tl.num_programs(1) + tl.program_id(1), t_e, t_w, t_w, TRACE)
 
 
 def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | None = None
@@ -197,7 +207,8 @@ def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | 
     if t:
         block = min(1024, triton.next_power_of_2(n)) if codes is None else triton.next_power_of_2(n)
         warps = 4 if codes is None else min(16, max(4, block // 512))
+        tr = trace_slot(gu, "act_mul", rows=t, n=n)
         _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, q, qs, sa, gu.stride(0), out.stride(0), n,
                                                     GELU=gelu_tanh, BLOCK=block, num_warps=warps, **quant,
-                                                    **pdl_row_opts(gu, t))
+                                                    tr_ptr=tr, TRACE=tr is not None, **pdl_row_opts(gu, t))
     return out if codes is None else QuantizedRows(q, qs)

@@ -27,6 +27,7 @@ import triton.language as tl
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_wait
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
+from quantrt.platforms.cuda.kernels.trace import t_marks, t_stamp, trace_slot
 
 MAX_M = 4
 
@@ -66,7 +67,9 @@ def _dots(x_ptr, stride_xm, kk, w, acc0, acc1, acc2, acc3, M: tl.constexpr):
 @triton.jit
 def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_PER_SPLIT: tl.constexpr,
                        M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr = False):
+                       PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr = False,
+                       tr_ptr=None, TRACE: tl.constexpr = False):
+    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     # x [M, K] (rows stride_xm, k contiguous); w [N, K] k contiguous; y [M, N]; ws [SPLIT, M, N] fp32.
     # K is a multiple of K_PER_SPLIT (itself of BK): no K masks; rows past N are clamped, not stored.
     pid_n = tl.program_id(0)
@@ -83,6 +86,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     if PREFETCH:
         w = tl.load(w_tile)                                                    # before the wait (PDL)
         pdl_wait(PDL)
+        t_w = t_stamp(TRACE)
         for kt in range(0, K_PER_SPLIT, BK):
             nxt = tl.load(w_tile + (kt + BK), mask=kt + BK < K_PER_SPLIT, other=0.0)  # scalar mask
             acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
@@ -90,10 +94,12 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     else:  # step 0 peeled: its weight tile is loaded before the wait (PDL), the others as they come
         w = tl.load(w_tile)
         pdl_wait(PDL)
+        t_w = t_stamp(TRACE)
         acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + offs_k, w, acc0, acc1, acc2, acc3, M)
         for kt in range(BK, K_PER_SPLIT, BK):
             w = tl.load(w_tile + kt)
             acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
+    t_l = t_stamp(TRACE)
     pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
     rm = tl.arange(0, MP)[:, None]                                             # [MP, 1] output row
     acc = tl.where(rm == 0, acc0[None, :], 0.0)                                # [MP, BN]
@@ -106,6 +112,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     ym = rm * N + offs_n[None, :]
     ymask = (rm < M) & (offs_n < N)[None, :]
     store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, 0, pid_n, pid_k, M, N, SPLIT)
+    t_marks(tr_ptr, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
 
 
 def plan_split(k: int, block_k: int, n_tiles: int, target_programs: int) -> int:
@@ -143,9 +150,11 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = N
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles) if split > 1 else y
     extra = {"launch_pdl": True} if cfg.pdl else {}
+    tr = trace_slot(x, "dense_gemv", n=n, k=k, tiles=n_tiles, split=split)
     _dense_gemv_kernel[(n_tiles, split)](
         x, w, y, ws, cnt, n, k, x.stride(0), k // split, M=m, MP=triton.next_power_of_2(m), BN=cfg.block_n,
-        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x),
+        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x), tr_ptr=tr,
+        TRACE=tr is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **extra)
     return y

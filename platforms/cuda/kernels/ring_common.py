@@ -126,6 +126,31 @@ def gdc_launch_dependents():
 
 
 @gluon.jit
+def g_now():
+    """%globaltimer (ns) in a Gluon kernel."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def g_stamp(TRACE: gl.constexpr):
+    """%globaltimer when tracing, else 0 (nothing emitted)."""
+    if TRACE:
+        return g_now()
+    else:
+        return 0
+
+
+@gluon.jit
+def g_marks(tr_ptr, prog, t_entry, t_wait, t_loop, TRACE: gl.constexpr):
+    """Program `prog`'s record: entry, grid dependency met, main loop done, and now (its exit)."""
+    if TRACE:   # a ring launch has fewer programs than `trace.PROGS`
+        gl.store(tr_ptr + prog * 4 + 1, t_wait)
+        gl.store(tr_ptr + prog * 4 + 2, t_loop)
+        gl.store(tr_ptr + prog * 4 + 3, g_now())
+        gl.store(tr_ptr + prog * 4, t_entry)
+
+
+@gluon.jit
 def store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT: gl.constexpr):
     """acc [BN, BM] fp32 -> y (SPLIT 1), or this split's partial into ws [SPLIT, M, N]; the last program of the
     column tile (an acq_rel arrival counter) sums the partials into y and resets its counter."""
@@ -213,5 +238,6 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-__all__ = ["TAGGED_MAX_M", "env_tiles", "gdc_launch_dependents", "gdc_wait", "gsum", "residual_out", "split_count",
-           "split_k_plan", "store_split_k", "store_split_k_row", "tagged_partials", "tma_desc"]
+__all__ = ["TAGGED_MAX_M", "env_tiles", "g_marks", "g_now", "g_stamp", "gdc_launch_dependents", "gdc_wait", "gsum",
+           "residual_out", "split_count", "split_k_plan", "store_split_k", "store_split_k_row", "tagged_partials",
+           "tma_desc"]

@@ -43,6 +43,8 @@ from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, s
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
     env_tiles,
+    g_marks,
+    g_stamp,
     gdc_launch_dependents,
     gdc_wait,
     gsum,
@@ -61,12 +63,11 @@ from quantrt.platforms.cuda.kernels.ring_prologue import (
     pro_load,
     pro_tile,
 )
-from quantrt.platforms.cuda.kernels.trace import g_marks, g_stamp, trace_slot
+from quantrt.platforms.cuda.kernels.trace import trace_slot
 from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 32
-PDL_MAX_M = 8   # PDL launch (`_common.stream_pdl`) up to here: H100 e2e int4 batch 2 / 4 / 8 -5 / -4 / -2.5% a step,
-                # batch 16 +2% (PERFORMANCE.md, twelfth session)
+PDL_MAX_M = 8   # PDL launch (`_common.stream_pdl`) to here: H100 e2e int4 batch 2/4/8/16 -5/-4/-2.5/+2% (12th session)
 
 
 def _asm_qz(magic: str, one: str, fma: str) -> str:

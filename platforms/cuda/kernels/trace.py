@@ -1,5 +1,7 @@
 """Per-program timestamps of the decode kernels, for a timeline of one graph-replayed step (a diagnostic:
-QUANTRT_CUDA_TRACE=1; off, no kernel changes).
+QUANTRT_CUDA_TRACE=1; off, no kernel changes). The Triton kernels stamp with `t_stamp` / `t_marks` here, the Gluon
+ones with `ring_common.g_stamp` / `g_marks` (a Gluon kernel calls only Gluon functions, and a Triton kernel only
+Triton ones).
 
 Each traced launch takes a slot of a device buffer [SLOTS, PROGS, 4] int64 when it is launched (or captured): its
 programs write %globaltimer (ns, common to all SMs) at entry, when their grid dependency is met (after
@@ -14,11 +16,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
 
-SLOTS = 8192
-PROGS = 512
+SLOTS = 4096
+PROGS = 1024      # programs past this many are not recorded (a bf16 GEMV over a wide N has more)
+PROGS_C = tl.constexpr(PROGS)
 _BUF: dict[int, torch.Tensor] = {}
 _META: list[tuple[str, dict]] = []
 
@@ -27,7 +28,7 @@ def trace_on() -> bool:
     return os.environ.get("QUANTRT_CUDA_TRACE", "0") == "1"
 
 
-def trace_slot(t: torch.Tensor, kind: str, **meta) -> torch.Tensor | None:
+def trace_slot(t: torch.Tensor, kind: str, /, **meta) -> torch.Tensor | None:
     """This launch's slot [PROGS * 4] int64 (a view of the device buffer), or None with tracing off."""
     if not trace_on():
         return None
@@ -58,31 +59,6 @@ def timeline(device_index: int = 0) -> list[dict]:
     return sorted(out, key=lambda o: o["t0"])
 
 
-@gluon.jit
-def g_now():
-    """%globaltimer (ns) in a Gluon kernel."""
-    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
-
-
-@gluon.jit
-def g_stamp(TRACE: gl.constexpr):
-    """%globaltimer when tracing, else 0 (nothing emitted)."""
-    if TRACE:
-        return g_now()
-    else:
-        return 0
-
-
-@gluon.jit
-def g_marks(tr_ptr, prog, t_entry, t_wait, t_loop, TRACE: gl.constexpr):
-    """Program `prog`'s record: entry, grid dependency met, main loop done, and now (its exit)."""
-    if TRACE:
-        gl.store(tr_ptr + prog * 4 + 1, t_wait)
-        gl.store(tr_ptr + prog * 4 + 2, t_loop)
-        gl.store(tr_ptr + prog * 4 + 3, g_now())
-        gl.store(tr_ptr + prog * 4, t_entry)
-
-
 @triton.jit
 def t_now():
     """%globaltimer (ns) in a Triton kernel."""
@@ -102,10 +78,11 @@ def t_stamp(TRACE: tl.constexpr):
 def t_marks(tr_ptr, prog, t_entry, t_wait, t_loop, TRACE: tl.constexpr):
     """Program `prog`'s record: entry, grid dependency met, main phase done, and now (its exit)."""
     if TRACE:
-        tl.store(tr_ptr + prog * 4 + 1, t_wait)
-        tl.store(tr_ptr + prog * 4 + 2, t_loop)
-        tl.store(tr_ptr + prog * 4 + 3, t_now())
-        tl.store(tr_ptr + prog * 4, t_entry)
+        ok = prog < PROGS_C
+        tl.store(tr_ptr + prog * 4 + 1, t_wait, mask=ok)
+        tl.store(tr_ptr + prog * 4 + 2, t_loop, mask=ok)
+        tl.store(tr_ptr + prog * 4 + 3, t_now(), mask=ok)
+        tl.store(tr_ptr + prog * 4, t_entry, mask=ok)
 
 
-__all__ = ["PROGS", "g_marks", "g_now", "g_stamp", "t_marks", "t_now", "t_stamp", "timeline", "trace_on", "trace_slot"]
+__all__ = ["PROGS", "t_marks", "t_now", "t_stamp", "timeline", "trace_on", "trace_slot"]
