@@ -100,7 +100,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, z_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, *_pro_args(pro, rows, k, x),
         -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
-        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res, torch.zeros(8, dtype=torch.int64), trace],
+        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res, torch.zeros(8, dtype=torch.int64), 7, trace],
         num_warps=warps, div16=div16)
 
 

@@ -38,10 +38,10 @@ for pdl in (False, True):
     norm[pdl] = compile_sm90(L._add_rms_norm_kernel, vals, num_warps=8, div16=True, gluon=False)
 tr = torch.zeros(8, dtype=torch.int64)   # QUANTRT_CUDA_TRACE: %globaltimer reads (entry, wait, loop end, exit)
 vals = [x, out_w := torch.zeros(n, k, dtype=torch.float8_e4m3fn), ws, ws, y, ws, cnt, n, k, k // 128, k // 2, 0, 1,
-        448.0, False, True, bn, bk, 4096, 4096, 1, 1, False, 2, True, True, tr, True]
+        448.0, False, True, bn, bk, 4096, 4096, 1, 1, False, 2, True, True, tr, 7, True]
 traced = compile_sm90(G._gemv_w8_kernel, vals, num_warps=8, div16=True, gluon=False, options={"num_stages": 1})
 vals = [xb, xb, xb[0], xb, xb, xb, ws, ws, 4096, 4096, 4096, 4096, 4096, 1e-5, 4096, True, False, 1.0, False, False,
-        tr, True]
+        tr, 7, True]
 traced_norm = compile_sm90(L._add_rms_norm_kernel, vals, num_warps=8, div16=True, gluon=False)
 print("TRACE", traced.count("%globaltimer"), traced_norm.count("%globaltimer"), out["fp8", True].count("globaltimer"))
 body = norm[True][norm[True].index(".entry"):]

@@ -93,7 +93,7 @@ def _quant_store(y, q_ptr, qs_ptr, sa_ptr, row, offs, mask, QMAX: tl.constexpr, 
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_ptr, stride_x, stride_d, stride_y,
                          stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
                          QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False,
-                         tr_ptr=None, TRACE: tl.constexpr = False):
+                         tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False):
     t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -113,7 +113,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
         _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
         tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
-    t_marks(tr_ptr, row, t_e, t_w, t_w, TRACE)
+    t_marks(tr_ptr, tr_id, row, t_e, t_w, t_w, TRACE)
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -140,10 +140,10 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     q, qs, sa, quant = _code_buffers(s, codes, d)
     if m:
         block = triton.next_power_of_2(d)
-        tr = trace_slot(x2, "add_rms_norm", m=m, d=d)
+        tr, tr_id = trace_slot(x2, "add_rms_norm", m, m=m, d=d)
         _add_rms_norm_kernel[(m,)](x2, d2, weight, y, s, q, qs, sa, x2.stride(0), d2.stride(0), y.stride(0),
                                    s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                   **quant, tr_ptr=tr, TRACE=tr is not None, **pdl_row_opts(x2, m))
+                                   **quant, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, **pdl_row_opts(x2, m))
     out = y.reshape(x.shape) if codes is None else QuantizedRows(q, qs)
     return out, s.reshape(x.shape)
 
@@ -166,7 +166,7 @@ def _code_buffers(like: torch.Tensor, codes: RowCodes | None, d: int
 def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n, GELU: tl.constexpr,
                     BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False, QMAX: tl.constexpr = 1.0,
                     IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False, tr_ptr=None,
-                    TRACE: tl.constexpr = False):
+                    tr_id=0, TRACE: tl.constexpr = False):
     t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     pdl_enter(PDL)
     t_w = t_stamp(TRACE)
@@ -186,7 +186,7 @@ def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n,
         _quant_store(y.to(tl.float32), q_ptr + row * n, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
         tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
-    t_marks(tr_ptr, row * tl.num_programs(1) + tl.program_id(1), t_e, t_w, t_w, TRACE)
+    t_marks(tr_ptr, tr_id, row * tl.num_programs(1) + tl.program_id(1), t_e, t_w, t_w, TRACE)
 
 
 def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | None = None
@@ -207,8 +207,8 @@ def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | 
     if t:
         block = min(1024, triton.next_power_of_2(n)) if codes is None else triton.next_power_of_2(n)
         warps = 4 if codes is None else min(16, max(4, block // 512))
-        tr = trace_slot(gu, "act_mul", rows=t, n=n)
+        tr, tr_id = trace_slot(gu, "act_mul", t * triton.cdiv(n, block), rows=t, n=n)
         _act_mul_kernel[(t, triton.cdiv(n, block))](gu, out, q, qs, sa, gu.stride(0), out.stride(0), n,
                                                     GELU=gelu_tanh, BLOCK=block, num_warps=warps, **quant,
-                                                    tr_ptr=tr, TRACE=tr is not None, **pdl_row_opts(gu, t))
+                                                    tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, **pdl_row_opts(gu, t))
     return out if codes is None else QuantizedRows(q, qs)

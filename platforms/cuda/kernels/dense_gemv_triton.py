@@ -68,7 +68,7 @@ def _dots(x_ptr, stride_xm, kk, w, acc0, acc1, acc2, acc3, M: tl.constexpr):
 def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_PER_SPLIT: tl.constexpr,
                        M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr = False,
-                       tr_ptr=None, TRACE: tl.constexpr = False):
+                       tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False):
     t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     # x [M, K] (rows stride_xm, k contiguous); w [N, K] k contiguous; y [M, N]; ws [SPLIT, M, N] fp32.
     # K is a multiple of K_PER_SPLIT (itself of BK): no K masks; rows past N are clamped, not stored.
@@ -112,7 +112,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     ym = rm * N + offs_n[None, :]
     ymask = (rm < M) & (offs_n < N)[None, :]
     store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, 0, pid_n, pid_k, M, N, SPLIT)
-    t_marks(tr_ptr, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
+    t_marks(tr_ptr, tr_id, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
 
 
 def plan_split(k: int, block_k: int, n_tiles: int, target_programs: int) -> int:
@@ -150,11 +150,11 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = N
     ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles) if split > 1 else y
     extra = {"launch_pdl": True} if cfg.pdl else {}
-    tr = trace_slot(x, "dense_gemv", n=n, k=k, tiles=n_tiles, split=split)
+    tr, tr_id = trace_slot(x, "dense_gemv", n_tiles * split, n=n, k=k, tiles=n_tiles, split=split)
     _dense_gemv_kernel[(n_tiles, split)](
         x, w, y, ws, cnt, n, k, x.stride(0), k // split, M=m, MP=triton.next_power_of_2(m), BN=cfg.block_n,
         BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x), tr_ptr=tr,
-        TRACE=tr is not None,
+        tr_id=tr_id, TRACE=tr is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **extra)
     return y

@@ -185,7 +185,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                     SAT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr, KT: tl.constexpr,
                     WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
                     TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, tr_ptr=None,
-                    TRACE: tl.constexpr = False):
+                    tr_id=0, TRACE: tl.constexpr = False):
     t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
     # (itself of BK): no K masks; rows past N are clamped, not stored. WSCALE 2: BN divides 128.
@@ -232,7 +232,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
     y2 = y[None, :]                                                            # [1, BN]
     ym = tl.arange(0, 1)[:, None] * N + offs_n[None, :]
     store_split_k(y2, y_ptr, ws_ptr, cnt_ptr, ym, (offs_n < N)[None, :], 0, pid_n, pid_k, 1, N, SPLIT)
-    t_marks(tr_ptr, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
+    t_marks(tr_ptr, tr_id, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
 
 
 def gemv_w8_why_not(n: int, k: int, act: int, wscale: int, is_int: bool = False,
@@ -298,12 +298,11 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
     sat = w.dtype == torch.float8_e4m3fn and qmax == 448.0 and not interpret_mode()  # the cast saturates to 448
     dp4a = w.dtype == torch.int8 and act in (0, 2) and cfg.widen == 1
     pdl = stream_pdl(x, "w8")
-    tr = trace_slot(x, "gemv_w8", n=n, k=k, tiles=n_tiles, split=split)
+    tr, tr_id = trace_slot(x, "gemv_w8", n_tiles * split, n=n, k=k, tiles=n_tiles, split=split)
     _gemv_w8_kernel[(n_tiles, split)](
         x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act,
         WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
-        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, tr_ptr=tr, TRACE=tr is not None,
-        num_warps=cfg.num_warps,
-        num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, tr_ptr=tr, tr_id=tr_id,
+        TRACE=tr is not None, num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y

@@ -120,7 +120,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
                    FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
                    ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0, tr_ptr=None,
-                   TRACE: tl.constexpr = False):
+                   tr_id=0, TRACE: tl.constexpr = False):
     t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     pdl_enter(PDL)
     t_w = t_stamp(TRACE)
@@ -174,7 +174,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         tl.store(m_ptr + row, m_i, mask=mask_g)
         tl.store(l_ptr + row, l_i, mask=mask_g)
         tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
-    t_marks(tr_ptr, (b * HKV + kvh) * S + sp, t_e, t_w, t_q, TRACE)
+    t_marks(tr_ptr, tr_id, (b * HKV + kvh) * S + sp, t_e, t_w, t_q, TRACE)
 
 
 @triton.jit
@@ -267,7 +267,7 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     # step, batch 1 / 2: int4 2.16 -> 2.13 / 2.41 -> 2.38 ms, fp8 3.25 -> 3.22 / 3.46 -> 3.43; batch 64 equal)
     num_warps = num_warps or (8 if b * hkv * s <= num_sms() else 4)
     nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
-    tr = trace_slot(q, "attn", b=b, hkv=hkv, s=s)
+    tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
                                 float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
                                 nw.k, nw.v, nw.cos, nw.sin, nw.positions, nw.slots, q.stride(0), q.stride(1),
@@ -276,8 +276,8 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
                                 DOT_F32=interpret_mode(), FINAL=final, ROPE=new is not None, NEOX=nw.neox,
-                                FMT_W=nw.fmt, tr_ptr=tr, TRACE=tr is not None, num_warps=num_warps, num_stages=2,
-                                **pdl_row_opts(q, b))
+                                FMT_W=nw.fmt, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, num_warps=num_warps,
+                                num_stages=2, **pdl_row_opts(q, b))
     if final:
         return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,

@@ -141,13 +141,16 @@ def g_stamp(TRACE: gl.constexpr):
 
 
 @gluon.jit
-def g_marks(tr_ptr, prog, t_entry, t_wait, t_loop, TRACE: gl.constexpr):
-    """Program `prog`'s record: entry, grid dependency met, main loop done, and now (its exit)."""
-    if TRACE:   # a ring launch has fewer programs than `trace.PROGS`
-        gl.store(tr_ptr + prog * 4 + 1, t_wait)
-        gl.store(tr_ptr + prog * 4 + 2, t_loop)
-        gl.store(tr_ptr + prog * 4 + 3, g_now())
-        gl.store(tr_ptr + prog * 4, t_entry)
+def g_marks(tr_ptr, tr_id, prog, t_entry, t_wait, t_loop, TRACE: gl.constexpr):
+    """Program `prog`'s record (`trace.WIDTH` int64): entry, grid dependency met, main loop done, now (its exit),
+    the launch id."""
+    if TRACE:
+        rec = tr_ptr + prog.to(gl.int64) * 8
+        gl.store(rec + 1, t_wait)
+        gl.store(rec + 2, t_loop)
+        gl.store(rec + 3, g_now())
+        gl.store(rec + 4, tr_id)
+        gl.store(rec, t_entry)
 
 
 @gluon.jit

@@ -188,7 +188,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
                     OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
                     NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None,
-                    RES: gl.constexpr = False, tr_ptr=None, TRACE: gl.constexpr = False):
+                    RES: gl.constexpr = False, tr_ptr=None, tr_id=0, TRACE: gl.constexpr = False):
     t_e = g_stamp(TRACE)                                     # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
@@ -315,7 +315,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    g_marks(tr_ptr, pid_k * gl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
+    g_marks(tr_ptr, tr_id, pid_k * gl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
 
 
 def _p_layout(rk: int, bn: int, warps: int = 4) -> gl.DistributedLinearLayout:
@@ -370,8 +370,7 @@ _TILES: dict[tuple[int, int, int], tuple] = {
     (16, 4096, 4096): (64, 128, 3, 2, 0, 16),     # 9.4 us
     (32, 4096, 28672): (128, 128, 2, 1, 0, 32, False, True, 8),   # 36.0 us (4 warps: 46+)
 }
-_DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 2, 3, 0, 16),
-            32: (64, 128, 2, 2, 0, 32)}
+_DEFAULT = {1: (64, 128, 2, 4, 0, 8), 8: (64, 128, 2, 4, 0, 8), 16: (64, 128, 2, 3, 0, 16), 32: (64, 128, 2, 2, 0, 32)}
 
 
 def default_config(m: int, n: int, k: int) -> RingConfig:
@@ -439,7 +438,8 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                              f"{tuple(residual.shape)} {residual.dtype})")
         parts = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
     norm = pro is not None and pro.kind in (PRO_NORM, PRO_NORM_PARTS)
-    tr = trace_slot(x, "ring", m=m, n=n, k=k, pro=pro.kind if pro is not None else 0, tiles=n_tiles, split=split)
+    tr, tr_id = trace_slot(x, "ring", n_tiles * split, m=m, n=n, k=k, pro=pro.kind if pro else 0, tiles=n_tiles,
+                           split=split)
     d = pro.parts if norm and pro.kind == PRO_NORM_PARTS else pro.delta if norm else x
     nw, r = (pro.weight, pro.residual if pro.residual is not None else x) if norm else (x, x)
     _ring_w4_kernel[(n_tiles, split)](
@@ -449,7 +449,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
         *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
         **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), RES=parts is not None,
-        tr_ptr=tr, TRACE=tr is not None, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+        tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return (y, parts) if parts is not None else y
 
 

@@ -3,10 +3,11 @@ QUANTRT_CUDA_TRACE=1; off, no kernel changes). The Triton kernels stamp with `t_
 ones with `ring_common.g_stamp` / `g_marks` (a Gluon kernel calls only Gluon functions, and a Triton kernel only
 Triton ones).
 
-Each traced launch takes a slot of a device buffer [SLOTS, PROGS, 4] int64 when it is launched (or captured): its
-programs write %globaltimer (ns, common to all SMs) at entry, when their grid dependency is met (after
-griddepcontrol.wait), when their main loop is done and at exit. A graph replays the slots it captured, so after a
-run the slots with the latest entry times are the last step replayed. `timeline` reads them back.
+Each traced launch takes one record per program in a device buffer when it is launched (or captured): its programs
+write %globaltimer (ns, common to all SMs) at entry, when their grid dependency is met (after
+griddepcontrol.wait), when their main loop is done and at exit, and the launch's id. A graph replays into the
+records it captured, so after a run the launches with the latest entry times are the last step replayed.
+`timeline` reads them back.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-SLOTS = 4096
-PROGS = 1024      # programs past this many are not recorded (a bf16 GEMV over a wide N has more)
-PROGS_C = tl.constexpr(PROGS)
+ROWS = 1 << 21    # program records in the device buffer (128 MB), reused from the start when full
+WIDTH = 8         # int64 a record: entry, wait, loop end, exit, launch id, (3 unused: 64-byte records)
 _BUF: dict[int, torch.Tensor] = {}
+_NEXT = [0]
 _META: list[tuple[str, dict]] = []
 
 
@@ -28,32 +29,39 @@ def trace_on() -> bool:
     return os.environ.get("QUANTRT_CUDA_TRACE", "0") == "1"
 
 
-def trace_slot(t: torch.Tensor, kind: str, /, **meta) -> torch.Tensor | None:
-    """This launch's slot [PROGS * 4] int64 (a view of the device buffer), or None with tracing off."""
+def trace_slot(t: torch.Tensor, kind: str, progs: int, /, **meta) -> tuple[torch.Tensor | None, int]:
+    """(this launch's records [progs * WIDTH] int64, a view of the device buffer, and its launch id) or (None, 0)
+    with tracing off. The records are taken in turn from the buffer, from its start again when it is full; each
+    program writes the launch id into its record, so `timeline` tells launches apart after the buffer wrapped."""
     if not trace_on():
-        return None
+        return None, 0
     i = t.device.index or 0
     if i not in _BUF:
-        _BUF[i] = torch.zeros(SLOTS * PROGS * 4, dtype=torch.int64, device=t.device)
-    slot = len(_META) % SLOTS
+        _BUF[i] = torch.zeros(ROWS * WIDTH, dtype=torch.int64, device=t.device)
+    if progs > ROWS:
+        raise ValueError(f"a traced launch of {progs} programs does not fit the {ROWS}-record trace buffer")
+    if _NEXT[0] + progs > ROWS:
+        _NEXT[0] = 0
+    start = _NEXT[0]
+    _NEXT[0] += progs
     _META.append((kind, meta))
-    return _BUF[i][slot * PROGS * 4:(slot + 1) * PROGS * 4]
+    return _BUF[i][start * WIDTH:(start + progs) * WIDTH], len(_META)
 
 
 def timeline(device_index: int = 0) -> list[dict]:
-    """The traced launches of the latest step: [{kind, meta, t [progs, 4] ns, t0}] in entry order (slots whose first
-    entry is within 50 ms of the latest one; older slots belong to earlier replays). A slot reused after SLOTS
-    launches holds its latest launch."""
-    buf = _BUF[device_index].view(SLOTS, PROGS, 4).cpu()
-    out = []
-    for slot in range(min(len(_META), SLOTS)):
-        t = buf[slot]
-        t = t[t[:, 0] > 0]
-        if len(t):
-            kind, meta = _META[slot + SLOTS * ((len(_META) - 1 - slot) // SLOTS)]
-            out.append({"kind": kind, "meta": meta, "t": t, "t0": int(t[:, 0].min())})
-    if not out:
+    """The traced launches of the latest step: [{kind, meta, t [progs, 4] ns, t0}] in entry order (launches whose
+    first entry is within 50 ms of the latest one; older ones belong to earlier replays). A launch whose records were
+    partly taken by a later one keeps the rest."""
+    rec = _BUF[device_index].view(ROWS, WIDTH).cpu()
+    rec = rec[(rec[:, 0] > 0) & (rec[:, 4] > 0)]
+    if not len(rec):
         return []
+    rec = rec[torch.argsort(rec[:, 4], stable=True)]
+    ids, counts = torch.unique_consecutive(rec[:, 4], return_counts=True)
+    out = []
+    for lid, t in zip(ids.tolist(), torch.split(rec[:, :4], counts.tolist())):
+        kind, meta = _META[lid - 1]
+        out.append({"kind": kind, "meta": meta, "t": t, "t0": int(t[:, 0].min())})
     latest = max(o["t0"] for o in out)
     out = [o for o in out if o["t0"] > latest - 50_000_000]
     return sorted(out, key=lambda o: o["t0"])
@@ -75,14 +83,15 @@ def t_stamp(TRACE: tl.constexpr):
 
 
 @triton.jit
-def t_marks(tr_ptr, prog, t_entry, t_wait, t_loop, TRACE: tl.constexpr):
-    """Program `prog`'s record: entry, grid dependency met, main phase done, and now (its exit)."""
+def t_marks(tr_ptr, tr_id, prog, t_entry, t_wait, t_loop, TRACE: tl.constexpr):
+    """Program `prog`'s record: entry, grid dependency met, main phase done, now (its exit), the launch id."""
     if TRACE:
-        ok = prog < PROGS_C
-        tl.store(tr_ptr + prog * 4 + 1, t_wait, mask=ok)
-        tl.store(tr_ptr + prog * 4 + 2, t_loop, mask=ok)
-        tl.store(tr_ptr + prog * 4 + 3, t_now(), mask=ok)
-        tl.store(tr_ptr + prog * 4, t_entry, mask=ok)
+        rec = tr_ptr + prog.to(tl.int64) * 8
+        tl.store(rec + 1, t_wait)
+        tl.store(rec + 2, t_loop)
+        tl.store(rec + 3, t_now())
+        tl.store(rec + 4, tr_id)
+        tl.store(rec, t_entry)
 
 
-__all__ = ["PROGS", "t_marks", "t_now", "t_stamp", "timeline", "trace_on", "trace_slot"]
+__all__ = ["ROWS", "WIDTH", "t_marks", "t_now", "t_stamp", "timeline", "trace_on", "trace_slot"]
