@@ -83,8 +83,8 @@ def main() -> None:
         for fmt in ("gptq", "awq"):
             if kw.pop(fmt, False):
                 src = cd.write_checkpoint(Path(f"{a.checkpoint}-{fmt}"), a.layers, **{fmt: True})
-        trace._META.clear()
-        cd.bench_quantrt(src, name, kw, args, bw, [])
+        cd.bench_quantrt(src, name, kw, args, bw, [])   # launch ids stay unique across engines: records of an
+                                                         # earlier engine keep their own launches
         torch.cuda.synchronize()
         per_layer(trace.timeline(), a.layers)
 

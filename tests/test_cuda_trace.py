@@ -54,6 +54,7 @@ def test_records_and_the_latest_step_in_entry_order(trace):
     # launch 1: a stale replay (100 ms older); launches 2-4 of the latest step, written out of entry order
     for (rec, lid), t0, progs in zip(got, (base - 100_000_000, base + 3_000, base, base + 9_000), (2, 1, 3, 2)):
         _write(rec, lid, t0, progs)
+    _write(trace._BUF[0][-8:], 99, base + 5_000, 1)                       # an id this process never gave out
     tl = trace.timeline(0)
     assert [o["meta"]["n"] for o in tl] == [2, 1, 3]
     assert [len(o["t"]) for o in tl] == [3, 1, 2]

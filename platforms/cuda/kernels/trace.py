@@ -53,7 +53,7 @@ def timeline(device_index: int = 0) -> list[dict]:
     first entry is within 50 ms of the latest one; older ones belong to earlier replays). A launch whose records were
     partly taken by a later one keeps the rest."""
     rec = _BUF[device_index].view(ROWS, WIDTH).cpu()
-    rec = rec[(rec[:, 0] > 0) & (rec[:, 4] > 0)]
+    rec = rec[(rec[:, 0] > 0) & (rec[:, 4] > 0) & (rec[:, 4] <= len(_META))]
     if not len(rec):
         return []
     rec = rec[torch.argsort(rec[:, 4], stable=True)]
