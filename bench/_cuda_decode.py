@@ -461,6 +461,18 @@ def print_table(rows: list[dict], bw: float) -> None:
               f"{100 * r['roofline_median']:.1f}% | {ratio} | {r['steady_ms']:.2f} |")
 
 
+def config_checkpoint(kw: dict, base: Path, checkpoint: str, layers: int) -> Path:
+    """The checkpoint a config's engine loads: `base` (bf16), or the GPTQ / AWQ one written beside it (`kw`'s
+    "gptq" / "awq" flag, popped)."""
+    for fmt in ("gptq", "awq"):
+        if kw.pop(fmt, False):
+            t0 = time.perf_counter()
+            src = write_checkpoint(Path(f"{checkpoint}-{fmt}"), layers, **{fmt: True})
+            print(f"{fmt} checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+            return src
+    return base
+
+
 def run_cuda(args) -> list[dict]:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; prompt {PROMPT_LEN}, "
           f"{args.new} new (steady: minus {args.short}), best of {args.repeats}", flush=True)
@@ -482,12 +494,7 @@ def run_cuda(args) -> list[dict]:
                 bench_hf(path, args, bw, rows, ref)
             else:
                 kw = config_kw(name)
-                src = path
-                for fmt in ("gptq", "awq"):
-                    if kw.pop(fmt, False):
-                        t0 = time.perf_counter()
-                        src = write_checkpoint(Path(f"{args.checkpoint}-{fmt}"), args.layers, **{fmt: True})
-                        print(f"{fmt} checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+                src = config_checkpoint(kw, path, args.checkpoint, args.layers)
                 outs = bench_quantrt(src, name, kw, args, bw, rows, ref)
                 if name == "quantrt bf16":
                     ref = outs

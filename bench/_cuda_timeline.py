@@ -76,14 +76,10 @@ def main() -> None:
     a = p.parse_args()
     args = argparse.Namespace(batches=[1], new=a.new, short=8, repeats=1, graphs="on", layers=a.layers)
     bw = cd.copy_bandwidth()
+    base = cd.write_checkpoint(Path(a.checkpoint), a.layers)
     for name in a.configs.split(",,"):
         kw = cd.config_kw(name.strip())
-        src = Path(a.checkpoint)
-        cd.write_checkpoint(src, a.layers)
-        for fmt in ("gptq", "awq"):
-            if kw.pop(fmt, False):
-                src = cd.write_checkpoint(Path(f"{a.checkpoint}-{fmt}"), a.layers, **{fmt: True})
-        cd.bench_quantrt(src, name, kw, args, bw, [])   # launch ids stay unique across engines: records of an
+        cd.bench_quantrt(cd.config_checkpoint(kw, base, a.checkpoint, a.layers), name, kw, args, bw, [])   # launch ids stay unique across engines: records of an
                                                          # earlier engine keep their own launches
         torch.cuda.synchronize()
         per_layer(trace.timeline(), a.layers)

@@ -13,9 +13,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
+from quantrt.platforms.cuda.kernels.trace import WIDTH
 
 _DESC_CACHE: dict[tuple, TensorDescriptor] = {}
 TAG = gl.constexpr(1 << 32)      # high word of a landed partial (`store_split_k_row`)
+TRACE_WIDTH = gl.constexpr(WIDTH)   # `trace`'s record, in int64
 TAGGED_MAX_M = 2                 # rows up to which split K ends in `store_split_k_row` (one round trip a row)
 _PARTIALS: dict[tuple[str, int], list[torch.Tensor]] = {}
 
@@ -145,7 +147,7 @@ def g_marks(tr_ptr, tr_id, prog, t_entry, t_wait, t_loop, TRACE: gl.constexpr):
     """Program `prog`'s record (`trace.WIDTH` int64): entry, grid dependency met, main loop done, now (its exit),
     the launch id."""
     if TRACE:
-        rec = tr_ptr + prog.to(gl.int64) * 8
+        rec = tr_ptr + prog.to(gl.int64) * TRACE_WIDTH
         gl.store(rec + 1, t_wait)
         gl.store(rec + 2, t_loop)
         gl.store(rec + 3, g_now())

@@ -20,6 +20,7 @@ import triton.language as tl
 
 ROWS = 1 << 21    # program records in the device buffer (128 MB), reused from the start when full
 WIDTH = 8         # int64 a record: entry, wait, loop end, exit, launch id, (3 unused: 64-byte records)
+WIDTH_C = tl.constexpr(WIDTH)
 _BUF: dict[int, torch.Tensor] = {}
 _NEXT = [0]
 _META: list[tuple[str, dict]] = []
@@ -86,7 +87,7 @@ def t_stamp(TRACE: tl.constexpr):
 def t_marks(tr_ptr, tr_id, prog, t_entry, t_wait, t_loop, TRACE: tl.constexpr):
     """Program `prog`'s record: entry, grid dependency met, main phase done, now (its exit), the launch id."""
     if TRACE:
-        rec = tr_ptr + prog.to(tl.int64) * 8
+        rec = tr_ptr + prog.to(tl.int64) * WIDTH_C
         tl.store(rec + 1, t_wait)
         tl.store(rec + 2, t_loop)
         tl.store(rec + 3, t_now())
