@@ -31,7 +31,7 @@ import triton.language as tl
 
 from quantrt.platforms.cuda.kernels.act_quant_triton import ONE_PASS_MAX_K, code_values, row_scale
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
-from quantrt.platforms.cuda.kernels.trace import t_marks, t_stamp, trace_slot
+from quantrt.platforms.cuda.kernels.trace import t_done, t_rec, t_stamp, trace_slot
 from quantrt.quant.kernel import QuantizedRows, RowCodes
 
 
@@ -94,14 +94,15 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
                          stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
                          QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False,
                          tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False):
-    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    tr_rec = t_rec(tr_ptr, tl.program_id(0), TRACE)        # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    t_stamp(tr_rec, 0, TRACE)
     pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)         # the weight is no kernel's output: before the wait
     pdl_wait(PDL)
-    t_w = t_stamp(TRACE)
+    t_stamp(tr_rec, 1, TRACE, 2)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     dd = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
     s = rne(x.to(tl.float32) + dd.to(tl.float32), x.dtype)
@@ -113,7 +114,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
         _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
         tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
-    t_marks(tr_ptr, tr_id, row, t_e, t_w, t_w, TRACE)
+    t_done(tr_rec, tr_id, TRACE)
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -167,9 +168,10 @@ def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n,
                     BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False, QMAX: tl.constexpr = 1.0,
                     IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False, tr_ptr=None,
                     tr_id=0, TRACE: tl.constexpr = False):
-    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    tr_rec = t_rec(tr_ptr, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), TRACE)   # `trace` timelines
+    t_stamp(tr_rec, 0, TRACE)
     pdl_enter(PDL)
-    t_w = t_stamp(TRACE)
+    t_stamp(tr_rec, 1, TRACE, 2)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -186,7 +188,7 @@ def _act_mul_kernel(gu_ptr, o_ptr, q_ptr, qs_ptr, sa_ptr, stride_g, stride_o, n,
         _quant_store(y.to(tl.float32), q_ptr + row * n, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
         tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
-    t_marks(tr_ptr, tr_id, row * tl.num_programs(1) + tl.program_id(1), t_e, t_w, t_w, TRACE)
+    t_done(tr_rec, tr_id, TRACE)
 
 
 def triton_act_mul(gu: torch.Tensor, gelu_tanh: bool = False, codes: RowCodes | None = None

@@ -27,7 +27,7 @@ import triton.language as tl
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_trigger, split_counters
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_wait
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
-from quantrt.platforms.cuda.kernels.trace import t_marks, t_stamp, trace_slot
+from quantrt.platforms.cuda.kernels.trace import t_done, t_rec, t_stamp, trace_slot
 
 MAX_M = 4
 
@@ -69,7 +69,8 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
                        M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr = False,
                        tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False):
-    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    tr_rec = t_rec(tr_ptr, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), TRACE)   # `trace` timelines
+    t_stamp(tr_rec, 0, TRACE)
     # x [M, K] (rows stride_xm, k contiguous); w [N, K] k contiguous; y [M, N]; ws [SPLIT, M, N] fp32.
     # K is a multiple of K_PER_SPLIT (itself of BK): no K masks; rows past N are clamped, not stored.
     pid_n = tl.program_id(0)
@@ -86,7 +87,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     if PREFETCH:
         w = tl.load(w_tile)                                                    # before the wait (PDL)
         pdl_wait(PDL)
-        t_w = t_stamp(TRACE)
+        t_stamp(tr_rec, 1, TRACE)
         for kt in range(0, K_PER_SPLIT, BK):
             nxt = tl.load(w_tile + (kt + BK), mask=kt + BK < K_PER_SPLIT, other=0.0)  # scalar mask
             acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
@@ -94,12 +95,12 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     else:  # step 0 peeled: its weight tile is loaded before the wait (PDL), the others as they come
         w = tl.load(w_tile)
         pdl_wait(PDL)
-        t_w = t_stamp(TRACE)
+        t_stamp(tr_rec, 1, TRACE)
         acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + offs_k, w, acc0, acc1, acc2, acc3, M)
         for kt in range(BK, K_PER_SPLIT, BK):
             w = tl.load(w_tile + kt)
             acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + kt + offs_k, w, acc0, acc1, acc2, acc3, M)
-    t_l = t_stamp(TRACE)
+    t_stamp(tr_rec, 2, TRACE)
     pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
     rm = tl.arange(0, MP)[:, None]                                             # [MP, 1] output row
     acc = tl.where(rm == 0, acc0[None, :], 0.0)                                # [MP, BN]
@@ -112,7 +113,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     ym = rm * N + offs_n[None, :]
     ymask = (rm < M) & (offs_n < N)[None, :]
     store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, 0, pid_n, pid_k, M, N, SPLIT)
-    t_marks(tr_ptr, tr_id, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
+    t_done(tr_rec, tr_id, TRACE)
 
 
 def plan_split(k: int, block_k: int, n_tiles: int, target_programs: int) -> int:

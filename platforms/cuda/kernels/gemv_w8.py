@@ -23,7 +23,7 @@ from quantrt.platforms.cuda.kernels.dense_gemv_triton import plan_split
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_wait
 from quantrt.platforms.cuda.kernels.skinny_fp8 import _amax_scale
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
-from quantrt.platforms.cuda.kernels.trace import t_marks, t_stamp, trace_slot
+from quantrt.platforms.cuda.kernels.trace import t_done, t_rec, t_stamp, trace_slot
 
 # The M = 1 GEMV on the dense-GEMV structure (sixth pass, docs/PERFORMANCE.md): `gemv_w8`.
 #
@@ -186,7 +186,8 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                     WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
                     TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, tr_ptr=None,
                     tr_id=0, TRACE: tl.constexpr = False):
-    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    tr_rec = t_rec(tr_ptr, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), TRACE)   # `trace` timelines
+    t_stamp(tr_rec, 0, TRACE)
     # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
     # (itself of BK): no K masks; rows past N are clamped, not stored. WSCALE 2: BN divides 128.
     pid_n = tl.program_id(0)
@@ -204,7 +205,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
     else:
         w0 = tl.load(w_tile)
     pdl_wait(PDL)  # step 0's weights are requested; x and the split-K buffers only after the kernel before ends
-    t_w = t_stamp(TRACE)
+    t_stamp(tr_rec, 1, TRACE)
     sx = 1.0
     if ACT == 0:
         sx = _amax_scale(x_ptr, K, KT, BKA, QMAX)
@@ -223,7 +224,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                        SAT, BN, BK, WIDEN, ACC)
         if ACT == 0 or ACT == 2:
             y = y * sx
-    t_l = t_stamp(TRACE)
+    t_stamp(tr_rec, 2, TRACE)
     pdl_release(TRIGGER)  # weights streamed: the next PDL op may be scheduled
     if WSCALE == 0:
         y = y * tl.load(sw_ptr)
@@ -232,7 +233,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
     y2 = y[None, :]                                                            # [1, BN]
     ym = tl.arange(0, 1)[:, None] * N + offs_n[None, :]
     store_split_k(y2, y_ptr, ws_ptr, cnt_ptr, ym, (offs_n < N)[None, :], 0, pid_n, pid_k, 1, N, SPLIT)
-    t_marks(tr_ptr, tr_id, pid_k * tl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
+    t_done(tr_rec, tr_id, TRACE)
 
 
 def gemv_w8_why_not(n: int, k: int, act: int, wscale: int, is_int: bool = False,

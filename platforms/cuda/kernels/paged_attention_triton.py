@@ -39,7 +39,7 @@ from quantrt.platforms.cuda.kernels.rope_kv_triton import (
     rope_cols,
     rope_store_kv,
 )
-from quantrt.platforms.cuda.kernels.trace import t_marks, t_stamp, trace_slot
+from quantrt.platforms.cuda.kernels.trace import t_done, t_rec, t_stamp, trace_slot
 from quantrt.platforms.cuda.layer_ops import rne
 
 _NEG = tl.constexpr(-1.0e30)  # a global read inside @triton.jit must be a constexpr
@@ -121,9 +121,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
                    FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
                    ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0, tr_ptr=None,
                    tr_id=0, TRACE: tl.constexpr = False):
-    t_e = t_stamp(TRACE)                                  # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    tr_rec = t_rec(tr_ptr, (tl.program_id(0) * HKV + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
+                   TRACE)                                 # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    t_stamp(tr_rec, 0, TRACE)
     pdl_enter(PDL)
-    t_w = t_stamp(TRACE)
+    t_stamp(tr_rec, 1, TRACE)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -149,7 +151,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         tl.debug_barrier()                                # the CTA reads the row it wrote below
     else:
         q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-    t_q = t_stamp(TRACE)                                  # q rotated, this token's k, v written
+    t_stamp(tr_rec, 2, TRACE)                             # q rotated, this token's k, v written
     lo = sp * CHUNK
     hi = tl.minimum(lo + CHUNK, length)
     if WINDOW > 0:
@@ -174,7 +176,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         tl.store(m_ptr + row, m_i, mask=mask_g)
         tl.store(l_ptr + row, l_i, mask=mask_g)
         tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
-    t_marks(tr_ptr, tr_id, (b * HKV + kvh) * S + sp, t_e, t_w, t_q, TRACE)
+    t_done(tr_rec, tr_id, TRACE)
 
 
 @triton.jit

@@ -134,25 +134,28 @@ def g_now():
 
 
 @gluon.jit
-def g_stamp(TRACE: gl.constexpr):
-    """%globaltimer when tracing, else 0 (nothing emitted)."""
+def g_rec(tr_ptr, prog, TRACE: gl.constexpr):
+    """Program `prog`'s record (`trace.WIDTH` int64: entry, grid dependency met, main loop done, exit, launch id),
+    0 with tracing off."""
     if TRACE:
-        return g_now()
+        return tr_ptr + prog.to(gl.int64) * TRACE_WIDTH
     else:
         return 0
 
 
 @gluon.jit
-def g_marks(tr_ptr, tr_id, prog, t_entry, t_wait, t_loop, TRACE: gl.constexpr):
-    """Program `prog`'s record (`trace.WIDTH` int64): entry, grid dependency met, main loop done, now (its exit),
-    the launch id."""
+def g_stamp(rec, slot: gl.constexpr, TRACE: gl.constexpr):
+    """%globaltimer stored now at rec[slot]; nothing emitted with tracing off."""
     if TRACE:
-        rec = tr_ptr + prog.to(gl.int64) * TRACE_WIDTH
-        gl.store(rec + 1, t_wait)
-        gl.store(rec + 2, t_loop)
+        gl.store(rec + slot, g_now())
+
+
+@gluon.jit
+def g_done(rec, tr_id, TRACE: gl.constexpr):
+    """The record's exit time and launch id."""
+    if TRACE:
         gl.store(rec + 3, g_now())
         gl.store(rec + 4, tr_id)
-        gl.store(rec, t_entry)
 
 
 @gluon.jit
@@ -243,6 +246,6 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-__all__ = ["TAGGED_MAX_M", "env_tiles", "g_marks", "g_now", "g_stamp", "gdc_launch_dependents", "gdc_wait", "gsum",
-           "residual_out", "split_count", "split_k_plan", "store_split_k", "store_split_k_row", "tagged_partials",
-           "tma_desc"]
+__all__ = ["TAGGED_MAX_M", "env_tiles", "g_done", "g_now", "g_rec", "g_stamp", "gdc_launch_dependents", "gdc_wait",
+           "gsum", "residual_out", "split_count", "split_k_plan", "store_split_k", "store_split_k_row",
+           "tagged_partials", "tma_desc"]

@@ -43,7 +43,8 @@ from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, s
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
     env_tiles,
-    g_marks,
+    g_done,
+    g_rec,
     g_stamp,
     gdc_launch_dependents,
     gdc_wait,
@@ -189,7 +190,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
                     NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None,
                     RES: gl.constexpr = False, tr_ptr=None, tr_id=0, TRACE: gl.constexpr = False):
-    t_e = g_stamp(TRACE)                                     # `trace`: QUANTRT_CUDA_TRACE=1 timelines
+    tr_rec = g_rec(tr_ptr, gl.program_id(1) * gl.num_programs(0) + gl.program_id(0), TRACE)   # `trace` timelines
+    g_stamp(tr_rec, 0, TRACE)
     RK: gl.constexpr = BK // 8
     NB: gl.constexpr = BN // 32                              # words tile [NB, RK, 32]: boxes x rows x columns
     MAG: gl.constexpr = 128.0 if IS_BF16 else 1024.0
@@ -219,7 +221,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
     if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
         gdc_wait()
-    t_w = g_stamp(TRACE)
+    g_stamp(tr_rec, 1, TRACE)
 
     if X_VEC:   # [BM, BK] in k order (16-byte loads), permuted to _frag_k order in registers
         offs_kx = gl.arange(0, BK, layout=gl.SliceLayout(0, X_LAYOUT))
@@ -301,7 +303,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         x1 = x1n
         b1 = b1n
         w = wn
-    t_l = g_stamp(TRACE)
+    g_stamp(tr_rec, 2, TRACE)
     if TRIGGER:  # main loop done: the next PDL op may be scheduled (it waits for this grid's end)
         gdc_launch_dependents()
     offs_n2 = n0 + _col_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)))
@@ -315,7 +317,7 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
         store_split_k(acc, y_ptr, ws_ptr, cnt_ptr, ym, ymask, pid_n, pid_k, M, N, SPLIT)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    g_marks(tr_ptr, tr_id, pid_k * gl.num_programs(0) + pid_n, t_e, t_w, t_l, TRACE)
+    g_done(tr_rec, tr_id, TRACE)
 
 
 def _p_layout(rk: int, bn: int, warps: int = 4) -> gl.DistributedLinearLayout:

@@ -1,11 +1,12 @@
 """Per-program timestamps of the decode kernels, for a timeline of one graph-replayed step (a diagnostic:
-QUANTRT_CUDA_TRACE=1; off, no kernel changes). The Triton kernels stamp with `t_stamp` / `t_marks` here, the Gluon
-ones with `ring_common.g_stamp` / `g_marks` (a Gluon kernel calls only Gluon functions, and a Triton kernel only
-Triton ones).
+QUANTRT_CUDA_TRACE=1; off, no kernel changes). The Triton kernels stamp with `t_rec` / `t_stamp` / `t_done` here,
+the Gluon ones with `ring_common.g_rec` / `g_stamp` / `g_done` (a Gluon kernel calls only Gluon functions, and a
+Triton kernel only Triton ones).
 
 Each traced launch takes one record per program in a device buffer when it is launched (or captured): its programs
 write %globaltimer (ns, common to all SMs) at entry, when their grid dependency is met (after
-griddepcontrol.wait), when their main loop is done and at exit, and the launch's id. A graph replays into the
+griddepcontrol.wait), when their main loop is done and at exit, and the launch's id; each time is stored as it is
+read (`t_stamp`), so tracing holds no registers across the kernel. A graph replays into the
 records it captured, so after a run the launches with the latest entry times are the last step replayed.
 `timeline` reads them back.
 """
@@ -75,24 +76,32 @@ def t_now():
 
 
 @triton.jit
-def t_stamp(TRACE: tl.constexpr):
-    """%globaltimer when tracing, else 0 (nothing emitted)."""
+def t_rec(tr_ptr, prog, TRACE: tl.constexpr):
+    """Program `prog`'s record in this launch's records (0 with tracing off)."""
     if TRACE:
-        return t_now()
+        return tr_ptr + prog.to(tl.int64) * WIDTH_C
     else:
         return 0
 
 
 @triton.jit
-def t_marks(tr_ptr, tr_id, prog, t_entry, t_wait, t_loop, TRACE: tl.constexpr):
-    """Program `prog`'s record: entry, grid dependency met, main phase done, now (its exit), the launch id."""
+def t_stamp(rec, slot: tl.constexpr, TRACE: tl.constexpr, ALSO: tl.constexpr = None):
+    """%globaltimer stored now at rec[slot] (0 entry, 1 grid dependency met, 2 main phase done), and at rec[ALSO]
+    (a kernel without a main loop: its wait is its loop end): nothing is held in registers across the kernel.
+    Nothing emitted with tracing off."""
     if TRACE:
-        rec = tr_ptr + prog.to(tl.int64) * WIDTH_C
-        tl.store(rec + 1, t_wait)
-        tl.store(rec + 2, t_loop)
+        now = t_now()
+        tl.store(rec + slot, now)
+        if ALSO is not None:
+            tl.store(rec + ALSO, now)
+
+
+@triton.jit
+def t_done(rec, tr_id, TRACE: tl.constexpr):
+    """The record's exit time and launch id."""
+    if TRACE:
         tl.store(rec + 3, t_now())
         tl.store(rec + 4, tr_id)
-        tl.store(rec, t_entry)
 
 
-__all__ = ["ROWS", "WIDTH", "t_marks", "t_now", "t_stamp", "timeline", "trace_on", "trace_slot"]
+__all__ = ["ROWS", "WIDTH", "t_done", "t_now", "t_rec", "t_stamp", "timeline", "trace_on", "trace_slot"]
