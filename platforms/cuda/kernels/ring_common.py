@@ -14,6 +14,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, split_counters
 from quantrt.platforms.cuda.kernels.trace import WIDTH
+from quantrt.quant.formats.packing import unpack_lsb
 
 _DESC_CACHE: dict[tuple, TensorDescriptor] = {}
 TAG = gl.constexpr(1 << 32)      # high word of a landed partial (`store_split_k_row`)
@@ -246,6 +247,22 @@ def store_split_k_row(acc, y_ptr, ws_ptr, offs_n, offs_m, pid_k, M, N, SPLIT: gl
                 gl.store(y_ptr + m * N + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
+def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   group: int, zero_const: float = 8.0, offset: bool = False) -> torch.Tensor:
+    """What the kernel computes, in float64 with torch ops: sum over k of (q - z) * x (both exact in the kernel:
+    q - z in bf16, products in the MMA), times the group scale per step; with `offset` (zero holds o, z = 0) plus
+    o times the step's sum of x. -> [M, N] fp64."""
+    q = unpack_lsb(packed, 4, 0).to(torch.float64)                                      # [K, N]
+    rows = torch.arange(q.shape[0], device=packed.device) // group
+    if offset:
+        return x.double() @ (q * scale.double()[rows] + zero.double()[rows])
+    if zero is None:
+        z = torch.full(scale.shape, zero_const, dtype=torch.float64, device=scale.device)
+    else:
+        z = zero.double() if zero.dtype == torch.uint8 else zero.double() - 2.0 ** 23
+    return x.double() @ ((q - z[rows]) * scale.double()[rows])
+
+
 __all__ = ["TAGGED_MAX_M", "env_tiles", "g_done", "g_now", "g_rec", "g_stamp", "gdc_launch_dependents", "gdc_wait",
-           "gsum", "residual_out", "split_count", "split_k_plan", "store_split_k", "store_split_k_row",
-           "tagged_partials", "tma_desc"]
+           "gsum", "residual_out", "ring_reference", "split_count", "split_k_plan", "store_split_k",
+           "store_split_k_row", "tagged_partials", "tma_desc"]

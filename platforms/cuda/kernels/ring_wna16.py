@@ -49,6 +49,7 @@ from quantrt.platforms.cuda.kernels.ring_common import (
     gdc_launch_dependents,
     gdc_wait,
     gsum,
+    ring_reference,
     split_count,
     split_k_plan,
     store_split_k,
@@ -65,7 +66,6 @@ from quantrt.platforms.cuda.kernels.ring_prologue import (
     pro_tile,
 )
 from quantrt.platforms.cuda.kernels.trace import trace_slot
-from quantrt.quant.formats.packing import unpack_lsb
 
 MAX_M = 32
 PDL_MAX_M = 8   # PDL launch (`_common.stream_pdl`) to here: H100 e2e int4 batch 2/4/8/16 -5/-4/-2.5/+2% (12th session)
@@ -480,22 +480,6 @@ def launch_layouts(cfg: RingConfig) -> tuple:
     x_smem = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 64 else 64, element_bitwidth=16, rank=2,
                                   transposed=True)
     return _p_layout(bk // 8, cfg.block_n, nw), _s_layout(cfg.block_n, nw), x_layout, mma, x_smem
-
-
-def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                   group: int, zero_const: float = 8.0, offset: bool = False) -> torch.Tensor:
-    """What the kernel computes, in float64 with torch ops: sum over k of (q - z) * x (both exact in the kernel:
-    q - z in bf16, products in the MMA), times the group scale per step; with `offset` (zero holds o, z = 0) plus
-    o times the step's sum of x. -> [M, N] fp64."""
-    q = unpack_lsb(packed, 4, 0).to(torch.float64)                                      # [K, N]
-    rows = torch.arange(q.shape[0], device=packed.device) // group
-    if offset:
-        return x.double() @ (q * scale.double()[rows] + zero.double()[rows])
-    if zero is None:
-        z = torch.full(scale.shape, zero_const, dtype=torch.float64, device=scale.device)
-    else:
-        z = zero.double() if zero.dtype == torch.uint8 else zero.double() - 2.0 ** 23
-    return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 
 __all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "launch_layouts", "ring_reference", "ring_wna16",
