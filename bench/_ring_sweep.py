@@ -57,7 +57,7 @@ def _call(kind: str, cfg: tuple, x: torch.Tensor, wt: tuple) -> torch.Tensor:
 
 
 def _reference(kind: str, x: torch.Tensor, wt: tuple) -> torch.Tensor:
-    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
+    from quantrt.platforms.cuda.kernels.ring_common import ring_reference
 
     packed, sc, z = wt
     return ring_reference(x, packed, sc, z, 128, 8.0).float()

@@ -38,7 +38,7 @@ def _packed(n: int, k: int, asym: bool, seed: int, dev=DEV):
 
 
 def test_ring_reference_is_x_times_the_dequantized_weight():
-    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
+    from quantrt.platforms.cuda.kernels.ring_common import ring_reference
 
     for asym in (False, True):
         w, packed, scale, zero = _packed(64, 384, asym, 1, "cpu")
@@ -212,7 +212,7 @@ def test_tagged_partials_grow_outside_capture_only(monkeypatch):
 
 
 def test_ring_reference_with_offsets_is_x_times_q_s_plus_o():
-    from quantrt.platforms.cuda.kernels.ring_wna16 import ring_reference
+    from quantrt.platforms.cuda.kernels.ring_common import ring_reference
 
     gen = torch.Generator().manual_seed(5)
     q = torch.randint(0, 16, (256, 64), generator=gen)
@@ -342,7 +342,8 @@ def test_wna16_dispatch_runs_the_ring_kernel_at_a_llama_shape(m, asym, act_order
                                          (16, torch.bfloat16, None), (24, torch.float16, None),
                                          (8, torch.bfloat16, (128, 128, 3, 1, 2, 8, False, True, 8))])
 def test_ring_wna16_float_offsets_native(m, dtype, cfg):
-    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, ring_reference, ring_wna16
+    from quantrt.platforms.cuda.kernels.ring_common import ring_reference
+    from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, ring_wna16
 
     gen = torch.Generator().manual_seed(m)
     _, packed, scale, _ = _packed(96, 640, False, m)

@@ -25,9 +25,9 @@ Split-K partials are summed by the last program per column tile (the `split_k_tr
 the last split from tagged words, with no fence or counter (`ring_common.store_split_k_row`, 1.0-1.5 us less at
 M = 1).
 H100, M = 1 (bf16 cuBLAS in the same run): 8192² 16.4 us (47.0), 4096 x 28672 24.6 us (81.5, 85% of copy).
-Gluon does not run under TRITON_INTERPRET: the CPU tests check `ring_reference` (the same scale-after-MMA
-product with torch ops), the index algebra of the layouts, and that the kernel compiles for sm_90; the kernel
-itself is tested natively (-m accelerator).
+Gluon does not run under TRITON_INTERPRET: the CPU tests check `ring_common.ring_reference` (the same
+scale-after-MMA product with torch ops), the index algebra of the layouts, and that the kernel compiles for sm_90;
+the kernel itself is tested natively (-m accelerator).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from quantrt.platforms.cuda.kernels.ring_common import (
     gdc_launch_dependents,
     gdc_wait,
     gsum,
-    ring_reference,
     split_count,
     split_k_plan,
     store_split_k,
@@ -482,5 +481,4 @@ def launch_layouts(cfg: RingConfig) -> tuple:
     return _p_layout(bk // 8, cfg.block_n, nw), _s_layout(cfg.block_n, nw), x_layout, mma, x_smem
 
 
-__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "launch_layouts", "ring_reference", "ring_wna16",
-           "tagged_launch"]
+__all__ = ["MAX_M", "RingConfig", "can_run", "default_config", "launch_layouts", "ring_wna16", "tagged_launch"]
