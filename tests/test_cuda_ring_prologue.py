@@ -331,3 +331,19 @@ def test_int4_engine_with_and_without_ring_prologues_native(tmp_path, monkeypatc
                 lp = [abs(x[0] - y[0]) for x, y in zip(a["meta_info"]["output_token_logprobs"],
                                                        b["meta_info"]["output_token_logprobs"])]
                 assert max(lp) < 5e-2
+
+
+def test_qkv_kernel_releases_the_attention_early(tiny_models):
+    """The q/k/v projection's kernel is told that the op after it is small (the decode attention, which reads
+    before its wait: `LinearKernel.release_early`); no other linear is."""
+    from quantrt.layers.linear import QuantLinear
+    from quantrt.platforms.xpu.cpu_platform import CpuPlatform
+
+    layer = _cpu_engine(tiny_models).model.model.layers[0]
+    assert layer.self_attn.qkv_proj.kernels[0].release_early is True
+    assert not any(lin.kernels[0].release_early for lin in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                                            layer.mlp.down_proj))
+    lin = QuantLinear("", [("down_proj", 8)], 16)
+    lin.release_early = True
+    lin.load([{"weight": torch.randn(8, 16).to(torch.bfloat16)}], None, CpuPlatform(), torch.bfloat16)
+    assert lin.kernels[0].release_early is True

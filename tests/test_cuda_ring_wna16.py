@@ -84,7 +84,7 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
                   pdl: bool = True, offset: bool = False, split: int = 2, tagged: bool = False, pro: int = 0,
                   rows: int = 1, x_vec: bool = True, div16: bool = False, k: int = 1024, res: bool = False,
                   scale_dtype: torch.dtype = torch.float32, zero_dtype: torch.dtype = torch.float32,
-                  trace: bool = False) -> str:
+                  trace: bool = False, early: bool = False) -> str:
     from quantrt.platforms.cuda.kernels import ring_wna16 as R
     from quantrt.platforms.cuda.kernels.ring_common import tma_desc
 
@@ -100,7 +100,8 @@ def _compile_sm90(bn: int, bm: int, dtype: torch.dtype, asym: bool, warps: int =
     return compile_gluon_sm90(R._ring_w4_kernel, [
         x, p_desc, s_desc, z_desc, x, ws, cnt, rows, n, k, k, 128, 8.0, *_pro_args(pro, rows, k, x),
         -(-k // bk // split) * bk, bn, bk, bm, 3, split, dtype == torch.bfloat16, asym or offset, pdl, x_vec, *layouts,
-        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res, torch.zeros(8, dtype=torch.int64), 7, trace],
+        trigger, offset, tagged, *_pro_consts(pro, rows, k, warps), res, torch.zeros(8, dtype=torch.int64), 7, trace,
+        early],
         num_warps=warps, div16=div16)
 
 
@@ -237,6 +238,30 @@ def test_pdl_trigger_after_the_main_loop(pdl):
     else:
         assert "griddepcontrol.wait" not in ptx
     assert "griddepcontrol" not in _compile_sm90(64, 8, torch.bfloat16, False, trigger=False, pdl=False)
+
+
+@pytest.mark.gluon_compile
+def test_early_release_at_the_start():
+    """EARLY_RELEASE (the next op is small and reads before its own wait: q/k/v before the decode attention): the
+    next PDL op is released once, after the first weight copies are issued and before the wait for x."""
+    ptx = _compile_sm90(64, 8, torch.bfloat16, False, early=True, pdl=True)
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    assert (ptx.index("cp.async.bulk.tensor") < ptx.index("griddepcontrol.launch_dependents")
+            < ptx.index("griddepcontrol.wait") < ptx.index("wgmma.mma_async"))
+
+
+def test_release_point_switch(monkeypatch):
+    """`_common.pdl_release_at`: after the main loop by default, at the start for a small next op, never without
+    PDL; QUANTRT_CUDA_EARLY_RELEASE=0 keeps the release after the main loop."""
+    from quantrt.platforms.cuda.kernels import _common
+
+    t = torch.zeros(1)
+    assert _common.pdl_release_at(t, True) == {"TRIGGER": False, "EARLY_RELEASE": False}   # CPU: no PDL
+    monkeypatch.setattr(_common, "pdl_trigger", lambda x: True)
+    assert _common.pdl_release_at(t, False) == {"TRIGGER": True, "EARLY_RELEASE": False}
+    assert _common.pdl_release_at(t, True) == {"TRIGGER": False, "EARLY_RELEASE": True}
+    monkeypatch.setenv("QUANTRT_CUDA_EARLY_RELEASE", "0")
+    assert _common.pdl_release_at(t, True) == {"TRIGGER": True, "EARLY_RELEASE": False}
 
 
 def test_can_run_and_errors_name_the_problem():

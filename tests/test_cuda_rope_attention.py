@@ -41,7 +41,10 @@ def _step(kv: str, lens: list[int], h: int, hkv: int, d: int, seed: int):
 
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("window,sink,splits", [(None, False, 1), (None, False, 3), (20, True, 0)])
-def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits):
+@pytest.mark.parametrize("early", ["1", "0"])
+def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits, early, monkeypatch):
+    """early "1" (the default): on plain pages the first key block is read before the new token's row is written,
+    which then comes from registers in every block (the pages hold stale values at the new slot here)."""
     from quantrt.platforms.cuda.kernels.paged_attention_triton import (
         NewToken,
         kv_format,
@@ -49,6 +52,7 @@ def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits)
     )
     from quantrt.platforms.cuda.kernels.rope_kv_triton import pool_format, rotary_kv_store
 
+    monkeypatch.setenv("QUANTRT_CUDA_ATTN_EARLY", early)
     h, hkv, d = 4, 2, 32
     lens = [1, 33, 70]          # new tokens at chunk starts: position 0, and 32 (3 splits of 32 keys)
     pools, kv_slots, lens, positions, out_slots, (q, k, v), rope, (ks, vs) = _step(kv, lens, h, hkv, d, 7)
@@ -67,6 +71,45 @@ def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits)
     assert torch.equal(got, ref)
     for a, b in [(one.k[0], two.k[0]), (one.v[0], two.v[0])] + list(zip(one.k_sc + one.v_sc, two.k_sc + two.v_sc)):
         assert torch.equal(a, b)
+
+
+_COMPILE = r'''
+import torch
+from quantrt.platforms.cuda.kernels.paged_attention_triton import _decode_kernel
+from tests._sm90 import compile_sm90
+
+bf, i32 = torch.bfloat16, torch.int32
+q, pages, f32 = torch.zeros(1, 32, 128, dtype=bf), torch.zeros(64, 8, 128, dtype=bf), torch.zeros(1)
+slots, lens, pos, cs = torch.zeros(1, 256, dtype=i32), torch.zeros(1, dtype=i32), torch.zeros(1, dtype=torch.int64), \
+    torch.zeros(256, 64)
+for early in (False, True):
+    vals = [q, pages, pages, pages, pages, slots, lens, f32, f32, f32, q, 256, 0.1, 1.0, 256, 0, q, q, cs, cs, pos, pos,
+            6144, 128, 6144, 128, 6144, 128, 64, 1.0, 1.0, 0, 8, 4, 16, 128, 64, 0, False, True, True, True, True, 0,
+            None, 0, False, early]
+    ptx = compile_sm90(_decode_kernel, vals, num_warps=8, div16=True, gluon=False, options={"num_stages": 2})
+    body = ptx[ptx.index(".entry"):]
+    wait, rel = body.index("griddepcontrol.wait"), body.index("griddepcontrol.launch_dependents")
+    print("EARLY" if early else "PLAIN", wait, rel, body[:wait].count("ld.global"), body[wait:].count("ld.global"))
+'''
+
+
+def test_early_reads_go_out_before_the_wait_and_the_release_after_it():
+    """sm_90 PTX (the triton wheel's ptxas, a subprocess without TRITON_INTERPRET): on plain pages with the rotary
+    the length, position, slot, rope row and first key block are requested before `griddepcontrol.wait`, and the
+    next op is released after it; otherwise the kernel releases, then waits, then reads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in r.stdout.splitlines()
+            if line.startswith(("EARLY", "PLAIN"))}
+    wait, rel, before, after = rows["PLAIN"]
+    assert rel < wait and before == 0 and after > 0
+    wait, rel, before, after = rows["EARLY"]
+    assert wait < rel and before >= 8 and after > 0     # len, pos, slot, 4 slot-table words, keys, values, cos, sin
 
 
 def _layer(d: int, window=None):

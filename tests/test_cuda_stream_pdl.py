@@ -1,6 +1,7 @@
 """PDL launch of the weight-streaming GEMVs (`_common.stream_pdl`): the switch, and in the sm_90 PTX the order
 that makes it safe and useful: step 0's weight loads before `griddepcontrol.wait` (the weights are never written
-by the kernel before), every read of x after it, and the next PDL op released once, after the main loop.
+by the kernel before), every read of x after it, and the next PDL op released once, after the main loop (or, for
+a small next op, `_common.pdl_release_at`, at the start).
 Compiled with the triton wheel's ptxas in a subprocess without TRITON_INTERPRET (no GPU needed)."""
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ traced = compile_sm90(G._gemv_w8_kernel, vals, num_warps=8, div16=True, gluon=Fa
 vals = [xb, xb, xb[0], xb, xb, xb, ws, ws, 4096, 4096, 4096, 4096, 4096, 1e-5, 4096, True, False, 1.0, False, False,
         tr, 7, True]
 traced_norm = compile_sm90(L._add_rms_norm_kernel, vals, num_warps=8, div16=True, gluon=False)
+vals = [x, torch.zeros(n, k, dtype=torch.float8_e4m3fn), ws, ws, y, ws, cnt, n, k, k // 128, k // 2, 0, 1, 448.0,
+        False, True, bn, bk, 4096, 4096, 1, 1, False, 2, False, True, None, 0, False, True]
+early = {"fp8": compile_sm90(G._gemv_w8_kernel, vals, num_warps=8, div16=True, gluon=False,
+                             options={"num_stages": 1})}
+vals = [x, torch.zeros(n, k, dtype=torch.bfloat16), y, ws, cnt, n, k, k, k // 2, 1, 1, 8, bk, False, True, 2, False,
+        None, 0, False, True]
+early["dense"] = compile_sm90(D._dense_gemv_kernel, vals, num_warps=8, div16=True, gluon=False)
+for name, ptx in early.items():
+    body = ptx[ptx.index(".entry"):]
+    print("EARLY", name, body.count("griddepcontrol.launch_dependents"), body.find("ld.global"),
+          body.find("griddepcontrol.launch_dependents"), body.find("griddepcontrol.wait"))
 print("TRACE", traced.count("%globaltimer"), traced_norm.count("%globaltimer"), out["fp8", True].count("globaltimer"))
 body = norm[True][norm[True].index(".entry"):]
 print("NORM", body.find("griddepcontrol.launch_dependents"), body.find("ld.global"), body.find("griddepcontrol.wait"),
@@ -83,7 +95,11 @@ def test_gemv_ptx_orders_weight_loads_wait_and_release():
     # add + RMSNorm: release the next op, request the weight, wait, then read x and the residual
     assert -1 < int(release) < int(first_ld) < int(wait) < int(last_ld) and plain_has_gdc == "False"
     assert next(line for line in lines if line.startswith("TRACE ")).split()[1:] == ["4", "3", "0"]
-    for line in (line for line in lines if not line.startswith(("NORM ", "TRACE "))):
+    assert sum(line.startswith("EARLY ") for line in lines) == 2, r.stdout
+    for line in (line for line in lines if line.startswith("EARLY ")):   # a small next op: released at the start
+        name, releases, first_ld, release, wait = line.split()[1:]
+        assert releases == "1" and -1 < int(first_ld) < int(release) < int(wait), line
+    for line in (line for line in lines if not line.startswith(("NORM ", "TRACE ", "EARLY "))):
         name, pdl, *nums = line.split()
         rows[name, pdl == "True"] = [int(v) for v in nums]
     assert len(rows) == 6, r.stdout

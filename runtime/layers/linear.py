@@ -50,6 +50,7 @@ class QuantLinear(nn.Module):
         self.weight_infos: list[WeightInfo] = []       # per kernel: the canonical weight it was built from
         self.kernel_desc: str = "unloaded"
         self.is_quantized = False
+        self.release_early = False      # the op after is small (`LinearKernel.release_early`; one kernel only)
 
     def shard_prefix(self, i: int) -> str:
         return f"{self.parent}.{self.shards[i][0]}" if self.parent else self.shards[i][0]
@@ -120,6 +121,8 @@ class QuantLinear(nn.Module):
             self.weight_infos.append(WeightInfo.of(w))     # kernels keep no canonical weight: describe it
             descs.append(choice.explain())
         self.kernel_desc = descs[0] if len(set(descs)) == 1 else " | ".join(descs)
+        if len(self.kernels) == 1:      # several shard kernels end in torch.cat: nothing small follows them
+            self.kernels[0].release_early = self.release_early
 
     def row_codes(self, m: int) -> RowCodes | None:
         """The activation codes this layer's one kernel makes of M rows first (`LinearKernel.row_codes`): the op

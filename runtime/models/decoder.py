@@ -60,6 +60,7 @@ class Attention(nn.Module):
         bias = spec.qkv_bias or getattr(c, "attention_bias", False)
         self.qkv_proj = QuantLinear(p, [("q_proj", self.h * self.d), ("k_proj", self.hkv * self.d),
                                         ("v_proj", self.hkv * self.d)], c.hidden_size, bias=bias)
+        self.qkv_proj.release_early = True    # the decode attention comes next, and reads before it waits
         self.o_proj = QuantLinear(p, [("o_proj", c.hidden_size)], self.h * self.d,
                                   bias=spec.o_bias or getattr(c, "attention_bias", False))
         if spec.qk_norm:

@@ -84,6 +84,9 @@ class LinearKernel(ABC):
     """One prepared layer: holds the repacked tensors and computes y = x @ W^T + b."""
 
     name: ClassVar[str]
+    # The op after this layer is small and reads before it waits for this one (the decode attention after q/k/v:
+    # `QuantLinear.release_early`): a kernel launched with a dependent-launch scheme may release it at its start.
+    release_early: bool = False
 
     @classmethod
     @abstractmethod

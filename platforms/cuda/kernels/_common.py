@@ -69,6 +69,17 @@ def pdl_trigger(t: torch.Tensor) -> bool:
     return pdl_supported(t) and os.environ.get("QUANTRT_CUDA_PDL_TRIGGER", "1") != "0"
 
 
+def pdl_release_at(t: torch.Tensor, early: bool) -> dict:
+    """Where a weight-streaming kernel lets the next PDL op be scheduled, as its two constexprs: TRIGGER, after its
+    main loop (`pdl_trigger`), or with `early` EARLY_RELEASE, at its start, for a next op that is small and reads
+    before its own wait (the decode attention after q/k/v: `LinearKernel.release_early`; H100 int4 batch 1
+    2.09 -> 2.03 ms a step with the attention's early reads, PERFORMANCE.md twenty-first session).
+    QUANTRT_CUDA_EARLY_RELEASE=0 keeps every release after the main loop (read at each launch)."""
+    on = pdl_trigger(t)
+    early = early and os.environ.get("QUANTRT_CUDA_EARLY_RELEASE", "1") != "0"
+    return {"TRIGGER": on and not early, "EARLY_RELEASE": on and early}
+
+
 STREAM_PDL = "ring,dense,w8"  # H100 e2e A/B (PERFORMANCE.md, twelfth session), with the layer ops on PDL from
 # one row: fp8 batch 1 3.50 -> 3.26 ms/step, bf16 5.60 -> 5.44, int4 batch 2-8 -5 to -2.5% (ring only to 8 rows)
 

@@ -54,7 +54,8 @@ class TritonDenseGemvKernel(LinearKernel):
             return F.linear(x, self.weight, bias)
         from quantrt.platforms.cuda.kernels.dense_gemv_triton import default_config, dense_gemv
 
-        y = dense_gemv(x2, self.weight, default_config(x2.shape[0], n, k, pdl=stream_pdl(x2, "dense")))
+        y = dense_gemv(x2, self.weight, default_config(x2.shape[0], n, k, pdl=stream_pdl(x2, "dense")),
+                       release_early=self.release_early)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, n)

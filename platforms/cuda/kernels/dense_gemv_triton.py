@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_trigger, split_counters
+from quantrt.platforms.cuda.kernels._common import cdiv, num_sms, pdl_release_at, split_counters
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_wait
 from quantrt.platforms.cuda.kernels.split_k_triton import store_split_k
 from quantrt.platforms.cuda.kernels.trace import t_done, t_rec, t_stamp, trace_slot
@@ -68,7 +68,7 @@ def _dots(x_ptr, stride_xm, kk, w, acc0, acc1, acc2, acc3, M: tl.constexpr):
 def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_PER_SPLIT: tl.constexpr,
                        M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr = False,
-                       tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False):
+                       tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False, EARLY_RELEASE: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), TRACE)   # `trace` timelines
     t_stamp(tr_rec, 0, TRACE)
     # x [M, K] (rows stride_xm, k contiguous); w [N, K] k contiguous; y [M, N]; ws [SPLIT, M, N] fp32.
@@ -86,6 +86,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
     acc3 = tl.zeros([BN], dtype=tl.float32)
     if PREFETCH:
         w = tl.load(w_tile)                                                    # before the wait (PDL)
+        pdl_release(EARLY_RELEASE)  # a small next op that reads before its own wait (`_common.pdl_release_at`)
         pdl_wait(PDL)
         t_stamp(tr_rec, 1, TRACE)
         for kt in range(0, K_PER_SPLIT, BK):
@@ -94,6 +95,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_xm, K_
             w = nxt
     else:  # step 0 peeled: its weight tile is loaded before the wait (PDL), the others as they come
         w = tl.load(w_tile)
+        pdl_release(EARLY_RELEASE)
         pdl_wait(PDL)
         t_stamp(tr_rec, 1, TRACE)
         acc0, acc1, acc2, acc3 = _dots(x_ptr, stride_xm, k_start + offs_k, w, acc0, acc1, acc2, acc3, M)
@@ -134,8 +136,10 @@ def default_config(m: int, n: int, k: int, pdl: bool = False) -> DenseGemvConfig
     return DenseGemvConfig(8, bk, 2, 8, 1, False, pdl)
 
 
-def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = None) -> torch.Tensor:
-    """x: [M <= 4, K] fp16/bf16; w: [N, K] x.dtype, K contiguous, K a multiple of cfg.block_k -> [M, N] x.dtype."""
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = None, release_early: bool = False
+               ) -> torch.Tensor:
+    """x: [M <= 4, K] fp16/bf16; w: [N, K] x.dtype, K contiguous, K a multiple of cfg.block_k -> [M, N] x.dtype.
+    `release_early`: `_common.pdl_release_at`."""
     m, k = x.shape
     n = w.shape[0]
     assert 1 <= m <= MAX_M and w.shape[1] == k and w.dtype == x.dtype and w.stride(1) == 1
@@ -154,7 +158,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, cfg: DenseGemvConfig | None = N
     tr, tr_id = trace_slot(x, "dense_gemv", n_tiles * split, n=n, k=k, tiles=n_tiles, split=split)
     _dense_gemv_kernel[(n_tiles, split)](
         x, w, y, ws, cnt, n, k, x.stride(0), k // split, M=m, MP=triton.next_power_of_2(m), BN=cfg.block_n,
-        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, TRIGGER=pdl_trigger(x), tr_ptr=tr,
+        BK=bk, PREFETCH=cfg.prefetch, PDL=cfg.pdl, SPLIT=split, **pdl_release_at(x, release_early), tr_ptr=tr,
         tr_id=tr_id, TRACE=tr is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **extra)

@@ -15,7 +15,7 @@ from quantrt.platforms.cuda.kernels._common import (
     cdiv,
     interpret_mode,
     num_sms,
-    pdl_trigger,
+    pdl_release_at,
     split_counters,
     stream_pdl,
 )
@@ -185,7 +185,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                     SAT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr, KT: tl.constexpr,
                     WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
                     TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, tr_ptr=None,
-                    tr_id=0, TRACE: tl.constexpr = False):
+                    tr_id=0, TRACE: tl.constexpr = False, EARLY_RELEASE: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), TRACE)   # `trace` timelines
     t_stamp(tr_rec, 0, TRACE)
     # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
@@ -204,6 +204,7 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
         w0 = tl.load(wt)
     else:
         w0 = tl.load(w_tile)
+    pdl_release(EARLY_RELEASE)  # a small next op that reads before its own wait (`_common.pdl_release_at`)
     pdl_wait(PDL)  # step 0's weights are requested; x and the split-K buffers only after the kernel before ends
     t_stamp(tr_rec, 1, TRACE)
     sx = 1.0
@@ -276,9 +277,10 @@ def gemv_w8_config(n: int, k: int, act: int, wscale: int, is_int: bool = False) 
 
 
 def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, wscale: int, qmax: float,
-            act_scale: torch.Tensor | None = None, cfg: GemvW8Config | None = None) -> torch.Tensor:
+            act_scale: torch.Tensor | None = None, cfg: GemvW8Config | None = None, release_early: bool = False
+            ) -> torch.Tensor:
     """x: [1, K] fp16/bf16; w: [N, K] fp8/int8 (K contiguous); modes and scales as in `w8a8_triton`
-    (`gemv_w8_why_not` must be '') -> [1, N] x.dtype."""
+    (`gemv_w8_why_not` must be '') -> [1, N] x.dtype. `release_early`: `_common.pdl_release_at`."""
     m, k = x.shape
     n = w.shape[0]
     is_int = w.dtype == torch.int8
@@ -304,6 +306,6 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
         x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act,
         WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
-        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, TRIGGER=pdl_trigger(x), PDL=pdl, tr_ptr=tr, tr_id=tr_id,
+        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, **pdl_release_at(x, release_early), PDL=pdl, tr_ptr=tr, tr_id=tr_id,
         TRACE=tr is not None, num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y

@@ -23,6 +23,7 @@ sequences): scheduled while the kernel before drains, they wait for it before re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +32,15 @@ import triton.language as tl
 
 from quantrt.engine.kv_quant import KVKind
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
 from quantrt.platforms.cuda.kernels.rope_kv_triton import (
     can_fuse_rotary_kv_store,
     pool_format,
     rope_apply,
     rope_cols,
+    rope_kv_rows,
     rope_store_kv,
+    store_kv,
 )
 from quantrt.platforms.cuda.kernels.trace import t_done, t_rec, t_stamp, trace_slot
 from quantrt.platforms.cuda.layer_ops import rne
@@ -89,13 +92,31 @@ def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale, j0, lo, hi, m_i, l_i, acc,
-          HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
-    """One block of BL keys: online-softmax update of (running max, running sum, P.V accumulator)."""
+def _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV: tl.constexpr,
+                D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr):
+    """The keys and values [BL, D] fp32 of slot-table columns j0.. (rows outside [lo, hi) are not read: 0)."""
     offs_l = j0 + tl.arange(0, BL)
     mask_l = (offs_l >= lo) & (offs_l < hi)
     slots = tl.load(slot_ptr + b * stride_sb + offs_l, mask=mask_l, other=0)
-    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)   # [BL, D]
+    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT)
+    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT)
+    return k, v
+
+
+@triton.jit
+def _update(q, k, v, j0, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL: tl.constexpr, REG: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """Online-softmax update of (running max, running sum, P.V accumulator) with the block of keys k and values v
+    [BL, D] fp32 at slot-table columns j0.. (rows outside [lo, hi) masked). REG: column new_j, this step's token,
+    is k_new / v_new [D] (the rows the kernel writes; its pages may have been read before the write)."""
+    offs_l = j0 + tl.arange(0, BL)
+    mask_l = (offs_l >= lo) & (offs_l < hi)
+    if REG:
+        is_new = (offs_l == new_j)[:, None]
+        k = tl.where(is_new, k_new[None, :], k)
+        v = tl.where(is_new, v_new[None, :], v)
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
@@ -105,12 +126,24 @@ def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_sca
     alpha = tl.exp(m_i - m_new)
     p = tl.where(mask_l[None, :], tl.exp(s - m_new[:, None]), 0.0)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _span(sp, CHUNK, length, WINDOW, BL: tl.constexpr, NBLK_C: tl.constexpr):
+    """(lo, hi, j_first): the keys [lo, hi) chunk sp attends to, and the slot-table column its first key block
+    starts at (the interpreter walks every block of the chunk, a constant count)."""
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, length)
+    if WINDOW > 0:
+        lo = tl.maximum(lo, length - WINDOW)
+    if NBLK_C > 0:
+        return lo, hi, sp * CHUNK
+    return lo, hi, lo // BL * BL
 
 
 @triton.jit
@@ -120,12 +153,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
                    FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
                    ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0, tr_ptr=None,
-                   tr_id=0, TRACE: tl.constexpr = False):
+                   tr_id=0, TRACE: tl.constexpr = False, EARLY: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, (tl.program_id(0) * HKV + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
                    TRACE)                                 # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     t_stamp(tr_rec, 0, TRACE)
-    pdl_enter(PDL)
-    t_stamp(tr_rec, 1, TRACE)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -135,38 +166,72 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
     mask_g = offs_g < G
     offs_d = tl.arange(0, D)
     heads = kvh * G + offs_g                                                   # [GP] query heads
-    length = tl.load(len_ptr + b).to(tl.int32)
-    if ROPE:  # q, k, v: this token's unrotated rows (strided views of the qkv output)
+    if EARLY:   # (ROPE, plain pages) what no kernel of this step writes is requested before the grid dependency
+        # wait: the length, position and out slot, the rope row and the first key block's slots, keys and values
+        # (their round trips overlap the kernel before); the next op is released after the wait, not at the start
+        length = tl.load(len_ptr + b).to(tl.int32)
         pos = tl.load(pos_ptr + b).to(tl.int64)
+        slot_new = tl.load(oslot_ptr + b).to(tl.int64)
+        lo, hi, j_first = _span(sp, CHUNK, length, WINDOW, BL, NBLK_C)
+        k0, v0 = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j_first, lo, hi, HKV, D,
+                             BL, FMT)
         cos_row, sin_row = cos_ptr + pos * s_cs, sin_ptr + pos * s_cs
         partner, c, sn = rope_cols(cos_row, sin_row, D, NEOX)
+        pdl_wait(PDL)
+        pdl_release(PDL)
+    else:
+        pdl_enter(PDL)
+        length = tl.load(len_ptr + b).to(tl.int32)
+        lo, hi, j_first = _span(sp, CHUNK, length, WINDOW, BL, NBLK_C)
+    t_stamp(tr_rec, 1, TRACE)
+    new_j = length - 1                                                         # this step's token
+    holds_new = (new_j >= sp * CHUNK) & (new_j < sp * CHUNK + CHUNK)           # ... is in this chunk
+    k_new = tl.zeros([D], dtype=tl.float32)
+    v_new = k_new
+    if ROPE:  # q, k, v: this token's unrotated rows (strided views of the qkv output)
+        if not EARLY:
+            pos = tl.load(pos_ptr + b).to(tl.int64)
+            cos_row, sin_row = cos_ptr + pos * s_cs, sin_ptr + pos * s_cs
+            partner, c, sn = rope_cols(cos_row, sin_row, D, NEOX)
         q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h                     # [GP, 1]
         x = tl.load(q_rows + offs_d[None, :], mask=mask_g[:, None], other=0.0)
         xp = tl.load(q_rows + partner[None, :], mask=mask_g[:, None], other=0.0)
         q = rne(rope_apply(x, xp, c[None, :], sn[None, :]), x.dtype)           # as rotary_kv_store rounds it
-        if (length - 1 >= sp * CHUNK) & (length - 1 < sp * CHUNK + CHUNK):   # this chunk holds the new token
-            rope_store_kv(kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h, k_ptr, v_ptr, ksc_ptr,
-                          vsc_ptr, cos_row, sin_row, tl.load(oslot_ptr + b).to(tl.int64), kvh, k_wscale, v_wscale,
-                          HKV, D, NEOX, FMT_W)
-        tl.debug_barrier()                                # the CTA reads the row it wrote below
+        kn_row, vn_row = kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h
+        if EARLY:   # k, v kept in registers: every block takes the new token's row from them (`_update` REG)
+            k_new, v_new = rope_kv_rows(kn_row, vn_row, partner, c, sn, D)
+            if holds_new:
+                store_kv(k_ptr, ksc_ptr, slot_new, kvh, k_new, k_wscale, HKV, D, FMT_W)
+                store_kv(v_ptr, vsc_ptr, slot_new, kvh, v_new, v_wscale, HKV, D, FMT_W)
+        else:
+            if holds_new:
+                rope_store_kv(kn_row, vn_row, k_ptr, v_ptr, ksc_ptr, vsc_ptr, cos_row, sin_row,
+                              tl.load(oslot_ptr + b).to(tl.int64), kvh, k_wscale, v_wscale, HKV, D, NEOX, FMT_W)
+            tl.debug_barrier()                            # the CTA reads the row it wrote below
     else:
         q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
     t_stamp(tr_rec, 2, TRACE)                             # q rotated, this token's k, v written
-    lo = sp * CHUNK
-    hi = tl.minimum(lo + CHUNK, length)
-    if WINDOW > 0:
-        lo = tl.maximum(lo, length - WINDOW)
     m_i = tl.full([GP], _NEG, tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
+    j_next = j_first
+    if EARLY:
+        m_i, l_i, acc = _update(q, k0, v0, j_first, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL, True,
+                                DOT_F32)
+        j_next = j_first + BL
     if NBLK_C > 0:  # the interpreter cannot loop to a run-time bound: the block count as a constant there
         for it in range(0, NBLK_C):
-            m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
-                                  sp * CHUNK + it * BL, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
+            if sp * CHUNK + it * BL >= j_next:
+                k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, sp * CHUNK + it * BL,
+                                   lo, hi, HKV, D, BL, FMT)
+                m_i, l_i, acc = _update(q, k, v, sp * CHUNK + it * BL, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new,
+                                        v_new, BL, EARLY, DOT_F32)
     else:  # only the key blocks this sequence (and window) reaches within the chunk
-        for j0 in range(lo // BL * BL, hi, BL):
-            m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
-                                  j0, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
+        for j0 in range(j_next, hi, BL):
+            k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV, D, BL,
+                               FMT)
+            m_i, l_i, acc = _update(q, k, v, j0, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL, EARLY,
+                                    DOT_F32)
     if FINAL:  # one split, no sinks: the combine's result directly (its weight exp(m - m) is 1)
         out = acc / tl.maximum(l_i, 1e-30)[:, None] * v_factor
         tl.store(out_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -269,6 +334,8 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     # step, batch 1 / 2: int4 2.16 -> 2.13 / 2.41 -> 2.38 ms, fp8 3.25 -> 3.22 / 3.46 -> 3.43; batch 64 equal)
     num_warps = num_warps or (8 if b * hkv * s <= num_sms() else 4)
     nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
+    # rotary over plain pages: the kernel's reads that no op of this step writes go out before its PDL wait
+    early = new is not None and kv_fmt == 0 and nw.fmt == 0 and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0"
     tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
                                 float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
@@ -278,8 +345,8 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
                                 DOT_F32=interpret_mode(), FINAL=final, ROPE=new is not None, NEOX=nw.neox,
-                                FMT_W=nw.fmt, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, num_warps=num_warps,
-                                num_stages=2, **pdl_row_opts(q, b))
+                                FMT_W=nw.fmt, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, EARLY=early,
+                                num_warps=num_warps, num_stages=2, **pdl_row_opts(q, b))
     if final:
         return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,

@@ -39,7 +39,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, stream_pdl
+from quantrt.platforms.cuda.kernels._common import pdl_release_at, pdl_supported, stream_pdl
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
     env_tiles,
@@ -188,7 +188,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
                     MMA: gl.constexpr, X_SMEM: gl.constexpr, TRIGGER: gl.constexpr = False,
                     OFFSET: gl.constexpr = False, TAGGED: gl.constexpr = False, PRO: gl.constexpr = 0,
                     NR: gl.constexpr = 1, KP: gl.constexpr = 1024, ROW: gl.constexpr = None,
-                    RES: gl.constexpr = False, tr_ptr=None, tr_id=0, TRACE: gl.constexpr = False):
+                    RES: gl.constexpr = False, tr_ptr=None, tr_id=0, TRACE: gl.constexpr = False,
+                    EARLY_RELEASE: gl.constexpr = False):
     tr_rec = g_rec(tr_ptr, gl.program_id(1) * gl.num_programs(0) + gl.program_id(0), TRACE)   # `trace` timelines
     g_stamp(tr_rec, 0, TRACE)
     RK: gl.constexpr = BK // 8
@@ -218,6 +219,8 @@ def _ring_w4_kernel(x_ptr, p_desc, s_desc, z_desc, y_ptr, ws_ptr, cnt_ptr, M, N,
     for i in gl.static_range(STAGES):
         _issue(p_desc, s_desc, z_desc, bars.index(i), p_ring.index(i), s_ring.index(i), z_ring.index(i * ZS), i,
                k_start, n0, N, G, BK, HAS_ZERO, i < n_steps)
+    if EARLY_RELEASE:  # the next op is small and reads before its own wait (`_common.pdl_release_at`)
+        gdc_launch_dependents()
     if PDL:  # weights are not written by the previous kernel; x (and the split-K buffers) are
         gdc_wait()
     g_stamp(tr_rec, 1, TRACE)
@@ -395,7 +398,7 @@ def tagged_launch(m: int, n: int, k: int, device: torch.device) -> bool:
 
 def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                zero_const: float = 8.0, cfg: RingConfig | None = None, offset: bool = False,
-               pro: RingPrologue | None = None, residual: torch.Tensor | None = None
+               pro: RingPrologue | None = None, residual: torch.Tensor | None = None, release_early: bool = False
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M <= 32, K] bf16/fp16; packed [K/8, N] int32; scale [G, N] fp32/fp16/bf16; zero [G, N] uint8 z or fp32
     2**23 + z, or None with every zero point `zero_const`, or with `offset` the float offsets o [G, N] fp32
@@ -403,7 +406,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     RMSNorm(x + delta) (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output
     [M, 2K]). With `residual` r [M, N]: (r + y, its column tiles' sums of squares [M, N / block_n] fp32), the
     residual epilogue (`ring_common.residual_out`; M <= 2 with K split, the tagged path) for a next ring's
-    PRO_NORM_PARTS."""
+    PRO_NORM_PARTS. `release_early`: the next PDL op is released at the start (`_common.pdl_release_at`)."""
     if offset and zero is None:
         raise ValueError("ring_wna16 with offset=True needs the offsets [G, N] as `zero`")
     n, k = packed.shape[1], packed.shape[0] * 8
@@ -448,7 +451,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0, d.shape[1] if norm else 0,
         residual if parts is not None else x, parts if parts is not None else x,
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), TRIGGER=pdl_trigger(x), OFFSET=offset, TAGGED=tagged,
+        *launch_layouts(cfg), **pdl_release_at(x, release_early), OFFSET=offset, TAGGED=tagged,
         **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), RES=parts is not None,
         tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return (y, parts) if parts is not None else y

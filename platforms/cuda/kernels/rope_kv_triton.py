@@ -64,13 +64,23 @@ def _rope(x_ptr, cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
 
 
 @triton.jit
+def rope_kv_rows(k_ptr, v_ptr, partner, c, s, D: tl.constexpr):
+    """One token's KV head (k_ptr / v_ptr: its rows; partner, c, s from `rope_cols`) -> (k rotated and rounded to
+    the model dtype, v), both fp32 [D]: the rows `store_kv` writes, and what plain pages read back."""
+    e = tl.arange(0, D)
+    k = rne(rope_apply(tl.load(k_ptr + e), tl.load(k_ptr + partner), c, s), k_ptr.dtype.element_ty)
+    return k.to(tl.float32), tl.load(v_ptr + e).to(tl.float32)
+
+
+@triton.jit
 def rope_store_kv(k_ptr, v_ptr, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr, cos_row, sin_row, slot, kvh, k_scale, v_scale,
                   HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr, FMT: tl.constexpr):
     """KV head kvh of one token (k_ptr / v_ptr: its rows): k rotated and rounded to the model dtype, written with v
     into the pool at `slot` as the pool stores them."""
-    y = _rope(k_ptr, cos_row, sin_row, D, NEOX)
-    _store_kv(kb_ptr, ksc_ptr, slot, kvh, rne(y, k_ptr.dtype.element_ty).to(tl.float32), k_scale, HKV, D, FMT)
-    _store_kv(vb_ptr, vsc_ptr, slot, kvh, tl.load(v_ptr + tl.arange(0, D)).to(tl.float32), v_scale, HKV, D, FMT)
+    partner, c, s = rope_cols(cos_row, sin_row, D, NEOX)
+    k, v = rope_kv_rows(k_ptr, v_ptr, partner, c, s, D)
+    store_kv(kb_ptr, ksc_ptr, slot, kvh, k, k_scale, HKV, D, FMT)
+    store_kv(vb_ptr, vsc_ptr, slot, kvh, v, v_scale, HKV, D, FMT)
 
 
 @triton.jit
@@ -99,7 +109,7 @@ def _fp8_encode(x, FMT: tl.constexpr):
 
 
 @triton.jit
-def _store_kv(buf_ptr, sc_ptr, slot, kvh, x, scale, HKV: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr):
+def store_kv(buf_ptr, sc_ptr, slot, kvh, x, scale, HKV: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr):
     """x: one head row [D] fp32 (already rounded to the model dtype) -> the pool row (slot, kvh)."""
     e = tl.arange(0, D)
     if FMT == 0:
@@ -213,4 +223,5 @@ def rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return out
 
 
-__all__ = ["can_fuse_rotary_kv_store", "pool_format", "rope_apply", "rope_cols", "rope_store_kv", "rotary_kv_store"]
+__all__ = ["can_fuse_rotary_kv_store", "pool_format", "rope_apply", "rope_cols", "rope_kv_rows", "rope_store_kv",
+           "rotary_kv_store", "store_kv"]

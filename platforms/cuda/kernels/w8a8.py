@@ -315,7 +315,8 @@ class TritonW8A8Kernel(LinearKernel):
         elif path == "gemv":
             from quantrt.platforms.cuda.kernels.gemv_w8 import gemv_w8
 
-            y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale)
+            y = gemv_w8(x2, self.data, self.w_scale, self.act, self.wscale, self.qmax, act_scale,
+                        release_early=self.release_early)
         elif path == "rows":
             from quantrt.platforms.cuda.kernels.gemv_w8_rows import gemv_w8_rows
 

@@ -266,7 +266,7 @@ class TritonWNA16Kernel(LinearKernel):
 
         src, pro = self._source(x)
         y = ring_wna16(src, self.packed, self.scale, self.zero, self.group, zero_const=self.zero_const,
-                       offset=self.raw_offset, pro=pro)
+                       offset=self.raw_offset, pro=pro, release_early=self.release_early)
         return self._finish(src, y, bias, x.shape[:-1])
 
     def apply(self, x: torch.Tensor | PendingRows, bias: torch.Tensor | None) -> torch.Tensor:
@@ -283,7 +283,7 @@ class TritonWNA16Kernel(LinearKernel):
             from quantrt.platforms.cuda.kernels.ring_wna16 import ring_wna16
 
             y = ring_wna16(x2, self.packed, self.scale, self.zero, self.group, zero_const=self.zero_const,
-                           offset=self.raw_offset)
+                           offset=self.raw_offset, release_early=self.release_early)
         elif (x2.shape[0] <= SKINNY_MAX_M or x2.shape[0] == 2 and self._skinny_m2(k)) and not self.skinny_why:
             from quantrt.platforms.cuda.kernels.skinny_wna16 import skinny_wna16
 
