@@ -43,8 +43,10 @@ def _step(kv: str, lens: list[int], h: int, hkv: int, d: int, seed: int):
 @pytest.mark.parametrize("window,sink,splits", [(None, False, 1), (None, False, 3), (20, True, 0)])
 @pytest.mark.parametrize("early", ["1", "0"])
 def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits, early, monkeypatch):
-    """early "1" (the default): on plain pages the first key block is read before the new token's row is written,
-    which then comes from registers in every block (the pages hold stale values at the new slot here)."""
+    """early "1" (the default, for grids that leave SMs idle): on plain pages the first key block is read before the
+    new token's row is written, which then comes from registers in every block (the pages hold stale values at the
+    new slot here)."""
+    from quantrt.platforms.cuda.kernels import paged_attention_triton as P
     from quantrt.platforms.cuda.kernels.paged_attention_triton import (
         NewToken,
         kv_format,
@@ -53,6 +55,7 @@ def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits,
     from quantrt.platforms.cuda.kernels.rope_kv_triton import pool_format, rotary_kv_store
 
     monkeypatch.setenv("QUANTRT_CUDA_ATTN_EARLY", early)
+    monkeypatch.setattr(P, "num_sms", lambda *a: 1000)  # the early reads serve grids that leave SMs idle: all here
     h, hkv, d = 4, 2, 32
     lens = [1, 33, 70]          # new tokens at chunk starts: position 0, and 32 (3 splits of 32 keys)
     pools, kv_slots, lens, positions, out_slots, (q, k, v), rope, (ks, vs) = _step(kv, lens, h, hkv, d, 7)

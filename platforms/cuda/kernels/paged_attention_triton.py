@@ -92,6 +92,45 @@ def _load_kv(buf_ptr, sc_ptr, slots, mask_l, kvh, HKV: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def _scores(q, k, j0, lo, hi, qk_scale, m_i, l_i, BL: tl.constexpr, DOT_F32: tl.constexpr):
+    """q against one block of keys k [BL, D] (q's dtype) at slot-table columns j0.. (outside [lo, hi) masked): the
+    online softmax's new running max and sum, P [GP, BL] and the accumulator's rescale alpha [GP]."""
+    offs_l = j0 + tl.arange(0, BL)
+    mask_l = (offs_l >= lo) & (offs_l < hi)
+    if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k))                                           # [GP, BL] fp32
+    s = tl.where(mask_l[None, :], s * qk_scale, _NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.where(mask_l[None, :], tl.exp(s - m_new[:, None]), 0.0)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
+def _pv(acc, alpha, p, v, DOT_F32: tl.constexpr):
+    """The P.V accumulator rescaled by alpha plus P [GP, BL] times the block's values v [BL, D] (q's dtype)."""
+    if DOT_F32:
+        return acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale, j0, lo, hi, m_i, l_i, acc,
+          HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr, DOT_F32: tl.constexpr):
+    """One block of BL keys: online-softmax update of (running max, running sum, P.V accumulator); the values
+    are read after the scores."""
+    offs_l = j0 + tl.arange(0, BL)
+    mask_l = (offs_l >= lo) & (offs_l < hi)
+    slots = tl.load(slot_ptr + b * stride_sb + offs_l, mask=mask_l, other=0)
+    k = _load_kv(k_ptr, ksc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)   # [BL, D]
+    m_i, l_i, p, alpha = _scores(q, k, j0, lo, hi, qk_scale, m_i, l_i, BL, DOT_F32)
+    v = _load_kv(v_ptr, vsc_ptr, slots, mask_l, kvh, HKV, D, BL, FMT).to(q.dtype)
+    return m_i, l_i, _pv(acc, alpha, p, v, DOT_F32)
+
+
+@triton.jit
 def _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV: tl.constexpr,
                 D: tl.constexpr, BL: tl.constexpr, FMT: tl.constexpr):
     """The keys and values [BL, D] fp32 of slot-table columns j0.. (rows outside [lo, hi) are not read: 0)."""
@@ -104,33 +143,15 @@ def _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0,
 
 
 @triton.jit
-def _update(q, k, v, j0, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL: tl.constexpr, REG: tl.constexpr,
+def _update(q, k, v, j0, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL: tl.constexpr,
             DOT_F32: tl.constexpr):
-    """Online-softmax update of (running max, running sum, P.V accumulator) with the block of keys k and values v
-    [BL, D] fp32 at slot-table columns j0.. (rows outside [lo, hi) masked). REG: column new_j, this step's token,
-    is k_new / v_new [D] (the rows the kernel writes; its pages may have been read before the write)."""
-    offs_l = j0 + tl.arange(0, BL)
-    mask_l = (offs_l >= lo) & (offs_l < hi)
-    if REG:
-        is_new = (offs_l == new_j)[:, None]
-        k = tl.where(is_new, k_new[None, :], k)
-        v = tl.where(is_new, v_new[None, :], v)
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
-    if DOT_F32:  # the interpreter multiplies bf16 as raw bits in tl.dot
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-    else:
-        s = tl.dot(q, tl.trans(k))                                           # [GP, BL] fp32
-    s = tl.where(mask_l[None, :], s * qk_scale, _NEG)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.where(mask_l[None, :], tl.exp(s - m_new[:, None]), 0.0)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT_F32:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
-    return m_new, l_i, acc
+    """`_step` on a block already read (k, v [BL, D] fp32, `_load_block`), whose column new_j (this step's token)
+    is taken from k_new / v_new [D], the rows the kernel writes (its pages may have been read before the write)."""
+    is_new = ((j0 + tl.arange(0, BL)) == new_j)[:, None]
+    k = tl.where(is_new, k_new[None, :], k).to(q.dtype)
+    v = tl.where(is_new, v_new[None, :], v).to(q.dtype)
+    m_i, l_i, p, alpha = _scores(q, k, j0, lo, hi, qk_scale, m_i, l_i, BL, DOT_F32)
+    return m_i, l_i, _pv(acc, alpha, p, v, DOT_F32)
 
 
 @triton.jit
@@ -214,24 +235,29 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
     m_i = tl.full([GP], _NEG, tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    j_next = j_first
-    if EARLY:
-        m_i, l_i, acc = _update(q, k0, v0, j_first, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL, True,
+    if EARLY:   # every block takes the new token's row from registers (`_update`)
+        m_i, l_i, acc = _update(q, k0, v0, j_first, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL,
                                 DOT_F32)
-        j_next = j_first + BL
-    if NBLK_C > 0:  # the interpreter cannot loop to a run-time bound: the block count as a constant there
+        if NBLK_C > 0:  # the interpreter cannot loop to a run-time bound: the block count as a constant there
+            for it in range(1, NBLK_C):
+                k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j_first + it * BL, lo,
+                                   hi, HKV, D, BL, FMT)
+                m_i, l_i, acc = _update(q, k, v, j_first + it * BL, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new,
+                                        v_new, BL, DOT_F32)
+        else:
+            for j0 in range(j_first + BL, hi, BL):
+                k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV, D,
+                                   BL, FMT)
+                m_i, l_i, acc = _update(q, k, v, j0, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL,
+                                        DOT_F32)
+    elif NBLK_C > 0:
         for it in range(0, NBLK_C):
-            if sp * CHUNK + it * BL >= j_next:
-                k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, sp * CHUNK + it * BL,
-                                   lo, hi, HKV, D, BL, FMT)
-                m_i, l_i, acc = _update(q, k, v, sp * CHUNK + it * BL, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new,
-                                        v_new, BL, EARLY, DOT_F32)
+            m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
+                                  j_first + it * BL, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
     else:  # only the key blocks this sequence (and window) reaches within the chunk
-        for j0 in range(j_next, hi, BL):
-            k, v = _load_block(k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, j0, lo, hi, HKV, D, BL,
-                               FMT)
-            m_i, l_i, acc = _update(q, k, v, j0, lo, hi, qk_scale, m_i, l_i, acc, new_j, k_new, v_new, BL, EARLY,
-                                    DOT_F32)
+        for j0 in range(j_first, hi, BL):
+            m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
+                                  j0, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
     if FINAL:  # one split, no sinks: the combine's result directly (its weight exp(m - m) is 1)
         out = acc / tl.maximum(l_i, 1e-30)[:, None] * v_factor
         tl.store(out_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -334,8 +360,11 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     # step, batch 1 / 2: int4 2.16 -> 2.13 / 2.41 -> 2.38 ms, fp8 3.25 -> 3.22 / 3.46 -> 3.43; batch 64 equal)
     num_warps = num_warps or (8 if b * hkv * s <= num_sms() else 4)
     nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
-    # rotary over plain pages: the kernel's reads that no op of this step writes go out before its PDL wait
-    early = new is not None and kv_fmt == 0 and nw.fmt == 0 and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0"
+    # rotary over plain pages, a grid that leaves SMs idle: the reads that no op of this step writes go out
+    # before the PDL wait (H100 batch 1: int4 2.10 -> 2.02 ms a step with the q/k/v kernel's early release; at
+    # batch 64 it cost 2-4%)
+    early = (new is not None and kv_fmt == 0 and nw.fmt == 0 and b * hkv * s <= num_sms()
+             and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0")
     tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
                                 float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
