@@ -312,6 +312,8 @@ def bench_hf(path: Path, args, bw: float, rows: list[dict], ref: dict[int, list]
 CONFIGS = {"quantrt bf16": {}, "quantrt bf16 (unfused)": {"unfused": True}, "quantrt bf16 (no PDL)": {"no_pdl": True},
            "quantrt bf16 (cuBLAS dense)": {"cublas_dense": True, "no_pdl": True}, "quantrt fp8": {"quantization": "fp8"},
            "quantrt int4 (gptq g128)": {"gptq": True},
+           "quantrt int4 (gptq g128; fp8 kv)": {"gptq": True, "kv_cache_dtype": "fp8_e4m3"},
+           "quantrt int4 (gptq g128; fp4 kv)": {"gptq": True, "kv_cache_dtype": "fp4_e2m1"},
            "quantrt int4 (awq g128)": {"awq": True},      # zero points per group (uint8 in the kernels)
            # float zero points (w = q s + o), the kernels' path for GGUF Q4_1 / K-quant mins at g32
            "quantrt int4 (torchao int4wo-32)": {"torchao_config": "int4wo-32"},
