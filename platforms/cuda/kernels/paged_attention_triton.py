@@ -20,7 +20,7 @@ kv_lens is read on the device, so a CUDA graph replays the launch for any length
 Both kernels are launched like the per-layer ops (`pdl_triton.pdl_row_opts`: PDL on sm_90+ from PDL_MIN_ROWS
 sequences): scheduled while the kernel before drains, they wait for it before reading anything. The decode kernel
 releases the op after it once its wait is over, not at its start, since the q/k/v kernel releases it early
-(`LinearKernel.release_early`). At one to a few sequences on plain, fp8 or fp4 pages with the rotary fused (EARLY), it
+(`LinearKernel.release_early`). At one to a few sequences on plain or fp8 pages with the rotary fused (EARLY), it
 requests what no op of the step writes before the wait: the length, position, out slot, rope row and the first
 key block.
 """
@@ -39,7 +39,6 @@ from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
 from quantrt.platforms.cuda.kernels.rope_kv_triton import (
     can_fuse_rotary_kv_store,
-    fp4_encode,
     fp8_encode,
     pool_format,
     rope_apply,
@@ -70,14 +69,6 @@ def _fp8_bits(b, FMT: tl.constexpr):
 def _e2m1(n):
     h = ((n & 7) << 9) | ((n & 8) << 12)
     return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _fp4_page_row(x, scale, D: tl.constexpr):
-    """One head row x [D] fp32 -> what `_load_kv` reads back once `store_kv` has written it to fp4 pages."""
-    codes, ex = fp4_encode(x, scale, D)
-    sc = ((ex + 127) << 23).to(tl.float32, bitcast=True) * 16384.0             # as the scale byte is read
-    return tl.reshape(_e2m1(codes) * sc[:, None], [D])
 
 
 @triton.jit
@@ -201,7 +192,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
     mask_g = offs_g < G
     offs_d = tl.arange(0, D)
     heads = kvh * G + offs_g                                                   # [GP] query heads
-    if EARLY:   # (ROPE; plain, fp8 or fp4 pages) what no kernel of this step writes is requested before the grid
+    if EARLY:   # (ROPE; plain or fp8 pages) what no kernel of this step writes is requested before the grid
         # dependency wait: the length, position and out slot, the rope row and the first key block's slots, keys
         # and values (their round trips overlap the kernel before)
         length = tl.load(len_ptr + b).to(tl.int32)
@@ -239,10 +230,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
             if holds_new:
                 store_kv(k_ptr, ksc_ptr, slot_new, kvh, k_new, k_wscale, HKV, D, FMT_W)
                 store_kv(v_ptr, vsc_ptr, slot_new, kvh, v_new, v_wscale, HKV, D, FMT_W)
-            if FMT_W == 4:  # fp4 pages: the rows as `_load_kv` reads their codes and scale bytes back
-                k_new = _fp4_page_row(k_new, k_wscale, D)
-                v_new = _fp4_page_row(v_new, v_wscale, D)
-            elif FMT_W != 0:  # fp8 pages: the rows as `_load_kv` reads their codes back
+            if FMT_W != 0:  # fp8 pages: the rows as `_load_kv` reads their codes back
                 k_new = _fp8_bits(fp8_encode(k_new / k_wscale, FMT_W).to(tl.int32), FMT_W).to(tl.float32)
                 v_new = _fp8_bits(fp8_encode(v_new / v_wscale, FMT_W).to(tl.int32), FMT_W).to(tl.float32)
         else:
@@ -381,10 +369,10 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     # step, batch 1 / 2: int4 2.16 -> 2.13 / 2.41 -> 2.38 ms, fp8 3.25 -> 3.22 / 3.46 -> 3.43; batch 64 equal)
     num_warps = num_warps or (8 if b * hkv * s <= num_sms() else 4)
     nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
-    # rotary over plain, fp8 or fp4 pages, a grid that leaves SMs idle: the reads that no op of this step writes go out
+    # rotary over plain or fp8 pages, a grid that leaves SMs idle: the reads that no op of this step writes go out
     # before the PDL wait (H100 batch 1: int4 2.10 -> 2.02 ms a step with the q/k/v kernel's early release; at
-    # batch 64 it cost 2-4%)
-    early = (new is not None and kv_fmt in (0, 1, 2, 4) and nw.fmt == kv_fmt and b * hkv * s <= num_sms()
+    # batch 64 it cost 2-4%; on fp4 pages, re-encoding the new rows after the wait made it slower: 2.26 vs 2.15)
+    early = (new is not None and kv_fmt in (0, 1, 2) and nw.fmt == kv_fmt and b * hkv * s <= num_sms()
              and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0")
     tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
