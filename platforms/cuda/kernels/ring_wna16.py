@@ -406,7 +406,8 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     RMSNorm(x + delta) (x the residual [M, K]; writes pro.residual), or act(gate) * up (x the gate_up output
     [M, 2K]). With `residual` r [M, N]: (r + y, its column tiles' sums of squares [M, N / block_n] fp32), the
     residual epilogue (`ring_common.residual_out`; M <= 2 with K split, the tagged path) for a next ring's
-    PRO_NORM_PARTS. `release_early`: the next PDL op is released at the start (`_common.pdl_release_at`)."""
+    PRO_NORM_PARTS. `release_early`: the next PDL op is released at the start (`_common.pdl_release_at`; to
+    PDL_MAX_M rows, where the decode attention after q/k/v reads early: measured at 1-2 rows)."""
     if offset and zero is None:
         raise ValueError("ring_wna16 with offset=True needs the offsets [G, N] as `zero`")
     n, k = packed.shape[1], packed.shape[0] * 8
@@ -451,7 +452,7 @@ def ring_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         d, nw, r, d.stride(0), r.stride(0), float(pro.eps) if norm else 0.0, d.shape[1] if norm else 0,
         residual if parts is not None else x, parts if parts is not None else x,
         k_per_split, bn, bk, bm, cfg.stages, split, x.dtype == torch.bfloat16, zero is not None, pdl, cfg.x_vec,
-        *launch_layouts(cfg), **pdl_release_at(x, release_early), OFFSET=offset, TAGGED=tagged,
+        *launch_layouts(cfg), **pdl_release_at(x, release_early and m <= PDL_MAX_M), OFFSET=offset, TAGGED=tagged,
         **(_prologue_opts(pro, m, k, cfg.warps) if pro is not None else {}), RES=parts is not None,
         tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     return (y, parts) if parts is not None else y
