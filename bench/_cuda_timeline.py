@@ -3,7 +3,7 @@
 RMSNorm, act * up and the decode attention), when its first program's grid dependency was met after the previous
 kernel's last program ended, how long it streamed, and its tail.
 
-    cd bench && python _cuda_timeline.py [--layers 32] \
+    cd bench && python _cuda_timeline.py [--layers 32] [--splits] \
         [--configs "quantrt int4 (gptq g128),,quantrt int4 (gptq g128) [K=V]"]    (configs separated by ",,")
 """
 
@@ -63,6 +63,45 @@ def per_layer(launches: list[dict], layers: int) -> None:
     print(f"  a layer: {total:.2f} us (the sum of the exposed times)", flush=True)
 
 
+SPLIT_KEYS = ["last_loop_vs_others", "tail", "last_epilogue", "other_epilogue", "last_loop", "other_loop"]
+
+
+def split_rows(launches: list[dict], layers: int) -> dict[tuple[int, str], list[dict]]:
+    """For every split-K launch of the layer cycles (as `per_layer` reads them): its last split (the programs with
+    index // tiles == split - 1, the ones that gather the partials) against the others, in ns: when the last split's
+    main loop ended against the others' latest ("last_loop_vs_others"), the launch's last exit after its last loop
+    end ("tail"), and the mean epilogue (exit - loop end) and loop (loop end - wait) of each group."""
+    att = [i for i, o in enumerate(launches) if o["kind"] == "attn"][-layers:]
+    rows: dict[tuple[int, str], list[dict]] = {}
+    for a, b in zip(att, att[1:]):
+        for pos, o in enumerate(launches[a + 1:b + 1]):
+            m = o["meta"]
+            if m.get("split", 1) < 2 or "tiles" not in m:
+                continue
+            t = o["t"].double()
+            last = torch.arange(t.shape[0]) // m["tiles"] == m["split"] - 1   # records are in program order
+            if last.all() or not last.any():
+                continue
+            rows.setdefault((pos, _name(o)), []).append({
+                "last_loop_vs_others": float(t[last, 2].max() - t[~last, 2].max()),
+                "tail": float(t[:, 3].max() - t[:, 2].max()),
+                "last_epilogue": float((t[last, 3] - t[last, 2]).mean()),
+                "other_epilogue": float((t[~last, 3] - t[~last, 2]).mean()),
+                "last_loop": float((t[last, 2] - t[last, 1]).mean()),
+                "other_loop": float((t[~last, 2] - t[~last, 1]).mean())})
+    return rows
+
+
+def per_split(launches: list[dict], layers: int) -> None:
+    """`split_rows` as a table of means over the layer cycles (µs)."""
+    print("| kernel | last split's loop end - the others' | tail after the last loop end | last split's epilogue | "
+          "the others' epilogue | last split's loop | the others' loop |")
+    print("|---|---|---|---|---|---|---|")
+    for (_, name), lst in sorted(split_rows(launches, layers).items()):
+        print(f"| {name} | " + " | ".join(f"{statistics.fmean(r[k] for r in lst) / 1e3:.2f}" for k in SPLIT_KEYS)
+              + " |")
+
+
 def main() -> None:
     import _cuda_decode as cd  # bench/ is sys.path[0]
 
@@ -73,6 +112,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--checkpoint", default="/tmp/llama8b-random")
     p.add_argument("--new", type=int, default=24)
+    p.add_argument("--splits", action="store_true", help="also each split-K launch's last split against the others")
     a = p.parse_args()
     args = argparse.Namespace(batches=[1], new=a.new, short=8, repeats=1, graphs="on", layers=a.layers)
     bw = cd.copy_bandwidth()
@@ -83,6 +123,8 @@ def main() -> None:
                                                          # earlier engine keep their own launches
         torch.cuda.synchronize()
         per_layer(trace.timeline(), a.layers)
+        if a.splits:
+            per_split(trace.timeline(), a.layers)
 
 
 if __name__ == "__main__":
