@@ -203,11 +203,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
                              BL, FMT)
         cos_row, sin_row = cos_ptr + pos * s_cs, sin_ptr + pos * s_cs
         partner, c, sn = rope_cols(cos_row, sin_row, D, NEOX)
-        pdl_wait(PDL)
-        pdl_release(PDL)
-    else:       # the next op is released after the wait too: the q/k/v kernel may have released this one at its
-        pdl_wait(PDL)   # start (`_common.pdl_release_at`), and the o projection must not stream beside it
-        pdl_release(PDL)
+    pdl_wait(PDL)
+    pdl_release(PDL)    # after the wait, not at the start: the q/k/v kernel may have released this one at its start
+    if not EARLY:       # (`_common.pdl_release_at`), and the o projection must not stream beside it
         length = tl.load(len_ptr + b).to(tl.int32)
         lo, hi, j_first = _span(sp, CHUNK, length, WINDOW, BL, NBLK_C)
     t_stamp(tr_rec, 1, TRACE)
@@ -225,7 +223,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         xp = tl.load(q_rows + partner[None, :], mask=mask_g[:, None], other=0.0)
         q = rne(rope_apply(x, xp, c[None, :], sn[None, :]), x.dtype)           # as rotary_kv_store rounds it
         kn_row, vn_row = kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h
-        if EARLY:   # k, v kept in registers: every block takes the new token's row from them (`_update` REG)
+        if EARLY:   # k, v kept in registers: every block takes the new token's row from them (`_update`)
             k_new, v_new = rope_kv_rows(kn_row, vn_row, partner, c, sn, D)
             if holds_new:
                 store_kv(k_ptr, ksc_ptr, slot_new, kvh, k_new, k_wscale, HKV, D, FMT_W)
