@@ -73,7 +73,7 @@ def pdl_release_at(t: torch.Tensor, early: bool) -> dict:
     """Where a weight-streaming kernel lets the next PDL op be scheduled, as its two constexprs: TRIGGER, after its
     main loop (`pdl_trigger`), or with `early` EARLY_RELEASE, at its start, for a next op that is small and reads
     before its own wait (the decode attention after q/k/v: `LinearKernel.release_early`; H100 int4 batch 1
-    2.09 -> 2.03 ms a step with the attention's early reads, PERFORMANCE.md twenty-first session).
+    2.10 -> 2.02 ms a step with the attention's early reads, PERFORMANCE.md twenty-first session).
     QUANTRT_CUDA_EARLY_RELEASE=0 keeps every release after the main loop (read at each launch)."""
     on = pdl_trigger(t)
     early = early and os.environ.get("QUANTRT_CUDA_EARLY_RELEASE", "1") != "0"
