@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 
-os.environ["QUANTRT_CUDA_TRACE"] = "1"
-
 
 def _name(o: dict) -> str:
     m = o["meta"]
@@ -114,6 +112,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=24)
     p.add_argument("--splits", action="store_true", help="also each split-K launch's last split against the others")
     a = p.parse_args()
+    os.environ["QUANTRT_CUDA_TRACE"] = "1"     # every engine below traces its kernels (read at each launch)
     args = argparse.Namespace(batches=[1], new=a.new, short=8, repeats=1, graphs="on", layers=a.layers)
     bw = cd.copy_bandwidth()
     base = cd.write_checkpoint(Path(a.checkpoint), a.layers)

@@ -8,6 +8,7 @@ layer cycles; the numbers are known by construction.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -16,9 +17,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _timeline(monkeypatch):
-    monkeypatch.delenv("QUANTRT_CUDA_TRACE", raising=False)   # the module turns tracing on when imported
     monkeypatch.syspath_prepend(str(BENCH))
+    before = os.environ.get("QUANTRT_CUDA_TRACE")
     mod = importlib.import_module("_cuda_timeline")
+    assert os.environ.get("QUANTRT_CUDA_TRACE") == before    # tracing is turned on by main() only
     return mod
 
 
