@@ -250,20 +250,6 @@ def test_early_release_at_the_start():
             < ptx.index("griddepcontrol.wait") < ptx.index("wgmma.mma_async"))
 
 
-def test_release_point_switch(monkeypatch):
-    """`_common.pdl_release_at`: after the main loop by default, at the start for a small next op, never without
-    PDL; QUANTRT_CUDA_EARLY_RELEASE=0 keeps the release after the main loop."""
-    from quantrt.platforms.cuda.kernels import _common
-
-    t = torch.zeros(1)
-    assert _common.pdl_release_at(t, True) == {"TRIGGER": False, "EARLY_RELEASE": False}   # CPU: no PDL
-    monkeypatch.setattr(_common, "pdl_trigger", lambda x: True)
-    assert _common.pdl_release_at(t, False) == {"TRIGGER": True, "EARLY_RELEASE": False}
-    assert _common.pdl_release_at(t, True) == {"TRIGGER": False, "EARLY_RELEASE": True}
-    monkeypatch.setenv("QUANTRT_CUDA_EARLY_RELEASE", "0")
-    assert _common.pdl_release_at(t, True) == {"TRIGGER": True, "EARLY_RELEASE": False}
-
-
 def test_can_run_and_errors_name_the_problem():
     from quantrt.platforms.cuda.kernels.ring_wna16 import RingConfig, can_run, default_config, ring_wna16
 

@@ -80,6 +80,20 @@ def test_stream_pdl_switch(monkeypatch):
     assert not _common.stream_pdl(cpu, "ring")
 
 
+def test_release_point_switch(monkeypatch):
+    """`_common.pdl_release_at`: after the main loop by default, at the start for a small next op, never without
+    PDL; QUANTRT_CUDA_EARLY_RELEASE=0 keeps the release after the main loop."""
+    from quantrt.platforms.cuda.kernels import _common
+
+    t = torch.zeros(1)
+    assert _common.pdl_release_at(t, True) == {"TRIGGER": False, "EARLY_RELEASE": False}   # CPU: no PDL
+    monkeypatch.setattr(_common, "pdl_trigger", lambda x: True)
+    assert _common.pdl_release_at(t, False) == {"TRIGGER": True, "EARLY_RELEASE": False}
+    assert _common.pdl_release_at(t, True) == {"TRIGGER": False, "EARLY_RELEASE": True}
+    monkeypatch.setenv("QUANTRT_CUDA_EARLY_RELEASE", "0")
+    assert _common.pdl_release_at(t, True) == {"TRIGGER": True, "EARLY_RELEASE": False}
+
+
 @pytest.mark.gluon_compile
 def test_gemv_ptx_orders_weight_loads_wait_and_release():
     import subprocess

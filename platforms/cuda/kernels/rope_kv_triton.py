@@ -109,26 +109,6 @@ def fp8_encode(x, FMT: tl.constexpr):
 
 
 @triton.jit
-def fp4_encode(x, scale, D: tl.constexpr):
-    """One head row x [D] fp32 -> (e2m1 codes [D/16, 16] int32, the sign in bit 3; block exponents ex [D/16]): the
-    element is e2m1(code) * 2**ex * scale, as the fp4 pages store it (one scale byte ex + 127 per 16 elements)."""
-    NB: tl.constexpr = D // 16
-    blk = tl.reshape(x / scale, [NB, 16])
-    amax = tl.max(tl.abs(blk), axis=1)                                           # [NB]
-    y = tl.maximum(amax, 1.1754943508222875e-38) / 6.0
-    bits = y.to(tl.int32, bitcast=True)
-    ex = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)      # ceil(log2 y), exact
-    ex = tl.minimum(tl.where(y < 1.1754943508222875e-38, -127, ex), 127)
-    inv = (tl.maximum(127 - ex, 1) << 23).to(tl.float32, bitcast=True)          # 2 ** -ex
-    v = blk * inv[:, None]                                                       # |v| <= 6
-    av = tl.abs(v)
-    mag = ((av > 0.25).to(tl.int32) + (av > 0.75).to(tl.int32) + (av > 1.25).to(tl.int32)
-           + (av > 1.75).to(tl.int32) + (av > 2.5).to(tl.int32) + (av > 3.5).to(tl.int32)
-           + (av > 5.0).to(tl.int32))                                            # ties round down
-    return mag | ((v < 0).to(tl.int32) << 3), ex
-
-
-@triton.jit
 def store_kv(buf_ptr, sc_ptr, slot, kvh, x, scale, HKV: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr):
     """x: one head row [D] fp32 (already rounded to the model dtype) -> the pool row (slot, kvh)."""
     e = tl.arange(0, D)
@@ -136,8 +116,19 @@ def store_kv(buf_ptr, sc_ptr, slot, kvh, x, scale, HKV: tl.constexpr, D: tl.cons
         tl.store(buf_ptr + slot * (HKV * D) + kvh * D + e, rne(x, buf_ptr.dtype.element_ty))
     elif FMT == 4:
         NB: tl.constexpr = D // 16
-        codes, ex = fp4_encode(x, scale, D)
-        codes = tl.reshape(codes, [D // 2, 2])
+        blk = tl.reshape(x / scale, [NB, 16])
+        amax = tl.max(tl.abs(blk), axis=1)                                       # [NB]
+        y = tl.maximum(amax, 1.1754943508222875e-38) / 6.0
+        bits = y.to(tl.int32, bitcast=True)
+        ex = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # ceil(log2 y), exact
+        ex = tl.minimum(tl.where(y < 1.1754943508222875e-38, -127, ex), 127)
+        inv = (tl.maximum(127 - ex, 1) << 23).to(tl.float32, bitcast=True)      # 2 ** -ex
+        v = blk * inv[:, None]                                                   # |v| <= 6
+        av = tl.abs(v)
+        mag = ((av > 0.25).to(tl.int32) + (av > 0.75).to(tl.int32) + (av > 1.25).to(tl.int32)
+               + (av > 1.75).to(tl.int32) + (av > 2.5).to(tl.int32) + (av > 3.5).to(tl.int32)
+               + (av > 5.0).to(tl.int32))                                        # ties round down
+        codes = tl.reshape(mag | ((v < 0).to(tl.int32) << 3), [D // 2, 2])
         packed = tl.sum(codes * (1 + 15 * tl.arange(0, 2))[None, :], axis=1)  # even element in the low nibble
         tl.store(buf_ptr + slot * (HKV * D // 2) + kvh * (D // 2) + tl.arange(0, D // 2), packed.to(tl.uint8))
         tl.store(sc_ptr + slot * (HKV * NB) + kvh * NB + tl.arange(0, NB), (ex + 127).to(tl.uint8))
@@ -232,5 +223,5 @@ def rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return out
 
 
-__all__ = ["can_fuse_rotary_kv_store", "fp4_encode", "fp8_encode", "pool_format", "rope_apply", "rope_cols",
+__all__ = ["can_fuse_rotary_kv_store", "fp8_encode", "pool_format", "rope_apply", "rope_cols",
            "rope_kv_rows", "rope_store_kv", "rotary_kv_store", "store_kv"]
