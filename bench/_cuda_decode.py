@@ -50,6 +50,11 @@ def copy_bandwidth() -> float:
     return 2 * 2**30 / sorted(times[5:])[len(times[5:]) // 2]
 
 
+def context_len(args) -> int:
+    """The engine's context: 2048, or what `--prompt` plus the new tokens need."""
+    return max(2048, PROMPT_LEN + args.new + 64)
+
+
 def prompts(bs: int) -> list[list[int]]:
     return [[(977 * r + 131 * j) % 120000 + 10 for j in range(PROMPT_LEN)] for r in range(bs)]
 
@@ -186,8 +191,9 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
     env = dict(kw.pop("env", {}), **({"QUANTRT_CUDA_PDL": "0"} if kw.pop("no_pdl", False) else {}))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)         # for the engine's whole run (PDL is read at each launch: every graph captured)
-    eng = Engine(model_path=str(path), dtype="bfloat16", context_length=2048, max_running_requests=64,
-                 max_total_tokens=64 * 256, cuda_graph_max_bs=64, random_seed=0, **kw)
+    eng = Engine(model_path=str(path), dtype="bfloat16", context_length=context_len(args), max_running_requests=64,
+                 max_total_tokens=max(64 * 256, max(args.batches) * (PROMPT_LEN + args.new + 16)), cuda_graph_max_bs=64,
+                 random_seed=0, **kw)
     load_s = time.perf_counter() - t0
     kernels = sorted({m.kernel_desc.split(" ")[0] for m in eng.model.modules() if hasattr(m, "kernel_desc")})
     wbytes = step_bytes(eng)
@@ -222,7 +228,7 @@ def bench_quantrt(path: Path, name: str, kw: dict, args, bw: float, rows: list[d
 
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[getattr(args, "graphs", "both")]
     for graphs in modes:
-        runner.configure_graphs(plat, not graphs, 64, 64, 2048)
+        runner.configure_graphs(plat, not graphs, 64, 64, context_len(args))
         for bs in args.batches:
             t_long, step, out, med = steady(gen, bs, args.new, args.short, args.repeats, step_times)
             if graphs:
@@ -376,6 +382,8 @@ def config_checkpoint(kw: dict, base: Path, checkpoint: str, layers: int) -> Pat
 
 
 def run_cuda(args) -> list[dict]:
+    global PROMPT_LEN
+    PROMPT_LEN = getattr(args, "prompt", None) or PROMPT_LEN   # --prompt: long contexts (the attention's splits)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; prompt {PROMPT_LEN}, "
           f"{args.new} new (steady: minus {args.short}), best of {args.repeats}", flush=True)
     bw = copy_bandwidth()

@@ -414,6 +414,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default="/tmp/llama8b-random", help="--cuda: where the random checkpoint goes")
     p.add_argument("--layers", type=int, default=32, help="--cuda: decoder layers (32 = Llama-3.1-8B)")
     p.add_argument("--graphs", choices=["both", "on", "off"], default="both", help="--cuda: decode-graph rows to run")
+    p.add_argument("--prompt", type=int, default=None, help="--cuda: prompt tokens (default 8; long contexts)")
     args = p.parse_args()
     if args.cuda:
         from _cuda_decode import run_cuda
