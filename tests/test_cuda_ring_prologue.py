@@ -347,3 +347,28 @@ def test_qkv_kernel_releases_the_attention_early(tiny_models):
     lin.release_early = True
     lin.load([{"weight": torch.randn(8, 16).to(torch.bfloat16)}], None, CpuPlatform(), torch.bfloat16)
     assert lin.kernels[0].release_early is True
+    lin.release_next(False)                 # per step, as the attention after decides
+    assert lin.kernels[0].release_early is False
+    other = layer.self_attn.o_proj
+    other.release_next(True)                # a layer not built to release early never does
+    assert other.kernels[0].release_early is False
+
+
+def test_attention_grid_decides_the_early_release(tiny_models, monkeypatch):
+    """The q/k/v kernel releases the decode attention at its start only while the attention's grid is small
+    (`PagedAttention.small_decode`, CUDA's `small_grid`): one or two sequences over short slot tables; a long table
+    (more key splits) or more sequences turn it off for that step. On the CPU, where no fused op runs, never."""
+    from types import SimpleNamespace
+
+    from quantrt.platforms.cuda.kernels import paged_attention_triton as P
+
+    monkeypatch.setattr(P, "num_sms", lambda *a: 132)      # the H100's, as the splits are picked there
+    layer = SimpleNamespace(num_kv_heads=8)
+    fb = lambda width: SimpleNamespace(kv_slots=torch.zeros(1, width))  # noqa: E731
+    assert P.decode_rotary_attention.small_grid is P._small_grid
+    assert P._small_grid(layer, fb(64), 1) and P._small_grid(layer, fb(256), 2)
+    assert not P._small_grid(layer, fb(2048), 1)      # 8 key splits: 64 programs
+    assert not P._small_grid(layer, fb(64), 3)        # 24 programs
+    eng = _cpu_engine(tiny_models)
+    _greedy(eng)
+    assert eng.model.model.layers[0].self_attn.qkv_proj.kernels[0].release_early is False

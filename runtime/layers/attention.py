@@ -57,14 +57,29 @@ class PagedAttention(nn.Module):
         self._rotary_store = platform.rotary_kv_store_op()
         self._rotary_attend = platform.decode_rotary_attention_op()
 
+    def _decode_op(self, fb: ForwardBatch, device: torch.device):
+        """The platform's fused rotary + KV write + attention op where this decode step runs it, else None."""
+        op = self._rotary_attend
+        if fb.is_decode and op is not None and platform_decode_attention(self.platform) and (
+                device.type != "cpu" or getattr(op, "runs_on_cpu", False)):  # as attend() decides
+            return op
+        return None
+
+    def small_decode(self, fb: ForwardBatch, rows: int, device: torch.device) -> bool:
+        """Whether this step's attention is the platform's fused op on a grid small enough to be released by the
+        q/k/v kernel at its start (the op's `small_grid`; `QuantLinear.release_next`): its few programs then make
+        their early reads while the projection streams. A large grid released that early takes SM room from it."""
+        op = self._decode_op(fb, device)
+        small = getattr(op, "small_grid", None)
+        return small is not None and small(self, fb, rows)
+
     def rotary_forward(self, rotary, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
                        sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate q and k at fb.positions (`rotary`: a neox RotaryEmbedding), write k and v, attend: one platform
         kernel for the rotation and the write where it serves this pool, else the rotary's math and forward()."""
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H*D]
-        if fb.is_decode and self._rotary_attend is not None and platform_decode_attention(self.platform) and (
-                q.device.type != "cpu" or getattr(self._rotary_attend, "runs_on_cpu", False)):  # as attend() decides
-            o = self._rotary_attend(self, q, k, v, *rotary.half_tables(), fb, sinks)
+        if (op := self._decode_op(fb, q.device)) is not None:
+            o = op(self, q, k, v, *rotary.half_tables(), fb, sinks)
             if o is not None:
                 return o
         if self._rotary_store is not None:

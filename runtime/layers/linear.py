@@ -124,6 +124,13 @@ class QuantLinear(nn.Module):
         if len(self.kernels) == 1:      # several shard kernels end in torch.cat: nothing small follows them
             self.kernels[0].release_early = self.release_early
 
+    def release_next(self, on: bool) -> None:
+        """For the next calls: whether this layer's one kernel releases the op after it at its start. Only layers
+        built with `release_early`; the op after decides per step (the decode attention: only while its grid is
+        small, `PagedAttention.small_decode`)."""
+        if self.release_early and len(self.kernels) == 1:
+            self.kernels[0].release_early = on
+
     def row_codes(self, m: int) -> RowCodes | None:
         """The activation codes this layer's one kernel makes of M rows first (`LinearKernel.row_codes`): the op
         producing x may hand them over as `QuantizedRows`. None with several shard kernels."""

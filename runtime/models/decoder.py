@@ -84,6 +84,7 @@ class Attention(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor | SummedRows:
         """x [T, D] -> the attention output [T, D]; with `residual`, residual + it (`SummedRows`)."""
         t = x.shape[0]
+        self.qkv_proj.release_next(self.attn.small_decode(fb, t, fb.positions.device))
         qkv = self.qkv_proj(x)                                  # [T, (H + 2Hkv) * D]
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
