@@ -55,7 +55,7 @@ def test_one_launch_equals_rotary_store_then_attention(kv, window, sink, splits,
     from quantrt.platforms.cuda.kernels.rope_kv_triton import pool_format, rotary_kv_store
 
     monkeypatch.setenv("QUANTRT_CUDA_ATTN_EARLY", early)
-    monkeypatch.setattr(P, "num_sms", lambda *a: 1000)  # the early reads serve grids that leave SMs idle: all here
+    monkeypatch.setattr(P, "EARLY_MAX_PROGRAMS", 1000)  # the early reads serve small grids: all here
     h, hkv, d = 4, 2, 32
     lens = [1, 33, 70]          # new tokens at chunk starts: position 0, and 32 (3 splits of 32 keys)
     pools, kv_slots, lens, positions, out_slots, (q, k, v), rope, (ks, vs) = _step(kv, lens, h, hkv, d, 7)

@@ -20,9 +20,9 @@ kv_lens is read on the device, so a CUDA graph replays the launch for any length
 Both kernels are launched like the per-layer ops (`pdl_triton.pdl_row_opts`: PDL on sm_90+ from PDL_MIN_ROWS
 sequences): scheduled while the kernel before drains, they wait for it before reading anything. The decode kernel
 releases the op after it once its wait is over, not at its start, since the q/k/v kernel releases it early
-(`LinearKernel.release_early`). At one to a few sequences on plain or fp8 pages with the rotary fused (EARLY), it
-requests what no op of the step writes before the wait: the length, position, out slot, rope row and the first
-key block.
+(`LinearKernel.release_early`, only while `_small_grid`). On a small grid (EARLY_MAX_PROGRAMS: one or two
+sequences over a slot table of up to 256 keys) on plain or fp8 pages with the rotary fused (EARLY), it requests
+what no op of the step writes before the wait: the length, position, out slot, rope row and the first key block.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ _NEG = tl.constexpr(-1.0e30)  # a global read inside @triton.jit must be a const
 _FP8_FMT = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2, torch.float8_e4m3fnuz: 3}
 _FMT_FACTOR = {0: 1.0, 1: 256.0, 2: 1.0, 3: 128.0, 4: 1.0}
 BLOCK_L = 64    # keys per block (`paged_decode_attention`'s default)
+# The early path (reads before the PDL wait, `EARLY`; the q/k/v kernel releasing the attention at its start,
+# `_small_grid`) up to this many programs. H100 int4, median ms a step, early path on / off: one key split at batch
+# 1 / 2 (8 / 16 programs) 2.02 / 2.10, 2.32 / 2.37; a 2000-token context, 8 key splits (64 / 128 programs), 2.43 /
+# 2.35, 2.82 / 2.72; batch 64 (512 programs) cost 2-4%.
+EARLY_MAX_PROGRAMS = 16
 
 
 @triton.jit
@@ -368,10 +373,9 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     # step, batch 1 / 2: int4 2.16 -> 2.13 / 2.41 -> 2.38 ms, fp8 3.25 -> 3.22 / 3.46 -> 3.43; batch 64 equal)
     num_warps = num_warps or (8 if b * hkv * s <= num_sms() else 4)
     nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
-    # rotary over plain or fp8 pages, a grid that leaves SMs idle: the reads that no op of this step writes go out
-    # before the PDL wait (H100 batch 1: int4 2.10 -> 2.02 ms a step with the q/k/v kernel's early release; at
-    # batch 64 it cost 2-4%; on fp4 pages, re-encoding the new rows after the wait made it slower: 2.26 vs 2.15)
-    early = (new is not None and kv_fmt in (0, 1, 2) and nw.fmt == kv_fmt and b * hkv * s <= num_sms()
+    # rotary over plain or fp8 pages, a small grid (EARLY_MAX_PROGRAMS): the reads that no op of this step writes go
+    # out before the PDL wait (on fp4 pages, re-encoding the new rows after the wait made it slower: 2.26 vs 2.15)
+    early = (new is not None and kv_fmt in (0, 1, 2) and nw.fmt == kv_fmt and b * hkv * s <= EARLY_MAX_PROGRAMS
              and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0")
     tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
@@ -443,21 +447,16 @@ def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return o.reshape(q.shape[0], -1)
 
 
-EARLY_RELEASE_MAX_PROGRAMS = 16   # the q/k/v kernel releases the attention at its start up to this grid (H100 int4:
-# 8 / 16 programs at batch 1 / 2, one key split, 2.10 -> 2.02 / 2.37 -> 2.32 ms a step; a 2000-token context, 64 /
-# 144 programs, 2.36 -> 2.40 / 2.72 -> 2.81)
-
-
 def _small_grid(layer, fb, rows: int) -> bool:
     """`PagedAttention.small_decode` on CUDA: this step's decode grid (rows x KV heads x key splits, as
-    `paged_decode_attention` picks them) has at most EARLY_RELEASE_MAX_PROGRAMS programs."""
+    `paged_decode_attention` picks them) has at most EARLY_MAX_PROGRAMS programs."""
     hkv = layer.num_kv_heads
     s = default_splits(rows, hkv, fb.kv_slots.shape[1], BLOCK_L)
-    return rows * hkv * s <= EARLY_RELEASE_MAX_PROGRAMS
+    return rows * hkv * s <= EARLY_MAX_PROGRAMS
 
 
 decode_rotary_attention.small_grid = _small_grid
 
 
-__all__ = ["EARLY_RELEASE_MAX_PROGRAMS", "NewToken", "decode_attention", "decode_rotary_attention", "default_splits", "kv_format",
+__all__ = ["EARLY_MAX_PROGRAMS", "NewToken", "decode_attention", "decode_rotary_attention", "default_splits", "kv_format",
            "paged_decode_attention"]
