@@ -317,10 +317,20 @@ def kv_format(pool) -> tuple[int, str]:
     return (fmt, "") if fmt else (-1, f"fp8 KV dtype {pool.spec.dtype} is not e4m3fn/e5m2/e4m3fnuz")
 
 
+ONE_CHUNK_BLOCKS = 4   # a slot table of up to this many key blocks is not split (one launch, the early path)
+CHUNK_BLOCKS = 2       # past that, the fewest key blocks a split takes (QUANTRT_CUDA_ATTN_CHUNK_BLOCKS: A/B runs).
+# H100 int4 at a 2000-token context, batch 1 (8 KV heads): chunks of 2 blocks (16 splits) 2.29 ms a step, 1 block
+# 2.32, 4 blocks 2.34, 8 blocks 2.58; batch 2 (capped at 17 splits by the two programs an SM) 2.71-2.73 for 1-4
+
+
 def default_splits(batch: int, hkv: int, max_len: int, block_l: int) -> int:
-    """Split the KV so that about two programs per SM run, each chunk >= 4 key blocks."""
+    """Split the KV so that about two programs per SM run: none for a table of up to ONE_CHUNK_BLOCKS key blocks,
+    else chunks of at least CHUNK_BLOCKS blocks."""
     want = cdiv(2 * num_sms(), batch * hkv)
-    return max(1, min(want, cdiv(max_len, 4 * block_l), 64))
+    if want <= 1 or max_len <= ONE_CHUNK_BLOCKS * block_l:
+        return 1
+    blocks = int(os.environ.get("QUANTRT_CUDA_ATTN_CHUNK_BLOCKS", CHUNK_BLOCKS))
+    return max(1, min(want, cdiv(max_len, blocks * block_l), 64))
 
 
 @dataclass(frozen=True)
