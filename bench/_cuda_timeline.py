@@ -111,7 +111,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default="/tmp/llama8b-random")
     p.add_argument("--new", type=int, default=24)
     p.add_argument("--splits", action="store_true", help="also each split-K launch's last split against the others")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 8; long contexts)")
     a = p.parse_args()
+    cd.PROMPT_LEN = a.prompt or cd.PROMPT_LEN
     os.environ["QUANTRT_CUDA_TRACE"] = "1"     # every engine below traces its kernels (read at each launch)
     args = argparse.Namespace(batches=[1], new=a.new, short=8, repeats=1, graphs="on", layers=a.layers)
     bw = cd.copy_bandwidth()
