@@ -147,7 +147,9 @@ class Platform:
     def decode_rotary_attention_op(self) -> Any | None:
         """(layer, q [B, H, D], k [B, Hkv, D], v, cos [P, D/2], sin, fb, sinks) -> [B, H*D]: a decode step's
         rotary_kv_store_op and decode attention in one step (k, v written at fb.out_slots); None from the call,
-        with nothing written, where it does not serve (PagedAttention.rotary_forward then runs them apart)."""
+        with nothing written, where it does not serve (PagedAttention.rotary_forward then runs them apart). The op may
+        carry `small_grid(layer, fb, rows) -> bool`: whether the q/k/v kernel before it may release it at its start
+        this step (`PagedAttention.small_decode`, `QuantLinear.release_next`)."""
         return None
 
     def act_mul_op(self) -> Any | None:

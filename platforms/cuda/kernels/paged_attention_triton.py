@@ -333,6 +333,14 @@ def default_splits(batch: int, hkv: int, max_len: int, block_l: int) -> int:
     return max(1, min(want, cdiv(max_len, blocks * block_l), 64))
 
 
+def key_chunks(batch: int, hkv: int, max_len: int, block_l: int, splits: int = 0) -> tuple[int, int]:
+    """(splits, keys per split) of a launch over a max_len-wide slot table: `splits` or `default_splits`, with
+    whole key blocks per chunk (fewer splits where the rounding leaves one empty)."""
+    s = splits or default_splits(batch, hkv, max_len, block_l)
+    chunk = cdiv(cdiv(max_len, s), block_l) * block_l
+    return max(1, cdiv(max_len, chunk)), chunk
+
+
 @dataclass(frozen=True)
 class NewToken:
     """This step's unrotated k, v [B, Hkv, D] and what `paged_decode_attention` needs to rotate q and k and to
@@ -368,9 +376,7 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     max_len = kv_slots.shape[1]
     if kv_slots.stride(1) != 1:
         kv_slots = kv_slots.contiguous()
-    s = splits or default_splits(b, hkv, max_len, block_l)
-    chunk = cdiv(cdiv(max_len, s), block_l) * block_l
-    s = max(1, cdiv(max_len, chunk))
+    s, chunk = key_chunks(b, hkv, max_len, block_l, splits)
     final = s == 1 and sinks is None                    # one launch: the decode kernel normalises itself
     m = torch.empty((0 if final else b * h * s,), device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
@@ -460,13 +466,12 @@ def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def _small_grid(layer, fb, rows: int) -> bool:
     """`PagedAttention.small_decode` on CUDA: this step's decode grid (rows x KV heads x key splits, as
     `paged_decode_attention` picks them) has at most EARLY_MAX_PROGRAMS programs."""
-    hkv = layer.num_kv_heads
-    s = default_splits(rows, hkv, fb.kv_slots.shape[1], BLOCK_L)
-    return rows * hkv * s <= EARLY_MAX_PROGRAMS
+    s, _ = key_chunks(rows, layer.num_kv_heads, fb.kv_slots.shape[1], BLOCK_L)
+    return rows * layer.num_kv_heads * s <= EARLY_MAX_PROGRAMS
 
 
 decode_rotary_attention.small_grid = _small_grid
 
 
-__all__ = ["EARLY_MAX_PROGRAMS", "NewToken", "decode_attention", "decode_rotary_attention", "default_splits", "kv_format",
-           "paged_decode_attention"]
+__all__ = ["EARLY_MAX_PROGRAMS", "NewToken", "decode_attention", "decode_rotary_attention", "default_splits",
+           "key_chunks", "kv_format", "paged_decode_attention"]
