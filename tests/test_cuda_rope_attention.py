@@ -85,15 +85,14 @@ bf, i32 = torch.bfloat16, torch.int32
 q, pages, f32 = torch.zeros(1, 32, 128, dtype=bf), torch.zeros(64, 8, 128, dtype=bf), torch.zeros(1)
 slots, lens, pos, cs = torch.zeros(1, 256, dtype=i32), torch.zeros(1, dtype=i32), torch.zeros(1, dtype=torch.int64), \
     torch.zeros(256, 64)
-for name, early, split in (("PLAIN", False, ()), ("EARLY", True, ()), ("SPLIT", False, (f32, lens, 4, 4, True))):
+for early in (False, True):
     vals = [q, pages, pages, pages, pages, slots, lens, f32, f32, f32, q, 256, 0.1, 1.0, 256, 0, q, q, cs, cs, pos, pos,
-            6144, 128, 6144, 128, 6144, 128, 64, 1.0, 1.0, 0, 8, 4, 16, 128, 64, 0, False, True, True, True, 0,
-            None, 0, False, early, *split]
+            6144, 128, 6144, 128, 6144, 128, 64, 1.0, 1.0, 0, 8, 4, 16, 128, 64, 0, False, True, True, True, True, 0,
+            None, 0, False, early]
     ptx = compile_sm90(_decode_kernel, vals, num_warps=8, div16=True, gluon=False, options={"num_stages": 2})
     body = ptx[ptx.index(".entry"):]
     wait, rel = body.index("griddepcontrol.wait"), body.index("griddepcontrol.launch_dependents")
-    atom = body.find("atom.global")
-    print(name, wait, rel, body[:wait].count("ld.global"), body[wait:].count("ld.global"), atom, body.count("atom."))
+    print("EARLY" if early else "PLAIN", wait, rel, body[:wait].count("ld.global"), body[wait:].count("ld.global"))
 '''
 
 
@@ -101,8 +100,7 @@ def test_early_reads_go_out_before_the_wait_and_the_release_after_it():
     """sm_90 PTX (the triton wheel's ptxas, a subprocess without TRITON_INTERPRET): on plain pages with the rotary
     the length, position, slot, rope row and first key block are requested before `griddepcontrol.wait`; otherwise
     nothing is read before it. Either way the next op is released after the wait (the q/k/v kernel may have
-    released this one at its start, and the o projection must not start streaming beside it). With split KV the
-    last split's combine follows its arrival counter (add, then reset)."""
+    released this one at its start, and the o projection must not start streaming beside it)."""
     import os
     import subprocess
     import sys
@@ -111,13 +109,11 @@ def test_early_reads_go_out_before_the_wait_and_the_release_after_it():
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in r.stdout.splitlines()
-            if line.startswith(("EARLY", "PLAIN", "SPLIT"))}
-    wait, rel, before, after, _, atoms = rows["PLAIN"]
-    assert wait < rel and before == 0 and after > 0 and atoms == 0       # one split: no arrival counter
-    wait, rel, before, after, _, atoms = rows["EARLY"]
+            if line.startswith(("EARLY", "PLAIN"))}
+    wait, rel, before, after = rows["PLAIN"]
+    assert wait < rel and before == 0 and after > 0
+    wait, rel, before, after = rows["EARLY"]
     assert wait < rel and before >= 8 and after > 0     # len, pos, slot, 4 slot-table words, keys, values, cos, sin
-    wait, rel, before, after, atom, atoms = rows["SPLIT"]   # split KV: the arrival counter's add and reset
-    assert wait < rel < atom and before == 0 and atoms == 2
 
 
 def _layer(d: int, window=None):

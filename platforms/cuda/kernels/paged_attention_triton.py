@@ -4,10 +4,8 @@ One query token per sequence. Grid (B, Hkv, S): a program takes the G = H / Hkv 
 head as the rows of a [GP >= 16, D] tile (GQA without expanding K/V) and one of S contiguous chunks of
 the sequence's slot table; it reads K/V rows by slot, decodes them to the compute dtype in registers,
 and runs an online softmax with fp32 scores, fp32 running max / sum and an fp32 P.V accumulator.
-With S > 1 (split KV) each program stores its partial (running max, sum, P.V) and the last split to arrive at
-its (sequence, KV head) combines the S partials and the attention sinks (`_combine`; an acq_rel counter per
-(sequence, KV head), zeroed again by that program): one launch at every split count. With one split the program
-normalises its own output.
+A second kernel combines the S partials (split-KV, two-level reduction) and adds attention sinks; with one
+split and no sinks (short contexts, large batches) the decode kernel normalises its own output: one launch.
 
 KV formats (KV_FMT), all decoded exactly into bf16/fp16 operands of tl.dot:
   0 plain  pool dtype == compute dtype;
@@ -19,8 +17,8 @@ KV formats (KV_FMT), all decoded exactly into bf16/fp16 operands of tl.dot:
     the fp16 trick of fp4_triton (value * 2**-14), the block scale times 2**14 is exact in fp32.
 Masking: keys j < kv_len and, with a sliding window W, j > kv_len - 1 - W (ForwardBatch.decode_mask).
 kv_lens is read on the device, so a CUDA graph replays the launch for any lengths within the bucket.
-The kernel is launched like the per-layer ops (`pdl_triton.pdl_row_opts`: PDL on sm_90+ from PDL_MIN_ROWS
-sequences): scheduled while the kernel before drains, it waits for it before reading what it writes. It
+Both kernels are launched like the per-layer ops (`pdl_triton.pdl_row_opts`: PDL on sm_90+ from PDL_MIN_ROWS
+sequences): scheduled while the kernel before drains, they wait for it before reading anything. The decode kernel
 releases the op after it once its wait is over, not at its start, since the q/k/v kernel releases it early
 (`LinearKernel.release_early`, only while `_small_grid`). On a small grid (EARLY_MAX_PROGRAMS: one or two
 sequences over a slot table of up to 256 keys) on plain or fp8 pages with the rotary fused (EARLY), it requests
@@ -37,8 +35,8 @@ import triton
 import triton.language as tl
 
 from quantrt.engine.kv_quant import KVKind
-from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms, split_counters
-from quantrt.platforms.cuda.kernels.pdl_triton import pdl_release, pdl_row_opts, pdl_wait
+from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
+from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
 from quantrt.platforms.cuda.kernels.rope_kv_triton import (
     can_fuse_rotary_kv_store,
     fp8_encode,
@@ -185,16 +183,16 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
                    stride_sb, qk_scale, v_factor, CHUNK, WINDOW, kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
                    oslot_ptr, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, s_cs, k_wscale, v_wscale, NBLK_C: tl.constexpr,
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                   FMT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr = False,
+                   FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
                    ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0, tr_ptr=None,
-                   tr_id=0, TRACE: tl.constexpr = False, EARLY: tl.constexpr = False, sink_ptr=None, cnt_ptr=None,
-                   SPLITS: tl.constexpr = 1, SPP: tl.constexpr = 1, HAS_SINK: tl.constexpr = False):
+                   tr_id=0, TRACE: tl.constexpr = False, EARLY: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, (tl.program_id(0) * HKV + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
                    TRACE)                                 # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     t_stamp(tr_rec, 0, TRACE)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
+    S = tl.num_programs(2)
     H: tl.constexpr = HKV * G
     offs_g = tl.arange(0, GP)
     mask_g = offs_g < G
@@ -273,57 +271,39 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         for j0 in range(j_first, hi, BL):
             m_i, l_i, acc = _step(q, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, b, kvh, stride_sb, qk_scale,
                                   j0, lo, hi, m_i, l_i, acc, HKV, D, BL, FMT, DOT_F32)
-    out_ptrs = out_ptr + (b * H + heads)[:, None] * D + offs_d[None, :]       # [GP, D]
-    if SPLITS == 1:  # the combine of one partial: its weight exp(m - m) is 1 (with sinks, against the sink)
-        if HAS_SINK:
-            sink = tl.load(sink_ptr + heads, mask=mask_g, other=0.0).to(tl.float32)
-            mx = tl.maximum(m_i, sink)
-            w = tl.exp(m_i - mx)
-            acc = acc * w[:, None]
-            l_i = l_i * w + tl.exp(sink - mx)
+    if FINAL:  # one split, no sinks: the combine's result directly (its weight exp(m - m) is 1)
         out = acc / tl.maximum(l_i, 1e-30)[:, None] * v_factor
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
-    else:  # split KV: partials, then the last split to arrive at (b, kvh) combines them (acq_rel counter)
-        row = (b * H + heads) * SPLITS + sp                                    # [GP]
+        tl.store(out_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask_g[:, None])
+    else:
+        row = (b * H + heads) * S + sp                                         # [GP]
         tl.store(m_ptr + row, m_i, mask=mask_g)
         tl.store(l_ptr + row, l_i, mask=mask_g)
         tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
-        tl.debug_barrier()                                                     # every thread's partial is stored
-        arrived = tl.atomic_add(cnt_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            _combine(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptrs, (b * H + heads) * SPLITS, heads, mask_g, v_factor,
-                     SPLITS, SPP, GP, D, HAS_SINK)
-            tl.atomic_xchg(cnt_ptr + b * HKV + kvh, 0)                         # zero for the next launch
     t_done(tr_rec, tr_id, TRACE)
 
 
 @triton.jit
-def _combine(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptrs, row0, heads, mask_g, v_factor, S: tl.constexpr,
-             SPP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HAS_SINK: tl.constexpr):
-    """The S partials (running max m, sum l, P.V accumulator o) of the heads at rows row0 [GP] -> their output:
-    weights exp(m_s - max), the sink (if any) one more term of the denominator; kv_len 0 (graph padding) gives 0."""
-    offs_s = tl.arange(0, SPP)
-    mask = mask_g[:, None] & (offs_s < S)[None, :]
-    rows = row0[:, None] + offs_s[None, :]                                     # [GP, SPP]
-    m = tl.load(m_ptr + rows, mask=mask, other=_NEG, cache_modifier=".cg")
-    lsum = tl.load(l_ptr + rows, mask=mask, other=0.0, cache_modifier=".cg")
-    mx = tl.max(m, axis=1)                                                     # [GP]
+def _combine_kernel(m_ptr, l_ptr, o_ptr, sink_ptr, out_ptr, v_factor, H, S: tl.constexpr, SP: tl.constexpr,
+                    D: tl.constexpr, HAS_SINK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    bh = tl.program_id(0)                                                      # b * H + h
+    offs_s = tl.arange(0, SP)
+    mask_s = offs_s < S
+    m = tl.load(m_ptr + bh * S + offs_s, mask=mask_s, other=_NEG)
+    lsum = tl.load(l_ptr + bh * S + offs_s, mask=mask_s, other=0.0)
+    offs_d = tl.arange(0, D)
+    o = tl.load(o_ptr + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    mx = tl.max(m, axis=0)
     if HAS_SINK:
-        sink = tl.load(sink_ptr + heads, mask=mask_g, other=0.0).to(tl.float32)
+        sink = tl.load(sink_ptr + bh % H).to(tl.float32)
         mx = tl.maximum(mx, sink)
-    w = tl.exp(m - mx[:, None])                                                # [GP, SPP]
-    den = tl.sum(lsum * w, axis=1)
+    w = tl.exp(m - mx)                                                         # [SP]
+    den = tl.sum(lsum * w, axis=0)
     if HAS_SINK:
         den += tl.exp(sink - mx)
-    offs_d = tl.arange(0, D)
-    out = tl.zeros([GP, D], dtype=tl.float32)
-    for s in range(S):
-        w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), axis=1)            # [GP]
-        o = tl.load(o_ptr + (row0 + s)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0,
-                    cache_modifier=".cg")
-        out += o * w_s[:, None]
-    out = out / tl.maximum(den, 1e-30)[:, None] * v_factor
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask_g[:, None])
+    out = tl.sum(o * w[:, None], axis=0) / tl.maximum(den, 1e-30) * v_factor   # kv_len 0 (graph padding): 0
+    tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def kv_format(pool) -> tuple[int, str]:
@@ -337,7 +317,7 @@ def kv_format(pool) -> tuple[int, str]:
     return (fmt, "") if fmt else (-1, f"fp8 KV dtype {pool.spec.dtype} is not e4m3fn/e5m2/e4m3fnuz")
 
 
-ONE_CHUNK_BLOCKS = 4   # a slot table of up to this many key blocks is not split (the early path)
+ONE_CHUNK_BLOCKS = 4   # a slot table of up to this many key blocks is not split (one launch, the early path)
 CHUNK_BLOCKS = 2       # past that, the fewest key blocks a split takes (QUANTRT_CUDA_ATTN_CHUNK_BLOCKS: A/B runs).
 # H100 int4 at a 2000-token context, batch 1 (8 KV heads): chunks of 2 blocks (16 splits) 2.29 ms a step, 1 block
 # 2.32, 4 blocks 2.34, 8 blocks 2.58; batch 2 (capped at 17 splits by the two programs an SM) 2.71-2.73 for 1-4
@@ -397,10 +377,10 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     if kv_slots.stride(1) != 1:
         kv_slots = kv_slots.contiguous()
     s, chunk = key_chunks(b, hkv, max_len, block_l, splits)
-    m = torch.empty((0 if s == 1 else b * h * s,), device=q.device, dtype=torch.float32)
+    final = s == 1 and sinks is None                    # one launch: the decode kernel normalises itself
+    m = torch.empty((0 if final else b * h * s,), device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
-    o = torch.empty((0 if s == 1 else b * h * s, d), device=q.device, dtype=torch.float32)
-    cnt = split_counters(q.device, b * hkv) if s > 1 else m
+    o = torch.empty((0 if final else b * h * s, d), device=q.device, dtype=torch.float32)
     factor = _FMT_FACTOR[kv_fmt]
     k_sc = k_sc if k_sc is not None else k_buf
     v_sc = v_sc if v_sc is not None else v_buf
@@ -421,11 +401,14 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                                 nw.cos.stride(0) if new else 0, float(k_scale), float(v_scale),
                                 NBLK_C=chunk // block_l if interpret_mode() else 0, HKV=hkv, G=g,
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
-                                DOT_F32=interpret_mode(), ROPE=new is not None, NEOX=nw.neox,
+                                DOT_F32=interpret_mode(), FINAL=final, ROPE=new is not None, NEOX=nw.neox,
                                 FMT_W=nw.fmt, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, EARLY=early,
-                                sink_ptr=sinks if sinks is not None else m, cnt_ptr=cnt, SPLITS=s,
-                                SPP=triton.next_power_of_2(s), HAS_SINK=sinks is not None,
                                 num_warps=num_warps, num_stages=2, **pdl_row_opts(q, b))
+    if final:
+        return out
+    _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,
+                              S=s, SP=triton.next_power_of_2(s), D=d, HAS_SINK=sinks is not None, num_warps=4,
+                              **pdl_row_opts(q, b))
     return out
 
 
