@@ -1,12 +1,16 @@
-"""Where the W4A16 ring's warps wait, per SASS instruction: Nsight Compute's warp-state samples of one launch
-(H100, `ncu --page source`), the most-sampled instructions with their top stall reasons.
+"""Where the W4A16 ring's (or the decode attention's) warps wait, per SASS instruction: Nsight Compute's warp-state
+samples of one launch (H100, `ncu --page source`), the most-sampled instructions with their top stall reasons.
 
     cd bench && python _ncu_stalls.py --ring 4096 28672 [--top 40]     # profile the ring at M = 1 (model tile)
+    python _ncu_stalls.py --attn 2000 [--times-only]                    # the decode attention over 2000 keys
     python _ncu_stalls.py --csv saved.csv                               # only read a saved source-page CSV
 
-The profiled process runs the ring 30 times on random compact weights (fp16 scales, symmetric) and ncu takes the
-26th launch, with `--clock-control none` (the clocks the decode runs at). Isolated launches: no PDL overlap, so
-read the stalls of the main loop, not its ramp.
+The profiled process runs the kernel 30 times on random inputs and ncu takes the 26th launch, with
+`--clock-control none` (the clocks the decode runs at). Ring: random compact weights (fp16 scales, symmetric).
+Attention: Llama-3.1-8B heads (32 q, 8 KV, 128 wide) at batch 1 over bf16 pages, the split the model picks; the
+parent first prints launch times (CUDA graphs) over slot layouts, splits and warps against the keys' and values'
+bytes, and ncu profiles the model's launch over contiguous slots.
+Isolated launches: no PDL overlap, so read the stalls of the main loop, not its ramp.
 """
 
 from __future__ import annotations
@@ -70,30 +74,85 @@ def _run_ring(k: int, n: int) -> None:
     torch.cuda.synchronize()
 
 
+def _run_attn(keys: int, sweep: bool = True) -> None:
+    """Run the attention 30 times (the profiled launches); with `sweep` first a table of launch times (a CUDA graph
+    of 100 launches each) over slot layouts, key splits and warps against the bytes of the keys and values."""
+    import torch
+
+    from quantrt.platforms.cuda.kernels.paged_attention_triton import key_chunks, paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hkv, h, d, width = 8, 32, 128, 1 << max(0, (keys - 1).bit_length())   # the slot table's graph bucket
+    k = torch.randn(width + 64, hkv, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn_like(k)
+    runs = torch.arange(width, device="cuda").view(1, width)
+    scattered = torch.randperm(width + 64, device="cuda", generator=g)[:width].view(1, width)
+    lens = torch.tensor([keys], device="cuda", dtype=torch.int32)
+    q = torch.randn(1, h, d, device="cuda", generator=g).bfloat16()
+    model_splits, _ = key_chunks(1, hkv, width, 64)
+
+    def launch(slots, splits=0, warps=0):
+        return paged_decode_attention(q, k, v, slots, lens, d ** -0.5, 0, splits=splits, num_warps=warps)
+
+    if sweep:
+        mb = 2 * keys * hkv * d * 2 / 1e6
+        print(f"attention over {keys} keys, batch 1 ({mb:.1f} MB of keys and values; the model's split: "
+              f"{model_splits})\n\n| slots | splits | warps | us a launch (decode + combine) | TB/s |\n|---|---|---|---|---|")
+        for name, slots in (("contiguous", runs), ("scattered", scattered)):
+            for splits in (model_splits // 2, model_splits, model_splits * 2):
+                for warps in (4, 8):
+                    for _ in range(3):
+                        launch(slots, splits, warps)
+                    cg = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(cg):
+                        for _ in range(100):
+                            launch(slots, splits, warps)
+                    cg.replay()
+                    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    t0.record()
+                    cg.replay()
+                    t1.record()
+                    torch.cuda.synchronize()
+                    us = t0.elapsed_time(t1) * 10.0                # ms for 100 launches -> us each
+                    print(f"| {name} | {splits} | {warps} | {us:.2f} | {mb / us:.2f} |", flush=True)
+        print()
+    for _ in range(30):
+        launch(runs)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ring", nargs=2, type=int, metavar=("K", "N"), help="profile ring_wna16 at M = 1 over [K, N]")
+    ap.add_argument("--attn", type=int, metavar="KEYS", help="profile the decode attention over KEYS keys")
     ap.add_argument("--csv", help="read a saved `ncu --page source --csv` output instead of profiling")
+    ap.add_argument("--times-only", action="store_true", help="--attn: only the launch-time table, no ncu")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        _run_ring(*a.ring)
+        _run_ring(*a.ring) if a.ring else _run_attn(a.attn, sweep=False)
         return
     if a.csv:
         text = open(a.csv).read()
-    elif a.ring:
+    elif a.ring or a.attn:
+        if a.attn:
+            _run_attn(a.attn)
+            if a.times_only:
+                return
+        kernel, what = ("_ring_w4_kernel", ["--ring", *map(str, a.ring)]) if a.ring else \
+            ("_decode_kernel", ["--attn", str(a.attn)])
         with tempfile.TemporaryDirectory() as d:
-            cmd = ["ncu", "--clock-control", "none", "-k", "regex:_ring_w4_kernel", "--launch-skip", "25",
+            cmd = ["ncu", "--clock-control", "none", "-k", f"regex:{kernel}", "--launch-skip", "25",
                    "--launch-count", "1", "--section", "WarpStateStats", "--section", "SourceCounters", "--page",
                    "source", "--csv", "--print-source", "sass", sys.executable, os.path.abspath(__file__), "--child",
-                   "--ring", *map(str, a.ring)]
+                   *what]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
             if out.returncode:
                 raise SystemExit(f"ncu failed ({out.returncode}): {out.stderr[-2000:]}")
             text = out.stdout
     else:
-        ap.error("give --ring K N (profile) or --csv FILE (read)")
+        ap.error("give --ring K N or --attn KEYS (profile) or --csv FILE (read)")
     print_table(*stall_table(text, a.top))
 
 
