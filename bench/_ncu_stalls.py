@@ -9,7 +9,8 @@ The profiled process runs the kernel 30 times on random inputs and ncu takes the
 `--clock-control none` (the clocks the decode runs at). Ring: random compact weights (fp16 scales, symmetric).
 Attention: Llama-3.1-8B heads (32 q, 8 KV, 128 wide) at batch 1 over bf16 pages, the split the model picks; the
 parent first prints launch times (CUDA graphs) over slot layouts, splits and warps against the keys' and values'
-bytes, and ncu profiles the model's launch over contiguous slots.
+bytes (TB/s, and % of a device copy measured in the same run), and ncu profiles the model's launch over contiguous
+slots.
 Isolated launches: no PDL overlap, so read the stalls of the main loop, not its ramp.
 """
 
@@ -95,9 +96,12 @@ def _run_attn(keys: int, sweep: bool = True) -> None:
         return paged_decode_attention(q, k, v, slots, lens, d ** -0.5, 0, splits=splits, num_warps=warps)
 
     if sweep:
-        mb = 2 * keys * hkv * d * 2 / 1e6
+        from _cuda_decode import copy_bandwidth
+
+        mb, copy = 2 * keys * hkv * d * 2 / 1e6, copy_bandwidth() / 1e12
         print(f"attention over {keys} keys, batch 1 ({mb:.1f} MB of keys and values; the model's split: "
-              f"{model_splits})\n\n| slots | splits | warps | us a launch (decode + combine) | TB/s |\n|---|---|---|---|---|")
+              f"{model_splits}; copy {copy:.2f} TB/s)\n\n| slots | splits | warps | us a launch (decode + combine) | "
+              "TB/s | % of copy |\n|---|---|---|---|---|---|")
         for name, slots in (("contiguous", runs), ("scattered", scattered)):
             for splits in (model_splits // 2, model_splits, model_splits * 2):
                 for warps in (4, 8):
@@ -114,7 +118,8 @@ def _run_attn(keys: int, sweep: bool = True) -> None:
                     t1.record()
                     torch.cuda.synchronize()
                     us = t0.elapsed_time(t1) * 10.0                # ms for 100 launches -> us each
-                    print(f"| {name} | {splits} | {warps} | {us:.2f} | {mb / us:.2f} |", flush=True)
+                    print(f"| {name} | {splits} | {warps} | {us:.2f} | {mb / us:.2f} | {100 * mb / us / copy:.0f}% |",
+                          flush=True)
         print()
     for _ in range(30):
         launch(runs)
