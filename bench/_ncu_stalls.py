@@ -8,9 +8,9 @@ samples of one launch (H100, `ncu --page source`), the most-sampled instructions
 The profiled process runs the kernel 30 times on random inputs and ncu takes the 26th launch, with
 `--clock-control none` (the clocks the decode runs at). Ring: random compact weights (fp16 scales, symmetric).
 Attention: Llama-3.1-8B heads (32 q, 8 KV, 128 wide) at batch 1 over bf16 pages, the split the model picks; the
-parent first prints launch times (CUDA graphs) over slot layouts, splits and warps against the keys' and values'
-bytes (TB/s, and % of a device copy measured in the same run), and ncu profiles the model's launch over contiguous
-slots.
+parent first prints launch times (`kernels.time_us`, over copies of the keys and values 4x the L2) over slot
+layouts, splits and warps against the keys' and values' bytes (TB/s, and % of a device copy measured in the same
+run), and ncu profiles the model's launch over contiguous slots.
 Isolated launches: no PDL overlap, so read the stalls of the main loop, not its ramp.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import os
 import subprocess
@@ -76,8 +77,9 @@ def _run_ring(k: int, n: int) -> None:
 
 
 def _run_attn(keys: int, sweep: bool = True) -> None:
-    """Run the attention 30 times (the profiled launches); with `sweep` first a table of launch times (a CUDA graph
-    of 100 launches each) over slot layouts, key splits and warps against the bytes of the keys and values."""
+    """Run the attention 30 times (the profiled launches); with `sweep` first a table of launch times (`kernels.time_us`:
+    one CUDA graph over enough copies of the keys and values that the working set is 4x the L2) over slot layouts,
+    key splits and warps against the bytes of the keys and values."""
     import torch
 
     from quantrt.platforms.cuda.kernels.paged_attention_triton import key_chunks, paged_decode_attention
@@ -92,37 +94,27 @@ def _run_attn(keys: int, sweep: bool = True) -> None:
     q = torch.randn(1, h, d, device="cuda", generator=g).bfloat16()
     model_splits, _ = key_chunks(1, hkv, width, 64)
 
-    def launch(slots, splits=0, warps=0):
-        return paged_decode_attention(q, k, v, slots, lens, d ** -0.5, 0, splits=splits, num_warps=warps)
+    def launch(kv, slots, splits=0, warps=0):
+        return paged_decode_attention(q, *kv, slots, lens, d ** -0.5, 0, splits=splits, num_warps=warps)
 
     if sweep:
         from _cuda_decode import copy_bandwidth
+        from kernels import copies_for, time_us
 
+        pools = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies_for(2 * k.numel() * k.element_size()) - 1)]
         mb, copy = 2 * keys * hkv * d * 2 / 1e6, copy_bandwidth() / 1e12
-        print(f"attention over {keys} keys, batch 1 ({mb:.1f} MB of keys and values; the model's split: "
-              f"{model_splits}; copy {copy:.2f} TB/s)\n\n| slots | splits | warps | us a launch (decode + combine) | "
-              "TB/s | % of copy |\n|---|---|---|---|---|---|")
+        print(f"attention over {keys} keys, batch 1 ({mb:.1f} MB of keys and values, {len(pools)} copies; the model's "
+              f"split: {model_splits}; copy {copy:.2f} TB/s)\n\n| slots | splits | warps | us a launch (decode + "
+              "combine) | TB/s | % of copy |\n|---|---|---|---|---|---|")
         for name, slots in (("contiguous", runs), ("scattered", scattered)):
             for splits in (model_splits // 2, model_splits, model_splits * 2):
                 for warps in (4, 8):
-                    for _ in range(3):
-                        launch(slots, splits, warps)
-                    cg = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(cg):
-                        for _ in range(100):
-                            launch(slots, splits, warps)
-                    cg.replay()
-                    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    t0.record()
-                    cg.replay()
-                    t1.record()
-                    torch.cuda.synchronize()
-                    us = t0.elapsed_time(t1) * 10.0                # ms for 100 launches -> us each
+                    us = time_us([functools.partial(launch, kv, slots, splits, warps) for kv in pools])
                     print(f"| {name} | {splits} | {warps} | {us:.2f} | {mb / us:.2f} | {100 * mb / us / copy:.0f}% |",
                           flush=True)
         print()
     for _ in range(30):
-        launch(runs)
+        launch((k, v), runs)
     torch.cuda.synchronize()
 
 
