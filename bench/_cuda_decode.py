@@ -50,6 +50,12 @@ def copy_bandwidth() -> float:
     return 2 * 2**30 / sorted(times[5:])[len(times[5:]) // 2]
 
 
+def use_prompt(tokens: int | None) -> None:
+    """`--prompt`: this run's prompt length (long contexts, the attention's key splits); None keeps PROMPT_LEN."""
+    global PROMPT_LEN
+    PROMPT_LEN = tokens or PROMPT_LEN
+
+
 def context_len(args) -> int:
     """The engine's context: 2048, or what `--prompt` plus the new tokens need."""
     return max(2048, PROMPT_LEN + args.new + 64)
@@ -382,8 +388,7 @@ def config_checkpoint(kw: dict, base: Path, checkpoint: str, layers: int) -> Pat
 
 
 def run_cuda(args) -> list[dict]:
-    global PROMPT_LEN
-    PROMPT_LEN = getattr(args, "prompt", None) or PROMPT_LEN   # --prompt: long contexts (the attention's splits)
+    use_prompt(getattr(args, "prompt", None))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; prompt {PROMPT_LEN}, "
           f"{args.new} new (steady: minus {args.short}), best of {args.repeats}", flush=True)
     bw = copy_bandwidth()

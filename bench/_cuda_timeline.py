@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--splits", action="store_true", help="also each split-K launch's last split against the others")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 8; long contexts)")
     a = p.parse_args()
-    cd.PROMPT_LEN = a.prompt or cd.PROMPT_LEN
+    cd.use_prompt(a.prompt)
     os.environ["QUANTRT_CUDA_TRACE"] = "1"     # every engine below traces its kernels (read at each launch)
     args = argparse.Namespace(batches=[1], new=a.new, short=8, repeats=1, graphs="on", layers=a.layers)
     bw = cd.copy_bandwidth()
