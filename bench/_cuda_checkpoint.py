@@ -1,6 +1,7 @@
-"""The random Llama-3.1-8B-shaped checkpoints of the CUDA decode benchmark (`_cuda_decode`): bf16 safetensors
-shards written layer by layer, optionally GPTQ or AWQ 4-bit g128 (packed as those formats store them), with a
-word-level tokenizer; `shape` overrides the config for small test models."""
+"""The random checkpoints of the CUDA decode benchmark (`_cuda_decode`): Llama-3.1-8B-shaped by default, or
+Qwen2.5-7B (q/k/v biases) / Qwen3-8B (q/k RMSNorm) shaped (`ARCHS`); bf16 safetensors shards written layer by layer,
+optionally GPTQ or AWQ 4-bit g128 (packed as those formats store them), with a word-level tokenizer; `shape`
+overrides the config for small test models."""
 
 from __future__ import annotations
 
@@ -14,6 +15,26 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
                 rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 8192})
+
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                 rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=151643,
+                eos_token_id=151645)
+# --arch name -> (transformers config class, its fields); the layer count is the model's unless --layers says
+ARCHS = {"llama3-8b": ("LlamaConfig", LLAMA_8B), "qwen2.5-7b": ("Qwen2Config", QWEN25_7B),
+         "qwen3-8b": ("Qwen3Config", QWEN3_8B)}
+
+
+def arch_paths(arch: str, layers: int | None, checkpoint: str | None) -> tuple[int, str]:
+    """(decoder layers, checkpoint directory) of an --arch run: the model's own count and /tmp/<arch>-random unless
+    given (the Llama default keeps its old directory, /tmp/llama8b-random)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+    default = "/tmp/llama8b-random" if arch == "llama3-8b" else f"/tmp/{arch}-random"
+    return layers or ARCHS[arch][1]["num_hidden_layers"], checkpoint or default
 
 
 def gptq4(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -50,21 +71,25 @@ AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point":
 
 
 def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = False, shape: dict | None = None,
-                     norm_std: float = 0.0, awq: bool = False) -> Path:
-    """Random Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) + a word-level tokenizer: bf16, or every
-    decoder linear in GPTQ 4-bit g128 sym (`gptq`) or AWQ 4-bit g128 (`awq`; the same random weights, RTN). `shape`:
-    LlamaConfig fields to override (a smaller model); `norm_std`: norm weights 1 + N(0, norm_std), not ones."""
+                     norm_std: float = 0.0, awq: bool = False, arch: str = "llama3-8b") -> Path:
+    """Random checkpoint of `arch` (`ARCHS`; one safetensors file per layer) + a word-level tokenizer: bf16, or every
+    decoder linear in GPTQ 4-bit g128 sym (`gptq`) or AWQ 4-bit g128 (`awq`; the same random weights, RTN); Qwen2's
+    q/k/v biases and Qwen3's q/k norm weights stay bf16. `shape`: config fields to override (a smaller model);
+    `norm_std`: norm weights 1 + N(0, norm_std), not ones."""
+    import transformers
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**{**LLAMA_8B, **(shape or {}), "num_hidden_layers": layers})
+    cls, fields = ARCHS[arch]
+    cfg = getattr(transformers, cls)(**{**fields, **(shape or {}), "num_hidden_layers": layers})
     cfg.torch_dtype = "bfloat16"
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     v, h, i, kv = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * hd
+    qd = cfg.num_attention_heads * hd
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
@@ -93,8 +118,13 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
           "model.norm.weight": norm_w(h)}, "model-head.safetensors")
     for n in range(layers):
         p = f"model.layers.{n}."
-        save({**lin(p + "self_attn.q_proj", h, h), **lin(p + "self_attn.k_proj", kv, h),
-              **lin(p + "self_attn.v_proj", kv, h), **lin(p + "self_attn.o_proj", h, h),
+        extra = {}
+        if arch == "qwen2.5-7b":
+            extra = {f"{p}self_attn.{n}_proj.bias": rnd(d, std=0.1) for n, d in (("q", qd), ("k", kv), ("v", kv))}
+        elif arch == "qwen3-8b":
+            extra = {f"{p}self_attn.{n}_norm.weight": norm_w(hd) for n in ("q", "k")}
+        save({**lin(p + "self_attn.q_proj", qd, h), **lin(p + "self_attn.k_proj", kv, h),
+              **lin(p + "self_attn.v_proj", kv, h), **lin(p + "self_attn.o_proj", h, qd), **extra,
               **lin(p + "mlp.gate_proj", i, h), **lin(p + "mlp.up_proj", i, h),
               **lin(p + "mlp.down_proj", h, i, std=0.01),
               p + "input_layernorm.weight": norm_w(h),
@@ -107,6 +137,6 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
     cfg.save_pretrained(out)
     tok = Tokenizer(models.WordLevel({f"t{k}": k for k in range(v)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t128000", eos_token="t128001",
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"t{cfg.bos_token_id}", eos_token=f"t{cfg.eos_token_id}",
                             pad_token="t0").save_pretrained(out)
     return out

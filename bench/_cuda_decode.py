@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from _cuda_checkpoint import write_checkpoint
+from _cuda_checkpoint import arch_paths, write_checkpoint
 
 PROMPT_LEN = 8
 
@@ -375,13 +375,13 @@ def print_table(rows: list[dict], bw: float) -> None:
               f"{100 * r['roofline_median']:.1f}% | {ratio} | {r['steady_ms']:.2f} |")
 
 
-def config_checkpoint(kw: dict, base: Path, checkpoint: str, layers: int) -> Path:
+def config_checkpoint(kw: dict, base: Path, checkpoint: str, layers: int, arch: str = "llama3-8b") -> Path:
     """The checkpoint a config's engine loads: `base` (bf16), or the GPTQ / AWQ one written beside it (`kw`'s
     "gptq" / "awq" flag, popped)."""
     for fmt in ("gptq", "awq"):
         if kw.pop(fmt, False):
             t0 = time.perf_counter()
-            src = write_checkpoint(Path(f"{checkpoint}-{fmt}"), layers, **{fmt: True})
+            src = write_checkpoint(Path(f"{checkpoint}-{fmt}"), layers, **{fmt: True}, arch=arch)
             print(f"{fmt} checkpoint {src} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             return src
     return base
@@ -389,11 +389,13 @@ def config_checkpoint(kw: dict, base: Path, checkpoint: str, layers: int) -> Pat
 
 def run_cuda(args) -> list[dict]:
     use_prompt(getattr(args, "prompt", None))
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; prompt {PROMPT_LEN}, "
-          f"{args.new} new (steady: minus {args.short}), best of {args.repeats}", flush=True)
+    arch = getattr(args, "arch", "llama3-8b")
+    args.layers, args.checkpoint = arch_paths(arch, getattr(args, "layers", None), getattr(args, "checkpoint", None))
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {arch}, {args.layers} layers; prompt "
+          f"{PROMPT_LEN}, {args.new} new (steady: minus {args.short}), best of {args.repeats}", flush=True)
     bw = copy_bandwidth()
     t0 = time.perf_counter()
-    path = write_checkpoint(Path(args.checkpoint), args.layers)
+    path = write_checkpoint(Path(args.checkpoint), args.layers, arch=arch)
     print(f"checkpoint {path} ready in {time.perf_counter() - t0:.0f} s; copy {bw / 1e12:.2f} TB/s", flush=True)
     rows: list[dict] = []
     ref: dict[int, list] = {}
@@ -409,7 +411,7 @@ def run_cuda(args) -> list[dict]:
                 bench_hf(path, args, bw, rows, ref)
             else:
                 kw = config_kw(name)
-                src = config_checkpoint(kw, path, args.checkpoint, args.layers)
+                src = config_checkpoint(kw, path, args.checkpoint, args.layers, arch)
                 outs = bench_quantrt(src, name, kw, args, bw, rows, ref)
                 if name == "quantrt bf16":
                     ref = outs

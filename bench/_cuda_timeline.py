@@ -107,20 +107,22 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--configs", default="quantrt int4 (gptq g128)", help="configs separated by ',,'")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--checkpoint", default="/tmp/llama8b-random")
+    p.add_argument("--arch", default="llama3-8b", help="llama3-8b, qwen2.5-7b or qwen3-8b (`_cuda_checkpoint.ARCHS`)")
+    p.add_argument("--layers", type=int, default=None, help="default: the model's")
+    p.add_argument("--checkpoint", default=None, help="default: /tmp/<arch>-random")
     p.add_argument("--new", type=int, default=24)
     p.add_argument("--splits", action="store_true", help="also each split-K launch's last split against the others")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 8; long contexts)")
     a = p.parse_args()
+    a.layers, a.checkpoint = cd.arch_paths(a.arch, a.layers, a.checkpoint)
     cd.use_prompt(a.prompt)
     os.environ["QUANTRT_CUDA_TRACE"] = "1"     # every engine below traces its kernels (read at each launch)
     args = argparse.Namespace(batches=[1], new=a.new, short=8, repeats=1, graphs="on", layers=a.layers)
     bw = cd.copy_bandwidth()
-    base = cd.write_checkpoint(Path(a.checkpoint), a.layers)
+    base = cd.write_checkpoint(Path(a.checkpoint), a.layers, arch=a.arch)
     for name in a.configs.split(",,"):
         kw = cd.config_kw(name.strip())
-        cd.bench_quantrt(cd.config_checkpoint(kw, base, a.checkpoint, a.layers), name, kw, args, bw, [])   # launch ids stay unique across engines: records of an
+        cd.bench_quantrt(cd.config_checkpoint(kw, base, a.checkpoint, a.layers, a.arch), name, kw, args, bw, [])   # launch ids stay unique across engines: records of an
                                                          # earlier engine keep their own launches
         torch.cuda.synchronize()
         per_layer(trace.timeline(), a.layers)

@@ -411,8 +411,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write rows (and profile) here")
     p.add_argument("--cuda", action="store_true", help="the CUDA benchmark instead (bench/_cuda_decode.py): "
                    "Llama-3.1-8B-shaped random model, bf16/fp8/int4, graphs on/off, HF transformers peer")
-    p.add_argument("--checkpoint", default="/tmp/llama8b-random", help="--cuda: where the random checkpoint goes")
-    p.add_argument("--layers", type=int, default=32, help="--cuda: decoder layers (32 = Llama-3.1-8B)")
+    p.add_argument("--arch", default="llama3-8b", help="--cuda: the random model's shape: llama3-8b, qwen2.5-7b "
+                   "(q/k/v biases) or qwen3-8b (q/k norms)")
+    p.add_argument("--checkpoint", default=None, help="--cuda: where the random checkpoint goes (/tmp/<arch>-random)")
+    p.add_argument("--layers", type=int, default=None, help="--cuda: decoder layers (default: the model's; 32 for "
+                   "Llama-3.1-8B)")
     p.add_argument("--graphs", choices=["both", "on", "off"], default="both", help="--cuda: decode-graph rows to run")
     p.add_argument("--prompt", type=int, default=None, help="--cuda: prompt tokens (default 8; long contexts)")
     args = p.parse_args()

@@ -73,15 +73,26 @@ class PagedAttention(nn.Module):
         small = getattr(op, "small_grid", None)
         return small is not None and small(self, fb, rows)
 
+    def takes_prologue(self, fb: ForwardBatch, device: torch.device, pre) -> bool:
+        """Whether this step's platform decode op adds the q/k/v bias and norms q and k itself (`pre`, a
+        `QKVPrologue`; the op's `takes_prologue`): the caller then leaves them to `rotary_forward(pre=)`."""
+        op = self._decode_op(fb, device)
+        takes = getattr(op, "takes_prologue", None)
+        return takes is not None and takes(self, pre)
+
     def rotary_forward(self, rotary, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
-                       sinks: torch.Tensor | None = None) -> torch.Tensor:
+                       sinks: torch.Tensor | None = None, pre=None) -> torch.Tensor:
         """Rotate q and k at fb.positions (`rotary`: a neox RotaryEmbedding), write k and v, attend: one platform
-        kernel for the rotation and the write where it serves this pool, else the rotary's math and forward()."""
+        kernel for the rotation and the write where it serves this pool, else the rotary's math and forward().
+        `pre` (a `QKVPrologue`, where `takes_prologue` said yes): q, k, v still lack the projection's bias and the
+        q/k norms; the platform op applies them, or `pre.apply` does if it declines this step."""
         # q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H*D]
         if (op := self._decode_op(fb, q.device)) is not None:
-            o = op(self, q, k, v, *rotary.half_tables(), fb, sinks)
+            o = op(self, q, k, v, *rotary.half_tables(), fb, sinks, **({"pre": pre} if pre is not None else {}))
             if o is not None:
                 return o
+        if pre is not None:
+            q, k, v = pre.apply(q, k, v)
         if self._rotary_store is not None:
             qr = self._rotary_store(q, k, v, *rotary.half_tables(), fb.positions, fb.kv_pool, self.layer_id,
                                     fb.out_slots, self.k_scale, self.v_scale)

@@ -155,13 +155,15 @@ class QuantLinear(nn.Module):
             return self.kernels[0].apply_residual(x, residual)
         return SummedRows(residual + self(x))
 
-    def forward(self, x: torch.Tensor | QuantizedRows | PendingRows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows | PendingRows, add_bias: bool = True) -> torch.Tensor:
+        """x [..., K] -> [..., N]; add_bias False leaves the bias to the op after (`QKVPrologue`)."""
         if isinstance(x, PendingRows) and not self.takes_pending(x.shape[0], x.kind):
             x = x.materialize()
+        bias = self.bias if add_bias else None
         if len(self.kernels) == 1:
-            return self.kernels[0].apply(x, self.bias)
+            return self.kernels[0].apply(x, bias)
         y = torch.cat([k.apply(x, None) for k in self.kernels], dim=-1)
-        return y + self.bias if self.bias is not None else y
+        return y + bias if bias is not None else y
 
 
 def _on_device(w: QuantizedWeight, device: torch.device) -> QuantizedWeight:

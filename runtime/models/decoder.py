@@ -22,6 +22,7 @@ from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
 from quantrt.layers.moe.layer import FusedMoE
 from quantrt.layers.norm import RMSNorm
+from quantrt.layers.qkv_prologue import QKVPrologue
 from quantrt.layers.rotary import RotaryEmbedding
 from quantrt.quant.kernel import LinearSpec, QuantizedRows, select_linear_kernel
 from quantrt.quant.pending import GELU_MUL, RESIDUAL_ADD, SILU_MUL, PendingActMul, PendingRows, SummedRows
@@ -70,6 +71,7 @@ class Attention(nn.Module):
         scale = c.query_pre_attn_scalar ** -0.5 if spec.gemma else self.d ** -0.5
         self.attn = PagedAttention(i, self.h, self.hkv, self.d, scale, _window(c, i))
         self.rotary = rotary
+        self._prologue: QKVPrologue | None = None
 
     def input_linear(self) -> QuantLinear:
         """The linear reading this block's input: the norm before may make its activation codes
@@ -80,17 +82,28 @@ class Attention(nn.Module):
         """The linear making this block's output (it may add the residual itself: `forward(residual=)`)."""
         return self.o_proj
 
+    def prologue(self) -> QKVPrologue | None:
+        """The bias and q/k norms between the projection and the rotary (None without either), once loaded."""
+        if self._prologue is None and (self.qkv_proj.bias is not None or self.qk_norm):
+            b = self.qkv_proj.bias
+            split = tuple(b.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d])) if b is not None else None
+            self._prologue = QKVPrologue(split, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
+        return self._prologue
+
     def forward(self, x: torch.Tensor | QuantizedRows | PendingRows, fb: ForwardBatch,
                 residual: torch.Tensor | None = None) -> torch.Tensor | SummedRows:
         """x [T, D] -> the attention output [T, D]; with `residual`, residual + it (`SummedRows`)."""
         t = x.shape[0]
         self.qkv_proj.release_next(self.attn.small_decode(fb, t, fb.positions.device))
-        qkv = self.qkv_proj(x)                                  # [T, (H + 2Hkv) * D]
+        pre = self.prologue()
+        if pre is not None and not self.attn.takes_prologue(fb, fb.positions.device, pre):
+            pre = None          # the layers' own ops below; else the decode op adds the bias and norms q and k
+        qkv = self.qkv_proj(x, add_bias=pre is None)            # [T, (H + 2Hkv) * D]
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
-        if self.qk_norm:
+        if self.qk_norm and pre is None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = self.attn.rotary_forward(self.rotary, q, k, v, fb)
+        o = self.attn.rotary_forward(self.rotary, q, k, v, fb, pre=pre)
         return self.o_proj(o) if residual is None else self.o_proj.forward_residual(o, residual)
 
 

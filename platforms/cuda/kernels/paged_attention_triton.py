@@ -38,9 +38,11 @@ from quantrt.engine.kv_quant import KVKind
 from quantrt.platforms.cuda.kernels._common import cdiv, interpret_mode, num_sms
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_release, pdl_row_opts, pdl_wait
 from quantrt.platforms.cuda.kernels.rope_kv_triton import (
+    add_bias,
     can_fuse_rotary_kv_store,
     fp8_encode,
     pool_format,
+    qk_norm,
     rope_apply,
     rope_cols,
     rope_kv_rows,
@@ -185,7 +187,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
                    FMT: tl.constexpr, DOT_F32: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False,
                    ROPE: tl.constexpr = False, NEOX: tl.constexpr = True, FMT_W: tl.constexpr = 0, tr_ptr=None,
-                   tr_id=0, TRACE: tl.constexpr = False, EARLY: tl.constexpr = False):
+                   tr_id=0, TRACE: tl.constexpr = False, EARLY: tl.constexpr = False, bq_ptr=None, bk_ptr=None,
+                   bv_ptr=None, nq_ptr=None, nk_ptr=None, n_eps=0.0, BIAS: tl.constexpr = False,
+                   QKN: tl.constexpr = 0):
     tr_rec = t_rec(tr_ptr, (tl.program_id(0) * HKV + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
                    TRACE)                                 # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     t_stamp(tr_rec, 0, TRACE)
@@ -227,10 +231,20 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h                     # [GP, 1]
         x = tl.load(q_rows + offs_d[None, :], mask=mask_g[:, None], other=0.0)
         xp = tl.load(q_rows + partner[None, :], mask=mask_g[:, None], other=0.0)
+        if BIAS:    # the q/k/v projection's bias (`NewToken.bias`), then q's per-head norm (QKN): the layers' ops
+            qb_rows = bq_ptr + heads[:, None] * D                              # before the rotary, done here
+            x = add_bias(x, tl.load(qb_rows + offs_d[None, :], mask=mask_g[:, None], other=0.0))
+            xp = add_bias(xp, tl.load(qb_rows + partner[None, :], mask=mask_g[:, None], other=0.0))
+        if QKN != 0:
+            x, xp = qk_norm(x, xp, tl.load(nq_ptr + offs_d)[None, :], tl.load(nq_ptr + partner)[None, :], n_eps, D,
+                            QKN, 1)
         q = rne(rope_apply(x, xp, c[None, :], sn[None, :]), x.dtype)           # as rotary_kv_store rounds it
         kn_row, vn_row = kn_ptr + b * sk_b + kvh * sk_h, vn_ptr + b * sv_b + kvh * sv_h
+        kb_row, vb_row = kn_row, vn_row                                        # unread without BIAS
+        if BIAS:
+            kb_row, vb_row = bk_ptr + kvh * D, bv_ptr + kvh * D
         if EARLY:   # k, v kept in registers: every block takes the new token's row from them (`_update`)
-            k_new, v_new = rope_kv_rows(kn_row, vn_row, partner, c, sn, D)
+            k_new, v_new = rope_kv_rows(kn_row, vn_row, partner, c, sn, D, kb_row, vb_row, nk_ptr, n_eps, BIAS, QKN)
             if holds_new:
                 store_kv(k_ptr, ksc_ptr, slot_new, kvh, k_new, k_wscale, HKV, D, FMT_W)
                 store_kv(v_ptr, vsc_ptr, slot_new, kvh, v_new, v_wscale, HKV, D, FMT_W)
@@ -240,7 +254,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ksc_ptr, vsc_ptr, slot_ptr, len_ptr, m_p
         else:
             if holds_new:
                 rope_store_kv(kn_row, vn_row, k_ptr, v_ptr, ksc_ptr, vsc_ptr, cos_row, sin_row,
-                              tl.load(oslot_ptr + b).to(tl.int64), kvh, k_wscale, v_wscale, HKV, D, NEOX, FMT_W)
+                              tl.load(oslot_ptr + b).to(tl.int64), kvh, k_wscale, v_wscale, HKV, D, NEOX, FMT_W,
+                              kb_row, vb_row, nk_ptr, n_eps, BIAS, QKN)
             tl.debug_barrier()                            # the CTA reads the row it wrote below
     else:
         q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
@@ -354,6 +369,9 @@ class NewToken:
     slots: torch.Tensor      # [B] out slots
     fmt: int                 # rope_kv_triton.pool_format
     neox: bool = True
+    # the layers' ops between the q/k/v projection and the rotary, done in the attention's load of q, k, v:
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (q [H*D], k, v [Hkv*D]) to add
+    norm: tuple[torch.Tensor, torch.Tensor, float, int] | None = None     # (q weight [D], k weight, eps, QKN kind)
 
 
 def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kv_slots: torch.Tensor,
@@ -394,6 +412,8 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     early = (new is not None and kv_fmt in (0, 1, 2) and nw.fmt == kv_fmt and b * hkv * s <= EARLY_MAX_PROGRAMS
              and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0")
     tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
+    bq, bk, bv = nw.bias or (q, q, q)
+    nq, nk, eps, qkn = nw.norm or (q, q, 0.0, 0)
     _decode_kernel[(b, hkv, s)](q, k_buf, v_buf, k_sc, v_sc, kv_slots, kv_lens, m, l_, o, out, kv_slots.stride(0),
                                 float(scale * k_scale * factor), float(v_scale * factor), chunk, int(window or 0),
                                 nw.k, nw.v, nw.cos, nw.sin, nw.positions, nw.slots, q.stride(0), q.stride(1),
@@ -403,7 +423,9 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                                 GP=max(16, triton.next_power_of_2(g)), D=d, BL=block_l, FMT=kv_fmt,
                                 DOT_F32=interpret_mode(), FINAL=final, ROPE=new is not None, NEOX=nw.neox,
                                 FMT_W=nw.fmt, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, EARLY=early,
-                                num_warps=num_warps, num_stages=2, **pdl_row_opts(q, b))
+                                bq_ptr=bq, bk_ptr=bk, bv_ptr=bv, nq_ptr=nq, nk_ptr=nk, n_eps=float(eps),
+                                BIAS=nw.bias is not None, QKN=qkn, num_warps=num_warps, num_stages=2,
+                                **pdl_row_opts(q, b))
     if final:
         return out
     _combine_kernel[(b * h,)](m, l_, o, sinks if sinks is not None else m, out, float(v_scale * factor), h,
@@ -446,10 +468,12 @@ def decode_attention(layer, q: torch.Tensor, fb, sinks: torch.Tensor | None = No
 
 
 def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                            sin: torch.Tensor, fb, sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+                            sin: torch.Tensor, fb, sinks: torch.Tensor | None = None, pre=None) -> torch.Tensor | None:
     """`Platform.decode_rotary_attention_op` on CUDA: a decode step's rotary (neox), KV write and attention in one
     launch. q [B, H, D], k, v [B, Hkv, D] unrotated (views of the qkv output) -> [B, H*D], the same as
-    `rotary_kv_store` then `decode_attention`; None, with nothing written, where either declines."""
+    `rotary_kv_store` then `decode_attention`; None, with nothing written, where either declines. `pre` (a
+    `QKVPrologue` that `_takes_prologue` accepted): q, k, v lack the projection's bias and the q/k norms, which the
+    kernel applies in its load (`NewToken.bias` / `norm`)."""
     pool, i = fb.kv_pool, layer.layer_id
     served = _served(layer, q, fb)
     ok, _ = can_fuse_rotary_kv_store(q, k, v, cos, sin, pool, i)
@@ -457,7 +481,7 @@ def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if served is None or not ok or wfmt != served[0] or fb.positions.shape[0] != q.shape[0]:
         return None
     fmt, lens, k_sc, v_sc = served
-    new = NewToken(k, v, cos, sin, fb.positions, fb.out_slots, wfmt)
+    new = NewToken(k, v, cos, sin, fb.positions, fb.out_slots, wfmt, **_prologue_fields(pre))
     o = paged_decode_attention(q, pool.k[i], pool.v[i], fb.kv_slots, lens, layer.scale, fmt, layer.window,
                                layer.k_scale, layer.v_scale, k_sc, v_sc, sinks, new=new)
     return o.reshape(q.shape[0], -1)
@@ -470,7 +494,31 @@ def _small_grid(layer, fb, rows: int) -> bool:
     return rows * layer.num_kv_heads * s <= EARLY_MAX_PROGRAMS
 
 
+def _takes_prologue(layer, pre) -> bool:
+    """`PagedAttention.takes_prologue` on CUDA: the kernel adds any q/k/v bias and makes the per-head q/k norms
+    where they are plain `RMSNorm`s without a bias of their own, with one eps and one kind (weight, or Gemma's
+    1 + w). QUANTRT_CUDA_QKV_PROLOGUE=0: never (the layers' launches, for A/B)."""
+    from quantrt.layers.norm import RMSNorm
+
+    if os.environ.get("QUANTRT_CUDA_QKV_PROLOGUE", "1") == "0":
+        return False
+    qn, kn = pre.q_norm, pre.k_norm
+    return qn is None or (type(qn) is RMSNorm and type(kn) is RMSNorm and qn.bias is None and kn.bias is None
+                          and qn.offset == kn.offset and qn.eps == kn.eps and qn._scale is not None
+                          and kn._scale is not None)
+
+
+def _prologue_fields(pre) -> dict:
+    """NewToken's bias / norm fields of a `QKVPrologue` (none without one)."""
+    if pre is None:
+        return {}
+    qn, kn = pre.q_norm, pre.k_norm
+    norm = (qn._scale, kn._scale, float(qn.eps), 2 if qn.offset else 1) if qn is not None else None
+    return {"bias": pre.bias, "norm": norm}
+
+
 decode_rotary_attention.small_grid = _small_grid
+decode_rotary_attention.takes_prologue = _takes_prologue
 
 
 __all__ = ["EARLY_MAX_PROGRAMS", "NewToken", "decode_attention", "decode_rotary_attention", "default_splits",

@@ -64,21 +64,60 @@ def _rope(x_ptr, cos_ptr, sin_ptr, D: tl.constexpr, NEOX: tl.constexpr):
 
 
 @triton.jit
-def rope_kv_rows(k_ptr, v_ptr, partner, c, s, D: tl.constexpr):
+def add_bias(x, b):
+    """x + the projection's bias b, rounded to x's dtype as torch's y + bias rounds it."""
+    return rne(x.to(tl.float32) + b.to(tl.float32), x.dtype)
+
+
+@triton.jit
+def qk_norm(x, xp, w, wp, eps, D: tl.constexpr, QKN: tl.constexpr, AXIS: tl.constexpr):
+    """Per-head RMSNorm of q or k rows (Qwen3, Gemma 3) before the rotary: x [.., D] (AXIS: the D axis), its partner
+    columns xp (the same rows, permuted), weights w / wp -> (y, yp) in x's dtype. QKN 1: the norm rounded, times w,
+    rounded (`triton_rms_norm`); QKN 2: w is Gemma's fp32 (1 + w), one rounding (`RMSNorm(offset=True)`)."""
+    dt: tl.constexpr = x.dtype
+    xf = x.to(tl.float32)
+    if AXIS == 1:
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+    else:
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    if QKN == 1:
+        y = rne(rne(xf * rstd, dt).to(tl.float32) * w.to(tl.float32), dt)
+        yp = rne(rne(xp.to(tl.float32) * rstd, dt).to(tl.float32) * wp.to(tl.float32), dt)
+    else:
+        y = rne(xf * rstd * w.to(tl.float32), dt)
+        yp = rne(xp.to(tl.float32) * rstd * wp.to(tl.float32), dt)
+    return y, yp
+
+
+@triton.jit
+def rope_kv_rows(k_ptr, v_ptr, partner, c, s, D: tl.constexpr, kb_ptr, vb_ptr, kw_ptr, eps, BIAS: tl.constexpr,
+                 QKN: tl.constexpr):
     """One token's KV head (k_ptr / v_ptr: its rows; partner, c, s from `rope_cols`) -> (k rotated and rounded to
-    the model dtype, v), both fp32 [D]: the rows `store_kv` writes, and what plain pages read back."""
+    the model dtype, v), both fp32 [D]: the rows `store_kv` writes, and what plain pages read back. BIAS: the
+    projection's bias rows kb_ptr / vb_ptr are added first; QKN: then k's per-head RMSNorm with weight kw_ptr
+    (`qk_norm`): the layers' ops before the rotary, in this load."""
     e = tl.arange(0, D)
-    k = rne(rope_apply(tl.load(k_ptr + e), tl.load(k_ptr + partner), c, s), k_ptr.dtype.element_ty)
-    return k.to(tl.float32), tl.load(v_ptr + e).to(tl.float32)
+    k = tl.load(k_ptr + e)
+    kp = tl.load(k_ptr + partner)
+    v = tl.load(v_ptr + e)
+    if BIAS:
+        k = add_bias(k, tl.load(kb_ptr + e))
+        kp = add_bias(kp, tl.load(kb_ptr + partner))
+        v = add_bias(v, tl.load(vb_ptr + e))
+    if QKN != 0:
+        k, kp = qk_norm(k, kp, tl.load(kw_ptr + e), tl.load(kw_ptr + partner), eps, D, QKN, 0)
+    k = rne(rope_apply(k, kp, c, s), k_ptr.dtype.element_ty)
+    return k.to(tl.float32), v.to(tl.float32)
 
 
 @triton.jit
 def rope_store_kv(k_ptr, v_ptr, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr, cos_row, sin_row, slot, kvh, k_scale, v_scale,
-                  HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr, FMT: tl.constexpr):
+                  HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr, FMT: tl.constexpr, bk_ptr, bv_ptr, nk_ptr,
+                  eps, BIAS: tl.constexpr, QKN: tl.constexpr):
     """KV head kvh of one token (k_ptr / v_ptr: its rows): k rotated and rounded to the model dtype, written with v
-    into the pool at `slot` as the pool stores them."""
+    into the pool at `slot` as the pool stores them (BIAS / QKN: `rope_kv_rows`)."""
     partner, c, s = rope_cols(cos_row, sin_row, D, NEOX)
-    k, v = rope_kv_rows(k_ptr, v_ptr, partner, c, s, D)
+    k, v = rope_kv_rows(k_ptr, v_ptr, partner, c, s, D, bk_ptr, bv_ptr, nk_ptr, eps, BIAS, QKN)
     store_kv(kb_ptr, ksc_ptr, slot, kvh, k, k_scale, HKV, D, FMT)
     store_kv(vb_ptr, vsc_ptr, slot, kvh, v, v_scale, HKV, D, FMT)
 
@@ -154,7 +193,7 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr
         kvh = j - H
         slot = tl.load(slot_ptr + t).to(tl.int64)
         rope_store_kv(k_ptr + t * sk_t + kvh * sk_h, v_ptr + t * sv_t + kvh * sv_h, kb_ptr, vb_ptr, ksc_ptr, vsc_ptr,
-                      c_row, s_row, slot, kvh, k_scale, v_scale, HKV, D, NEOX, FMT)
+                      c_row, s_row, slot, kvh, k_scale, v_scale, HKV, D, NEOX, FMT, k_ptr, k_ptr, k_ptr, 0.0, False, 0)
 
 
 def pool_format(pool) -> tuple[int, str]:
@@ -223,5 +262,5 @@ def rotary_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return out
 
 
-__all__ = ["can_fuse_rotary_kv_store", "fp8_encode", "pool_format", "rope_apply", "rope_cols",
+__all__ = ["add_bias", "can_fuse_rotary_kv_store", "fp8_encode", "pool_format", "qk_norm", "rope_apply", "rope_cols",
            "rope_kv_rows", "rope_store_kv", "rotary_kv_store", "store_kv"]
