@@ -32,7 +32,7 @@ def _step(kv: str, lens: list[int], h: int, hkv: int, d: int, seed: int):
     for i, s in enumerate(seqs):
         kv_slots[i, : len(s)] = s
     q, k, v = _qkv(b, h, hkv, d, torch.bfloat16, seed)
-    rope = _rope_tables(d, 256, torch.bfloat16)
+    rope = _rope_tables(d, max(256, max(lens)), torch.bfloat16)   # every position's row (past it: out of bounds)
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
     positions = (lens_t - 1).long()
     out_slots = torch.stack([s[-1] for s in seqs])

@@ -73,12 +73,12 @@ class PagedAttention(nn.Module):
         small = getattr(op, "small_grid", None)
         return small is not None and small(self, fb, rows)
 
-    def takes_prologue(self, fb: ForwardBatch, rows: int, device: torch.device, pre) -> bool:
-        """Whether this step's platform decode op (over `rows` tokens) adds the q/k/v bias and norms q and k itself
-        (`pre`, a `QKVPrologue`; the op's `takes_prologue`): the caller then leaves them to `rotary_forward(pre=)`."""
+    def takes_prologue(self, fb: ForwardBatch, device: torch.device, pre) -> bool:
+        """Whether this step's platform decode op adds the q/k/v bias and norms q and k itself (`pre`, a
+        `QKVPrologue`; the op's `takes_prologue`): the caller then leaves them to `rotary_forward(pre=)`."""
         op = self._decode_op(fb, device)
         takes = getattr(op, "takes_prologue", None)
-        return takes is not None and takes(self, fb, rows, pre)
+        return takes is not None and takes(self, pre)
 
     def rotary_forward(self, rotary, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch,
                        sinks: torch.Tensor | None = None, pre=None) -> torch.Tensor:

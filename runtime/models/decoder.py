@@ -96,7 +96,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         self.qkv_proj.release_next(self.attn.small_decode(fb, t, fb.positions.device))
         pre = self.prologue()
-        if pre is not None and not self.attn.takes_prologue(fb, t, fb.positions.device, pre):
+        if pre is not None and not self.attn.takes_prologue(fb, fb.positions.device, pre):
             pre = None          # the layers' own ops below; else the decode op adds the bias and norms q and k
         qkv = self.qkv_proj(x, add_bias=pre is None)            # [T, (H + 2Hkv) * D]
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)

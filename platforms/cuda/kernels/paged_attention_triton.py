@@ -409,11 +409,8 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     nw = new or NewToken(q, q, m, m, kv_lens, kv_lens, 0)                 # stand-ins: ROPE off reads none
     # rotary over plain or fp8 pages, a small grid (EARLY_MAX_PROGRAMS): the reads that no op of this step writes go
     # out before the PDL wait (on fp4 pages, re-encoding the new rows after the wait made it slower: 2.26 vs 2.15)
-    early = new is not None and _early(kv_fmt, nw.fmt, b * hkv * s)
-    if (nw.bias is not None or nw.norm is not None) and not early:
-        raise ValueError(f"the q/k/v bias and q/k norms run in the attention only on its early path (plain or fp8 "
-                         f"pages, at most {EARLY_MAX_PROGRAMS} programs, QUANTRT_CUDA_ATTN_EARLY not 0); this call has "
-                         f"{b * hkv * s} programs over pages of format {kv_fmt}: apply them first (QKVPrologue.apply)")
+    early = (new is not None and kv_fmt in (0, 1, 2) and nw.fmt == kv_fmt and b * hkv * s <= EARLY_MAX_PROGRAMS
+             and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0")
     tr, tr_id = trace_slot(q, "attn", b * hkv * s, b=b, hkv=hkv, s=s)
     bq, bk, bv = nw.bias or (q, q, q)
     nq, nk, eps, qkn = nw.norm or (q, q, 0.0, 0)
@@ -435,13 +432,6 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
                               S=s, SP=triton.next_power_of_2(s), D=d, HAS_SINK=sinks is not None, num_warps=4,
                               **pdl_row_opts(q, b))
     return out
-
-
-def _early(kv_fmt: int, write_fmt: int, programs: int) -> bool:
-    """Whether the rotary decode takes the early path: plain or fp8 pages (read and written in one format), a grid
-    that leaves SMs idle (EARLY_MAX_PROGRAMS), and QUANTRT_CUDA_ATTN_EARLY not 0."""
-    return (kv_fmt in (0, 1, 2) and write_fmt == kv_fmt and programs <= EARLY_MAX_PROGRAMS
-            and os.environ.get("QUANTRT_CUDA_ATTN_EARLY", "1") != "0")
 
 
 def _served(layer, q: torch.Tensor, fb) -> tuple | None:
@@ -491,9 +481,6 @@ def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if served is None or not ok or wfmt != served[0] or fb.positions.shape[0] != q.shape[0]:
         return None
     fmt, lens, k_sc, v_sc = served
-    if pre is not None and not _early_grid(layer, fb, q.shape[0], fmt, wfmt):
-        q, k, v = pre.apply(q, k, v)        # `_takes_prologue` said yes for a grid this step does not have
-        pre = None
     new = NewToken(k, v, cos, sin, fb.positions, fb.out_slots, wfmt, **_prologue_fields(pre))
     o = paged_decode_attention(q, pool.k[i], pool.v[i], fb.kv_slots, lens, layer.scale, fmt, layer.window,
                                layer.k_scale, layer.v_scale, k_sc, v_sc, sinks, new=new)
@@ -503,33 +490,17 @@ def decode_rotary_attention(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def _small_grid(layer, fb, rows: int) -> bool:
     """`PagedAttention.small_decode` on CUDA: this step's decode grid (rows x KV heads x key splits, as
     `paged_decode_attention` picks them) has at most EARLY_MAX_PROGRAMS programs."""
-    return _programs(layer, fb, rows) <= EARLY_MAX_PROGRAMS
-
-
-def _programs(layer, fb, rows: int) -> int:
-    """The decode launch's grid size this step (rows x KV heads x key splits, as `paged_decode_attention` picks it)."""
     s, _ = key_chunks(rows, layer.num_kv_heads, fb.kv_slots.shape[1], BLOCK_L)
-    return rows * layer.num_kv_heads * s
+    return rows * layer.num_kv_heads * s <= EARLY_MAX_PROGRAMS
 
 
-def _early_grid(layer, fb, rows: int, kv_fmt: int, write_fmt: int) -> bool:
-    """Whether this step's decode launch takes the early path (`_early`), the grid as `paged_decode_attention`
-    picks it."""
-    return _early(kv_fmt, write_fmt, _programs(layer, fb, rows))
-
-
-def _takes_prologue(layer, fb, rows: int, pre) -> bool:
+def _takes_prologue(layer, pre) -> bool:
     """`PagedAttention.takes_prologue` on CUDA: the kernel adds any q/k/v bias and makes the per-head q/k norms
     where they are plain `RMSNorm`s without a bias of their own, with one eps and one kind (weight, or Gemma's
-    1 + w), and where this step's launch takes the early path (`_early`: small grids, plain or fp8 pages; on the
-    other path, batch 64 on the H100 read NaN rows with the bias in the kernel, cause not found, so larger grids
-    keep the layers' ops). QUANTRT_CUDA_QKV_PROLOGUE=0: never (the layers' launches, for A/B)."""
+    1 + w). QUANTRT_CUDA_QKV_PROLOGUE=0: never (the layers' launches, for A/B)."""
     from quantrt.layers.norm import RMSNorm
 
     if os.environ.get("QUANTRT_CUDA_QKV_PROLOGUE", "1") == "0":
-        return False
-    fmt, _ = kv_format(fb.kv_pool)
-    if not _early_grid(layer, fb, rows, fmt, pool_format(fb.kv_pool)[0]):
         return False
     qn, kn = pre.q_norm, pre.k_norm
     return qn is None or (type(qn) is RMSNorm and type(kn) is RMSNorm and qn.bias is None and kn.bias is None
