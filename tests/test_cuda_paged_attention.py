@@ -94,7 +94,7 @@ def test_decode_backend_matches_paged_attention_sdpa(kv):
     """The hook's callable on a real ForwardBatch equals PagedAttention's SDPA decode path (GQA, window)."""
     from quantrt.engine.forward_batch import ForwardBatch
     from quantrt.layers.attention import PagedAttention
-    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
+    from quantrt.platforms.cuda.kernels.decode_attention_op import decode_attention
 
     gen = torch.Generator().manual_seed(5)
     hkv, g, d = 2, 3, 16
@@ -138,7 +138,7 @@ def test_decode_backend_resolution(monkeypatch):
     """CUDA resolves the Triton decode attention through Platform.decode_attention_ref; CPU resolves none."""
     import quantrt.layers.attention as attn
     from quantrt.platform.interface import Platform
-    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
+    from quantrt.platforms.cuda.kernels.decode_attention_op import decode_attention
 
     assert attn.platform_decode_attention(PLATFORM) is decode_attention
     assert attn.platform_decode_attention(Platform()) is None

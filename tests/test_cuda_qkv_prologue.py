@@ -93,7 +93,7 @@ def test_the_op_takes_plain_norms_and_leaves_the_rest_to_the_layers(monkeypatch)
     subclass with other rounding, or q and k norms that differ in eps stay in the layers; the switch turns it off."""
     from quantrt.layers.norm import RMSNorm
     from quantrt.layers.qkv_prologue import QKVPrologue
-    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_rotary_attention
+    from quantrt.platforms.cuda.kernels.decode_attention_op import decode_rotary_attention
     from quantrt.platforms.cuda.platform import CudaPlatform
 
     takes = decode_rotary_attention.takes_prologue
@@ -144,7 +144,7 @@ def test_prologue_apply_is_the_layers_math():
 def _fused_attention_platform(counts: dict[str, int]):
     """The CPU platform with the CUDA fused rotary + KV write + attention op (the interpreter runs it on CPU
     tensors), counting the steps it served and those that carried the prologue."""
-    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_rotary_attention
+    from quantrt.platforms.cuda.kernels.decode_attention_op import decode_rotary_attention
     from quantrt.platforms.xpu.cpu_platform import CpuPlatform
 
     def op(*a, **kw):

@@ -360,15 +360,16 @@ def test_attention_grid_decides_the_early_release(tiny_models, monkeypatch):
     (more key splits) or more sequences turn it off for that step. On the CPU, where no fused op runs, never."""
     from types import SimpleNamespace
 
+    from quantrt.platforms.cuda.kernels import decode_attention_op as O
     from quantrt.platforms.cuda.kernels import paged_attention_triton as P
 
     monkeypatch.setattr(P, "num_sms", lambda *a: 132)      # the H100's, as the splits are picked there
     layer = SimpleNamespace(num_kv_heads=8)
     fb = lambda width: SimpleNamespace(kv_slots=torch.zeros(1, width))  # noqa: E731
-    assert P.decode_rotary_attention.small_grid is P._small_grid
-    assert P._small_grid(layer, fb(64), 1) and P._small_grid(layer, fb(256), 2)
-    assert not P._small_grid(layer, fb(2048), 1)      # 8 key splits: 64 programs
-    assert not P._small_grid(layer, fb(64), 3)        # 24 programs
+    assert O.decode_rotary_attention.small_grid is O._small_grid
+    assert O._small_grid(layer, fb(64), 1) and O._small_grid(layer, fb(256), 2)
+    assert not O._small_grid(layer, fb(2048), 1)      # 8 key splits: 64 programs
+    assert not O._small_grid(layer, fb(64), 3)        # 24 programs
     eng = _cpu_engine(tiny_models)
     _greedy(eng)
     assert eng.model.model.layers[0].self_attn.qkv_proj.kernels[0].release_early is False

@@ -1,4 +1,4 @@
-"""A decode step's rotary + KV write + paged attention in one launch (`paged_attention_triton.decode_rotary_attention`,
+"""A decode step's rotary + KV write + paged attention in one launch (`decode_attention_op.decode_rotary_attention`,
 `Platform.decode_rotary_attention_op` on CUDA) against the two launches it replaces (`rotary_kv_store`, then
 `paged_decode_attention` on the rotated q): bit-equal outputs and pages for every KV format, with splits, a
 sliding window and sinks; what it declines leaves the pool untouched. Triton's interpreter without a GPU;
@@ -121,7 +121,7 @@ def _layer(d: int, window=None):
 
 
 def test_platform_op_serves_decode_and_declines_without_writing():
-    from quantrt.platforms.cuda.kernels.paged_attention_triton import (
+    from quantrt.platforms.cuda.kernels.decode_attention_op import (
         decode_attention,
         decode_rotary_attention,
     )

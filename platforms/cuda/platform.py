@@ -31,7 +31,7 @@ class CudaPlatform(Platform):
     dist_backend: ClassVar[str] = "nccl"
     linear_kernels_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels:CUDA_LINEAR_KERNELS"
     moe_kernels_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels:CUDA_MOE_KERNELS"
-    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels.paged_attention_triton:decode_attention"
+    decode_attention_ref: ClassVar[str | None] = "quantrt.platforms.cuda.kernels.decode_attention_op:decode_attention"
 
     def __init__(self, capability: DeviceCapability | None = None, device_name: str | None = None) -> None:
         self._capability = capability
@@ -114,7 +114,7 @@ class CudaPlatform(Platform):
         QUANTRT_CUDA_FUSED_ATTENTION=0: off (the two launches), for A/B."""
         if not _has_triton() or os.environ.get("QUANTRT_CUDA_FUSED_ATTENTION", "1") == "0":
             return None
-        from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_rotary_attention
+        from quantrt.platforms.cuda.kernels.decode_attention_op import decode_rotary_attention
 
         return decode_rotary_attention
 

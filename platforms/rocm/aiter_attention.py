@@ -58,7 +58,7 @@ def aiter_decode_attention(layer: Any, q: torch.Tensor, fb: Any, sinks: torch.Te
     o = _aiter(ops, platform, layer, q, fb, sinks) if ops is not None and not capturing else None
     if o is not None or q.device.type == "cpu":
         return o
-    from quantrt.platforms.cuda.kernels.paged_attention_triton import decode_attention
+    from quantrt.platforms.cuda.kernels.decode_attention_op import decode_attention
 
     return decode_attention(layer, q, fb, sinks)
 
