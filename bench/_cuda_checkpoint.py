@@ -120,9 +120,9 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
         p = f"model.layers.{n}."
         extra = {}
         if arch == "qwen2.5-7b":
-            extra = {f"{p}self_attn.{n}_proj.bias": rnd(d, std=0.1) for n, d in (("q", qd), ("k", kv), ("v", kv))}
+            extra = {f"{p}self_attn.{x}_proj.bias": rnd(d, std=0.1) for x, d in (("q", qd), ("k", kv), ("v", kv))}
         elif arch == "qwen3-8b":
-            extra = {f"{p}self_attn.{n}_norm.weight": norm_w(hd) for n in ("q", "k")}
+            extra = {f"{p}self_attn.{x}_norm.weight": norm_w(hd) for x in ("q", "k")}
         save({**lin(p + "self_attn.q_proj", qd, h), **lin(p + "self_attn.k_proj", kv, h),
               **lin(p + "self_attn.v_proj", kv, h), **lin(p + "self_attn.o_proj", h, qd), **extra,
               **lin(p + "mlp.gate_proj", i, h), **lin(p + "mlp.up_proj", i, h),
