@@ -176,7 +176,7 @@ def test_paged_decode_attention_native(kv, ctx):
 def test_paged_attention_hook_native(kv, window, sink, monkeypatch):
     """On CUDA tensors PagedAttention's decode runs the platform kernel and equals its SDPA path."""
     import quantrt.layers.attention as attn
-    import quantrt.platforms.cuda.kernels.paged_attention_triton as pat
+    import quantrt.platforms.cuda.kernels.decode_attention_op as op
     from quantrt.engine.forward_batch import ForwardBatch
 
     gen = torch.Generator().manual_seed(11)
@@ -202,8 +202,8 @@ def test_paged_attention_hook_native(kv, window, sink, monkeypatch):
     k, v = (torch.randn(b, hkv, d, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
     sinks = torch.randn(hkv * g, generator=gen).to(DEV) if sink else None
     calls = []
-    orig = pat.paged_decode_attention
-    monkeypatch.setattr(pat, "paged_decode_attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    orig = op.paged_decode_attention   # the name the platform's decode op calls
+    monkeypatch.setattr(op, "paged_decode_attention", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
     monkeypatch.setattr(attn, "_DECODE_BACKENDS", {})
     fast = layer(q, k, v, batch(), sinks)
     assert calls, "the Triton decode attention was not used"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -153,3 +154,23 @@ def split_k_buffers(x: torch.Tensor, n: int, split: int, reduce: int, n_tiles: i
         cnt = split_counters(x.device, n_tiles)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype) if reduce != 1 else ws
     return y, ws, cnt
+
+
+def env_tiles(var: str, form: str, valid: Callable[[tuple], bool], fields: str = "block_n:block_k:stages:...",
+              sizes: tuple[int, ...] = ()) -> dict[tuple, tuple]:
+    """var="key=field:field:...+..." -> {key: config fields}, tile-table entries for A/B runs: key parts
+    ':'-separated (ints, or names such as a kind), fields ints or True / False. An entry whose key `valid` refuses,
+    whose field count is not in `sizes` (when given), or that does not parse, is an error that shows the expected
+    `form=fields`."""
+    out = {}
+    for item in filter(None, os.environ.get(var, "").split("+")):
+        key, _, val = item.partition("=")
+        try:
+            k = tuple(int(v) if v.isdigit() else v for v in key.split(":"))
+            vals = tuple(v == "True" if v in ("True", "False") else int(v) for v in val.split(":"))
+        except ValueError:
+            k, vals = (), ()
+        if not vals or not valid(k) or sizes and len(vals) not in sizes:
+            raise ValueError(f"{var} entry {item!r} is not '{form}={fields}'")
+        out[k] = vals
+    return out

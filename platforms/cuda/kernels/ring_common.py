@@ -4,9 +4,6 @@ lazily: Gluon needs triton >= 3.5)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -64,24 +61,6 @@ def tagged_partials(device: torch.device, numel: int) -> torch.Tensor:
         bufs.append(torch.zeros(max(numel, 1 << 18, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int64,
                                 device=device))
     return bufs[-1]
-
-
-def env_tiles(var: str, form: str, valid: Callable[[tuple], bool]) -> dict[tuple, tuple]:
-    """var="key=field:field:...+..." -> {key: config fields}, tile-table entries for A/B runs: key parts
-    ':'-separated (ints, or names such as a kind), fields ints or True / False. An entry whose key `valid` refuses,
-    or that does not parse, is an error that names `form`, the key's expected shape."""
-    out = {}
-    for item in filter(None, os.environ.get(var, "").split("+")):
-        key, _, val = item.partition("=")
-        try:
-            k = tuple(int(v) if v.isdigit() else v for v in key.split(":"))
-            fields = tuple(v == "True" if v in ("True", "False") else int(v) for v in val.split(":"))
-        except ValueError:
-            k, fields = (), ()
-        if not fields or not valid(k):
-            raise ValueError(f"{var} entry {item!r} is not '{form}=block_n:block_k:stages:...'")
-        out[k] = fields
-    return out
 
 
 def tma_desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int], swizzle: int = 0,
@@ -263,6 +242,6 @@ def ring_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     return x.double() @ ((q - z[rows]) * scale.double()[rows])
 
 
-__all__ = ["TAGGED_MAX_M", "env_tiles", "g_done", "g_now", "g_rec", "g_stamp", "gdc_launch_dependents", "gdc_wait",
+__all__ = ["TAGGED_MAX_M", "g_done", "g_now", "g_rec", "g_stamp", "gdc_launch_dependents", "gdc_wait",
            "gsum", "residual_out", "ring_reference", "split_count", "split_k_plan", "store_split_k",
            "store_split_k_row", "tagged_partials", "tma_desc"]

@@ -40,10 +40,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from quantrt.platforms.cuda.kernels._common import pdl_supported, pdl_trigger, ring_device_why
+from quantrt.platforms.cuda.kernels._common import env_tiles, pdl_supported, pdl_trigger, ring_device_why
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
-    env_tiles,
     gdc_launch_dependents,
     gdc_wait,
     split_k_plan,

@@ -39,10 +39,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from quantrt.platforms.cuda.kernels._common import pdl_release_at, pdl_supported, stream_pdl
+from quantrt.platforms.cuda.kernels._common import env_tiles, pdl_release_at, pdl_supported, stream_pdl
 from quantrt.platforms.cuda.kernels.ring_common import (
     TAGGED_MAX_M,
-    env_tiles,
     g_done,
     g_rec,
     g_stamp,
