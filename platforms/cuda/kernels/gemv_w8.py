@@ -164,33 +164,19 @@ def _dp4a(w, x, acc):
 @triton.jit
 def _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT: tl.constexpr,
                ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, SAT: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, WIDEN: tl.constexpr, ACC: tl.constexpr, BKT: tl.constexpr,
-               row_ptr):
+               BN: tl.constexpr, BK: tl.constexpr, WIDEN: tl.constexpr, ACC: tl.constexpr):
     """sum_k w[n, k] * a[k] over the program's K slice in fp32 -> [BN] (codes widened to fp32, one FFMA each);
-    w0: step 0's codes, loaded by the caller. The slice is whole BK steps, then (K_PER_SPLIT not a multiple of BK)
-    its tail in BKT steps (`_tail_steps`); row_ptr [BN, 1]: the rows' first codes."""
+    w0: step 0's codes, loaded by the caller."""
     W_DTYPE = w_tile.dtype.element_ty
-    K_FULL: tl.constexpr = K_PER_SPLIT // BK * BK
     acc = _step(w0, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE,
                 BN, BK, WIDEN, ACC)
-    for kt in range(BK, K_FULL, BK):
+    for kt in range(BK, K_PER_SPLIT, BK):
         acc += _step(tl.load(w_tile + kt), x_ptr, sw_ptr, k_start + kt, offs_k, inv, rb, KB, ACT, WSCALE, QMAX,
                      IS_INT, SAT, W_DTYPE, BN, BK, WIDEN, ACC)
     if ACC == 0:
         y = acc
     else:
         y = tl.sum(acc, axis=1)                                                # [BN]
-    if K_FULL < K_PER_SPLIT:
-        offs_t = tl.arange(0, BKT)
-        tail = _step(tl.load(row_ptr + (k_start + K_FULL + offs_t)[None, :]), x_ptr, sw_ptr, k_start + K_FULL,
-                     offs_t, inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE, BN, BKT, WIDEN, ACC)
-        for kt in range(K_FULL + BKT, K_PER_SPLIT, BKT):
-            tail += _step(tl.load(row_ptr + (k_start + kt + offs_t)[None, :]), x_ptr, sw_ptr, k_start + kt, offs_t,
-                          inv, rb, KB, ACT, WSCALE, QMAX, IS_INT, SAT, W_DTYPE, BN, BKT, WIDEN, ACC)
-        if ACC == 0:
-            y += tail
-        else:
-            y += tl.sum(tail, axis=1)
     return y
 
 
@@ -199,13 +185,12 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
                     ACT: tl.constexpr, WSCALE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
                     SAT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKA: tl.constexpr, KT: tl.constexpr,
                     WIDEN: tl.constexpr, ACC: tl.constexpr, DP4A: tl.constexpr, SPLIT: tl.constexpr,
-                    BKT: tl.constexpr = 64, TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, tr_ptr=None,
+                    TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, tr_ptr=None,
                     tr_id=0, TRACE: tl.constexpr = False, EARLY_RELEASE: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), TRACE)   # `trace` timelines
     t_stamp(tr_rec, 0, TRACE)
-    # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT,
-    # itself of BKT (a power of two dividing BK); K_PER_SPLIT >= BK: whole BK steps, then BKT steps; no K masks.
-    # Rows past N are clamped, not stored. WSCALE 2: BN divides 128.
+    # x [1, K]; w [N, K] codes, K contiguous; y [1, N]; ws [SPLIT, 1, N] fp32. K is a multiple of K_PER_SPLIT
+    # (itself of BK): no K masks; rows past N are clamped, not stored. WSCALE 2: BN divides 128.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -230,26 +215,15 @@ def _gemv_w8_kernel(x_ptr, w_ptr, sw_ptr, sa_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, 
         sx = tl.load(sa_ptr)
     inv = 1.0 / sx
     if DP4A:
-        K_FULL: tl.constexpr = K_PER_SPLIT // BK * BK
         xw = _x_words(x_ptr, k_start, inv, QMAX, BK)
         iacc = _dp4a(w0, tl.broadcast_to(xw[None, :], [BN, BK // 4]), tl.zeros([BN, BK // 4], dtype=tl.int32))
-        for kt in range(BK, K_FULL, BK):
+        for kt in range(BK, K_PER_SPLIT, BK):
             xw = _x_words(x_ptr, k_start + kt, inv, QMAX, BK)
             iacc = _dp4a(tl.load(wt + kt // 4), tl.broadcast_to(xw[None, :], [BN, BK // 4]), iacc)
-        isum = tl.sum(iacc, axis=1)
-        if K_FULL < K_PER_SPLIT:   # the slice's tail in BKT steps
-            offs_tw = tl.arange(0, BKT // 4)
-            row_w = w_ptr + rows[:, None] * (K // 4)
-            tacc = tl.zeros([BN, BKT // 4], dtype=tl.int32)
-            for kt in range(K_FULL, K_PER_SPLIT, BKT):
-                xw = _x_words(x_ptr, k_start + kt, inv, QMAX, BKT)
-                tacc = _dp4a(tl.load(row_w + ((k_start + kt) // 4 + offs_tw)[None, :]),
-                             tl.broadcast_to(xw[None, :], [BN, BKT // 4]), tacc)
-            isum += tl.sum(tacc, axis=1)
-        y = isum.to(tl.float32) * sx
+        y = tl.sum(iacc, axis=1).to(tl.float32) * sx
     else:
         y = _codes_dot(w0, w_tile, x_ptr, sw_ptr, k_start, offs_k, inv, rb, KB, K_PER_SPLIT, ACT, WSCALE, QMAX, IS_INT,
-                       SAT, BN, BK, WIDEN, ACC, BKT, w_ptr + rows[:, None] * K)
+                       SAT, BN, BK, WIDEN, ACC)
         if ACT == 0 or ACT == 2:
             y = y * sx
     t_stamp(tr_rec, 2, TRACE)
@@ -272,40 +246,24 @@ def gemv_w8_why_not(n: int, k: int, act: int, wscale: int, is_int: bool = False,
         return f"K={k} is not a multiple of 64"
     if (act == 1 or wscale == 2) and (k % 128 or cfg.block_k % 128 or 128 % cfg.block_n):
         return f"128-blocks need K (={k}) and block_k (={cfg.block_k}) multiples of 128 and block_n dividing 128"
-    if k < cfg.block_k:
-        return f"K={k} is smaller than block_k={cfg.block_k}"
+    if k % cfg.block_k:
+        return f"K={k} is not a multiple of block_k={cfg.block_k}"
     return ""
-
-
-def plan_tail_split(k: int, block_k: int, n_tiles: int, target_programs: int, unit: int) -> tuple[int, int]:
-    """(splits of K, tail step BKT). K a multiple of block_k: `plan_split`'s divisor rule, no tail. Otherwise each
-    split's slice is whole block_k steps and a tail: the split whose program count is nearest the target among those
-    leaving slices of whole `unit`s (64 codes; 128 with 128-blocks) at least block_k long, and BKT the largest power
-    of two dividing the slice (at most block_k)."""
-    if k % block_k == 0:
-        return plan_split(k, block_k, n_tiles, target_programs), block_k
-    cands = [d for d in range(1, k // block_k + 1) if k % (d * unit) == 0]
-    split = min(cands, key=lambda d: (abs(n_tiles * d - target_programs), d))
-    kps = k // split
-    return split, min(kps & -kps, block_k)
 
 
 # The H100 sweep's best tile per (K, N, scheme) (docs/PERFORMANCE.md, "Sixth pass"): (block_n, block_k, warps).
 # scheme: tok = fp8 x fp8 per token or static, blk = 128-group activations, wo = weight-only, i8 = int8 W8A8.
-_S = {"a": (16, 1024, 8), "b": (8, 1024, 4), "c": (8, 2048, 8), "d": (16, 512, 4), "e": (8, 1024, 8)}
+_S = {"a": (16, 1024, 8), "b": (8, 1024, 4), "c": (8, 2048, 8), "d": (16, 512, 4)}
 _TILES = {
     (8192, 8192): {"tok": _S["c"], "blk": _S["b"], "wo": _S["c"], "i8": _S["a"]},   # tok: 23.6 vs 24.3 us (PDL)
     (4096, 6144): {"tok": _S["b"], "blk": _S["b"], "wo": _S["b"], "i8": _S["b"]},
     (4096, 4096): {"tok": _S["c"], "blk": _S["c"], "wo": _S["c"], "i8": _S["c"]},
     (4096, 28672): {"tok": _S["d"], "blk": _S["b"], "wo": _S["d"], "i8": _S["d"]},
     (14336, 4096): {"tok": _S["c"], "blk": _S["c"], "wo": _S["c"], "i8": _S["c"]},
-    # Qwen3-8B / Qwen2.5-7B (fp8 per token; the other schemes keep the default). 18944 = 9 x 2048 + 512 and
-    # 3584 = 3 x 1024 + 512 take whole steps and a tail (25th session; before it, K steps had to divide K):
-    (12288, 4096): {"tok": _S["c"]},     # 18.96 vs 20.32 us (24th session)
-    (18944, 3584): {"tok": _S["c"]},     # 26.65 vs 35.26 us (16 x 512, the best dividing step)
-    (3584, 3584): {"tok": _S["e"]},      # 7.15 vs 7.55 us
-    (3584, 4608): {"tok": _S["e"]},      # 8.24 vs 8.57 us
-}
+    # Qwen3-8B / Qwen2.5-7B down projections (24th session, fp8 per token; the other schemes keep the default):
+    (12288, 4096): {"tok": _S["c"]},     # 18.96 vs 20.32 us
+    (18944, 3584): {"tok": _S["d"]},     # 35.28 vs 37.17 us; 8 x 2048 (K in whole steps + a tail) took 26.65 alone
+}                                        # but lost end to end (25th session, docs/PERFORMANCE.md)
 
 
 def gemv_scheme(act: int, is_int: bool) -> str:
@@ -343,8 +301,7 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
         x = x.contiguous()
     bk = cfg.block_k
     n_tiles = cdiv(n, cfg.block_n)
-    split, bkt = plan_tail_split(k, bk, n_tiles, cfg.waves * num_sms(x.device.index or 0),
-                                 128 if act == 1 or wscale == 2 else 64)
+    split = plan_split(k, bk, n_tiles, cfg.waves * num_sms(x.device.index or 0))
     y = torch.empty((1, n), device=x.device, dtype=x.dtype)
     ws = torch.empty((split, 1, n), device=x.device, dtype=torch.float32) if split > 1 else y
     cnt = split_counters(x.device, n_tiles) if split > 1 else y
@@ -358,6 +315,6 @@ def gemv_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act: int, w
         x, w.view(torch.int32) if dp4a else w, w_scale, sa, y, ws, cnt, n, k, cdiv(k, 128), k // split, ACT=act,
         WSCALE=wscale, QMAX=qmax,
         IS_INT=w.dtype == torch.int8, SAT=sat, BN=cfg.block_n, BK=bk, BKA=bka, KT=cdiv(k, bka) * bka, WIDEN=cfg.widen,
-        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, BKT=bkt, **pdl_release_at(x, release_early), PDL=pdl, tr_ptr=tr, tr_id=tr_id,
+        ACC=cfg.acc, DP4A=dp4a, SPLIT=split, **pdl_release_at(x, release_early), PDL=pdl, tr_ptr=tr, tr_id=tr_id,
         TRACE=tr is not None, num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return y
