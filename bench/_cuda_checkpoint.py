@@ -1,5 +1,5 @@
 """The random checkpoints of the CUDA decode benchmark (`_cuda_decode`): Llama-3.1-8B-shaped by default, or
-Qwen2.5-7B (q/k/v biases) / Qwen3-8B (q/k RMSNorm) shaped (`ARCHS`); bf16 safetensors shards written layer by layer,
+Qwen2.5-7B (q/k/v biases) / Qwen3-8B (q/k RMSNorm) / Gemma 3 4B (sandwich norms, sliding windows) shaped (`ARCHS`); bf16 safetensors shards written layer by layer,
 optionally GPTQ or AWQ 4-bit g128 (packed as those formats store them), with a word-level tokenizer; `shape`
 overrides the config for small test models."""
 
@@ -23,9 +23,16 @@ QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, nu
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=151643,
                 eos_token_id=151645)
+# Gemma 3 4B's text tower: head_dim 256, (1 + w) norms incl. q/k and the two sandwich norms, 5 sliding-window
+# (1024) layers to 1 global, the embedding tied to the lm_head (262208 x 2560)
+GEMMA3_4B = dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                 rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=1024,
+                 query_pre_attn_scalar=256, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                 tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)
 # --arch name -> (transformers config class, its fields); the layer count is the model's unless --layers says
 ARCHS = {"llama3-8b": ("LlamaConfig", LLAMA_8B), "qwen2.5-7b": ("Qwen2Config", QWEN25_7B),
-         "qwen3-8b": ("Qwen3Config", QWEN3_8B)}
+         "qwen3-8b": ("Qwen3Config", QWEN3_8B), "gemma3-4b": ("Gemma3TextConfig", GEMMA3_4B)}
 
 
 def arch_paths(arch: str, layers: int | None, checkpoint: str | None) -> tuple[int, str]:
@@ -101,8 +108,9 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
         w = (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).float()
         return {f"{name}.{k}": t for k, t in (awq4(w) if awq else gptq4(w)).items()}
 
-    def norm_w(n: int) -> torch.Tensor:
-        return 1 + rnd(n, std=norm_std) if norm_std else torch.ones(n, dtype=torch.bfloat16)
+    def norm_w(n: int, offset: bool = False) -> torch.Tensor:
+        base = torch.zeros(n, dtype=torch.bfloat16) if offset else torch.ones(n, dtype=torch.bfloat16)
+        return base + rnd(n, std=norm_std) if norm_std else base
 
     weight_map: dict[str, str] = {}
     total = 0
@@ -114,8 +122,10 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
             weight_map[k] = name
             total += t.numel() * t.element_size()
 
-    save({"model.embed_tokens.weight": rnd(v, h), "lm_head.weight": rnd(v, h),
-          "model.norm.weight": norm_w(h)}, "model-head.safetensors")
+    gemma = arch.startswith("gemma3")       # norms scale by 1 + w: their random weights are w itself
+    head = {} if cfg.tie_word_embeddings else {"lm_head.weight": rnd(v, h)}
+    save({"model.embed_tokens.weight": rnd(v, h), **head, "model.norm.weight": norm_w(h, gemma)},
+         "model-head.safetensors")
     for n in range(layers):
         p = f"model.layers.{n}."
         extra = {}
@@ -123,12 +133,15 @@ def write_checkpoint(out: Path, layers: int = 32, seed: int = 0, gptq: bool = Fa
             extra = {f"{p}self_attn.{x}_proj.bias": rnd(d, std=0.1) for x, d in (("q", qd), ("k", kv), ("v", kv))}
         elif arch == "qwen3-8b":
             extra = {f"{p}self_attn.{x}_norm.weight": norm_w(hd) for x in ("q", "k")}
+        elif gemma:
+            extra = {**{f"{p}self_attn.{x}_norm.weight": norm_w(hd, True) for x in ("q", "k")},
+                     **{f"{p}{x}_feedforward_layernorm.weight": norm_w(h, True) for x in ("pre", "post")}}
         save({**lin(p + "self_attn.q_proj", qd, h), **lin(p + "self_attn.k_proj", kv, h),
               **lin(p + "self_attn.v_proj", kv, h), **lin(p + "self_attn.o_proj", h, qd), **extra,
               **lin(p + "mlp.gate_proj", i, h), **lin(p + "mlp.up_proj", i, h),
               **lin(p + "mlp.down_proj", h, i, std=0.01),
-              p + "input_layernorm.weight": norm_w(h),
-              p + "post_attention_layernorm.weight": norm_w(h)},
+              p + "input_layernorm.weight": norm_w(h, gemma),
+              p + "post_attention_layernorm.weight": norm_w(h, gemma)},
              f"model-{n:05d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))

@@ -107,7 +107,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--configs", default="quantrt int4 (gptq g128)", help="configs separated by ',,'")
-    p.add_argument("--arch", default="llama3-8b", help="llama3-8b, qwen2.5-7b or qwen3-8b (`_cuda_checkpoint.ARCHS`)")
+    p.add_argument("--arch", default="llama3-8b", help="llama3-8b, qwen2.5-7b, qwen3-8b or gemma3-4b (`_cuda_checkpoint.ARCHS`)")
     p.add_argument("--layers", type=int, default=None, help="default: the model's")
     p.add_argument("--checkpoint", default=None, help="default: /tmp/<arch>-random")
     p.add_argument("--new", type=int, default=24)

@@ -412,7 +412,7 @@ def main() -> None:
     p.add_argument("--cuda", action="store_true", help="the CUDA benchmark instead (bench/_cuda_decode.py): "
                    "Llama-3.1-8B-shaped random model, bf16/fp8/int4, graphs on/off, HF transformers peer")
     p.add_argument("--arch", default="llama3-8b", help="--cuda: the random model's shape: llama3-8b, qwen2.5-7b "
-                   "(q/k/v biases) or qwen3-8b (q/k norms)")
+                   "(q/k/v biases), qwen3-8b (q/k norms) or gemma3-4b (sandwich norms, sliding windows, tied head)")
     p.add_argument("--checkpoint", default=None, help="--cuda: where the random checkpoint goes (/tmp/<arch>-random)")
     p.add_argument("--layers", type=int, default=None, help="--cuda: decoder layers (default: the model's; 32 for "
                    "Llama-3.1-8B)")

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from quantrt.platform.interface import without_fused_layer_ops
+from quantrt.platform.interface import DeviceCapability, without_fused_layer_ops
 from quantrt.platforms.cuda.platform import CudaPlatform
 from tests._cuda_env import DEV, NEEDS_TRITON, PLATFORM
 
@@ -48,6 +48,85 @@ def test_add_rms_norm_equals_the_torch_add_then_norm(dtype, shape) -> None:
     sd = ref_s.double().cpu()
     f64 = sd / sd.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight.double().cpu()
     assert (y.double().cpu() - f64).abs().max() < (2e-2 if dtype != torch.float32 else 1e-5) * f64.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_kernels_make_gemmas_fp32_one_plus_w_norm(dtype) -> None:
+    """Gemma's (1 + w) norms hand the kernels an fp32 weight: the fp32 product is rounded once, as
+    RMSNorm(offset=True) computes it (equal to its torch math almost everywhere, within one rounding), and within
+    the dtype's precision of float64; plain, and with the residual add (s bit-equal to torch's add)."""
+    from quantrt.layers.norm import RMSNorm
+    from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm, triton_rms_norm
+
+    gen = torch.Generator().manual_seed(3)
+    x, delta = ((torch.randn(5, 640, generator=gen) * 4).to(DEV, dtype) for _ in range(2))
+    norm = RMSNorm(640, 1e-6, offset=True)
+    norm.weight.data = (torch.randn(640, generator=gen) * 0.5).to(DEV)       # scale 1 + w around 1, some < 0
+    norm.finish_loading(dtype)                                               # no platform: the torch math
+    assert norm._scale.dtype == torch.float32
+    y1 = triton_rms_norm(x, norm._scale, norm.eps)
+    y2, s = triton_add_rms_norm(x, delta, norm._scale, norm.eps)
+    ref_y2, ref_s = norm.add_forward(x, delta)
+    assert torch.equal(s, ref_s)
+    for got, src, ref in ((y1, x, norm(x)), (y2, ref_s, ref_y2)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, ref, atol=0, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+        assert (got != ref).float().mean() < 0.02
+        sd = src.double().cpu()
+        f64 = sd / sd.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + norm.weight.double().cpu())
+        assert (got.double().cpu() - f64).abs().max() < 2e-2 * f64.abs().max()
+    with pytest.raises(ValueError, match=r"RMSNorm weight torch.float16 must be x's dtype \(torch.bfloat16\) or "
+                                         r"float32"):
+        triton_rms_norm(x.bfloat16(), norm._scale.half(), 1e-6)
+
+
+def test_gemma_norms_take_the_platform_ops_that_say_they_take_fp32_weights() -> None:
+    """RMSNorm(offset=True) runs the CUDA norm kernels (which take its fp32 1 + w: `fp32_weight`), not a platform
+    op without that promise, never with its own bias; the linears that would make the norm in their own kernel
+    (`takes_pending`, plain norms' rounding) are not asked."""
+    from quantrt.layers.norm import RMSNorm
+    from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm, triton_rms_norm
+
+    here = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+    here.device = lambda: torch.device(DEV)                                 # the H100's ops on this machine's device
+    norm = RMSNorm(64, 1e-6, offset=True)
+    norm.finish_loading(torch.bfloat16, here)
+    assert norm._op is triton_rms_norm and norm._add_op is triton_add_rms_norm
+
+    class Plain:                       # a platform whose ops make only the plain norm (e.g. aiter, the CPU's)
+        def device(self):
+            return torch.device("cpu")
+
+        def rms_norm_op(self):
+            return lambda x, w, eps: x
+
+        fused_add_rms_norm_op = fused_add_rms_norm_codes_op = rms_norm_op
+
+    other = RMSNorm(64, 1e-6, offset=True)
+    other.finish_loading(torch.bfloat16, Plain())
+    assert other._op is None and other._add_op is None and other._codes_op is None
+    plain = RMSNorm(64, 1e-6)
+    plain.finish_loading(torch.bfloat16, Plain())
+    assert plain._op is not None
+    biased = RMSNorm(64, 1e-6, offset=True)
+    biased.enable_bias()
+    biased.finish_loading(torch.bfloat16, here)
+    assert biased._op is None
+
+    class Reader:                      # a linear that would take the norm into its own kernel
+        asked = False
+
+        def takes_pending(self, rows, kind):
+            Reader.asked = True
+            return True
+
+        def row_codes(self, rows):
+            return None
+
+    x = torch.randn(2, 64, device=DEV).bfloat16()
+    y, s = norm.add_forward(x, x.clone(), Reader())
+    assert isinstance(y, torch.Tensor) and not Reader.asked
+    torch.testing.assert_close(y, norm(s), atol=0, rtol=0)
 
 
 def test_add_rms_norm_rejects_mismatched_delta() -> None:

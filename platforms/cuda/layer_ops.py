@@ -5,7 +5,8 @@ fused_add_rms_norm_op, act_mul_op); rotary + KV write is kernels/rope_kv_triton.
 mean, rsqrt, two products, two casts): in a decode step of a 32-layer model that is ~500 fewer
 launches, the part of a CUDA-graph replay that is not weight reading. It computes exactly what
 quantrt.layers.norm.RMSNorm does for plain norms: y = (x * rsqrt(mean(x^2) + eps)) rounded to x.dtype,
-times the weight in x.dtype (fp32 product, rounded).
+times the weight in x.dtype (fp32 product, rounded); and for Gemma's (1 + w) norms (an fp32 weight) the fp32
+product rounded once, as RMSNorm(offset=True) computes it.
 
 `triton_add_rms_norm` folds the residual add into the norm (the decoder carries each sub-layer's output to
 the next norm): s = x + delta rounded to x.dtype (the torch add's rounding), y = RMSNorm(s); one kernel where
@@ -36,7 +37,17 @@ from quantrt.quant.kernel import QuantizedRows, RowCodes
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _scaled(sf, rstd, w, DT: tl.constexpr, F32W: tl.constexpr):
+    """The normalized row times the weight, in DT: (sf * rstd) rounded to DT, times w (Llama / Qwen); with an fp32
+    weight (F32W: Gemma's 1 + w) the fp32 product rounded once."""
+    if F32W:
+        return rne(sf * rstd * w.to(tl.float32), DT)
+    return rne(rne(sf * rstd, DT).to(tl.float32) * w.to(tl.float32), DT)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     F32W: tl.constexpr = False):
     pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -46,22 +57,35 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, y.to(x.dtype), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, _scaled(xf, rstd, w, x.dtype, F32W), mask=mask)
+
+
+def _f32_weight(x: torch.Tensor, weight: torch.Tensor) -> dict:
+    """The norm kernels' weight mode: x.dtype (the normalized row rounded, then the product), or an fp32 weight
+    with narrower x (Gemma's (1 + w): the fp32 product rounded once, RMSNorm(offset=True)'s math)."""
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"RMSNorm weight {weight.dtype} must be x's dtype ({x.dtype}) or float32 (Gemma's 1 + w)")
+    return {"F32W": True} if weight.dtype != x.dtype else {}
 
 
 def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D] fp16/bf16/fp32, weight [D] in x.dtype -> [..., D] x.dtype."""
+    """x [..., D] fp16/bf16/fp32, weight [D] in x.dtype, or fp32 (Gemma's 1 + w: `_f32_weight`) -> [..., D]
+    x.dtype."""
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    f32w = _f32_weight(x, weight)
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), d, eps, BLOCK=block,
-                                         num_warps=4 if block <= 2048 else 8, **pdl_row_opts(x2, x2.shape[0]))
+                                         num_warps=4 if block <= 2048 else 8, **pdl_row_opts(x2, x2.shape[0]),
+                                         **f32w)
     return y.reshape(x.shape)
+
+
+triton_rms_norm.fp32_weight = True     # RMSNorm(offset=True) may hand it Gemma's fp32 1 + w
 
 
 @triton.jit
@@ -93,7 +117,7 @@ def _quant_store(y, q_ptr, qs_ptr, sa_ptr, row, offs, mask, QMAX: tl.constexpr, 
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_ptr, stride_x, stride_d, stride_y,
                          stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
                          QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False,
-                         tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False):
+                         tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False, F32W: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, tl.program_id(0), TRACE)        # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     t_stamp(tr_rec, 0, TRACE)
     pdl_release(PDL)
@@ -109,7 +133,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
     tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / d + eps)
-    y = rne(rne(sf * rstd, x.dtype).to(tl.float32) * w.to(tl.float32), x.dtype)
+    y = _scaled(sf, rstd, w, x.dtype, F32W)
     if QUANT:  # codes [M, d] of the rounded output for the linear that reads it, instead of the output
         _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
@@ -124,8 +148,8 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
 
 def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                         codes: RowCodes | None = None) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
-    """x, delta [..., D] (same dtype), weight [D] in x.dtype -> (y, s): s = x + delta in x.dtype (the new
-    residual), y = s / rms(s) * weight as triton_rms_norm computes it. With `codes` and D <= ONE_PASS_MAX_K: y
+    """x, delta [..., D] (same dtype), weight [D] in x.dtype or fp32 (`_f32_weight`) -> (y, s): s = x + delta in
+    x.dtype (the new residual), y = s / rms(s) * weight as triton_rms_norm computes it. With `codes` and D <= ONE_PASS_MAX_K: y
     comes as its activation codes and scales (`QuantizedRows`, bit for bit what `quant_rows` / the static quantizer
     make of y); wider rows return y itself (the linear quantizes it)."""
     if delta.shape != x.shape or delta.dtype != x.dtype:
@@ -139,14 +163,19 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     s = torch.empty((m, d), dtype=x.dtype, device=x.device)
     y = torch.empty_like(s) if codes is None else s
     q, qs, sa, quant = _code_buffers(s, codes, d)
+    f32w = _f32_weight(x, weight)
     if m:
         block = triton.next_power_of_2(d)
         tr, tr_id = trace_slot(x2, "add_rms_norm", m, m=m, d=d)
         _add_rms_norm_kernel[(m,)](x2, d2, weight, y, s, q, qs, sa, x2.stride(0), d2.stride(0), y.stride(0),
                                    s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
-                                   **quant, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, **pdl_row_opts(x2, m))
+                                   **quant, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, **pdl_row_opts(x2, m),
+                                   **f32w)
     out = y.reshape(x.shape) if codes is None else QuantizedRows(q, qs)
     return out, s.reshape(x.shape)
+
+
+triton_add_rms_norm.fp32_weight = True
 
 
 def _code_buffers(like: torch.Tensor, codes: RowCodes | None, d: int

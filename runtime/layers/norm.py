@@ -40,10 +40,13 @@ class RMSNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros_like(self.weight), requires_grad=False)
 
     def finish_loading(self, dtype: torch.dtype, platform=None) -> None:
-        op = platform.rms_norm_op() if platform is not None else None
-        self._op = op if not self.offset and self.bias is None else None  # ours for (1 + w) and biased norms
-        self._add_op = platform.fused_add_rms_norm_op() if self._op is not None else None
-        self._codes_op = platform.fused_add_rms_norm_codes_op() if self._add_op is not None else None
+        def served(op):   # Gemma's (1 + w) is an fp32 scale: only ops that say they take one (`fp32_weight`)
+            return op if op is not None and (not self.offset or getattr(op, "fp32_weight", False)) else None
+
+        op = platform.rms_norm_op() if platform is not None and self.bias is None else None
+        self._op = served(op)                                  # ours for biased norms and unserved (1 + w)
+        self._add_op = served(platform.fused_add_rms_norm_op()) if self._op is not None else None
+        self._codes_op = served(platform.fused_add_rms_norm_codes_op()) if self._add_op is not None else None
         dev = platform.device() if platform is not None else self.weight.device
         if self.offset:
             self._scale = 1.0 + self.weight.data.to(dev).float()
@@ -65,13 +68,15 @@ class RMSNorm(nn.Module):
         if delta is None:
             return self(x), x
         t = x.shape[0]
+        # the linears that make the norm themselves (`takes_pending`) compute the plain norm's rounding only
+        pending = reader is not None and not self.offset
         if isinstance(delta, SummedRows):
             s = delta.s
-            if (delta.parts is not None and reader is not None and self._op is not None
+            if (delta.parts is not None and pending and self._op is not None
                     and reader.takes_pending(t, NORM_PARTS)):
                 return PendingNormParts(s, delta.parts, self._scale, self.eps, self._op), s
             return self(s), s
-        if reader is not None and self._add_op is not None and reader.takes_pending(t, ADD_RMS_NORM):
+        if pending and self._add_op is not None and reader.takes_pending(t, ADD_RMS_NORM):
             s = torch.empty_like(x)
             return PendingNorm(x, delta, self._scale, self.eps, s, self._add_op), s
         codes = reader.row_codes(t) if reader is not None and self._codes_op is not None else None
