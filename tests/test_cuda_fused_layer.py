@@ -80,6 +80,48 @@ def test_norm_kernels_make_gemmas_fp32_one_plus_w_norm(dtype) -> None:
         triton_rms_norm(x.bfloat16(), norm._scale.half(), 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_rms_norm_makes_the_deltas_own_norm_first(dtype) -> None:
+    """Gemma's sandwich (`PostNormed`): pre_ff(x + post_attn(attn)) in one kernel, s bit-equal and y equal to the
+    norms run one after the other (the triton norm, then the add + norm), for the fp32 (1 + w) weights with their
+    own eps; with codes too; and RMSNorm.add_forward takes that path, or runs the delta's norm first where its op
+    does not take it."""
+    from quantrt.layers.norm import PostNormed, RMSNorm
+    from quantrt.platforms.cuda.layer_ops import triton_add_rms_norm, triton_rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    x, attn = ((torch.randn(3, 384, generator=gen) * 3).to(DEV, dtype) for _ in range(2))
+    here = CudaPlatform(capability=DeviceCapability(9, 0), device_name="test")
+    here.device = lambda: torch.device(DEV)
+    post, pre_ff = RMSNorm(384, 1e-6, offset=True), RMSNorm(384, 1e-5, offset=True)
+    for n in (post, pre_ff):
+        n.weight.data = (torch.randn(384, generator=gen) * 0.3).to(DEV)
+        n.finish_loading(dtype, here)
+    y, s = triton_add_rms_norm(x, attn, pre_ff._scale, pre_ff.eps, pre=(post._scale, post.eps))
+    want_y, want_s = triton_add_rms_norm(x, triton_rms_norm(attn, post._scale, post.eps), pre_ff._scale, pre_ff.eps)
+    if dtype == torch.float32:   # natively the two kernels may contract or order the fp32 sums differently
+        torch.testing.assert_close(s, want_s, atol=0, rtol=1e-6)
+        torch.testing.assert_close(y, want_y, atol=0, rtol=1e-6)
+    else:
+        assert torch.equal(s, want_s) and torch.equal(y, want_y)
+    got = pre_ff.add_forward(x, PostNormed(attn, post))
+    assert torch.equal(got[0], y) and torch.equal(got[1], s)
+    torch_post = RMSNorm(384, 1e-6, offset=True)                            # the torch math: no platform op
+    torch_post.weight.data = post.weight.data
+    torch_post.finish_loading(dtype)
+    y2, s2 = pre_ff.add_forward(x, PostNormed(attn, torch_post))
+    ref_s = x + torch_post(attn)
+    assert torch.equal(s2, ref_s)
+    torch.testing.assert_close(s, ref_s, atol=0, rtol=2 ** -7 if dtype != torch.float32 else 1e-5)
+    if dtype == torch.bfloat16:
+        codes = _row_codes(torch.int8, None)
+        q, s3 = triton_add_rms_norm(x, attn, pre_ff._scale, pre_ff.eps, codes, pre=(post._scale, post.eps))
+        q_ref, _ = triton_add_rms_norm(x, triton_rms_norm(attn, post._scale, post.eps), pre_ff._scale, pre_ff.eps,
+                                       codes)
+        assert torch.equal(s3, s) and torch.equal(q.codes.float(), q_ref.codes.float())
+        assert torch.equal(q.scale, q_ref.scale)
+
+
 def test_gemma_norms_take_the_platform_ops_that_say_they_take_fp32_weights() -> None:
     """RMSNorm(offset=True) runs the CUDA norm kernels (which take its fp32 1 + w: `fp32_weight`), not a platform
     op without that promise, never with its own bias; the linears that would make the norm in their own kernel

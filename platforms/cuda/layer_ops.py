@@ -117,7 +117,8 @@ def _quant_store(y, q_ptr, qs_ptr, sa_ptr, row, offs, mask, QMAX: tl.constexpr, 
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_ptr, stride_x, stride_d, stride_y,
                          stride_s, d, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr = False,
                          QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False, STATIC: tl.constexpr = False,
-                         tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False, F32W: tl.constexpr = False):
+                         tr_ptr=None, tr_id=0, TRACE: tl.constexpr = False, F32W: tl.constexpr = False,
+                         pw_ptr=None, pre_eps=0.0, PRE: tl.constexpr = False, PRE_F32W: tl.constexpr = False):
     tr_rec = t_rec(tr_ptr, tl.program_id(0), TRACE)        # `trace`: QUANTRT_CUDA_TRACE=1 timelines
     t_stamp(tr_rec, 0, TRACE)
     pdl_release(PDL)
@@ -125,10 +126,15 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
     offs = tl.arange(0, BLOCK)
     mask = offs < d
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)         # the weight is no kernel's output: before the wait
+    if PRE:
+        pw = tl.load(pw_ptr + offs, mask=mask, other=0.0)
     pdl_wait(PDL)
     t_stamp(tr_rec, 1, TRACE, 2)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     dd = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+    if PRE:     # Gemma's sandwich: delta is first normalized by its own (post-) norm, rounded to the dtype
+        df = dd.to(tl.float32)
+        dd = _scaled(df, tl.rsqrt(tl.sum(df * df, axis=0) / d + pre_eps), pw, x.dtype, PRE_F32W)
     s = rne(x.to(tl.float32) + dd.to(tl.float32), x.dtype)
     tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
     sf = s.to(tl.float32)
@@ -147,11 +153,14 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                        codes: RowCodes | None = None) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+                        codes: RowCodes | None = None, pre: tuple[torch.Tensor, float] | None = None
+                        ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
     """x, delta [..., D] (same dtype), weight [D] in x.dtype or fp32 (`_f32_weight`) -> (y, s): s = x + delta in
-    x.dtype (the new residual), y = s / rms(s) * weight as triton_rms_norm computes it. With `codes` and D <= ONE_PASS_MAX_K: y
-    comes as its activation codes and scales (`QuantizedRows`, bit for bit what `quant_rows` / the static quantizer
-    make of y); wider rows return y itself (the linear quantizes it)."""
+    x.dtype (the new residual), y = s / rms(s) * weight as triton_rms_norm computes it. `pre` (weight, eps): delta
+    is first normalized by that norm, as triton_rms_norm would (Gemma's post-attention / post-MLP norm before the
+    residual add: `norm.PostNormed`). With `codes` and D <= ONE_PASS_MAX_K: y comes as its activation codes and
+    scales (`QuantizedRows`, bit for bit what `quant_rows` / the static quantizer make of y); wider rows return y
+    itself (the linear quantizes it)."""
     if delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(f"fused add + RMSNorm needs delta like x: x {tuple(x.shape)} {x.dtype}, "
                          f"delta {tuple(delta.shape)} {delta.dtype}")
@@ -164,6 +173,8 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     y = torch.empty_like(s) if codes is None else s
     q, qs, sa, quant = _code_buffers(s, codes, d)
     f32w = _f32_weight(x, weight)
+    if pre is not None:
+        f32w.update(pw_ptr=pre[0], pre_eps=float(pre[1]), PRE=True, PRE_F32W=bool(_f32_weight(x, pre[0])))
     if m:
         block = triton.next_power_of_2(d)
         tr, tr_id = trace_slot(x2, "add_rms_norm", m, m=m, d=d)
@@ -176,6 +187,7 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 
 triton_add_rms_norm.fp32_weight = True
+triton_add_rms_norm.takes_pre = True   # `pre`: the delta's own norm first (RMSNorm.add_forward with PostNormed)
 
 
 def _code_buffers(like: torch.Tensor, codes: RowCodes | None, d: int

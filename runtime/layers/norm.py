@@ -3,6 +3,8 @@ anti-outlier checkpoints (`*.norm.bias`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -15,6 +17,18 @@ from quantrt.quant.pending import (
     PendingRows,
     SummedRows,
 )
+
+
+@dataclass
+class PostNormed:
+    """A sub-layer's output that a norm of its own still scales before the residual add (Gemma's sandwich:
+    post-attention / post-MLP norm): the delta is `norm(rows)`. The next norm's `add_forward` makes both in one
+    platform kernel where its op takes the delta's norm (`takes_pre`), else runs `norm` first."""
+    rows: torch.Tensor          # [T, D]
+    norm: RMSNorm
+
+    def value(self) -> torch.Tensor:
+        return self.norm(self.rows)
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +69,7 @@ class RMSNorm(nn.Module):
         if self.bias is not None:
             self._bias = self.bias.data.to(dev).float() if self.offset else self.bias.data.to(device=dev, dtype=dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | SummedRows | None, reader=None
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | SummedRows | PostNormed | None, reader=None
                     ) -> tuple[torch.Tensor | QuantizedRows | PendingRows, torch.Tensor]:
         """The residual add folded into the norm: (norm(x + delta), x + delta), the sum rounded to x.dtype
         as `x + delta` rounds it; delta None: (norm(x), x); delta `SummedRows` (a linear added x already):
@@ -63,10 +77,19 @@ class RMSNorm(nn.Module):
         reading the norm. Where it computes the norm in its own kernel (`takes_pending`), the norm comes back as
         `PendingNorm` (x + delta is written when the linear runs) or `PendingNormParts` (from the partial sums of
         squares the summing linear left); where it asks for activation codes (`row_codes`) and the platform's
-        kernel makes them, as those codes (QuantizedRows)."""
+        kernel makes them, as those codes (QuantizedRows). delta `PostNormed`: its norm first, in the same kernel
+        where the platform's op takes it (`takes_pre`)."""
         # x, delta: [T, D] -> ([T, D] or its codes or pending rows, [T, D])
         if delta is None:
             return self(x), x
+        pre = {}
+        if isinstance(delta, PostNormed):
+            if (self._add_op is not None and delta.norm._op is not None and getattr(self._add_op, "takes_pre", False)
+                    and (self._codes_op is None or getattr(self._codes_op, "takes_pre", False))):
+                pre = {"pre": (delta.norm._scale, delta.norm.eps)}
+                delta = delta.rows
+            else:
+                delta = delta.value()
         t = x.shape[0]
         # the linears that make the norm themselves (`takes_pending`) compute the plain norm's rounding only
         pending = reader is not None and not self.offset
@@ -76,14 +99,14 @@ class RMSNorm(nn.Module):
                     and reader.takes_pending(t, NORM_PARTS)):
                 return PendingNormParts(s, delta.parts, self._scale, self.eps, self._op), s
             return self(s), s
-        if pending and self._add_op is not None and reader.takes_pending(t, ADD_RMS_NORM):
+        if pending and not pre and self._add_op is not None and reader.takes_pending(t, ADD_RMS_NORM):
             s = torch.empty_like(x)
             return PendingNorm(x, delta, self._scale, self.eps, s, self._add_op), s
         codes = reader.row_codes(t) if reader is not None and self._codes_op is not None else None
         if codes is not None:
-            return self._codes_op(x, delta, self._scale, self.eps, codes)
+            return self._codes_op(x, delta, self._scale, self.eps, codes, **pre)
         if self._add_op is not None:
-            return self._add_op(x, delta, self._scale, self.eps)
+            return self._add_op(x, delta, self._scale, self.eps, **pre)
         s = x + delta
         return self(s), s
 

@@ -21,7 +21,7 @@ from quantrt.errors import CheckpointError
 from quantrt.layers.attention import PagedAttention
 from quantrt.layers.linear import QuantLinear
 from quantrt.layers.moe.layer import FusedMoE
-from quantrt.layers.norm import RMSNorm
+from quantrt.layers.norm import PostNormed, RMSNorm
 from quantrt.layers.qkv_prologue import QKVPrologue
 from quantrt.layers.rotary import RotaryEmbedding
 from quantrt.quant.kernel import LinearSpec, QuantizedRows, select_linear_kernel
@@ -170,10 +170,10 @@ class DecoderLayer(nn.Module):
         first layer) -> (x, this layer's output): each residual add runs inside the next norm (add_forward)."""
         t = x.shape[0]
         h, x = self.input_layernorm.add_forward(x, delta, _reader(self.self_attn))
-        if self.sandwich:
-            h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(self.self_attn(h, fb)),
-                                                              _reader(self.mlp))
-            return x, self.post_feedforward_layernorm(self.mlp(h))
+        if self.sandwich:   # each output's own norm runs in the next norm's kernel where the platform can (PostNormed)
+            h, x = self.pre_feedforward_layernorm.add_forward(
+                x, PostNormed(self.self_attn(h, fb), self.post_attention_layernorm), _reader(self.mlp))
+            return x, PostNormed(self.mlp(h), self.post_feedforward_layernorm)
         attn = self.self_attn(h, fb, residual=x) if _adds_residual(self.self_attn, t) else self.self_attn(h, fb)
         h, x = self.post_attention_layernorm.add_forward(x, attn, _reader(self.mlp))
         return x, self.mlp(h, residual=x) if _adds_residual(self.mlp, t) else self.mlp(h)
