@@ -8,6 +8,7 @@ machine `-m accelerator` adds Llama-3.1-8B shapes run natively and an engine on 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -309,13 +310,18 @@ def test_codes_ops_return_the_plain_output_for_rows_wider_than_one_pass() -> Non
 def _fused_platform(base: type, counts: dict[str, int]):
     """`base` offering the CUDA platform's fused ops (in the Triton interpreter on CPU), counting their calls."""
     def counted(name: str, fn):
+        @functools.wraps(fn)             # keeps what the op says it takes (`fp32_weight`, `takes_pre`)
         def op(*a, **kw):
             out = fn(*a, **kw)
             counts[name] = counts.get(name, 0) + (out is not None)   # rotary_kv_store returns None when it declines
+            counts["pre"] = counts.get("pre", 0) + ("pre" in kw)     # a sandwich norm made in the add + norm
             return out
         return op
 
     class Fused(base):
+        def rms_norm_op(self):
+            return counted("rms_norm", PLATFORM.rms_norm_op())
+
         def fused_add_rms_norm_op(self):
             return counted("add_rms_norm", PLATFORM.fused_add_rms_norm_op())
 
@@ -350,8 +356,8 @@ PROMPTS = [[5, 17, 99, 3, 42], [7] * 11]
                                      ("gemma3", "auto")])
 def test_engine_greedy_tokens_equal_with_and_without_fused_ops(tiny_models, arch, kv) -> None:
     """CPU engine (bf16) through the fused ops in the interpreter vs the same engine on the torch path: equal
-    greedy tokens, logprobs within bf16 noise; the ops ran (gemma3: act * up with gelu-tanh and the rotary
-    store; its (1 + w) norms keep the torch add)."""
+    greedy tokens, logprobs within bf16 noise; the ops ran (gemma3: act * up with gelu-tanh, the rotary store, its
+    (1 + w) norms in the norm kernels and its sandwich norms inside the add + norm)."""
     from quantrt.engine.engine import Engine
     from quantrt.platforms.xpu.cpu_platform import CpuPlatform
 
@@ -361,7 +367,8 @@ def test_engine_greedy_tokens_equal_with_and_without_fused_ops(tiny_models, arch
     fast = _decode(Engine(platform=_fused_platform(CpuPlatform, counts)(), **kw), PROMPTS)
     slow = _decode(Engine(platform=without_fused_layer_ops(CpuPlatform)(), **kw), PROMPTS)
     assert counts.get("rotary_kv_store", 0) > 0 and counts.get("act_mul", 0) > 0
-    assert (counts.get("add_rms_norm", 0) > 0) == (arch == "llama")
+    assert counts.get("add_rms_norm", 0) > 0 and counts.get("rms_norm", 0) > 0
+    assert (counts.get("pre", 0) > 0) == (arch == "gemma3")
     _assert_parity(fast, slow, 2e-2)
 
 
