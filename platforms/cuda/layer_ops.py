@@ -37,7 +37,7 @@ from quantrt.quant.kernel import QuantizedRows, RowCodes
 
 
 @triton.jit
-def _scaled(sf, rstd, w, DT: tl.constexpr, F32W: tl.constexpr):
+def scaled(sf, rstd, w, DT: tl.constexpr, F32W: tl.constexpr):
     """The normalized row times the weight, in DT: (sf * rstd) rounded to DT, times w (Llama / Qwen); with an fp32
     weight (F32W: Gemma's 1 + w) the fp32 product rounded once."""
     if F32W:
@@ -57,7 +57,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, d, eps, BLOCK: tl.
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    tl.store(y_ptr + row * stride_y + offs, _scaled(xf, rstd, w, x.dtype, F32W), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, scaled(xf, rstd, w, x.dtype, F32W), mask=mask)
 
 
 def _f32_weight(x: torch.Tensor, weight: torch.Tensor) -> dict:
@@ -76,12 +76,12 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
-    f32w = _f32_weight(x, weight)
+    opts = _f32_weight(x, weight)
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), d, eps, BLOCK=block,
                                          num_warps=4 if block <= 2048 else 8, **pdl_row_opts(x2, x2.shape[0]),
-                                         **f32w)
+                                         **opts)
     return y.reshape(x.shape)
 
 
@@ -134,12 +134,12 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr, sa_pt
     dd = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
     if PRE:     # Gemma's sandwich: delta is first normalized by its own (post-) norm, rounded to the dtype
         df = dd.to(tl.float32)
-        dd = _scaled(df, tl.rsqrt(tl.sum(df * df, axis=0) / d + pre_eps), pw, x.dtype, PRE_F32W)
+        dd = scaled(df, tl.rsqrt(tl.sum(df * df, axis=0) / d + pre_eps), pw, x.dtype, PRE_F32W)
     s = rne(x.to(tl.float32) + dd.to(tl.float32), x.dtype)
     tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / d + eps)
-    y = _scaled(sf, rstd, w, x.dtype, F32W)
+    y = scaled(sf, rstd, w, x.dtype, F32W)
     if QUANT:  # codes [M, d] of the rounded output for the linear that reads it, instead of the output
         _quant_store(y.to(tl.float32), q_ptr + row * d, qs_ptr, sa_ptr, row, offs, mask, QMAX, IS_INT, STATIC)
     else:
@@ -172,16 +172,16 @@ def triton_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     s = torch.empty((m, d), dtype=x.dtype, device=x.device)
     y = torch.empty_like(s) if codes is None else s
     q, qs, sa, quant = _code_buffers(s, codes, d)
-    f32w = _f32_weight(x, weight)
+    opts = _f32_weight(x, weight)
     if pre is not None:
-        f32w.update(pw_ptr=pre[0], pre_eps=float(pre[1]), PRE=True, PRE_F32W=bool(_f32_weight(x, pre[0])))
+        opts.update(pw_ptr=pre[0], pre_eps=float(pre[1]), PRE=True, PRE_F32W=bool(_f32_weight(x, pre[0])))
     if m:
         block = triton.next_power_of_2(d)
         tr, tr_id = trace_slot(x2, "add_rms_norm", m, m=m, d=d)
         _add_rms_norm_kernel[(m,)](x2, d2, weight, y, s, q, qs, sa, x2.stride(0), d2.stride(0), y.stride(0),
                                    s.stride(0), d, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
                                    **quant, tr_ptr=tr, tr_id=tr_id, TRACE=tr is not None, **pdl_row_opts(x2, m),
-                                   **f32w)
+                                   **opts)
     out = y.reshape(x.shape) if codes is None else QuantizedRows(q, qs)
     return out, s.reshape(x.shape)
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from quantrt.engine.kv_quant import FP4_BLOCK, KVKind
 from quantrt.platforms.cuda.kernels.pdl_triton import pdl_enter, pdl_row_opts
-from quantrt.platforms.cuda.layer_ops import rne
+from quantrt.platforms.cuda.layer_ops import rne, scaled
 
 _FP8 = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,13 +80,7 @@ def qk_norm(x, xp, w, wp, eps, D: tl.constexpr, QKN: tl.constexpr, AXIS: tl.cons
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
     else:
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    if QKN == 1:
-        y = rne(rne(xf * rstd, dt).to(tl.float32) * w.to(tl.float32), dt)
-        yp = rne(rne(xp.to(tl.float32) * rstd, dt).to(tl.float32) * wp.to(tl.float32), dt)
-    else:
-        y = rne(xf * rstd * w.to(tl.float32), dt)
-        yp = rne(xp.to(tl.float32) * rstd * wp.to(tl.float32), dt)
-    return y, yp
+    return scaled(xf, rstd, w, dt, QKN == 2), scaled(xp.to(tl.float32), rstd, wp, dt, QKN == 2)
 
 
 @triton.jit
